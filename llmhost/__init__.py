@@ -1,0 +1,31 @@
+"""llmhost: a self-hosted, OpenAI-compatible server for Hugging Face models."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from .config import Config
+
+__version__ = "0.1.0"
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Config -> extensions -> blueprints. Only wsgi.py (and tests) call this."""
+    from . import api as api_modules
+    from .extensions import api
+    from .registry import registry
+
+    config = config or Config()
+    app = Flask(__name__)
+    app.config.from_object(config)
+    app.config["LLMHOST"] = config
+    app.json.sort_keys = False
+    logging.basicConfig(level=config.LOG_LEVEL.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    api.init_app(app)
+    registry.init_app(app)
+    for module in api_modules.MODULES:
+        api.register_blueprint(module.blp)
+    return app

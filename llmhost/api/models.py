@@ -1,0 +1,71 @@
+"""Model lifecycle: load, list, retrieve, unload."""
+from flask import current_app
+
+from ..extensions import Blueprint, ErrorResponseSchema
+from ..loading import LoadSpec, cached_models
+from ..registry import registry
+from ..schemas.models import (DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema,
+                              LoadModelSchema, ModelSchema)
+
+blp = Blueprint("models", __name__, url_prefix="/v1", description="Load, list and unload models.")
+
+ERRORS = (400, 403, 404, 409, 503)
+
+
+@blp.route("/models", methods=["POST"])
+@blp.arguments(LoadModelSchema)
+@blp.response(201, ModelSchema, description="Loaded now.")
+@blp.alt_response(200, schema=ModelSchema, description="Already loaded with these options.")
+@blp.alt_response(400, schema=ErrorResponseSchema)
+@blp.alt_response(403, schema=ErrorResponseSchema)
+@blp.alt_response(404, schema=ErrorResponseSchema)
+@blp.alt_response(409, schema=ErrorResponseSchema)
+@blp.alt_response(503, schema=ErrorResponseSchema)
+def load_model(args):
+    """Load a model
+
+    From a Hugging Face hub id (cached models load offline), a local folder or a
+    GGUF file. Answers 201 when it loaded now, 200 when it was already loaded.
+    """
+    if args.get("keep_alive") is None:
+        args["keep_alive"] = current_app.config["LLMHOST"].KEEP_ALIVE or None
+    entry, created = registry.load(LoadSpec(**args))
+    return entry.to_openai(), 201 if created else 200
+
+
+@blp.route("/models", methods=["GET"])
+@blp.arguments(ListModelsQuerySchema, location="query")
+@blp.response(200, ListModelsSchema)
+def list_models(args):
+    """List models
+
+    The loaded models; with `include=cached`, also the models in the local
+    Hugging Face cache that can be loaded offline (status `cached`).
+    """
+    data = [entry.to_openai() for entry in registry.list()]
+    if args.get("include") == "cached":
+        loaded = {d["id"] for d in data}
+        data += [{"id": c["id"], "object": "model", "created": c["created"], "owned_by": "huggingface",
+                  "status": "cached", "revision": c["revision"], "size_on_disk": c["size_on_disk"]}
+                 for c in cached_models() if c["id"] not in loaded]
+    return {"object": "list", "data": data}
+
+
+@blp.route("/models/<path:model_id>", methods=["GET"])
+@blp.response(200, ModelSchema)
+@blp.alt_response(404, schema=ErrorResponseSchema)
+def retrieve_model(model_id):
+    """Retrieve a loaded model"""
+    return registry.get(model_id).to_openai()
+
+
+@blp.route("/models/<path:model_id>", methods=["DELETE"])
+@blp.response(200, DeletedModelSchema)
+@blp.alt_response(404, schema=ErrorResponseSchema)
+def unload_model(model_id):
+    """Unload a model
+
+    Frees its memory (CPU RAM and CUDA cache); the Hugging Face disk cache is kept.
+    Requests still running on it end with an error.
+    """
+    return {"id": registry.unload(model_id).id, "object": "model", "deleted": True}

@@ -1,0 +1,88 @@
+"""Settings, read once from ``LLMHOST_*`` environment variables.
+
+Every variable is listed in the README table; defaults are safe for a single
+machine (loopback only, no keys, downloads allowed).
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+
+def _bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+class Config:
+    """Typed view of the environment; Flask reads the upper-case attributes."""
+
+    # (attribute, env var suffix, parser, default)
+    SETTINGS = (
+        ("HOST", str, "127.0.0.1"),
+        ("PORT", int, 8000),
+        ("THREADS", int, 32),
+        ("WORKER_TIMEOUT", int, 0),
+        ("LOG_LEVEL", str, "info"),
+        ("LOG_FORMAT", str, "text"),
+        ("LOG_CONTENT", _bool, False),
+        ("ALLOW_REMOTE_CODE", _bool, False),
+        ("ALLOW_DOWNLOADS", _bool, True),
+        ("HUB_TIMEOUT", float, 5.0),
+        ("MODEL_DIRS", _list, []),
+        ("MODELS", str, ""),
+        ("MAX_LOADED_MODELS", int, 0),
+        ("KEEP_ALIVE", float, 0.0),
+        ("AUTOLOAD", _bool, False),
+        ("DEFAULT_MAX_TOKENS", int, 512),
+        ("DEFAULT_TEMPERATURE", float, 0.7),
+        ("DEFAULT_TOP_P", float, 0.9),
+        ("MAX_N", int, 8),
+        ("MAX_MESSAGES", int, 1024),
+        ("MAX_PROMPT_TOKENS", int, 0),
+        ("MAX_QUEUE", int, 64),
+        ("QUEUE_TIMEOUT", float, 600.0),
+        ("MAX_BATCH", int, 32),
+        ("EMBED_BATCH", int, 32),
+        ("MAX_EMBED_INPUTS", int, 2048),
+        ("MAX_BODY_BYTES", int, 8 * 1024 * 1024),
+        ("API_KEYS", _list, []),
+        ("API_KEYS_FILE", str, ""),
+        ("ADMIN_API_KEYS", _list, []),
+        ("PUBLIC_DOCS", _bool, True),
+        ("CORS_ORIGINS", _list, []),
+    )
+
+    TESTING = False
+    API_TITLE = "llmhost"
+    API_VERSION = "v1"
+    OPENAPI_VERSION = "3.0.3"
+    OPENAPI_URL_PREFIX = "/"
+    OPENAPI_JSON_PATH = "openapi.json"
+    OPENAPI_SWAGGER_UI_PATH = "/docs"
+    OPENAPI_SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist/"
+    OPENAPI_REDOC_PATH = "/redoc"
+    OPENAPI_REDOC_URL = "https://cdn.jsdelivr.net/npm/redoc/bundles/redoc.standalone.js"
+
+    def __init__(self, environ: Mapping[str, str] | None = None, **overrides):
+        env = os.environ if environ is None else environ
+        for name, parse, default in self.SETTINGS:
+            raw = env.get("LLMHOST_" + name)
+            value = default if raw is None or raw == "" else parse(raw)
+            setattr(self, name, value)
+        for name, value in overrides.items():
+            setattr(self, name, value)
+        self.MAX_CONTENT_LENGTH = self.MAX_BODY_BYTES
+
+
+class TestConfig(Config):
+    """Config for the Flask test client: testing mode, nothing preloaded."""
+
+    TESTING = True
+
+    def __init__(self, environ: Mapping[str, str] | None = None, **overrides):
+        overrides.setdefault("MODELS", "")
+        super().__init__(environ, **overrides)

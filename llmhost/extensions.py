@@ -1,0 +1,84 @@
+"""The Api, Blueprint and Schema every module uses, subclassed once here."""
+from __future__ import annotations
+
+import logging
+
+import flask_smorest
+import marshmallow as ma
+from webargs import core
+from webargs.flaskparser import FlaskParser
+
+from . import errors
+
+log = logging.getLogger("llmhost")
+_ignored_logged: set[str] = set()
+
+
+class Schema(ma.Schema):
+    """Request schemas accept and ignore fields OpenAI clients send that we do not
+    know (logged once per field), so new SDK versions never break on a 4xx."""
+
+    class Meta:
+        unknown = ma.EXCLUDE
+        ordered = True
+
+    @ma.pre_load
+    def _log_unknown(self, data, **kwargs):
+        if isinstance(data, dict):
+            for key in set(data) - set(self.fields):
+                name = f"{type(self).__name__}.{key}"
+                if name not in _ignored_logged:
+                    _ignored_logged.add(name)
+                    log.info("ignoring unknown field %r in %s", key, type(self).__name__)
+        return data
+
+
+class ErrorDetailSchema(ma.Schema):
+    message = ma.fields.String(required=True)
+    type = ma.fields.String(required=True)
+    param = ma.fields.String(allow_none=True, required=True)
+    code = ma.fields.String(allow_none=True, required=True)
+
+
+class ErrorResponseSchema(ma.Schema):
+    """The OpenAI error envelope."""
+
+    error = ma.fields.Nested(ErrorDetailSchema, required=True)
+
+
+class Parser(FlaskParser):
+    """Validation errors are 400s (OpenAI), and a body that is not JSON is refused
+    instead of being read as an empty object."""
+
+    DEFAULT_VALIDATION_STATUS = 400
+
+    def _raw_load_json(self, req):
+        if not core.is_json(req.mimetype):
+            if req.get_data(cache=True):
+                raise errors.APIError(
+                    415, "Request body must be JSON: send 'Content-Type: application/json'.")
+            return core.missing
+        return core.parse_json(req.get_data(cache=True))
+
+    def _handle_invalid_json_error(self, error, req, *args, **kwargs):
+        raise errors.APIError(400, f"We could not parse the JSON body of your request ({error}). "
+                                   "Send a valid JSON object.")
+
+
+class Blueprint(flask_smorest.Blueprint):
+    ARGUMENTS_PARSER = Parser()
+
+    def arguments(self, schema, **kwargs):
+        kwargs.setdefault("error_status_code", 400)
+        return super().arguments(schema, **kwargs)
+
+
+class Api(flask_smorest.Api):
+    ERROR_SCHEMA = ErrorResponseSchema
+
+    def _register_error_handlers(self):
+        errors.init_app(self._app)
+
+
+api = Api()
+

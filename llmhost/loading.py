@@ -1,0 +1,338 @@
+"""Where a model comes from and how it becomes a ready pipeline.
+
+A model already in the Hugging Face cache is resolved to its snapshot folder
+first and loaded with ``local_files_only``: transformers otherwise asks the Hub
+for optional files and, offline, retries for minutes. Only a model missing from
+the cache goes to the Hub, after a short reachability check.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+# Imported once at start-up rather than inside the first load, so that the code
+# (not the weights) is not counted as a model's memory, and loads start faster.
+import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from .errors import APIError, invalid
+
+log = logging.getLogger("llmhost")
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+IGNORE_WEIGHTS = ["*.msgpack", "*.h5", "*.ot", "*.onnx", "onnx/*", "*.tflite", "flax_model*",
+                  "tf_model*", "rust_model*", "openvino/*", "coreml/*"]
+
+
+@dataclass
+class LoadSpec:
+    """What a client asked for in ``POST /v1/models``."""
+
+    model: str
+    id: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    revision: str | None = None
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    task: str | None = None
+    chat_template: str | None = None
+    keep_alive: float | None = None
+
+    @property
+    def served_id(self) -> str:
+        return self.id or self.model
+
+
+@dataclass
+class Source:
+    folder: str
+    gguf_file: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+@dataclass
+class Loaded:
+    """A ready model: its pipeline plus what the Model object reports."""
+
+    task: str
+    pipeline: Any
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    parameters: int
+    memory_bytes: int
+    revision: str | None
+    max_context: int
+    extra: dict = field(default_factory=dict)
+
+
+# -- source ------------------------------------------------------------------
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+    return constants.HF_HUB_CACHE
+
+
+def _is_path(name: str) -> bool:
+    return (name.startswith(("/", "./", "../", "~", "\\")) or os.path.exists(name)
+            or not HUB_ID.match(name))
+
+
+def _has_model(folder: str) -> bool:
+    names = set(os.listdir(folder))
+    return "config.json" in names or "modules.json" in names
+
+
+def _local_source(spec: LoadSpec, config) -> Source:
+    path = os.path.abspath(os.path.expanduser(spec.model))
+    check_model_dirs(path, config)
+    if not os.path.exists(path):
+        raise APIError(404, f"No file or folder at '{spec.model}' on the server.", param="model",
+                       code="model_not_found")
+    gguf = spec.gguf_file
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise invalid(f"'{spec.model}' is a file but not a GGUF file; give a model folder, "
+                          "a .gguf file or a Hugging Face hub id.", param="model")
+        return Source(folder=os.path.dirname(path), gguf_file=os.path.basename(path))
+    if gguf:
+        if not os.path.isfile(os.path.join(path, gguf)):
+            raise APIError(404, f"No GGUF file '{gguf}' in folder '{spec.model}'.",
+                           param="gguf_file", code="model_not_found")
+        return Source(folder=path, gguf_file=gguf)
+    if not _has_model(path):
+        ggufs = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return Source(folder=path, gguf_file=ggufs[0])
+        hint = f" It holds several GGUF files ({', '.join(ggufs)}): name one in 'gguf_file'." if ggufs else ""
+        raise invalid(f"The folder '{spec.model}' holds no model (no config.json).{hint}", param="model")
+    return Source(folder=path)
+
+
+def check_model_dirs(path: str, config) -> None:
+    """With LLMHOST_MODEL_DIRS set, a local path must resolve inside one of them."""
+    roots = getattr(config, "MODEL_DIRS", None)
+    if not roots:
+        return
+    real = os.path.realpath(path)
+    for root in roots:
+        root = os.path.realpath(os.path.expanduser(root))
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return
+    raise APIError(403, f"Local path '{path}' is outside the folders models may be loaded from "
+                        "(LLMHOST_MODEL_DIRS).", param="model", code="path_not_allowed")
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _hub_source(spec: LoadSpec, config) -> Source:
+    from huggingface_hub import constants
+    folder = cached_snapshot(spec.model, spec.revision)
+    if folder is None:
+        folder = _download(spec, config)
+    source = Source(folder=folder, repo_id=spec.model, revision=os.path.basename(folder))
+    if spec.gguf_file:
+        if not os.path.isfile(os.path.join(folder, spec.gguf_file)):
+            raise APIError(404, f"No GGUF file '{spec.gguf_file}' in '{spec.model}'.",
+                           param="gguf_file", code="model_not_found")
+        source.gguf_file = spec.gguf_file
+    elif not _has_model(folder):
+        raise invalid(f"The cached repository '{spec.model}' at {constants.HF_HUB_CACHE} holds no "
+                      "model (no config.json); name a GGUF file in 'gguf_file'.", param="model")
+    return source
+
+
+def _download(spec: LoadSpec, config) -> str:
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import errors as hub_errors
+    where = f"'{spec.model}' is not in the local Hugging Face cache at {constants.HF_HUB_CACHE}"
+    if not config.ALLOW_DOWNLOADS:
+        raise APIError(403, f"{where}, and downloads are disabled (LLMHOST_ALLOW_DOWNLOADS=0).",
+                       param="model", code="downloads_disabled")
+    if constants.HF_HUB_OFFLINE:
+        raise APIError(404, f"{where}, and the server is offline (HF_HUB_OFFLINE=1). Download it "
+                            "where there is network, or load a local folder.",
+                       param="model", code="model_not_found")
+    try:  # fail in seconds when the Hub cannot be reached, instead of retrying
+        HfApi().model_info(spec.model, revision=spec.revision, timeout=config.HUB_TIMEOUT)
+    except hub_errors.GatedRepoError:
+        raise APIError(403, f"'{spec.model}' is gated on the Hugging Face Hub: accept its licence "
+                            "and set HF_TOKEN on the server.", param="model")
+    except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError):
+        raise APIError(404, f"{where}, and the Hub has no model '{spec.model}'"
+                            f"{' at revision ' + spec.revision if spec.revision else ''}.",
+                       param="model", code="model_not_found")
+    except Exception as exc:  # network: DNS, refused, timeout, proxy
+        log.warning("hub unreachable for %s: %s", spec.model, exc)
+        raise APIError(404, f"{where}, and the Hugging Face Hub cannot be reached ({type(exc).__name__}). "
+                            "Load it where there is network first, or load a local folder.",
+                       param="model", code="model_not_found")
+    allow = [spec.gguf_file, "*.json", "*.txt", "*.model", "*.jinja"] if spec.gguf_file else None
+    ignore = None if spec.gguf_file else IGNORE_WEIGHTS + ["*.gguf"]
+    log.info("downloading %s from the Hub into %s", spec.model, constants.HF_HUB_CACHE)
+    return snapshot_download(spec.model, revision=spec.revision, allow_patterns=allow,
+                             ignore_patterns=ignore, etag_timeout=config.HUB_TIMEOUT)
+
+
+def resolve_source(spec: LoadSpec, config) -> Source:
+    if _is_path(spec.model):
+        return _local_source(spec, config)
+    return _hub_source(spec, config)
+
+
+# -- device and dtype -------------------------------------------------------
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def choose_device(requested: str) -> tuple[str, Any]:
+    """(device reported to clients, device_map for from_pretrained)."""
+    devices = available_devices()
+    if requested == "auto":
+        if torch.cuda.is_available():
+            if torch.cuda.device_count() > 1:
+                return "cuda", "auto"
+            return "cuda:0", "cuda:0"
+        if "mps" in devices:
+            return "mps", "mps"
+        return "cpu", "cpu"
+    if requested == "cuda" and "cuda" in devices:
+        return "cuda:0", "cuda:0"
+    if requested in devices:
+        return requested, requested
+    raise invalid(f"Device '{requested}' is not available on this server; available devices: "
+                  f"{', '.join(['auto'] + devices)}.", param="device", code="device_unavailable")
+
+
+def choose_dtype(requested: str, device: str) -> Any:
+    if requested == "auto":
+        return torch.float32 if device in ("cpu", "mps") else "auto"
+    return DTYPES[requested]
+
+
+# -- task ---------------------------------------------------------------------
+
+GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def detect_task(source: Source) -> str:
+    """'generate' for causal LMs, 'embed' for sentence-transformers folders and
+    bare encoders."""
+    if source.gguf_file:
+        return "generate"
+    folder = source.folder
+    if os.path.exists(os.path.join(folder, "modules.json")):
+        return "embed"
+    try:
+        with open(os.path.join(folder, "config.json")) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return "generate"
+    archs = cfg.get("architectures") or []
+    if any(a.endswith(GENERATE_SUFFIXES) for a in archs):
+        return "generate"
+    if archs or cfg.get("model_type") in ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert",
+                                          "electra", "deberta", "deberta-v2", "nomic_bert", "modernbert"):
+        return "embed"
+    return "generate"
+
+
+# -- loading ------------------------------------------------------------------
+
+def _memory_bytes(model) -> int:
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _max_context(model, tokenizer) -> int:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**7 else 2048
+
+
+def load(spec: LoadSpec, config) -> Loaded:
+    """Resolve, choose device and dtype, and build the pipeline."""
+    if spec.trust_remote_code and not config.ALLOW_REMOTE_CODE:
+        raise APIError(403, "'trust_remote_code' runs Python code from the model repository on "
+                            "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
+                       param="trust_remote_code", code="remote_code_not_allowed")
+    device, device_map = choose_device(spec.device)
+    dtype = choose_dtype(spec.dtype, device)
+    source = resolve_source(spec, config)
+    task = spec.task or detect_task(source)
+    if task == "embed":
+        from .engine.embed import load_embedding
+        return load_embedding(source, spec, device, device_map, dtype)
+    return _load_causal_lm(source, spec, device, device_map, dtype)
+
+
+def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dtype) -> Loaded:
+    kwargs: dict = {"local_files_only": True, "trust_remote_code": spec.trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
+                                                     device_map=device_map, **kwargs)
+    except torch.OutOfMemoryError:
+        raise APIError(503, f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
+                            "or pick a smaller dtype or another device.", param="model",
+                       code="out_of_memory")
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise invalid(f"Could not load '{spec.model}' as a causal language model: {exc}",
+                      param="model", code="model_load_failed")
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    return Loaded(
+        task="generate", pipeline=pipe, model=model, tokenizer=tokenizer, device=device,
+        dtype=str(model.dtype).replace("torch.", ""),
+        parameters=sum(p.numel() for p in model.parameters()),
+        memory_bytes=_memory_bytes(model), revision=source.revision,
+        max_context=_max_context(model, tokenizer),
+    )
+
+
+def cached_models() -> list[dict]:
+    """Models in the local HF cache that could be loaded offline."""
+    from huggingface_hub import scan_cache_dir
+    try:
+        info = scan_cache_dir()
+    except Exception:  # no cache folder yet
+        return []
+    out = []
+    for repo in info.repos:
+        if repo.repo_type != "model" or not repo.refs:
+            continue
+        out.append({"id": repo.repo_id, "created": int(repo.last_modified or time.time()),
+                    "revision": next(iter(repo.revisions)).commit_hash if repo.revisions else None,
+                    "size_on_disk": repo.size_on_disk})
+    return out

@@ -1,0 +1,70 @@
+from marshmallow import fields, validate
+
+from ..extensions import Schema
+from ..loading import DTYPES
+
+DEVICE = validate.Regexp(r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                         error="Use one of auto, cpu, cuda, cuda:N, mps.")
+
+
+class LoadModelSchema(Schema):
+    model = fields.String(required=True, validate=validate.Length(min=1, max=4096), metadata={
+        "description": "A Hugging Face hub id (`gpt2`, `org/name`), a local model folder, or a "
+                       "local `.gguf` file.", "example": "HuggingFaceTB/SmolLM2-135M-Instruct"})
+    id = fields.String(validate=validate.Length(min=1, max=256), metadata={
+        "description": "The id clients use for this model (default: `model`)."})
+    device = fields.String(load_default="auto", validate=DEVICE, metadata={
+        "description": "`auto` (CUDA, else MPS, else CPU; several GPUs: device_map=auto), `cpu`, "
+                       "`cuda`, `cuda:N`, `mps`."})
+    dtype = fields.String(load_default="auto", validate=validate.OneOf(["auto", *DTYPES]), metadata={
+        "description": "`auto` is the checkpoint's dtype on GPU and float32 on CPU."})
+    revision = fields.String(allow_none=True, validate=validate.Length(min=1, max=256),
+                             metadata={"description": "Hub branch, tag or commit."})
+    gguf_file = fields.String(allow_none=True, validate=validate.Length(min=1, max=1024), metadata={
+        "description": "A GGUF file inside the folder or hub repo (dequantized by transformers)."})
+    trust_remote_code = fields.Boolean(load_default=False, metadata={
+        "description": "Refused unless the server sets LLMHOST_ALLOW_REMOTE_CODE=1."})
+    task = fields.String(allow_none=True, validate=validate.OneOf(["generate", "embed"]), metadata={
+        "description": "Override task detection: `generate` (chat, completions) or `embed`."})
+    chat_template = fields.String(allow_none=True, metadata={
+        "description": "A Jinja chat template that replaces the model's own (or the fallback)."})
+    keep_alive = fields.Float(allow_none=True, validate=validate.Range(min=0), metadata={
+        "description": "Unload after this many idle seconds (0: never; default LLMHOST_KEEP_ALIVE)."})
+
+
+class ListModelsQuerySchema(Schema):
+    include = fields.String(validate=validate.OneOf(["cached"]), metadata={
+        "description": "`cached` also lists models in the local HF cache that load offline."})
+
+
+class ModelSchema(Schema):
+    """The OpenAI Model object plus llmhost fields."""
+
+    id = fields.String(required=True)
+    object = fields.String(required=True, metadata={"enum": ["model"]})
+    created = fields.Integer(required=True)
+    owned_by = fields.String(required=True)
+    status = fields.String(metadata={"enum": ["loaded", "cached"]})
+    task = fields.String(metadata={"enum": ["generate", "embed"]})
+    source = fields.String()
+    gguf_file = fields.String(allow_none=True)
+    device = fields.String()
+    dtype = fields.String()
+    parameters = fields.Integer()
+    memory_bytes = fields.Integer()
+    load_seconds = fields.Float()
+    revision = fields.String(allow_none=True)
+    max_context = fields.Integer()
+    keep_alive = fields.Float(allow_none=True)
+    size_on_disk = fields.Integer()
+
+
+class ListModelsSchema(Schema):
+    object = fields.String(required=True, metadata={"enum": ["list"]})
+    data = fields.List(fields.Nested(ModelSchema), required=True)
+
+
+class DeletedModelSchema(Schema):
+    id = fields.String(required=True)
+    object = fields.String(required=True)
+    deleted = fields.Boolean(required=True)

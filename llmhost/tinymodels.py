@@ -1,0 +1,99 @@
+"""Small random-weight models built offline, for the tests and the benchmark.
+
+The tokenizer is a byte-level BPE trained with `tokenizers` on local text, so
+every byte sequence (emoji, CJK) round-trips; the models are saved with
+`save_pretrained` exactly as a Hub checkout would hold them.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+WORDS = ("the quick brown fox jumps over lazy dog hello world model server token stream chat "
+         "completion answer question paris france capital city river mountain sea sky blue green "
+         "red one two three four five six seven eight nine ten and or but if then else when why "
+         "how what who user assistant system tool data value error request response python code "
+         "héllo naïve café 日本語 中文 한국어 emoji 🙂 🚀 ✓ ünïcödé").split()
+
+
+def corpus(lines: int = 4000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 24))) for _ in range(lines)]
+
+
+def build_tokenizer(vocab_size: int = 512, chat: bool = False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>"] + (["<|im_start|>", "<|im_end|>"] if chat else [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    eos = "<|im_end|>" if chat else "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token=eos)
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_gpt2(path: str, layers: int = 2, width: int = 64, vocab_size: int = 512,
+               positions: int = 256, seed: int = 0) -> str:
+    """A GPT-2 base model with no chat template."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer(vocab_size)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=width,
+                        n_layer=layers, n_head=max(1, width // 64) if width >= 64 else 2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    _save(model, tokenizer, path)
+    return path
+
+
+def build_llama(path: str, layers: int = 2, width: int = 64, vocab_size: int = 512,
+                positions: int = 512, seed: int = 0) -> str:
+    """A Llama chat model with a chat template and <|im_end|> as EOS."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(vocab_size, chat=True)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=positions, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    _save(model, tokenizer, path)
+    return path
+
+
+def _save(model, tokenizer, path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def write_hub_cache(folder: str, hf_home: str, repo_id: str, sha: str = "0" * 40) -> str:
+    """Copy a saved model into the Hub-cache layout under HF_HOME
+    (hub/models--org--name/refs/main + snapshots/<sha>/...)."""
+    import shutil
+
+    repo = os.path.join(hf_home, "hub", "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", sha)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as fh:
+        fh.write(sha)
+    return snapshot
