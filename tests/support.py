@@ -19,10 +19,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "tests", "data", "openai_schemas.json")
 
 
+def _nullable(node):
+    """OpenAPI 3.0's `nullable: true` (used by the stream chunk schema for
+    `finish_reason`, `logprobs`, `usage`) is not JSON Schema: read it as
+    `anyOf: [node, null]`, which is what it means."""
+    if isinstance(node, list):
+        return [_nullable(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable(value) for key, value in node.items()}
+    if node.pop("nullable", False):
+        return {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
 @lru_cache(maxsize=None)
 def _validator(name: str) -> Draft202012Validator:
     with open(SCHEMAS) as fh:
-        doc = json.load(fh)
+        doc = _nullable(json.load(fh))
     resource = DRAFT202012.create_resource(doc)
     registry = Registry().with_resource("openai", resource)
     return Draft202012Validator({"$ref": f"openai#/components/schemas/{name}"}, registry=registry)
