@@ -1,4 +1,4 @@
 """One blueprint module per resource; MODULES registers them in order."""
-from . import health, models
+from . import chat, completions, health, models
 
-MODULES = (health, models)
+MODULES = (health, models, chat, completions)

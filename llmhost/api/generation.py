@@ -1,0 +1,183 @@
+"""What /v1/chat/completions and /v1/completions share: request arguments to
+sampling settings (with the checks that need the model), and running a
+generation as a JSON body or as an event stream. Not a blueprint: the routes
+in chat.py and completions.py call :func:`serve` with their own formatter."""
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from contextlib import ExitStack
+from functools import partial
+from typing import Callable, Protocol
+
+from flask import Response, current_app, jsonify, request
+
+from .. import __version__, sse
+from ..engine.outputs import Choice, ChoiceDelta, Run
+from ..engine.prompt import vocab_size
+from ..engine.sampling import SamplingParams
+from ..errors import invalid
+from ..registry import registry
+
+try:  # written by the ops side; requests are still served without it
+    from .. import observability
+except ImportError:  # pragma: no cover
+    observability = None
+
+
+class Format(Protocol):
+    """The OpenAI shapes of one route."""
+
+    id_prefix: str
+    object: str            # of the non-streaming body
+    chunk_object: str      # of each streamed chunk
+
+    def opening(self, n_choices: int) -> list[dict]:
+        """Stream choices sent before any token (chat: the role)."""
+
+    def stream_choice(self, delta: ChoiceDelta) -> dict: ...
+
+    def body_choice(self, choice: Choice) -> dict: ...
+
+
+# -- arguments -> sampling settings ----------------------------------------------
+
+def stop_token_ids(entry) -> frozenset[int]:
+    """EOS ids from the generation config (what `generate` stops on) and the
+    tokenizer."""
+    ids: set[int] = set()
+    eos = getattr(getattr(entry.model, "generation_config", None), "eos_token_id", None)
+    for value in (eos, entry.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def max_tokens(args: dict, entry, prompts: list[list[int]], prompt_param: str) -> int:
+    """The completion budget per choice. An explicit max_tokens that does not
+    fit the context is the client's error (OpenAI's message, with the numbers);
+    the default is lowered to what fits, so short-context models just work."""
+    config = current_app.config["LLMHOST"]
+    context = entry.loaded.max_context
+    longest = max(len(p) for p in prompts)
+    what = "messages" if prompt_param == "messages" else "prompt"
+    if config.MAX_PROMPT_TOKENS and longest > config.MAX_PROMPT_TOKENS:
+        raise invalid(f"Your {what} resulted in {longest} tokens; this server allows at most "
+                      f"{config.MAX_PROMPT_TOKENS} prompt tokens (LLMHOST_MAX_PROMPT_TOKENS).",
+                      param=prompt_param, code="context_length_exceeded")
+    name = "max_completion_tokens" if args.get("max_completion_tokens") is not None else "max_tokens"
+    asked = args.get(name)
+    room = context - longest
+    if asked is None:
+        if room < 1:
+            raise invalid(f"This model's maximum context length is {context} tokens. However, "
+                          f"your {what} resulted in {longest} tokens, which leaves no room for a "
+                          f"completion. Please reduce the length of the {what}.",
+                          param=prompt_param, code="context_length_exceeded")
+        return min(config.DEFAULT_MAX_TOKENS, room)
+    if asked > room:
+        raise invalid(f"This model's maximum context length is {context} tokens. However, you "
+                      f"requested {longest + asked} tokens ({longest} in the {what}, {asked} in "
+                      f"the completion). Please reduce the length of the {what} or completion.",
+                      param=name, code="context_length_exceeded")
+    return asked
+
+
+def sampling_params(args: dict, entry, prompts: list[list[int]], prompt_param: str,
+                    logprobs: int | None) -> SamplingParams:
+    config = current_app.config["LLMHOST"]
+
+    def pick(name, default):
+        value = args.get(name)
+        return default if value is None else value
+
+    bias = {int(k): float(v) for k, v in (args.get("logit_bias") or {}).items()}
+    vocab = vocab_size(entry)
+    for token_id in bias:
+        if token_id >= vocab:
+            raise invalid(f"Invalid value for 'logit_bias': token id {token_id} is outside this "
+                          f"model's vocabulary (0..{vocab - 1}).", param="logit_bias")
+    return SamplingParams(
+        max_tokens=max_tokens(args, entry, prompts, prompt_param),
+        temperature=pick("temperature", config.DEFAULT_TEMPERATURE),
+        top_p=pick("top_p", config.DEFAULT_TOP_P),
+        top_k=pick("top_k", 0),
+        min_p=pick("min_p", 0.0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        presence_penalty=pick("presence_penalty", 0.0),
+        frequency_penalty=pick("frequency_penalty", 0.0),
+        logit_bias=bias,
+        seed=args.get("seed"),
+        logprobs=logprobs,
+        stop_token_ids=stop_token_ids(entry),
+    )
+
+
+# -- running -----------------------------------------------------------------------
+
+def fingerprint(entry) -> str:
+    """Changes when what produces the tokens changes (server version, model
+    source, dtype, device), as OpenAI's does for its backend."""
+    key = f"{__version__}|{entry.spec.model}|{entry.spec.gguf_file}|{entry.loaded.dtype}|" \
+          f"{entry.loaded.device}"
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def usage(run: Run) -> dict:
+    return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
+            "total_tokens": run.prompt_tokens + run.completion_tokens}
+
+
+Build = Callable[[object], "tuple[list[list[int]], Format]"]
+
+
+def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> Response:
+    """Run one request on `args["model"]`: `build(entry)` gives the prompt ids
+    and the formatter. The model stays marked in use (registry.use) until the
+    answer is complete, for a stream until it ends or the client leaves."""
+    fields = observability.log_fields() if observability is not None else {}
+    stack = ExitStack()
+    try:
+        entry = stack.enter_context(registry.use(args["model"], task="generate"))
+        fields["model"] = entry.id
+        prompts, fmt = build(entry)
+        params = sampling_params(args, entry, prompts, prompt_param, logprobs)
+        run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),
+                  disconnected=partial(sse.client_disconnected, request.environ))
+        fields["prompt_tokens"] = run.prompt_tokens
+        run.start()
+    except BaseException:
+        stack.close()
+        raise
+    head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object,
+            "created": int(time.time()), "model": entry.id,
+            "system_fingerprint": fingerprint(entry)}
+    if not args.get("stream"):
+        with stack:
+            choices = run.collect()
+        fields["completion_tokens"] = run.completion_tokens
+        return jsonify({**head, "choices": [fmt.body_choice(c) for c in choices],
+                        "usage": usage(run)})
+    include_usage = bool((args.get("stream_options") or {}).get("include_usage"))
+    return sse.stream(_chunks(run, fmt, {**head, "object": fmt.chunk_object}, include_usage,
+                              fields, stack))
+
+
+def _chunks(run: Run, fmt: Format, head: dict, include_usage: bool, fields: dict,
+            stack: ExitStack):
+    """The stream's chunks. Closing this generator early (client gone) or an
+    error cancels the generation (Run.deltas) and releases the model."""
+    with stack:
+        try:
+            for choice in fmt.opening(len(run.states)):
+                yield {**head, "choices": [choice]}
+            for delta in run.deltas():
+                yield {**head, "choices": [fmt.stream_choice(delta)]}
+            if include_usage:
+                yield {**head, "choices": [], "usage": usage(run)}
+        finally:
+            fields["completion_tokens"] = run.completion_tokens
+

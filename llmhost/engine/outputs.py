@@ -1,0 +1,177 @@
+"""The one code path that runs a generation for the API: submit to the model's
+scheduler, turn token events into text per choice (incremental decoding, stop
+strings) and hand out deltas. A streaming response sends the deltas as they
+come; a non-streaming one is the same deltas collected, so both give the same
+text for the same greedy request by construction."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Callable, Iterator
+
+from ..errors import APIError
+from .sampling import SamplingParams
+from .scheduler import GenerationRequest
+from .text import ChoiceText
+
+# How often a running request looks at its client socket, besides the
+# engine's own check when no token came for a while.
+DISCONNECT_CHECK_S = 0.5
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    offset: int                       # characters of this choice's text before the token
+
+
+@dataclass
+class ChoiceDelta:
+    """New text of one choice, the logprobs of the tokens consumed since the
+    last delta, and on the last delta its finish_reason."""
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Choice:
+    """A whole choice: the deltas of one index joined."""
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class _ChoiceState:
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.text = ChoiceText(tokenizer, stop)
+        self.logprobs: list[TokenLogprob] = []
+        self.done = False
+
+
+class Run:
+    """One API request's generation: one engine request per prompt, each with
+    `n` choices; choice `index` = prompt number x n + choice number."""
+
+    def __init__(self, entry, prompts: list[list[int]], params: SamplingParams, n: int = 1,
+                 stop: list[str] | None = None,
+                 disconnected: Callable[[], bool] | None = None) -> None:
+        self.entry = entry
+        self.prompts = prompts
+        self.params = params
+        self.n = n
+        self.disconnected = disconnected
+        self.states = [_ChoiceState(entry.tokenizer, stop or [])
+                       for _ in range(len(prompts) * n)]
+        self.generations: list = []
+        self.completion_tokens = 0
+        self.cancelled = False
+        self._first = None
+        self._iterators: list[Iterator] = []
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt ids after templating, once per prompt (not per choice)."""
+        return sum(len(p) for p in self.prompts)
+
+    def start(self) -> "Run":
+        """Submit every prompt and wait for the first token, so that a full
+        queue (429), a queue timeout (503) or an engine failure is still an
+        HTTP status rather than an error inside a 200 stream."""
+        try:
+            for ids in self.prompts:
+                self.generations.append(self.entry.engine.submit(
+                    GenerationRequest(prompt_ids=ids, params=self.params, n=self.n)))
+            self._iterators = [g.events(disconnected=self.disconnected) for g in self.generations]
+            self._first = next(self._iterators[0], None)
+        except BaseException:
+            self.cancel()
+            raise
+        return self
+
+    def cancel(self) -> None:
+        """Stop every choice: their rows leave the batch at the next step."""
+        self.cancelled = True
+        for gen in self.generations:
+            gen.cancel()
+
+    def deltas(self) -> Iterator[ChoiceDelta]:
+        """Deltas in the order tokens arrive (prompt by prompt). Leaving early
+        (client gone, error) cancels what is still running."""
+        finished = False
+        try:
+            yield from self._deltas()
+            finished = True
+        finally:
+            if not finished:
+                self.cancel()
+
+    def _deltas(self) -> Iterator[ChoiceDelta]:
+        checked = time.monotonic()
+        for number, (gen, events) in enumerate(zip(self.generations, self._iterators)):
+            if number == 0 and self._first is not None:
+                events = chain([self._first], events)
+            for event in events:
+                if self.disconnected is not None and time.monotonic() - checked > DISCONNECT_CHECK_S:
+                    checked = time.monotonic()
+                    if self.disconnected():
+                        self.cancel()
+                        return
+                delta = self._on_event(gen, number, event)
+                if delta is not None:
+                    yield delta
+            if self.cancelled:
+                return
+            base = number * self.n
+            unfinished = [i for i in range(base, base + self.n) if not self.states[i].done]
+            if unfinished:
+                raise APIError(500, f"The engine ended choice {unfinished[0]} without a finish "
+                                    "reason.", type="server_error")
+
+    def _on_event(self, gen, number: int, event) -> ChoiceDelta | None:
+        index = number * self.n + event.index
+        state = self.states[index]
+        if state.done:            # a token already in flight when a stop string matched
+            return None
+        self.completion_tokens += 1
+        reason = None
+        if event.finish_reason == "stop":
+            # The stop (EOS) token ends the choice; it is not part of the text.
+            text, _ = state.text.finish()
+            reason = "stop"
+        else:
+            if event.logprob is not None:
+                state.logprobs.append(TokenLogprob(event.token_id, event.logprob,
+                                                   list(event.top_logprobs or []),
+                                                   state.text.offset))
+            text, matched = state.text.add(event.token_id)
+            if matched:
+                reason = "stop"
+                gen.finish(event.index)
+            elif event.finish_reason is not None:
+                rest, matched = state.text.finish()
+                text += rest
+                reason = "stop" if matched else event.finish_reason
+        if not text and reason is None:
+            return None                   # nothing to show yet: logprobs wait for the text
+        state.done = reason is not None
+        delta = ChoiceDelta(index, text, state.logprobs, reason)
+        state.logprobs = []
+        return delta
+
+    def collect(self) -> list[Choice]:
+        """The non-streaming answer: every delta, joined per choice."""
+        choices = [Choice(i) for i in range(len(self.states))]
+        for delta in self.deltas():
+            choice = choices[delta.index]
+            choice.text += delta.text
+            choice.logprobs += delta.logprobs
+            choice.finish_reason = delta.finish_reason or choice.finish_reason
+        return choices

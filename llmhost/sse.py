@@ -1,0 +1,77 @@
+"""Server-sent events framing (DESIGN rule 8), and telling whether the client
+of a request is still there.
+
+Every event is ``data: <json>\\n\\n`` and a stream always ends with
+``data: [DONE]\\n\\n``. Once the 200 and the first bytes are out, an error can
+no longer be an HTTP status, so it goes out as an event holding the usual
+error envelope, followed by ``[DONE]``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from typing import Iterable, Iterator
+
+from flask import Response, current_app
+
+from .errors import APIError
+
+log = logging.getLogger("llmhost")
+
+DONE = "data: [DONE]\n\n"
+HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",      # nginx: pass each event through at once
+}
+
+
+def event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _events(chunks: Iterator[dict], debug: bool) -> Iterator[str]:
+    try:
+        for chunk in chunks:
+            yield event(chunk)
+    except GeneratorExit:
+        # The client went away: the server closed this generator. Closing the
+        # source runs its cleanup, which cancels the generation.
+        chunks.close()
+        raise
+    except APIError as err:
+        yield event(err.to_dict())
+    except Exception as exc:
+        log.exception("error in a stream after it started")
+        message = "The server had an error while processing your request."
+        if debug:
+            message += f" ({type(exc).__name__}: {exc})"
+        yield event(APIError(500, message, type="server_error").to_dict())
+    finally:
+        if hasattr(chunks, "close"):
+            chunks.close()
+    yield DONE
+
+
+def stream(chunks: Iterable[dict]) -> Response:
+    """A text/event-stream response of `chunks` (dicts), then [DONE]."""
+    iterator = iter(chunks)
+    return Response(_events(iterator, current_app.debug), mimetype="text/event-stream",
+                    headers=HEADERS)
+
+
+def client_disconnected(environ: dict) -> bool:
+    """True when the client of this request closed its connection.
+
+    Under gunicorn the socket is in the environ; a peer that closed reads as
+    end-of-file (b"") when peeking, without consuming anything. With no socket
+    (development server, test client) we cannot tell, and say False."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False                 # nothing to read: still connected
+    except (OSError, ValueError):
+        return True                  # reset, or already closed on our side
