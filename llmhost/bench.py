@@ -1,6 +1,7 @@
 """`python -m llmhost.bench`: load generator against a running llmhost server.
 
-    python -m llmhost.bench generate --url http://127.0.0.1:8000 --model M ...
+    python -m llmhost.bench build-model /tmp/bench-gpt2
+    python -m llmhost.bench generate --serve --model /tmp/bench-gpt2 --compare-inprocess /tmp/bench-gpt2
     python -m llmhost.bench embed --url http://127.0.0.1:8000 --model M ...
 
 Each prints throughput and latency, and with --compare-inprocess the same
@@ -10,11 +11,203 @@ machine, as ratios.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
+import time
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _complete(url: str, model: str, prompt_ids: list[int], max_tokens: int, stream: bool,
+              session) -> tuple[int, float, float]:
+    """One /v1/completions request: (completion tokens, latency s, time to first token s)."""
+    import json
+
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
+            "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    started = time.perf_counter()
+    ttft = float("nan")
+    tokens = 0
+    with session.post(url + "/v1/completions", json=body, stream=stream, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+        if not stream:
+            return r.json()["usage"]["completion_tokens"], time.perf_counter() - started, ttft
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and ttft != ttft:
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return tokens, time.perf_counter() - started, ttft
+
+
+def _load_level(url: str, model: str, prompt_ids: list[int], clients: int, requests_each: int,
+                max_tokens: int, stream: bool) -> dict:
+    """`clients` threads, each sending `requests_each` requests back to back."""
+    import requests
+
+    results: list[tuple[int, float, float]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        with requests.Session() as session:
+            for _ in range(requests_each):
+                try:
+                    res = _complete(url, model, prompt_ids, max_tokens, stream, session)
+                except Exception as exc:  # reported, not fatal: the figures say how many failed
+                    with lock:
+                        errors.append(str(exc))
+                    continue
+                with lock:
+                    results.append(res)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    tokens = sum(r[0] for r in results)
+    return {"clients": clients, "requests": len(results), "errors": len(errors),
+            "tok_s": tokens / wall if wall else 0.0,
+            "p50": _percentile([r[1] for r in results], 0.5),
+            "p95": _percentile([r[1] for r in results], 0.95),
+            "ttft_p50": _percentile([r[2] for r in results], 0.5),
+            "ttft_p95": _percentile([r[2] for r in results], 0.95),
+            "first_error": errors[0] if errors else None}
+
+
+def _inprocess(folder: str, prompt_ids: list[int], batch_sizes: list[int], max_tokens: int,
+               repeat: int) -> dict[int, float]:
+    """transformers `generate` on this machine: tok/s for batch 1 and static batches."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = {}
+    for batch in batch_sizes:
+        ids = torch.tensor([prompt_ids] * batch)
+        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                      min_new_tokens=max_tokens, do_sample=False,
+                      pad_token_id=model.generation_config.eos_token_id)
+        model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeat):
+            model.generate(ids, **kwargs)
+        out[batch] = batch * max_tokens * repeat / (time.perf_counter() - started)
+    return out
 
 
 def bench_generate(args) -> int:
-    raise SystemExit("not yet")
+    from transformers import AutoTokenizer
+
+    server = None
+    url = args.url
+    if args.serve:
+        server = _start_server(args)
+        url = server.url
+    try:
+        if args.load or server is not None:
+            _load_model(url, args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        prompt_ids = tokenizer(args.prompt)["input_ids"]
+        stream = not args.no_stream
+        print(f"model {args.model}: prompt {len(prompt_ids)} tokens, max_tokens {args.max_tokens}, "
+              f"temperature 0, {'streaming' if stream else 'non-streaming'}")
+        _load_level(url, args.model, prompt_ids, 1, 1, 8, stream)  # warm-up
+        levels = {}
+        for clients in args.concurrency:
+            res = _load_level(url, args.model, prompt_ids, clients, args.requests, args.max_tokens,
+                              stream)
+            levels[clients] = res
+            print(f"llmhost  {clients:3d} clients: {res['tok_s']:7.1f} tok/s  latency p50 "
+                  f"{res['p50']:.2f}s p95 {res['p95']:.2f}s  TTFT p50 {res['ttft_p50'] * 1000:.0f}ms "
+                  f"p95 {res['ttft_p95'] * 1000:.0f}ms  ({res['requests']} ok, {res['errors']} failed)"
+                  + (f"  first error: {res['first_error']}" if res["first_error"] else ""))
+    finally:
+        if server is not None:
+            server.stop()
+    if args.compare_inprocess:
+        batches = sorted({1, *args.concurrency})
+        ref = _inprocess(args.compare_inprocess, prompt_ids, batches, args.max_tokens, args.inprocess_repeat)
+        for batch in batches:
+            print(f"in-process generate, batch {batch:3d}: {ref[batch]:7.1f} tok/s")
+        print("ratios (llmhost / in-process, same machine, this run):")
+        for clients in args.concurrency:
+            print(f"  {clients:3d} clients vs static batch {clients:3d}: "
+                  f"{levels[clients]['tok_s'] / ref[clients]:.2f}x")
+    if stream and 1 in levels:
+        for clients in args.concurrency:
+            if clients != 1:
+                print(f"  TTFT p50 at {clients} clients / 1 client: "
+                      f"{levels[clients]['ttft_p50'] / levels[1]['ttft_p50']:.2f}x")
+    return 0
+
+
+class _Server:
+    def __init__(self, proc, url):
+        self.proc, self.url = proc, url
+
+    def stop(self) -> None:
+        import signal
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def _start_server(args) -> _Server:
+    """gunicorn wsgi:app from this checkout on a free loopback port."""
+    import socket
+    import subprocess
+
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "LLMHOST_HOST": "127.0.0.1", "LLMHOST_PORT": str(port),
+           "LLMHOST_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=root, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            requests.get(url + "/health", timeout=2)
+            return _Server(proc, url)
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise SystemExit("the server did not start")
+
+
+def _load_model(url: str, model: str) -> None:
+    import requests
+
+    r = requests.post(url + "/v1/models", json={"model": model}, timeout=600)
+    if r.status_code not in (200, 201):
+        raise SystemExit(f"could not load {model}: {r.text}")
+
+
+def build_model(args) -> int:
+    """The issue's benchmark model: GPT-2-small shape (12 layers, 768 wide),
+    vocabulary 8192, random weights, built offline."""
+    from .tinymodels import build_gpt2
+
+    build_gpt2(args.folder, layers=12, width=768, vocab_size=8192, positions=1024)
+    print(f"built {args.folder}")
+    return 0
 
 
 def bench_embed(args) -> int:
@@ -25,8 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llmhost.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="chat/completions load")
+    gen = sub.add_parser("generate", help="/v1/completions load at several concurrency levels")
+    gen.add_argument("--model", required=True, help="served id, or the folder to load with --load/--serve")
+    gen.add_argument("--url", default="http://127.0.0.1:8000")
+    gen.add_argument("--serve", action="store_true", help="start gunicorn from this checkout and load --model")
+    gen.add_argument("--load", action="store_true", help="POST /v1/models --model first")
+    gen.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    gen.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    gen.add_argument("--requests", type=int, default=3, help="requests per client")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
+                                         "model server answers")
+    gen.add_argument("--no-stream", action="store_true")
+    gen.add_argument("--compare-inprocess", metavar="FOLDER",
+                     help="also run transformers generate in-process on FOLDER and print ratios")
+    gen.add_argument("--inprocess-repeat", type=int, default=2)
     gen.set_defaults(func=bench_generate)
+    build = sub.add_parser("build-model", help="build the benchmark's GPT-2-small-shaped model offline")
+    build.add_argument("folder")
+    build.set_defaults(func=build_model)
     emb = sub.add_parser("embed", help="embeddings load")
     emb.set_defaults(func=bench_embed)
     return parser
