@@ -55,6 +55,7 @@ class ModelSchema(Schema):
     load_seconds = fields.Float()
     revision = fields.String(allow_none=True)
     max_context = fields.Integer()
+    dimensions = fields.Integer(metadata={"description": "Size of the vectors (embedding models)."})
     keep_alive = fields.Float(allow_none=True)
     size_on_disk = fields.Integer()
 

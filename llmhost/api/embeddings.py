@@ -1,0 +1,65 @@
+"""Embeddings: POST /v1/embeddings."""
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import orjson
+from flask import Response
+
+from ..extensions import Blueprint, ErrorResponseSchema
+from ..registry import registry
+from ..schemas.embeddings import EmbeddingRequestSchema, EmbeddingResponseSchema
+
+try:
+    from .. import metrics
+except ImportError:  # pragma: no cover - metrics module optional
+    metrics = None
+try:
+    from ..observability import log_fields
+except ImportError:  # pragma: no cover - observability module optional
+    log_fields = None
+
+blp = Blueprint("embeddings", __name__, url_prefix="/v1",
+                description="Vectors from sentence-embedding models.")
+
+
+@blp.route("/embeddings", methods=["POST"])
+@blp.arguments(EmbeddingRequestSchema)
+@blp.response(200, EmbeddingResponseSchema)
+@blp.alt_response(400, schema=ErrorResponseSchema)
+@blp.alt_response(404, schema=ErrorResponseSchema)
+@blp.alt_response(429, schema=ErrorResponseSchema)
+@blp.alt_response(503, schema=ErrorResponseSchema)
+def create_embeddings(args):
+    """Create embeddings
+
+    One vector per input, equal to sentence-transformers' `encode` for the model.
+    Inputs of concurrent requests share the model's forward passes.
+    """
+    with registry.use(args["model"], task="embed") as entry:
+        result = entry.engine.embed(args["input"], truncate=args["truncate"],
+                                    dimensions=args.get("dimensions"))
+    if metrics is not None:
+        metrics.record_tokens(entry.id, result.prompt_tokens, 0)
+    if log_fields is not None:
+        log_fields().update(model=entry.id, prompt_tokens=result.prompt_tokens)
+    return Response(_body(entry.id, result.vectors, args["encoding_format"], result.prompt_tokens),
+                    mimetype="application/json")
+
+
+def _body(model: str, vectors: np.ndarray, encoding_format: str, prompt_tokens: int) -> bytes:
+    """Serialised by orjson straight from the float32 rows, each number in the
+    shortest form that reads back as the same float32: for 256 vectors of 384
+    numbers the stdlib json module takes about 15x as long and writes twice the
+    bytes (every float32 as a 17-digit double)."""
+    if encoding_format == "base64":
+        rows = [base64.b64encode(row.astype("<f4", copy=False).tobytes()).decode() for row in vectors]
+    else:
+        rows = list(vectors)
+    return orjson.dumps({
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }, option=orjson.OPT_SERIALIZE_NUMPY)

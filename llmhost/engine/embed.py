@@ -1,0 +1,320 @@
+"""Embeddings: sentence-transformers models behind one batching thread per model.
+
+Vectors come out of the model's own sentence-transformers modules (its pooling,
+normalisation, dense layers), so they equal ``SentenceTransformer.encode``. The
+server takes over only two things: tokenisation, done on the request thread so
+that over-long inputs are refused (or truncated) and counted before anything is
+queued, and batching, so that the inputs of many concurrent requests share
+forward passes.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import APIError, invalid
+from ..loading import Loaded, Source, _max_context, _memory_bytes
+
+log = logging.getLogger("llmhost.engine")
+
+
+def load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loaded:
+    """Load with sentence-transformers, the field's own loader: a folder with
+    modules.json gets its pooling and normalisation from there; a bare encoder
+    gets sentence-transformers' default (mean pooling, or last-token pooling for
+    a causal LM loaded with task=embed)."""
+    from sentence_transformers import SentenceTransformer
+
+    if source.gguf_file:
+        raise invalid("GGUF files hold generation models; embeddings need a sentence-transformers "
+                      "folder or an encoder model.", param="model", code="model_load_failed")
+    kwargs = {} if dtype == "auto" else {"dtype": dtype}
+    try:
+        st = SentenceTransformer(source.folder, device="cuda" if device_map == "auto" else device,
+                                 local_files_only=True, trust_remote_code=spec.trust_remote_code,
+                                 model_kwargs=kwargs)
+    except torch.OutOfMemoryError:
+        raise APIError(503, f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
+                            "or pick a smaller dtype or another device.", param="model",
+                       code="out_of_memory")
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as exc:
+        raise invalid(f"Could not load '{spec.model}' as an embedding model: {exc}",
+                      param="model", code="model_load_failed")
+    st.eval()
+    _check_text_model(st, spec.model)
+    first = st[0]
+    max_len = st.max_seq_length
+    if not isinstance(max_len, int) or not 0 < max_len < 10**7:
+        max_len = _max_context(first.auto_model, st.tokenizer)
+    return Loaded(
+        task="embed", pipeline=st, model=st, tokenizer=st.tokenizer, device=device,
+        dtype=str(next(st.parameters()).dtype).replace("torch.", ""),
+        parameters=sum(p.numel() for p in st.parameters()), memory_bytes=_memory_bytes(st),
+        revision=source.revision, max_context=max_len,
+        extra={"dimensions": st.get_embedding_dimension()},
+    )
+
+
+def _check_text_model(st, name: str) -> None:
+    """The server builds the model's input itself (token ids, padding), which is
+    only what sentence-transformers does for a plain text tokenizer; refuse the
+    rest (chat-template, multimodal, flattened flash-attention inputs) rather
+    than return vectors that differ from ``encode``."""
+    from sentence_transformers.models import Transformer
+
+    first = st[0]
+    config = getattr(first, "modality_config", {"text": {}})
+    if (not isinstance(first, Transformer) or first.tokenizer is None or "text" not in config
+            or "message" in config or getattr(first, "can_flatten_inputs", False)):
+        raise invalid(f"'{name}' is not a text sentence-transformers model llmhost can serve "
+                      "(its input is not plain tokenized text).", param="model",
+                      code="model_load_failed")
+
+
+@dataclass
+class Embeddings:
+    """One request's result: a float32 row per input, in input order."""
+
+    vectors: np.ndarray
+    prompt_tokens: int
+
+
+@dataclass(eq=False)  # a job is itself, never equal to another with the same inputs
+class _Job:
+    seqs: list[list[int]]
+    order: list[int]                      # input indices, longest first (less padding)
+    submitted: float = field(default_factory=time.monotonic)
+    scheduled: int = 0                    # items of `order` handed to a forward pass
+    vectors: np.ndarray | None = None
+    error: APIError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def fail(self, err: APIError) -> None:
+        if not self.done.is_set():
+            self.error = err
+            self.done.set()
+
+
+class EmbedScheduler:
+    """One thread per embedding model. Each step it runs one forward pass of up
+    to LLMHOST_EMBED_BATCH inputs, taken from every admitted request (each gets a
+    fair share first, so a small request never waits for a large one to end)."""
+
+    def __init__(self, entry, config) -> None:
+        self.model_id: str = entry.id
+        self.st = entry.loaded.pipeline
+        self.tokenizer = entry.loaded.tokenizer
+        self.max_len: int = entry.loaded.max_context
+        self.dimensions: int = entry.loaded.extra["dimensions"]
+        self.device = self.st.device
+        self.batch_size = max(1, int(config.EMBED_BATCH))
+        self.max_inputs = max(1, int(config.MAX_EMBED_INPUTS))
+        self.max_queue = max(0, int(config.MAX_QUEUE))
+        self.queue_timeout = float(config.QUEUE_TIMEOUT)
+
+        tok = self.tokenizer
+        self.vocab_size = len(tok)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.left_pad = tok.padding_side == "left"
+        self.token_types = "token_type_ids" in tok.model_input_names
+        # The model's default prompt, which encode() puts before every text.
+        self.prompt = self.st.prompts.get(self.st.default_prompt_name) if self.st.default_prompt_name else None
+        self.prompt_ids = tok(self.prompt, add_special_tokens=False)["input_ids"] if self.prompt else []
+        self.prompt_length = self.st[0]._get_prompt_length(self.prompt) if self.prompt else None
+        self.prefix, self.suffix = self._special_tokens()
+
+        self._cond = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._running: list[_Job] = []
+        self._closing: str | None = None
+        self._thread = threading.Thread(target=self._run, name=f"llmhost-embed:{entry.id}", daemon=True)
+        self._thread.start()
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts around a text ([CLS] ... [SEP], <s> ... </s>),
+        to wrap token-id inputs the same way."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start], full[start + len(plain):]
+        return [], []
+
+    # -- request threads ------------------------------------------------------
+    def embed(self, inputs: list[str] | list[list[int]], truncate: bool = False,
+              dimensions: int | None = None) -> Embeddings:
+        """Vectors for `inputs` (texts, or token-id lists without special tokens)."""
+        if len(inputs) > self.max_inputs:
+            raise invalid(f"'input' has {len(inputs)} items; at most {self.max_inputs} are allowed "
+                          "per request (LLMHOST_MAX_EMBED_INPUTS).", param="input")
+        if dimensions is not None and dimensions > self.dimensions:
+            raise invalid(f"'dimensions' is {dimensions}, but '{self.model_id}' makes vectors of "
+                          f"{self.dimensions} dimensions.", param="dimensions")
+        seqs = self._tokenize(inputs) if isinstance(inputs[0], str) else self._wrap_ids(inputs)
+        seqs = self._fit(seqs, inputs, truncate)
+        vectors = self._wait(self._submit(seqs))
+        if dimensions is not None and dimensions < self.dimensions:
+            vectors = vectors[:, :dimensions]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return Embeddings(np.ascontiguousarray(vectors, dtype=np.float32), sum(map(len, seqs)))
+
+    def _tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        if self.prompt:
+            texts = [self.prompt + text for text in texts]
+        return self.tokenizer(texts, add_special_tokens=True, truncation=max_length is not None,
+                              max_length=max_length, return_attention_mask=False,
+                              return_token_type_ids=False, verbose=False)["input_ids"]
+
+    def _wrap_ids(self, id_lists: list[list[int]]) -> list[list[int]]:
+        for i, ids in enumerate(id_lists):
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"'input[{i}]' holds token id {bad}, outside the vocabulary of "
+                              f"'{self.model_id}' (0 to {self.vocab_size - 1}).", param="input")
+        return [self.prefix + self.prompt_ids + ids + self.suffix for ids in id_lists]
+
+    def _fit(self, seqs: list[list[int]], inputs: list, truncate: bool) -> list[list[int]]:
+        """Refuse inputs longer than the model's maximum, or with `truncate` cut
+        them as encode() does: the text's end goes, the special tokens stay."""
+        too_long = [i for i, seq in enumerate(seqs) if len(seq) > self.max_len]
+        if not too_long:
+            return seqs
+        if not truncate:
+            i = too_long[0]
+            raise invalid(f"'input[{i}]' is {len(seqs[i])} tokens, more than the {self.max_len} "
+                          f"'{self.model_id}' reads ({len(too_long)} input(s) too long). Shorten it, "
+                          "or send \"truncate\": true to cut inputs at the model's maximum length.",
+                          param="input", code="context_length_exceeded")
+        if isinstance(inputs[0], str):
+            cut = self._tokenize([inputs[i] for i in too_long], max_length=self.max_len)
+        else:
+            cut = [seqs[i][:self.max_len - len(self.suffix)] + self.suffix for i in too_long]
+        for i, seq in zip(too_long, cut):
+            seqs[i] = seq
+        return seqs
+
+    def _submit(self, seqs: list[list[int]]) -> _Job:
+        job = _Job(seqs, sorted(range(len(seqs)), key=lambda i: -len(seqs[i])))
+        with self._cond:
+            if self._closing:
+                raise APIError(503, self._closing, code="model_unloaded")
+            if len(self._waiting) >= self.max_queue:
+                raise APIError(429, f"The model '{self.model_id}' has {len(self._waiting)} requests "
+                                    "waiting (LLMHOST_MAX_QUEUE); retry shortly.",
+                               code="queue_full", headers={"Retry-After": "1"})
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def _wait(self, job: _Job) -> np.ndarray:
+        if not job.done.wait(self.queue_timeout):
+            with self._cond:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                    job.fail(APIError(503, f"The request waited more than {self.queue_timeout:g} s "
+                                           f"for '{self.model_id}' (LLMHOST_QUEUE_TIMEOUT); retry later.",
+                                      code="queue_timeout", headers={"Retry-After": "5"}))
+            job.done.wait()  # admitted: its forward passes are under way
+        if job.error is not None:
+            raise job.error
+        return job.vectors
+
+    def stats(self) -> dict:
+        return {"queued": len(self._waiting), "running": len(self._running)}
+
+    def close(self, reason: str) -> None:
+        """Fail everything waiting or running with `reason` and stop the thread."""
+        with self._cond:
+            self._closing = reason
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
+
+    # -- scheduler thread -----------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    # Up to one request per batch slot runs at once; the rest wait
+                    # in the bounded queue.
+                    while self._waiting and len(self._running) < self.batch_size:
+                        self._running.append(self._waiting.popleft())
+                    batch = self._take_batch()
+                self._step(batch)
+        finally:
+            err = APIError(503, self._closing or "The model was unloaded.", code="model_unloaded")
+            with self._cond:
+                jobs = list(self._waiting) + self._running
+                self._waiting.clear()
+                self._running.clear()
+            for job in jobs:
+                job.fail(err)
+            self.st = None
+
+    def _take_batch(self) -> list[tuple[_Job, int]]:
+        """(job, input index) pairs for the next forward pass: a fair share of the
+        batch for every running request, then what is left in arrival order."""
+        batch: list[tuple[_Job, int]] = []
+        share = max(1, self.batch_size // len(self._running))
+        for limit in (share, self.batch_size):
+            for job in self._running:
+                take = min(limit, len(job.order) - job.scheduled, self.batch_size - len(batch))
+                batch += [(job, i) for i in job.order[job.scheduled:job.scheduled + take]]
+                job.scheduled += take
+        return batch
+
+    def _step(self, batch: list[tuple[_Job, int]]) -> None:
+        try:
+            vectors = self._forward([job.seqs[i] for job, i in batch])
+        except Exception as exc:  # a bug or OOM must not hang the waiting threads
+            log.exception("embedding failed on %s", self.model_id)
+            jobs = {job for job, _ in batch}
+            for job in jobs:
+                if isinstance(exc, torch.OutOfMemoryError):
+                    job.fail(APIError(503, f"Out of memory while embedding on '{self.model_id}'; "
+                                           "retry with fewer or shorter inputs (or a smaller "
+                                           "LLMHOST_EMBED_BATCH).", code="out_of_memory"))
+                else:
+                    job.fail(APIError(500, "The server had an error while embedding: "
+                                           f"{type(exc).__name__}. Please retry.", type="server_error"))
+            with self._cond:
+                self._running = [job for job in self._running if job not in jobs]
+            return
+        for (job, i), vector in zip(batch, vectors):
+            if job.vectors is None:
+                job.vectors = np.empty((len(job.seqs), vectors.shape[1]), dtype=np.float32)
+            job.vectors[i] = vector
+        with self._cond:
+            finished = [job for job in self._running if job.scheduled == len(job.order)]
+            self._running = [job for job in self._running if job.scheduled < len(job.order)]
+        for job in finished:
+            job.done.set()
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[list[int]]) -> np.ndarray:
+        """Pad to the longest input and run the model's sentence-transformers
+        modules on the features encode() would have built."""
+        width = max(map(len, seqs))
+        pad = [[self.pad_id] * (width - len(seq)) for seq in seqs]
+        rows = [p + s for p, s in zip(pad, seqs)] if self.left_pad else [s + p for s, p in zip(seqs, pad)]
+        masks = [[0] * len(p) + [1] * len(s) if self.left_pad else [1] * len(s) + [0] * len(p)
+                 for s, p in zip(seqs, pad)]
+        input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        features = {"input_ids": input_ids, "modality": "text",
+                    "attention_mask": torch.tensor(masks, dtype=torch.long, device=self.device)}
+        if self.token_types:
+            features["token_type_ids"] = torch.zeros_like(input_ids)
+        if self.prompt_length is not None:
+            features["prompt_length"] = self.prompt_length
+        out = self.st(features)["sentence_embedding"]
+        return out.float().cpu().numpy()
