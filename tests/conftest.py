@@ -75,6 +75,18 @@ def smollm2(server, smollm2_gguf) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf):
+    """(tokenizer, model): SmolLM2 loaded in-process with plain transformers, the
+    reference the server's greedy output must equal (~30 s to load: once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(smollm2_gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+    return tokenizer, model
+
+
+@pytest.fixture(scope="session")
 def openai_client(server):
     import openai
 
