@@ -5,6 +5,7 @@ come; a non-streaming one is the same deltas collected, so both give the same
 text for the same greedy request by construction."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from itertools import chain
@@ -14,6 +15,8 @@ from ..errors import APIError
 from .sampling import SamplingParams
 from .scheduler import GenerationRequest
 from .text import ChoiceText
+
+log = logging.getLogger("llmhost")
 
 # How often a running request looks at its client socket, besides the
 # engine's own check when no token came for a while.
@@ -102,6 +105,11 @@ class Run:
         for gen in self.generations:
             gen.cancel()
 
+    def _client_gone(self) -> None:
+        self.cancel()
+        log.info("client of a %s request went away: cancelled after %d generated tokens",
+                 self.entry.id, self.completion_tokens)
+
     def deltas(self) -> Iterator[ChoiceDelta]:
         """Deltas in the order tokens arrive (prompt by prompt). Leaving early
         (client gone, error) cancels what is still running."""
@@ -122,11 +130,13 @@ class Run:
                 if self.disconnected is not None and time.monotonic() - checked > DISCONNECT_CHECK_S:
                     checked = time.monotonic()
                     if self.disconnected():
-                        self.cancel()
+                        self._client_gone()
                         return
                 delta = self._on_event(gen, number, event)
                 if delta is not None:
                     yield delta
+            if gen.cancelled and not self.cancelled:
+                self._client_gone()       # the engine saw the client go while idle
             if self.cancelled:
                 return
             base = number * self.n
