@@ -1,8 +1,6 @@
 """llmhost: a self-hosted, OpenAI-compatible server for Hugging Face models."""
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
 from .config import Config
@@ -13,6 +11,7 @@ __version__ = "0.1.0"
 def create_app(config: Config | None = None) -> Flask:
     """Config -> extensions -> blueprints. Only wsgi.py (and tests) call this."""
     from . import api as api_modules
+    from . import auth, observability, preload
     from .extensions import api
     from .registry import registry
 
@@ -21,11 +20,12 @@ def create_app(config: Config | None = None) -> Flask:
     app.config.from_object(config)
     app.config["LLMHOST"] = config
     app.json.sort_keys = False
-    logging.basicConfig(level=config.LOG_LEVEL.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    observability.init_app(app)  # logging, request ids, request log, body limit
 
     api.init_app(app)
+    auth.init_app(app)  # keys, CORS, security scheme (needs api's spec)
     registry.init_app(app)
     for module in api_modules.MODULES:
         api.register_blueprint(module.blp)
+    preload.start(app)  # LLMHOST_MODELS, in a background thread of this (worker) process
     return app

@@ -29,6 +29,8 @@ class Config:
         ("LOG_LEVEL", str, "info"),
         ("LOG_FORMAT", str, "text"),
         ("LOG_CONTENT", _bool, False),
+        ("ACCESS_LOG", str, ""),
+        ("ERROR_LOG", str, "-"),
         ("ALLOW_REMOTE_CODE", _bool, False),
         ("ALLOW_DOWNLOADS", _bool, True),
         ("HUB_TIMEOUT", float, 5.0),

@@ -14,14 +14,16 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
-from . import loading
+from . import loading, metrics
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
+
+REAP_INTERVAL = 0.5  # seconds between keep_alive checks
 
 
 @dataclass
@@ -87,6 +89,7 @@ class ModelRegistry:
         self._locks: dict[str, threading.Lock] = {}
         self._models: dict[str, ModelEntry] = {}
         self._loading: set[str] = set()
+        self._reaper: threading.Thread | None = None
         self.config = None
 
     def init_app(self, app) -> None:
@@ -110,25 +113,40 @@ class ModelRegistry:
     def get(self, model_id: str, param: str = "model") -> ModelEntry:
         entry = self.find(model_id)
         if entry is None:
-            loaded = ", ".join(e.id for e in self.list()) or "none"
-            raise APIError(404, f"The model '{model_id}' is not loaded (loaded models: {loaded}). "
-                                f"Load it first with POST /v1/models {{\"model\": \"{model_id}\"}}.",
-                           param=param, code="model_not_found")
+            raise self._not_loaded(model_id, param)
         return entry
+
+    def _not_loaded(self, model_id: str, param: str = "model") -> APIError:
+        loaded = ", ".join(e.id for e in self.list()) or "none"
+        return APIError(404, f"The model '{model_id}' is not loaded (loaded models: {loaded}). "
+                             f"Load it first with POST /v1/models {{\"model\": \"{model_id}\"}}.",
+                        param=param, code="model_not_found")
+
+    def _acquire(self, model_id: str) -> ModelEntry | None:
+        """Look up and mark busy in one step under the guard, so eviction can never
+        pick a model between a request finding it and using it."""
+        with self._guard:
+            entry = self._models.get(model_id) or self._models.get("/" + model_id)
+            if entry is not None:
+                entry.active += 1
+                entry.last_used = time.monotonic()
+            return entry
 
     @contextmanager
     def use(self, model_id: str, task: str | None = None) -> Iterator[ModelEntry]:
-        """Mark a model busy for the length of a request."""
-        entry = self.get(model_id)
-        if task and entry.task != task:
-            what = {"generate": "text generation (chat and completions)", "embed": "embeddings"}
-            raise APIError(400, f"The model '{model_id}' serves {what[entry.task]}, not "
-                                f"{what[task]}. Load a model for that task.", param="model",
-                           code="wrong_model_task")
-        with self._guard:
-            entry.active += 1
-            entry.last_used = time.monotonic()
+        """Mark a model busy for the length of a request (a stream included): a busy
+        model is never evicted. With LLMHOST_AUTOLOAD=1 a cached model loads first."""
+        entry = self._acquire(model_id)
+        if entry is None and self._autoload(model_id):
+            entry = self._acquire(model_id)
+        if entry is None:
+            raise self._not_loaded(model_id)
         try:
+            if task and entry.task != task:
+                what = {"generate": "text generation (chat and completions)", "embed": "embeddings"}
+                raise APIError(400, f"The model '{model_id}' serves {what[entry.task]}, not "
+                                    f"{what[task]}. Load a model for that task.", param="model",
+                               code="wrong_model_task")
             yield entry
         finally:
             with self._guard:
@@ -153,6 +171,7 @@ class ModelRegistry:
             with self._guard:
                 self._loading.add(model_id)
             try:
+                self._make_room(model_id)
                 started = time.perf_counter()
                 loaded = loading.load(spec, self.config)
                 entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
@@ -166,6 +185,9 @@ class ModelRegistry:
                 self._models[model_id] = entry
             log.info("loaded %s (%s on %s, %.1fs)", model_id, entry.loaded.dtype,
                      entry.loaded.device, entry.load_seconds)
+            metrics.observe_load(model_id, entry.load_seconds)
+            if spec.keep_alive:
+                self._start_reaper()
             return entry, True
 
     def unload(self, model_id: str) -> ModelEntry:
@@ -175,13 +197,96 @@ class ModelRegistry:
             entry = self.get(model_id)
             with self._guard:
                 self._models.pop(entry.id, None)
-            if entry.engine is not None:
-                entry.engine.close(f"The model '{model_id}' was unloaded while this request was running.")
-            entry.engine = None
-            entry.loaded = None  # type: ignore[assignment]
-            release_memory()
+            self._release(entry)
             log.info("unloaded %s", model_id)
             return entry
+
+    @staticmethod
+    def _release(entry: ModelEntry) -> None:
+        if entry.engine is not None:
+            entry.engine.close(f"The model '{entry.id}' was unloaded while this request was running.")
+        entry.engine = None
+        entry.loaded = None  # type: ignore[assignment]
+        release_memory()
+
+    # -- memory policy ----------------------------------------------------------
+    def _evict(self, model_id: str, why: str,
+               still: Callable[[ModelEntry], bool] = lambda entry: True) -> bool:
+        """Unload a model only if it is idle (and `still` holds) at the moment it
+        is removed, checked under the guard so no request can start in between."""
+        with self._guard:
+            lock = self._locks.setdefault(model_id, threading.Lock())
+        with lock:
+            with self._guard:
+                entry = self._models.get(model_id)
+                if entry is None or entry.active or not still(entry):
+                    return False
+                self._models.pop(model_id)
+            self._release(entry)
+        log.info("unloaded %s (%s)", model_id, why)
+        return True
+
+    def _make_room(self, model_id: str) -> None:
+        """LLMHOST_MAX_LOADED_MODELS: evict the least recently used idle models until
+        this one fits. Models being loaded hold a place; busy models are never evicted."""
+        limit = getattr(self.config, "MAX_LOADED_MODELS", 0)
+        while limit > 0:
+            with self._guard:
+                if len(self._models) + len(self._loading) <= limit:
+                    return
+                idle = [e for e in self._models.values() if e.active == 0]
+                if not idle:
+                    busy = ", ".join(sorted(self._models) + sorted(self._loading - {model_id}))
+                    raise APIError(503, f"Cannot load '{model_id}': LLMHOST_MAX_LOADED_MODELS={limit} "
+                                        f"and every model loaded or loading ({busy}) is serving "
+                                        "requests, so none can be unloaded. Retry when they finish, "
+                                        "or unload one.", param="model", code="model_limit_reached",
+                                   headers={"Retry-After": "5"})
+                victim = min(idle, key=lambda e: e.last_used)
+            self._evict(victim.id, f"least recently used, to load '{model_id}' within "
+                                   f"LLMHOST_MAX_LOADED_MODELS={limit}")
+
+    def reap(self) -> list[str]:
+        """Unload the models idle for longer than their keep_alive."""
+        def expired(entry: ModelEntry) -> bool:
+            ttl = entry.spec.keep_alive
+            return bool(ttl) and time.monotonic() - entry.last_used >= ttl
+
+        candidates = [e for e in self.list() if expired(e)]
+        return [e.id for e in candidates
+                if self._evict(e.id, f"idle for keep_alive={e.spec.keep_alive:g}s", expired)]
+
+    def _start_reaper(self) -> None:
+        """One daemon thread per process, started by the first model with a
+        keep_alive (in the gunicorn worker: threads do not survive fork)."""
+        with self._guard:
+            if self._reaper is not None and self._reaper.is_alive():
+                return
+            self._reaper = threading.Thread(target=self._reap_forever, name="llmhost-reaper",
+                                            daemon=True)
+            self._reaper.start()
+
+    def _reap_forever(self) -> None:
+        while True:
+            time.sleep(REAP_INTERVAL)
+            try:
+                self.reap()
+            except Exception:
+                log.exception("keep_alive reaper failed; retrying")
+
+    def _autoload(self, model_id: str) -> bool:
+        """LLMHOST_AUTOLOAD=1: load a hub id found in the local cache, if the caller
+        could load it with POST /v1/models (admin rules)."""
+        from .auth import can_manage_models
+
+        config = self.config
+        if not getattr(config, "AUTOLOAD", False) or not loading.HUB_ID.match(model_id):
+            return False
+        if loading.cached_snapshot(model_id, None) is None or not can_manage_models():
+            return False
+        log.info("autoloading %s from the local cache", model_id)
+        self.load(loading.LoadSpec(model=model_id, keep_alive=config.KEEP_ALIVE or None))
+        return True
 
     def unload_all(self) -> None:
         for entry in self.list():

@@ -1,10 +1,58 @@
-"""Probes for load balancers and Kubernetes."""
-from ..extensions import Blueprint
+"""Probes for load balancers and Kubernetes, and Prometheus metrics. All open:
+they need no API key and say nothing about requests' content."""
+from flask import Response, current_app
+from marshmallow import fields
 
-blp = Blueprint("health", __name__, description="Liveness and readiness probes.")
+from .. import metrics
+from ..extensions import Blueprint, Schema
+
+blp = Blueprint("health", __name__, description="Liveness and readiness probes, metrics.")
+
+OPEN = {"security": []}
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True, metadata={"enum": ["ok"]})
+
+
+class FailedModelSchema(Schema):
+    model = fields.String(required=True)
+    error = fields.String(required=True)
+
+
+class ReadySchema(Schema):
+    status = fields.String(required=True, metadata={"enum": ["ready", "loading"]})
+    loaded = fields.List(fields.String(), required=True)
+    loading = fields.List(fields.String(), required=True)
+    failed = fields.List(fields.Nested(FailedModelSchema), required=True, metadata={
+        "description": "LLMHOST_MODELS entries that did not load, and why."})
 
 
 @blp.route("/health", methods=["GET"])
+@blp.doc(**OPEN)
+@blp.response(200, HealthSchema)
 def health():
     """Liveness: 200 while the process serves"""
     return {"status": "ok"}
+
+
+@blp.route("/ready", methods=["GET"])
+@blp.doc(**OPEN)
+@blp.response(200, ReadySchema, description="Every LLMHOST_MODELS entry was tried.")
+@blp.alt_response(503, schema=ReadySchema, description="Still preloading LLMHOST_MODELS.")
+def ready():
+    """Readiness: 503 until the preloaded models are loaded
+
+    Entries of LLMHOST_MODELS that failed are listed under `failed`; the server
+    is ready with the rest.
+    """
+    status = current_app.extensions["llmhost_preload"].status()
+    return status, 200 if status["status"] == "ready" else 503
+
+
+@blp.route("/metrics", methods=["GET"])
+@blp.doc(**OPEN)
+def prometheus():
+    """Prometheus metrics (text format)"""
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)

@@ -1,0 +1,140 @@
+"""API keys (``Authorization: Bearer KEY``), admin scope, CORS, and the security
+scheme in the OpenAPI document.
+
+Without keys configured everything is open (the default binds to loopback only).
+Once any key is set, every /v1 route needs one; probes and metrics stay open so
+load balancers and Prometheus need no secret. Keys are compared in constant
+time against every configured key, so timing says nothing about which key (or
+how much of one) matched, and a key is never logged or echoed.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+
+from flask import Flask, current_app, has_request_context, request
+
+from .errors import APIError
+
+log = logging.getLogger("llmhost")
+
+ADMIN_ENDPOINTS = {"models.load_model", "models.unload_model"}
+DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
+ENVIRON_ADMIN = "llmhost.admin"
+
+
+class Keys:
+    def __init__(self, config) -> None:
+        plain = list(config.API_KEYS)
+        if config.API_KEYS_FILE:
+            plain += read_key_file(config.API_KEYS_FILE)
+        self.plain = [_digest(k) for k in plain]
+        self.admin = [_digest(k) for k in config.ADMIN_API_KEYS]
+        self.enabled = bool(self.plain or self.admin)
+        self.public_docs = config.PUBLIC_DOCS
+
+    @staticmethod
+    def _match(token: bytes, keys: list[bytes]) -> bool:
+        found = False
+        for key in keys:  # no early exit: the time does not depend on which key matched
+            found |= hmac.compare_digest(token, key)
+        return found
+
+    def check(self, token: str) -> tuple[bool, bool]:
+        """(valid, admin) for a presented key."""
+        raw = _digest(token)
+        admin = self._match(raw, self.admin)
+        return admin or self._match(raw, self.plain), admin
+
+
+def _digest(key: str) -> bytes:
+    """Keys are compared as SHA-256 digests: equal lengths, so the comparison
+    time does not even reveal a key's length."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def read_key_file(path: str) -> list[str]:
+    """One key per line; blank lines and lines starting with # are skipped. A
+    missing file stops the server: starting without the keys would leave it open."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [line.strip() for line in fh]
+    except OSError as exc:
+        raise RuntimeError(f"LLMHOST_API_KEYS_FILE={path!r} cannot be read: {exc.strerror}") from exc
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _needs_key(path: str, keys: Keys) -> bool:
+    if path == "/v1" or path.startswith("/v1/"):
+        return True
+    return not keys.public_docs and path.startswith(DOCS_PATHS)
+
+
+def _check() -> None:
+    keys: Keys = current_app.extensions["llmhost_keys"]
+    if not keys.enabled or request.method == "OPTIONS" or not _needs_key(request.path, keys):
+        return
+    challenge = {"WWW-Authenticate": 'Bearer realm="llmhost"'}
+    token = _bearer()
+    if token is None:
+        raise APIError(401, "You didn't provide an API key. Send it in an Authorization header "
+                            "using Bearer auth (Authorization: Bearer YOUR_KEY).",
+                       code="missing_api_key", headers=challenge)
+    valid, admin = keys.check(token)
+    if not valid:
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
+                       headers={"WWW-Authenticate": 'Bearer realm="llmhost", error="invalid_token"'})
+    request.environ[ENVIRON_ADMIN] = admin or not keys.admin
+    if request.endpoint in ADMIN_ENDPOINTS and not can_manage_models():
+        raise APIError(403, "Loading and unloading models needs an admin key "
+                            "(LLMHOST_ADMIN_API_KEYS); this key can list models and run inference.",
+                       code="admin_key_required")
+
+
+def can_manage_models() -> bool:
+    """Whether the current caller may load and unload models (and so autoload).
+    Outside a request (preload, the reaper) the server itself is acting."""
+    if not has_request_context():
+        return True
+    return request.environ.get(ENVIRON_ADMIN, True)
+
+
+def _init_cors(app: Flask, origins: list[str]) -> None:
+    """Allowed origins get CORS headers; preflights need no key (browsers never
+    send credentials on them) and allow the headers OpenAI clients send."""
+    if not origins:
+        return
+    from flask_cors import CORS
+    CORS(app, origins=origins, allow_headers=["Authorization", "Content-Type"],
+         expose_headers=["X-Request-Id"], max_age=600)
+
+
+def _init_spec() -> None:
+    from .extensions import api
+    api.spec.components.security_scheme("bearerAuth", {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key from LLMHOST_API_KEYS (or LLMHOST_ADMIN_API_KEYS to load "
+                       "and unload models). Not needed when the server sets no keys."})
+    api.spec.options["security"] = [{"bearerAuth": []}]
+
+
+def init_app(app: Flask) -> None:
+    """After api.init_app (the spec exists) and before the blueprints' routes run."""
+    config = app.config["LLMHOST"]
+    keys = Keys(config)
+    app.extensions["llmhost_keys"] = keys
+    if keys.enabled:
+        log.info("API keys required on /v1 (%d keys, %d admin keys)",
+                 len(keys.plain) + len(keys.admin), len(keys.admin))
+    app.before_request(_check)
+    _init_cors(app, config.CORS_ORIGINS)
+    _init_spec()

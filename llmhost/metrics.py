@@ -1,0 +1,105 @@
+"""Prometheus metrics, served on /metrics.
+
+A registry of our own (not prometheus_client's global one) so that /metrics shows
+only llmhost's metrics and tests can read them without interference. Values
+that already live elsewhere (loaded models, queue depth, running batch size) are
+read at scrape time by a collector, so they can never drift from the truth.
+"""
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("llmhost")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter("llmhost_requests", "HTTP requests by route, method and status.",
+                   ("route", "method", "status"), registry=REGISTRY)
+REQUEST_SECONDS = Histogram("llmhost_request_duration_seconds",
+                            "Time from request to the end of the response (streams included).",
+                            ("route",), buckets=LATENCY_BUCKETS, registry=REGISTRY)
+PROMPT_TOKENS = Counter("llmhost_prompt_tokens", "Prompt tokens processed.", ("model",),
+                        registry=REGISTRY)
+COMPLETION_TOKENS = Counter("llmhost_completion_tokens", "Completion tokens generated.",
+                            ("model",), registry=REGISTRY)
+TTFT = Histogram("llmhost_time_to_first_token_seconds",
+                 "Time from submitting a generation to its first token.", ("model",),
+                 buckets=LATENCY_BUCKETS, registry=REGISTRY)
+LOAD_SECONDS = Histogram("llmhost_model_load_seconds", "Time to load a model.", ("model",),
+                         buckets=LOAD_BUCKETS, registry=REGISTRY)
+
+
+def record_tokens(model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    """Called by the engine when a generation finishes."""
+    if prompt_tokens:
+        PROMPT_TOKENS.labels(model).inc(prompt_tokens)
+    if completion_tokens:
+        COMPLETION_TOKENS.labels(model).inc(completion_tokens)
+
+
+def observe_ttft(model: str, seconds: float) -> None:
+    """Called by the engine when a generation yields its first token."""
+    TTFT.labels(model).observe(seconds)
+
+
+def observe_load(model: str, seconds: float) -> None:
+    LOAD_SECONDS.labels(model).observe(seconds)
+
+
+def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    REQUESTS.labels(route, method, str(status)).inc()
+    REQUEST_SECONDS.labels(route).observe(seconds)
+
+
+class ModelCollector:
+    """Loaded models, requests in flight, queue depth and running batch size,
+    read from the registry and each model's engine at scrape time."""
+
+    def collect(self):
+        from .registry import registry
+
+        loaded = GaugeMetricFamily("llmhost_loaded_models", "Models loaded now.")
+        active = GaugeMetricFamily("llmhost_model_active_requests",
+                                   "Requests using the model now.", labels=["model"])
+        queued = GaugeMetricFamily("llmhost_queue_depth",
+                                   "Requests waiting for the model's scheduler.", labels=["model"])
+        running = GaugeMetricFamily("llmhost_running_batch_size",
+                                    "Sequences the scheduler is decoding together now.",
+                                    labels=["model"])
+        memory = GaugeMetricFamily("llmhost_model_memory_bytes",
+                                   "Bytes of weights and buffers.", labels=["model"])
+        entries = registry.list()
+        loaded.add_metric([], len(entries))
+        for entry in entries:
+            active.add_metric([entry.id], entry.active)
+            loaded_info = entry.loaded
+            if loaded_info is not None:
+                memory.add_metric([entry.id], loaded_info.memory_bytes)
+            stats = getattr(entry.engine, "stats", None)
+            if stats is None:
+                continue
+            try:
+                values = stats()
+            except Exception:  # a model being unloaded: skip it this scrape
+                log.debug("stats() failed for %s", entry.id, exc_info=True)
+                continue
+            queued.add_metric([entry.id], values.get("queued", 0))
+            running.add_metric([entry.id], values.get("running", 0))
+        yield from (loaded, active, queued, running, memory)
+
+    def describe(self):
+        return []
+
+
+REGISTRY.register(ModelCollector())
+
+
+def exposition() -> tuple[bytes, str]:
+    """(body, content type) of the Prometheus text format."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
