@@ -15,6 +15,7 @@ import time
 import uuid
 
 from flask import Flask, Response, current_app, has_request_context, request
+from gunicorn import glogging
 
 from .errors import APIError
 
@@ -106,19 +107,15 @@ def init_logging(config) -> None:
     root.setLevel(config.LOG_LEVEL.upper())
 
 
-try:  # gunicorn's own lines (boot, workers, access log) in the same format
-    from gunicorn import glogging
+class GunicornLogger(glogging.Logger):
+    """gunicorn's own lines (boot, workers, access log) as JSON too: its
+    logger_class when LLMHOST_LOG_FORMAT=json."""
 
-    class GunicornLogger(glogging.Logger):
-        """Set as gunicorn's logger_class when LLMHOST_LOG_FORMAT=json."""
-
-        def setup(self, cfg):
-            super().setup(cfg)
-            for logger in (self.error_log, self.access_log):
-                for handler in logger.handlers:
-                    handler.setFormatter(JsonFormatter())
-except ImportError:  # pragma: no cover  (gunicorn is a dependency)
-    pass
+    def setup(self, cfg):
+        super().setup(cfg)
+        for logger in (self.error_log, self.access_log):
+            for handler in logger.handlers:
+                handler.setFormatter(JsonFormatter())
 
 
 # -- per request --------------------------------------------------------------

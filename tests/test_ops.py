@@ -363,8 +363,11 @@ def make_app():
     from llmhost.config import TestConfig
     from llmhost.registry import registry
 
+    before = {entry.id for entry in registry.list()}
     yield lambda **settings: create_app(TestConfig(**settings))
-    registry.unload_all()
+    for entry in registry.list():  # only what this test loaded
+        if entry.id not in before:
+            registry.unload(entry.id)
 
 
 def _load(path: str, model_id: str, **options):
@@ -482,3 +485,40 @@ def test_token_and_ttft_metrics():
     for name, delta in (("llmhost_prompt_tokens_total", 7), ("llmhost_completion_tokens_total", 3),
                         ("llmhost_time_to_first_token_seconds_count", 1)):
         assert sample(after, name, model="m-test") - sample(before, name, model="m-test") == delta
+
+
+def test_generation_feeds_token_metrics_and_log_lines(policy):
+    """The engine's token counts reach /metrics and the request line, a stream's
+    at its end; the prompt text itself is not logged."""
+    before = scrape(policy)
+    secret = "zebra-quokka-prompt"
+    r = requests.post(policy.url + "/v1/completions", headers={"X-Request-Id": "gen-plain"}, json={
+        "model": "metered", "prompt": secret, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    with requests.post(policy.url + "/v1/completions", headers={"X-Request-Id": "gen-stream"}, json={
+            "model": "metered", "prompt": secret, "max_tokens": 5, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}, stream=True) as r:
+        events = [line for line in r.iter_lines() if line.startswith(b"data: {")]
+    streamed = json.loads(events[-1][6:])["usage"]
+
+    def line(rid):
+        return next((x for x in policy.log().splitlines() if f"request_id={rid} " in x), None)
+
+    plain, stream = wait_for(lambda: line("gen-plain")), wait_for(lambda: line("gen-stream"))
+    assert (f"model=metered prompt_tokens={usage['prompt_tokens']} "
+            f"completion_tokens={usage['completion_tokens']}") in plain
+    assert f"completion_tokens={streamed['completion_tokens']}" in stream
+    assert secret not in policy.log()
+
+    def grew(metrics, name):
+        return sample(metrics, name, model="metered") - sample(before, name, model="metered")
+
+    # the engine records a generation's tokens right after handing over its last event
+    after = wait_for(lambda: (lambda m: m if grew(m, "llmhost_prompt_tokens_total") >= (
+        usage["prompt_tokens"] + streamed["prompt_tokens"]) else None)(scrape(policy)), timeout=10)
+    for name, key in (("llmhost_prompt_tokens_total", "prompt_tokens"),
+                      ("llmhost_completion_tokens_total", "completion_tokens")):
+        assert grew(after, name) == usage[key] + streamed[key], name
+    ttft = "llmhost_time_to_first_token_seconds_count"
+    assert sample(after, ttft, model="metered") - sample(before, ttft, model="metered") == 2
