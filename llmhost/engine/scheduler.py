@@ -366,10 +366,10 @@ class Scheduler:
                 gen = row.gen
                 gen.rows_left -= 1
                 if gen.rows_left == 0:
-                    gen._put(_END)
-                    if self._metrics:
+                    if self._metrics:  # before _END: a scrape after the answer sees them
                         self._metrics.record_tokens(self.model_id, gen.prompt_tokens,
                                                     gen.completion_tokens)
+                    gen._put(_END)
         if not keep:
             self._reset_batch()
             return
