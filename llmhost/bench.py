@@ -210,8 +210,80 @@ def build_model(args) -> int:
     return 0
 
 
+_WORDS = """the a of and to in is was for on that with as by at from it this an be are or
+which have has not but all their new more when about can one time people year city world
+house river garden music language computer science history market water light story
+children school morning evening winter summer mountain village table window letter
+question answer reason system network model server request quickly slowly carefully
+bright quiet ancient modern simple difficult important beautiful strange hungry
+walks builds reads writes opens closes finds carries remembers explains changes
+under over between through before after during against without around""".split()
+
+
+def _embed_texts(count: int, words: int, seed: int = 0) -> list[str]:
+    """`count` distinct texts of `words` ordinary words, the same on every run."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(words)) for _ in range(count)]
+
+
+def _embed_once(session, url: str, payload: dict) -> tuple[float, int]:
+    """(seconds, prompt tokens) of one request, the response parsed as a client would."""
+    started = time.perf_counter()
+    r = session.post(url + "/v1/embeddings", json=payload, timeout=600)
+    if r.status_code != 200:
+        raise SystemExit(f"HTTP {r.status_code}: {r.text[:300]}")
+    body = r.json()
+    assert len(body["data"]) == len(payload["input"])
+    return time.perf_counter() - started, body["usage"]["prompt_tokens"]
+
+
 def bench_embed(args) -> int:
-    raise SystemExit("not yet")
+    """One /v1/embeddings request of --inputs texts, timed end to end (the JSON
+    body parsed), alternating with sentence-transformers encode of the same
+    texts in this process when --compare-inprocess is given, so that noise on
+    a shared machine hits both alike."""
+    import statistics
+
+    import requests
+
+    texts = _embed_texts(args.inputs, args.words)
+    payload = {"model": args.model, "input": texts, "encoding_format": args.encoding_format}
+    reference = None
+    if args.compare_inprocess:
+        from sentence_transformers import SentenceTransformer
+
+        reference = SentenceTransformer(args.compare_inprocess, local_files_only=True)
+    server = _start_server(args) if args.serve else None
+    url = server.url if server else args.url
+    served, inprocess = [], []
+    try:
+        if args.load or server is not None:
+            _load_model(url, args.model)
+        with requests.Session() as session:
+            _, tokens = _embed_once(session, url, payload)  # warm-up
+            if reference is not None:
+                reference.encode(texts)
+            for _ in range(args.repeat):
+                served.append(_embed_once(session, url, payload)[0])
+                if reference is not None:
+                    started = time.perf_counter()
+                    reference.encode(texts)
+                    inprocess.append(time.perf_counter() - started)
+    finally:
+        if server is not None:
+            server.stop()
+    median = statistics.median(served)
+    print(f"model {args.model}: {len(texts)} inputs of {args.words} words ({tokens} tokens) "
+          f"per request, encoding_format {args.encoding_format}, {args.repeat} requests")
+    print(f"llmhost     median {median:.3f}s  min {min(served):.3f}s per request")
+    if inprocess:
+        ref = statistics.median(inprocess)
+        print(f"in-process  median {ref:.3f}s  min {min(inprocess):.3f}s per encode "
+              "(sentence-transformers, same texts)")
+        print(f"ratio (llmhost / in-process, medians): {median / ref:.2f}x")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,7 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build-model", help="build the benchmark's GPT-2-small-shaped model offline")
     build.add_argument("folder")
     build.set_defaults(func=build_model)
-    emb = sub.add_parser("embed", help="embeddings load")
+    emb = sub.add_parser("embed", help="/v1/embeddings: one request of many inputs")
+    emb.add_argument("--model", required=True, help="served id, or the folder to load with --load/--serve")
+    emb.add_argument("--url", default="http://127.0.0.1:8000")
+    emb.add_argument("--serve", action="store_true", help="start gunicorn from this checkout and load --model")
+    emb.add_argument("--load", action="store_true", help="POST /v1/models --model first")
+    emb.add_argument("--inputs", type=int, default=256, help="inputs per request")
+    emb.add_argument("--words", type=int, default=50, help="words per input")
+    emb.add_argument("--repeat", type=int, default=5, help="timed requests")
+    emb.add_argument("--encoding-format", choices=["float", "base64"], default="float")
+    emb.add_argument("--compare-inprocess", metavar="FOLDER",
+                     help="also time sentence-transformers encode of FOLDER in-process; print the ratio")
     emb.set_defaults(func=bench_embed)
     return parser
 

@@ -380,3 +380,12 @@ def test_a_failing_forward_pass_answers_the_waiting_request(loaded):
         assert sched.stats() == {"queued": 0, "running": 0}
     finally:
         sched.close("test over")
+
+
+def test_bench_embed_runs(server, minilm, minilm_dir, capsys):
+    from llmhost.bench import main
+
+    assert main(["embed", "--url", server.url, "--model", minilm, "--inputs", "4", "--words", "5",
+                 "--repeat", "1", "--compare-inprocess", minilm_dir]) == 0
+    out = capsys.readouterr().out
+    assert "4 inputs of 5 words" in out and "ratio (llmhost / in-process, medians)" in out
