@@ -119,7 +119,8 @@ class EmbedScheduler:
         self.queue_timeout = float(config.QUEUE_TIMEOUT)
 
         tok = self.tokenizer
-        self.vocab_size = len(tok)
+        # An id past the embedding matrix would fail the whole shared batch: refuse it up front.
+        self.vocab_size = min(len(tok), self.st[0].auto_model.get_input_embeddings().num_embeddings)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.left_pad = tok.padding_side == "left"
         self.token_types = "token_type_ids" in tok.model_input_names
@@ -157,18 +158,20 @@ class EmbedScheduler:
             raise invalid(f"'dimensions' is {dimensions}, but '{self.model_id}' makes vectors of "
                           f"{self.dimensions} dimensions.", param="dimensions")
         seqs = self._tokenize(inputs) if isinstance(inputs[0], str) else self._wrap_ids(inputs)
-        seqs = self._fit(seqs, inputs, truncate)
+        seqs = self._fit(seqs, truncate)
         vectors = self._wait(self._submit(seqs))
         if dimensions is not None and dimensions < self.dimensions:
             vectors = vectors[:, :dimensions]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return Embeddings(np.ascontiguousarray(vectors, dtype=np.float32), sum(map(len, seqs)))
 
-    def _tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        # Always the same settings: a fast tokenizer shared by request threads
+        # fails ("Already borrowed") when one call changes its truncation while
+        # another encodes, so truncation is done on the ids in _fit.
         if self.prompt:
             texts = [self.prompt + text for text in texts]
-        return self.tokenizer(texts, add_special_tokens=True, truncation=max_length is not None,
-                              max_length=max_length, return_attention_mask=False,
+        return self.tokenizer(texts, add_special_tokens=True, return_attention_mask=False,
                               return_token_type_ids=False, verbose=False)["input_ids"]
 
     def _wrap_ids(self, id_lists: list[list[int]]) -> list[list[int]]:
@@ -179,9 +182,10 @@ class EmbedScheduler:
                               f"'{self.model_id}' (0 to {self.vocab_size - 1}).", param="input")
         return [self.prefix + self.prompt_ids + ids + self.suffix for ids in id_lists]
 
-    def _fit(self, seqs: list[list[int]], inputs: list, truncate: bool) -> list[list[int]]:
+    def _fit(self, seqs: list[list[int]], truncate: bool) -> list[list[int]]:
         """Refuse inputs longer than the model's maximum, or with `truncate` cut
-        them as encode() does: the text's end goes, the special tokens stay."""
+        them as encode() does: the end of the text goes (the start, for a tokenizer
+        that truncates on the left), the special tokens stay."""
         too_long = [i for i, seq in enumerate(seqs) if len(seq) > self.max_len]
         if not too_long:
             return seqs
@@ -191,12 +195,11 @@ class EmbedScheduler:
                           f"'{self.model_id}' reads ({len(too_long)} input(s) too long). Shorten it, "
                           "or send \"truncate\": true to cut inputs at the model's maximum length.",
                           param="input", code="context_length_exceeded")
-        if isinstance(inputs[0], str):
-            cut = self._tokenize([inputs[i] for i in too_long], max_length=self.max_len)
-        else:
-            cut = [seqs[i][:self.max_len - len(self.suffix)] + self.suffix for i in too_long]
-        for i, seq in zip(too_long, cut):
-            seqs[i] = seq
+        room = self.max_len - len(self.prefix) - len(self.suffix)
+        for i in too_long:
+            body = seqs[i][len(self.prefix):len(seqs[i]) - len(self.suffix)]
+            body = body[-room:] if self.tokenizer.truncation_side == "left" else body[:room]
+            seqs[i] = self.prefix + body + self.suffix
         return seqs
 
     def _submit(self, seqs: list[list[int]]) -> _Job:
