@@ -13,10 +13,10 @@ from ..errors import invalid
 # plain "Role: text" turns, which a base model continues naturally, ending with
 # "Assistant:" so the model writes the answer. Documented in the README.
 FALLBACK_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n\n"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize + ': ' + message['content'] + '\\n\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
 
