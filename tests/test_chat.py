@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: end to end through gunicorn and the official
 openai client (SmolLM2 against in-process transformers, tiny models for the
 sampling parameters), and every bad input through the Flask test client."""
+import json
 import re
 import socket
 import time
@@ -123,26 +124,46 @@ def test_stop_string_spanning_tokens(openai_client, repeat):
     assert text == before and reasons[-1] == "stop"
 
 
-def test_client_gone_cancels_non_streaming(server, smollm2):
-    """A client that hangs up stops its generation: 200 tokens would take
-    minutes on this machine; the cancellation shows up in seconds."""
-    before = server.log().count("client of a smollm2 request went away")
-    body = ('{"model": "smollm2", "max_tokens": 200, "temperature": 0, "messages": '
-            '[{"role": "user", "content": "Write a long story about a dragon."}]}').encode()
+CANCELLED = r"smollm2 request (?:went away|ended early): cancelled after (\d+) generated tokens"
+
+
+def hang_up(server, body: bytes, wait_for: bytes | None, seconds: float = 2) -> int:
+    """Send a raw request, wait (for `wait_for` in the answer, or `seconds`),
+    hang up; then the number of tokens the server says it generated before it
+    cancelled."""
+    before = len(re.findall(CANCELLED, server.log()))
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                      b"application/json\r\nContent-Length: " + str(len(body)).encode() +
                      b"\r\n\r\n" + body)
-        time.sleep(2)
+        if wait_for is None:
+            time.sleep(seconds)
+        else:
+            received = b""
+            while wait_for not in received:
+                received += sock.recv(4096)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if server.log().count("client of a smollm2 request went away") > before:
-            break
+        found = re.findall(CANCELLED, server.log())
+        if len(found) > before:
+            return int(found[-1])
         time.sleep(0.2)
-    lines = re.findall(r"client of a smollm2 request went away: cancelled after (\d+)",
-                       server.log())
-    assert lines, server.log()[-2000:]
-    assert int(lines[-1]) < 100
+    raise AssertionError("no cancellation logged: " + server.log()[-2000:])
+
+
+STORY = {"model": "smollm2", "max_tokens": 200, "temperature": 0,
+         "messages": [{"role": "user", "content": "Write a long story about a dragon."}]}
+
+
+def test_client_gone_cancels_non_streaming(server, smollm2):
+    """A client that hangs up stops its generation: 200 tokens would take
+    minutes on this machine; the cancellation shows up in seconds."""
+    assert hang_up(server, json.dumps(STORY).encode(), None) < 100
+
+
+def test_client_gone_cancels_stream(server, smollm2):
+    body = json.dumps({**STORY, "stream": True}).encode()
+    assert hang_up(server, body, b"data: {") < 100
 
 
 # -- tiny models: parameters, templates -----------------------------------------------

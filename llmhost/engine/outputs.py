@@ -118,8 +118,12 @@ class Run:
             yield from self._deltas()
             finished = True
         finally:
-            if not finished:
+            if not finished and not self.cancelled:
+                # The consumer stopped early: a stream whose client went away
+                # (GeneratorExit) or an error.
                 self.cancel()
+                log.info("%s request ended early: cancelled after %d generated tokens",
+                         self.entry.id, self.completion_tokens)
 
     def _deltas(self) -> Iterator[ChoiceDelta]:
         checked = time.monotonic()
