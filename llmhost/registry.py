@@ -105,10 +105,14 @@ class ModelRegistry:
         with self._guard:
             return sorted(self._loading)
 
+    def _lookup(self, model_id: str) -> ModelEntry | None:
+        """Under the guard. An absolute path used as an id loses its leading slash
+        in a URL path, so that spelling finds it too."""
+        return self._models.get(model_id) or self._models.get("/" + model_id)
+
     def find(self, model_id: str) -> ModelEntry | None:
-        # An absolute path used as an id loses its leading slash in a URL path.
         with self._guard:
-            return self._models.get(model_id) or self._models.get("/" + model_id)
+            return self._lookup(model_id)
 
     def get(self, model_id: str, param: str = "model") -> ModelEntry:
         entry = self.find(model_id)
@@ -126,7 +130,7 @@ class ModelRegistry:
         """Look up and mark busy in one step under the guard, so eviction can never
         pick a model between a request finding it and using it."""
         with self._guard:
-            entry = self._models.get(model_id) or self._models.get("/" + model_id)
+            entry = self._lookup(model_id)
             if entry is not None:
                 entry.active += 1
                 entry.last_used = time.monotonic()
@@ -201,10 +205,15 @@ class ModelRegistry:
             log.info("unloaded %s", model_id)
             return entry
 
-    @staticmethod
-    def _release(entry: ModelEntry) -> None:
+    def _release(self, entry: ModelEntry, wait: float = 60.0) -> None:
+        """Close the engine (running and waiting requests end with a 503 saying
+        why), wait for the requests holding the entry to leave, then drop the
+        model so its memory goes back now rather than at some later collection."""
         if entry.engine is not None:
             entry.engine.close(f"The model '{entry.id}' was unloaded while this request was running.")
+        deadline = time.monotonic() + wait
+        while entry.active and time.monotonic() < deadline:
+            time.sleep(0.01)
         entry.engine = None
         entry.loaded = None  # type: ignore[assignment]
         release_memory()

@@ -181,3 +181,27 @@ def test_soak_mixed_traffic(server, tiny_models):
     print(f"soak: {counts}, worker RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB")
     assert rss_end < rss_start * 1.15 + 64 * 2**20, (rss_start, rss_end)
     assert requests.delete(url + "/v1/models/soak").status_code == 200
+
+
+def test_unload_during_requests_ends_them_with_a_clear_error(server, tiny_models):
+    server.load(tiny_models["llama"], id="unload-me")
+    body = {"model": "unload-me", "prompt": "hi", "max_tokens": 450, "temperature": 0,
+            "logit_bias": {"2": -100}}  # no EOS: both run until the unload
+    result = {}
+    plain = threading.Thread(target=lambda: result.update(r=requests.post(
+        server.url + "/v1/completions", json=body, timeout=60)))
+    plain.start()
+    stream = requests.post(server.url + "/v1/completions", json={**body, "stream": True},
+                           stream=True, timeout=60)
+    lines = stream.iter_lines()
+    assert next(line for line in lines if line.startswith(b"data: "))
+    assert requests.delete(server.url + "/v1/models/unload-me").status_code == 200
+    rest = [line[6:] for line in lines if line.startswith(b"data: ")]
+    plain.join()
+    assert rest[-1] == b"[DONE]"
+    error = json.loads(rest[-2])
+    validate(error, "ErrorResponse")
+    assert "unloaded" in error["error"]["message"]
+    err = assert_error(result["r"], 503)
+    assert "unloaded" in err["message"]
+    assert_error(requests.post(server.url + "/v1/completions", json=body), 404, "model")
