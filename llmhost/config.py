@@ -84,6 +84,7 @@ class TestConfig(Config):
     """Config for the Flask test client: testing mode, nothing preloaded."""
 
     TESTING = True
+    __test__ = False  # not a pytest test class
 
     def __init__(self, environ: Mapping[str, str] | None = None, **overrides):
         overrides.setdefault("MODELS", "")
