@@ -78,6 +78,13 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_for: str = "/health", timeout: float = 120) -> "Server":
+        try:
+            return self._start(wait_for, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, wait_for: str, timeout: float) -> "Server":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
                                      env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
