@@ -393,3 +393,15 @@ def test_max_prompt_tokens_setting(tiny_models, local_gpt2):
     client = create_app(TestConfig(MAX_PROMPT_TOKENS=3)).test_client()
     r = client.post("/v1/chat/completions", json={"model": local_gpt2, "messages": MSG})
     assert "LLMHOST_MAX_PROMPT_TOKENS" in flask_error(r, 400, "messages")["message"]
+
+
+def test_openapi_documents_both_routes(client):
+    spec = client.get("/openapi.json").get_json()
+    chat = spec["paths"]["/v1/chat/completions"]["post"]
+    completions = spec["paths"]["/v1/completions"]["post"]
+    assert chat["summary"] == "Create a chat completion"
+    assert completions["summary"] == "Create a completion"
+    assert {"200", "400", "404", "429", "503"} <= set(chat["responses"])
+    request = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"messages", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "stop",
+            "logit_bias", "logprobs", "top_logprobs", "stream_options"} <= set(request)

@@ -88,9 +88,12 @@ class Run:
         """Submit every prompt and wait for the first token, so that a full
         queue (429), a queue timeout (503) or an engine failure is still an
         HTTP status rather than an error inside a 200 stream."""
+        engine = self.entry.engine
+        if engine is None:            # unloaded between the lookup and now
+            raise APIError(503, f"The model '{self.entry.id}' was unloaded.", code="model_unloaded")
         try:
             for ids in self.prompts:
-                self.generations.append(self.entry.engine.submit(
+                self.generations.append(engine.submit(
                     GenerationRequest(prompt_ids=ids, params=self.params, n=self.n)))
             self._iterators = [g.events(disconnected=self.disconnected) for g in self.generations]
             self._first = next(self._iterators[0], None)
