@@ -48,6 +48,7 @@ class Config:
         ("MAX_QUEUE", int, 64),
         ("QUEUE_TIMEOUT", float, 600.0),
         ("MAX_BATCH", int, 32),
+        ("BATCH_WAIT_MS", float, 25.0),
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),
         ("MAX_BODY_BYTES", int, 8 * 1024 * 1024),

@@ -147,6 +147,8 @@ class Scheduler:
         self.queue_timeout = float(config.QUEUE_TIMEOUT)
         self.max_rows = max(1, int(config.MAX_BATCH))
         self.batchable = self._cache_is_batchable()
+        self.batch_wait = max(0.0, float(config.BATCH_WAIT_MS)) / 1000
+        self._recent: deque[float] = deque()   # when requests finished, for _gather
         self._metrics = _metrics()
 
         self._cond = threading.Condition()
@@ -201,11 +203,15 @@ class Scheduler:
                     self._cond.wait()
                 if self._closing:
                     break
+                self._gather()
                 admitted = self._admit()
             try:
                 if admitted:
+                    # Prefill first, and look for more arrivals before the next decode
+                    # step: requests that arrive together get their first token together.
                     self._prefill(admitted)
-                self._drop_gone()
+                    self._drop_gone()
+                    continue
                 if self._rows:
                     self._decode()
                     self._drop_gone()
@@ -225,6 +231,24 @@ class Scheduler:
         self._fail(set(waiting) | {r.gen for r in self._rows}, err)
         self._reset_batch()
         self.model = None
+
+    def _gather(self) -> None:
+        """On an idle batch, wait a few milliseconds (LLMHOST_BATCH_WAIT_MS) for
+        the follow-ups of clients whose requests just finished, so that requests
+        arriving together are prefilled together instead of the first one alone
+        and the rest one prefill later. A lone client never waits: its own
+        previous request is the only one that just finished. Called under the
+        condition lock."""
+        if self._rows or not self.batch_wait:
+            return
+        now = time.monotonic()
+        while self._recent and now - self._recent[0] > 0.5:
+            self._recent.popleft()
+        deadline = now + self.batch_wait
+        while (not self._closing and len(self._waiting) < len(self._recent)
+               and time.monotonic() < deadline):
+            self._cond.wait(deadline - time.monotonic())
+        self._recent.clear()
 
     def _admit(self) -> list[Generation]:
         """Take waiting requests that fit (called under the condition lock); fail
@@ -370,6 +394,7 @@ class Scheduler:
                         self._metrics.record_tokens(self.model_id, gen.prompt_tokens,
                                                     gen.completion_tokens)
                     gen._put(_END)
+                    self._recent.append(time.monotonic())
         if not keep:
             self._reset_batch()
             return
