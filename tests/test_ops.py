@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
@@ -522,3 +523,29 @@ def test_generation_feeds_token_metrics_and_log_lines(policy):
         assert grew(after, name) == usage[key] + streamed[key], name
     ttft = "llmhost_time_to_first_token_seconds_count"
     assert sample(after, ttft, model="metered") - sample(before, ttft, model="metered") == 2
+
+
+def test_log_content_only_when_enabled(make_app, tiny_models, caplog):
+    """Prompt and completion text reach the request line with LLMHOST_LOG_CONTENT=1
+    only, streamed or not."""
+    clients = {enabled: make_app(LOG_CONTENT=enabled).test_client() for enabled in (False, True)}
+    _load(tiny_models["gpt2"], "content-log")
+    secret = "walrus-in-the-prompt"
+    for enabled, client in clients.items():
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="llmhost.request"):
+            plain = client.post("/v1/completions", json={
+                "model": "content-log", "prompt": secret, "max_tokens": 3, "temperature": 0})
+            stream = client.post("/v1/completions", json={
+                "model": "content-log", "prompt": secret, "max_tokens": 3, "temperature": 0,
+                "stream": True})
+            assert plain.status_code == stream.status_code == 200
+            for response in (plain, stream):
+                response.get_data()
+                response.close()  # the request line is written when the response closes
+        lines = [r.fields for r in caplog.records if getattr(r, "fields", None)]
+        assert len(lines) == 2
+        completion = plain.get_json()["choices"][0]["text"]
+        for fields in lines:
+            assert (fields.get("prompt") == secret) is enabled
+            assert (fields.get("completion") == [completion]) is enabled

@@ -148,6 +148,9 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),
                   disconnected=partial(sse.client_disconnected, request.environ))
         fields["prompt_tokens"] = run.prompt_tokens
+        log_content = observability is not None and observability.content_logging_enabled()
+        if log_content:  # LLMHOST_LOG_CONTENT=1 only: prompts are private otherwise
+            fields["prompt"] = args.get("messages", args.get("prompt"))
         run.start()
     except BaseException:
         stack.close()
@@ -159,25 +162,32 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
         with stack:
             choices = run.collect()
         fields["completion_tokens"] = run.completion_tokens
+        if log_content:
+            fields["completion"] = [c.text for c in choices]
         return jsonify({**head, "choices": [fmt.body_choice(c) for c in choices],
                         "usage": usage(run)})
     include_usage = bool((args.get("stream_options") or {}).get("include_usage"))
     return sse.stream(_chunks(run, fmt, {**head, "object": fmt.chunk_object}, include_usage,
-                              fields, stack))
+                              fields, stack, log_content))
 
 
 def _chunks(run: Run, fmt: Format, head: dict, include_usage: bool, fields: dict,
-            stack: ExitStack):
+            stack: ExitStack, log_content: bool):
     """The stream's chunks. Closing this generator early (client gone) or an
     error cancels the generation (Run.deltas) and releases the model."""
+    texts = [""] * len(run.states)
     with stack:
         try:
             for choice in fmt.opening(len(run.states)):
                 yield {**head, "choices": [choice]}
             for delta in run.deltas():
+                if log_content:
+                    texts[delta.index] += delta.text
                 yield {**head, "choices": [fmt.stream_choice(delta)]}
             if include_usage:
                 yield {**head, "choices": [], "usage": usage(run)}
         finally:
             fields["completion_tokens"] = run.completion_tokens
+            if log_content:
+                fields["completion"] = texts
 
