@@ -90,32 +90,43 @@ def _load_level(url: str, model: str, prompt_ids: list[int], clients: int, reque
             "first_error": errors[0] if errors else None}
 
 
-def _inprocess(folder: str, prompt_ids: list[int], batch_sizes: list[int], max_tokens: int,
-               repeat: int) -> dict[int, float]:
-    """transformers `generate` on this machine: tok/s for batch 1 and static batches."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class _InProcess:
+    """transformers `generate` in this process, on the same machine: batch 1 and
+    static batches of the same prompt."""
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    out = {}
-    for batch in batch_sizes:
-        ids = torch.tensor([prompt_ids] * batch)
-        kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                      min_new_tokens=max_tokens, do_sample=False,
-                      pad_token_id=model.generation_config.eos_token_id)
-        model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    def __init__(self, folder: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def tok_s(self, prompt_ids: list[int], batch: int, max_tokens: int) -> float:
+        ids = self.torch.tensor([prompt_ids] * batch)
+        kwargs = dict(attention_mask=self.torch.ones_like(ids), do_sample=False,
+                      pad_token_id=self.model.generation_config.eos_token_id)
+        self.model.generate(ids, max_new_tokens=2, **kwargs)  # warm-up
         started = time.perf_counter()
-        for _ in range(repeat):
-            model.generate(ids, **kwargs)
-        out[batch] = batch * max_tokens * repeat / (time.perf_counter() - started)
-    return out
+        self.model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kwargs)
+        return batch * max_tokens / (time.perf_counter() - started)
+
+
+def _median(values: list[float]) -> float:
+    return _percentile(values, 0.5)
 
 
 def bench_generate(args) -> int:
+    """Each level runs `--rounds` times, alternating with the in-process run of
+    the same size, so that the machine's noise hits both alike; medians are
+    reported and compared."""
     from transformers import AutoTokenizer
 
     server = None
     url = args.url
+    ref = _InProcess(args.compare_inprocess) if args.compare_inprocess else None
+    stream = not args.no_stream
+    levels: dict[int, dict] = {}
+    inprocess: dict[int, float] = {}
     if args.serve:
         server = _start_server(args)
         url = server.url
@@ -124,31 +135,38 @@ def bench_generate(args) -> int:
             _load_model(url, args.model)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         prompt_ids = tokenizer(args.prompt)["input_ids"]
-        stream = not args.no_stream
         print(f"model {args.model}: prompt {len(prompt_ids)} tokens, max_tokens {args.max_tokens}, "
-              f"temperature 0, {'streaming' if stream else 'non-streaming'}")
+              f"temperature 0, {'streaming' if stream else 'non-streaming'}, "
+              f"{args.requests} requests per client, medians of {args.rounds} rounds")
         _load_level(url, args.model, prompt_ids, 1, 1, 8, stream)  # warm-up
-        levels = {}
         for clients in args.concurrency:
-            res = _load_level(url, args.model, prompt_ids, clients, args.requests, args.max_tokens,
-                              stream)
+            runs, refs = [], []
+            for _ in range(args.rounds):
+                runs.append(_load_level(url, args.model, prompt_ids, clients, args.requests,
+                                        args.max_tokens, stream))
+                if ref is not None:
+                    refs.append(ref.tok_s(prompt_ids, clients, args.max_tokens))
+            res = {key: _median([r[key] for r in runs])
+                   for key in ("tok_s", "p50", "p95", "ttft_p50", "ttft_p95")}
+            res["requests"] = sum(r["requests"] for r in runs)
+            res["errors"] = sum(r["errors"] for r in runs)
+            first_error = next((r["first_error"] for r in runs if r["first_error"]), None)
             levels[clients] = res
-            print(f"llmhost  {clients:3d} clients: {res['tok_s']:7.1f} tok/s  latency p50 "
-                  f"{res['p50']:.2f}s p95 {res['p95']:.2f}s  TTFT p50 {res['ttft_p50'] * 1000:.0f}ms "
-                  f"p95 {res['ttft_p95'] * 1000:.0f}ms  ({res['requests']} ok, {res['errors']} failed)"
-                  + (f"  first error: {res['first_error']}" if res["first_error"] else ""))
+            line = (f"llmhost  {clients:3d} clients: {res['tok_s']:7.1f} tok/s  latency p50 "
+                    f"{res['p50']:.2f}s p95 {res['p95']:.2f}s  TTFT p50 {res['ttft_p50'] * 1000:.0f}ms "
+                    f"p95 {res['ttft_p95'] * 1000:.0f}ms  ({res['requests']} ok, {res['errors']} failed)")
+            if refs:
+                inprocess[clients] = _median(refs)
+                line += f"  | in-process generate batch {clients}: {inprocess[clients]:7.1f} tok/s"
+            print(line + (f"  first error: {first_error}" if first_error else ""), flush=True)
     finally:
         if server is not None:
             server.stop()
-    if args.compare_inprocess:
-        batches = sorted({1, *args.concurrency})
-        ref = _inprocess(args.compare_inprocess, prompt_ids, batches, args.max_tokens, args.inprocess_repeat)
-        for batch in batches:
-            print(f"in-process generate, batch {batch:3d}: {ref[batch]:7.1f} tok/s")
-        print("ratios (llmhost / in-process, same machine, this run):")
+    if inprocess:
+        print("ratios (llmhost / in-process generate, same machine, this run):")
         for clients in args.concurrency:
-            print(f"  {clients:3d} clients vs static batch {clients:3d}: "
-                  f"{levels[clients]['tok_s'] / ref[clients]:.2f}x")
+            what = "batch 1" if clients == 1 else f"static batch {clients}"
+            print(f"  {clients:3d} clients vs {what}: {levels[clients]['tok_s'] / inprocess[clients]:.2f}x")
     if stream and 1 in levels:
         for clients in args.concurrency:
             if clients != 1:
@@ -304,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stream", action="store_true")
     gen.add_argument("--compare-inprocess", metavar="FOLDER",
                      help="also run transformers generate in-process on FOLDER and print ratios")
-    gen.add_argument("--inprocess-repeat", type=int, default=2)
+    gen.add_argument("--rounds", type=int, default=3,
+                     help="runs per level (alternating with in-process); medians are reported")
     gen.set_defaults(func=bench_generate)
     build = sub.add_parser("build-model", help="build the benchmark's GPT-2-small-shaped model offline")
     build.add_argument("folder")
