@@ -1,5 +1,4 @@
 """Model lifecycle: load, list, retrieve, unload; every bad input is an envelope."""
-import os
 import time
 
 import pytest

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..errors import APIError, invalid
+from .queueing import ModelWorker
 from ..loading import Loaded, Source, _max_context, _memory_bytes
 
 log = logging.getLogger("llmhost.engine")
@@ -101,13 +101,12 @@ class _Job:
             self.done.set()
 
 
-class EmbedScheduler:
+class EmbedScheduler(ModelWorker):
     """One thread per embedding model. Each step it runs one forward pass of up
     to LLMHOST_EMBED_BATCH inputs, taken from every admitted request (each gets a
     fair share first, so a small request never waits for a large one to end)."""
 
     def __init__(self, entry, config) -> None:
-        self.model_id: str = entry.id
         self.st = entry.loaded.pipeline
         self.tokenizer = entry.loaded.tokenizer
         self.max_len: int = entry.loaded.max_context
@@ -115,8 +114,6 @@ class EmbedScheduler:
         self.device = self.st.device
         self.batch_size = max(1, int(config.EMBED_BATCH))
         self.max_inputs = max(1, int(config.MAX_EMBED_INPUTS))
-        self.max_queue = max(0, int(config.MAX_QUEUE))
-        self.queue_timeout = float(config.QUEUE_TIMEOUT)
 
         tok = self.tokenizer
         # An id past the embedding matrix would fail the whole shared batch: refuse it up front.
@@ -130,12 +127,8 @@ class EmbedScheduler:
         self.prompt_length = self.st[0]._get_prompt_length(self.prompt) if self.prompt else None
         self.prefix, self.suffix = self._special_tokens()
 
-        self._cond = threading.Condition()
-        self._waiting: deque[_Job] = deque()
         self._running: list[_Job] = []
-        self._closing: str | None = None
-        self._thread = threading.Thread(target=self._run, name=f"llmhost-embed:{entry.id}", daemon=True)
-        self._thread.start()
+        super().__init__(entry.id, config, "embed")
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts around a text ([CLS] ... [SEP], <s> ... </s>),
@@ -204,15 +197,7 @@ class EmbedScheduler:
 
     def _submit(self, seqs: list[list[int]]) -> _Job:
         job = _Job(seqs, sorted(range(len(seqs)), key=lambda i: -len(seqs[i])))
-        with self._cond:
-            if self._closing:
-                raise APIError(503, self._closing, code="model_unloaded")
-            if len(self._waiting) >= self.max_queue:
-                raise APIError(429, f"The model '{self.model_id}' has {len(self._waiting)} requests "
-                                    "waiting (LLMHOST_MAX_QUEUE); retry shortly.",
-                               code="queue_full", headers={"Retry-After": "1"})
-            self._waiting.append(job)
-            self._cond.notify()
+        self._enqueue(job)
         return job
 
     def _wait(self, job: _Job) -> np.ndarray:
@@ -220,9 +205,7 @@ class EmbedScheduler:
             with self._cond:
                 if job in self._waiting:
                     self._waiting.remove(job)
-                    job.fail(APIError(503, f"The request waited more than {self.queue_timeout:g} s "
-                                           f"for '{self.model_id}' (LLMHOST_QUEUE_TIMEOUT); retry later.",
-                                      code="queue_timeout", headers={"Retry-After": "5"}))
+                    job.fail(self._timeout_error())
             job.done.wait()  # admitted: its forward passes are under way
         if job.error is not None:
             raise job.error
@@ -230,14 +213,6 @@ class EmbedScheduler:
 
     def stats(self) -> dict:
         return {"queued": len(self._waiting), "running": len(self._running)}
-
-    def close(self, reason: str) -> None:
-        """Fail everything waiting or running with `reason` and stop the thread."""
-        with self._cond:
-            self._closing = reason
-            self._cond.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=60)
 
     # -- scheduler thread -----------------------------------------------------
     def _run(self) -> None:
@@ -255,7 +230,7 @@ class EmbedScheduler:
                     batch = self._take_batch()
                 self._step(batch)
         finally:
-            err = APIError(503, self._closing or "The model was unloaded.", code="model_unloaded")
+            err = self._closed_error()
             with self._cond:
                 jobs = list(self._waiting) + self._running
                 self._waiting.clear()
@@ -282,14 +257,10 @@ class EmbedScheduler:
         except Exception as exc:  # a bug or OOM must not hang the waiting threads
             log.exception("embedding failed on %s", self.model_id)
             jobs = {job for job, _ in batch}
+            err = self._failure(exc, "embedding", "fewer or shorter inputs (or a smaller "
+                                                  "LLMHOST_EMBED_BATCH)")
             for job in jobs:
-                if isinstance(exc, torch.OutOfMemoryError):
-                    job.fail(APIError(503, f"Out of memory while embedding on '{self.model_id}'; "
-                                           "retry with fewer or shorter inputs (or a smaller "
-                                           "LLMHOST_EMBED_BATCH).", code="out_of_memory"))
-                else:
-                    job.fail(APIError(500, "The server had an error while embedding: "
-                                           f"{type(exc).__name__}. Please retry.", type="server_error"))
+                job.fail(err)
             with self._cond:
                 self._running = [job for job in self._running if job not in jobs]
             return

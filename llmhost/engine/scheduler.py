@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import APIError
+from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams
 
 log = logging.getLogger("llmhost.engine")
@@ -136,32 +136,23 @@ def _metrics():
         return None
 
 
-class Scheduler:
+class Scheduler(ModelWorker):
     """Continuous batching for one loaded causal LM."""
 
     def __init__(self, entry, config) -> None:
         self.model = entry.model
-        self.model_id = entry.id
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.max_context = entry.loaded.max_context
         self.device = next(self.model.parameters()).device
-        self.max_queue = max(0, int(config.MAX_QUEUE))
-        self.queue_timeout = float(config.QUEUE_TIMEOUT)
         self.max_rows = max(1, int(config.MAX_BATCH))
         self.batchable = self._cache_is_batchable()
         self.batch_wait = max(0.0, float(config.BATCH_WAIT_MS)) / 1000
         self._recent: deque[float] = deque()   # when requests finished, for _gather
         self._metrics = _metrics()
-
-        self._cond = threading.Condition()
-        self._waiting: deque[Generation] = deque()
-        self._closing: str | None = None
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
-        self._thread = threading.Thread(target=self._run, name=f"llmhost-scheduler:{entry.id}",
-                                        daemon=True)
-        self._thread.start()
+        super().__init__(entry.id, config, "scheduler")
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -175,27 +166,11 @@ class Scheduler:
     # -- request threads --------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Generation:
         gen = Generation(request, self.model_id)
-        with self._cond:
-            if self._closing:
-                raise APIError(503, self._closing, code="model_unloaded")
-            if len(self._waiting) >= self.max_queue:
-                raise APIError(429, f"The model '{self.model_id}' has {len(self._waiting)} requests "
-                                    "waiting (LLMHOST_MAX_QUEUE); retry shortly.",
-                               code="queue_full", headers={"Retry-After": "1"})
-            self._waiting.append(gen)
-            self._cond.notify()
+        self._enqueue(gen)
         return gen
 
     def stats(self) -> dict:
         return {"queued": len(self._waiting), "running": len(self._rows)}
-
-    def close(self, reason: str) -> None:
-        """Fail everything waiting or running with `reason` and stop the thread."""
-        with self._cond:
-            self._closing = reason
-            self._cond.notify()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=60)
 
     # -- scheduler thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -219,18 +194,12 @@ class Scheduler:
                     self._drop_gone()
             except Exception as exc:  # a bug or OOM must not hang the waiting threads
                 log.exception("generation failed on %s", self.model_id)
-                err = APIError(500, "The server had an error while generating: "
-                                    f"{type(exc).__name__}. Please retry.", type="server_error")
-                if isinstance(exc, torch.OutOfMemoryError):
-                    err = APIError(503, f"Out of memory while generating on '{self.model_id}'; retry "
-                                        "with fewer tokens or fewer concurrent requests.",
-                                   code="out_of_memory")
+                err = self._failure(exc, "generating", "fewer tokens or fewer concurrent requests")
                 self._fail({r.gen for r in self._rows} | set(admitted), err)
                 self._reset_batch()
-        err = APIError(503, self._closing or "The model was unloaded.", code="model_unloaded")
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-        self._fail(set(waiting) | {r.gen for r in self._rows}, err)
+        self._fail(set(waiting) | {r.gen for r in self._rows}, self._closed_error())
         self._reset_batch()
         self.model = None
 
@@ -266,9 +235,7 @@ class Scheduler:
                 continue
             if now - gen.submitted > self.queue_timeout:
                 self._waiting.popleft()
-                gen._put(APIError(503, f"The request waited more than {self.queue_timeout:g} s for "
-                                       f"'{self.model_id}' (LLMHOST_QUEUE_TIMEOUT); retry later.",
-                                  code="queue_timeout", headers={"Retry-After": "5"}))
+                gen._put(self._timeout_error())
                 continue
             n = gen.request.n
             fits = rows + n <= self.max_rows if self.batchable else rows == 0 and not admitted
