@@ -73,6 +73,7 @@ class Loaded:
     memory_bytes: int
     revision: str | None
     max_context: int
+    gguf_file: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -317,7 +318,7 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
         dtype=str(model.dtype).replace("torch.", ""),
         parameters=sum(p.numel() for p in model.parameters()),
         memory_bytes=_memory_bytes(model), revision=source.revision,
-        max_context=_max_context(model, tokenizer),
+        max_context=_max_context(model, tokenizer), gguf_file=source.gguf_file,
     )
 
 

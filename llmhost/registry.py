@@ -54,7 +54,7 @@ class ModelEntry:
         return {
             "id": self.id, "object": "model", "created": self.created, "owned_by": "llmhost",
             "status": "loaded", "task": ld.task, "source": self.spec.model,
-            "gguf_file": self.spec.gguf_file, "device": ld.device, "dtype": ld.dtype,
+            "gguf_file": ld.gguf_file, "device": ld.device, "dtype": ld.dtype,
             "parameters": ld.parameters, "memory_bytes": ld.memory_bytes,
             "load_seconds": round(self.load_seconds, 3), "revision": ld.revision,
             "max_context": ld.max_context, "keep_alive": self.spec.keep_alive,
