@@ -72,6 +72,15 @@ class Blueprint(flask_smorest.Blueprint):
         kwargs.setdefault("error_status_code", 400)
         return super().arguments(schema, **kwargs)
 
+    def errors(self, *statuses: int):
+        """Document these statuses (and 401, which every /v1 route answers once
+        keys are set) as the OpenAI error envelope."""
+        def decorator(func):
+            for status in sorted({401, *statuses}, reverse=True):
+                func = self.alt_response(status, schema=ErrorResponseSchema)(func)
+            return func
+        return decorator
+
 
 class Api(flask_smorest.Api):
     ERROR_SCHEMA = ErrorResponseSchema

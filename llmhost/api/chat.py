@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..engine.outputs import Choice, ChoiceDelta, TokenLogprob
 from ..engine.prompt import chat_prompt
 from ..engine.text import token_bytes, token_string
-from ..extensions import Blueprint, ErrorResponseSchema
+from ..extensions import Blueprint
 from ..schemas.chat import ChatCompletionRequestSchema, ChatCompletionSchema
 from . import generation
 
@@ -54,10 +54,7 @@ class ChatFormat:
 @blp.response(200, ChatCompletionSchema, description="A chat.completion object; with "
               "`stream: true`, a text/event-stream of chat.completion.chunk objects ending "
               "with `data: [DONE]`.")
-@blp.alt_response(400, schema=ErrorResponseSchema)
-@blp.alt_response(404, schema=ErrorResponseSchema)
-@blp.alt_response(429, schema=ErrorResponseSchema)
-@blp.alt_response(503, schema=ErrorResponseSchema)
+@blp.errors(400, 404, 429, 503)
 def create_chat_completion(args):
     """Create a chat completion
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..engine.outputs import Choice, ChoiceDelta, TokenLogprob
 from ..engine.prompt import completion_prompts
 from ..engine.text import token_string
-from ..extensions import Blueprint, ErrorResponseSchema
+from ..extensions import Blueprint
 from ..schemas.completions import CompletionRequestSchema, CompletionSchema
 from . import generation
 
@@ -62,10 +62,7 @@ class CompletionFormat:
 @blp.response(200, CompletionSchema, description="A text_completion object; with "
               "`stream: true`, a text/event-stream of text_completion objects ending with "
               "`data: [DONE]`.")
-@blp.alt_response(400, schema=ErrorResponseSchema)
-@blp.alt_response(404, schema=ErrorResponseSchema)
-@blp.alt_response(429, schema=ErrorResponseSchema)
-@blp.alt_response(503, schema=ErrorResponseSchema)
+@blp.errors(400, 404, 429, 503)
 def create_completion(args):
     """Create a completion
 

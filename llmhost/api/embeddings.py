@@ -7,7 +7,7 @@ import numpy as np
 import orjson
 from flask import Response
 
-from ..extensions import Blueprint, ErrorResponseSchema
+from ..extensions import Blueprint
 from ..registry import registry
 from ..schemas.embeddings import EmbeddingRequestSchema, EmbeddingResponseSchema
 
@@ -27,10 +27,7 @@ blp = Blueprint("embeddings", __name__, url_prefix="/v1",
 @blp.route("/embeddings", methods=["POST"])
 @blp.arguments(EmbeddingRequestSchema)
 @blp.response(200, EmbeddingResponseSchema)
-@blp.alt_response(400, schema=ErrorResponseSchema)
-@blp.alt_response(404, schema=ErrorResponseSchema)
-@blp.alt_response(429, schema=ErrorResponseSchema)
-@blp.alt_response(503, schema=ErrorResponseSchema)
+@blp.errors(400, 404, 429, 503)
 def create_embeddings(args):
     """Create embeddings
 

@@ -1,7 +1,7 @@
 """Model lifecycle: load, list, retrieve, unload."""
 from flask import current_app
 
-from ..extensions import Blueprint, ErrorResponseSchema
+from ..extensions import Blueprint
 from ..loading import LoadSpec, cached_models
 from ..registry import registry
 from ..schemas.models import (DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema,
@@ -9,18 +9,12 @@ from ..schemas.models import (DeletedModelSchema, ListModelsQuerySchema, ListMod
 
 blp = Blueprint("models", __name__, url_prefix="/v1", description="Load, list and unload models.")
 
-ERRORS = (400, 403, 404, 409, 503)
-
 
 @blp.route("/models", methods=["POST"])
 @blp.arguments(LoadModelSchema)
 @blp.response(201, ModelSchema, description="Loaded now.")
 @blp.alt_response(200, schema=ModelSchema, description="Already loaded with these options.")
-@blp.alt_response(400, schema=ErrorResponseSchema)
-@blp.alt_response(403, schema=ErrorResponseSchema)
-@blp.alt_response(404, schema=ErrorResponseSchema)
-@blp.alt_response(409, schema=ErrorResponseSchema)
-@blp.alt_response(503, schema=ErrorResponseSchema)
+@blp.errors(400, 403, 404, 409, 503)
 def load_model(args):
     """Load a model
 
@@ -36,6 +30,7 @@ def load_model(args):
 @blp.route("/models", methods=["GET"])
 @blp.arguments(ListModelsQuerySchema, location="query")
 @blp.response(200, ListModelsSchema)
+@blp.errors(400)
 def list_models(args):
     """List models
 
@@ -53,7 +48,7 @@ def list_models(args):
 
 @blp.route("/models/<path:model_id>", methods=["GET"])
 @blp.response(200, ModelSchema)
-@blp.alt_response(404, schema=ErrorResponseSchema)
+@blp.errors(404)
 def retrieve_model(model_id):
     """Retrieve a loaded model"""
     return registry.get(model_id).to_openai()
@@ -61,7 +56,7 @@ def retrieve_model(model_id):
 
 @blp.route("/models/<path:model_id>", methods=["DELETE"])
 @blp.response(200, DeletedModelSchema)
-@blp.alt_response(404, schema=ErrorResponseSchema)
+@blp.errors(404)
 def unload_model(model_id):
     """Unload a model
 
