@@ -297,12 +297,5 @@ class ModelRegistry:
         self.load(loading.LoadSpec(model=model_id, keep_alive=config.KEEP_ALIVE or None))
         return True
 
-    def unload_all(self) -> None:
-        for entry in self.list():
-            try:
-                self.unload(entry.id)
-            except APIError:
-                pass
-
 
 registry = ModelRegistry()

@@ -49,12 +49,3 @@ def eos_ids(ref) -> set[int]:
     eos = model.generation_config.eos_token_id
     return set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
 
-
-def flask_error(response, status: int, param: str | None = "__any__") -> dict:
-    """support.assert_error for a Flask test-client response."""
-    assert response.status_code == status, (response.status_code, response.get_data(as_text=True))
-    body = validate(response.get_json(), "ErrorResponse")
-    if param != "__any__":
-        assert body["error"]["param"] == param, body
-    assert body["error"]["message"]
-    return body["error"]

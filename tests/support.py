@@ -49,9 +49,10 @@ def validate(body: dict, name: str) -> dict:
 
 
 def assert_error(response, status: int, param: str | None = "__any__") -> dict:
-    """An OpenAI error envelope with this status (and param, when given)."""
+    """An OpenAI error envelope with this status (and param, when given), from a
+    `requests` response or a Flask test-client one."""
     assert response.status_code == status, (response.status_code, response.text)
-    body = response.json()
+    body = response.get_json() if hasattr(response, "get_json") else response.json()
     validate(body, "ErrorResponse")
     if param != "__any__":
         assert body["error"]["param"] == param, body

@@ -10,9 +10,9 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from genutil import eos_ids, flask_error, post, reference, sse
+from genutil import eos_ids, post, reference, sse
 from llmhost.engine.text import token_bytes
-from support import validate
+from support import assert_error, validate
 
 # SmolLM2 answers this greedily with an emoji and CJK characters that its
 # byte-level tokenizer splits across several tokens each.
@@ -314,49 +314,34 @@ def test_bad_input(client, change, param):
     body = {"model": "m", "messages": MSG, **change}
     if change.get("model", "") is None:
         del body["model"]
-    error = flask_error(client.post("/v1/chat/completions", json=body), 400, param)
+    error = assert_error(client.post("/v1/chat/completions", json=body), 400, param)
     assert param.split("[")[0].split(".")[0] in error["message"]
 
 
 def test_non_text_part_says_text_only(client):
     r = client.post("/v1/chat/completions", json={"model": "m", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
-    assert "text only" in flask_error(r, 400)["message"]
+    assert "text only" in assert_error(r, 400)["message"]
 
 
 # -- checks that need the model (in-process tiny GPT-2) -----------------------------------
 
-@pytest.fixture(scope="module")
-def local_gpt2(tiny_models):
-    """The tiny GPT-2 (256 positions) loaded in this process's registry."""
-    from llmhost import create_app
-    from llmhost.config import TestConfig
-    from llmhost.registry import registry
-
-    app = create_app(TestConfig())
-    r = app.test_client().post("/v1/models", json={"model": tiny_models["gpt2"],
-                                                   "id": "local-gpt2"})
-    assert r.status_code in (200, 201), r.get_json()
-    yield "local-gpt2"
-    registry.unload("local-gpt2")
-
-
 def test_max_tokens_beyond_context(client, local_gpt2):
     r = client.post("/v1/chat/completions", json={"model": local_gpt2, "messages": MSG,
                                                   "max_tokens": 300})
-    error = flask_error(r, 400, "max_tokens")
+    error = assert_error(r, 400, "max_tokens")
     assert error["code"] == "context_length_exceeded"
     assert "maximum context length is 256 tokens" in error["message"]
     assert re.search(r"requested \d+ tokens \(\d+ in the messages, 300 in the completion\)",
                      error["message"])
     r = client.post("/v1/chat/completions", json={"model": local_gpt2, "messages": MSG,
                                                   "max_completion_tokens": 300})
-    flask_error(r, 400, "max_completion_tokens")
+    assert_error(r, 400, "max_completion_tokens")
 
 
 def test_long_prompt_without_max_tokens(client, local_gpt2):
     long = [{"role": "user", "content": "hello world " * 200}]
-    error = flask_error(client.post("/v1/chat/completions",
+    error = assert_error(client.post("/v1/chat/completions",
                                      json={"model": local_gpt2, "messages": long}), 400, "messages")
     assert "256" in error["message"]
 
@@ -364,7 +349,7 @@ def test_long_prompt_without_max_tokens(client, local_gpt2):
 def test_logit_bias_outside_vocabulary(client, local_gpt2):
     r = client.post("/v1/chat/completions", json={"model": local_gpt2, "messages": MSG,
                                                   "logit_bias": {"999999": 5}})
-    flask_error(r, 400, "logit_bias")
+    assert_error(r, 400, "logit_bias")
 
 
 def test_ignored_fields_are_accepted(client, local_gpt2):
@@ -393,7 +378,7 @@ def test_max_prompt_tokens_setting(tiny_models, local_gpt2):
 
     client = create_app(TestConfig(MAX_PROMPT_TOKENS=3)).test_client()
     r = client.post("/v1/chat/completions", json={"model": local_gpt2, "messages": MSG})
-    assert "LLMHOST_MAX_PROMPT_TOKENS" in flask_error(r, 400, "messages")["message"]
+    assert "LLMHOST_MAX_PROMPT_TOKENS" in assert_error(r, 400, "messages")["message"]
 
 
 def test_openapi_documents_both_routes(client):

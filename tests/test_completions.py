@@ -3,9 +3,9 @@ client, and every bad input through the Flask test client."""
 import pytest
 from transformers import AutoTokenizer
 
-from genutil import eos_ids, flask_error, post, reference, sse
+from genutil import eos_ids, post, reference, sse
 from llmhost.engine.text import token_string
-from support import validate
+from support import assert_error, validate
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -188,35 +188,21 @@ def test_bad_input(client, change, param):
     body = {"model": "m", "prompt": "hi", **change}
     if change.get("prompt", "") is None:
         del body["prompt"]
-    error = flask_error(client.post("/v1/completions", json=body), 400, param)
+    error = assert_error(client.post("/v1/completions", json=body), 400, param)
     if error["code"] == "unsupported_parameter":
         assert "not supported" in error["message"]
 
 
-@pytest.fixture(scope="module")
-def local_gpt2(tiny_models):
-    from llmhost import create_app
-    from llmhost.config import TestConfig
-    from llmhost.registry import registry
-
-    app = create_app(TestConfig())
-    r = app.test_client().post("/v1/models", json={"model": tiny_models["gpt2"],
-                                                   "id": "local-gpt2-completions"})
-    assert r.status_code in (200, 201), r.get_json()
-    yield "local-gpt2-completions"
-    registry.unload("local-gpt2-completions")
-
-
 def test_token_ids_outside_vocabulary(client, local_gpt2):
     r = client.post("/v1/completions", json={"model": local_gpt2, "prompt": [1, 2, 10**6]})
-    assert "vocabulary" in flask_error(r, 400, "prompt")["message"]
+    assert "vocabulary" in assert_error(r, 400, "prompt")["message"]
     r = client.post("/v1/completions", json={"model": local_gpt2, "prompt": [[1], [10**6]]})
-    flask_error(r, 400, "prompt[1]")
+    assert_error(r, 400, "prompt[1]")
 
 
 def test_max_tokens_beyond_context(client, local_gpt2):
     r = client.post("/v1/completions", json={"model": local_gpt2, "prompt": "hello",
                                              "max_tokens": 256})
-    error = flask_error(r, 400, "max_tokens")
+    error = assert_error(r, 400, "max_tokens")
     assert "maximum context length is 256 tokens" in error["message"]
     assert "in the prompt" in error["message"] and error["code"] == "context_length_exceeded"
