@@ -14,6 +14,32 @@ CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# A Qwen2.5-style template (written for these tests, same shapes as Qwen's):
+# tools listed in the system turn inside <tools>, calls as <tool_call> JSON,
+# results as <tool_response> in a user turn.
+TOOL_CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "{% elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}"
+    "<|im_end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message.role == 'system' %}"
+    "{% elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}"
+    "\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content or '' }}"
+    "{% for call in message.tool_calls or [] %}"
+    "{% set call = call.function if call.function is defined else call %}"
+    "\n<tool_call>\n{\"name\": \"{{ call.name }}\", \"arguments\": {{ call.arguments | tojson }}}"
+    "\n</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 WORDS = ("the quick brown fox jumps over lazy dog hello world model server token stream chat "
          "completion answer question paris france capital city river mountain sea sky blue green "
          "red one two three four five six seven eight nine ten and or but if then else when why "
@@ -43,6 +69,29 @@ def build_tokenizer(vocab_size: int = 512, chat: bool = False):
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def build_qwen2_tools(path: str, layers: int = 2, width: int = 64, vocab_size: int = 512,
+                      positions: int = 1024, seed: int = 0) -> str:
+    """A Qwen2-architecture chat model with a tool-aware Qwen2.5-style template;
+    <tool_call>, </tool_call>, <think> and </think> are tokens (not special, so
+    they stay in decoded text, as in Qwen's tokenizer)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tokenizer(vocab_size, chat=True)
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>", "<think>", "</think>",
+                          "<tool_response>", "</tool_response>"])
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=positions, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    _save(model, tokenizer, path)
+    return path
 
 
 def build_gpt2(path: str, layers: int = 2, width: int = 64, vocab_size: int = 512,

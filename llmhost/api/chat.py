@@ -1,8 +1,8 @@
 """POST /v1/chat/completions."""
 from __future__ import annotations
 
+from ..engine import agents
 from ..engine.outputs import Choice, ChoiceDelta, TokenLogprob
-from ..engine.prompt import chat_prompt
 from ..engine.text import token_bytes, token_string
 from ..extensions import Blueprint
 from ..schemas.chat import ChatCompletionRequestSchema, ChatCompletionSchema
@@ -18,9 +18,13 @@ class ChatFormat:
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def __init__(self, tokenizer, logprobs: bool) -> None:
+    def __init__(self, tokenizer, logprobs: bool, legacy_functions: bool = False) -> None:
         self.tokenizer = tokenizer
         self.logprobs = logprobs
+        # The request used the deprecated `functions`: answer with `function_call`.
+        self.legacy = legacy_functions
+        self.constraint = None      # set by build(): read by generation.serve
+        self.parser = None
 
     def _token(self, token_id: int, logprob: float) -> dict:
         return {"token": token_string(self.tokenizer, token_id), "logprob": logprob,
@@ -38,15 +42,35 @@ class ChatFormat:
         return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None} for i in range(n_choices)]
 
+    def _finish(self, reason: str | None) -> str | None:
+        return "function_call" if self.legacy and reason == "tool_calls" else reason
+
     def stream_choice(self, delta: ChoiceDelta) -> dict:
-        return {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
-                "logprobs": self._logprobs(delta.logprobs), "finish_reason": delta.finish_reason}
+        out: dict = {"content": delta.text} if delta.text else {}
+        if delta.reasoning:
+            out["reasoning_content"] = delta.reasoning
+        if delta.tool_calls and self.legacy:
+            out["function_call"] = {k: v for k, v in delta.tool_calls[0]["function"].items()
+                                    if k == "arguments" or v}
+        elif delta.tool_calls:
+            out["tool_calls"] = delta.tool_calls
+        return {"index": delta.index, "delta": out,
+                "logprobs": self._logprobs(delta.logprobs),
+                "finish_reason": self._finish(delta.finish_reason)}
 
     def body_choice(self, choice: Choice) -> dict:
-        return {"index": choice.index,
-                "message": {"role": "assistant", "content": choice.text, "refusal": None},
+        message = {"role": "assistant", "content": choice.text, "refusal": None}
+        if choice.tool_calls:
+            message["content"] = choice.text.strip() or None
+            if self.legacy:
+                message["function_call"] = choice.tool_calls[0]["function"]
+            else:
+                message["tool_calls"] = choice.tool_calls
+        if choice.reasoning is not None:
+            message["reasoning_content"] = choice.reasoning
+        return {"index": choice.index, "message": message,
                 "logprobs": self._logprobs(choice.logprobs),
-                "finish_reason": choice.finish_reason}
+                "finish_reason": self._finish(choice.finish_reason)}
 
 
 @blp.route("/chat/completions", methods=["POST"])
@@ -65,7 +89,10 @@ def create_chat_completion(args):
     want_logprobs = bool(args.get("logprobs"))
 
     def build(entry):
-        return [chat_prompt(entry, args["messages"])], ChatFormat(entry.tokenizer, want_logprobs)
+        ids, plan = agents.build_chat(args, entry, generation.stop_token_ids(entry))
+        fmt = ChatFormat(entry.tokenizer, want_logprobs, legacy_functions=bool(args.get("functions")))
+        fmt.constraint, fmt.parser = plan.constraint, plan.parser
+        return [ids], fmt
 
     return generation.serve(args, build, prompt_param="messages",
                             logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)

@@ -1,8 +1,9 @@
 """POST /v1/completions (OpenAI's legacy text completions)."""
 from __future__ import annotations
 
+from ..engine.agents import completion_constraint
 from ..engine.outputs import Choice, ChoiceDelta, TokenLogprob
-from ..engine.prompt import completion_prompts
+from ..engine.prompt import completion_prompts, vocab_size
 from ..engine.text import token_string
 from ..extensions import Blueprint
 from ..schemas.completions import CompletionRequestSchema, CompletionSchema
@@ -75,6 +76,8 @@ def create_completion(args):
         prompts = completion_prompts(entry, args["prompt"])
         fmt = CompletionFormat(entry.tokenizer, [text for _, text in prompts], n,
                                bool(args.get("echo")), args.get("logprobs") is not None)
+        fmt.constraint = completion_constraint(args, entry, generation.stop_token_ids(entry),
+                                               vocab_size(entry))
         return [ids for ids, _ in prompts], fmt
 
     return generation.serve(args, build, prompt_param="prompt", logprobs=args.get("logprobs"))

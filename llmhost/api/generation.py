@@ -145,8 +145,10 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
         fields["model"] = entry.id
         prompts, fmt = build(entry)
         params = sampling_params(args, entry, prompts, prompt_param, logprobs)
+        params.constraint = getattr(fmt, "constraint", None)   # engine/agents.py
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),
-                  disconnected=partial(sse.client_disconnected, request.environ))
+                  disconnected=partial(sse.client_disconnected, request.environ),
+                  parser=getattr(fmt, "parser", None))
         fields["prompt_tokens"] = run.prompt_tokens
         log_content = observability is not None and observability.content_logging_enabled()
         if log_content:  # LLMHOST_LOG_CONTENT=1 only: prompts are private otherwise

@@ -12,6 +12,7 @@ from itertools import chain
 from typing import Callable, Iterator
 
 from ..errors import APIError
+from .parsing import join_calls
 from .sampling import SamplingParams
 from .scheduler import GenerationRequest
 from .text import ChoiceText
@@ -40,6 +41,10 @@ class ChoiceDelta:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    # With an output parser (engine/parsing.py): chat-chunk tool call deltas
+    # ({"index", "id", "type", "function": {"name", "arguments"}} pieces) and thought text.
+    tool_calls: list[dict] = field(default_factory=list)
+    reasoning: str = ""
 
 
 @dataclass
@@ -50,13 +55,17 @@ class Choice:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    tool_calls: list[dict] | None = None   # OpenAI chat format, when calls were parsed
+    reasoning: str | None = None
 
 
 class _ChoiceState:
-    def __init__(self, tokenizer, stop: list[str]) -> None:
+    def __init__(self, tokenizer, stop: list[str], parser=None) -> None:
         self.text = ChoiceText(tokenizer, stop)
         self.logprobs: list[TokenLogprob] = []
         self.done = False
+        self.parser = parser          # engine.parsing.OutputParser or None
+        self.called = False
 
 
 class Run:
@@ -65,13 +74,14 @@ class Run:
 
     def __init__(self, entry, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                  stop: list[str] | None = None,
-                 disconnected: Callable[[], bool] | None = None) -> None:
+                 disconnected: Callable[[], bool] | None = None,
+                 parser: Callable[[], object] | None = None) -> None:
         self.entry = entry
         self.prompts = prompts
         self.params = params
         self.n = n
         self.disconnected = disconnected
-        self.states = [_ChoiceState(entry.tokenizer, stop or [])
+        self.states = [_ChoiceState(entry.tokenizer, stop or [], parser() if parser else None)
                        for _ in range(len(prompts) * n)]
         self.generations: list = []
         self.completion_tokens = 0
@@ -176,10 +186,22 @@ class Run:
                 rest, matched = state.text.finish()
                 text += rest
                 reason = "stop" if matched else event.finish_reason
-        if not text and reason is None:
+        calls, thought = [], ""
+        if state.parser is not None:  # content, reasoning and tool calls (engine/parsing.py)
+            parsed = state.parser.feed(text)
+            if reason is not None:
+                rest = state.parser.finish()
+                parsed.content += rest.content
+                parsed.reasoning += rest.reasoning
+                parsed.tool_calls += rest.tool_calls
+            text, calls, thought = parsed.content, parsed.tool_calls, parsed.reasoning
+            state.called = state.called or bool(calls)
+            if reason == "stop" and state.called:
+                reason = "tool_calls"
+        if not text and not calls and not thought and reason is None:
             return None                   # nothing to show yet: logprobs wait for the text
         state.done = reason is not None
-        delta = ChoiceDelta(index, text, state.logprobs, reason)
+        delta = ChoiceDelta(index, text, state.logprobs, reason, calls, thought)
         state.logprobs = []
         return delta
 
@@ -191,4 +213,8 @@ class Run:
             choice.text += delta.text
             choice.logprobs += delta.logprobs
             choice.finish_reason = delta.finish_reason or choice.finish_reason
+            if delta.reasoning:
+                choice.reasoning = (choice.reasoning or "") + delta.reasoning
+            if delta.tool_calls:
+                choice.tool_calls = join_calls(choice.tool_calls or [], delta.tool_calls)
         return choices

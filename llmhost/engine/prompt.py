@@ -38,19 +38,20 @@ def _template_message(message: dict) -> dict:
     if isinstance(content, list):
         content = "\n".join(part["text"] for part in content)
     out: dict[str, Any] = {"role": role, "content": content or ""}
-    for key in ("name", "tool_call_id"):
+    for key in ("name", "tool_call_id", "tool_calls"):
         if message.get(key):
             out[key] = message[key]
     return out
 
 
-def chat_prompt(entry, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation, with the generation prompt appended."""
+def chat_prompt(entry, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of the conversation, with the generation prompt appended;
+    `tools` go to templates that render them (engine/agents.py decides)."""
     tokenizer = entry.tokenizer
     try:
         ids = tokenizer.apply_chat_template(
             [_template_message(m) for m in messages], chat_template=template_for(entry),
-            add_generation_prompt=True, tokenize=True)
+            add_generation_prompt=True, tokenize=True, tools=tools)
     except TemplateError as exc:
         # Templates reject conversations they cannot render (e.g. roles that do
         # not alternate) with raise_exception(); that is the client's input.

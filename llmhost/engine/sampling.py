@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +23,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None       # None: off; k >= 0: chosen token's logprob + top k
     stop_token_ids: frozenset[int] = frozenset()   # EOS and friends: finish_reason "stop"
+    constraint: Any = None            # engine.constrain.Constraint: a grammar every row follows
 
     @property
     def greedy(self) -> bool:
@@ -31,7 +33,8 @@ class SamplingParams:
     def plain(self) -> bool:
         """Nothing to do but argmax: such rows are decoded with one batched argmax."""
         return (self.greedy and self.repetition_penalty == 1.0 and not self.presence_penalty
-                and not self.frequency_penalty and not self.logit_bias and self.logprobs is None)
+                and not self.frequency_penalty and not self.logit_bias and self.logprobs is None
+                and self.constraint is None)
 
 
 class RowSampler:
@@ -58,6 +61,8 @@ class RowSampler:
         if params.logit_bias:
             self.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
             self.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+        # The row's own grammar state (constrained decoding, engine/constrain.py).
+        self.matcher = params.constraint.matcher() if params.constraint is not None else None
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalties and bias: the distribution the token is chosen from (and
@@ -75,6 +80,8 @@ class RowSampler:
 
     def choose(self, logits: torch.Tensor) -> int:
         p = self.params
+        if self.matcher is not None:   # after process(): logprobs stay those of the model
+            logits = self.matcher.mask(logits)
         if p.greedy:
             return int(torch.argmax(logits))
         logits = logits / p.temperature
@@ -91,7 +98,13 @@ class RowSampler:
             probs = probs.scatter(0, order[drop], 0.0)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
+    @property
+    def grammar_done(self) -> bool:
+        return self.matcher is not None and self.matcher.done
+
     def observe(self, token_id: int) -> None:
+        if self.matcher is not None:
+            self.matcher.accept(token_id)
         if self.seen is not None:
             self.seen[token_id] = True
         if self.counts is not None:

@@ -319,7 +319,7 @@ class Scheduler(ModelWorker):
             row.last_token = tok
             params = row.sampler.params
             reason = None
-            if tok in params.stop_token_ids:
+            if tok in params.stop_token_ids or row.sampler.grammar_done:
                 reason = "stop"
             elif row.generated >= params.max_tokens or row.position >= self.max_context:
                 reason = "length"

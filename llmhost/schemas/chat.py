@@ -4,7 +4,9 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate, validates, validates_schema
 
 from ..extensions import Schema
-from .generation import GenerationSchema, _config, _int, refuse
+from .generation import GenerationSchema, _config, _int
+from .structured import (FunctionSchema, ToolSchema, function_call_as_tool_choice,
+                         tool_choice_error)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -41,7 +43,8 @@ class MessageSchema(Schema):
         "description": "A string, or an array of text parts."})
     name = fields.String(allow_none=True, metadata={"description": "Passed to the chat template."})
     tool_call_id = fields.String(allow_none=True)
-    tool_calls = fields.Raw(allow_none=True, metadata={"description": "Accepted and ignored."})
+    tool_calls = fields.List(fields.Nested(lambda: ToolCallSchema()), allow_none=True, metadata={
+        "description": "An assistant turn's calls, rendered for the next turn."})
 
     @validates_schema
     def _content_required(self, data, **kwargs):
@@ -50,8 +53,15 @@ class MessageSchema(Schema):
             raise ValidationError("Missing data for required field.", "content")
 
 
-class ResponseFormatSchema(Schema):
-    type = fields.String(required=True, metadata={"enum": ["text"]})
+class ToolCallFunctionSchema(Schema):
+    name = fields.String(required=True)
+    arguments = fields.String(required=True, metadata={"description": "JSON text."})
+
+
+class ToolCallSchema(Schema):
+    id = fields.String(required=True)
+    type = fields.String(load_default="function", validate=validate.OneOf(("function",)))
+    function = fields.Nested(ToolCallFunctionSchema, required=True)
 
 
 class ChatCompletionRequestSchema(GenerationSchema):
@@ -63,16 +73,21 @@ class ChatCompletionRequestSchema(GenerationSchema):
         "description": "Return the log probability of each generated token."})
     top_logprobs = _int(validate=validate.Range(0, 20), metadata={
         "description": "0..20 most likely alternatives per token; needs `logprobs: true`."})
-    response_format = fields.Nested(ResponseFormatSchema, allow_none=True, metadata={
-        "description": "Only `{\"type\": \"text\"}`; structured output is a 400 for now."})
     metadata = fields.Dict(allow_none=True, metadata={"description": "Accepted and ignored."})
     store = fields.Boolean(allow_none=True, metadata={"description": "Accepted and ignored."})
     parallel_tool_calls = fields.Boolean(allow_none=True, metadata={
-        "description": "Accepted and ignored."})
-    tools = fields.List(fields.Dict(), allow_none=True, metadata={
-        "description": "Not supported yet: a non-empty list is a 400."})
+        "description": "false: at most one call per answer (default true)."})
+    tools = fields.List(fields.Nested(ToolSchema), allow_none=True, metadata={
+        "description": "Functions the model may call (rendered by the chat template, or by "
+                       "llmhost's fallback system turn)."})
     tool_choice = fields.Raw(allow_none=True, metadata={
-        "description": "Not supported yet: anything but `none` is a 400."})
+        "description": "`none`, `auto` (default with tools), `required` or "
+                       "`{\"type\": \"function\", \"function\": {\"name\": ...}}`; "
+                       "required and named calls are enforced by a grammar."})
+    functions = fields.List(fields.Nested(FunctionSchema), allow_none=True, metadata={
+        "description": "Deprecated form of `tools`."})
+    function_call = fields.Raw(allow_none=True, metadata={
+        "description": "Deprecated form of `tool_choice` (`none`, `auto`, `{\"name\": ...}`)."})
 
     @validates("messages")
     def _check_messages(self, value, **kwargs):
@@ -87,14 +102,22 @@ class ChatCompletionRequestSchema(GenerationSchema):
     def _check_combinations(self, data, original, **kwargs):
         if data.get("top_logprobs") is not None and not data.get("logprobs"):
             raise ValidationError("requires 'logprobs': true", "top_logprobs")
-        structured = " (only {\"type\": \"text\"}; structured output is not implemented yet)"
-        tools = " (tool calling is not implemented yet)"
-        if (data.get("response_format") or {}).get("type", "text") != "text":
-            refuse(original, "response_format", hint=structured)
-        refuse(original, "tools", (None, []), tools)
-        refuse(original, "tool_choice", (None, "none"), tools)
-        refuse(original, "functions", (None, []), tools)
-        refuse(original, "function_call", (None, "none"), tools)
+        if data.get("tools") and data.get("functions"):
+            raise ValidationError("give either 'tools' or the deprecated 'functions', not both",
+                                  "functions")
+        if data.get("functions"):
+            names = [f["name"] for f in data["functions"]]
+            where, choice = "function_call", function_call_as_tool_choice(data.get("function_call"))
+        else:
+            names = [t["function"]["name"] for t in data.get("tools") or []]
+            where, choice = "tool_choice", data.get("tool_choice")
+            if choice is None and data.get("function_call") is not None:
+                where, choice = "function_call", function_call_as_tool_choice(data["function_call"])
+        problem = tool_choice_error(choice, names)
+        if problem:
+            raise ValidationError(problem, where)
+        if len(set(names)) != len(names):
+            raise ValidationError("function names must be unique", "tools")
 
 
 # -- responses (documentation; bodies are built in llmhost/api/chat.py) --------

@@ -9,6 +9,7 @@ from marshmallow import ValidationError, fields, validate, validates
 
 from ..errors import not_supported
 from ..extensions import Schema
+from .structured import ResponseFormatSchema, StructuredOutputsSchema
 
 
 def _config():
@@ -80,6 +81,12 @@ class GenerationSchema(Schema):
         "description": "Answer with server-sent events (`data: {chunk}` ... `data: [DONE]`)."})
     stream_options = fields.Nested(StreamOptionsSchema, allow_none=True)
     user = fields.String(allow_none=True, metadata={"description": "Accepted and ignored."})
+    response_format = fields.Nested(ResponseFormatSchema, allow_none=True, metadata={
+        "description": "`text`, `json_object` or `json_schema` (answers always parse and "
+                       "validate: constrained decoding)."})
+    structured_outputs = fields.Nested(StructuredOutputsSchema, allow_none=True, metadata={
+        "description": "llmhost extra: one of `regex`, `choice`, `grammar` (xgrammar EBNF), "
+                       "`json` (a JSON Schema)."})
 
     @validates("n")
     def _check_n(self, value, **kwargs):

@@ -1,0 +1,316 @@
+"""Tools, structured outputs and reasoning for one chat-shaped request.
+
+Everything here takes the request's arguments in chat-completions form (the
+``args`` dict after the schema: ``messages``, ``tools``, ``tool_choice``,
+``response_format``, ...) plus the loaded model entry, so any route
+(/v1/chat/completions, /v1/responses, /v1/completions for the extras) runs the
+same code:
+
+1. :func:`chat_plan` decides how the tools reach the prompt. A chat template
+   that renders tools *and* whose output llmhost can parse (the model's
+   ``response_template``, or transformers serve's fallback for its family:
+   Qwen 2/2.5/3/3.5, Gemma 4) gets them through
+   ``apply_chat_template(tools=...)`` and the conversation's assistant
+   ``tool_calls`` / ``tool`` results in the template's own shape. Any other
+   model (SmolLM2, GPT-2, llmhost's fallback template, Llama 3.x, Mistral) is
+   taught one format in a system turn (FALLBACK_TOOLS_PROMPT): Hermes-style
+   ``<tool_call>{"name", "arguments"}</tool_call>``, which parsing.HERMES reads;
+   earlier calls and results are written in the same format.
+2. :meth:`ChatPlan.finish` (once the prompt ids are known) builds the grammar
+   and the output parser: ``response_format`` / ``structured_outputs`` alone
+   are a compiled JSON schema / regex / grammar; ``tool_choice`` required or
+   named is an xgrammar structural tag of calls in the Hermes syntax whose
+   arguments follow each function's ``parameters``; tools (auto) together with
+   ``response_format`` is "calls, or the JSON answer"; a model that thinks in
+   ``<think>`` may write its thought first and the constraint holds for what
+   follows.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import invalid
+from . import constrain
+from .parsing import HERMES, OutputParser, response_template
+from .prompt import chat_prompt, template_for, vocab_size
+
+FALLBACK_TOOLS_PROMPT = (
+    "You can call these functions (JSON Schema of each one's arguments):\n{tools}\n\n"
+    "To call a function, answer with one line per call and nothing else:\n"
+    "<tool_call>\n{{\"name\": \"<function name>\", \"arguments\": {{<arguments as JSON>}}}}\n"
+    "</tool_call>\n"
+    "Results come back in <tool_response> tags. If no function is needed, answer normally."
+)
+
+# The Hermes call syntax the grammar writes (what parsing.HERMES and
+# transformers' Qwen template read).
+CALL_BEGIN = '<tool_call>\n{{"name": "{name}", "arguments": '
+CALL_END = "}\n</tool_call>"
+THINK = ("<think>", "</think>")
+
+
+@dataclass
+class ChatPlan:
+    messages: list[dict]                 # for prompt.chat_prompt
+    template_tools: list[dict] | None    # for apply_chat_template(tools=...)
+    tools: list[dict] = field(default_factory=list)   # active tools (OpenAI form)
+    tool_choice: Any = "none"
+    parallel: bool = True
+    hermes: bool = False                 # calls are written in the Hermes syntax
+    parse_template: dict | None = None
+    args: dict = field(default_factory=dict)
+    constraint: Any = None
+    parser: Callable[[], OutputParser] | None = None
+
+    def finish(self, entry, prompt_ids: list[int], stop_ids, vocab_size: int) -> "ChatPlan":
+        """Compile the constraint and set up the output parser for this prompt."""
+        prefix = entry.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        thinking = bool(self.parse_template and "reasoning_content" in
+                        self.parse_template.get("fields", {})) and _speaks_think(entry)
+        self.constraint = _constraint(self, entry, stop_ids, vocab_size, thinking,
+                                      _open_thought(prefix))
+        if self.parse_template is not None:
+            template, tools, prefill = self.parse_template, self.tools, ""
+            if template.get("start_anchor_pattern") == HERMES["start_anchor_pattern"]:
+                prefill = THINK[0] if _open_thought(prefix) else ""
+                prefix = ""
+            self.parser = lambda: OutputParser(template, prefix, tools, prefill)
+        return self
+
+
+# -- 1. tools to the prompt ----------------------------------------------------------
+
+def tool_list(args: dict) -> list[dict]:
+    if args.get("tools"):
+        return [{"type": "function", "function": _clean(t["function"])} for t in args["tools"]]
+    return [{"type": "function", "function": _clean(f)} for f in args.get("functions") or []]
+
+
+def _clean(fn: dict) -> dict:
+    out = {"name": fn["name"], "parameters": fn.get("parameters") or {"type": "object",
+                                                                        "properties": {}}}
+    if fn.get("description"):
+        out["description"] = fn["description"]
+    if fn.get("strict") is not None:
+        out["strict"] = fn["strict"]
+    return out
+
+
+def tool_choice(args: dict, tools: list[dict]):
+    choice = args.get("tool_choice")
+    if choice is None and args.get("function_call") is not None:
+        fc = args["function_call"]
+        choice = {"type": "function", "function": {"name": fc["name"]}} \
+            if isinstance(fc, dict) else fc
+    if choice is None:
+        choice = "auto" if tools else "none"
+    return choice
+
+
+def _template_source(entry) -> str:
+    source = template_for(entry) or getattr(entry.tokenizer, "chat_template", None) or ""
+    if isinstance(source, dict):
+        source = " ".join(source.values())
+    return source
+
+
+def _speaks_think(entry) -> bool:
+    return "<think>" in _template_source(entry) or "<think>" in entry.tokenizer.get_vocab()
+
+
+def _open_thought(prefix: str) -> bool:
+    """The prompt already opened a thought the model must close (Qwen3 and
+    DeepSeek-R1 templates prefill "<think>\\n")."""
+    return prefix.rfind(THINK[0]) > prefix.rfind(THINK[1])
+
+
+def _is_hermes(template: dict | None) -> bool:
+    field_ = (template or {}).get("fields", {}).get("tool_calls") or {}
+    return "<tool_call>" in (field_.get("open") or field_.get("open_pattern") or "") and \
+        field_.get("content") == "json"
+
+
+def chat_plan(args: dict, entry) -> ChatPlan:
+    tools = tool_list(args)
+    choice = tool_choice(args, tools)
+    active = tools if choice != "none" else []
+    family = response_template(entry, fallback=False)
+    native = bool(family and "tool_calls" in family.get("fields", {})
+                  and "tools" in _template_source(entry))
+    if native:
+        parse = family
+        messages = [_native_message(m) for m in args["messages"]]
+        template_tools = active or None
+    else:
+        history = any(m.get("tool_calls") or m["role"] == "tool" for m in args["messages"])
+        parse = family or (HERMES if (active or _speaks_think(entry)) else None)
+        messages = _fallback_messages(args["messages"], active) if (active or history) \
+            else list(args["messages"])
+        template_tools = None
+    if parse is not None and not active and "tool_calls" in parse.get("fields", {}):
+        # tool_choice none (or no tools): never parse calls; reasoning still is.
+        parse = copy.deepcopy(parse)
+        del parse["fields"]["tool_calls"]
+    return ChatPlan(messages=messages, template_tools=template_tools, tools=active,
+                    tool_choice=choice, parallel=args.get("parallel_tool_calls") is not False,
+                    hermes=not native or _is_hermes(parse), parse_template=parse, args=args)
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def _native_message(message: dict) -> dict:
+    """Assistant calls with their arguments as objects, as tool-aware templates
+    expect (they `tojson` them)."""
+    if not message.get("tool_calls"):
+        return message
+    calls = [{"id": c["id"], "type": "function",
+              "function": {"name": c["function"]["name"],
+                           "arguments": _arguments(c["function"]["arguments"])}}
+             for c in message["tool_calls"]]
+    return {**message, "tool_calls": calls}
+
+
+def _text(content) -> str:
+    if isinstance(content, list):
+        return "\n".join(part["text"] for part in content)
+    return content or ""
+
+
+def _fallback_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The conversation for a template that knows no tools: the tools in a
+    system turn (merged into the first system message), earlier calls written
+    as the assistant wrote them, results as user turns in <tool_response>."""
+    out: list[dict] = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = "\n".join(
+                "<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                               "arguments": _arguments(c["function"]["arguments"])},
+                                              ensure_ascii=False) + "\n</tool_call>"
+                for c in m["tool_calls"])
+            text = _text(m.get("content"))
+            out.append({"role": "assistant", "content": (text + "\n" if text else "") + calls})
+        elif m["role"] == "tool":
+            out.append({"role": "user", "content": "<tool_response>\n" + _text(m.get("content"))
+                        + "\n</tool_response>"})
+        else:
+            out.append(m)
+    if tools:
+        listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+        prompt = FALLBACK_TOOLS_PROMPT.format(tools=listing)
+        if out and out[0]["role"] in ("system", "developer"):
+            out[0] = {**out[0], "content": _text(out[0].get("content")) + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+# -- 2. the grammar -------------------------------------------------------------------
+
+def _answer_format(args: dict) -> tuple[dict | None, str]:
+    """(structural-tag format of the answer, param to blame) from
+    response_format / structured_outputs; None when the answer is free text."""
+    so = args.get("structured_outputs")
+    if so:
+        if so.get("json") is not None:
+            return ({"type": "json_schema", "json_schema": so["json"], "max_whitespace_cnt": 1},
+                    "structured_outputs.json")
+        if so.get("regex") is not None:
+            return {"type": "regex", "pattern": so["regex"]}, "structured_outputs.regex"
+        if so.get("choice") is not None:
+            return {"type": "or", "elements": [{"type": "const_string", "value": c}
+                                               for c in so["choice"]]}, "structured_outputs.choice"
+        return {"type": "grammar", "grammar": so["grammar"]}, "structured_outputs.grammar"
+    rf = args.get("response_format") or {}
+    if rf.get("type") == "json_schema":
+        schema = rf["json_schema"].get("schema_")
+        return ({"type": "json_schema", "json_schema": schema if schema is not None else True,
+                 "max_whitespace_cnt": 1}, "response_format.json_schema.schema")
+    if rf.get("type") == "json_object":
+        return ({"type": "json_schema", "json_schema": {"type": "object"}, "max_whitespace_cnt": 1},
+                "response_format")
+    return None, ""
+
+
+def _call_tag(tool: dict) -> dict:
+    fn = tool["function"]
+    params = fn.get("parameters") or {"type": "object"}
+    return {"type": "tag", "begin": CALL_BEGIN.format(name=fn["name"]),
+            "content": {"type": "json_schema", "json_schema": params, "max_whitespace_cnt": 1},
+            "end": CALL_END}
+
+
+def _calls_format(plan: ChatPlan) -> dict | None:
+    """Calls only, in the Hermes syntax: at least one for required / auto with
+    a response_format, exactly the named function when one is named."""
+    if not plan.tools or plan.tool_choice == "none" or not plan.hermes:
+        return None
+    choice = plan.tool_choice
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        tools = [t for t in plan.tools if t["function"]["name"] == name]
+        stop_after_first = True
+    else:
+        tools, stop_after_first = plan.tools, not plan.parallel
+    return {"type": "tags_with_separator", "tags": [_call_tag(t) for t in tools],
+            "separator": "\n", "at_least_one": True, "stop_after_first": stop_after_first}
+
+
+def _constraint(plan: ChatPlan, entry, stop_ids, vocab_size: int, thinking: bool,
+                in_thought: bool):
+    answer, param = _answer_format(plan.args)
+    calls = _calls_format(plan)
+    forced = calls is not None and plan.tool_choice != "auto"
+    if forced:
+        fmt = calls
+    elif answer is not None and calls is not None:     # auto + response_format
+        fmt, param = {"type": "or", "elements": [calls, answer]}, param
+    elif answer is not None:
+        fmt = answer
+    else:
+        return None
+    comp = constrain.compiler(entry.model, entry.tokenizer, vocab_size, stop_ids)
+    structural = thinking or fmt is not answer or answer["type"] in ("or",)
+    try:
+        if not structural:
+            if answer["type"] == "json_schema":
+                strict = param != "response_format"
+                compiled = constrain.json_schema(comp, answer["json_schema"], strict=strict)
+            elif answer["type"] == "regex":
+                compiled = constrain.regex(comp, answer["pattern"])
+            else:
+                compiled = constrain.ebnf(comp, answer["grammar"])
+        else:
+            if thinking:
+                thought = {"type": "tag", "begin": "" if in_thought else THINK[0],
+                           "content": {"type": "any_text", "excludes": [THINK[1]]},
+                           "end": [THINK[1] + "\n\n", THINK[1] + "\n", THINK[1]]}
+                fmt = {"type": "sequence", "elements": [
+                    thought if in_thought else {"type": "optional", "content": thought}, fmt]}
+            compiled = constrain.structural_tag(comp, {"type": "structural_tag", "format": fmt})
+    except constrain.GrammarError as exc:
+        where = param or "tools"
+        raise invalid(f"Invalid value for '{where}': llmhost's grammar library (xgrammar) cannot "
+                      f"compile it: {exc}", param=where, code="invalid_grammar")
+    return constrain.Constraint(compiled, vocab_size, "tools" if calls else "answer")
+
+
+def completion_constraint(args: dict, entry, stop_ids, vocab_size: int):
+    """response_format / structured_outputs on /v1/completions (an llmhost extra)."""
+    plan = ChatPlan(messages=[], template_tools=None, args=args)
+    return _constraint(plan, entry, stop_ids, vocab_size, thinking=False, in_thought=False)
+
+
+def build_chat(args: dict, entry, stop_ids) -> tuple[list[int], ChatPlan]:
+    """Prompt ids and the finished plan (constraint, parser) of a chat request."""
+    plan = chat_plan(args, entry)
+    ids = chat_prompt(entry, plan.messages, tools=plan.template_tools)
+    return ids, plan.finish(entry, ids, stop_ids, vocab_size(entry))
