@@ -61,7 +61,7 @@ class ChatFormat:
     def body_choice(self, choice: Choice) -> dict:
         message = {"role": "assistant", "content": choice.text, "refusal": None}
         if choice.tool_calls:
-            message["content"] = choice.text.strip() or None
+            message["content"] = choice.text if choice.text.strip() else None
             if self.legacy:
                 message["function_call"] = choice.tool_calls[0]["function"]
             else:

@@ -267,7 +267,11 @@ def _calls_format(plan: ChatPlan) -> dict | None:
 def _constraint(plan: ChatPlan, entry, stop_ids, vocab_size: int, thinking: bool,
                 in_thought: bool):
     answer, param = _answer_format(plan.args)
-    calls = _calls_format(plan)
+    # structured_outputs is the grammar of the whole output (vLLM's meaning):
+    # it replaces the call grammar; response_format is the answer's format.
+    whole = bool(plan.args.get("structured_outputs"))
+    calls = None if whole else _calls_format(plan)
+    thinking = thinking and not whole
     forced = calls is not None and plan.tool_choice != "auto"
     if forced:
         fmt = calls

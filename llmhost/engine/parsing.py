@@ -94,6 +94,7 @@ class OutputParser:
         if prefill:   # a thought the prompt opened (HERMES has no anchor to find it)
             self.parser.feed(prefill)
         self.calls = 0
+        self.started = False
         self.raw = ""          # text fed but not yet released (for the broken case)
         self.broken = False
 
@@ -130,7 +131,11 @@ class OutputParser:
                 if name in ("reasoning_content", "thinking"):
                     out.reasoning += ev["text"]
                 elif name == "content":
-                    out.content += ev["text"]
+                    # Content starts at its first non-blank character (after a
+                    # thought or between calls), streamed or not.
+                    text = ev["text"] if self.started else ev["text"].lstrip()
+                    self.started = self.started or bool(text)
+                    out.content += text
                 self.raw = ""
             elif ev["type"] == "region_close" and name == "tool_calls":
                 out.tool_calls += self._call_deltas(ev.get("value"))
