@@ -25,12 +25,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _complete(url: str, model: str, prompt_ids: list[int], max_tokens: int, stream: bool,
-              session) -> tuple[int, float, float]:
+              session, extra: dict | None = None) -> tuple[int, float, float]:
     """One /v1/completions request: (completion tokens, latency s, time to first token s)."""
     import json
 
     body = {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
-            "stream": stream}
+            "stream": stream, **(extra or {})}
     if stream:
         body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
@@ -53,7 +53,7 @@ def _complete(url: str, model: str, prompt_ids: list[int], max_tokens: int, stre
 
 
 def _load_level(url: str, model: str, prompt_ids: list[int], clients: int, requests_each: int,
-                max_tokens: int, stream: bool) -> dict:
+                max_tokens: int, stream: bool, extra: dict | None = None) -> dict:
     """`clients` threads, each sending `requests_each` requests back to back."""
     import requests
 
@@ -65,7 +65,7 @@ def _load_level(url: str, model: str, prompt_ids: list[int], clients: int, reque
         with requests.Session() as session:
             for _ in range(requests_each):
                 try:
-                    res = _complete(url, model, prompt_ids, max_tokens, stream, session)
+                    res = _complete(url, model, prompt_ids, max_tokens, stream, session, extra)
                 except Exception as exc:  # reported, not fatal: the figures say how many failed
                     with lock:
                         errors.append(str(exc))
@@ -127,6 +127,8 @@ def bench_generate(args) -> int:
     stream = not args.no_stream
     levels: dict[int, dict] = {}
     inprocess: dict[int, float] = {}
+    schema_levels: dict[int, float] = {}
+    response_format = _response_format(args.response_format)
     if args.serve:
         server = _start_server(args)
         url = server.url
@@ -140,10 +142,14 @@ def bench_generate(args) -> int:
               f"{args.requests} requests per client, medians of {args.rounds} rounds")
         _load_level(url, args.model, prompt_ids, 1, 1, 8, stream)  # warm-up
         for clients in args.concurrency:
-            runs, refs = [], []
+            runs, refs, schema_runs = [], [], []
             for _ in range(args.rounds):
                 runs.append(_load_level(url, args.model, prompt_ids, clients, args.requests,
                                         args.max_tokens, stream))
+                if response_format:
+                    schema_runs.append(_load_level(url, args.model, prompt_ids, clients,
+                                                   args.requests, args.max_tokens, stream,
+                                                   {"response_format": response_format}))
                 if ref is not None:
                     refs.append(ref.tok_s(prompt_ids, clients, args.max_tokens))
             res = {key: _median([r[key] for r in runs])
@@ -152,6 +158,12 @@ def bench_generate(args) -> int:
             res["errors"] = sum(r["errors"] for r in runs)
             first_error = next((r["first_error"] for r in runs if r["first_error"]), None)
             levels[clients] = res
+            if schema_runs:
+                schema_levels[clients] = _median([r["tok_s"] for r in schema_runs])
+                failed = sum(r["errors"] for r in schema_runs)
+                print(f"llmhost  {clients:3d} clients with the schema: "
+                      f"{schema_levels[clients]:7.1f} tok/s ({failed} failed)"
+                      + (f" first error: {schema_runs[0]['first_error']}" if failed else ""))
             line = (f"llmhost  {clients:3d} clients: {res['tok_s']:7.1f} tok/s  latency p50 "
                     f"{res['p50']:.2f}s p95 {res['p95']:.2f}s  TTFT p50 {res['ttft_p50'] * 1000:.0f}ms "
                     f"p95 {res['ttft_p95'] * 1000:.0f}ms  ({res['requests']} ok, {res['errors']} failed)")
@@ -167,12 +179,75 @@ def bench_generate(args) -> int:
         for clients in args.concurrency:
             what = "batch 1" if clients == 1 else f"static batch {clients}"
             print(f"  {clients:3d} clients vs {what}: {levels[clients]['tok_s'] / inprocess[clients]:.2f}x")
+    if schema_levels:
+        print("response_format json_schema / none (same server, alternating rounds, medians):")
+        for clients in args.concurrency:
+            print(f"  {clients:3d} clients: {schema_levels[clients]:7.1f} vs "
+                  f"{levels[clients]['tok_s']:7.1f} tok/s = "
+                  f"{schema_levels[clients] / levels[clients]['tok_s']:.2f}x")
+        _print_mask_cost(tokenizer, args.model, response_format)
     if stream and 1 in levels:
         for clients in args.concurrency:
             if clients != 1:
                 print(f"  TTFT p50 at {clients} clients / 1 client: "
                       f"{levels[clients]['ttft_p50'] / levels[1]['ttft_p50']:.2f}x")
     return 0
+
+
+# The default --response-format schema: a long array, so that every request
+# generates max_tokens tokens with or without it (the same work to compare).
+LONG_SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 500}
+
+
+def _response_format(value: str | None) -> dict | None:
+    """--response-format: 'long' (LONG_SCHEMA), a JSON schema, or @file."""
+    import json
+
+    if not value:
+        return None
+    if value == "long":
+        schema = LONG_SCHEMA
+    elif value.startswith("@"):
+        with open(value[1:]) as fh:
+            schema = json.load(fh)
+    else:
+        schema = json.loads(value)
+    return {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+
+
+def _print_mask_cost(tokenizer, model: str, response_format: dict) -> None:
+    """Per-token cost of the grammar in-process (fill the bitmask, mask a
+    row's logits, accept the token), with this model's tokenizer."""
+    import random
+
+    import torch
+
+    from .engine import constrain
+
+    vocab = len(tokenizer)
+    try:
+        from transformers import AutoConfig
+        vocab = max(vocab, int(AutoConfig.from_pretrained(model).vocab_size))
+    except Exception:
+        pass
+    comp = constrain.compiler(tokenizer, tokenizer, vocab, {tokenizer.eos_token_id or 0})
+    started = time.perf_counter()
+    compiled = constrain.json_schema(comp, response_format["json_schema"]["schema"])
+    compile_s = time.perf_counter() - started
+    matcher = constrain.Constraint(compiled, vocab, "answer").matcher()
+    rng = random.Random(0)
+    steps, spent = 0, 0.0
+    while steps < 200 and not matcher.done:
+        logits = torch.randn(vocab, generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+        started = time.perf_counter()
+        masked = matcher.mask(logits)
+        token = int(torch.argmax(masked))
+        matcher.accept(token)
+        spent += time.perf_counter() - started
+        steps += 1
+    print(f"  grammar: compile {compile_s * 1000:.0f} ms once per schema (then cached); "
+          f"{spent / steps * 1000:.3f} ms per token per row (bitmask + mask + accept, "
+          f"vocab {vocab}, {steps} tokens)")
 
 
 class _Server:
@@ -324,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run transformers generate in-process on FOLDER and print ratios")
     gen.add_argument("--rounds", type=int, default=3,
                      help="runs per level (alternating with in-process); medians are reported")
+    gen.add_argument("--response-format", metavar="SCHEMA",
+                     help="also run every round with response_format json_schema SCHEMA ('long': "
+                          "a long array, so both runs generate max_tokens; or JSON; or @file) "
+                          "and print the throughput ratio and the per-token mask cost")
     gen.set_defaults(func=bench_generate)
     build = sub.add_parser("build-model", help="build the benchmark's GPT-2-small-shaped model offline")
     build.add_argument("folder")

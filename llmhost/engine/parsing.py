@@ -25,7 +25,10 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from transformers.utils.chat_parsing.response_parser import ResponseParser
+try:  # transformers >= 5 (response templates); older versions parse nothing
+    from transformers.utils.chat_parsing.response_parser import ResponseParser
+except ImportError:  # pragma: no cover
+    ResponseParser = None
 
 log = logging.getLogger("llmhost")
 
@@ -57,6 +60,8 @@ def response_template(entry, fallback: bool) -> dict | None:
     fallback for its family, HERMES when `fallback` (the model was taught our
     call format, or its template speaks <think>/<tool_call>), else None (plain
     text, nothing parsed)."""
+    if ResponseParser is None:  # pragma: no cover
+        return None
     tokenizer = entry.tokenizer
     own = getattr(tokenizer, "response_template", None)
     if own:

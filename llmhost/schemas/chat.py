@@ -141,13 +141,18 @@ class AssistantMessageSchema(Schema):
     role = fields.String(required=True, metadata={"enum": ["assistant"]})
     content = fields.String(allow_none=True, required=True)
     refusal = fields.String(allow_none=True, required=True)
+    tool_calls = fields.List(fields.Nested(ToolCallSchema), metadata={
+        "description": "Calls parsed from the answer (finish_reason `tool_calls`)."})
+    reasoning_content = fields.String(metadata={
+        "description": "llmhost extra: the model's <think> text, for reasoning models."})
 
 
 class ChatChoiceSchema(Schema):
     index = fields.Integer(required=True)
     message = fields.Nested(AssistantMessageSchema, required=True)
     logprobs = fields.Nested(ChoiceLogprobsSchema, allow_none=True, required=True)
-    finish_reason = fields.String(required=True, metadata={"enum": ["stop", "length"]})
+    finish_reason = fields.String(required=True, metadata={
+        "enum": ["stop", "length", "tool_calls", "function_call"]})
 
 
 class UsageSchema(Schema):
