@@ -304,11 +304,12 @@ MSG = [{"role": "user", "content": "hi"}]
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"seed": "x"}, "seed"),
     ({"model": None}, "model"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}},
+     "response_format.json_schema.schema"),
+    ({"tools": [{"type": "function", "function": {"description": "f"}}]}, "tools[0].function.name"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [{"name": "f", "parameters": {"type": "array"}}]}, "functions[0].parameters"),
 ])
 def test_bad_input(client, change, param):
     body = {"model": "m", "messages": MSG, **change}
