@@ -118,7 +118,7 @@ def _template_source(entry) -> str:
 
 
 def _speaks_think(entry) -> bool:
-    return "<think>" in _template_source(entry) or "<think>" in entry.tokenizer.get_vocab()
+    return "<think>" in _template_source(entry) or "<think>" in entry.tokenizer.get_added_vocab()
 
 
 def _open_thought(prefix: str) -> bool:
@@ -231,7 +231,8 @@ def _answer_format(args: dict) -> tuple[dict | None, str]:
         return {"type": "grammar", "grammar": so["grammar"]}, "structured_outputs.grammar"
     rf = args.get("response_format") or {}
     if rf.get("type") == "json_schema":
-        schema = rf["json_schema"].get("schema_")
+        spec = rf.get("json_schema") or {}
+        schema = spec.get("schema_", spec.get("schema"))   # after our schema / as OpenAI writes it
         return ({"type": "json_schema", "json_schema": schema if schema is not None else True,
                  "max_whitespace_cnt": 1}, "response_format.json_schema.schema")
     if rf.get("type") == "json_object":
