@@ -132,7 +132,7 @@ def test_two_turn_loop_with_the_sdk(openai_client, smollm2):
 def test_tools_and_response_format_together(server, smollm2):
     schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 30}},
               "required": ["answer"], "additionalProperties": False}
-    full = chat(server, tools=TOOLS, max_tokens=64, response_format={
+    full = chat(server, tools=TOOLS, max_tokens=64, parallel_tool_calls=False, response_format={
         "type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
     for choice in full["choices"]:
         if choice["finish_reason"] == "tool_calls":
