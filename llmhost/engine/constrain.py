@@ -2,7 +2,7 @@
 xgrammar structural tag for tool calls) turned into a per-row token mask.
 
 Why xgrammar and not llguidance. Measured here (2 shared CPU cores, xgrammar
-0.2.8, llguidance 1.9.1, /tmp/agents/cmp.py: a nested JSON schema with
+0.2.8, llguidance 1.9.1, a one-off script, not kept: a nested JSON schema with
 $ref, enum, pattern, bounds and format, teacher-forced with a 30-token answer;
 "fill" is computing the allowed-token bitmask, "apply" is masking the logits):
 
