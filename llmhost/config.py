@@ -57,6 +57,9 @@ class Config:
         ("ADMIN_API_KEYS", _list, []),
         ("PUBLIC_DOCS", _bool, True),
         ("CORS_ORIGINS", _list, []),
+        ("STATE_DIR", str, ""),          # "": platformdirs' user data dir for llmhost
+        ("DATABASE_URL", str, ""),       # "": sqlite file llmhost.db in STATE_DIR
+        ("RESPONSES_TTL", float, 0.0),   # seconds a stored response is kept; 0: forever
     )
 
     TESTING = False
