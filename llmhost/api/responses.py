@@ -51,20 +51,24 @@ def _param(name: str | None) -> str | None:
     return name
 
 
+def _renamed(err: APIError) -> APIError:
+    """An error of the chat layer, naming the Responses parameter."""
+    param = _param(err.param)
+    if err.param and param != err.param:
+        err.message = err.message.replace(f"'{err.param}'", f"'{param}'")
+    err.param = param
+    return err
+
+
 def _validated_chat(chat: dict) -> dict:
     """The chat route's schema checks the translated request (ranges, limits,
     and which tools and formats the chat layer supports)."""
     try:
         return ChatCompletionRequestSchema().load(chat)
     except ValidationError as exc:
-        err = from_validation(exc.messages)
+        raise _renamed(from_validation(exc.messages)) from None
     except APIError as exc:
-        err = exc
-    param = _param(err.param)
-    if err.param and param != err.param:
-        err.message = err.message.replace(f"'{err.param}'", f"'{param}'")
-    err.param = param
-    raise err
+        raise _renamed(exc) from None
 
 
 def prepare(args: dict) -> Prepared:
@@ -169,8 +173,11 @@ def create_response(args):
     answer is OpenAI's response object, stored unless `store: false`.
     """
     prepared = prepare(args)
-    started = generation.start(prepared.chat, chat_build(prepared.chat), prompt_param="messages",
-                               logprobs=None)
+    try:
+        started = generation.start(prepared.chat, chat_build(prepared.chat),
+                                   prompt_param="messages", logprobs=None)
+    except APIError as exc:
+        raise _renamed(exc) from None
     renderer = Renderer(args, started)
     saved = None
     if args.get("store") is not False:
@@ -427,5 +434,8 @@ def count_input_tokens(args):
     """
     prepared = prepare(args)
     with registry.use(prepared.chat["model"], task="generate") as entry:
-        prompts, _ = chat_build(prepared.chat)(entry)
+        try:
+            prompts, _ = chat_build(prepared.chat)(entry)
+        except APIError as exc:
+            raise _renamed(exc) from None
     return jsonify({"object": "response.input_tokens", "input_tokens": len(prompts[0])})
