@@ -318,6 +318,32 @@ def test_bad_pagination_and_token_requests(openai_client, server):
                  "tokens[0]")
 
 
+def test_agents_sdk_answers_and_continues(server, openai_client, smollm2):
+    """The OpenAI Agents SDK's default model class (OpenAIResponsesModel) runs
+    against llmhost: the same answer as the chat route, and a second run
+    continues the first through previous_response_id. (The SDK treats an
+    `incomplete` response as an error, so the answers must end by themselves.)"""
+    from agents import (Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner,
+                        set_tracing_disabled)
+
+    set_tracing_disabled(True)     # no trace export: nothing leaves this machine
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    agent = Agent(name="plain", instructions="Answer in one word.",
+                  model=OpenAIResponsesModel(model="smollm2", openai_client=client),
+                  model_settings=ModelSettings(temperature=0, max_tokens=16))
+    config = RunConfig(tracing_disabled=True)
+    result = Runner.run_sync(agent, ASK, run_config=config)
+    chat = _chat(server, [{"role": "system", "content": "Answer in one word."},
+                          {"role": "user", "content": ASK}], 16)
+    assert result.final_output == chat["choices"][0]["message"]["content"]
+    again = Runner.run_sync(agent, "And of Italy?", run_config=config,
+                            previous_response_id=result.last_response_id)
+    assert again.final_output
+    items = openai_client.responses.input_items.list(again.last_response_id, order="asc")
+    assert [(i.role, i.content[0].text) for i in items.data] == [
+        ("user", ASK), ("assistant", result.final_output), ("user", "And of Italy?")]
+
+
 # -- tools and structured output (need the chat layer's tool calling, issue 11) ------
 
 @pytest.fixture(scope="module")
@@ -408,7 +434,7 @@ def test_agents_sdk_runs_a_tool(server, needs_tools):
                   # The first turn must call the tool; the SDK then resets tool_choice
                   # (reset_tool_choice) so the next turn answers.
                   model_settings=ModelSettings(tool_choice="required", temperature=0,
-                                               max_tokens=40))
+                                               max_tokens=60))
     result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4,
                              run_config=RunConfig(tracing_disabled=True))
     assert calls, "the tool was never called"
