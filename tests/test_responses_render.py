@@ -79,7 +79,7 @@ def _started(deltas, params=None):
     run = SimpleNamespace(deltas=lambda: iter(deltas), cancelled=False, prompt_tokens=11,
                           completion_tokens=9,
                           params=params or SimpleNamespace(temperature=0.0, top_p=1.0))
-    tokenizer = lambda text, add_special_tokens=False: {"input_ids": text.split()}  # noqa: E731
+    tokenizer = lambda text, add_special_tokens=False: {"input_ids": text.split()}
     entry = SimpleNamespace(id="m", tokenizer=tokenizer)
     return SimpleNamespace(entry=entry, run=run, stack=ExitStack(), fields={},
                            log_content=False)
