@@ -125,8 +125,7 @@ def _init_cors(app: Flask, origins: list[str]) -> None:
          expose_headers=["X-Request-Id"], max_age=600)
 
 
-def _init_spec() -> None:
-    from .extensions import api
+def _init_spec(api) -> None:
     api.spec.components.security_scheme("bearerAuth", {
         "type": "http", "scheme": "bearer",
         "description": "An API key from LLMHOST_API_KEYS (or LLMHOST_ADMIN_API_KEYS to load "
@@ -134,9 +133,8 @@ def _init_spec() -> None:
     api.spec.options["security"] = [{"bearerAuth": []}]
 
 
-def init_app(app: Flask) -> None:
-    """After api.init_app (the spec exists) and before the blueprints' routes run."""
-    config = app.config["LLMHOST"]
+def init_app(app: Flask, api, config) -> None:
+    """After the Api is built (the spec exists) and before the blueprints' routes run."""
     keys = Keys(config)
     app.extensions["llmhost_keys"] = keys
     if keys.enabled:
@@ -144,4 +142,4 @@ def init_app(app: Flask) -> None:
                  len(keys.plain) + len(keys.admin), len(keys.admin))
     app.before_request(_check)
     _init_cors(app, config.CORS_ORIGINS)
-    _init_spec()
+    _init_spec(api)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from flask import current_app
+
 
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
@@ -79,6 +81,12 @@ class Config:
         for name, value in overrides.items():
             setattr(self, name, value)
         self.MAX_CONTENT_LENGTH = self.MAX_BODY_BYTES
+
+
+def settings() -> Config:
+    """The Config of the app handling the current request (or app context): the
+    one way code reads settings, so two apps in one process never share them."""
+    return current_app.config["LLMHOST"]
 
 
 class TestConfig(Config):

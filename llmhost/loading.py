@@ -122,7 +122,7 @@ def _local_source(spec: LoadSpec, config) -> Source:
 
 def check_model_dirs(path: str, config) -> None:
     """With LLMHOST_MODEL_DIRS set, a local path must resolve inside one of them."""
-    roots = getattr(config, "MODEL_DIRS", None)
+    roots = config.MODEL_DIRS
     if not roots:
         return
     real = os.path.realpath(path)

@@ -14,9 +14,10 @@ import sys
 import time
 import uuid
 
-from flask import Flask, Response, current_app, has_request_context, request
+from flask import Flask, Response, has_request_context, request
 from gunicorn import glogging
 
+from .config import settings
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -54,7 +55,7 @@ def content_logging_enabled() -> bool:
     (LLMHOST_LOG_CONTENT=1); otherwise they are private to the caller."""
     if not has_request_context():
         return False
-    return bool(current_app.config["LLMHOST"].LOG_CONTENT)
+    return bool(settings().LOG_CONTENT)
 
 
 # -- formatters -----------------------------------------------------------------
@@ -131,7 +132,7 @@ def _start() -> None:
 
 def _limit_body() -> None:
     """413 before anything parses the body, with the body drained first."""
-    limit = current_app.config["LLMHOST"].MAX_BODY_BYTES
+    limit = settings().MAX_BODY_BYTES
     length = request.content_length
     if not limit or length is None or length <= limit:
         return
@@ -168,8 +169,8 @@ def _write(fields: dict, route: str, started: float) -> None:
     request_log.info("%s", format_fields(fields), extra={"fields": fields})
 
 
-def init_app(app: Flask) -> None:
-    init_logging(app.config["LLMHOST"])
+def init_app(app: Flask, config) -> None:
+    init_logging(config)
     app.before_request(_start)
     app.before_request(_limit_body)
     app.after_request(_finish)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import loading, metrics
+from .config import Config
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -90,11 +91,6 @@ class ModelRegistry:
         self._models: dict[str, ModelEntry] = {}
         self._loading: set[str] = set()
         self._reaper: threading.Thread | None = None
-        self.config = None
-
-    def init_app(self, app) -> None:
-        self.config = app.config["LLMHOST"]
-        app.extensions["llmhost_registry"] = self
 
     # -- queries --------------------------------------------------------------
     def list(self) -> list[ModelEntry]:
@@ -137,11 +133,14 @@ class ModelRegistry:
             return entry
 
     @contextmanager
-    def use(self, model_id: str, task: str | None = None) -> Iterator[ModelEntry]:
+    def use(self, model_id: str, task: str | None = None,
+            autoload: Config | None = None) -> Iterator[ModelEntry]:
         """Mark a model busy for the length of a request (a stream included): a busy
-        model is never evicted. With LLMHOST_AUTOLOAD=1 a cached model loads first."""
+        model is never evicted. Given `autoload` (the caller's settings, when the
+        route found that it may load models and LLMHOST_AUTOLOAD=1), a hub id in the
+        local cache is loaded first."""
         entry = self._acquire(model_id)
-        if entry is None and self._autoload(model_id):
+        if entry is None and autoload is not None and self._autoload(model_id, autoload):
             entry = self._acquire(model_id)
         if entry is None:
             raise self._not_loaded(model_id)
@@ -158,8 +157,11 @@ class ModelRegistry:
                 entry.last_used = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------
-    def load(self, spec: loading.LoadSpec) -> tuple[ModelEntry, bool]:
-        """Load a model once; (entry, True) when it was loaded by this call."""
+    def load(self, spec: loading.LoadSpec, config: Config) -> tuple[ModelEntry, bool]:
+        """Load a model once; (entry, True) when it was loaded by this call. `config`
+        is the settings of the app asking (limits, allowed folders, keep_alive default)."""
+        if spec.keep_alive is None:
+            spec.keep_alive = config.KEEP_ALIVE or None
         model_id = spec.served_id
         with self._guard:
             lock = self._locks.setdefault(model_id, threading.Lock())
@@ -175,13 +177,13 @@ class ModelRegistry:
             with self._guard:
                 self._loading.add(model_id)
             try:
-                self._make_room(model_id)
+                self._make_room(model_id, config.MAX_LOADED_MODELS)
                 started = time.perf_counter()
-                loaded = loading.load(spec, self.config)
+                loaded = loading.load(spec, config)
                 entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
                                    load_seconds=time.perf_counter() - started)
                 from . import engine
-                entry.engine = engine.start(entry, self.config)
+                entry.engine = engine.start(entry, config)
             finally:
                 with self._guard:
                     self._loading.discard(model_id)
@@ -235,10 +237,9 @@ class ModelRegistry:
         log.info("unloaded %s (%s)", model_id, why)
         return True
 
-    def _make_room(self, model_id: str) -> None:
+    def _make_room(self, model_id: str, limit: int) -> None:
         """LLMHOST_MAX_LOADED_MODELS: evict the least recently used idle models until
         this one fits. Models being loaded hold a place; busy models are never evicted."""
-        limit = getattr(self.config, "MAX_LOADED_MODELS", 0)
         while limit > 0:
             with self._guard:
                 if len(self._models) + len(self._loading) <= limit:
@@ -283,18 +284,14 @@ class ModelRegistry:
             except Exception:
                 log.exception("keep_alive reaper failed; retrying")
 
-    def _autoload(self, model_id: str) -> bool:
-        """LLMHOST_AUTOLOAD=1: load a hub id found in the local cache, if the caller
-        could load it with POST /v1/models (admin rules)."""
-        from .auth import can_manage_models
-
-        config = self.config
-        if not getattr(config, "AUTOLOAD", False) or not loading.HUB_ID.match(model_id):
+    def _autoload(self, model_id: str, config: Config) -> bool:
+        """Load a hub id found in the local cache (never downloaded)."""
+        if not config.AUTOLOAD or not loading.HUB_ID.match(model_id):
             return False
-        if loading.cached_snapshot(model_id, None) is None or not can_manage_models():
+        if loading.cached_snapshot(model_id, None) is None:
             return False
         log.info("autoloading %s from the local cache", model_id)
-        self.load(loading.LoadSpec(model=model_id, keep_alive=config.KEEP_ALIVE or None))
+        self.load(loading.LoadSpec(model=model_id), config)
         return True
 
 

@@ -89,15 +89,14 @@ def smollm2_reference(smollm2_gguf):
 @pytest.fixture(scope="module")
 def local_gpt2(tiny_models):
     """The tiny GPT-2 (256 positions) loaded in this process's registry, for
-    Flask test-client checks that need a model; unloaded after each module so
-    in-process registry tests elsewhere start from what they expect."""
-    from llmhost import create_app
+    Flask test-client checks that need a model (any app in this process serves
+    it: the registry is the process's); unloaded after each module, so that
+    in-process registry tests elsewhere find only the models they loaded."""
     from llmhost.config import TestConfig
+    from llmhost.loading import LoadSpec
     from llmhost.registry import registry
 
-    r = create_app(TestConfig()).test_client().post(
-        "/v1/models", json={"model": tiny_models["gpt2"], "id": "local-gpt2"})
-    assert r.status_code in (200, 201), r.get_json()
+    registry.load(LoadSpec(model=tiny_models["gpt2"], id="local-gpt2"), TestConfig())
     yield "local-gpt2"
     registry.unload("local-gpt2")
 

@@ -371,29 +371,34 @@ def make_app():
             registry.unload(entry.id)
 
 
-def _load(path: str, model_id: str, **options):
+def _load(path: str, model_id: str, config=None, **options):
+    from llmhost.config import TestConfig
     from llmhost.loading import LoadSpec
     from llmhost.registry import registry
-    return registry.load(LoadSpec(model=path, id=model_id, device="cpu", **options))[0]
+    spec = LoadSpec(model=path, id=model_id, device="cpu", **options)
+    return registry.load(spec, config or TestConfig())[0]
 
 
 def test_lru_skips_busy_models_and_refuses_when_all_are_busy(make_app, tiny_models):
     from llmhost.errors import APIError
     from llmhost.registry import registry
 
-    make_app(MAX_LOADED_MODELS=2)
-    _load(tiny_models["gpt2"], "old")
-    _load(tiny_models["gpt2"], "newer")
+    from llmhost.config import TestConfig
+
+    make_app()  # cleans up what this test loads
+    config = TestConfig(MAX_LOADED_MODELS=2)
+    _load(tiny_models["gpt2"], "old", config)
+    _load(tiny_models["gpt2"], "newer", config)
     with registry.use("old"):  # least recently used, but busy
-        _load(tiny_models["gpt2"], "third")
+        _load(tiny_models["gpt2"], "third", config)
         assert sorted(e.id for e in registry.list()) == ["old", "third"]
         with registry.use("third"):
             with pytest.raises(APIError) as info:
-                _load(tiny_models["gpt2"], "fourth")
+                _load(tiny_models["gpt2"], "fourth", config)
             assert info.value.status == 503 and info.value.code == "model_limit_reached"
             assert "LLMHOST_MAX_LOADED_MODELS=2" in info.value.message
     assert registry.loading() == []
-    _load(tiny_models["gpt2"], "fourth")  # both idle now; "third" was released first
+    _load(tiny_models["gpt2"], "fourth", config)  # both idle now; "third" was released first
     assert sorted(e.id for e in registry.list()) == ["fourth", "old"]
 
 
@@ -410,31 +415,33 @@ def test_keep_alive_spares_busy_models(make_app, tiny_models):
 
 
 def test_autoload_follows_admin_rules(make_app, tiny_models):
+    from llmhost.api.access import use_model
     from llmhost.errors import APIError
     from llmhost.registry import registry
 
     repo = tiny_models["cached"]
-    make_app()  # autoload off
-    with pytest.raises(APIError) as info:
-        with registry.use(repo):
-            pass
+    off = make_app()  # autoload off
+    with off.test_request_context("/v1/chat/completions", method="POST"):
+        with pytest.raises(APIError) as info:
+            with use_model(repo, "generate"):
+                pass
     assert info.value.status == 404
 
     app = make_app(AUTOLOAD=True, API_KEYS=["plain"], ADMIN_API_KEYS=["admin"])
     with app.test_request_context("/v1/chat/completions", method="POST", headers=auth("plain")):
         app.preprocess_request()
         with pytest.raises(APIError) as info:
-            with registry.use(repo):
+            with use_model(repo, "generate"):
                 pass
         assert info.value.status == 404
     assert registry.find(repo) is None
     with app.test_request_context("/v1/chat/completions", method="POST", headers=auth("admin")):
         app.preprocess_request()
-        with registry.use(repo) as entry:
+        with use_model(repo, "generate") as entry:
             assert entry.id == repo and entry.active == 1
-    with pytest.raises(APIError):  # a hub id that is not cached is never fetched
-        with registry.use("someorg/not-cached"):
-            pass
+        with pytest.raises(APIError):  # a hub id that is not cached is never fetched
+            with use_model("someorg/not-cached", "generate"):
+                pass
 
 
 def test_models_setting_parses(tiny_models):
@@ -529,7 +536,7 @@ def test_log_content_only_when_enabled(make_app, tiny_models, caplog):
     """Prompt and completion text reach the request line with LLMHOST_LOG_CONTENT=1
     only, streamed or not."""
     clients = {enabled: make_app(LOG_CONTENT=enabled).test_client() for enabled in (False, True)}
-    _load(tiny_models["gpt2"], "content-log")
+    _load(tiny_models["gpt2"], "content-log")  # the registry is the process's: both apps serve it
     secret = "walrus-in-the-prompt"
     for enabled, client in clients.items():
         caplog.clear()

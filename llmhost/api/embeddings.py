@@ -8,7 +8,7 @@ import orjson
 from flask import Response
 
 from ..extensions import Blueprint
-from ..registry import registry
+from .access import use_model
 from ..schemas.embeddings import EmbeddingRequestSchema, EmbeddingResponseSchema
 
 try:
@@ -34,7 +34,7 @@ def create_embeddings(args):
     One vector per input, equal to sentence-transformers' `encode` for the model.
     Inputs of concurrent requests share the model's forward passes.
     """
-    with registry.use(args["model"], task="embed") as entry:
+    with use_model(args["model"], task="embed") as entry:
         result = entry.engine.embed(args["input"], truncate=args["truncate"],
                                     dimensions=args.get("dimensions"))
     if metrics is not None:

@@ -11,14 +11,15 @@ from contextlib import ExitStack
 from functools import partial
 from typing import Callable, Protocol
 
-from flask import Response, current_app, jsonify, request
+from flask import Response, jsonify, request
 
 from .. import __version__, sse
 from ..engine.outputs import Choice, ChoiceDelta, Run
 from ..engine.prompt import vocab_size
 from ..engine.sampling import SamplingParams
 from ..errors import invalid
-from ..registry import registry
+from ..config import settings
+from .access import use_model
 
 try:  # written by the ops side; requests are still served without it
     from .. import observability
@@ -60,7 +61,7 @@ def max_tokens(args: dict, entry, prompts: list[list[int]], prompt_param: str) -
     """The completion budget per choice. An explicit max_tokens that does not
     fit the context is the client's error (OpenAI's message, with the numbers);
     the default is lowered to what fits, so short-context models just work."""
-    config = current_app.config["LLMHOST"]
+    config = settings()
     context = entry.loaded.max_context
     longest = max(len(p) for p in prompts)
     what = "messages" if prompt_param == "messages" else "prompt"
@@ -88,7 +89,7 @@ def max_tokens(args: dict, entry, prompts: list[list[int]], prompt_param: str) -
 
 def sampling_params(args: dict, entry, prompts: list[list[int]], prompt_param: str,
                     logprobs: int | None) -> SamplingParams:
-    config = current_app.config["LLMHOST"]
+    config = settings()
 
     def pick(name, default):
         value = args.get(name)
@@ -141,7 +142,7 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
     fields = observability.log_fields() if observability is not None else {}
     stack = ExitStack()
     try:
-        entry = stack.enter_context(registry.use(args["model"], task="generate"))
+        entry = stack.enter_context(use_model(args["model"], task="generate"))
         fields["model"] = entry.id
         prompts, fmt = build(entry)
         params = sampling_params(args, entry, prompts, prompt_param, logprobs)
