@@ -4,8 +4,7 @@ from __future__ import annotations
 from flask import Flask
 
 from .config import Config
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (llmhost.__version__)
 
 
 def create_app(config: Config | None = None) -> Flask:

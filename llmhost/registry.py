@@ -296,3 +296,4 @@ class ModelRegistry:
 
 
 registry = ModelRegistry()
+metrics.watch_models(registry.list)

@@ -13,7 +13,8 @@ from typing import Callable, Protocol
 
 from flask import Response, jsonify, request
 
-from .. import __version__, sse
+from .. import sse
+from ..version import __version__
 from ..engine.outputs import Choice, ChoiceDelta, Run
 from ..engine.prompt import vocab_size
 from ..engine.sampling import SamplingParams
