@@ -183,7 +183,7 @@ class ModelRegistry:
                 entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
                                    load_seconds=time.perf_counter() - started)
                 from . import engine
-                entry.engine = engine.start(entry, config)
+                entry.engine = engine.start(model_id, loaded, config)
             finally:
                 with self._guard:
                     self._loading.discard(model_id)

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 from flask import Response, current_app
 
-from .errors import APIError
+from .errors import APIError, as_api_error
 
 log = logging.getLogger("llmhost")
 
@@ -39,14 +39,15 @@ def _events(chunks: Iterator[dict], debug: bool) -> Iterator[str]:
         # source runs its cleanup, which cancels the generation.
         chunks.close()
         raise
-    except APIError as err:
-        yield event(err.to_dict())
     except Exception as exc:
-        log.exception("error in a stream after it started")
-        message = "The server had an error while processing your request."
-        if debug:
-            message += f" ({type(exc).__name__}: {exc})"
-        yield event(APIError(500, message, type="server_error").to_dict())
+        err = as_api_error(exc)
+        if err is None:
+            log.exception("error in a stream after it started")
+            message = "The server had an error while processing your request."
+            if debug:
+                message += f" ({type(exc).__name__}: {exc})"
+            err = APIError(500, message, type="server_error")
+        yield event(err.to_dict())
     finally:
         if hasattr(chunks, "close"):
             chunks.close()

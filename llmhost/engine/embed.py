@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import APIError, invalid
+from .errors import EngineError, InvalidInput, failure
 from .queueing import ModelWorker
 
 log = logging.getLogger("llmhost.engine")
@@ -38,10 +38,10 @@ class _Job:
     submitted: float = field(default_factory=time.monotonic)
     scheduled: int = 0                    # items of `order` handed to a forward pass
     vectors: np.ndarray | None = None
-    error: APIError | None = None
+    error: EngineError | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
-    def fail(self, err: APIError) -> None:
+    def fail(self, err: EngineError) -> None:
         if not self.done.is_set():
             self.error = err
             self.done.set()
@@ -52,11 +52,12 @@ class EmbedScheduler(ModelWorker):
     to LLMHOST_EMBED_BATCH inputs, taken from every admitted request (each gets a
     fair share first, so a small request never waits for a large one to end)."""
 
-    def __init__(self, entry, config) -> None:
-        self.st = entry.loaded.pipeline
-        self.tokenizer = entry.loaded.tokenizer
-        self.max_len: int = entry.loaded.max_context
-        self.dimensions: int = entry.loaded.extra["dimensions"]
+    def __init__(self, model_id: str, loaded, config) -> None:
+        super().__init__(model_id, config, "embed")
+        self.st = loaded.pipeline
+        self.tokenizer = loaded.tokenizer
+        self.max_len: int = loaded.max_context
+        self.dimensions: int = loaded.extra["dimensions"]
         self.device = self.st.device
         self.batch_size = max(1, int(config.EMBED_BATCH))
         self.max_inputs = max(1, int(config.MAX_EMBED_INPUTS))
@@ -74,7 +75,6 @@ class EmbedScheduler(ModelWorker):
         self.prefix, self.suffix = self._special_tokens()
 
         self._running: list[_Job] = []
-        super().__init__(entry.id, config, "embed")
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts around a text ([CLS] ... [SEP], <s> ... </s>),
@@ -91,10 +91,10 @@ class EmbedScheduler(ModelWorker):
               dimensions: int | None = None) -> Embeddings:
         """Vectors for `inputs` (texts, or token-id lists without special tokens)."""
         if len(inputs) > self.max_inputs:
-            raise invalid(f"'input' has {len(inputs)} items; at most {self.max_inputs} are allowed "
+            raise InvalidInput(f"'input' has {len(inputs)} items; at most {self.max_inputs} are allowed "
                           "per request (LLMHOST_MAX_EMBED_INPUTS).", param="input")
         if dimensions is not None and dimensions > self.dimensions:
-            raise invalid(f"'dimensions' is {dimensions}, but '{self.model_id}' makes vectors of "
+            raise InvalidInput(f"'dimensions' is {dimensions}, but '{self.model_id}' makes vectors of "
                           f"{self.dimensions} dimensions.", param="dimensions")
         seqs = self._tokenize(inputs) if isinstance(inputs[0], str) else self._wrap_ids(inputs)
         seqs = self._fit(seqs, truncate)
@@ -117,7 +117,7 @@ class EmbedScheduler(ModelWorker):
         for i, ids in enumerate(id_lists):
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
             if bad is not None:
-                raise invalid(f"'input[{i}]' holds token id {bad}, outside the vocabulary of "
+                raise InvalidInput(f"'input[{i}]' holds token id {bad}, outside the vocabulary of "
                               f"'{self.model_id}' (0 to {self.vocab_size - 1}).", param="input")
         return [self.prefix + self.prompt_ids + ids + self.suffix for ids in id_lists]
 
@@ -130,7 +130,7 @@ class EmbedScheduler(ModelWorker):
             return seqs
         if not truncate:
             i = too_long[0]
-            raise invalid(f"'input[{i}]' is {len(seqs[i])} tokens, more than the {self.max_len} "
+            raise InvalidInput(f"'input[{i}]' is {len(seqs[i])} tokens, more than the {self.max_len} "
                           f"'{self.model_id}' reads ({len(too_long)} input(s) too long). Shorten it, "
                           "or send \"truncate\": true to cut inputs at the model's maximum length.",
                           param="input", code="context_length_exceeded")
@@ -203,8 +203,8 @@ class EmbedScheduler(ModelWorker):
         except Exception as exc:  # a bug or OOM must not hang the waiting threads
             log.exception("embedding failed on %s", self.model_id)
             jobs = {job for job, _ in batch}
-            err = self._failure(exc, "embedding", "fewer or shorter inputs (or a smaller "
-                                                  "LLMHOST_EMBED_BATCH)")
+            err = failure(exc, self.model_id, "embedding",
+                          "fewer or shorter inputs (or a smaller LLMHOST_EMBED_BATCH)")
             for job in jobs:
                 job.fail(err)
             with self._cond:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Callable, Iterator
 
-from ..errors import APIError
+from .errors import EngineFailure, ModelClosed
 from .sampling import SamplingParams
 from .scheduler import GenerationRequest
 from .text import ChoiceText
@@ -90,7 +90,7 @@ class Run:
         HTTP status rather than an error inside a 200 stream."""
         engine = self.entry.engine
         if engine is None:            # unloaded between the lookup and now
-            raise APIError(503, f"The model '{self.entry.id}' was unloaded.", code="model_unloaded")
+            raise ModelClosed(f"The model '{self.entry.id}' was unloaded.")
         try:
             for ids in self.prompts:
                 self.generations.append(engine.submit(
@@ -149,8 +149,8 @@ class Run:
             base = number * self.n
             unfinished = [i for i in range(base, base + self.n) if not self.states[i].done]
             if unfinished:
-                raise APIError(500, f"The engine ended choice {unfinished[0]} without a finish "
-                                    "reason.", type="server_error")
+                raise EngineFailure("generating", f"the engine ended choice {unfinished[0]} "
+                                                  "without a finish reason")
 
     def _on_event(self, gen, number: int, event) -> ChoiceDelta | None:
         index = number * self.n + event.index

@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..errors import APIError
+from .errors import EngineError, failure
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams
 
@@ -139,10 +139,11 @@ def _metrics():
 class Scheduler(ModelWorker):
     """Continuous batching for one loaded causal LM."""
 
-    def __init__(self, entry, config) -> None:
-        self.model = entry.model
+    def __init__(self, model_id: str, loaded, config) -> None:
+        super().__init__(model_id, config, "scheduler")
+        self.model = loaded.model
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.max_context = entry.loaded.max_context
+        self.max_context = loaded.max_context
         self.device = next(self.model.parameters()).device
         self.max_rows = max(1, int(config.MAX_BATCH))
         self.batchable = self._cache_is_batchable()
@@ -152,7 +153,6 @@ class Scheduler(ModelWorker):
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
-        super().__init__(entry.id, config, "scheduler")
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -194,7 +194,8 @@ class Scheduler(ModelWorker):
                     self._drop_gone()
             except Exception as exc:  # a bug or OOM must not hang the waiting threads
                 log.exception("generation failed on %s", self.model_id)
-                err = self._failure(exc, "generating", "fewer tokens or fewer concurrent requests")
+                err = failure(exc, self.model_id, "generating",
+                              "fewer tokens or fewer concurrent requests")
                 self._fail({r.gen for r in self._rows} | set(admitted), err)
                 self._reset_batch()
         with self._cond:
@@ -379,7 +380,7 @@ class Scheduler(ModelWorker):
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
 
-    def _fail(self, gens, err: APIError) -> None:
+    def _fail(self, gens, err: EngineError) -> None:
         for gen in gens:
             gen._put(err)
 
