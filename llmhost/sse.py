@@ -31,14 +31,12 @@ def event(data: dict) -> str:
 
 
 def _events(chunks: Iterator[dict], debug: bool) -> Iterator[str]:
+    """The stream's events. However it ends (done, an error, or the server
+    closing this generator because the client went away), the source is closed
+    once, in `finally`: its cleanup cancels the generation."""
     try:
         for chunk in chunks:
             yield event(chunk)
-    except GeneratorExit:
-        # The client went away: the server closed this generator. Closing the
-        # source runs its cleanup, which cancels the generation.
-        chunks.close()
-        raise
     except Exception as exc:
         err = as_api_error(exc)
         if err is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from functools import partial
 from typing import Callable, Protocol
 
@@ -176,13 +176,14 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
 def _chunks(run: Run, fmt: Format, head: dict, include_usage: bool, fields: dict,
             stack: ExitStack, log_content: bool):
     """The stream's chunks. Closing this generator early (client gone) or an
-    error cancels the generation (Run.deltas) and releases the model."""
+    error closes the deltas, which cancels the generation (Run.deltas), and
+    releases the model."""
     texts = [""] * len(run.states)
-    with stack:
+    with stack, closing(run.deltas()) as deltas:
         try:
             for choice in fmt.opening(len(run.states)):
                 yield {**head, "choices": [choice]}
-            for delta in run.deltas():
+            for delta in deltas:
                 if log_content:
                     texts[delta.index] += delta.text
                 yield {**head, "choices": [fmt.stream_choice(delta)]}

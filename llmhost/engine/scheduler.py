@@ -21,7 +21,7 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from transformers import DynamicCache
@@ -73,19 +73,16 @@ class Generation:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
 
     # -- request thread ---------------------------------------------------------
-    def events(self, poll: float = 0.25,
-               disconnected: Callable[[], bool] | None = None) -> Iterator[TokenEvent]:
-        """Yield token events until every choice finished. Between polls, a
-        client that went away cancels the generation."""
+    def events(self, poll: float | None = None) -> Iterator[TokenEvent | None]:
+        """Yield token events until every choice finished. With `poll`, also
+        yield None after `poll` seconds without an event, so the caller (the
+        Run) can look at its client meanwhile. Closing the iterator cancels."""
         try:
             while True:
                 try:
                     item = self._events.get(timeout=poll)
                 except queue.Empty:
-                    if disconnected is not None and disconnected():
-                        log.info("client of a %s request went away; cancelling", self.model_id)
-                        self.cancel()
-                        return
+                    yield None
                     continue
                 if item is _END:
                     return
