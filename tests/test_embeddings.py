@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from llmhost.errors import from_engine
-from support import assert_error, validate
+from support import assert_error, validate, wait_for
 
 SENTENCES = [
     "The cat sits on the mat.",
@@ -252,13 +252,6 @@ def gated(loaded, **settings):
             super()._step(batch)
 
     return Gated("minilm", loaded, TestConfig(**settings)).start()
-
-
-def wait_for(condition, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def run_in_thread(fn, *args, **kwargs):
