@@ -22,7 +22,7 @@ def _list(value: str) -> list[str]:
 class Config:
     """Typed view of the environment; Flask reads the upper-case attributes."""
 
-    # (attribute, env var suffix, parser, default)
+    # (attribute and LLMHOST_ env var suffix, parser, default)
     SETTINGS = (
         ("HOST", str, "127.0.0.1"),
         ("PORT", int, 8000),

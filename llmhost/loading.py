@@ -79,11 +79,6 @@ class Loaded:
 
 # -- source ------------------------------------------------------------------
 
-def hub_cache_dir() -> str:
-    from huggingface_hub import constants
-    return constants.HF_HUB_CACHE
-
-
 def _is_path(name: str) -> bool:
     return (name.startswith(("/", "./", "../", "~", "\\")) or os.path.exists(name)
             or not HUB_ID.match(name))

@@ -46,10 +46,6 @@ def log_fields() -> dict:
     return fields
 
 
-def request_id() -> str | None:
-    return log_fields().get("request_id")
-
-
 def content_logging_enabled() -> bool:
     """Prompt and completion text may be logged only when this is true
     (LLMHOST_LOG_CONTENT=1); otherwise they are private to the caller."""

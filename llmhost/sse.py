@@ -1,4 +1,4 @@
-"""Server-sent events framing (DESIGN rule 8), and telling whether the client
+"""Server-sent events framing, and telling whether the client
 of a request is still there.
 
 Every event is ``data: <json>\\n\\n`` and a stream always ends with

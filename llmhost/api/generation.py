@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 from flask import Response, jsonify, request
 
-from .. import sse
+from .. import observability, sse
 from ..version import __version__
 from ..engine.outputs import Choice, ChoiceDelta, Run
 from ..engine.prompt import vocab_size
@@ -21,12 +21,6 @@ from ..engine.sampling import SamplingParams
 from ..errors import invalid
 from ..config import settings
 from .access import use_model
-
-try:  # written by the ops side; requests are still served without it
-    from .. import observability
-except ImportError:  # pragma: no cover
-    observability = None
-
 
 class Format(Protocol):
     """The OpenAI shapes of one route."""
@@ -140,7 +134,7 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
     """Run one request on `args["model"]`: `build(entry)` gives the prompt ids
     and the formatter. The model stays marked in use (registry.use) until the
     answer is complete, for a stream until it ends or the client leaves."""
-    fields = observability.log_fields() if observability is not None else {}
+    fields = observability.log_fields()
     stack = ExitStack()
     try:
         entry = stack.enter_context(use_model(args["model"], task="generate"))
@@ -150,7 +144,7 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),
                   disconnected=partial(sse.client_disconnected, request.environ))
         fields["prompt_tokens"] = run.prompt_tokens
-        log_content = observability is not None and observability.content_logging_enabled()
+        log_content = observability.content_logging_enabled()
         if log_content:  # LLMHOST_LOG_CONTENT=1 only: prompts are private otherwise
             fields["prompt"] = args.get("messages", args.get("prompt"))
         run.start()

@@ -1,18 +1,9 @@
 """The per-model scheduler: one thread that decodes every running request of a
 model together (continuous batching). Request threads submit and wait.
 
-Why a hand-written step loop and not transformers' ``ContinuousBatchingManager``:
-measured here (2 CPU cores, transformers 5.24, the benchmark's GPT-2-small
-shape, 64 greedy tokens) ``model.generate_batch`` gave 13.9 tok/s for one
-prompt and 64.9 for eight, against 34.8 and 107.3 for plain ``generate``:
-0.40x and 0.60x. Its requests also share one generation config, while every
-request here keeps its own
-temperature, top_p/top_k/min_p, penalties, logit_bias, seed, logprobs, stop
-tokens and n. So the loop below keeps a plain ``DynamicCache`` for the running
-batch, left-padded: a new request is prefilled (together with the others
-admitted at the same step) and its cache rows are concatenated to the batch;
-a finished or cancelled row is dropped at once, and padding columns no row
-needs any more are trimmed.
+A hand-written step loop over a plain, left-padded ``DynamicCache`` rather
+than transformers' ``ContinuousBatchingManager``: every request keeps its own
+sampling settings, and it measured faster here (README, "Architecture").
 """
 from __future__ import annotations
 
@@ -27,6 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .. import metrics
 from .errors import EngineError, failure
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams
@@ -125,14 +117,6 @@ class _Row:
         return self.done or self.gen.cancelled or self.index in self.gen.finished
 
 
-def _metrics():
-    try:
-        from .. import metrics
-        return metrics
-    except ImportError:  # pragma: no cover - metrics module optional
-        return None
-
-
 class Scheduler(ModelWorker):
     """Continuous batching for one loaded causal LM."""
 
@@ -146,7 +130,6 @@ class Scheduler(ModelWorker):
         self.batchable = self._cache_is_batchable()
         self.batch_wait = max(0.0, float(config.BATCH_WAIT_MS)) / 1000
         self._recent: deque[float] = deque()   # when requests finished, for _gather
-        self._metrics = _metrics()
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
@@ -325,8 +308,7 @@ class Scheduler(ModelWorker):
             gen.completion_tokens += 1
             if gen.first_token_at is None:
                 gen.first_token_at = now
-                if self._metrics:
-                    self._metrics.observe_ttft(self.model_id, now - gen.submitted)
+                metrics.observe_ttft(self.model_id, now - gen.submitted)
             gen._put(TokenEvent(row.index, tok, reason, lp, top))
             if reason:
                 row.done = True
@@ -357,9 +339,8 @@ class Scheduler(ModelWorker):
                 gen = row.gen
                 gen.rows_left -= 1
                 if gen.rows_left == 0:
-                    if self._metrics:  # before _END: a scrape after the answer sees them
-                        self._metrics.record_tokens(self.model_id, gen.prompt_tokens,
-                                                    gen.completion_tokens)
+                    # before _END: a scrape after the answer sees them
+                    metrics.record_tokens(self.model_id, gen.prompt_tokens, gen.completion_tokens)
                     gen._put(_END)
                     self._recent.append(time.monotonic())
         if not keep:
