@@ -49,6 +49,13 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def too_large(limit: int, length: int | None = None) -> APIError:
+    """413 for a body over LLMHOST_MAX_BODY_BYTES (the size, when known)."""
+    size = f" of {length} bytes" if length is not None else ""
+    return APIError(413, f"Request body{size} is larger than the limit of {limit} bytes "
+                         "(LLMHOST_MAX_BODY_BYTES).", code="request_too_large")
+
+
 def not_supported(param: str, hint: str = "") -> APIError:
     return APIError(400, f"'{param}' is not supported by llmhost{hint}.", param=param,
                     code="unsupported_parameter")
@@ -145,8 +152,7 @@ def handle_http_exception(exc: HTTPException):
     if status == 404:
         message = "Unknown route. The API lives under /v1 (see /docs)."
     elif status == 413:
-        limit = current_app.config.get("MAX_CONTENT_LENGTH")
-        message = f"Request body is larger than the limit of {limit} bytes (LLMHOST_MAX_BODY_BYTES)."
+        return _render(too_large(current_app.config.get("MAX_CONTENT_LENGTH")))
     elif status == 405:
         message = f"Method not allowed on this route. {exc.description}"
     err = APIError(status, message)

@@ -63,8 +63,9 @@ class ModelEntry:
         }
 
 
-def _same_options(a: loading.LoadSpec, b: loading.LoadSpec) -> list[str]:
-    """Options of two specs for one id that differ (only those the client set)."""
+def _conflicts(a: loading.LoadSpec, b: loading.LoadSpec) -> list[str]:
+    """The options of `b` that conflict with `a`, loaded under the same id (only
+    those the client set), as messages."""
     diffs = []
     for name in ("model", "device", "dtype", "revision", "gguf_file", "task"):
         va, vb = getattr(a, name), getattr(b, name)
@@ -122,6 +123,12 @@ class ModelRegistry:
                              f"Load it first with POST /v1/models {{\"model\": \"{model_id}\"}}.",
                         param=param, code="model_not_found")
 
+    def _model_lock(self, model_id: str) -> threading.Lock:
+        """The id's own lock, handed out under the guard: loading, unloading and
+        evicting one id are serialised; other ids are not held up."""
+        with self._guard:
+            return self._locks.setdefault(model_id, threading.Lock())
+
     def _acquire(self, model_id: str) -> ModelEntry | None:
         """Look up and mark busy in one step under the guard, so eviction can never
         pick a model between a request finding it and using it."""
@@ -163,12 +170,10 @@ class ModelRegistry:
         if spec.keep_alive is None:
             spec.keep_alive = config.KEEP_ALIVE or None
         model_id = spec.served_id
-        with self._guard:
-            lock = self._locks.setdefault(model_id, threading.Lock())
-        with lock:
+        with self._model_lock(model_id):
             existing = self.find(model_id)
             if existing is not None:
-                diffs = _same_options(existing.spec, spec)
+                diffs = _conflicts(existing.spec, spec)
                 if diffs:
                     raise APIError(409, f"The model '{model_id}' is already loaded with other options: "
                                         f"{'; '.join(diffs)}. Unload it first, or load it under another "
@@ -197,9 +202,7 @@ class ModelRegistry:
             return entry, True
 
     def unload(self, model_id: str) -> ModelEntry:
-        with self._guard:
-            lock = self._locks.setdefault(model_id, threading.Lock())
-        with lock:
+        with self._model_lock(model_id):
             entry = self.get(model_id)
             with self._guard:
                 self._models.pop(entry.id, None)
@@ -225,9 +228,7 @@ class ModelRegistry:
                still: Callable[[ModelEntry], bool] = lambda entry: True) -> bool:
         """Unload a model only if it is idle (and `still` holds) at the moment it
         is removed, checked under the guard so no request can start in between."""
-        with self._guard:
-            lock = self._locks.setdefault(model_id, threading.Lock())
-        with lock:
+        with self._model_lock(model_id):
             with self._guard:
                 entry = self._models.get(model_id)
                 if entry is None or entry.active or not still(entry):

@@ -63,7 +63,8 @@ def chat_prompt(entry, messages: list[dict]) -> list[int]:
 
 
 def vocab_size(entry) -> int:
-    """Token ids the model has logits for (may exceed the tokenizer's size)."""
+    """Token ids the model has logits for (may exceed the tokenizer's size); of
+    a registry entry or a loaded model."""
     head = entry.model.get_output_embeddings()
     if head is not None and hasattr(head, "weight"):
         return int(head.weight.shape[0])

@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .. import metrics
 from .errors import EngineError, failure
+from .prompt import vocab_size
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams
 
@@ -123,7 +124,7 @@ class Scheduler(ModelWorker):
     def __init__(self, model_id: str, loaded, config) -> None:
         super().__init__(model_id, config, "scheduler")
         self.model = loaded.model
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = vocab_size(loaded)
         self.max_context = loaded.max_context
         self.device = next(self.model.parameters()).device
         self.max_rows = max(1, int(config.MAX_BATCH))
