@@ -61,12 +61,12 @@ class Source:
 
 @dataclass
 class Loaded:
-    """A ready model: its pipeline plus what the Model object reports."""
+    """A ready model: its pipeline (the one object that holds the model: a
+    transformers text-generation pipeline, or the SentenceTransformer for
+    embeddings) plus what the Model object reports."""
 
     task: str
     pipeline: Any
-    model: Any
-    tokenizer: Any
     device: str
     dtype: str
     parameters: int
@@ -75,6 +75,16 @@ class Loaded:
     max_context: int
     gguf_file: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def model(self):
+        """The torch module the engine drives: the pipeline's model for generation;
+        for embeddings the SentenceTransformer (its modules pool and normalise)."""
+        return self.pipeline.model if self.task == "generate" else self.pipeline
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
 
 
 # -- source ------------------------------------------------------------------
@@ -312,7 +322,7 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
         tokenizer.pad_token = tokenizer.eos_token
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     return Loaded(
-        task="generate", pipeline=pipe, model=model, tokenizer=tokenizer, device=device,
+        task="generate", pipeline=pipe, device=device,
         dtype=str(model.dtype).replace("torch.", ""),
         parameters=sum(p.numel() for p in model.parameters()),
         memory_bytes=_memory_bytes(model), revision=source.revision,
@@ -347,7 +357,7 @@ def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loa
     if not isinstance(max_len, int) or not 0 < max_len < 10**7:
         max_len = _max_context(first.auto_model, st.tokenizer)
     return Loaded(
-        task="embed", pipeline=st, model=st, tokenizer=st.tokenizer, device=device,
+        task="embed", pipeline=st, device=device,
         dtype=str(next(st.parameters()).dtype).replace("torch.", ""),
         parameters=sum(p.numel() for p in st.parameters()), memory_bytes=_memory_bytes(st),
         revision=source.revision, max_context=max_len,
