@@ -279,7 +279,7 @@ class Scheduler(ModelWorker):
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Choose each row's next token with its own settings and hand it out."""
-        plain = [i for i, r in enumerate(rows) if r.sampler.params.plain]
+        plain = [i for i, r in enumerate(rows) if r.sampler.params.argmax_only]
         chosen: dict[int, int] = {}
         if plain:  # one argmax for every plain greedy row
             for i, tok in zip(plain, torch.argmax(logits[plain], dim=-1).tolist()):
