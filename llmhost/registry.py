@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import loading, metrics
+from . import engine, loading, metrics
 from .config import Config
 from .errors import APIError
 
@@ -187,7 +187,6 @@ class ModelRegistry:
                 loaded = loading.load(spec, config)
                 entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
                                    load_seconds=time.perf_counter() - started)
-                from . import engine
                 entry.engine = engine.start(model_id, loaded, config)
             finally:
                 with self._guard:
