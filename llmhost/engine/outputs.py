@@ -18,9 +18,11 @@ from .text import ChoiceText
 
 log = logging.getLogger("llmhost")
 
-# How often a running request looks at its client socket (also while no token
-# comes, e.g. while it waits in the queue).
+# How often a running request looks at its client socket while tokens come,
+# and how long it waits for one before looking anyway (e.g. while it waits in
+# the queue, or a slow step runs).
 DISCONNECT_CHECK_S = 0.5
+IDLE_POLL_S = 0.25
 
 
 @dataclass
@@ -95,7 +97,7 @@ class Run:
             for ids in self.prompts:
                 self.generations.append(engine.submit(
                     GenerationRequest(prompt_ids=ids, params=self.params, n=self.n)))
-            self._iterators = [g.events(poll=DISCONNECT_CHECK_S) for g in self.generations]
+            self._iterators = [g.events(poll=IDLE_POLL_S) for g in self.generations]
             self._first = next((e for e in self._iterators[0] if e is not None or self._gone()),
                                None)
         except BaseException as exc:
