@@ -21,11 +21,13 @@ import threading
 import time
 from typing import Any
 
+from flask import current_app
 from sqlalchemy import JSON, Float, ForeignKey, Integer, String, create_engine, delete, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .config import settings
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -229,16 +231,17 @@ class Store:
 _lock = threading.Lock()
 
 
-def for_app(app) -> Store:
-    """The app's store, opened (and its schema created) on first use, so a
-    server that never stores a response never touches the disk."""
+def current() -> Store:
+    """The current app's store, opened (and its schema created) on first use,
+    so a server that never stores a response never touches the disk."""
+    app = current_app._get_current_object()
     store = app.extensions.get("llmhost_store")
     if store is not None:
         return store
     with _lock:
         store = app.extensions.get("llmhost_store")
         if store is None:
-            config = app.config["LLMHOST"]
+            config = settings()
             url = config.DATABASE_URL or default_url(config.STATE_DIR)
             try:
                 store = Store(url, ttl=config.RESPONSES_TTL)

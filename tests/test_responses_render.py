@@ -12,6 +12,7 @@ import pytest
 from llmhost import conversation
 from llmhost.api.responses import Renderer, _events
 from llmhost.engine.outputs import Choice, ChoiceDelta
+from llmhost.engine.errors import ModelClosed
 from llmhost.errors import APIError
 from support import validate
 
@@ -76,8 +77,11 @@ def test_an_output_without_its_call_is_refused():
 
 
 def _started(deltas, params=None):
-    run = SimpleNamespace(deltas=lambda: iter(deltas), cancelled=False, prompt_tokens=11,
-                          completion_tokens=9,
+    """What serving.start hands over, around a stand-in for engine/outputs.Run:
+    `deltas()` a generator, as Run's is; `cancel(reason)` records the reason."""
+    cancelled: list[str] = []
+    run = SimpleNamespace(deltas=lambda: (d for d in deltas), cancelled=False, prompt_tokens=11,
+                          cancel=cancelled.append, reasons=cancelled, completion_tokens=9,
                           params=params or SimpleNamespace(temperature=0.0, top_p=1.0))
     tokenizer = lambda text, add_special_tokens=False: {"input_ids": text.split()}
     entry = SimpleNamespace(id="m", tokenizer=tokenizer)
@@ -158,7 +162,7 @@ def test_stream_cut_by_the_budget_is_incomplete():
 def test_stream_error_is_response_failed():
     def deltas():
         yield _delta(text="Hi")
-        raise APIError(503, "The model 'm' was unloaded.")
+        raise ModelClosed("The model 'm' was unloaded.")     # the engine's own error
 
     started = _started([])
     started.run.deltas = deltas
@@ -167,3 +171,13 @@ def test_stream_error_is_response_failed():
         validate(event, "ResponseStreamEvent")
     assert events[-1]["type"] == "response.failed"
     assert events[-1]["response"]["error"]["message"] == "The model 'm' was unloaded."
+
+
+def test_stream_closed_early_cancels_the_run():
+    """A client gone before the first delta: closing the event stream cancels
+    the run (closing deltas that never started would not)."""
+    started = _started([_delta(text="Hi", finish="stop")])
+    events = _events(Renderer({"model": "m", "stream": True}, started), None)
+    assert next(events)["type"] == "response.created"
+    events.close()
+    assert len(started.run.reasons) == 1 and "client went away" in started.run.reasons[0]

@@ -6,7 +6,7 @@ from ..engine.prompt import chat_prompt
 from ..engine.text import token_bytes, token_string
 from ..extensions import Blueprint
 from ..schemas.chat import ChatCompletionRequestSchema, ChatCompletionSchema
-from . import generation
+from . import serving
 
 blp = Blueprint("chat", __name__, url_prefix="/v1", description="Chat completions.")
 
@@ -63,8 +63,8 @@ def create_chat_completion(args):
     the model, as OpenAI's API does, streaming included.
     """
     want_logprobs = bool(args.get("logprobs"))
-    return generation.serve(args, chat_build(args), prompt_param="messages",
-                            logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
+    return serving.serve(args, chat_build(args), prompt_param="messages",
+                         logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
 
 
 def chat_build(args: dict):

@@ -1,6 +1,5 @@
 """Model lifecycle: load, list, retrieve, unload."""
-from flask import current_app
-
+from ..config import settings
 from ..extensions import Blueprint
 from ..loading import LoadSpec, cached_models
 from ..registry import registry
@@ -21,9 +20,7 @@ def load_model(args):
     From a Hugging Face hub id (cached models load offline), a local folder or a
     GGUF file. Answers 201 when it loaded now, 200 when it was already loaded.
     """
-    if args.get("keep_alive") is None:
-        args["keep_alive"] = current_app.config["LLMHOST"].KEEP_ALIVE or None
-    entry, created = registry.load(LoadSpec(**args))
+    entry, created = registry.load(LoadSpec(**args), settings())
     return entry.to_openai(), 201 if created else 200
 
 

@@ -4,25 +4,27 @@ POST /v1/responses/input_tokens.
 
 One generation path with chat: a request becomes chat-shaped arguments
 (llmhost/conversation.py), validated by the chat route's own schema and run by
-generation.start with the chat route's prompt builder; only the rendering of
+serving.start with the chat route's prompt builder; only the rendering of
 the result (output items, events) is this module's."""
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 
-from flask import current_app, jsonify
+from flask import jsonify
 from marshmallow import ValidationError
 
 from .. import auth, conversation, sse, store
-from ..errors import APIError, from_validation
+from ..engine.errors import EngineError
+from ..errors import APIError, as_api_error, from_validation
 from ..extensions import Blueprint
-from ..registry import registry
 from ..schemas.chat import ChatCompletionRequestSchema
 from ..schemas.responses import (CreateResponseSchema, DeletedResponseSchema,
                                  InputItemsQuerySchema, InputTokensSchema, ResponseInputSchema,
                                  ResponseItemListSchema, ResponseSchema)
-from . import generation
+from . import serving
+from .access import use_model
 from .chat import chat_build
 
 blp = Blueprint("responses", __name__, url_prefix="/v1",
@@ -71,11 +73,17 @@ def _validated_chat(chat: dict) -> dict:
         raise _renamed(exc) from None
 
 
+def _renamed_any(exc: APIError | EngineError) -> APIError:
+    """An APIError or engine error of the chat layer, naming the Responses
+    parameter."""
+    return _renamed(as_api_error(exc))
+
+
 def prepare(args: dict) -> Prepared:
     owner, sees_all = auth.caller()
     items: list[dict] = []
     if args.get("previous_response_id"):
-        found = store.for_app(current_app._get_current_object()).conversation(
+        found = store.current().conversation(
             args["previous_response_id"], owner, sees_all)
         if found is None:
             raise APIError(404, f"Previous response with id '{args['previous_response_id']}' not "
@@ -99,7 +107,7 @@ def _tools(tools) -> list[dict]:
 class Renderer:
     """Response objects of one request, as it goes."""
 
-    def __init__(self, args: dict, started: generation.Started) -> None:
+    def __init__(self, args: dict, started: serving.Started) -> None:
         self.args = args
         self.started = started
         self.id = conversation.new_id("resp")
@@ -174,18 +182,18 @@ def create_response(args):
     """
     prepared = prepare(args)
     try:
-        started = generation.start(prepared.chat, chat_build(prepared.chat),
-                                   prompt_param="messages", logprobs=None)
-    except APIError as exc:
-        raise _renamed(exc) from None
+        started = serving.start(prepared.chat, chat_build(prepared.chat),
+                                prompt_param="messages", logprobs=None)
+    except (APIError, EngineError) as exc:
+        raise _renamed_any(exc) from None
     renderer = Renderer(args, started)
     saved = None
     if args.get("store") is not False:
         try:
-            saved = store.for_app(current_app._get_current_object())
+            saved = store.current()
             saved.create(renderer.body("in_progress", []), prepared.owner, prepared.items)
-        except BaseException:
-            started.run.cancel()
+        except BaseException as exc:
+            started.run.cancel(f"its response could not be stored ({type(exc).__name__})")
             started.stack.close()
             raise
     if args.get("stream"):
@@ -198,10 +206,10 @@ def _collect(renderer: Renderer, saved) -> dict:
     try:
         with started.stack:
             choice = started.run.collect()[0]
-    except APIError as err:
+    except (APIError, EngineError) as exc:
         if saved is not None:
             saved.finish(renderer.body("failed", [], error={"code": "server_error",
-                                                            "message": err.message}))
+                                                            "message": as_api_error(exc).message}))
         raise
     finally:
         started.fields["completion_tokens"] = started.run.completion_tokens
@@ -295,12 +303,12 @@ def _events(renderer: Renderer, saved):
         current = None
         return events
 
-    with started.stack:
+    with started.stack, closing(run.deltas()) as deltas:
         try:
             opening = renderer.body("in_progress", [])
             yield ev("response.created", response=opening)
             yield ev("response.in_progress", response=opening)
-            for delta in run.deltas():
+            for delta in deltas:
                 piece = getattr(delta, "reasoning", None)
                 if piece:
                     reasoning_text += piece
@@ -349,8 +357,9 @@ def _events(renderer: Renderer, saved):
             finished = True
             yield ev(f"response.{status}" if status in ("completed", "incomplete")
                      else "response.failed", response=body)
-        except APIError as err:
+        except (APIError, EngineError) as exc:
             finished = True
+            err = as_api_error(exc)
             body = renderer.body("failed", output, error={"code": "server_error",
                                                           "message": err.message})
             if saved is not None and not isinstance(err, store.StoreError):
@@ -361,7 +370,12 @@ def _events(renderer: Renderer, saved):
             yield ev("response.failed", response=body)
         finally:
             started.fields["completion_tokens"] = run.completion_tokens
-            if not finished and saved is not None:   # the client went away mid-stream
+            if not finished:    # the client went away mid-stream
+                # Also before the first delta, when closing the unstarted deltas
+                # would not cancel the run.
+                run.cancel("its response stream was closed before the end "
+                           "(the client went away)")
+            if not finished and saved is not None:
                 try:
                     saved.finish(renderer.body("cancelled", output))
                 except APIError:
@@ -380,7 +394,7 @@ def _not_found(response_id: str) -> APIError:
 def retrieve_response(response_id):
     """Retrieve a stored response"""
     owner, sees_all = auth.caller()
-    body = store.for_app(current_app._get_current_object()).get(response_id, owner, sees_all)
+    body = store.current().get(response_id, owner, sees_all)
     if body is None:
         raise _not_found(response_id)
     return jsonify(body)
@@ -396,7 +410,7 @@ def delete_response(response_id):
     copy of the conversation.
     """
     owner, sees_all = auth.caller()
-    if not store.for_app(current_app._get_current_object()).delete(response_id, owner, sees_all):
+    if not store.current().delete(response_id, owner, sees_all):
         raise _not_found(response_id)
     return jsonify({"id": response_id, "object": "response", "deleted": True})
 
@@ -412,7 +426,7 @@ def list_input_items(query, response_id):
     first by default; page with `after` (an item id) and `limit`.
     """
     owner, sees_all = auth.caller()
-    page = store.for_app(current_app._get_current_object()).input_items(
+    page = store.current().input_items(
         response_id, owner, sees_all, query.get("after"), query["limit"], query["order"])
     if page is None:
         raise _not_found(response_id)
@@ -433,9 +447,9 @@ def count_input_tokens(args):
     previous_response_id included), counted without generating.
     """
     prepared = prepare(args)
-    with registry.use(prepared.chat["model"], task="generate") as entry:
+    with use_model(prepared.chat["model"], task="generate") as entry:
         try:
             prompts, _ = chat_build(prepared.chat)(entry)
-        except APIError as exc:
-            raise _renamed(exc) from None
+        except (APIError, EngineError) as exc:
+            raise _renamed_any(exc) from None
     return jsonify({"object": "response.input_tokens", "input_tokens": len(prompts[0])})

@@ -10,9 +10,9 @@ from ..engine.prompt import completion_prompts, vocab_size
 from ..engine.text import token_string
 from ..errors import invalid
 from ..extensions import Blueprint
-from ..registry import registry
 from ..schemas.responses import (DetokenizeRequestSchema, DetokenizeResponseSchema,
                                  TokenizeRequestSchema, TokenizeResponseSchema)
+from .access import use_model
 from .chat import chat_build
 
 blp = Blueprint("tokenize", __name__, description="Token counting (vLLM's /tokenize and "
@@ -31,7 +31,7 @@ def tokenize(args):
     the chat template as /v1/chat/completions does (generation prompt
     included). `count` is the `usage.prompt_tokens` of that request.
     """
-    with registry.use(args["model"], task="generate") as entry:
+    with use_model(args["model"], task="generate") as entry:
         if "messages" in args:
             ids = chat_build({"messages": args["messages"]})(entry)[0][0]
         elif args["add_special_tokens"]:
@@ -52,7 +52,7 @@ def tokenize(args):
 @blp.errors(400, 404, 503)
 def detokenize(args):
     """Turn token ids back into text"""
-    with registry.use(args["model"], task="generate") as entry:
+    with use_model(args["model"], task="generate") as entry:
         vocab = vocab_size(entry)
         for i, token in enumerate(args["tokens"]):
             if not 0 <= token < vocab:
