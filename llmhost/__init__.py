@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def create_app(config: Config | None = None) -> Flask:
     """Config -> extensions -> blueprints. Only wsgi.py (and tests) call this."""
     from . import api as api_modules
-    from . import auth, observability, preload
+    from . import auth, observability, preload, web
     from .extensions import api
     from .registry import registry
 
@@ -27,5 +27,6 @@ def create_app(config: Config | None = None) -> Flask:
     registry.init_app(app)
     for module in api_modules.MODULES:
         api.register_blueprint(module.blp)
+    web.init_app(app)  # the chat page at / and the docs' own assets (no CDN)
     preload.start(app)  # LLMHOST_MODELS, in a background thread of this (worker) process
     return app

@@ -66,9 +66,10 @@ class Config:
     OPENAPI_URL_PREFIX = "/"
     OPENAPI_JSON_PATH = "openapi.json"
     OPENAPI_SWAGGER_UI_PATH = "/docs"
-    OPENAPI_SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist/"
+    # Served by llmhost itself (llmhost/web.py), so the docs work offline.
+    OPENAPI_SWAGGER_UI_URL = "/assets/swagger-ui/"
     OPENAPI_REDOC_PATH = "/redoc"
-    OPENAPI_REDOC_URL = "https://cdn.jsdelivr.net/npm/redoc/bundles/redoc.standalone.js"
+    OPENAPI_REDOC_URL = "/assets/redoc/redoc.standalone.js"
 
     def __init__(self, environ: Mapping[str, str] | None = None, **overrides):
         env = os.environ if environ is None else environ
