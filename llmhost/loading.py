@@ -188,8 +188,10 @@ def _download(spec: LoadSpec, config) -> str:
     allow = [spec.gguf_file, "*.json", "*.txt", "*.model", "*.jinja"] if spec.gguf_file else None
     ignore = None if spec.gguf_file else IGNORE_WEIGHTS + ["*.gguf"]
     log.info("downloading %s from the Hub into %s", spec.model, constants.HF_HUB_CACHE)
+    from . import progress  # the Hub's byte counts feed GET /v1/models and streamed loads
     return snapshot_download(spec.model, revision=spec.revision, allow_patterns=allow,
-                             ignore_patterns=ignore, etag_timeout=config.HUB_TIMEOUT)
+                             ignore_patterns=ignore, etag_timeout=config.HUB_TIMEOUT,
+                             tqdm_class=progress.hub_tqdm(progress.current()))
 
 
 def resolve_source(spec: LoadSpec, config) -> Source:

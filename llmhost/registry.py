@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import loading, metrics
+from . import loading, metrics, progress
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -175,13 +175,14 @@ class ModelRegistry:
             with self._guard:
                 self._loading.add(model_id)
             try:
-                self._make_room(model_id)
-                started = time.perf_counter()
-                loaded = loading.load(spec, self.config)
-                entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
-                                   load_seconds=time.perf_counter() - started)
-                from . import engine
-                entry.engine = engine.start(entry, self.config)
+                with progress.track(model_id, spec.model):  # GET /v1/models shows it loading
+                    self._make_room(model_id)
+                    started = time.perf_counter()
+                    loaded = loading.load(spec, self.config)
+                    entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
+                                       load_seconds=time.perf_counter() - started)
+                    from . import engine
+                    entry.engine = engine.start(entry, self.config)
             finally:
                 with self._guard:
                     self._loading.discard(model_id)
