@@ -81,6 +81,8 @@ class Tracker:
         if self.download_total or self.downloaded:
             out["downloaded_bytes"] = self.downloaded
             out["download_total_bytes"] = self.download_total
+        if self.what:
+            out["step"] = self.what
         if self.total:
             out["loaded_tensors"] = self.done
             out["total_tensors"] = self.total
@@ -99,6 +101,13 @@ def get(model_id: str) -> Tracker | None:
 
 def current() -> Tracker | None:
     return getattr(_local, "tracker", None)
+
+
+def step(phase: str, what: str = "") -> None:
+    """Say what the load on this thread does now (no-op outside a tracked load)."""
+    tracker = current()
+    if tracker is not None:
+        tracker.update(phase=phase, what=what, done=0, total=0)
 
 
 def _rss_bytes() -> int:
@@ -175,7 +184,7 @@ class _Counted:
     def __init__(self, bar, tracker: Tracker, total: int, what: str) -> None:
         self._bar = bar
         self._tracker = tracker
-        tracker.update(phase="loading", done=0, total=total, what=what)
+        tracker.update(phase="loading", done=0, total=total, what=what.rstrip(". "))
 
     def __iter__(self):
         for i, item in enumerate(self._bar, 1):

@@ -30,7 +30,7 @@ class LoadModelSchema(Schema):
         "description": "A Jinja chat template that replaces the model's own (or the fallback)."})
     keep_alive = fields.Float(allow_none=True, validate=validate.Range(min=0), metadata={
         "description": "Unload after this many idle seconds (0: never; default LLMHOST_KEEP_ALIVE)."})
-    stream = fields.Boolean(load_default=False, metadata={
+    stream = fields.Boolean(metadata={
         "description": "llmhost extra. `true`: answer server-sent events of load progress "
                        "(`object: model.load.progress`), then the Model object, then `[DONE]`; "
                        "an error while loading comes as an error event."})
@@ -67,6 +67,7 @@ class ModelSchema(Schema):
                                      "description": "Cached entries: where the files are."})
     phase = fields.String(metadata={"enum": ["resolving", "downloading", "loading"],
                                     "description": "While loading: what the load is doing."})
+    step = fields.String(metadata={"description": "While loading: the step under way."})
     fraction = fields.Float(metadata={"description": "While loading: share of the phase done, "
                                                      "where its total is known."})
     elapsed_seconds = fields.Float()
