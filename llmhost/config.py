@@ -51,6 +51,7 @@ class Config:
         ("BATCH_WAIT_MS", float, 25.0),
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),
+        ("EMBED_TOKEN_IDS", str, "cl100k_base"),
         ("MAX_BODY_BYTES", int, 8 * 1024 * 1024),
         ("API_KEYS", _list, []),
         ("API_KEYS_FILE", str, ""),

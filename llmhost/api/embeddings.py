@@ -5,9 +5,10 @@ import base64
 
 import numpy as np
 import orjson
-from flask import Response
+from flask import Response, current_app
 
 from ..extensions import Blueprint
+from ..openai_tokens import to_texts
 from ..registry import registry
 from ..schemas.embeddings import EmbeddingRequestSchema, EmbeddingResponseSchema
 
@@ -34,8 +35,10 @@ def create_embeddings(args):
     One vector per input, equal to sentence-transformers' `encode` for the model.
     Inputs of concurrent requests share the model's forward passes.
     """
+    mode = args.get("token_ids") or current_app.config["LLMHOST"].EMBED_TOKEN_IDS
+    inputs = to_texts(args["input"], mode)  # OpenAI's token ids become text (openai_tokens.py)
     with registry.use(args["model"], task="embed") as entry:
-        result = entry.engine.embed(args["input"], truncate=args["truncate"],
+        result = entry.engine.embed(inputs, truncate=args["truncate"],
                                     dimensions=args.get("dimensions"))
     if metrics is not None:
         metrics.record_tokens(entry.id, result.prompt_tokens, 0)
