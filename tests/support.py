@@ -132,3 +132,15 @@ class Server:
         r = requests.post(self.url + "/v1/models", json={"model": model, **options}, timeout=600)
         assert r.status_code in (200, 201), r.text
         return r.json()
+
+
+def readme_block(marker: str) -> str:
+    """The code block of README.md between `<!-- marker:begin -->` and `<!-- marker:end -->`."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    assert begin in text and end in text, f"README.md lost its {marker} markers"
+    block = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    lines = block.splitlines()
+    assert lines[0].startswith("```") and lines[-1] == "```", block
+    return "\n".join(lines[1:-1])
