@@ -141,10 +141,15 @@ def _announce_ready(proc: subprocess.Popen, config) -> None:
 # -- clients ------------------------------------------------------------------------
 
 def client_options(func):
+    """--url and --api-key, defaulting to LLMHOST_URL and LLMHOST_API_KEY (config.py)."""
+    from .config import Config
+
     func = click.option("--api-key", envvar="LLMHOST_API_KEY", show_envvar=True,
+                        default=lambda: Config().API_KEY or None,
                         help="Key sent as 'Authorization: Bearer KEY'.")(func)
-    func = click.option("--url", envvar="LLMHOST_URL", show_envvar=True, default=DEFAULT_URL,
-                        show_default=True, help="The llmhost server.")(func)
+    func = click.option("--url", envvar="LLMHOST_URL", show_envvar=True,
+                        default=lambda: Config().URL, show_default=DEFAULT_URL,
+                        help="The llmhost server.")(func)
     return func
 
 

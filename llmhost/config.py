@@ -58,6 +58,9 @@ class Config:
         ("ADMIN_API_KEYS", _list, []),
         ("PUBLIC_DOCS", _bool, True),
         ("CORS_ORIGINS", _list, []),
+        # The `llmhost` client commands (models, load, unload, chat): where and how to call.
+        ("URL", str, "http://127.0.0.1:8000"),
+        ("API_KEY", str, ""),
     )
 
     TESTING = False
