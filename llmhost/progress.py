@@ -151,12 +151,20 @@ def track(model_id: str, source: str) -> Iterator[Tracker]:
             pass
         log.info("loaded %s in %.1fs (process RSS %s, %+.0f MiB%s)", model_id,
                  time.monotonic() - tracker.started, _mib(now), (now - rss) / 2**20, cuda)
+        tracker.update(finished=True)  # listed until the registry lists the model: forget()
     finally:
         _local.tracker = None
-        tracker.update(finished=True)
-        with _guard:
-            if _active.get(model_id) is tracker:
-                del _active[model_id]
+        if not tracker.finished:
+            tracker.update(finished=True)
+            forget(model_id, tracker)
+
+
+def forget(model_id: str, tracker: Tracker | None = None) -> None:
+    """Stop listing a load (the registry calls this once it lists the model, so
+    that a poller never finds the model in neither list)."""
+    with _guard:
+        if _active.get(model_id) is (tracker or _active.get(model_id)):
+            _active.pop(model_id, None)
 
 
 # -- where the numbers come from ------------------------------------------------

@@ -188,6 +188,7 @@ class ModelRegistry:
                     self._loading.discard(model_id)
             with self._guard:
                 self._models[model_id] = entry
+            progress.forget(model_id)
             log.info("loaded %s (%s on %s, %.1fs)", model_id, entry.loaded.dtype,
                      entry.loaded.device, entry.load_seconds)
             metrics.observe_load(model_id, entry.load_seconds)

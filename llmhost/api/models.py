@@ -61,7 +61,7 @@ def _load_events(spec: LoadSpec):
         version = -1
         while thread.is_alive():
             tracker = progress.get(spec.served_id)
-            if tracker is None:
+            if tracker is None or tracker.finished:
                 thread.join(PROGRESS_EVERY)
                 continue
             if tracker.version != version:
