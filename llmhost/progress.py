@@ -176,9 +176,15 @@ def hub_tqdm(tracker: Tracker | None):
     from tqdm.auto import tqdm
 
     class HubProgress(tqdm):
+        def __init__(self, *args, **kwargs):
+            # Read from the arguments: a disabled bar (HF_HUB_DISABLE_PROGRESS_BARS)
+            # does not keep its unit and description.
+            self._bytes = (kwargs.get("unit") == "B"
+                           and str(kwargs.get("desc") or "").startswith("Downloading"))
+            super().__init__(*args, **kwargs)
+
         def update(self, n=1):
-            if tracker is not None and n and getattr(self, "unit", None) == "B" \
-                    and str(getattr(self, "desc", "")).startswith("Downloading"):
+            if tracker is not None and n and self._bytes:
                 tracker.update(phase="downloading", downloaded=tracker.downloaded + int(n),
                                download_total=int(self.total or 0))
             return super().update(n)

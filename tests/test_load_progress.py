@@ -47,6 +47,7 @@ def test_streamed_load_events(client, tiny_models, caplog):
         *progress, model = events
         assert progress and all(e["object"] == "model.load.progress" and e["id"] == "streamed"
                                 and e["status"] == "loading" for e in progress)
+        assert any(e.get("total_tensors") and e["phase"] == "loading" for e in progress), progress
         validate(model, "Model")
         assert model["status"] == "loaded" and model["id"] == "streamed"
         assert client.get("/v1/models/streamed").get_json()["status"] == "loaded"
@@ -112,3 +113,20 @@ def test_cached_lists_files_and_folders_under_model_dirs(tmp_path, tiny_models, 
 def test_unknown_model_still_404(client, path):
     r = client.get(path)
     assert r.status_code == 404 and r.get_json()["error"]["code"] == "model_not_found"
+
+
+def test_hub_download_bytes_feed_the_tracker():
+    """snapshot_download reports its bytes to the tqdm class it is given (no Hub
+    here: the class is driven as huggingface_hub drives it)."""
+    from llmhost import progress
+
+    tracker = progress.Tracker("org/model", "org/model")
+    bar = progress.hub_tqdm(tracker)(desc="Downloading bytes", total=0, unit="B", unit_scale=True,
+                                      disable=True)
+    bar.total = 1000  # huggingface_hub grows the total as it learns the files' sizes
+    bar.update(250)
+    files = progress.hub_tqdm(tracker)(desc="Fetching 3 files", total=3, disable=True)
+    files.update(1)  # file counts are not bytes
+    info = tracker.to_dict()
+    assert info["phase"] == "downloading" and info["downloaded_bytes"] == 250
+    assert info["download_total_bytes"] == 1000 and info["fraction"] == 0.25
