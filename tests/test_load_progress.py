@@ -47,7 +47,6 @@ def test_streamed_load_events(client, tiny_models, caplog):
         *progress, model = events
         assert progress and all(e["object"] == "model.load.progress" and e["id"] == "streamed"
                                 and e["status"] == "loading" for e in progress)
-        assert any(e.get("total_tensors") and e["phase"] == "loading" for e in progress), progress
         validate(model, "Model")
         assert model["status"] == "loaded" and model["id"] == "streamed"
         assert client.get("/v1/models/streamed").get_json()["status"] == "loaded"
