@@ -5,6 +5,7 @@ import time
 from flask import current_app
 
 from .. import progress, sse
+from ..config import settings
 from ..extensions import Blueprint
 from ..loading import LoadSpec, cached_models
 from ..ondisk import local_models
@@ -31,12 +32,10 @@ def load_model(args):
     With `stream: true`, server-sent events of the load's progress come first.
     """
     stream = args.pop("stream", False)
-    if args.get("keep_alive") is None:
-        args["keep_alive"] = current_app.config["LLMHOST"].KEEP_ALIVE or None
     spec = LoadSpec(**args)
     if stream:
         return sse.stream(_load_events(spec))
-    entry, created = registry.load(spec)
+    entry, created = registry.load(spec, settings())
     return entry.to_openai(), 201 if created else 200
 
 
@@ -46,11 +45,12 @@ def _load_events(spec: LoadSpec):
     the events are progress while it runs, then the Model object."""
     outcome: dict = {}
     app = current_app._get_current_object()
+    config = settings()
 
     def run() -> None:
         with app.app_context():
             try:
-                outcome["entry"], _ = registry.load(spec)
+                outcome["entry"], _ = registry.load(spec, config)
             except BaseException as exc:  # handed to the stream, which renders it
                 outcome["error"] = exc
 
@@ -97,7 +97,7 @@ def list_models(args):
                   "status": "cached", "format": "hub", "revision": c["revision"],
                   "size_on_disk": c["size_on_disk"]}
                  for c in cached_models() if c["id"] not in seen]
-        data += [m for m in local_models(current_app.config["LLMHOST"].MODEL_DIRS)
+        data += [m for m in local_models(settings().MODEL_DIRS)
                  if m["id"] not in seen]
     return {"object": "list", "data": data}
 
