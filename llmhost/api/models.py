@@ -58,9 +58,9 @@ def _load_events(spec: LoadSpec):
     thread.start()
 
     def events():
-        version = -1
+        version, tracker = -1, None
         while thread.is_alive():
-            tracker = progress.get(spec.served_id)
+            tracker = progress.get(spec.served_id) or tracker
             if tracker is None or tracker.finished:
                 thread.join(PROGRESS_EVERY)
                 continue
@@ -71,6 +71,9 @@ def _load_events(spec: LoadSpec):
             tracker.wait(version, PROGRESS_EVERY)
         if "error" in outcome:
             raise outcome["error"]
+        if tracker is not None and tracker.version != version:
+            # A small load can finish between two polls: its last counts still come.
+            yield {**tracker.to_dict(), "object": "model.load.progress"}
         yield outcome["entry"].to_openai()
 
     return events()
