@@ -21,6 +21,7 @@ import torch
 import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from . import progress
 from .errors import APIError, invalid
 
 log = logging.getLogger("llmhost")
@@ -193,8 +194,10 @@ def _download(spec: LoadSpec, config) -> str:
     allow = [spec.gguf_file, "*.json", "*.txt", "*.model", "*.jinja"] if spec.gguf_file else None
     ignore = None if spec.gguf_file else IGNORE_WEIGHTS + ["*.gguf"]
     log.info("downloading %s from the Hub into %s", spec.model, constants.HF_HUB_CACHE)
+    # The Hub's byte counts feed GET /v1/models and streamed loads.
     return snapshot_download(spec.model, revision=spec.revision, allow_patterns=allow,
-                             ignore_patterns=ignore, etag_timeout=config.HUB_TIMEOUT)
+                             ignore_patterns=ignore, etag_timeout=config.HUB_TIMEOUT,
+                             tqdm_class=progress.hub_tqdm(progress.current()))
 
 
 def resolve_source(spec: LoadSpec, config) -> Source:
@@ -293,6 +296,7 @@ def load(spec: LoadSpec, config) -> Loaded:
     dtype = choose_dtype(spec.dtype, device)
     source = resolve_source(spec, config)
     task = spec.task or detect_task(source)
+    progress.step("loading", "tokenizer and weights")
     if task == "embed":
         return _load_embedding(source, spec, device, device_map, dtype)
     return _load_causal_lm(source, spec, device, device_map, dtype)
