@@ -6,7 +6,7 @@ from ..engine.outputs import Choice, ChoiceDelta, TokenLogprob
 from ..engine.text import token_bytes, token_string
 from ..extensions import Blueprint
 from ..schemas.chat import ChatCompletionRequestSchema, ChatCompletionSchema
-from . import generation
+from . import serving
 
 blp = Blueprint("chat", __name__, url_prefix="/v1", description="Chat completions.")
 
@@ -23,7 +23,7 @@ class ChatFormat:
         self.logprobs = logprobs
         # The request used the deprecated `functions`: answer with `function_call`.
         self.legacy = legacy_functions
-        self.constraint = None      # set by build(): read by generation.serve
+        self.constraint = None      # set by build(): read by serving.start
         self.parser = None
 
     def _token(self, token_id: int, logprob: float) -> dict:
@@ -87,12 +87,20 @@ def create_chat_completion(args):
     the model, as OpenAI's API does, streaming included.
     """
     want_logprobs = bool(args.get("logprobs"))
+    return serving.serve(args, chat_build(args), prompt_param="messages",
+                         logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
+
+
+def chat_build(args: dict):
+    """The prompt and formatter of chat-shaped `args`: /v1/responses and the
+    token counting routes build through this too, so every route renders a
+    conversation one way."""
+    want_logprobs = bool(args.get("logprobs"))
 
     def build(entry):
-        ids, plan = agents.build_chat(args, entry, generation.stop_token_ids(entry))
+        ids, plan = agents.build_chat(args, entry, serving.stop_token_ids(entry))
         fmt = ChatFormat(entry.tokenizer, want_logprobs, legacy_functions=bool(args.get("functions")))
         fmt.constraint, fmt.parser = plan.constraint, plan.parser
         return [ids], fmt
 
-    return generation.serve(args, build, prompt_param="messages",
-                            logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
+    return build

@@ -7,7 +7,7 @@ from ..engine.prompt import completion_prompts, vocab_size
 from ..engine.text import token_string
 from ..extensions import Blueprint
 from ..schemas.completions import CompletionRequestSchema, CompletionSchema
-from . import generation
+from . import serving
 
 blp = Blueprint("completions", __name__, url_prefix="/v1", description="Text completions.")
 
@@ -76,8 +76,8 @@ def create_completion(args):
         prompts = completion_prompts(entry, args["prompt"])
         fmt = CompletionFormat(entry.tokenizer, [text for _, text in prompts], n,
                                bool(args.get("echo")), args.get("logprobs") is not None)
-        fmt.constraint = completion_constraint(args, entry, generation.stop_token_ids(entry),
+        fmt.constraint = completion_constraint(args, entry, serving.stop_token_ids(entry),
                                                vocab_size(entry))
         return [ids for ids, _ in prompts], fmt
 
-    return generation.serve(args, build, prompt_param="prompt", logprobs=args.get("logprobs"))
+    return serving.serve(args, build, prompt_param="prompt", logprobs=args.get("logprobs"))

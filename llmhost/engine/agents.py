@@ -32,8 +32,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import invalid
 from . import constrain
+from .errors import InvalidInput
 from .parsing import HERMES, OutputParser, response_template
 from .prompt import chat_prompt, template_for, vocab_size
 
@@ -303,8 +303,8 @@ def _constraint(plan: ChatPlan, entry, stop_ids, vocab_size: int, thinking: bool
             compiled = constrain.structural_tag(comp, {"type": "structural_tag", "format": fmt})
     except constrain.GrammarError as exc:
         where = param or "tools"
-        raise invalid(f"Invalid value for '{where}': llmhost's grammar library (xgrammar) cannot "
-                      f"compile it: {exc}", param=where, code="invalid_grammar")
+        raise InvalidInput(f"Invalid value for '{where}': llmhost's grammar library (xgrammar) "
+                           f"cannot compile it: {exc}", param=where, code="invalid_grammar")
     return constrain.Constraint(compiled, vocab_size, "tools" if calls else "answer")
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate, validates, validates_schema
 
 from ..extensions import Schema
-from .generation import GenerationSchema, _config, _int
+from ..config import settings
+from .generation import GenerationSchema, _int
 from .structured import (FunctionSchema, ToolSchema, function_call_as_tool_choice,
                          tool_choice_error)
 
@@ -93,7 +94,7 @@ class ChatCompletionRequestSchema(GenerationSchema):
     def _check_messages(self, value, **kwargs):
         if not value:
             raise ValidationError("must contain at least one message")
-        limit = _config().MAX_MESSAGES
+        limit = settings().MAX_MESSAGES
         if limit and len(value) > limit:
             raise ValidationError(f"at most {limit} messages are allowed on this server "
                                   "(LLMHOST_MAX_MESSAGES)")
