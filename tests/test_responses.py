@@ -1,8 +1,7 @@
 """POST /v1/responses end to end through gunicorn and the official openai
 client: the same generation as chat (SmolLM2), the event stream, stored
-conversations, token counting, bad input. The tests marked `needs_tools` need
-tool calling and structured output in the chat layer (issue 11): until it is
-there they skip, saying so."""
+conversations, token counting, bad input, and tools and structured output
+through the chat layer's tool calling (engine/agents.py)."""
 import json
 import re
 import socket
@@ -21,7 +20,9 @@ SYSTEM = "You are a terse geography assistant."
 
 
 def _dump(response) -> dict:
-    return validate(response.model_dump(mode="json", exclude_unset=True), "Response")
+    # by_alias: the wire names (the SDK's model calls text.format's `schema` `schema_`)
+    return validate(response.model_dump(mode="json", exclude_unset=True, by_alias=True),
+                    "Response")
 
 
 def _chat(server, messages: list[dict], max_tokens: int, model: str = "smollm2") -> dict:
@@ -344,18 +345,7 @@ def test_agents_sdk_answers_and_continues(server, openai_client, smollm2):
         ("user", ASK), ("assistant", result.final_output), ("user", "And of Italy?")]
 
 
-# -- tools and structured output (need the chat layer's tool calling, issue 11) ------
-
-@pytest.fixture(scope="module")
-def needs_tools(server, smollm2):
-    """Skips unless /v1/chat/completions takes function tools."""
-    r = post(server, "/v1/chat/completions", {
-        "model": "smollm2", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}],
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {
-            "type": "object", "properties": {}}}}]})
-    if r.status_code == 400 and r.json()["error"]["param"] == "tools":
-        pytest.skip("needs tool calling in /v1/chat/completions (agents branch, issue 11)")
-
+# -- tools and structured output (the chat layer's tool calling) ---------------------
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city.",
            "strict": True, "parameters": {"type": "object", "additionalProperties": False,
@@ -363,7 +353,7 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in
                                           "required": ["city"]}}
 
 
-def test_function_tool_round_trip(openai_client, needs_tools):
+def test_function_tool_round_trip(openai_client, smollm2):
     r = openai_client.responses.create(
         model="smollm2", input="What is the weather in Paris?", tools=[WEATHER],
         tool_choice={"type": "function", "name": "get_weather"}, temperature=0,
@@ -384,7 +374,7 @@ def test_function_tool_round_trip(openai_client, needs_tools):
     assert types[0] == "message" and types[-2:] == ["function_call", "function_call_output"]
 
 
-def test_streamed_function_call_events(server, needs_tools):
+def test_streamed_function_call_events(server, smollm2):
     events = _raw_stream(server, {"model": "smollm2", "input": "Weather in Rome?",
                                   "tools": [WEATHER], "temperature": 0, "max_output_tokens": 40,
                                   "tool_choice": {"type": "function", "name": "get_weather"}})
@@ -407,14 +397,14 @@ class City(BaseModel):
     country: str
 
 
-def test_parse_text_format(openai_client, needs_tools):
+def test_parse_text_format(openai_client, smollm2):
     r = openai_client.responses.parse(model="smollm2", input="Name a city in Italy.",
                                       text_format=City, temperature=0, max_output_tokens=40)
     _dump(r)
     assert isinstance(r.output_parsed, City) and r.output_parsed.name
 
 
-def test_agents_sdk_runs_a_tool(server, needs_tools):
+def test_agents_sdk_runs_a_tool(server, smollm2):
     from agents import (Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner,
                         function_tool, set_tracing_disabled)
 
@@ -431,11 +421,18 @@ def test_agents_sdk_runs_a_tool(server, needs_tools):
     agent = Agent(name="weather", instructions="Answer with the weather tool's result.",
                   tools=[get_weather],
                   model=OpenAIResponsesModel(model="smollm2", openai_client=client),
-                  # The first turn must call the tool; the SDK then resets tool_choice
-                  # (reset_tool_choice) so the next turn answers.
-                  model_settings=ModelSettings(tool_choice="required", temperature=0,
-                                               max_tokens=60))
+                  # The first turn must call the tool, once (a forced grammar with parallel
+                  # calls lets a 135M model repeat its call until max_tokens); the SDK then
+                  # resets tool_choice (reset_tool_choice) so the next turn answers.
+                  model_settings=ModelSettings(tool_choice="required", parallel_tool_calls=False,
+                                               temperature=0, max_tokens=60))
     result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4,
                              run_config=RunConfig(tracing_disabled=True))
-    assert calls, "the tool was never called"
-    assert isinstance(result.final_output, str) and result.final_output
+    assert calls == ["Paris"], calls
+    first, last = result.raw_responses[0], result.raw_responses[-1]
+    assert [o.type for o in first.output if o.type == "function_call"] == ["function_call"]
+    assert len(result.raw_responses) == 2        # the call, then the answer in text
+    assert isinstance(result.final_output, str) and result.final_output.strip()
+    assert not [o for o in last.output if o.type == "function_call"]
+    assert result.final_output == "".join(
+        part.text for o in last.output if o.type == "message" for part in o.content)

@@ -85,6 +85,11 @@ class ChatCompletionRequestSchema(GenerationSchema):
         "description": "`none`, `auto` (default with tools), `required` or "
                        "`{\"type\": \"function\", \"function\": {\"name\": ...}}`; "
                        "required and named calls are enforced by a grammar."})
+    reasoning_effort = fields.String(allow_none=True, validate=validate.OneOf(
+        ("none", "minimal", "low", "medium", "high", "xhigh", "max")), metadata={
+        "description": "Accepted (also from /v1/responses' `reasoning.effort`); a model thinks "
+                       "as its chat template says, its thought comes back as "
+                       "`reasoning_content`."})
     functions = fields.List(fields.Nested(FunctionSchema), allow_none=True, metadata={
         "description": "Deprecated form of `tools`."})
     function_call = fields.Raw(allow_none=True, metadata={
