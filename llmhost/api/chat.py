@@ -99,7 +99,8 @@ def chat_build(args: dict):
 
     def build(entry):
         ids, plan = agents.build_chat(args, entry, serving.stop_token_ids(entry))
-        fmt = ChatFormat(entry.tokenizer, want_logprobs, legacy_functions=bool(args.get("functions")))
+        fmt = ChatFormat(entry.tokenizer, want_logprobs,
+                         legacy_functions=bool(args.get("functions")))
         fmt.constraint, fmt.parser = plan.constraint, plan.parser
         return [ids], fmt
 
