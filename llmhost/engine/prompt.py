@@ -56,9 +56,18 @@ def chat_prompt(entry, messages: list[dict]) -> list[int]:
         # not alternate) with raise_exception(); that is the client's input.
         raise invalid(f"The chat template of model '{entry.id}' refused these messages: {exc}",
                       param="messages", code="chat_template_error")
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as exc:
+        # A template that fails on these messages (e.g. `content + 1`): the
+        # template and the messages together cannot render, never a 500.
+        raise invalid(f"The chat template of model '{entry.id}' failed on these messages "
+                      f"({type(exc).__name__}: {exc}).", param="messages",
+                      code="chat_template_error")
     # transformers 5 returns a BatchEncoding when tokenizing; 4.x a list.
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
+    if not len(ids):
+        raise invalid(f"The chat template of model '{entry.id}' rendered these messages to an "
+                      "empty prompt.", param="messages", code="chat_template_error")
     return [int(i) for i in ids]
 
 
