@@ -100,7 +100,11 @@ def _local_source(spec: LoadSpec, config) -> Source:
     if not os.path.exists(path):
         raise APIError(404, f"No file or folder at '{spec.model}' on the server.", param="model",
                        code="model_not_found")
+    if not os.path.isfile(path) and not os.path.isdir(path):
+        raise invalid(f"'{spec.model}' is neither a model folder nor a GGUF file.", param="model")
     gguf = spec.gguf_file
+    if gguf:   # the file opened must be inside LLMHOST_MODEL_DIRS too (symlinks followed)
+        check_model_dirs(os.path.join(path, gguf), config)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise invalid(f"'{spec.model}' is a file but not a GGUF file; give a model folder, "

@@ -65,7 +65,7 @@ class ModelEntry:
 def _same_options(a: loading.LoadSpec, b: loading.LoadSpec) -> list[str]:
     """Options of two specs for one id that differ (only those the client set)."""
     diffs = []
-    for name in ("model", "device", "dtype", "revision", "gguf_file", "task"):
+    for name in ("model", "device", "dtype", "revision", "gguf_file", "task", "chat_template"):
         va, vb = getattr(a, name), getattr(b, name)
         if vb not in (None, "auto") and va != vb:
             diffs.append(f"{name}={vb!r} (loaded with {va!r})")
@@ -121,7 +121,11 @@ class ModelRegistry:
         return entry
 
     def _not_loaded(self, model_id: str, param: str = "model") -> APIError:
-        loaded = ", ".join(e.id for e in self.list()) or "none"
+        with self._guard:
+            return self._not_loaded_locked(model_id, param)
+
+    def _not_loaded_locked(self, model_id: str, param: str = "model") -> APIError:
+        loaded = ", ".join(self._models) or "none"
         return APIError(404, f"The model '{model_id}' is not loaded (loaded models: {loaded}). "
                              f"Load it first with POST /v1/models {{\"model\": \"{model_id}\"}}.",
                         param=param, code="model_not_found")
@@ -160,6 +164,8 @@ class ModelRegistry:
     # -- lifecycle ------------------------------------------------------------
     def load(self, spec: loading.LoadSpec) -> tuple[ModelEntry, bool]:
         """Load a model once; (entry, True) when it was loaded by this call."""
+        from .loadcheck import precheck
+        precheck(spec, self.config)   # before the "already loaded" shortcut
         model_id = spec.served_id
         with self._guard:
             lock = self._locks.setdefault(model_id, threading.Lock())
@@ -196,6 +202,8 @@ class ModelRegistry:
 
     def unload(self, model_id: str) -> ModelEntry:
         with self._guard:
+            if self._lookup(model_id) is None:   # no lock kept for ids never loaded
+                raise self._not_loaded_locked(model_id)
             lock = self._locks.setdefault(model_id, threading.Lock())
         with lock:
             entry = self.get(model_id)
@@ -216,6 +224,7 @@ class ModelRegistry:
             time.sleep(0.01)
         entry.engine = None
         entry.loaded = None  # type: ignore[assignment]
+        metrics.forget_model(entry.id)
         release_memory()
 
     # -- memory policy ----------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Callable, Protocol
 
 from flask import Response, current_app, jsonify, request
 
-from .. import __version__, sse
+from .. import __version__, guards, sse
 from ..engine.outputs import Choice, ChoiceDelta, Run
 from ..engine.prompt import vocab_size
 from ..engine.sampling import SamplingParams
@@ -24,6 +24,13 @@ try:  # written by the ops side; requests are still served without it
     from .. import observability
 except ImportError:  # pragma: no cover
     observability = None
+
+
+# `stream: true` answers 200 as server-sent events: documented beside the JSON body.
+# Each event is described as an object, the shape SSE-aware tools parse events into.
+STREAM_DOC = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "A chunk as JSON; the last event is `[DONE]`."}}}}}}}
 
 
 class Format(Protocol):
@@ -141,8 +148,11 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
     fields = observability.log_fields() if observability is not None else {}
     stack = ExitStack()
     try:
+        config = current_app.config["LLMHOST"]
+        guards.check_fits_queue(args, config)
         entry = stack.enter_context(registry.use(args["model"], task="generate"))
         fields["model"] = entry.id
+        guards.check_prompt_chars(entry, args, prompt_param, config)
         prompts, fmt = build(entry)
         params = sampling_params(args, entry, prompts, prompt_param, logprobs)
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),

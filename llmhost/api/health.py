@@ -51,7 +51,9 @@ def ready():
 
 
 @blp.route("/metrics", methods=["GET"])
-@blp.doc(**OPEN)
+@blp.doc(**OPEN, responses={"200": {
+    "description": "Prometheus text exposition format.",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def prometheus():
     """Prometheus metrics (text format)"""
     body, content_type = metrics.exposition()

@@ -8,6 +8,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from ..errors import invalid
+from ..sandbox import bounded
 
 # For base models that ship no chat template (gpt2 and most base checkpoints):
 # plain "Role: text" turns, which a base model continues naturally, ending with
@@ -48,15 +49,17 @@ def chat_prompt(entry, messages: list[dict]) -> list[int]:
     """Token ids of the conversation, with the generation prompt appended."""
     tokenizer = entry.tokenizer
     try:
-        ids = tokenizer.apply_chat_template(
+        ids = bounded(lambda: tokenizer.apply_chat_template(
             [_template_message(m) for m in messages], chat_template=template_for(entry),
-            add_generation_prompt=True, tokenize=True)
+            add_generation_prompt=True, tokenize=True),
+            f"The chat template of model '{entry.id}'", "messages")
     except TemplateError as exc:
         # Templates reject conversations they cannot render (e.g. roles that do
         # not alternate) with raise_exception(); that is the client's input.
         raise invalid(f"The chat template of model '{entry.id}' refused these messages: {exc}",
                       param="messages", code="chat_template_error")
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as exc:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError,
+            RecursionError) as exc:
         # A template that fails on these messages (e.g. `content + 1`): the
         # template and the messages together cannot render, never a 500.
         raise invalid(f"The chat template of model '{entry.id}' failed on these messages "

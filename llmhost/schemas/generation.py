@@ -51,7 +51,7 @@ class GenerationSchema(Schema):
     """Fields both routes take. Defaults of None mean "the server's default"."""
 
     model = fields.String(required=True, validate=validate.Length(min=1), metadata={
-        "description": "Id of a loaded model (see GET /v1/models)."})
+        "description": "Id of a loaded model (see GET /v1/models).", "example": "smollm2"})
     max_tokens = _int(validate=validate.Range(min=1), metadata={
         "description": "Most tokens to generate per choice. Default LLMHOST_DEFAULT_MAX_TOKENS "
                        "(512), lowered to what fits in the model's context; an explicit value "
