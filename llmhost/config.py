@@ -24,7 +24,7 @@ class Config:
     SETTINGS = (
         ("HOST", str, "127.0.0.1"),
         ("PORT", int, 8000),
-        ("THREADS", int, 32),
+        ("THREADS", int, 128),
         ("WORKER_TIMEOUT", int, 0),
         ("LOG_LEVEL", str, "info"),
         ("LOG_FORMAT", str, "text"),
@@ -52,6 +52,7 @@ class Config:
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),
         ("MAX_BODY_BYTES", int, 8 * 1024 * 1024),
+        ("READ_TIMEOUT", float, 20.0),
         ("API_KEYS", _list, []),
         ("API_KEYS_FILE", str, ""),
         ("ADMIN_API_KEYS", _list, []),
