@@ -86,7 +86,10 @@ def from_validation(messages) -> APIError:
 
 
 def _render(err: APIError):
-    response = jsonify(err.to_dict())
+    from . import redact   # server paths only for admins (and keyless servers)
+    body = err.to_dict()
+    body["error"]["message"] = redact.text(err.message)
+    response = jsonify(body)
     response.status_code = err.status
     for key, value in err.headers.items():
         response.headers[key] = value

@@ -3,7 +3,7 @@ they need no API key and say nothing about requests' content."""
 from flask import Response, current_app
 from marshmallow import fields
 
-from .. import metrics
+from .. import metrics, redact
 from ..extensions import Blueprint, Schema
 
 blp = Blueprint("health", __name__, description="Liveness and readiness probes, metrics.")
@@ -47,6 +47,10 @@ def ready():
     is ready with the rest.
     """
     status = current_app.extensions["llmhost_preload"].status()
+    status["loaded"] = [redact.model_id(m) for m in status["loaded"]]
+    status["loading"] = [redact.model_id(m) for m in status["loading"]]
+    status["failed"] = [{"model": redact.model_id(f["model"]), "error": redact.text(f["error"])}
+                        for f in status["failed"]]
     return status, 200 if status["status"] == "ready" else 503
 
 
@@ -57,4 +61,6 @@ def ready():
 def prometheus():
     """Prometheus metrics (text format)"""
     body, content_type = metrics.exposition()
+    if not redact.may_see_paths():   # models loaded by path are labelled with their path
+        body = redact.text(body.decode(), force=True).encode()
     return Response(body, content_type=content_type)

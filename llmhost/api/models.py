@@ -1,6 +1,7 @@
 """Model lifecycle: load, list, retrieve, unload."""
 from flask import current_app
 
+from .. import redact
 from ..extensions import Blueprint
 from ..loading import LoadSpec, cached_models
 from ..registry import registry
@@ -24,7 +25,14 @@ def load_model(args):
     if args.get("keep_alive") is None:
         args["keep_alive"] = current_app.config["LLMHOST"].KEEP_ALIVE or None
     entry, created = registry.load(LoadSpec(**args))
-    return entry.to_openai(), 201 if created else 200
+    return _shown(entry.to_openai()), 201 if created else 200
+
+
+def _shown(model: dict) -> dict:
+    """`source` is a server path for models loaded from disk: admins only."""
+    if redact.is_path(model.get("source")) and not redact.may_see_paths():
+        model = {**model, "source": redact.label(model["source"])}
+    return model
 
 
 @blp.route("/models", methods=["GET"])
@@ -37,7 +45,7 @@ def list_models(args):
     The loaded models; with `include=cached`, also the models in the local
     Hugging Face cache that can be loaded offline (status `cached`).
     """
-    data = [entry.to_openai() for entry in registry.list()]
+    data = [_shown(entry.to_openai()) for entry in registry.list()]
     if args.get("include") == "cached":
         loaded = {d["id"] for d in data}
         data += [{"id": c["id"], "object": "model", "created": c["created"], "owned_by": "huggingface",
@@ -51,7 +59,7 @@ def list_models(args):
 @blp.errors(404)
 def retrieve_model(model_id):
     """Retrieve a loaded model"""
-    return registry.get(model_id).to_openai()
+    return _shown(registry.get(model_id).to_openai())
 
 
 @blp.route("/models/<path:model_id>", methods=["DELETE"])
