@@ -53,6 +53,8 @@ class Config:
         ("MAX_EMBED_INPUTS", int, 2048),
         ("MAX_BODY_BYTES", int, 8 * 1024 * 1024),
         ("READ_TIMEOUT", float, 20.0),
+        ("STATE_DIR", str, ""),
+        ("RESTORE_MODELS", str, "crash"),
         ("API_KEYS", _list, []),
         ("API_KEYS_FILE", str, ""),
         ("ADMIN_API_KEYS", _list, []),

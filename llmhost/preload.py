@@ -111,7 +111,11 @@ def start(app: Flask) -> Preload:
     """Start loading LLMHOST_MODELS in a background thread (nothing when it is empty,
     as in the TESTING config unless a test sets it)."""
     config = app.config["LLMHOST"]
-    preload = Preload(parse(config.MODELS))
+    from . import journal   # models loaded through the API before a worker crash
+    items = parse(config.MODELS)
+    listed = {_label(item) for item in items}
+    items += [m for m in journal.init(config) if _label(m) not in listed]
+    preload = Preload(items)
     app.extensions["llmhost_preload"] = preload
     if not preload.done:
         log.info("preloading %d models: %s", len(preload.items), ", ".join(preload.pending))

@@ -225,6 +225,8 @@ class ModelRegistry:
         entry.engine = None
         entry.loaded = None  # type: ignore[assignment]
         metrics.forget_model(entry.id)
+        from . import journal
+        journal.forget(entry.id)
         release_memory()
 
     # -- memory policy ----------------------------------------------------------

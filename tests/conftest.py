@@ -13,6 +13,8 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Model journals (llmhost/journal.py) of test servers go to a private folder.
+os.environ.setdefault("LLMHOST_STATE_DIR", tempfile.mkdtemp(prefix="llmhost-state-"))
 
 import pytest  # noqa: E402
 

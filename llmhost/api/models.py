@@ -1,7 +1,7 @@
 """Model lifecycle: load, list, retrieve, unload."""
 from flask import current_app
 
-from .. import redact
+from .. import journal, redact
 from ..extensions import Blueprint
 from ..loading import LoadSpec, cached_models
 from ..registry import registry
@@ -25,6 +25,8 @@ def load_model(args):
     if args.get("keep_alive") is None:
         args["keep_alive"] = current_app.config["LLMHOST"].KEEP_ALIVE or None
     entry, created = registry.load(LoadSpec(**args))
+    if created:
+        journal.record(args, entry.id)   # reloaded if the worker crashes
     return _shown(entry.to_openai()), 201 if created else 200
 
 
