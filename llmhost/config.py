@@ -55,6 +55,8 @@ class Config:
         ("READ_TIMEOUT", float, 20.0),
         ("STATE_DIR", str, ""),
         ("RESTORE_MODELS", str, "crash"),
+        ("MEMORY_HEADROOM", float, 0.2),
+        ("MEMORY_LIMIT", int, 0),
         ("API_KEYS", _list, []),
         ("API_KEYS_FILE", str, ""),
         ("ADMIN_API_KEYS", _list, []),

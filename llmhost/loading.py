@@ -291,6 +291,8 @@ def load(spec: LoadSpec, config) -> Loaded:
     device, device_map = choose_device(spec.device)
     dtype = choose_dtype(spec.dtype, device)
     source = resolve_source(spec, config)
+    from .memcheck import check   # a load that cannot fit is a 507, not an OOM-killed worker
+    check(spec.model, source.folder, source.gguf_file, device, dtype, config)
     task = spec.task or detect_task(source)
     if task == "embed":
         from .engine.embed import load_embedding

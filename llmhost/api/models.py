@@ -15,7 +15,7 @@ blp = Blueprint("models", __name__, url_prefix="/v1", description="Load, list an
 @blp.arguments(LoadModelSchema)
 @blp.response(201, ModelSchema, description="Loaded now.")
 @blp.alt_response(200, schema=ModelSchema, description="Already loaded with these options.")
-@blp.errors(400, 403, 404, 409, 503)
+@blp.errors(400, 403, 404, 409, 503, 507)
 def load_model(args):
     """Load a model
 
