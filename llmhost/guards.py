@@ -167,3 +167,27 @@ def check_prompt_chars(entry, args: dict, prompt_param: str, config) -> None:
                           f"{-(-chars // longest)} tokens, more than the {budget} tokens this "
                           f"model accepts. Please reduce the length of the {what}.",
                           param=prompt_param, code="context_length_exceeded")
+
+
+def embedding_inputs(entry, inputs: list, truncate: bool) -> list:
+    """The same character bound for embedding texts: over it, an input is a 400
+    before tokenizing (or, with `truncate`, cut to the characters that can
+    still matter, so a 6 MB input never reaches the tokenizer whole)."""
+    if not inputs or not isinstance(inputs[0], str):
+        return inputs
+    max_len = getattr(entry.engine, "max_len", None)
+    if not max_len:
+        return inputs
+    bound = max_len * _longest_token_chars(entry.tokenizer)
+    left = getattr(entry.tokenizer, "truncation_side", "right") == "left"
+    out = []
+    for i, text in enumerate(inputs):
+        if len(text) > bound:
+            if not truncate:
+                raise invalid(f"'input[{i}]' holds {len(text)} characters: more than the "
+                              f"{max_len} tokens '{entry.id}' reads. Shorten it, or send "
+                              "\"truncate\": true to cut inputs at the model's maximum length.",
+                              param="input", code="context_length_exceeded")
+            text = text[-bound:] if left else text[:bound]
+        out.append(text)
+    return out

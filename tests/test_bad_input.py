@@ -162,3 +162,15 @@ def test_huge_prompt_is_refused_before_tokenizing(server, gen):
         assert error["code"] == "context_length_exceeded"
     assert time.monotonic() - started < 10
     assert server.worker_rss() - rss < 200 * 1024 * 1024
+
+
+def test_huge_embedding_input_is_refused_before_tokenizing(server, emb):
+    big = "word " * (6 * 1024 * 1024 // 5)
+    rss = server.worker_rss()
+    error = assert_error(post(server, "/v1/embeddings", {"model": emb, "input": ["hi", big]}), 400,
+                         "input")
+    assert error["code"] == "context_length_exceeded" and "input[1]" in error["message"]
+    r = post(server, "/v1/embeddings", {"model": emb, "input": big, "truncate": True})
+    assert r.status_code == 200, r.text
+    assert server.worker_rss() - rss < 200 * 1024 * 1024
+

@@ -7,6 +7,7 @@ import numpy as np
 import orjson
 from flask import Response
 
+from .. import guards
 from ..extensions import Blueprint
 from ..registry import registry
 from ..schemas.embeddings import EmbeddingRequestSchema, EmbeddingResponseSchema
@@ -35,7 +36,8 @@ def create_embeddings(args):
     Inputs of concurrent requests share the model's forward passes.
     """
     with registry.use(args["model"], task="embed") as entry:
-        result = entry.engine.embed(args["input"], truncate=args["truncate"],
+        inputs = guards.embedding_inputs(entry, args["input"], args["truncate"])
+        result = entry.engine.embed(inputs, truncate=args["truncate"],
                                     dimensions=args.get("dimensions"))
     if metrics is not None:
         metrics.record_tokens(entry.id, result.prompt_tokens, 0)
