@@ -148,7 +148,7 @@ class GuardedThreadWorker(gthread.ThreadWorker):
         super().murder_pending()
         now = time.monotonic()
         for conn, deadline in list(self.reading.items()):
-            if deadline > now:
+            if deadline > now and self.alive:    # shutting down: no request is coming
                 break
             self.log.info("dropped a connection that sent no whole request in %gs "
                           "(LLMHOST_READ_TIMEOUT)", self.read_timeout)
