@@ -1,4 +1,4 @@
-"""API keys (``Authorization: Bearer KEY``), admin scope, CORS, and the security
+"""API keys (``Authorization: Bearer KEY``), admin scope, and the security
 scheme in the OpenAPI document.
 
 Without keys configured everything is open (the default binds to loopback only).
@@ -15,6 +15,7 @@ import logging
 
 from flask import Flask, current_app, has_request_context, request
 
+from . import redact
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -115,18 +116,22 @@ def can_manage_models() -> bool:
     return request.environ.get(ENVIRON_ADMIN, True)
 
 
-def _init_cors(app: Flask, origins: list[str]) -> None:
-    """Allowed origins get CORS headers; preflights need no key (browsers never
-    send credentials on them) and allow the headers OpenAI clients send."""
-    if not origins:
-        return
-    from flask_cors import CORS
-    CORS(app, origins=origins, allow_headers=["Authorization", "Content-Type"],
-         expose_headers=["X-Request-Id"], max_age=600)
+def may_see_paths() -> bool:
+    """Admins (and everyone on a keyless server) see server paths; on open routes
+    (/ready, /metrics) the key, if sent, is checked here."""
+    keys = current_app.extensions.get("llmhost_keys")
+    if keys is None or not keys.enabled:
+        return True
+    if ENVIRON_ADMIN in request.environ:           # a /v1 route: the key was checked
+        return bool(request.environ[ENVIRON_ADMIN])
+    token = _bearer()
+    if token is None:
+        return False
+    valid, admin = keys.check(token)
+    return valid and (admin or not keys.admin)
 
 
-def _init_spec() -> None:
-    from .extensions import api
+def _init_spec(api) -> None:
     api.spec.components.security_scheme("bearerAuth", {
         "type": "http", "scheme": "bearer",
         "description": "An API key from LLMHOST_API_KEYS (or LLMHOST_ADMIN_API_KEYS to load "
@@ -134,14 +139,15 @@ def _init_spec() -> None:
     api.spec.options["security"] = [{"bearerAuth": []}]
 
 
-def init_app(app: Flask) -> None:
-    """After api.init_app (the spec exists) and before the blueprints' routes run."""
-    config = app.config["LLMHOST"]
+def init_app(app: Flask, api, config) -> None:
+    """After the Api is built (the spec exists) and before the blueprints' routes run."""
     keys = Keys(config)
     app.extensions["llmhost_keys"] = keys
     if keys.enabled:
         log.info("API keys required on /v1 (%d keys, %d admin keys)",
                  len(keys.plain) + len(keys.admin), len(keys.admin))
     app.before_request(_check)
-    _init_cors(app, config.CORS_ORIGINS)
-    _init_spec()
+    _init_spec(api)
+
+
+redact.watch_viewer(may_see_paths)

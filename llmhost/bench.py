@@ -1,4 +1,5 @@
-"""`python -m llmhost.bench`: load generator against a running llmhost server.
+"""`python -m llmhost.bench`: load generator against an llmhost server (one
+running at --url, or one it starts itself with --serve).
 
     python -m llmhost.bench build-model /tmp/bench-gpt2
     python -m llmhost.bench generate --serve --model /tmp/bench-gpt2 --compare-inprocess /tmp/bench-gpt2
@@ -128,7 +129,7 @@ def bench_generate(args) -> int:
     levels: dict[int, dict] = {}
     inprocess: dict[int, float] = {}
     if args.serve:
-        server = _start_server(args)
+        server = _serve()
         url = server.url
     try:
         if args.load or server is not None:
@@ -175,39 +176,11 @@ def bench_generate(args) -> int:
     return 0
 
 
-class _Server:
-    def __init__(self, proc, url):
-        self.proc, self.url = proc, url
-
-    def stop(self) -> None:
-        import signal
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(30)
-
-
-def _start_server(args) -> _Server:
+def _serve():
     """gunicorn wsgi:app from this checkout on a free loopback port."""
-    import socket
-    import subprocess
+    from .process import Server
 
-    import requests
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "LLMHOST_HOST": "127.0.0.1", "LLMHOST_PORT": str(port),
-           "LLMHOST_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=root, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            requests.get(url + "/health", timeout=2)
-            return _Server(proc, url)
-        except requests.RequestException:
-            time.sleep(0.2)
-    raise SystemExit("the server did not start")
+    return Server(env={"LLMHOST_LOG_LEVEL": "warning"}, log_path=os.devnull).start(timeout=120)
 
 
 def _load_model(url: str, model: str) -> None:
@@ -273,7 +246,7 @@ def bench_embed(args) -> int:
         from sentence_transformers import SentenceTransformer
 
         reference = SentenceTransformer(args.compare_inprocess, local_files_only=True)
-    server = _start_server(args) if args.serve else None
+    server = _serve() if args.serve else None
     url = server.url if server else args.url
     served, inprocess = [], []
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from flask import current_app
+
 
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
@@ -20,7 +22,7 @@ def _list(value: str) -> list[str]:
 class Config:
     """Typed view of the environment; Flask reads the upper-case attributes."""
 
-    # (attribute, env var suffix, parser, default)
+    # (attribute and LLMHOST_ env var suffix, parser, default)
     SETTINGS = (
         ("HOST", str, "127.0.0.1"),
         ("PORT", int, 8000),
@@ -84,6 +86,12 @@ class Config:
         for name, value in overrides.items():
             setattr(self, name, value)
         self.MAX_CONTENT_LENGTH = self.MAX_BODY_BYTES
+
+
+def settings() -> Config:
+    """The Config of the app handling the current request (or app context): the
+    one way code reads settings, so two apps in one process never share them."""
+    return current_app.config["LLMHOST"]
 
 
 class TestConfig(Config):

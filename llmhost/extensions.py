@@ -8,7 +8,7 @@ import marshmallow as ma
 from webargs import core
 from webargs.flaskparser import FlaskParser
 
-from . import errors, guards
+from . import errors, guards, limits
 
 log = logging.getLogger("llmhost")
 _ignored_logged: set[str] = set()
@@ -72,7 +72,7 @@ class Parser(FlaskParser):
     DEFAULT_VALIDATION_STATUS = 400
 
     def _raw_load_json(self, req):
-        raw = guards.request_body(req)
+        raw = limits.request_body(req)
         if not core.is_json(req.mimetype):
             if raw:
                 raise errors.APIError(
@@ -112,7 +112,4 @@ class Api(flask_smorest.Api):
 
     def _register_error_handlers(self):
         errors.init_app(self._app)
-
-
-api = Api()
 

@@ -40,24 +40,6 @@ def too_deep(raw: bytes) -> APIError:
                    "needs that.", param=key, code="json_too_deep")
 
 
-def request_body(req) -> bytes:
-    """The body, with LLMHOST_MAX_BODY_BYTES enforced for chunked uploads too:
-    werkzeug silently cuts a chunked body at the limit (the client then gets
-    "bad JSON"); read one byte more and answer 413."""
-    limit = req.max_content_length
-    if req.content_length is not None or not limit or "wsgi.input_terminated" not in req.environ:
-        return req.get_data(cache=True)
-    cached = req.environ.get("llmhost.body")
-    if cached is None:
-        stream = req.environ["wsgi.input"]
-        cached = stream.read(limit + 1)
-        if len(cached) > limit:
-            raise APIError(413, f"Request body is larger than the limit of {limit} bytes "
-                                "(LLMHOST_MAX_BODY_BYTES).", code="request_too_large")
-        req.environ["llmhost.body"] = cached
-    return cached
-
-
 def _path(parts: list) -> str:
     out = ""
     for part in parts:

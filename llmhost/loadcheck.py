@@ -9,6 +9,7 @@ import os
 from jinja2 import TemplateError, TemplateSyntaxError
 
 from . import loading
+from .engine.errors import InvalidInput
 from .errors import APIError, invalid
 from .sandbox import bounded
 
@@ -61,6 +62,8 @@ def check_chat_template(template: str) -> None:
     except APIError as err:
         err.param = "chat_template"
         raise
+    except InvalidInput as err:      # stopped by the sandbox's CPU budget
+        raise invalid(err.message, param="chat_template", code=err.code)
     except TemplateError:
         pass    # raise_exception(): the template refuses this sample, not every conversation
     except Exception as exc:

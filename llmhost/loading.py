@@ -21,6 +21,7 @@ import torch
 import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from . import memcheck
 from .errors import APIError, invalid
 
 log = logging.getLogger("llmhost")
@@ -61,12 +62,12 @@ class Source:
 
 @dataclass
 class Loaded:
-    """A ready model: its pipeline plus what the Model object reports."""
+    """A ready model: its pipeline (the one object that holds the model: a
+    transformers text-generation pipeline, or the SentenceTransformer for
+    embeddings) plus what the Model object reports."""
 
     task: str
     pipeline: Any
-    model: Any
-    tokenizer: Any
     device: str
     dtype: str
     parameters: int
@@ -76,13 +77,18 @@ class Loaded:
     gguf_file: str | None = None
     extra: dict = field(default_factory=dict)
 
+    @property
+    def model(self):
+        """The torch module the engine drives: the pipeline's model for generation;
+        for embeddings the SentenceTransformer (its modules pool and normalise)."""
+        return self.pipeline.model if self.task == "generate" else self.pipeline
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
 
 # -- source ------------------------------------------------------------------
-
-def hub_cache_dir() -> str:
-    from huggingface_hub import constants
-    return constants.HF_HUB_CACHE
-
 
 def _is_path(name: str) -> bool:
     return (name.startswith(("/", "./", "../", "~", "\\")) or os.path.exists(name)
@@ -126,7 +132,7 @@ def _local_source(spec: LoadSpec, config) -> Source:
 
 def check_model_dirs(path: str, config) -> None:
     """With LLMHOST_MODEL_DIRS set, a local path must resolve inside one of them."""
-    roots = getattr(config, "MODEL_DIRS", None)
+    roots = config.MODEL_DIRS
     if not roots:
         return
     real = os.path.realpath(path)
@@ -282,8 +288,9 @@ def _max_context(model, tokenizer) -> int:
     return value if isinstance(value, int) and 0 < value < 10**7 else 2048
 
 
-def load(spec: LoadSpec, config) -> Loaded:
-    """Resolve, choose device and dtype, and build the pipeline."""
+def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
+    """Resolve, choose device and dtype, and build the pipeline. `in_use`: bytes
+    the loaded models hold (counted against LLMHOST_MEMORY_LIMIT)."""
     if spec.trust_remote_code and not config.ALLOW_REMOTE_CODE:
         raise APIError(403, "'trust_remote_code' runs Python code from the model repository on "
                             "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
@@ -291,13 +298,18 @@ def load(spec: LoadSpec, config) -> Loaded:
     device, device_map = choose_device(spec.device)
     dtype = choose_dtype(spec.dtype, device)
     source = resolve_source(spec, config)
-    from .memcheck import check   # a load that cannot fit is a 507, not an OOM-killed worker
-    check(spec.model, source.folder, source.gguf_file, device, dtype, config)
+    # a load that cannot fit is a 507, not an OOM-killed worker
+    memcheck.check(spec.model, source.folder, source.gguf_file, device, dtype, config, in_use)
     task = spec.task or detect_task(source)
     if task == "embed":
-        from .engine.embed import load_embedding
-        return load_embedding(source, spec, device, device_map, dtype)
+        return _load_embedding(source, spec, device, device_map, dtype)
     return _load_causal_lm(source, spec, device, device_map, dtype)
+
+
+def _no_memory(device: str, spec: LoadSpec) -> APIError:
+    return APIError(503, f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
+                         "or pick a smaller dtype or another device.", param="model",
+                    code="out_of_memory")
 
 
 def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dtype) -> Loaded:
@@ -309,9 +321,7 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
         model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
                                                      device_map=device_map, **kwargs)
     except torch.OutOfMemoryError:
-        raise APIError(503, f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
-                            "or pick a smaller dtype or another device.", param="model",
-                       code="out_of_memory")
+        raise _no_memory(device, spec)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise invalid(f"Could not load '{spec.model}' as a causal language model: {exc}",
                       param="model", code="model_load_failed")
@@ -320,12 +330,63 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
         tokenizer.pad_token = tokenizer.eos_token
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     return Loaded(
-        task="generate", pipeline=pipe, model=model, tokenizer=tokenizer, device=device,
+        task="generate", pipeline=pipe, device=device,
         dtype=str(model.dtype).replace("torch.", ""),
         parameters=sum(p.numel() for p in model.parameters()),
         memory_bytes=_memory_bytes(model), revision=source.revision,
         max_context=_max_context(model, tokenizer), gguf_file=source.gguf_file,
     )
+
+
+def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loaded:
+    """Load with sentence-transformers, the field's own loader: a folder with
+    modules.json gets its pooling and normalisation from there; a bare encoder
+    gets sentence-transformers' default (mean pooling, or last-token pooling for
+    a causal LM loaded with task=embed)."""
+    from sentence_transformers import SentenceTransformer
+
+    if source.gguf_file:
+        raise invalid("GGUF files hold generation models; embeddings need a sentence-transformers "
+                      "folder or an encoder model.", param="model", code="model_load_failed")
+    kwargs = {} if dtype == "auto" else {"dtype": dtype}
+    try:
+        st = SentenceTransformer(source.folder, device="cuda" if device_map == "auto" else device,
+                                 local_files_only=True, trust_remote_code=spec.trust_remote_code,
+                                 model_kwargs=kwargs)
+    except torch.OutOfMemoryError:
+        raise _no_memory(device, spec)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as exc:
+        raise invalid(f"Could not load '{spec.model}' as an embedding model: {exc}",
+                      param="model", code="model_load_failed")
+    st.eval()
+    _check_text_model(st, spec.model)
+    first = st[0]
+    max_len = st.max_seq_length
+    if not isinstance(max_len, int) or not 0 < max_len < 10**7:
+        max_len = _max_context(first.auto_model, st.tokenizer)
+    return Loaded(
+        task="embed", pipeline=st, device=device,
+        dtype=str(next(st.parameters()).dtype).replace("torch.", ""),
+        parameters=sum(p.numel() for p in st.parameters()), memory_bytes=_memory_bytes(st),
+        revision=source.revision, max_context=max_len,
+        extra={"dimensions": st.get_embedding_dimension()},
+    )
+
+
+def _check_text_model(st, name: str) -> None:
+    """The server builds the model's input itself (token ids, padding), which is
+    only what sentence-transformers does for a plain text tokenizer; refuse the
+    rest (chat-template, multimodal, flattened flash-attention inputs) rather
+    than return vectors that differ from ``encode``."""
+    from sentence_transformers.models import Transformer
+
+    first = st[0]
+    config = getattr(first, "modality_config", {"text": {}})
+    if (not isinstance(first, Transformer) or first.tokenizer is None or "text" not in config
+            or "message" in config or getattr(first, "can_flatten_inputs", False)):
+        raise invalid(f"'{name}' is not a text sentence-transformers model llmhost can serve "
+                      "(its input is not plain tokenized text).", param="model",
+                      code="model_load_failed")
 
 
 def cached_models() -> list[dict]:

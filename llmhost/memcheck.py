@@ -98,8 +98,10 @@ def free_bytes(device: str) -> int | None:
     return None     # mps, or several GPUs (device_map=auto): not checked
 
 
-def check(model: str, folder: str, gguf_file: str | None, device: str, dtype, config) -> None:
-    """Raise a 507 when the model will not fit in what is free."""
+def check(model: str, folder: str, gguf_file: str | None, device: str, dtype, config,
+          in_use: int = 0) -> None:
+    """Raise a 507 when the model will not fit in what is free; `in_use` is what
+    the loaded models hold (the registry knows it, this module does not)."""
     try:
         need = estimate(folder, gguf_file, dtype)
     except Exception as exc:   # unreadable headers: let the load itself report it
@@ -112,8 +114,7 @@ def check(model: str, folder: str, gguf_file: str | None, device: str, dtype, co
     limit = int(getattr(config, "MEMORY_LIMIT", 0) or 0)
     where = f"free on {device}"
     if limit:
-        from .registry import registry
-        used = sum(e.loaded.memory_bytes for e in registry.list() if e.loaded is not None)
+        used = in_use
         room = max(0, limit - used)
         if free is None or room < free:
             free, where = room, f"left of LLMHOST_MEMORY_LIMIT={limit} bytes ({_gib(used)} in use)"

@@ -16,6 +16,7 @@ import threading
 from flask import Flask
 from marshmallow import ValidationError
 
+from . import journal
 from .errors import APIError, from_validation
 from .loading import LoadSpec
 from .registry import registry
@@ -80,9 +81,7 @@ class Preload:
                 if not isinstance(item, dict):
                     raise ValueError("each entry must be a string or an object of load options")
                 args = LoadModelSchema().load(item)
-                if args.get("keep_alive") is None:
-                    args["keep_alive"] = config.KEEP_ALIVE or None
-                entry, _ = registry.load(LoadSpec(**args))
+                entry, _ = registry.load(LoadSpec(**args), config)
                 log.info("preloaded %s", entry.id)
             except APIError as exc:
                 self._fail(label, exc.message)
@@ -107,13 +106,12 @@ class Preload:
             self.failed.append({"model": label, "error": message})
 
 
-def start(app: Flask) -> Preload:
+def start(app: Flask, config) -> Preload:
     """Start loading LLMHOST_MODELS in a background thread (nothing when it is empty,
     as in the TESTING config unless a test sets it)."""
-    config = app.config["LLMHOST"]
-    from . import journal   # models loaded through the API before a worker crash
     items = parse(config.MODELS)
     listed = {_label(item) for item in items}
+    # models loaded through the API before a worker crash
     items += [m for m in journal.init(config) if _label(m) not in listed]
     preload = Preload(items)
     app.extensions["llmhost_preload"] = preload

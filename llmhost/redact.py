@@ -11,24 +11,34 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Callable, Iterable
 
-from flask import current_app, has_request_context, request
+from flask import current_app, has_request_context
+
+from .config import settings
+
+# Who may see paths, and which paths the server knows, come from the modules
+# that know (auth, registry): they register here, as the registry feeds
+# metrics.watch_models, so this module stays below errors.py with no cycle.
+_viewer: Callable[[], bool] | None = None
+_path_sources: list[Callable[[], Iterable[str]]] = []
+
+
+def watch_viewer(check: Callable[[], bool]) -> None:
+    """`check()` tells whether the caller of this request may see server paths."""
+    global _viewer
+    _viewer = check
+
+
+def watch_paths(source: Callable[[], Iterable[str]]) -> None:
+    """`source()` lists server paths to hide (model folders, caches)."""
+    _path_sources.append(source)
 
 
 def may_see_paths() -> bool:
-    if not has_request_context():
+    if not has_request_context() or _viewer is None:
         return True
-    keys = current_app.extensions.get("llmhost_keys")
-    if keys is None or not keys.enabled:
-        return True
-    from .auth import ENVIRON_ADMIN, _bearer
-    if ENVIRON_ADMIN in request.environ:           # a /v1 route: the key was checked
-        return bool(request.environ[ENVIRON_ADMIN])
-    token = _bearer()                               # open routes (/ready, /metrics)
-    if token is None:
-        return False
-    valid, admin = keys.check(token)
-    return valid and (admin or not keys.admin)
+    return _viewer()
 
 
 def label(path: str) -> str:
@@ -42,26 +52,19 @@ def is_path(value: str | None) -> bool:
 
 def known_paths() -> list[str]:
     """Longest first, so a folder inside another is replaced whole."""
-    from .registry import registry
     paths: set[str] = set()
-    try:
-        from .loading import hub_cache_dir
-        paths.add(hub_cache_dir())
-    except Exception:
-        pass
+    for source in _path_sources:
+        try:
+            paths.update(p for p in source() if p)
+        except Exception:   # a path source must never turn an error message into a 500
+            pass
     for name in ("HF_HOME", "HF_HUB_CACHE", "HOME"):
         if os.environ.get(name):
             paths.add(os.environ[name])
-    config = registry.config
-    for folder in getattr(config, "MODEL_DIRS", None) or []:
-        paths.add(folder)
-        paths.add(os.path.realpath(os.path.expanduser(folder)))
-    for entry in registry.list():
-        for value in (entry.id, entry.spec.model):
-            if is_path(value):
-                paths.add(value)
-                paths.add(os.path.abspath(os.path.expanduser(value)))
     if has_request_context():
+        for folder in settings().MODEL_DIRS or []:
+            paths.add(folder)
+            paths.add(os.path.realpath(os.path.expanduser(folder)))
         preload = current_app.extensions.get("llmhost_preload")
         for item in getattr(preload, "items", None) or []:
             value = item if isinstance(item, str) else (item or {}).get("model") if isinstance(item, dict) else None

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, TypeVar
 
-from .errors import invalid
+from .engine.errors import InvalidInput
 
 log = logging.getLogger("llmhost")
 
@@ -93,6 +93,6 @@ def bounded(render: Callable[[], T], what: str, param: str,
             _watchdog.stop(tid)
     except RenderBudgetExceeded:
         log.warning("%s ran past its budget (%.1f s of CPU) and was stopped", what, cpu_budget)
-        raise invalid(f"{what} ran longer than {cpu_budget:g} s of CPU and was stopped; a chat "
-                      "template must not loop without bound.", param=param,
-                      code="chat_template_too_slow")
+        raise InvalidInput(f"{what} ran longer than {cpu_budget:g} s of CPU and was stopped; a "
+                           "chat template must not loop without bound.", param=param,
+                           code="chat_template_too_slow")

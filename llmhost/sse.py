@@ -1,4 +1,4 @@
-"""Server-sent events framing (DESIGN rule 8), and telling whether the client
+"""Server-sent events framing, and telling whether the client
 of a request is still there.
 
 Every event is ``data: <json>\\n\\n`` and a stream always ends with
@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 from flask import Response, current_app
 
-from .errors import APIError
+from .errors import APIError, as_api_error
 
 log = logging.getLogger("llmhost")
 
@@ -31,22 +31,21 @@ def event(data: dict) -> str:
 
 
 def _events(chunks: Iterator[dict], debug: bool) -> Iterator[str]:
+    """The stream's events. However it ends (done, an error, or the server
+    closing this generator because the client went away), the source is closed
+    once, in `finally`: its cleanup cancels the generation."""
     try:
         for chunk in chunks:
             yield event(chunk)
-    except GeneratorExit:
-        # The client went away: the server closed this generator. Closing the
-        # source runs its cleanup, which cancels the generation.
-        chunks.close()
-        raise
-    except APIError as err:
-        yield event(err.to_dict())
     except Exception as exc:
-        log.exception("error in a stream after it started")
-        message = "The server had an error while processing your request."
-        if debug:
-            message += f" ({type(exc).__name__}: {exc})"
-        yield event(APIError(500, message, type="server_error").to_dict())
+        err = as_api_error(exc)
+        if err is None:
+            log.exception("error in a stream after it started")
+            message = "The server had an error while processing your request."
+            if debug:
+                message += f" ({type(exc).__name__}: {exc})"
+            err = APIError(500, message, type="server_error")
+        yield event(err.to_dict())
     finally:
         if hasattr(chunks, "close"):
             chunks.close()

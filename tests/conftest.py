@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 
 # Before anything imports huggingface_hub: no network, and a private cache.
@@ -18,7 +19,7 @@ os.environ.setdefault("LLMHOST_STATE_DIR", tempfile.mkdtemp(prefix="llmhost-stat
 
 import pytest  # noqa: E402
 
-from support import Server  # noqa: E402
+from support import ADMIN_KEY, ENV_KEY, FILE_KEY, ORIGIN, Server  # noqa: E402
 
 CACHED_REPO = "llmhost-test/tiny-llama"
 
@@ -91,15 +92,14 @@ def smollm2_reference(smollm2_gguf):
 @pytest.fixture(scope="module")
 def local_gpt2(tiny_models):
     """The tiny GPT-2 (256 positions) loaded in this process's registry, for
-    Flask test-client checks that need a model; unloaded after each module so
-    in-process registry tests elsewhere start from what they expect."""
-    from llmhost import create_app
+    Flask test-client checks that need a model (any app in this process serves
+    it: the registry is the process's); unloaded after each module, so that
+    in-process registry tests elsewhere find only the models they loaded."""
     from llmhost.config import TestConfig
+    from llmhost.loading import LoadSpec
     from llmhost.registry import registry
 
-    r = create_app(TestConfig()).test_client().post(
-        "/v1/models", json={"model": tiny_models["gpt2"], "id": "local-gpt2"})
-    assert r.status_code in (200, 201), r.get_json()
+    registry.load(LoadSpec(model=tiny_models["gpt2"], id="local-gpt2"), TestConfig())
     yield "local-gpt2"
     registry.unload("local-gpt2")
 
@@ -123,3 +123,70 @@ def app():
 @pytest.fixture()
 def client(app):
     return app.test_client()
+
+
+# -- servers and apps with settings, shared by the operations tests ----------------
+
+@pytest.fixture(scope="session")
+def gate(tiny_models):
+    """A copy of the tiny GPT-2 under the model root whose config.json is a named
+    pipe: preloading it blocks on reading that file until the test releases it,
+    so /ready is 503 for as long as the test wants, not for a lucky second."""
+    folder = os.path.join(tiny_models["root"], "gated-gpt2")
+    shutil.copytree(tiny_models["gpt2"], folder)
+    config = os.path.join(folder, "config.json")
+    with open(config) as fh:
+        content = fh.read()
+    os.remove(config)
+    os.mkfifo(config)
+    return {"folder": folder, "config": config, "content": content}
+
+
+@pytest.fixture(scope="session")
+def secure(tiny_models, gate, tmp_path_factory):
+    """gunicorn with keys (env, file, admin), closed docs, CORS, JSON logs,
+    LLMHOST_MODEL_DIRS, downloads off, and a preload held back by `gate` until
+    test_probes releases it. Tests that load a model unload it again."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# team keys, one per line\n\n{FILE_KEY}\n")
+    missing = os.path.join(tiny_models["root"], "no-such-model")
+    srv = Server(env={
+        "LLMHOST_API_KEYS": ENV_KEY, "LLMHOST_API_KEYS_FILE": str(keys),
+        "LLMHOST_ADMIN_API_KEYS": ADMIN_KEY, "LLMHOST_PUBLIC_DOCS": "0",
+        "LLMHOST_CORS_ORIGINS": ORIGIN, "LLMHOST_LOG_FORMAT": "json", "LLMHOST_LOG_LEVEL": "debug",
+        "LLMHOST_MODEL_DIRS": tiny_models["root"], "LLMHOST_ALLOW_DOWNLOADS": "0",
+        "LLMHOST_MODELS": f"{gate['folder']}@cpu,{missing}",
+    }).start()
+    srv.missing = missing
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def policy(tiny_models):
+    """gunicorn with LLMHOST_MAX_LOADED_MODELS=1 and text logs."""
+    srv = Server(env={"LLMHOST_MAX_LOADED_MODELS": "1"}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def metered(policy, tiny_models) -> str:
+    """The tiny Llama loaded in `policy` as "metered" (again, if evicted since)."""
+    policy.load(tiny_models["llama"], id="metered")
+    return "metered"
+
+
+@pytest.fixture()
+def make_app():
+    """Apps built in this process with the given settings; the models a test
+    loads into the process's registry are unloaded after it."""
+    from llmhost import create_app
+    from llmhost.config import TestConfig
+    from llmhost.registry import registry
+
+    before = {entry.id for entry in registry.list()}
+    yield lambda **settings: create_app(TestConfig(**settings))
+    for entry in registry.list():  # only what this test loaded
+        if entry.id not in before:
+            registry.unload(entry.id)

@@ -15,9 +15,9 @@ from llmhost.engine.sampling import RowSampler, SamplingParams
 
 LOGPROB_FLOOR = -9999.0   # OpenAI's floor, documented in README
 from llmhost.engine.scheduler import GenerationRequest, Scheduler
-from llmhost.errors import APIError
+from llmhost.engine.errors import EngineError
+from llmhost.errors import from_engine
 from llmhost.loading import LoadSpec, load
-from llmhost.registry import ModelEntry
 from support import assert_error, validate
 
 
@@ -28,8 +28,8 @@ def llama(tiny_models):
 
 @pytest.fixture()
 def scheduler(llama):
-    entry = ModelEntry(id="tiny", spec=LoadSpec(model="tiny"), loaded=llama, load_seconds=0)
-    sched = Scheduler(entry, TestConfig(BATCH_WAIT_MS=200))
+    sched = Scheduler("tiny", llama, TestConfig(BATCH_WAIT_MS=200))
+    sched.start()
     yield sched
     sched.close("test over")
 
@@ -68,9 +68,9 @@ def test_poisoned_row_fails_alone(scheduler, llama, poison):
     gens += [scheduler.submit(GenerationRequest(llama.tokenizer(t)["input_ids"],
                                                 SamplingParams(max_tokens=12, temperature=0)))
              for t in PROMPTS[2:]]
-    with pytest.raises(APIError) as err:
+    with pytest.raises(EngineError) as err:
         collect(bad)
-    assert err.value.status in (400, 500)
+    assert from_engine(err.value).status in (400, 500)
     assert [collect(g) for g in gens] == expected
 
 

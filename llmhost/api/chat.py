@@ -6,7 +6,7 @@ from ..engine.prompt import chat_prompt
 from ..engine.text import token_bytes, token_string
 from ..extensions import Blueprint
 from ..schemas.chat import ChatCompletionRequestSchema, ChatCompletionSchema
-from . import generation
+from . import serving
 
 blp = Blueprint("chat", __name__, url_prefix="/v1", description="Chat completions.")
 
@@ -54,7 +54,7 @@ class ChatFormat:
 @blp.response(200, ChatCompletionSchema, description="A chat.completion object; with "
               "`stream: true`, a text/event-stream of chat.completion.chunk objects ending "
               "with `data: [DONE]`.")
-@blp.doc(responses=generation.STREAM_DOC)
+@blp.doc(responses=serving.STREAM_DOC)
 @blp.errors(400, 404, 429, 503)
 def create_chat_completion(args):
     """Create a chat completion
@@ -68,5 +68,5 @@ def create_chat_completion(args):
     def build(entry):
         return [chat_prompt(entry, args["messages"])], ChatFormat(entry.tokenizer, want_logprobs)
 
-    return generation.serve(args, build, prompt_param="messages",
+    return serving.serve(args, build, prompt_param="messages",
                             logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)

@@ -6,7 +6,7 @@ from ..engine.prompt import completion_prompts
 from ..engine.text import token_string
 from ..extensions import Blueprint
 from ..schemas.completions import CompletionRequestSchema, CompletionSchema
-from . import generation
+from . import serving
 
 blp = Blueprint("completions", __name__, url_prefix="/v1", description="Text completions.")
 
@@ -62,7 +62,7 @@ class CompletionFormat:
 @blp.response(200, CompletionSchema, description="A text_completion object; with "
               "`stream: true`, a text/event-stream of text_completion objects ending with "
               "`data: [DONE]`.")
-@blp.doc(responses=generation.STREAM_DOC)
+@blp.doc(responses=serving.STREAM_DOC)
 @blp.errors(400, 404, 429, 503)
 def create_completion(args):
     """Create a completion
@@ -78,4 +78,4 @@ def create_completion(args):
                                bool(args.get("echo")), args.get("logprobs") is not None)
         return [ids for ids, _ in prompts], fmt
 
-    return generation.serve(args, build, prompt_param="prompt", logprobs=args.get("logprobs"))
+    return serving.serve(args, build, prompt_param="prompt", logprobs=args.get("logprobs"))

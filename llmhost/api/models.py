@@ -1,7 +1,6 @@
 """Model lifecycle: load, list, retrieve, unload."""
-from flask import current_app
-
 from .. import journal, redact
+from ..config import settings
 from ..extensions import Blueprint
 from ..loading import LoadSpec, cached_models
 from ..registry import registry
@@ -22,9 +21,7 @@ def load_model(args):
     From a Hugging Face hub id (cached models load offline), a local folder or a
     GGUF file. Answers 201 when it loaded now, 200 when it was already loaded.
     """
-    if args.get("keep_alive") is None:
-        args["keep_alive"] = current_app.config["LLMHOST"].KEEP_ALIVE or None
-    entry, created = registry.load(LoadSpec(**args))
+    entry, created = registry.load(LoadSpec(**args), settings())
     if created:
         journal.record(args, entry.id)   # reloaded if the worker crashes
     return _shown(entry.to_openai()), 201 if created else 200

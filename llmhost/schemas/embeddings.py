@@ -4,11 +4,7 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate
 
 from ..extensions import Schema
-
-
-def _is_ids(value) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                           for t in value)
+from .tokens import is_token_ids
 
 
 class EmbeddingInput(fields.Field):
@@ -33,9 +29,9 @@ class EmbeddingInput(fields.Field):
             if empty is not None:
                 raise ValidationError(f"input[{empty}] is an empty string; every input must hold text")
             return value
-        if _is_ids(value):
+        if is_token_ids(value):
             return [value]
-        if all(_is_ids(item) for item in value):
+        if all(is_token_ids(item) for item in value):
             empty = next((i for i, item in enumerate(value) if not item), None)
             if empty is not None:
                 raise ValidationError(f"input[{empty}] is an empty array of token ids")

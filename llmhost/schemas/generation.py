@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import re
 
-from flask import current_app
 from marshmallow import ValidationError, fields, validate, validates
 
+from ..config import settings
 from ..errors import not_supported
 from ..extensions import Schema
-
-
-def _config():
-    return current_app.config["LLMHOST"]
 
 
 class Stop(fields.Field):
@@ -92,7 +88,7 @@ class GenerationSchema(Schema):
 
     @validates("n")
     def _check_n(self, value, **kwargs):
-        limit = _config().MAX_N
+        limit = settings().MAX_N
         if value is not None and value > limit:
             raise ValidationError(f"must be at most {limit} on this server (LLMHOST_MAX_N)")
 

@@ -7,24 +7,20 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from functools import partial
 from typing import Callable, Protocol
 
-from flask import Response, current_app, jsonify, request
+from flask import Response, jsonify, request
 
-from .. import __version__, guards, sse
+from .. import guards, observability, sse
+from ..version import __version__
 from ..engine.outputs import Choice, ChoiceDelta, Run
 from ..engine.prompt import vocab_size
 from ..engine.sampling import SamplingParams
 from ..errors import invalid
-from ..registry import registry
-
-try:  # written by the ops side; requests are still served without it
-    from .. import observability
-except ImportError:  # pragma: no cover
-    observability = None
-
+from ..config import settings
+from .access import use_model
 
 # `stream: true` answers 200 as server-sent events: documented beside the JSON body.
 # Each event is described as an object, the shape SSE-aware tools parse events into.
@@ -67,7 +63,7 @@ def max_tokens(args: dict, entry, prompts: list[list[int]], prompt_param: str) -
     """The completion budget per choice. An explicit max_tokens that does not
     fit the context is the client's error (OpenAI's message, with the numbers);
     the default is lowered to what fits, so short-context models just work."""
-    config = current_app.config["LLMHOST"]
+    config = settings()
     context = entry.loaded.max_context
     longest = max(len(p) for p in prompts)
     what = "messages" if prompt_param == "messages" else "prompt"
@@ -95,7 +91,7 @@ def max_tokens(args: dict, entry, prompts: list[list[int]], prompt_param: str) -
 
 def sampling_params(args: dict, entry, prompts: list[list[int]], prompt_param: str,
                     logprobs: int | None) -> SamplingParams:
-    config = current_app.config["LLMHOST"]
+    config = settings()
 
     def pick(name, default):
         value = args.get(name)
@@ -145,12 +141,12 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
     """Run one request on `args["model"]`: `build(entry)` gives the prompt ids
     and the formatter. The model stays marked in use (registry.use) until the
     answer is complete, for a stream until it ends or the client leaves."""
-    fields = observability.log_fields() if observability is not None else {}
+    fields = observability.log_fields()
     stack = ExitStack()
     try:
-        config = current_app.config["LLMHOST"]
+        config = settings()
         guards.check_fits_queue(args, config)
-        entry = stack.enter_context(registry.use(args["model"], task="generate"))
+        entry = stack.enter_context(use_model(args["model"], task="generate"))
         fields["model"] = entry.id
         guards.check_prompt_chars(entry, args, prompt_param, config)
         prompts, fmt = build(entry)
@@ -158,7 +154,7 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),
                   disconnected=partial(sse.client_disconnected, request.environ))
         fields["prompt_tokens"] = run.prompt_tokens
-        log_content = observability is not None and observability.content_logging_enabled()
+        log_content = observability.content_logging_enabled()
         if log_content:  # LLMHOST_LOG_CONTENT=1 only: prompts are private otherwise
             fields["prompt"] = args.get("messages", args.get("prompt"))
         run.start()
@@ -184,13 +180,14 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
 def _chunks(run: Run, fmt: Format, head: dict, include_usage: bool, fields: dict,
             stack: ExitStack, log_content: bool):
     """The stream's chunks. Closing this generator early (client gone) or an
-    error cancels the generation (Run.deltas) and releases the model."""
+    error closes the deltas, which cancels the generation (Run.deltas), and
+    releases the model."""
     texts = [""] * len(run.states)
-    with stack:
+    with stack, closing(run.deltas()) as deltas:
         try:
             for choice in fmt.opening(len(run.states)):
                 yield {**head, "choices": [choice]}
-            for delta in run.deltas():
+            for delta in deltas:
                 if log_content:
                     texts[delta.index] += delta.text
                 yield {**head, "choices": [fmt.stream_choice(delta)]}
