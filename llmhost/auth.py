@@ -74,7 +74,7 @@ def _bearer() -> str | None:
 
 
 def _needs_key(path: str, keys: Keys) -> bool:
-    if path == "/v1" or path.startswith("/v1/"):
+    if path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
         return True
     return not keys.public_docs and path.startswith(DOCS_PATHS)
 
@@ -148,6 +148,18 @@ def init_app(app: Flask, api, config) -> None:
                  len(keys.plain) + len(keys.admin), len(keys.admin))
     app.before_request(_check)
     _init_spec(api)
+
+
+def caller() -> tuple[str | None, bool]:
+    """(owner, sees_all) for data a request stores, such as stored responses:
+    owner is the SHA-256 (hex) of the caller's key, never the key itself; an
+    admin key (LLMHOST_ADMIN_API_KEYS), or a server without keys, sees all."""
+    keys: Keys = current_app.extensions["llmhost_keys"]
+    token = _bearer() if has_request_context() else None
+    if not keys.enabled or token is None:
+        return None, True
+    _, admin = keys.check(token)
+    return _digest(token).hex(), admin
 
 
 redact.watch_viewer(may_see_paths)

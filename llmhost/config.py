@@ -53,9 +53,9 @@ class Config:
         ("BATCH_WAIT_MS", float, 25.0),
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),
+        ("EMBED_TOKEN_IDS", str, "cl100k_base"),
         ("MAX_BODY_BYTES", int, 8 * 1024 * 1024),
         ("READ_TIMEOUT", float, 20.0),
-        ("STATE_DIR", str, ""),
         ("RESTORE_MODELS", str, "crash"),
         ("MEMORY_HEADROOM", float, 0.2),
         ("MEMORY_LIMIT", int, 0),
@@ -64,6 +64,12 @@ class Config:
         ("ADMIN_API_KEYS", _list, []),
         ("PUBLIC_DOCS", _bool, True),
         ("CORS_ORIGINS", _list, []),
+        ("STATE_DIR", str, ""),          # "": platformdirs' user data dir for llmhost
+        ("DATABASE_URL", str, ""),       # "": sqlite file llmhost.db in STATE_DIR
+        ("RESPONSES_TTL", float, 0.0),   # seconds a stored response is kept; 0: forever
+        # The `llmhost` client commands (models, load, unload, chat): where and how to call.
+        ("URL", str, "http://127.0.0.1:8000"),
+        ("API_KEY", str, ""),
     )
 
     TESTING = False
@@ -73,9 +79,10 @@ class Config:
     OPENAPI_URL_PREFIX = "/"
     OPENAPI_JSON_PATH = "openapi.json"
     OPENAPI_SWAGGER_UI_PATH = "/docs"
-    OPENAPI_SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist/"
+    # Served by llmhost itself (llmhost/web.py), so the docs work offline.
+    OPENAPI_SWAGGER_UI_URL = "/assets/swagger-ui/"
     OPENAPI_REDOC_PATH = "/redoc"
-    OPENAPI_REDOC_URL = "https://cdn.jsdelivr.net/npm/redoc/bundles/redoc.standalone.js"
+    OPENAPI_REDOC_URL = "/assets/redoc/redoc.standalone.js"
 
     def __init__(self, environ: Mapping[str, str] | None = None, **overrides):
         env = os.environ if environ is None else environ

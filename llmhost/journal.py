@@ -28,8 +28,8 @@ _path: str | None = None          # set by init() in a server process; None: jou
 def state_dir(config) -> str:
     if getattr(config, "STATE_DIR", ""):
         return os.path.expanduser(config.STATE_DIR)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "llmhost")
+    import platformdirs   # the same folder as the response store (llmhost/store.py)
+    return platformdirs.user_data_dir("llmhost", appauthor=False)
 
 
 def _read() -> dict:

@@ -21,7 +21,7 @@ import torch
 import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from . import memcheck
+from . import memcheck, progress
 from .errors import APIError, invalid
 
 log = logging.getLogger("llmhost")
@@ -198,8 +198,10 @@ def _download(spec: LoadSpec, config) -> str:
     allow = [spec.gguf_file, "*.json", "*.txt", "*.model", "*.jinja"] if spec.gguf_file else None
     ignore = None if spec.gguf_file else IGNORE_WEIGHTS + ["*.gguf"]
     log.info("downloading %s from the Hub into %s", spec.model, constants.HF_HUB_CACHE)
+    # The Hub's byte counts feed GET /v1/models and streamed loads.
     return snapshot_download(spec.model, revision=spec.revision, allow_patterns=allow,
-                             ignore_patterns=ignore, etag_timeout=config.HUB_TIMEOUT)
+                             ignore_patterns=ignore, etag_timeout=config.HUB_TIMEOUT,
+                             tqdm_class=progress.hub_tqdm(progress.current()))
 
 
 def resolve_source(spec: LoadSpec, config) -> Source:
@@ -301,6 +303,7 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     # a load that cannot fit is a 507, not an OOM-killed worker
     memcheck.check(spec.model, source.folder, source.gguf_file, device, dtype, config, in_use)
     task = spec.task or detect_task(source)
+    progress.step("loading", "tokenizer and weights")
     if task == "embed":
         return _load_embedding(source, spec, device, device_map, dtype)
     return _load_causal_lm(source, spec, device, device_map, dtype)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import engine, journal, loading, metrics, redact
+from . import engine, journal, loading, metrics, progress, redact
 from .config import Config
 from .errors import APIError
 from .loadcheck import precheck
@@ -193,17 +193,19 @@ class ModelRegistry:
             with self._guard:
                 self._loading.add(model_id)
             try:
-                self._make_room(model_id, config.MAX_LOADED_MODELS)
-                started = time.perf_counter()
-                loaded = loading.load(spec, config, in_use=self._memory_in_use())
-                entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
-                                   load_seconds=time.perf_counter() - started)
-                entry.engine = engine.start(model_id, loaded, config)
+                with progress.track(model_id, spec.model):  # GET /v1/models shows it loading
+                    self._make_room(model_id, config.MAX_LOADED_MODELS)
+                    started = time.perf_counter()
+                    loaded = loading.load(spec, config, in_use=self._memory_in_use())
+                    entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
+                                       load_seconds=time.perf_counter() - started)
+                    entry.engine = engine.start(model_id, loaded, config)
             finally:
                 with self._guard:
                     self._loading.discard(model_id)
             with self._guard:
                 self._models[model_id] = entry
+            progress.forget(model_id)
             log.info("loaded %s (%s on %s, %.1fs)", model_id, entry.loaded.dtype,
                      entry.loaded.device, entry.load_seconds)
             metrics.observe_load(model_id, entry.load_seconds)

@@ -26,17 +26,22 @@ HEADERS = {
 }
 
 
-def event(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def event(data: dict, name: str | None = None) -> str:
+    """One event; with `name`, an `event:` line first (the Responses API names
+    each event after its `type`, and clients dispatch on it)."""
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _events(chunks: Iterator[dict], debug: bool) -> Iterator[str]:
+def _events(chunks: Iterator[dict], debug: bool, named: bool = False,
+            done: bool = True) -> Iterator[str]:
     """The stream's events. However it ends (done, an error, or the server
     closing this generator because the client went away), the source is closed
-    once, in `finally`: its cleanup cancels the generation."""
+    once, in `finally`: its cleanup cancels the generation. With `named`, an
+    error is an `error` event."""
     try:
         for chunk in chunks:
-            yield event(chunk)
+            yield event(chunk, chunk.get("type") if named else None)
     except Exception as exc:
         err = as_api_error(exc)
         if err is None:
@@ -45,18 +50,22 @@ def _events(chunks: Iterator[dict], debug: bool) -> Iterator[str]:
             if debug:
                 message += f" ({type(exc).__name__}: {exc})"
             err = APIError(500, message, type="server_error")
-        yield event(err.to_dict())
+        yield event(err.to_dict(), "error" if named else None)
     finally:
         if hasattr(chunks, "close"):
             chunks.close()
-    yield DONE
+    if done:
+        yield DONE
 
 
-def stream(chunks: Iterable[dict]) -> Response:
-    """A text/event-stream response of `chunks` (dicts), then [DONE]."""
+def stream(chunks: Iterable[dict], named: bool = False, done: bool = True) -> Response:
+    """A text/event-stream response of `chunks` (dicts), then [DONE]. With
+    `named`, each event carries an `event:` line equal to the chunk's `type`;
+    `done=False` leaves out [DONE] (the Responses API ends on its own
+    `response.completed` event instead)."""
     iterator = iter(chunks)
-    return Response(_events(iterator, current_app.debug), mimetype="text/event-stream",
-                    headers=HEADERS)
+    return Response(_events(iterator, current_app.debug, named, done),
+                    mimetype="text/event-stream", headers=HEADERS)
 
 
 def client_disconnected(environ: dict) -> bool:

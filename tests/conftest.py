@@ -14,8 +14,9 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# Model journals (llmhost/journal.py) of test servers go to a private folder.
-os.environ.setdefault("LLMHOST_STATE_DIR", tempfile.mkdtemp(prefix="llmhost-state-"))
+# Model journals (llmhost/journal.py) and stored responses go to a private
+# folder, never the user's data dir.
+os.environ["LLMHOST_STATE_DIR"] = tempfile.mkdtemp(prefix="llmhost-state-")
 
 import pytest  # noqa: E402
 
@@ -190,3 +191,78 @@ def make_app():
     for entry in registry.list():  # only what this test loaded
         if entry.id not in before:
             registry.unload(entry.id)
+
+
+class QuickStart:
+    """README's Quick start server, as `llmhost serve --model demo` runs it."""
+
+    def __init__(self, proc, url: str, log_path: str, command: list[str], observed: list[dict]):
+        self.proc, self.url, self.log_path, self.command = proc, url, log_path, command
+        self.observed = observed  # what GET /v1/models and /v1/models/smollm2 said while it loaded
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as fh:
+            return fh.read().decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="session")
+def quickstart(smollm2_gguf):
+    """The second line of README's Quick start, run as written (with the installed
+    `llmhost` script, else `python -m llmhost`) on a free port (LLMHOST_PORT, the
+    --port twin), watched while SmolLM2 loads; stopped at the end with Ctrl-C's
+    SIGINT, which must end it."""
+    import shlex
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from support import free_port, readme_block
+
+    serve = readme_block("quickstart").splitlines()[1]
+    command = shlex.split(serve)
+    assert command[:2] == ["llmhost", "serve"], serve
+    if shutil.which("llmhost") is None:
+        command = [sys.executable, "-m", "llmhost"] + command[1:]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMHOST_")}
+    env["LLMHOST_PORT"] = str(port)
+    log_path = os.path.join(os.environ.get("LLMHOST_TEST_LOGS", tempfile.gettempdir()),
+                            f"llmhost-quickstart-{port}.log")
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    observed: list[dict] = []
+    ready = False
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                data = requests.get(url + "/v1/models", timeout=5).json()["data"]
+                one = requests.get(url + "/v1/models/smollm2", timeout=5)
+                observed += [m for m in data if m.get("status") == "loading"]
+                if one.status_code == 200 and one.json().get("status") == "loading":
+                    observed.append(one.json())
+            except requests.RequestException:
+                pass
+            with open(log_path, "rb") as fh:
+                if b"llmhost is ready at" in fh.read():
+                    ready = True
+                    break
+            time.sleep(0.3)
+        assert ready, f"README's `{serve}` did not get ready:\n" + open(log_path).read()[-3000:]
+        yield QuickStart(proc, url, log_path, command, observed)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C, as README says
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise AssertionError("Ctrl-C (SIGINT) did not stop `llmhost serve` within 60 s")
+        log.close()

@@ -11,7 +11,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from llmhost.process import Server  # noqa: F401  (one copy, shared with the benchmark)
+from llmhost.process import Server, free_port  # noqa: F401  (one copy, shared with the benchmark)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "tests", "data", "openai_schemas.json")
@@ -110,3 +110,15 @@ def load_local(path: str, model_id: str, config=None, **options):
 
     spec = LoadSpec(model=path, id=model_id, device="cpu", **options)
     return registry.load(spec, config or TestConfig())[0]
+
+
+def readme_block(marker: str) -> str:
+    """The code block of README.md between `<!-- marker:begin -->` and `<!-- marker:end -->`."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    assert begin in text and end in text, f"README.md lost its {marker} markers"
+    block = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    lines = block.splitlines()
+    assert lines[0].startswith("```") and lines[-1] == "```", block
+    return "\n".join(lines[1:-1])

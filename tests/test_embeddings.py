@@ -98,12 +98,14 @@ def test_base64_is_the_float_vector(server, minilm):
 
 
 def test_token_id_input(server, minilm, reference):
+    """The model's own ids, with the per-request extra (OpenAI's ids are the
+    default: tests/test_embeddings_tiktoken.py)."""
     ids = reference.tokenizer(SENTENCES[:2], add_special_tokens=False)["input_ids"]
     expected = reference.encode(SENTENCES[:2])
-    single = ok(embed(server, input=ids[0]))
+    single = ok(embed(server, input=ids[0], token_ids="model"))
     assert_close(vectors(single), expected[0])
     assert single["usage"]["prompt_tokens"] == len(ids[0]) + 2  # [CLS] and [SEP]
-    assert_close(vectors(ok(embed(server, input=ids))), expected)
+    assert_close(vectors(ok(embed(server, input=ids, token_ids="model"))), expected)
 
 
 def test_dimensions(server, minilm, reference):
@@ -133,8 +135,9 @@ def test_over_length_refused_or_truncated(server, minilm, reference):
     assert_close(vectors(body), reference.encode(["short", LONG]))  # encode cuts at 256 too
     assert body["usage"]["prompt_tokens"] == 3 + 256
     long_ids = reference.tokenizer(LONG, add_special_tokens=False)["input_ids"]
-    assert_error(embed(server, input=long_ids), 400, "input")
-    assert_close(vectors(ok(embed(server, input=long_ids, truncate=True))), reference.encode(LONG))
+    assert_error(embed(server, input=long_ids, token_ids="model"), 400, "input")
+    assert_close(vectors(ok(embed(server, input=long_ids, truncate=True, token_ids="model"))),
+                 reference.encode(LONG))
 
 
 @pytest.mark.parametrize("body, param", [
@@ -147,7 +150,9 @@ def test_over_length_refused_or_truncated(server, minilm, reference):
     ({"input": [True]}, "input"),
     ({"input": {"text": "a"}}, "input"),
     ({"input": None}, "input"),
-    ({"input": [30522]}, "input"),        # vocabulary is 0..30521
+    ({"input": [30522], "token_ids": "model"}, "input"),  # vocabulary is 0..30521
+    ({"input": [100262]}, "input"),       # not a cl100k_base token
+    ({"input": [5], "token_ids": "gpt2"}, "token_ids"),
     ({"input": [[5], [-1]]}, "input"),
     ({"model": "minilm"}, "input"),
     ({"input": "a", "encoding_format": "int8"}, "encoding_format"),

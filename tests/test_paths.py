@@ -58,6 +58,14 @@ def test_paths_only_for_admins(guarded, tiny_models):
     assert root not in by_id["p-llama"]["source"]
     admin_models = requests.get(guarded.url + "/v1/models", headers=ADMIN, timeout=10).json()
     assert any(m.get("source") == tiny_models["llama"] for m in admin_models["data"])
+    # the model files under LLMHOST_MODEL_DIRS (their ids are paths) are listed to admins only
+    on_disk = (root, os.path.realpath(root))
+    for headers, listed in ((USER, False), (ADMIN, True)):
+        cached = requests.get(guarded.url + "/v1/models?include=cached", headers=headers, timeout=30)
+        assert cached.status_code == 200, cached.text
+        files = [m for m in cached.json()["data"]
+                 if m["status"] == "cached" and m["id"].startswith(on_disk)]
+        assert bool(files) is listed, cached.text
 
     requests.post(guarded.url + "/v1/completions", headers=USER, timeout=60,
                   json={"model": tiny_models["gpt2"], "prompt": "hi", "max_tokens": 2})

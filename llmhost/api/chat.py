@@ -64,9 +64,17 @@ def create_chat_completion(args):
     the model, as OpenAI's API does, streaming included.
     """
     want_logprobs = bool(args.get("logprobs"))
+    return serving.serve(args, chat_build(args), prompt_param="messages",
+                         logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
+
+
+def chat_build(args: dict):
+    """The prompt and formatter of chat-shaped `args`: /v1/responses and the
+    token counting routes build through this too, so every route renders a
+    conversation one way."""
+    want_logprobs = bool(args.get("logprobs"))
 
     def build(entry):
         return [chat_prompt(entry, args["messages"])], ChatFormat(entry.tokenizer, want_logprobs)
 
-    return serving.serve(args, build, prompt_param="messages",
-                            logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
+    return build

@@ -8,8 +8,10 @@ import orjson
 from flask import Response
 
 from .. import guards, metrics
+from ..config import settings
 from ..extensions import Blueprint
 from ..observability import log_fields
+from ..openai_tokens import to_texts
 from .access import use_model
 from ..schemas.embeddings import EmbeddingRequestSchema, EmbeddingResponseSchema
 
@@ -27,8 +29,10 @@ def create_embeddings(args):
     One vector per input, equal to sentence-transformers' `encode` for the model.
     Inputs of concurrent requests share the model's forward passes.
     """
+    mode = args.get("token_ids") or settings().EMBED_TOKEN_IDS
+    inputs = to_texts(args["input"], mode)  # OpenAI's token ids become text (openai_tokens.py)
     with use_model(args["model"], task="embed") as entry:
-        inputs = guards.embedding_inputs(entry, args["input"], args["truncate"])
+        inputs = guards.embedding_inputs(entry, inputs, args["truncate"])
         result = entry.engine.embed(inputs, truncate=args["truncate"],
                                     dimensions=args.get("dimensions"))
     metrics.record_tokens(entry.id, result.prompt_tokens, 0)

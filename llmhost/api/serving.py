@@ -8,6 +8,7 @@ import hashlib
 import time
 import uuid
 from contextlib import ExitStack, closing
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Protocol
 
@@ -137,8 +138,22 @@ def usage(run: Run) -> dict:
 Build = Callable[[object], "tuple[list[list[int]], Format]"]
 
 
-def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> Response:
-    """Run one request on `args["model"]`: `build(entry)` gives the prompt ids
+@dataclass
+class Started:
+    """A generation under way: what a route renders (chat and completions in
+    :func:`serve`, the Responses API in responses.py). `stack` holds the
+    model in use; the renderer closes it when the answer is complete."""
+
+    entry: object
+    run: Run
+    fmt: object
+    stack: ExitStack
+    fields: dict
+    log_content: bool
+
+
+def start(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> Started:
+    """Start one request on `args["model"]`: `build(entry)` gives the prompt ids
     and the formatter. The model stays marked in use (registry.use) until the
     answer is complete, for a stream until it ends or the client leaves."""
     fields = observability.log_fields()
@@ -161,6 +176,14 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
     except BaseException:
         stack.close()
         raise
+    return Started(entry, run, fmt, stack, fields, log_content)
+
+
+def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> Response:
+    """Run one request and answer it as a JSON body or an event stream."""
+    started = start(args, build, prompt_param, logprobs)
+    entry, run, fmt, stack = started.entry, started.run, started.fmt, started.stack
+    fields, log_content = started.fields, started.log_content
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object,
             "created": int(time.time()), "model": entry.id,
             "system_fingerprint": fingerprint(entry)}

@@ -48,9 +48,11 @@ class EmbeddingRequestSchema(Schema):
                   {"type": "array", "minItems": 1, "items": {"type": "integer"}},
                   {"type": "array", "minItems": 1,
                    "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}}],
-        "description": "Text, or token ids of the model's tokenizer without special tokens (the "
-                       "server adds them, as it does for text). At most LLMHOST_MAX_EMBED_INPUTS "
-                       "inputs; none may be empty.",
+        "description": "Text, or token ids without special tokens (the server adds them, as it "
+                       "does for text). Token ids are OpenAI's (tiktoken cl100k_base, as LangChain "
+                       "sends them): decoded, then tokenized by the model; with `token_ids: model` "
+                       "they are the model's own. At most LLMHOST_MAX_EMBED_INPUTS inputs; none "
+                       "may be empty.",
         "example": ["The food was delicious.", "Le repas était délicieux."]})
     encoding_format = fields.String(load_default="float", validate=validate.OneOf(["float", "base64"]),
                                     metadata={"description": "`float`: arrays of numbers; `base64`: "
@@ -59,6 +61,10 @@ class EmbeddingRequestSchema(Schema):
         "description": "Keep the first N dimensions and re-normalise to unit length. At most the "
                        "model's size."})
     user = fields.String(allow_none=True, metadata={"description": "Accepted and ignored."})
+    token_ids = fields.String(validate=validate.OneOf(["cl100k_base", "model"]), metadata={
+        "description": "llmhost extra. How token-id `input` is read: `cl100k_base` (OpenAI's "
+                       "tokenization, the default unless LLMHOST_EMBED_TOKEN_IDS says otherwise) or "
+                       "`model` (ids of the served model's own tokenizer)."})
     truncate = fields.Boolean(load_default=False, metadata={
         "description": "llmhost extra. `false` (default): an input longer than the model's maximum "
                        "length is a 400; `true`: cut it there, as sentence-transformers does."})
