@@ -23,6 +23,10 @@ MIN_GAP = 0.05        # seconds between progress events at least
 @blp.arguments(LoadModelSchema)
 @blp.response(201, ModelSchema, description="Loaded now.")
 @blp.alt_response(200, schema=ModelSchema, description="Already loaded with these options.")
+@blp.doc(responses={200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "`stream: true`: a progress event or, last, the Model "
+                                         "as JSON, then `[DONE]`."}}}}}}})
 @blp.errors(400, 403, 404, 409, 503, 507)
 def load_model(args):
     """Load a model
