@@ -22,6 +22,7 @@ import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from .errors import APIError, invalid
+from .quantize import auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
 
 log = logging.getLogger("llmhost")
 
@@ -45,6 +46,7 @@ class LoadSpec:
     task: str | None = None
     chat_template: str | None = None
     keep_alive: float | None = None
+    quantization: str | None = None
 
     @property
     def served_id(self) -> str:
@@ -75,6 +77,7 @@ class Loaded:
     max_context: int
     gguf_file: str | None = None
     extra: dict = field(default_factory=dict)
+    quantization: str | None = None
 
 
 # -- source ------------------------------------------------------------------
@@ -228,10 +231,22 @@ def choose_device(requested: str) -> tuple[str, Any]:
                   f"{', '.join(['auto'] + devices)}.", param="device", code="device_unavailable")
 
 
-def choose_dtype(requested: str, device: str) -> Any:
+def choose_dtype(requested: str, device: str, task: str = "generate") -> Any:
+    """`auto`: the checkpoint's dtype on CUDA; on CPU bfloat16 for generation
+    where the CPU computes it natively (quantize.auto_cpu_dtype), else float32;
+    float32 for embedding models on CPU and on MPS."""
     if requested == "auto":
+        if device == "cpu" and task == "generate":
+            return auto_cpu_dtype()
         return torch.float32 if device in ("cpu", "mps") else "auto"
     return DTYPES[requested]
+
+
+def check_quantization(quantization: str | None, device: str) -> None:
+    if quantization and device != "cpu":
+        raise invalid(f"quantization '{quantization}' runs on the CPU only; load with "
+                      "device 'cpu', or without quantization on a GPU (float16/bfloat16).",
+                      param="quantization", code="device_unavailable")
 
 
 # -- task ---------------------------------------------------------------------
@@ -264,8 +279,7 @@ def detect_task(source: Source) -> str:
 # -- loading ------------------------------------------------------------------
 
 def _memory_bytes(model) -> int:
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+    return model_bytes(model)
 
 
 def _max_context(model, tokenizer) -> int:
@@ -285,12 +299,18 @@ def load(spec: LoadSpec, config) -> Loaded:
                             "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
                        param="trust_remote_code", code="remote_code_not_allowed")
     device, device_map = choose_device(spec.device)
-    dtype = choose_dtype(spec.dtype, device)
+    check_quantization(spec.quantization, device)
     source = resolve_source(spec, config)
     task = spec.task or detect_task(source)
+    dtype = choose_dtype(spec.dtype, device, task)
     if task == "embed":
         from .engine.embed import load_embedding
-        return load_embedding(source, spec, device, device_map, dtype)
+        loaded = load_embedding(source, spec, device, device_map, dtype)
+        if spec.quantization:
+            quantize_model(loaded.model, spec.quantization)
+            loaded.quantization = spec.quantization
+            loaded.memory_bytes = _memory_bytes(loaded.model)
+        return loaded
     return _load_causal_lm(source, spec, device, device_map, dtype)
 
 
@@ -300,8 +320,12 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
         kwargs["gguf_file"] = source.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
-                                                     device_map=device_map, **kwargs)
+        model = _stream_gguf(source, spec, dtype, device)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
+                                                         device_map=device_map, **kwargs)
+            if spec.quantization:
+                quantize_model(model, spec.quantization)
     except torch.OutOfMemoryError:
         raise APIError(503, f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
                             "or pick a smaller dtype or another device.", param="model",
@@ -316,10 +340,22 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
     return Loaded(
         task="generate", pipeline=pipe, model=model, tokenizer=tokenizer, device=device,
         dtype=str(model.dtype).replace("torch.", ""),
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=model_bytes(model, count=True),
         memory_bytes=_memory_bytes(model), revision=source.revision,
         max_context=_max_context(model, tokenizer), gguf_file=source.gguf_file,
+        quantization=spec.quantization,
     )
+
+
+def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str):
+    """A GGUF model to quantize or to load in bfloat16/float16 on the CPU is
+    read one tensor at a time (gguf_stream), so that the whole model never
+    exists in float32; None where transformers' own path is used."""
+    if not source.gguf_file or device != "cpu" or (dtype == torch.float32 and not spec.quantization):
+        return None
+    from . import gguf_stream
+    return gguf_stream.load_causal_lm(source.folder, source.gguf_file, dtype,
+                                      quantize_linear if spec.quantization else None)
 
 
 def cached_models() -> list[dict]:

@@ -55,6 +55,7 @@ class ModelEntry:
             "id": self.id, "object": "model", "created": self.created, "owned_by": "llmhost",
             "status": "loaded", "task": ld.task, "source": self.spec.model,
             "gguf_file": ld.gguf_file, "device": ld.device, "dtype": ld.dtype,
+            "quantization": ld.quantization,
             "parameters": ld.parameters, "memory_bytes": ld.memory_bytes,
             "load_seconds": round(self.load_seconds, 3), "revision": ld.revision,
             "max_context": ld.max_context, "keep_alive": self.spec.keep_alive,
@@ -65,7 +66,8 @@ class ModelEntry:
 def _same_options(a: loading.LoadSpec, b: loading.LoadSpec) -> list[str]:
     """Options of two specs for one id that differ (only those the client set)."""
     diffs = []
-    for name in ("model", "device", "dtype", "revision", "gguf_file", "task"):
+    for name in ("model", "device", "dtype", "revision", "gguf_file", "task",
+                 "quantization"):
         va, vb = getattr(a, name), getattr(b, name)
         if vb not in (None, "auto") and va != vb:
             diffs.append(f"{name}={vb!r} (loaded with {va!r})")
