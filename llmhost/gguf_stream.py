@@ -46,26 +46,20 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     if config_dict.get("model_type") not in STREAMABLE:
         return None
     config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
+    parsed = {"config": config_dict}  # drop the tokenizer's lists: tens of MiB of Python objects
     with init_empty_weights(include_buffers=False):  # buffers (rotary) are computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    architecture = parsed.get("config", {}).get("model_type", config.model_type)
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed.get("config", {}))
+    processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config_dict)
     key_map = get_gguf_hf_weights_map(model, processor)
-    missing = {name for name, _ in model.named_parameters()}
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
     reader = GGUFReader(path)
     for tensor in reader.tensors:
-        weights = dequantize(tensor.data, tensor.tensor_type)
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=key_map,
-                                   parsed_parameters=parsed)
-        if result.name not in key_map:
+        name, value = _tensor(dequantize, tensor, processor, key_map, parsed, dtype)
+        if name not in key_map:
             continue
-        hf_name = key_map[result.name]
-        # a copy: float32 GGUF tensors come back as views of the read-only memory map
-        value = torch.from_numpy(np.array(result.weights, copy=True)).to(dtype)
-        del weights, result
+        hf_name = key_map[name]
         module_name, _, attr = hf_name.rpartition(".")
         module = model.get_submodule(module_name)
         old = getattr(module, attr)
@@ -73,15 +67,48 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
             raise ValueError(f"GGUF tensor {tensor.name} has shape {tuple(value.shape)}, "
                              f"the model expects {tuple(old.shape)} for {hf_name}")
         setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
-        missing.discard(hf_name)
         if quantize_module is not None and module_name in linears and \
                 not any(p.is_meta for p in module.parameters()) and not _tied(model, module):
             _replace(model, module_name, quantize_module(module))
+    del reader
     model.tie_weights()
     missing = {n for n, p in model.named_parameters() if p.is_meta}
     if missing:
         raise ValueError(f"the GGUF file has no tensor for {sorted(missing)[:5]}")
+    _trim()
     return model
+
+
+def _tensor(dequantize, tensor, processor, key_map, parsed, dtype, rows: int = 4096):
+    """(mapped GGUF name, torch tensor in `dtype`) of one GGUF tensor. A large
+    tensor the architecture's processor leaves as it is (the embedding, the
+    output head) is dequantized a few thousand rows at a time straight into
+    `dtype`: gguf's dequantize on a whole tensor makes temporaries several
+    times its float32 size."""
+    data = tensor.data
+    kwargs = {"tensor_key_mapping": key_map, "parsed_parameters": parsed}
+    if data.ndim >= 2 and data.shape[0] > rows:
+        first = dequantize(data[:rows], tensor.tensor_type)
+        result = processor.process(weights=first, name=tensor.name, **kwargs)
+        if result.weights is first:
+            out = torch.empty((data.shape[0],) + first.shape[1:], dtype=dtype)
+            out[:rows] = torch.from_numpy(first)
+            for start in range(rows, data.shape[0], rows):
+                out[start:start + rows] = torch.from_numpy(
+                    dequantize(data[start:start + rows], tensor.tensor_type))
+            return result.name, out
+    result = processor.process(weights=dequantize(data, tensor.tensor_type), name=tensor.name, **kwargs)
+    # a copy: float32 GGUF tensors come back as views of the read-only memory map
+    return result.name, torch.from_numpy(np.array(result.weights, copy=True)).to(dtype)
+
+
+def _trim() -> None:
+    """Hand the freed float32 temporaries back to the OS (glibc keeps them)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _tied(model, module) -> bool:
