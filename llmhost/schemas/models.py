@@ -21,7 +21,8 @@ class LoadModelSchema(Schema):
         "description": "`auto` is the checkpoint's dtype on GPU; on CPU bfloat16 for generation "
                        "models where the CPU has native bf16 (AVX512-BF16, AMX), else float32."})
     quantization = fields.String(allow_none=True, validate=validate.OneOf(QUANTIZATIONS), metadata={
-        "description": "`int8`: int8 weights (per output channel) for the Linear layers, on CPU."})
+        "description": "`int8`: int8 weights (per output channel) for the Linear layers, on CPU; "
+                       "computes in float32."})
     revision = fields.String(allow_none=True, validate=validate.Length(min=1, max=256),
                              metadata={"description": "Hub branch, tag or commit."})
     gguf_file = fields.String(allow_none=True, validate=validate.Length(min=1, max=1024), metadata={
