@@ -511,6 +511,47 @@ def bench_quality(args) -> int:
     return 0
 
 
+def bench_profile(args) -> int:
+    """torch.profiler over the scheduler's own decode steps at each batch size,
+    run in this thread (the scheduler thread stays idle): what share of a
+    step is the model's matmuls, the KV-cache concatenation, the sampling."""
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from .config import Config
+    from .engine.sampling import SamplingParams
+    from .engine.scheduler import Generation, GenerationRequest, Scheduler
+    from .loading import LoadSpec, load
+    from .registry import ModelEntry
+
+    loaded = load(LoadSpec(model=args.model, **json.loads(args.load_options or "{}")), Config())
+    entry = ModelEntry(id="profile", spec=LoadSpec(model="profile"), loaded=loaded, load_seconds=0)
+    scheduler = Scheduler(entry, Config())
+    ids = loaded.tokenizer(args.prompt)["input_ids"]
+    try:
+        for batch in args.batch:
+            gens = [Generation(GenerationRequest(ids, SamplingParams(max_tokens=10**6, temperature=0)),
+                               "profile") for _ in range(batch)]
+            scheduler._prefill(gens)
+            for _ in range(args.warmup):
+                scheduler._decode()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                started = time.perf_counter()
+                for _ in range(args.steps):
+                    scheduler._decode()
+                step = (time.perf_counter() - started) / args.steps
+            print(f"== batch {batch}: {step * 1000:.1f} ms per decode step, cache length "
+                  f"{len(ids) + args.warmup + args.steps}, dtype {loaded.dtype}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                            max_name_column_width=40), flush=True)
+            scheduler._reset_batch()
+    finally:
+        scheduler.close("profile over")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llmhost.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -553,6 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
                                           "model server answers")
     qual.set_defaults(func=bench_quality)
+    prof = sub.add_parser("profile", help="torch.profiler over the scheduler's decode steps")
+    prof.add_argument("--model", required=True, help="a model folder or .gguf file")
+    prof.add_argument("--load-options", metavar="JSON", help='e.g. \'{"dtype": "bfloat16"}\'')
+    prof.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    prof.add_argument("--warmup", type=int, default=40, help="decode steps before profiling")
+    prof.add_argument("--steps", type=int, default=10, help="decode steps profiled")
+    prof.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
+                                          "model server answers")
+    prof.set_defaults(func=bench_profile)
     emb = sub.add_parser("embed", help="/v1/embeddings: one request of many inputs")
     emb.add_argument("--model", required=True, help="served id, or the folder to load with --load/--serve")
     emb.add_argument("--url", default="http://127.0.0.1:8000")
@@ -569,6 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import signal
+
+    # A terminated benchmark still stops the server it started (the `finally` blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = build_parser().parse_args(argv)
     return args.func(args)
 
