@@ -1,7 +1,8 @@
 """Smaller, faster weights on CPU: the dtype ``auto`` picks, and int8 weights.
 
 bfloat16 halves the weights and, on a CPU with native bf16 instructions
-(AVX512-BF16, AMX; ARMv8.6 BF16), doubles the speed of a decode step; on a CPU
+(AVX512-BF16, AMX; ARMv8.6 BF16), doubles the speed of a decode step (SmolLM2
+on this project's machine, HF generate: 50 against 24 tok/s at batch 1); on a CPU
 without them torch emulates bf16 matmuls and float32 is faster, so ``auto``
 picks bfloat16 only where the flags say so.
 
@@ -12,7 +13,6 @@ stays in the model's dtype.
 from __future__ import annotations
 
 import functools
-import platform
 
 import torch
 
@@ -33,7 +33,7 @@ def cpu_has_native_bf16() -> bool:
                     return bool(BF16_FLAGS & set(value.split()))
     except OSError:
         pass
-    return platform.system() == "Darwin" and platform.machine() == "arm64"  # M2 and later
+    return False  # unknown (no /proc/cpuinfo): float32, which is right everywhere
 
 
 def auto_cpu_dtype() -> torch.dtype:
