@@ -79,7 +79,7 @@ def test_load_on_cuda_reports_device_and_dtype(gpu_server, tiny_models):
     r = requests.post(gpu_server.url + "/v1/completions", timeout=120, json={
         "model": "gpu-tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 4
+    assert 1 <= r.json()["usage"]["completion_tokens"] <= 4  # the random tiny model may end early
     assert requests.delete(gpu_server.url + "/v1/models/gpu-tiny", timeout=60).status_code == 200
 
 
