@@ -102,7 +102,7 @@ print(json.dumps({{"before": before, "after": rss(), "peak": resource.getrusage(
 def test_quantized_gguf_load_stays_below_float32(smollm2_gguf):
     """A subprocess loads SmolLM2's GGUF with int8 and reads its own RSS: what
     the load adds stays below the float32 weights alone (transformers' own path
-    adds about 1.5x them), the weights end up under a third of float32's, and
+    adds about 1.5x them), the weights end up under half of float32's, and
     the peak stays below twice the float32 weights. (The peak is reported in
     README; it varies by a few hundred MiB between runs here, mostly GGUF
     metadata parsing, so only this loose bound is asserted.)"""
@@ -113,7 +113,7 @@ def test_quantized_gguf_load_stays_below_float32(smollm2_gguf):
     m = json.loads(out.stdout.strip().splitlines()[-1])
     float32_bytes = 134_515_008 * 4  # SmolLM2-135M's parameters in float32
     assert m["after"] - m["before"] < float32_bytes, m
-    assert m["weights"] < float32_bytes / 3, m
+    assert m["weights"] < float32_bytes / 2, m  # the tied embedding/head stays float32
     assert m["peak"] - m["before"] < 2 * float32_bytes, m
 
 
