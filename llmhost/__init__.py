@@ -4,28 +4,29 @@ from __future__ import annotations
 from flask import Flask
 
 from .config import Config
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (llmhost.__version__)
 
 
 def create_app(config: Config | None = None) -> Flask:
     """Config -> extensions -> blueprints. Only wsgi.py (and tests) call this."""
     from . import api as api_modules
-    from . import auth, observability, preload
-    from .extensions import api
-    from .registry import registry
+    from . import auth, cors, limits, observability, preload, web
+    from .extensions import Api
 
     config = config or Config()
     app = Flask(__name__)
     app.config.from_object(config)
-    app.config["LLMHOST"] = config
+    app.config["LLMHOST"] = config  # read through config.settings()
     app.json.sort_keys = False
-    observability.init_app(app)  # logging, request ids, request log, body limit
+    observability.init_app(app, config)  # logging, request ids, request log
+    limits.init_app(app)  # LLMHOST_MAX_BODY_BYTES, before anything reads the body
 
-    api.init_app(app)
-    auth.init_app(app)  # keys, CORS, security scheme (needs api's spec)
-    registry.init_app(app)
+    # One Api per app: it holds this app's OpenAPI spec (bemserver-api builds it here too).
+    api = Api(app)
+    auth.init_app(app, api, config)  # keys, security scheme (needs api's spec)
+    cors.init_app(app, config.CORS_ORIGINS)
     for module in api_modules.MODULES:
         api.register_blueprint(module.blp)
-    preload.start(app)  # LLMHOST_MODELS, in a background thread of this (worker) process
+    web.init_app(app)  # the chat page at / and the docs' own assets (no CDN)
+    preload.start(app, config)  # LLMHOST_MODELS, in a background thread of this (worker) process
     return app

@@ -1,4 +1,4 @@
-"""API keys (``Authorization: Bearer KEY``), admin scope, CORS, and the security
+"""API keys (``Authorization: Bearer KEY``), admin scope, and the security
 scheme in the OpenAPI document.
 
 Without keys configured everything is open (the default binds to loopback only).
@@ -73,7 +73,7 @@ def _bearer() -> str | None:
 
 
 def _needs_key(path: str, keys: Keys) -> bool:
-    if path == "/v1" or path.startswith("/v1/"):
+    if path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
         return True
     return not keys.public_docs and path.startswith(DOCS_PATHS)
 
@@ -115,18 +115,7 @@ def can_manage_models() -> bool:
     return request.environ.get(ENVIRON_ADMIN, True)
 
 
-def _init_cors(app: Flask, origins: list[str]) -> None:
-    """Allowed origins get CORS headers; preflights need no key (browsers never
-    send credentials on them) and allow the headers OpenAI clients send."""
-    if not origins:
-        return
-    from flask_cors import CORS
-    CORS(app, origins=origins, allow_headers=["Authorization", "Content-Type"],
-         expose_headers=["X-Request-Id"], max_age=600)
-
-
-def _init_spec() -> None:
-    from .extensions import api
+def _init_spec(api) -> None:
     api.spec.components.security_scheme("bearerAuth", {
         "type": "http", "scheme": "bearer",
         "description": "An API key from LLMHOST_API_KEYS (or LLMHOST_ADMIN_API_KEYS to load "
@@ -134,14 +123,24 @@ def _init_spec() -> None:
     api.spec.options["security"] = [{"bearerAuth": []}]
 
 
-def init_app(app: Flask) -> None:
-    """After api.init_app (the spec exists) and before the blueprints' routes run."""
-    config = app.config["LLMHOST"]
+def init_app(app: Flask, api, config) -> None:
+    """After the Api is built (the spec exists) and before the blueprints' routes run."""
     keys = Keys(config)
     app.extensions["llmhost_keys"] = keys
     if keys.enabled:
         log.info("API keys required on /v1 (%d keys, %d admin keys)",
                  len(keys.plain) + len(keys.admin), len(keys.admin))
     app.before_request(_check)
-    _init_cors(app, config.CORS_ORIGINS)
-    _init_spec()
+    _init_spec(api)
+
+
+def caller() -> tuple[str | None, bool]:
+    """(owner, sees_all) for data a request stores, such as stored responses:
+    owner is the SHA-256 (hex) of the caller's key, never the key itself; an
+    admin key (LLMHOST_ADMIN_API_KEYS), or a server without keys, sees all."""
+    keys: Keys = current_app.extensions["llmhost_keys"]
+    token = _bearer() if has_request_context() else None
+    if not keys.enabled or token is None:
+        return None, True
+    _, admin = keys.check(token)
+    return _digest(token).hex(), admin

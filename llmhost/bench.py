@@ -1,4 +1,5 @@
-"""`python -m llmhost.bench`: load generator against a running llmhost server.
+"""`python -m llmhost.bench`: load generator against an llmhost server (one
+running at --url, or one it starts itself with --serve).
 
     python -m llmhost.bench build-model /tmp/bench-gpt2
     python -m llmhost.bench generate --serve --model /tmp/bench-gpt2 --compare-inprocess /tmp/bench-gpt2
@@ -172,7 +173,7 @@ def bench_generate(args) -> int:
     levels: dict[int, dict] = {}
     inprocess: dict[int, float] = {}
     if args.serve:
-        server = _start_server(args)
+        server = _serve()
         url = server.url
     try:
         if args.load or server is not None:
@@ -257,7 +258,7 @@ def bench_compare(args) -> int:
     server at --compare-url, in alternating rounds, medians and ratios."""
     import json
 
-    server = _start_server(args) if args.serve else None
+    server = _serve() if args.serve else None
     url = server.url if server else args.url
     ours_pid = server.proc.pid if server else args.pid
     try:
@@ -301,39 +302,11 @@ def bench_compare(args) -> int:
     return 0
 
 
-class _Server:
-    def __init__(self, proc, url):
-        self.proc, self.url = proc, url
-
-    def stop(self) -> None:
-        import signal
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(30)
-
-
-def _start_server(args) -> _Server:
+def _serve():
     """gunicorn wsgi:app from this checkout on a free loopback port."""
-    import socket
-    import subprocess
+    from .process import Server
 
-    import requests
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "LLMHOST_HOST": "127.0.0.1", "LLMHOST_PORT": str(port),
-           "LLMHOST_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=root, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            requests.get(url + "/health", timeout=2)
-            return _Server(proc, url)
-        except requests.RequestException:
-            time.sleep(0.2)
-    raise SystemExit("the server did not start")
+    return Server(env={"LLMHOST_LOG_LEVEL": "warning"}, log_path=os.devnull).start(timeout=120)
 
 
 def _load_model(url: str, model: str, options: dict | None = None) -> None:
@@ -399,7 +372,7 @@ def bench_embed(args) -> int:
         from sentence_transformers import SentenceTransformer
 
         reference = SentenceTransformer(args.compare_inprocess, local_files_only=True)
-    server = _start_server(args) if args.serve else None
+    server = _serve() if args.serve else None
     url = server.url if server else args.url
     served, inprocess = [], []
     try:
@@ -524,11 +497,9 @@ def bench_profile(args) -> int:
     from .engine.sampling import SamplingParams
     from .engine.scheduler import Generation, GenerationRequest, Scheduler
     from .loading import LoadSpec, load
-    from .registry import ModelEntry
 
     loaded = load(LoadSpec(model=args.model, **json.loads(args.load_options or "{}")), Config())
-    entry = ModelEntry(id="profile", spec=LoadSpec(model="profile"), loaded=loaded, load_seconds=0)
-    scheduler = Scheduler(entry, Config())
+    scheduler = Scheduler("profile", loaded, Config())  # not started: its steps run here
     ids = loaded.tokenizer(args.prompt)["input_ids"]
     try:
         for batch in args.batch:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from flask import current_app
+
 
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
@@ -20,7 +22,7 @@ def _list(value: str) -> list[str]:
 class Config:
     """Typed view of the environment; Flask reads the upper-case attributes."""
 
-    # (attribute, env var suffix, parser, default)
+    # (attribute and LLMHOST_ env var suffix, parser, default)
     SETTINGS = (
         ("HOST", str, "127.0.0.1"),
         ("PORT", int, 8000),
@@ -51,12 +53,19 @@ class Config:
         ("BATCH_WAIT_MS", float, 25.0),
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),
+        ("EMBED_TOKEN_IDS", str, "cl100k_base"),
         ("MAX_BODY_BYTES", int, 8 * 1024 * 1024),
         ("API_KEYS", _list, []),
         ("API_KEYS_FILE", str, ""),
         ("ADMIN_API_KEYS", _list, []),
         ("PUBLIC_DOCS", _bool, True),
         ("CORS_ORIGINS", _list, []),
+        ("STATE_DIR", str, ""),          # "": platformdirs' user data dir for llmhost
+        ("DATABASE_URL", str, ""),       # "": sqlite file llmhost.db in STATE_DIR
+        ("RESPONSES_TTL", float, 0.0),   # seconds a stored response is kept; 0: forever
+        # The `llmhost` client commands (models, load, unload, chat): where and how to call.
+        ("URL", str, "http://127.0.0.1:8000"),
+        ("API_KEY", str, ""),
     )
 
     TESTING = False
@@ -66,9 +75,10 @@ class Config:
     OPENAPI_URL_PREFIX = "/"
     OPENAPI_JSON_PATH = "openapi.json"
     OPENAPI_SWAGGER_UI_PATH = "/docs"
-    OPENAPI_SWAGGER_UI_URL = "https://cdn.jsdelivr.net/npm/swagger-ui-dist/"
+    # Served by llmhost itself (llmhost/web.py), so the docs work offline.
+    OPENAPI_SWAGGER_UI_URL = "/assets/swagger-ui/"
     OPENAPI_REDOC_PATH = "/redoc"
-    OPENAPI_REDOC_URL = "https://cdn.jsdelivr.net/npm/redoc/bundles/redoc.standalone.js"
+    OPENAPI_REDOC_URL = "/assets/redoc/redoc.standalone.js"
 
     def __init__(self, environ: Mapping[str, str] | None = None, **overrides):
         env = os.environ if environ is None else environ
@@ -79,6 +89,12 @@ class Config:
         for name, value in overrides.items():
             setattr(self, name, value)
         self.MAX_CONTENT_LENGTH = self.MAX_BODY_BYTES
+
+
+def settings() -> Config:
+    """The Config of the app handling the current request (or app context): the
+    one way code reads settings, so two apps in one process never share them."""
+    return current_app.config["LLMHOST"]
 
 
 class TestConfig(Config):

@@ -7,6 +7,8 @@ import logging
 from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
+from .engine import errors as engine
+
 log = logging.getLogger("llmhost")
 
 TYPES = {
@@ -47,9 +49,49 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
+def too_large(limit: int, length: int | None = None) -> APIError:
+    """413 for a body over LLMHOST_MAX_BODY_BYTES (the size, when known)."""
+    size = f" of {length} bytes" if length is not None else ""
+    return APIError(413, f"Request body{size} is larger than the limit of {limit} bytes "
+                         "(LLMHOST_MAX_BODY_BYTES).", code="request_too_large")
+
+
 def not_supported(param: str, hint: str = "") -> APIError:
     return APIError(400, f"'{param}' is not supported by llmhost{hint}.", param=param,
                     code="unsupported_parameter")
+
+
+def from_engine(exc: engine.EngineError) -> APIError:
+    """The one place an engine error becomes a status, a message and its hint."""
+    if isinstance(exc, engine.InvalidInput):
+        return invalid(exc.message, param=exc.param, code=exc.code)
+    if isinstance(exc, engine.QueueFull):
+        return APIError(429, f"The model '{exc.model_id}' has {exc.waiting} requests waiting "
+                             "(LLMHOST_MAX_QUEUE); retry shortly.",
+                        code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, engine.QueueTimeout):
+        return APIError(503, f"The request waited more than {exc.seconds:g} s for "
+                             f"'{exc.model_id}' (LLMHOST_QUEUE_TIMEOUT); retry later.",
+                        code="queue_timeout", headers={"Retry-After": "5"})
+    if isinstance(exc, engine.ModelClosed):
+        return APIError(503, exc.reason, code="model_unloaded")
+    if isinstance(exc, engine.EngineOutOfMemory):
+        return APIError(503, f"Out of memory while {exc.doing} on '{exc.model_id}'; retry with "
+                             f"{exc.hint}.", code="out_of_memory")
+    if isinstance(exc, engine.EngineFailure):
+        return APIError(500, f"The server had an error while {exc.doing}: {exc.cause}. "
+                             "Please retry.", type="server_error")
+    return APIError(500, "The server had an error while processing your request.",
+                    type="server_error")
+
+
+def as_api_error(exc: Exception) -> APIError | None:
+    """`exc` as the error the client gets, when it is one of ours."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, engine.EngineError):
+        return from_engine(exc)
+    return None
 
 
 def _field_path(messages, prefix: str = "") -> tuple[str, str]:
@@ -97,6 +139,10 @@ def handle_api_error(err: APIError):
     return _render(err)
 
 
+def handle_engine_error(exc: engine.EngineError):
+    return _render(from_engine(exc))
+
+
 def handle_http_exception(exc: HTTPException):
     data = getattr(exc, "data", None) or {}
     if "messages" in data:
@@ -106,8 +152,7 @@ def handle_http_exception(exc: HTTPException):
     if status == 404:
         message = "Unknown route. The API lives under /v1 (see /docs)."
     elif status == 413:
-        limit = current_app.config.get("MAX_CONTENT_LENGTH")
-        message = f"Request body is larger than the limit of {limit} bytes (LLMHOST_MAX_BODY_BYTES)."
+        return _render(too_large(current_app.config.get("MAX_CONTENT_LENGTH")))
     elif status == 405:
         message = f"Method not allowed on this route. {exc.description}"
     err = APIError(status, message)
@@ -129,5 +174,6 @@ def handle_unexpected(exc: Exception):
 
 def init_app(app: Flask) -> None:
     app.register_error_handler(APIError, handle_api_error)
+    app.register_error_handler(engine.EngineError, handle_engine_error)
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

@@ -88,6 +88,3 @@ class Api(flask_smorest.Api):
     def _register_error_handlers(self):
         errors.init_app(self._app)
 
-
-api = Api()
-

@@ -19,10 +19,10 @@ import torch
 # Imported once at start-up rather than inside the first load, so that the code
 # (not the weights) is not counted as a model's memory, and loads start faster.
 import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
-# Not transformers' `pipeline`: the scheduler runs the model itself, and importing
-# transformers.pipelines adds about 230 MiB to every worker (measured here).
+# Not transformers' `pipeline` (about 230 MiB more per worker): see TextGeneration.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from . import progress
 from .errors import APIError, invalid
 from .quantize import auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
 
@@ -64,13 +64,25 @@ class Source:
 
 
 @dataclass
+class TextGeneration:
+    """A generation model's pipeline: the model and its tokenizer, the two
+    attributes of a transformers text-generation pipeline that llmhost reads.
+    Not ``transformers.pipeline("text-generation")``: the scheduler runs the
+    model itself, and importing transformers.pipelines adds about 230 MiB to
+    every worker (measured here)."""
+
+    model: Any
+    tokenizer: Any
+
+
+@dataclass
 class Loaded:
-    """A ready model: its pipeline plus what the Model object reports."""
+    """A ready model: its pipeline (the one object that holds the model: a
+    TextGeneration for generation, or the SentenceTransformer for embeddings)
+    plus what the Model object reports."""
 
     task: str
     pipeline: Any
-    model: Any
-    tokenizer: Any
     device: str
     dtype: str
     parameters: int
@@ -81,13 +93,18 @@ class Loaded:
     extra: dict = field(default_factory=dict)
     quantization: str | None = None
 
+    @property
+    def model(self):
+        """The torch module the engine drives: the pipeline's model for generation;
+        for embeddings the SentenceTransformer (its modules pool and normalise)."""
+        return self.pipeline.model if self.task == "generate" else self.pipeline
+
+    @property
+    def tokenizer(self):
+        return self.pipeline.tokenizer
+
 
 # -- source ------------------------------------------------------------------
-
-def hub_cache_dir() -> str:
-    from huggingface_hub import constants
-    return constants.HF_HUB_CACHE
-
 
 def _is_path(name: str) -> bool:
     return (name.startswith(("/", "./", "../", "~", "\\")) or os.path.exists(name)
@@ -127,7 +144,7 @@ def _local_source(spec: LoadSpec, config) -> Source:
 
 def check_model_dirs(path: str, config) -> None:
     """With LLMHOST_MODEL_DIRS set, a local path must resolve inside one of them."""
-    roots = getattr(config, "MODEL_DIRS", None)
+    roots = config.MODEL_DIRS
     if not roots:
         return
     real = os.path.realpath(path)
@@ -193,8 +210,10 @@ def _download(spec: LoadSpec, config) -> str:
     allow = [spec.gguf_file, "*.json", "*.txt", "*.model", "*.jinja"] if spec.gguf_file else None
     ignore = None if spec.gguf_file else IGNORE_WEIGHTS + ["*.gguf"]
     log.info("downloading %s from the Hub into %s", spec.model, constants.HF_HUB_CACHE)
+    # The Hub's byte counts feed GET /v1/models and streamed loads.
     return snapshot_download(spec.model, revision=spec.revision, allow_patterns=allow,
-                             ignore_patterns=ignore, etag_timeout=config.HUB_TIMEOUT)
+                             ignore_patterns=ignore, etag_timeout=config.HUB_TIMEOUT,
+                             tqdm_class=progress.hub_tqdm(progress.current()))
 
 
 def resolve_source(spec: LoadSpec, config) -> Source:
@@ -318,15 +337,21 @@ def load(spec: LoadSpec, config) -> Loaded:
     dtype = choose_dtype(spec.dtype, device, task)
     if spec.quantization:
         dtype = int8_compute_dtype(spec.dtype)
+    progress.step("loading", "tokenizer and weights")
     if task == "embed":
-        from .engine.embed import load_embedding
-        loaded = load_embedding(source, spec, device, device_map, dtype)
+        loaded = _load_embedding(source, spec, device, device_map, dtype)
         if spec.quantization:
             quantize_model(loaded.model, spec.quantization)
             loaded.quantization = spec.quantization
             loaded.memory_bytes = _memory_bytes(loaded.model)
         return loaded
     return _load_causal_lm(source, spec, device, device_map, dtype)
+
+
+def _no_memory(device: str, spec: LoadSpec) -> APIError:
+    return APIError(503, f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
+                         "or pick a smaller dtype or another device.", param="model",
+                    code="out_of_memory")
 
 
 def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dtype) -> Loaded:
@@ -342,9 +367,7 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
             if spec.quantization:
                 quantize_model(model, spec.quantization)
     except torch.OutOfMemoryError:
-        raise APIError(503, f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
-                            "or pick a smaller dtype or another device.", param="model",
-                       code="out_of_memory")
+        raise _no_memory(device, spec)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise invalid(f"Could not load '{spec.model}' as a causal language model: {exc}",
                       param="model", code="model_load_failed")
@@ -352,7 +375,7 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Loaded(
-        task="generate", pipeline=None, model=model, tokenizer=tokenizer, device=device,
+        task="generate", pipeline=TextGeneration(model, tokenizer), device=device,
         dtype=str(model.dtype).replace("torch.", ""),
         parameters=model_bytes(model, count=True),
         memory_bytes=_memory_bytes(model), revision=source.revision,
@@ -370,6 +393,57 @@ def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str):
     from . import gguf_stream
     return gguf_stream.load_causal_lm(source.folder, source.gguf_file, dtype,
                                       quantize_linear if spec.quantization else None)
+
+
+def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loaded:
+    """Load with sentence-transformers, the field's own loader: a folder with
+    modules.json gets its pooling and normalisation from there; a bare encoder
+    gets sentence-transformers' default (mean pooling, or last-token pooling for
+    a causal LM loaded with task=embed)."""
+    from sentence_transformers import SentenceTransformer
+
+    if source.gguf_file:
+        raise invalid("GGUF files hold generation models; embeddings need a sentence-transformers "
+                      "folder or an encoder model.", param="model", code="model_load_failed")
+    kwargs = {} if dtype == "auto" else {"dtype": dtype}
+    try:
+        st = SentenceTransformer(source.folder, device="cuda" if device_map == "auto" else device,
+                                 local_files_only=True, trust_remote_code=spec.trust_remote_code,
+                                 model_kwargs=kwargs)
+    except torch.OutOfMemoryError:
+        raise _no_memory(device, spec)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as exc:
+        raise invalid(f"Could not load '{spec.model}' as an embedding model: {exc}",
+                      param="model", code="model_load_failed")
+    st.eval()
+    _check_text_model(st, spec.model)
+    first = st[0]
+    max_len = st.max_seq_length
+    if not isinstance(max_len, int) or not 0 < max_len < 10**7:
+        max_len = _max_context(first.auto_model, st.tokenizer)
+    return Loaded(
+        task="embed", pipeline=st, device=device,
+        dtype=str(next(st.parameters()).dtype).replace("torch.", ""),
+        parameters=sum(p.numel() for p in st.parameters()), memory_bytes=_memory_bytes(st),
+        revision=source.revision, max_context=max_len,
+        extra={"dimensions": st.get_embedding_dimension()},
+    )
+
+
+def _check_text_model(st, name: str) -> None:
+    """The server builds the model's input itself (token ids, padding), which is
+    only what sentence-transformers does for a plain text tokenizer; refuse the
+    rest (chat-template, multimodal, flattened flash-attention inputs) rather
+    than return vectors that differ from ``encode``."""
+    from sentence_transformers.models import Transformer
+
+    first = st[0]
+    config = getattr(first, "modality_config", {"text": {}})
+    if (not isinstance(first, Transformer) or first.tokenizer is None or "text" not in config
+            or "message" in config or getattr(first, "can_flatten_inputs", False)):
+        raise invalid(f"'{name}' is not a text sentence-transformers model llmhost can serve "
+                      "(its input is not plain tokenized text).", param="model",
+                      code="model_load_failed")
 
 
 def cached_models() -> list[dict]:

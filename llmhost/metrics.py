@@ -8,6 +8,7 @@ read at scrape time by a collector, so they can never drift from the truth.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -59,11 +60,14 @@ def observe_request(route: str, method: str, status: int, seconds: float) -> Non
 
 class ModelCollector:
     """Loaded models, requests in flight, queue depth and running batch size,
-    read from the registry and each model's engine at scrape time."""
+    read from the registry and each model's engine at scrape time. The registry
+    hands over its listing (`watch_models`), so this module imports neither it
+    nor the engine."""
+
+    def __init__(self, entries: Callable[[], list]) -> None:
+        self.entries = entries
 
     def collect(self):
-        from .registry import registry
-
         loaded = GaugeMetricFamily("llmhost_loaded_models", "Models loaded now.")
         active = GaugeMetricFamily("llmhost_model_active_requests",
                                    "Requests using the model now.", labels=["model"])
@@ -74,7 +78,7 @@ class ModelCollector:
                                     labels=["model"])
         memory = GaugeMetricFamily("llmhost_model_memory_bytes",
                                    "Bytes of weights and buffers.", labels=["model"])
-        entries = registry.list()
+        entries = self.entries()
         loaded.add_metric([], len(entries))
         for entry in entries:
             active.add_metric([entry.id], entry.active)
@@ -97,7 +101,9 @@ class ModelCollector:
         return []
 
 
-REGISTRY.register(ModelCollector())
+def watch_models(entries: Callable[[], list]) -> None:
+    """Called once by the model registry with its `list` method."""
+    REGISTRY.register(ModelCollector(entries))
 
 
 def exposition() -> tuple[bytes, str]:

@@ -1,4 +1,4 @@
-"""Request ids, one log line per request, the body-size limit, and log formats.
+"""Request ids, one log line per request, and log formats.
 
 The request line is written when the response is *closed*, not when the view
 returns: a streamed completion is still running then, and its final token
@@ -14,20 +14,16 @@ import sys
 import time
 import uuid
 
-from flask import Flask, Response, current_app, has_request_context, request
+from flask import Flask, Response, has_request_context, request
 from gunicorn import glogging
 
-from .errors import APIError
+from .config import settings
 
 log = logging.getLogger("llmhost")
 request_log = logging.getLogger("llmhost.request")
 
 ENVIRON_KEY = "llmhost.log"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-# Bodies over the limit are read and thrown away up to this size before the 413
-# goes out: a server that answers without reading closes the socket on a client
-# that is still sending, which sees a connection reset instead of the 413.
-DRAIN_LIMIT = 64 * 1024 * 1024
 # Order of the fields in a text line; other fields follow in insertion order.
 ORDER = ("request_id", "method", "path", "status", "model", "prompt_tokens",
          "completion_tokens", "latency_ms")
@@ -45,16 +41,12 @@ def log_fields() -> dict:
     return fields
 
 
-def request_id() -> str | None:
-    return log_fields().get("request_id")
-
-
 def content_logging_enabled() -> bool:
     """Prompt and completion text may be logged only when this is true
     (LLMHOST_LOG_CONTENT=1); otherwise they are private to the caller."""
     if not has_request_context():
         return False
-    return bool(current_app.config["LLMHOST"].LOG_CONTENT)
+    return bool(settings().LOG_CONTENT)
 
 
 # -- formatters -----------------------------------------------------------------
@@ -129,24 +121,6 @@ def _start() -> None:
     request.environ["llmhost.started"] = time.perf_counter()
 
 
-def _limit_body() -> None:
-    """413 before anything parses the body, with the body drained first."""
-    limit = current_app.config["LLMHOST"].MAX_BODY_BYTES
-    length = request.content_length
-    if not limit or length is None or length <= limit:
-        return
-    if length <= DRAIN_LIMIT:
-        stream = request.environ["wsgi.input"]
-        left = length
-        while left > 0:
-            chunk = stream.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            left -= len(chunk)
-    raise APIError(413, f"Request body of {length} bytes is larger than the limit of {limit} "
-                        "bytes (LLMHOST_MAX_BODY_BYTES).", code="request_too_large")
-
-
 def _finish(response: Response) -> Response:
     fields = log_fields()
     response.headers["X-Request-Id"] = fields["request_id"]
@@ -168,8 +142,7 @@ def _write(fields: dict, route: str, started: float) -> None:
     request_log.info("%s", format_fields(fields), extra={"fields": fields})
 
 
-def init_app(app: Flask) -> None:
-    init_logging(app.config["LLMHOST"])
+def init_app(app: Flask, config) -> None:
+    init_logging(config)
     app.before_request(_start)
-    app.before_request(_limit_body)
     app.after_request(_finish)

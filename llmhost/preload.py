@@ -80,9 +80,7 @@ class Preload:
                 if not isinstance(item, dict):
                     raise ValueError("each entry must be a string or an object of load options")
                 args = LoadModelSchema().load(item)
-                if args.get("keep_alive") is None:
-                    args["keep_alive"] = config.KEEP_ALIVE or None
-                entry, _ = registry.load(LoadSpec(**args))
+                entry, _ = registry.load(LoadSpec(**args), config)
                 log.info("preloaded %s", entry.id)
             except APIError as exc:
                 self._fail(label, exc.message)
@@ -107,10 +105,9 @@ class Preload:
             self.failed.append({"model": label, "error": message})
 
 
-def start(app: Flask) -> Preload:
+def start(app: Flask, config) -> Preload:
     """Start loading LLMHOST_MODELS in a background thread (nothing when it is empty,
     as in the TESTING config unless a test sets it)."""
-    config = app.config["LLMHOST"]
     preload = Preload(parse(config.MODELS))
     app.extensions["llmhost_preload"] = preload
     if not preload.done:

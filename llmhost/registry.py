@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import loading, metrics
+from . import engine, loading, metrics, progress
+from .config import Config
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -63,8 +64,9 @@ class ModelEntry:
         }
 
 
-def _same_options(a: loading.LoadSpec, b: loading.LoadSpec) -> list[str]:
-    """Options of two specs for one id that differ (only those the client set)."""
+def _conflicts(a: loading.LoadSpec, b: loading.LoadSpec) -> list[str]:
+    """The options of `b` that conflict with `a`, loaded under the same id (only
+    those the client set), as messages."""
     diffs = []
     for name in ("model", "device", "dtype", "revision", "gguf_file", "task",
                  "quantization"):
@@ -92,11 +94,6 @@ class ModelRegistry:
         self._models: dict[str, ModelEntry] = {}
         self._loading: set[str] = set()
         self._reaper: threading.Thread | None = None
-        self.config = None
-
-    def init_app(self, app) -> None:
-        self.config = app.config["LLMHOST"]
-        app.extensions["llmhost_registry"] = self
 
     # -- queries --------------------------------------------------------------
     def list(self) -> list[ModelEntry]:
@@ -128,6 +125,12 @@ class ModelRegistry:
                              f"Load it first with POST /v1/models {{\"model\": \"{model_id}\"}}.",
                         param=param, code="model_not_found")
 
+    def _model_lock(self, model_id: str) -> threading.Lock:
+        """The id's own lock, handed out under the guard: loading, unloading and
+        evicting one id are serialised; other ids are not held up."""
+        with self._guard:
+            return self._locks.setdefault(model_id, threading.Lock())
+
     def _acquire(self, model_id: str) -> ModelEntry | None:
         """Look up and mark busy in one step under the guard, so eviction can never
         pick a model between a request finding it and using it."""
@@ -139,11 +142,14 @@ class ModelRegistry:
             return entry
 
     @contextmanager
-    def use(self, model_id: str, task: str | None = None) -> Iterator[ModelEntry]:
+    def use(self, model_id: str, task: str | None = None,
+            autoload: Config | None = None) -> Iterator[ModelEntry]:
         """Mark a model busy for the length of a request (a stream included): a busy
-        model is never evicted. With LLMHOST_AUTOLOAD=1 a cached model loads first."""
+        model is never evicted. Given `autoload` (the caller's settings, when the
+        route found that it may load models and LLMHOST_AUTOLOAD=1), a hub id in the
+        local cache is loaded first."""
         entry = self._acquire(model_id)
-        if entry is None and self._autoload(model_id):
+        if entry is None and autoload is not None and self._autoload(model_id, autoload):
             entry = self._acquire(model_id)
         if entry is None:
             raise self._not_loaded(model_id)
@@ -160,15 +166,16 @@ class ModelRegistry:
                 entry.last_used = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------
-    def load(self, spec: loading.LoadSpec) -> tuple[ModelEntry, bool]:
-        """Load a model once; (entry, True) when it was loaded by this call."""
+    def load(self, spec: loading.LoadSpec, config: Config) -> tuple[ModelEntry, bool]:
+        """Load a model once; (entry, True) when it was loaded by this call. `config`
+        is the settings of the app asking (limits, allowed folders, keep_alive default)."""
+        if spec.keep_alive is None:
+            spec.keep_alive = config.KEEP_ALIVE or None
         model_id = spec.served_id
-        with self._guard:
-            lock = self._locks.setdefault(model_id, threading.Lock())
-        with lock:
+        with self._model_lock(model_id):
             existing = self.find(model_id)
             if existing is not None:
-                diffs = _same_options(existing.spec, spec)
+                diffs = _conflicts(existing.spec, spec)
                 if diffs:
                     raise APIError(409, f"The model '{model_id}' is already loaded with other options: "
                                         f"{'; '.join(diffs)}. Unload it first, or load it under another "
@@ -177,18 +184,19 @@ class ModelRegistry:
             with self._guard:
                 self._loading.add(model_id)
             try:
-                self._make_room(model_id)
-                started = time.perf_counter()
-                loaded = loading.load(spec, self.config)
-                entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
-                                   load_seconds=time.perf_counter() - started)
-                from . import engine
-                entry.engine = engine.start(entry, self.config)
+                with progress.track(model_id, spec.model):  # GET /v1/models shows it loading
+                    self._make_room(model_id, config.MAX_LOADED_MODELS)
+                    started = time.perf_counter()
+                    loaded = loading.load(spec, config)
+                    entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
+                                       load_seconds=time.perf_counter() - started)
+                    entry.engine = engine.start(model_id, loaded, config)
             finally:
                 with self._guard:
                     self._loading.discard(model_id)
             with self._guard:
                 self._models[model_id] = entry
+            progress.forget(model_id)
             log.info("loaded %s (%s on %s, %.1fs)", model_id, entry.loaded.dtype,
                      entry.loaded.device, entry.load_seconds)
             metrics.observe_load(model_id, entry.load_seconds)
@@ -197,9 +205,7 @@ class ModelRegistry:
             return entry, True
 
     def unload(self, model_id: str) -> ModelEntry:
-        with self._guard:
-            lock = self._locks.setdefault(model_id, threading.Lock())
-        with lock:
+        with self._model_lock(model_id):
             entry = self.get(model_id)
             with self._guard:
                 self._models.pop(entry.id, None)
@@ -225,9 +231,7 @@ class ModelRegistry:
                still: Callable[[ModelEntry], bool] = lambda entry: True) -> bool:
         """Unload a model only if it is idle (and `still` holds) at the moment it
         is removed, checked under the guard so no request can start in between."""
-        with self._guard:
-            lock = self._locks.setdefault(model_id, threading.Lock())
-        with lock:
+        with self._model_lock(model_id):
             with self._guard:
                 entry = self._models.get(model_id)
                 if entry is None or entry.active or not still(entry):
@@ -237,10 +241,9 @@ class ModelRegistry:
         log.info("unloaded %s (%s)", model_id, why)
         return True
 
-    def _make_room(self, model_id: str) -> None:
+    def _make_room(self, model_id: str, limit: int) -> None:
         """LLMHOST_MAX_LOADED_MODELS: evict the least recently used idle models until
         this one fits. Models being loaded hold a place; busy models are never evicted."""
-        limit = getattr(self.config, "MAX_LOADED_MODELS", 0)
         while limit > 0:
             with self._guard:
                 if len(self._models) + len(self._loading) <= limit:
@@ -285,19 +288,16 @@ class ModelRegistry:
             except Exception:
                 log.exception("keep_alive reaper failed; retrying")
 
-    def _autoload(self, model_id: str) -> bool:
-        """LLMHOST_AUTOLOAD=1: load a hub id found in the local cache, if the caller
-        could load it with POST /v1/models (admin rules)."""
-        from .auth import can_manage_models
-
-        config = self.config
-        if not getattr(config, "AUTOLOAD", False) or not loading.HUB_ID.match(model_id):
+    def _autoload(self, model_id: str, config: Config) -> bool:
+        """Load a hub id found in the local cache (never downloaded)."""
+        if not config.AUTOLOAD or not loading.HUB_ID.match(model_id):
             return False
-        if loading.cached_snapshot(model_id, None) is None or not can_manage_models():
+        if loading.cached_snapshot(model_id, None) is None:
             return False
         log.info("autoloading %s from the local cache", model_id)
-        self.load(loading.LoadSpec(model=model_id, keep_alive=config.KEEP_ALIVE or None))
+        self.load(loading.LoadSpec(model=model_id), config)
         return True
 
 
 registry = ModelRegistry()
+metrics.watch_models(registry.list)

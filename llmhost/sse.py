@@ -1,4 +1,4 @@
-"""Server-sent events framing (DESIGN rule 8), and telling whether the client
+"""Server-sent events framing, and telling whether the client
 of a request is still there.
 
 Every event is ``data: <json>\\n\\n`` and a stream always ends with
@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 
 from flask import Response, current_app
 
-from .errors import APIError
+from .errors import APIError, as_api_error
 
 log = logging.getLogger("llmhost")
 
@@ -26,38 +26,46 @@ HEADERS = {
 }
 
 
-def event(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def event(data: dict, name: str | None = None) -> str:
+    """One event; with `name`, an `event:` line first (the Responses API names
+    each event after its `type`, and clients dispatch on it)."""
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _events(chunks: Iterator[dict], debug: bool) -> Iterator[str]:
+def _events(chunks: Iterator[dict], debug: bool, named: bool = False,
+            done: bool = True) -> Iterator[str]:
+    """The stream's events. However it ends (done, an error, or the server
+    closing this generator because the client went away), the source is closed
+    once, in `finally`: its cleanup cancels the generation. With `named`, an
+    error is an `error` event."""
     try:
         for chunk in chunks:
-            yield event(chunk)
-    except GeneratorExit:
-        # The client went away: the server closed this generator. Closing the
-        # source runs its cleanup, which cancels the generation.
-        chunks.close()
-        raise
-    except APIError as err:
-        yield event(err.to_dict())
+            yield event(chunk, chunk.get("type") if named else None)
     except Exception as exc:
-        log.exception("error in a stream after it started")
-        message = "The server had an error while processing your request."
-        if debug:
-            message += f" ({type(exc).__name__}: {exc})"
-        yield event(APIError(500, message, type="server_error").to_dict())
+        err = as_api_error(exc)
+        if err is None:
+            log.exception("error in a stream after it started")
+            message = "The server had an error while processing your request."
+            if debug:
+                message += f" ({type(exc).__name__}: {exc})"
+            err = APIError(500, message, type="server_error")
+        yield event(err.to_dict(), "error" if named else None)
     finally:
         if hasattr(chunks, "close"):
             chunks.close()
-    yield DONE
+    if done:
+        yield DONE
 
 
-def stream(chunks: Iterable[dict]) -> Response:
-    """A text/event-stream response of `chunks` (dicts), then [DONE]."""
+def stream(chunks: Iterable[dict], named: bool = False, done: bool = True) -> Response:
+    """A text/event-stream response of `chunks` (dicts), then [DONE]. With
+    `named`, each event carries an `event:` line equal to the chunk's `type`;
+    `done=False` leaves out [DONE] (the Responses API ends on its own
+    `response.completed` event instead)."""
     iterator = iter(chunks)
-    return Response(_events(iterator, current_app.debug), mimetype="text/event-stream",
-                    headers=HEADERS)
+    return Response(_events(iterator, current_app.debug, named, done),
+                    mimetype="text/event-stream", headers=HEADERS)
 
 
 def client_disconnected(environ: dict) -> bool:

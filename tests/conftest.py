@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 
 # Before anything imports huggingface_hub: no network, and a private cache.
@@ -13,10 +14,12 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Stored responses go to a private folder, never the user's data dir.
+os.environ["LLMHOST_STATE_DIR"] = tempfile.mkdtemp(prefix="llmhost-state-")
 
 import pytest  # noqa: E402
 
-from support import Server  # noqa: E402
+from support import ADMIN_KEY, ENV_KEY, FILE_KEY, ORIGIN, Server  # noqa: E402
 
 CACHED_REPO = "llmhost-test/tiny-llama"
 
@@ -92,15 +95,14 @@ def smollm2_reference(smollm2_gguf):
 @pytest.fixture(scope="module")
 def local_gpt2(tiny_models):
     """The tiny GPT-2 (256 positions) loaded in this process's registry, for
-    Flask test-client checks that need a model; unloaded after each module so
-    in-process registry tests elsewhere start from what they expect."""
-    from llmhost import create_app
+    Flask test-client checks that need a model (any app in this process serves
+    it: the registry is the process's); unloaded after each module, so that
+    in-process registry tests elsewhere find only the models they loaded."""
     from llmhost.config import TestConfig
+    from llmhost.loading import LoadSpec
     from llmhost.registry import registry
 
-    r = create_app(TestConfig()).test_client().post(
-        "/v1/models", json={"model": tiny_models["gpt2"], "id": "local-gpt2"})
-    assert r.status_code in (200, 201), r.get_json()
+    registry.load(LoadSpec(model=tiny_models["gpt2"], id="local-gpt2"), TestConfig())
     yield "local-gpt2"
     registry.unload("local-gpt2")
 
@@ -124,3 +126,145 @@ def app():
 @pytest.fixture()
 def client(app):
     return app.test_client()
+
+
+# -- servers and apps with settings, shared by the operations tests ----------------
+
+@pytest.fixture(scope="session")
+def gate(tiny_models):
+    """A copy of the tiny GPT-2 under the model root whose config.json is a named
+    pipe: preloading it blocks on reading that file until the test releases it,
+    so /ready is 503 for as long as the test wants, not for a lucky second."""
+    folder = os.path.join(tiny_models["root"], "gated-gpt2")
+    shutil.copytree(tiny_models["gpt2"], folder)
+    config = os.path.join(folder, "config.json")
+    with open(config) as fh:
+        content = fh.read()
+    os.remove(config)
+    os.mkfifo(config)
+    return {"folder": folder, "config": config, "content": content}
+
+
+@pytest.fixture(scope="session")
+def secure(tiny_models, gate, tmp_path_factory):
+    """gunicorn with keys (env, file, admin), closed docs, CORS, JSON logs,
+    LLMHOST_MODEL_DIRS, downloads off, and a preload held back by `gate` until
+    test_probes releases it. Tests that load a model unload it again."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# team keys, one per line\n\n{FILE_KEY}\n")
+    missing = os.path.join(tiny_models["root"], "no-such-model")
+    srv = Server(env={
+        "LLMHOST_API_KEYS": ENV_KEY, "LLMHOST_API_KEYS_FILE": str(keys),
+        "LLMHOST_ADMIN_API_KEYS": ADMIN_KEY, "LLMHOST_PUBLIC_DOCS": "0",
+        "LLMHOST_CORS_ORIGINS": ORIGIN, "LLMHOST_LOG_FORMAT": "json", "LLMHOST_LOG_LEVEL": "debug",
+        "LLMHOST_MODEL_DIRS": tiny_models["root"], "LLMHOST_ALLOW_DOWNLOADS": "0",
+        "LLMHOST_MODELS": f"{gate['folder']}@cpu,{missing}",
+    }).start()
+    srv.missing = missing
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def policy(tiny_models):
+    """gunicorn with LLMHOST_MAX_LOADED_MODELS=1 and text logs."""
+    srv = Server(env={"LLMHOST_MAX_LOADED_MODELS": "1"}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def metered(policy, tiny_models) -> str:
+    """The tiny Llama loaded in `policy` as "metered" (again, if evicted since)."""
+    policy.load(tiny_models["llama"], id="metered")
+    return "metered"
+
+
+@pytest.fixture()
+def make_app():
+    """Apps built in this process with the given settings; the models a test
+    loads into the process's registry are unloaded after it."""
+    from llmhost import create_app
+    from llmhost.config import TestConfig
+    from llmhost.registry import registry
+
+    before = {entry.id for entry in registry.list()}
+    yield lambda **settings: create_app(TestConfig(**settings))
+    for entry in registry.list():  # only what this test loaded
+        if entry.id not in before:
+            registry.unload(entry.id)
+
+
+class QuickStart:
+    """README's Quick start server, as `llmhost serve --model demo` runs it."""
+
+    def __init__(self, proc, url: str, log_path: str, command: list[str], observed: list[dict]):
+        self.proc, self.url, self.log_path, self.command = proc, url, log_path, command
+        self.observed = observed  # what GET /v1/models and /v1/models/smollm2 said while it loaded
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as fh:
+            return fh.read().decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="session")
+def quickstart(smollm2_gguf):
+    """The second line of README's Quick start, run as written (with the installed
+    `llmhost` script, else `python -m llmhost`) on a free port (LLMHOST_PORT, the
+    --port twin), watched while SmolLM2 loads; stopped at the end with Ctrl-C's
+    SIGINT, which must end it."""
+    import shlex
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from support import free_port, readme_block
+
+    serve = readme_block("quickstart").splitlines()[1]
+    command = shlex.split(serve)
+    assert command[:2] == ["llmhost", "serve"], serve
+    if shutil.which("llmhost") is None:
+        command = [sys.executable, "-m", "llmhost"] + command[1:]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMHOST_")}
+    env["LLMHOST_PORT"] = str(port)
+    log_path = os.path.join(os.environ.get("LLMHOST_TEST_LOGS", tempfile.gettempdir()),
+                            f"llmhost-quickstart-{port}.log")
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    observed: list[dict] = []
+    ready = False
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                data = requests.get(url + "/v1/models", timeout=5).json()["data"]
+                one = requests.get(url + "/v1/models/smollm2", timeout=5)
+                observed += [m for m in data if m.get("status") == "loading"]
+                if one.status_code == 200 and one.json().get("status") == "loading":
+                    observed.append(one.json())
+            except requests.RequestException:
+                pass
+            with open(log_path, "rb") as fh:
+                if b"llmhost is ready at" in fh.read():
+                    ready = True
+                    break
+            time.sleep(0.3)
+        assert ready, f"README's `{serve}` did not get ready:\n" + open(log_path).read()[-3000:]
+        yield QuickStart(proc, url, log_path, command, observed)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C, as README says
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise AssertionError("Ctrl-C (SIGINT) did not stop `llmhost serve` within 60 s")
+        log.close()

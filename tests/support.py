@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from functools import lru_cache
 
@@ -15,8 +11,17 @@ from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
+from llmhost.process import Server, free_port  # noqa: F401  (one copy, shared with the benchmark)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "tests", "data", "openai_schemas.json")
+
+# Keys and origin of the `secure` server (conftest.py).
+ENV_KEY = "sk-env-4f1c0a9e7b2d"
+FILE_KEY = "sk-file-9d3e77c1a0b4"
+ADMIN_KEY = "sk-admin-1b8f2c6d5e3a"
+WRONG_KEY = "sk-wrong-77aa31cc09ef"
+ORIGIN = "https://app.example"
 
 
 def _nullable(node):
@@ -60,75 +65,60 @@ def assert_error(response, status: int, param: str | None = "__any__") -> dict:
     return body["error"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
 
 
-class Server:
-    """`gunicorn wsgi:app` on a loopback port, as a user runs it."""
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):
+    """Poll until `predicate()` is truthy; return that value (fail after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s")
 
-    def __init__(self, env: dict | None = None, log_path: str | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "LLMHOST_HOST": "127.0.0.1", "LLMHOST_PORT": str(self.port),
-                    **(env or {})}
-        self.log_path = log_path or os.path.join(
-            os.environ.get("LLMHOST_TEST_LOGS", "/tmp"), f"llmhost-gunicorn-{self.port}.log")
-        self.proc: subprocess.Popen | None = None
 
-    def start(self, wait_for: str = "/health", timeout: float = 120) -> "Server":
-        try:
-            return self._start(wait_for, timeout)
-        except BaseException:
-            self.stop()
-            raise
+def scrape(server: Server) -> dict:
+    """{(sample name, frozenset(labels)): value} from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    def _start(self, wait_for: str, timeout: float) -> "Server":
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.log()[-3000:]}")
-            try:
-                if requests.get(self.url + wait_for, timeout=5).status_code < 500:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"gunicorn did not answer {wait_for}: {self.log()[-3000:]}")
+    r = requests.get(server.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
 
-    def log(self) -> str:
-        with open(self.log_path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
 
-    def worker_pid(self) -> int:
-        out = subprocess.check_output(["pgrep", "-P", str(self.proc.pid)], text=True)
-        return int(out.split()[0])
+def sample(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, frozenset(labels.items())), 0.0)
 
-    def worker_rss(self) -> int:
-        with open(f"/proc/{self.worker_pid()}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if getattr(self, "_log", None):
-            self._log.close()
+def json_log_lines(server: Server) -> list[dict]:
+    return [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
 
-    def load(self, model: str, **options) -> dict:
-        r = requests.post(self.url + "/v1/models", json={"model": model, **options}, timeout=600)
-        assert r.status_code in (200, 201), r.text
-        return r.json()
+
+def loaded_ids(server: Server) -> list[str]:
+    return [m["id"] for m in requests.get(server.url + "/v1/models").json()["data"]]
+
+
+def load_local(path: str, model_id: str, config=None, **options):
+    """Load into this process's registry with `config` (TestConfig() by default)."""
+    from llmhost.config import TestConfig
+    from llmhost.loading import LoadSpec
+    from llmhost.registry import registry
+
+    spec = LoadSpec(model=path, id=model_id, device="cpu", **options)
+    return registry.load(spec, config or TestConfig())[0]
+
+
+def readme_block(marker: str) -> str:
+    """The code block of README.md between `<!-- marker:begin -->` and `<!-- marker:end -->`."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    assert begin in text and end in text, f"README.md lost its {marker} markers"
+    block = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    lines = block.splitlines()
+    assert lines[0].startswith("```") and lines[-1] == "```", block
+    return "\n".join(lines[1:-1])

@@ -4,13 +4,13 @@ import base64
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import requests
 
-from support import assert_error, validate
+from llmhost.errors import from_engine
+from support import assert_error, validate, wait_for
 
 SENTENCES = [
     "The cat sits on the mat.",
@@ -98,12 +98,14 @@ def test_base64_is_the_float_vector(server, minilm):
 
 
 def test_token_id_input(server, minilm, reference):
+    """The model's own ids, with the per-request extra (OpenAI's ids are the
+    default: tests/test_embeddings_tiktoken.py)."""
     ids = reference.tokenizer(SENTENCES[:2], add_special_tokens=False)["input_ids"]
     expected = reference.encode(SENTENCES[:2])
-    single = ok(embed(server, input=ids[0]))
+    single = ok(embed(server, input=ids[0], token_ids="model"))
     assert_close(vectors(single), expected[0])
     assert single["usage"]["prompt_tokens"] == len(ids[0]) + 2  # [CLS] and [SEP]
-    assert_close(vectors(ok(embed(server, input=ids))), expected)
+    assert_close(vectors(ok(embed(server, input=ids, token_ids="model"))), expected)
 
 
 def test_dimensions(server, minilm, reference):
@@ -133,8 +135,9 @@ def test_over_length_refused_or_truncated(server, minilm, reference):
     assert_close(vectors(body), reference.encode(["short", LONG]))  # encode cuts at 256 too
     assert body["usage"]["prompt_tokens"] == 3 + 256
     long_ids = reference.tokenizer(LONG, add_special_tokens=False)["input_ids"]
-    assert_error(embed(server, input=long_ids), 400, "input")
-    assert_close(vectors(ok(embed(server, input=long_ids, truncate=True))), reference.encode(LONG))
+    assert_error(embed(server, input=long_ids, token_ids="model"), 400, "input")
+    assert_close(vectors(ok(embed(server, input=long_ids, truncate=True, token_ids="model"))),
+                 reference.encode(LONG))
 
 
 @pytest.mark.parametrize("body, param", [
@@ -147,7 +150,9 @@ def test_over_length_refused_or_truncated(server, minilm, reference):
     ({"input": [True]}, "input"),
     ({"input": {"text": "a"}}, "input"),
     ({"input": None}, "input"),
-    ({"input": [30522]}, "input"),        # vocabulary is 0..30521
+    ({"input": [30522], "token_ids": "model"}, "input"),  # vocabulary is 0..30521
+    ({"input": [100262]}, "input"),       # not a cl100k_base token
+    ({"input": [5], "token_ids": "gpt2"}, "token_ids"),
     ({"input": [[5], [-1]]}, "input"),
     ({"model": "minilm"}, "input"),
     ({"input": "a", "encoding_format": "int8"}, "encoding_format"),
@@ -251,14 +256,7 @@ def gated(loaded, **settings):
             self.batches.append(len({id(job) for job, _ in batch}))
             super()._step(batch)
 
-    return Gated(SimpleNamespace(id="minilm", loaded=loaded), TestConfig(**settings))
-
-
-def wait_for(condition, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    return Gated("minilm", loaded, TestConfig(**settings)).start()
 
 
 def run_in_thread(fn, *args, **kwargs):
@@ -311,7 +309,7 @@ def test_a_small_request_gets_a_share_of_a_large_one(loaded):
 
 
 def test_queue_full_is_429_with_retry_after(loaded):
-    from llmhost.errors import APIError
+    from llmhost.engine.errors import QueueFull
 
     sched = gated(loaded, MAX_QUEUE=1)
     try:
@@ -319,10 +317,11 @@ def test_queue_full_is_429_with_retry_after(loaded):
         wait_for(lambda: sched.stats()["running"] == 1)
         queued, queued_out = run_in_thread(sched.embed, ["b"])
         wait_for(lambda: sched.stats()["queued"] == 1)
-        with pytest.raises(APIError) as info:
+        with pytest.raises(QueueFull) as info:
             sched.embed(["c"])
-        assert info.value.status == 429 and info.value.headers.get("Retry-After")
-        assert "LLMHOST_MAX_QUEUE" in info.value.message
+        err = from_engine(info.value)
+        assert err.status == 429 and err.headers.get("Retry-After")
+        assert "LLMHOST_MAX_QUEUE" in err.message
         sched.gate.set()
         queued.join(60)
         assert queued_out["result"].vectors.shape == (1, 384)
@@ -340,7 +339,7 @@ def test_waiting_past_the_queue_timeout_is_503(loaded):
         queued, queued_out = run_in_thread(sched.embed, ["b"])
         queued.join(30)
         assert 0.4 < time.monotonic() - started < 10
-        err = queued_out["error"]
+        err = from_engine(queued_out["error"])
         assert err.status == 503 and err.code == "queue_timeout" and "LLMHOST_QUEUE_TIMEOUT" in err.message
         assert sched.stats()["queued"] == 0
         sched.gate.set()
@@ -363,27 +362,29 @@ def test_close_fails_running_and_waiting_requests(loaded):
     for thread in (closer, running, queued):
         thread.join(60)
     for out in (running_out, queued_out):
-        assert out["error"].status == 503 and "unloaded" in out["error"].message
+        err = from_engine(out["error"])
+        assert err.status == 503 and "unloaded" in err.message
     assert not sched._thread.is_alive()
     with pytest.raises(Exception) as info:
         sched.embed(["g"])
-    assert info.value.status == 503
+    assert from_engine(info.value).status == 503
 
 
 def test_a_failing_forward_pass_answers_the_waiting_request(loaded):
     from llmhost.config import TestConfig
     from llmhost.engine.embed import EmbedScheduler
-    from llmhost.errors import APIError
+    from llmhost.engine.errors import EngineFailure
 
     class Broken(EmbedScheduler):
         def _forward(self, seqs):
             raise RuntimeError("boom")
 
-    sched = Broken(SimpleNamespace(id="minilm", loaded=loaded), TestConfig())
+    sched = Broken("minilm", loaded, TestConfig()).start()
     try:
-        with pytest.raises(APIError) as info:
+        with pytest.raises(EngineFailure) as info:
             sched.embed(["a"])
-        assert info.value.status == 500 and "boom" not in info.value.message
+        err = from_engine(info.value)
+        assert err.status == 500 and "boom" not in err.message
         assert sched.stats() == {"queued": 0, "running": 0}
     finally:
         sched.close("test over")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from llmhost.config import TestConfig
-from llmhost.errors import APIError
+from llmhost.engine.errors import ModelClosed, QueueFull, QueueTimeout
+from llmhost.errors import from_engine
 from llmhost.loading import LoadSpec, load
-from llmhost.registry import ModelEntry
 from llmhost.engine.sampling import SamplingParams
 from llmhost.engine.scheduler import GenerationRequest, Scheduler
 
@@ -24,8 +24,7 @@ def make_scheduler(llama):
     made = []
 
     def make(**config):
-        entry = ModelEntry(id="tiny", spec=LoadSpec(model="tiny"), loaded=llama, load_seconds=0)
-        made.append(Scheduler(entry, TestConfig(**config)))
+        made.append(Scheduler("tiny", llama, TestConfig(**config)).start())
         return made[-1]
 
     yield make
@@ -155,12 +154,14 @@ def test_queue_full_is_429_and_queue_timeout_is_503(llama, make_scheduler):
     long_events = long.events()
     next(long_events)  # running: the batch (1 row) is full
     waiting = sched.submit(GenerationRequest(ids, SamplingParams(max_tokens=2, temperature=0)))
-    with pytest.raises(APIError) as full:
+    with pytest.raises(QueueFull) as full:
         sched.submit(GenerationRequest(ids, SamplingParams(max_tokens=2, temperature=0)))
-    assert full.value.status == 429 and full.value.headers["Retry-After"]
-    with pytest.raises(APIError) as timed_out:
+    full = from_engine(full.value)
+    assert full.status == 429 and full.headers["Retry-After"]
+    with pytest.raises(QueueTimeout) as timed_out:
         list(waiting.events())
-    assert timed_out.value.status == 503 and "LLMHOST_QUEUE_TIMEOUT" in timed_out.value.message
+    timed_out = from_engine(timed_out.value)
+    assert timed_out.status == 503 and "LLMHOST_QUEUE_TIMEOUT" in timed_out.message
     long.cancel()
 
 
@@ -173,8 +174,9 @@ def test_close_fails_running_and_waiting_requests(llama, make_scheduler):
     waiting = sched.submit(GenerationRequest(ids, SamplingParams(max_tokens=3, temperature=0)))
     sched.close("The model 'tiny' was unloaded while this request was running.")
     for events in (running_events, waiting.events()):
-        with pytest.raises(APIError) as err:
+        with pytest.raises(ModelClosed) as err:
             list(events)
-        assert err.value.status == 503 and "unloaded" in err.value.message
-    with pytest.raises(APIError):
+        err = from_engine(err.value)
+        assert err.status == 503 and "unloaded" in err.message
+    with pytest.raises(ModelClosed):
         sched.submit(GenerationRequest(ids, SamplingParams(max_tokens=1)))

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from support import Server, assert_error, validate
+from support import Server, assert_error, sample, scrape, validate, wait_for
 
 
 def cpu_seconds(pid: int) -> float:
@@ -195,6 +195,8 @@ def test_unload_during_requests_ends_them_with_a_clear_error(server, tiny_models
                            stream=True, timeout=60)
     lines = stream.iter_lines()
     assert next(line for line in lines if line.startswith(b"data: "))
+    # both requests hold the model (the plain one may arrive late on a busy machine)
+    wait_for(lambda: sample(scrape(server), "llmhost_model_active_requests", model="unload-me") == 2)
     assert requests.delete(server.url + "/v1/models/unload-me").status_code == 200
     rest = [line[6:] for line in lines if line.startswith(b"data: ")]
     plain.join()

@@ -126,13 +126,11 @@ def test_device_map_auto_loads_and_generates(model_path):
     from llmhost.engine.sampling import SamplingParams
     from llmhost.engine.scheduler import GenerationRequest, Scheduler
     from llmhost.loading import LoadSpec, _load_causal_lm, resolve_source
-    from llmhost.registry import ModelEntry
 
     spec = LoadSpec(model=model_path)
     loaded = _load_causal_lm(resolve_source(spec, TestConfig()), spec, "cuda", "auto", torch.float16)
     assert getattr(loaded.model, "hf_device_map", None), "accelerate placed nothing"
-    entry = ModelEntry(id="auto-map", spec=spec, loaded=loaded, load_seconds=0)
-    scheduler = Scheduler(entry, TestConfig())
+    scheduler = Scheduler("auto-map", loaded, TestConfig()).start()
     try:
         ids = _chat_ids(loaded.tokenizer, PROMPTS[0])
         gen = scheduler.submit(GenerationRequest(ids, SamplingParams(max_tokens=8, temperature=0), n=2))

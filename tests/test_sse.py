@@ -67,3 +67,20 @@ def test_client_disconnected():
         assert sse.client_disconnected({"gunicorn.socket": ours}) is True
     finally:
         ours.close()
+
+
+def test_named_events_without_done():
+    """The Responses API's framing: `event: <type>` lines, no [DONE]; an error
+    after the start is an `error` event."""
+    app = create_app(TestConfig())
+
+    def chunks():
+        yield {"type": "response.created", "sequence_number": 0}
+        raise APIError(503, "gone")
+
+    with app.test_request_context():
+        response = sse.stream(chunks(), named=True, done=False)
+    events = "".join(response.response).split("\n\n")
+    assert events[0] == ('event: response.created\n'
+                         'data: {"type":"response.created","sequence_number":0}')
+    assert events[1].startswith("event: error\ndata: {\"error\":") and events[2:] == [""]

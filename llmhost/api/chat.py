@@ -6,7 +6,7 @@ from ..engine.prompt import chat_prompt
 from ..engine.text import token_bytes, token_string
 from ..extensions import Blueprint
 from ..schemas.chat import ChatCompletionRequestSchema, ChatCompletionSchema
-from . import generation
+from . import serving
 
 blp = Blueprint("chat", __name__, url_prefix="/v1", description="Chat completions.")
 
@@ -63,9 +63,17 @@ def create_chat_completion(args):
     the model, as OpenAI's API does, streaming included.
     """
     want_logprobs = bool(args.get("logprobs"))
+    return serving.serve(args, chat_build(args), prompt_param="messages",
+                         logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
+
+
+def chat_build(args: dict):
+    """The prompt and formatter of chat-shaped `args`: /v1/responses and the
+    token counting routes build through this too, so every route renders a
+    conversation one way."""
+    want_logprobs = bool(args.get("logprobs"))
 
     def build(entry):
         return [chat_prompt(entry, args["messages"])], ChatFormat(entry.tokenizer, want_logprobs)
 
-    return generation.serve(args, build, prompt_param="messages",
-                            logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
+    return build

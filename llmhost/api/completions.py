@@ -6,7 +6,7 @@ from ..engine.prompt import completion_prompts
 from ..engine.text import token_string
 from ..extensions import Blueprint
 from ..schemas.completions import CompletionRequestSchema, CompletionSchema
-from . import generation
+from . import serving
 
 blp = Blueprint("completions", __name__, url_prefix="/v1", description="Text completions.")
 
@@ -77,4 +77,4 @@ def create_completion(args):
                                bool(args.get("echo")), args.get("logprobs") is not None)
         return [ids for ids, _ in prompts], fmt
 
-    return generation.serve(args, build, prompt_param="prompt", logprobs=args.get("logprobs"))
+    return serving.serve(args, build, prompt_param="prompt", logprobs=args.get("logprobs"))

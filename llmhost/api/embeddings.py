@@ -7,18 +7,13 @@ import numpy as np
 import orjson
 from flask import Response
 
+from .. import metrics
+from ..config import settings
 from ..extensions import Blueprint
-from ..registry import registry
+from ..observability import log_fields
+from ..openai_tokens import to_texts
+from .access import use_model
 from ..schemas.embeddings import EmbeddingRequestSchema, EmbeddingResponseSchema
-
-try:
-    from .. import metrics
-except ImportError:  # pragma: no cover - metrics module optional
-    metrics = None
-try:
-    from ..observability import log_fields
-except ImportError:  # pragma: no cover - observability module optional
-    log_fields = None
 
 blp = Blueprint("embeddings", __name__, url_prefix="/v1",
                 description="Vectors from sentence-embedding models.")
@@ -34,13 +29,13 @@ def create_embeddings(args):
     One vector per input, equal to sentence-transformers' `encode` for the model.
     Inputs of concurrent requests share the model's forward passes.
     """
-    with registry.use(args["model"], task="embed") as entry:
-        result = entry.engine.embed(args["input"], truncate=args["truncate"],
+    mode = args.get("token_ids") or settings().EMBED_TOKEN_IDS
+    inputs = to_texts(args["input"], mode)  # OpenAI's token ids become text (openai_tokens.py)
+    with use_model(args["model"], task="embed") as entry:
+        result = entry.engine.embed(inputs, truncate=args["truncate"],
                                     dimensions=args.get("dimensions"))
-    if metrics is not None:
-        metrics.record_tokens(entry.id, result.prompt_tokens, 0)
-    if log_fields is not None:
-        log_fields().update(model=entry.id, prompt_tokens=result.prompt_tokens)
+    metrics.record_tokens(entry.id, result.prompt_tokens, 0)
+    log_fields().update(model=entry.id, prompt_tokens=result.prompt_tokens)
     return Response(_body(entry.id, result.vectors, args["encoding_format"], result.prompt_tokens),
                     mimetype="application/json")
 

@@ -1,31 +1,14 @@
 """Probes for load balancers and Kubernetes, and Prometheus metrics. All open:
 they need no API key and say nothing about requests' content."""
 from flask import Response, current_app
-from marshmallow import fields
 
 from .. import metrics
-from ..extensions import Blueprint, Schema
+from ..extensions import Blueprint
+from ..schemas.health import HealthSchema, ReadySchema
 
 blp = Blueprint("health", __name__, description="Liveness and readiness probes, metrics.")
 
 OPEN = {"security": []}
-
-
-class HealthSchema(Schema):
-    status = fields.String(required=True, metadata={"enum": ["ok"]})
-
-
-class FailedModelSchema(Schema):
-    model = fields.String(required=True)
-    error = fields.String(required=True)
-
-
-class ReadySchema(Schema):
-    status = fields.String(required=True, metadata={"enum": ["ready", "loading"]})
-    loaded = fields.List(fields.String(), required=True)
-    loading = fields.List(fields.String(), required=True)
-    failed = fields.List(fields.Nested(FailedModelSchema), required=True, metadata={
-        "description": "LLMHOST_MODELS entries that did not load, and why."})
 
 
 @blp.route("/health", methods=["GET"])

@@ -1,13 +1,22 @@
 """Model lifecycle: load, list, retrieve, unload."""
+import threading
+import time
+
 from flask import current_app
 
+from .. import progress, sse
+from ..config import settings
 from ..extensions import Blueprint
 from ..loading import LoadSpec, cached_models
+from ..ondisk import local_models
 from ..registry import registry
 from ..schemas.models import (DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema,
                               LoadModelSchema, ModelSchema)
 
 blp = Blueprint("models", __name__, url_prefix="/v1", description="Load, list and unload models.")
+
+PROGRESS_EVERY = 0.25  # seconds between progress events at most (and a heartbeat)
+MIN_GAP = 0.05        # seconds between progress events at least
 
 
 @blp.route("/models", methods=["POST"])
@@ -20,11 +29,54 @@ def load_model(args):
 
     From a Hugging Face hub id (cached models load offline), a local folder or a
     GGUF file. Answers 201 when it loaded now, 200 when it was already loaded.
+    With `stream: true`, server-sent events of the load's progress come first.
     """
-    if args.get("keep_alive") is None:
-        args["keep_alive"] = current_app.config["LLMHOST"].KEEP_ALIVE or None
-    entry, created = registry.load(LoadSpec(**args))
+    stream = args.pop("stream", False)
+    spec = LoadSpec(**args)
+    if stream:
+        return sse.stream(_load_events(spec))
+    entry, created = registry.load(spec, settings())
     return entry.to_openai(), 201 if created else 200
+
+
+def _load_events(spec: LoadSpec):
+    """Start the load on its own thread, so that a client who goes away does not
+    stop it halfway (it finishes and stays loaded, as a non-streamed load would);
+    the events are progress while it runs, then the Model object."""
+    outcome: dict = {}
+    app = current_app._get_current_object()
+    config = settings()
+
+    def run() -> None:
+        with app.app_context():
+            try:
+                outcome["entry"], _ = registry.load(spec, config)
+            except BaseException as exc:  # handed to the stream, which renders it
+                outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"llmhost-load-{spec.served_id}", daemon=True)
+    thread.start()
+
+    def events():
+        version, tracker = -1, None
+        while thread.is_alive():
+            tracker = progress.get(spec.served_id) or tracker
+            if tracker is None or tracker.finished:
+                thread.join(PROGRESS_EVERY)
+                continue
+            if tracker.version != version:
+                version = tracker.version
+                yield {**tracker.to_dict(), "object": "model.load.progress"}
+                time.sleep(MIN_GAP)  # a load of thousands of tensors: not one event each
+            tracker.wait(version, PROGRESS_EVERY)
+        if "error" in outcome:
+            raise outcome["error"]
+        if tracker is not None and tracker.version != version:
+            # A small load can finish between two polls: its last counts still come.
+            yield {**tracker.to_dict(), "object": "model.load.progress"}
+        yield outcome["entry"].to_openai()
+
+    return events()
 
 
 @blp.route("/models", methods=["GET"])
@@ -34,15 +86,22 @@ def load_model(args):
 def list_models(args):
     """List models
 
-    The loaded models; with `include=cached`, also the models in the local
-    Hugging Face cache that can be loaded offline (status `cached`).
+    The loaded models and those loading (`status: loading`, with their progress);
+    with `include=cached`, also what loads offline (status `cached`): models in the
+    local Hugging Face cache, and `.gguf` files and model folders under
+    LLMHOST_MODEL_DIRS.
     """
     data = [entry.to_openai() for entry in registry.list()]
+    seen = {d["id"] for d in data}
+    data += [t.to_dict() for t in progress.active() if t.id not in seen]
     if args.get("include") == "cached":
-        loaded = {d["id"] for d in data}
+        seen = {d["id"] for d in data} | {d.get("source") for d in data}
         data += [{"id": c["id"], "object": "model", "created": c["created"], "owned_by": "huggingface",
-                  "status": "cached", "revision": c["revision"], "size_on_disk": c["size_on_disk"]}
-                 for c in cached_models() if c["id"] not in loaded]
+                  "status": "cached", "format": "hub", "revision": c["revision"],
+                  "size_on_disk": c["size_on_disk"]}
+                 for c in cached_models() if c["id"] not in seen]
+        data += [m for m in local_models(settings().MODEL_DIRS)
+                 if m["id"] not in seen]
     return {"object": "list", "data": data}
 
 
@@ -50,7 +109,12 @@ def list_models(args):
 @blp.response(200, ModelSchema)
 @blp.errors(404)
 def retrieve_model(model_id):
-    """Retrieve a loaded model"""
+    """Retrieve a model, loaded or loading"""
+    entry = registry.find(model_id)
+    if entry is None:
+        tracker = progress.get(model_id) or progress.get("/" + model_id)
+        if tracker is not None:
+            return tracker.to_dict()
     return registry.get(model_id).to_openai()
 
 

@@ -17,64 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import APIError, invalid
+from .errors import EngineError, InvalidInput, failure
 from .queueing import ModelWorker
-from ..loading import Loaded, Source, _max_context, _memory_bytes
 
 log = logging.getLogger("llmhost.engine")
-
-
-def load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loaded:
-    """Load with sentence-transformers, the field's own loader: a folder with
-    modules.json gets its pooling and normalisation from there; a bare encoder
-    gets sentence-transformers' default (mean pooling, or last-token pooling for
-    a causal LM loaded with task=embed)."""
-    from sentence_transformers import SentenceTransformer
-
-    if source.gguf_file:
-        raise invalid("GGUF files hold generation models; embeddings need a sentence-transformers "
-                      "folder or an encoder model.", param="model", code="model_load_failed")
-    kwargs = {} if dtype == "auto" else {"dtype": dtype}
-    try:
-        st = SentenceTransformer(source.folder, device="cuda" if device_map == "auto" else device,
-                                 local_files_only=True, trust_remote_code=spec.trust_remote_code,
-                                 model_kwargs=kwargs)
-    except torch.OutOfMemoryError:
-        raise APIError(503, f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
-                            "or pick a smaller dtype or another device.", param="model",
-                       code="out_of_memory")
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as exc:
-        raise invalid(f"Could not load '{spec.model}' as an embedding model: {exc}",
-                      param="model", code="model_load_failed")
-    st.eval()
-    _check_text_model(st, spec.model)
-    first = st[0]
-    max_len = st.max_seq_length
-    if not isinstance(max_len, int) or not 0 < max_len < 10**7:
-        max_len = _max_context(first.auto_model, st.tokenizer)
-    return Loaded(
-        task="embed", pipeline=st, model=st, tokenizer=st.tokenizer, device=device,
-        dtype=str(next(st.parameters()).dtype).replace("torch.", ""),
-        parameters=sum(p.numel() for p in st.parameters()), memory_bytes=_memory_bytes(st),
-        revision=source.revision, max_context=max_len,
-        extra={"dimensions": st.get_embedding_dimension()},
-    )
-
-
-def _check_text_model(st, name: str) -> None:
-    """The server builds the model's input itself (token ids, padding), which is
-    only what sentence-transformers does for a plain text tokenizer; refuse the
-    rest (chat-template, multimodal, flattened flash-attention inputs) rather
-    than return vectors that differ from ``encode``."""
-    from sentence_transformers.models import Transformer
-
-    first = st[0]
-    config = getattr(first, "modality_config", {"text": {}})
-    if (not isinstance(first, Transformer) or first.tokenizer is None or "text" not in config
-            or "message" in config or getattr(first, "can_flatten_inputs", False)):
-        raise invalid(f"'{name}' is not a text sentence-transformers model llmhost can serve "
-                      "(its input is not plain tokenized text).", param="model",
-                      code="model_load_failed")
 
 
 @dataclass
@@ -92,10 +38,10 @@ class _Job:
     submitted: float = field(default_factory=time.monotonic)
     scheduled: int = 0                    # items of `order` handed to a forward pass
     vectors: np.ndarray | None = None
-    error: APIError | None = None
+    error: EngineError | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
-    def fail(self, err: APIError) -> None:
+    def fail(self, err: EngineError) -> None:
         if not self.done.is_set():
             self.error = err
             self.done.set()
@@ -106,11 +52,12 @@ class EmbedScheduler(ModelWorker):
     to LLMHOST_EMBED_BATCH inputs, taken from every admitted request (each gets a
     fair share first, so a small request never waits for a large one to end)."""
 
-    def __init__(self, entry, config) -> None:
-        self.st = entry.loaded.pipeline
-        self.tokenizer = entry.loaded.tokenizer
-        self.max_len: int = entry.loaded.max_context
-        self.dimensions: int = entry.loaded.extra["dimensions"]
+    def __init__(self, model_id: str, loaded, config) -> None:
+        super().__init__(model_id, config, "embed")
+        self.st = loaded.pipeline
+        self.tokenizer = loaded.tokenizer
+        self.max_len: int = loaded.max_context
+        self.dimensions: int = loaded.extra["dimensions"]
         self.device = self.st.device
         self.batch_size = max(1, int(config.EMBED_BATCH))
         self.max_inputs = max(1, int(config.MAX_EMBED_INPUTS))
@@ -128,7 +75,6 @@ class EmbedScheduler(ModelWorker):
         self.prefix, self.suffix = self._special_tokens()
 
         self._running: list[_Job] = []
-        super().__init__(entry.id, config, "embed")
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts around a text ([CLS] ... [SEP], <s> ... </s>),
@@ -145,10 +91,10 @@ class EmbedScheduler(ModelWorker):
               dimensions: int | None = None) -> Embeddings:
         """Vectors for `inputs` (texts, or token-id lists without special tokens)."""
         if len(inputs) > self.max_inputs:
-            raise invalid(f"'input' has {len(inputs)} items; at most {self.max_inputs} are allowed "
+            raise InvalidInput(f"'input' has {len(inputs)} items; at most {self.max_inputs} are allowed "
                           "per request (LLMHOST_MAX_EMBED_INPUTS).", param="input")
         if dimensions is not None and dimensions > self.dimensions:
-            raise invalid(f"'dimensions' is {dimensions}, but '{self.model_id}' makes vectors of "
+            raise InvalidInput(f"'dimensions' is {dimensions}, but '{self.model_id}' makes vectors of "
                           f"{self.dimensions} dimensions.", param="dimensions")
         seqs = self._tokenize(inputs) if isinstance(inputs[0], str) else self._wrap_ids(inputs)
         seqs = self._fit(seqs, truncate)
@@ -171,7 +117,7 @@ class EmbedScheduler(ModelWorker):
         for i, ids in enumerate(id_lists):
             bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
             if bad is not None:
-                raise invalid(f"'input[{i}]' holds token id {bad}, outside the vocabulary of "
+                raise InvalidInput(f"'input[{i}]' holds token id {bad}, outside the vocabulary of "
                               f"'{self.model_id}' (0 to {self.vocab_size - 1}).", param="input")
         return [self.prefix + self.prompt_ids + ids + self.suffix for ids in id_lists]
 
@@ -184,7 +130,7 @@ class EmbedScheduler(ModelWorker):
             return seqs
         if not truncate:
             i = too_long[0]
-            raise invalid(f"'input[{i}]' is {len(seqs[i])} tokens, more than the {self.max_len} "
+            raise InvalidInput(f"'input[{i}]' is {len(seqs[i])} tokens, more than the {self.max_len} "
                           f"'{self.model_id}' reads ({len(too_long)} input(s) too long). Shorten it, "
                           "or send \"truncate\": true to cut inputs at the model's maximum length.",
                           param="input", code="context_length_exceeded")
@@ -257,8 +203,8 @@ class EmbedScheduler(ModelWorker):
         except Exception as exc:  # a bug or OOM must not hang the waiting threads
             log.exception("embedding failed on %s", self.model_id)
             jobs = {job for job, _ in batch}
-            err = self._failure(exc, "embedding", "fewer or shorter inputs (or a smaller "
-                                                  "LLMHOST_EMBED_BATCH)")
+            err = failure(exc, self.model_id, "embedding",
+                          "fewer or shorter inputs (or a smaller LLMHOST_EMBED_BATCH)")
             for job in jobs:
                 job.fail(err)
             with self._cond:

@@ -11,16 +11,18 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Callable, Iterator
 
-from ..errors import APIError
+from .errors import EngineFailure, ModelClosed
 from .sampling import SamplingParams
 from .scheduler import GenerationRequest
 from .text import ChoiceText
 
 log = logging.getLogger("llmhost")
 
-# How often a running request looks at its client socket, besides the
-# engine's own check when no token came for a while.
+# How often a running request looks at its client socket while tokens come,
+# and how long it waits for one before looking anyway (e.g. while it waits in
+# the queue, or a slow step runs).
 DISCONNECT_CHECK_S = 0.5
+IDLE_POLL_S = 0.25
 
 
 @dataclass
@@ -90,67 +92,74 @@ class Run:
         HTTP status rather than an error inside a 200 stream."""
         engine = self.entry.engine
         if engine is None:            # unloaded between the lookup and now
-            raise APIError(503, f"The model '{self.entry.id}' was unloaded.", code="model_unloaded")
+            raise ModelClosed(f"The model '{self.entry.id}' was unloaded.")
         try:
             for ids in self.prompts:
                 self.generations.append(engine.submit(
                     GenerationRequest(prompt_ids=ids, params=self.params, n=self.n)))
-            self._iterators = [g.events(disconnected=self.disconnected) for g in self.generations]
-            self._first = next(self._iterators[0], None)
-        except BaseException:
-            self.cancel()
+            self._iterators = [g.events(poll=IDLE_POLL_S) for g in self.generations]
+            self._first = next((e for e in self._iterators[0] if e is not None or self._gone()),
+                               None)
+        except BaseException as exc:
+            self.cancel(f"it could not start ({type(exc).__name__})")
             raise
         return self
 
-    def cancel(self) -> None:
-        """Stop every choice: their rows leave the batch at the next step."""
+    def cancel(self, reason: str) -> None:
+        """Stop every choice (their rows leave the batch at the next step) and
+        say why, once: the one place a request is cancelled."""
+        if self.cancelled:
+            return
         self.cancelled = True
         for gen in self.generations:
             gen.cancel()
+        log.info("cancelled a %s request after %d generated tokens: %s", self.entry.id,
+                 self.completion_tokens, reason)
 
-    def _client_gone(self) -> None:
-        self.cancel()
-        log.info("client of a %s request went away: cancelled after %d generated tokens",
-                 self.entry.id, self.completion_tokens)
+    def _gone(self) -> bool:
+        """Whether the client went away (and so the request is now cancelled)."""
+        if self.cancelled:
+            return True
+        if self.disconnected is not None and self.disconnected():
+            self.cancel("the client went away")
+        return self.cancelled
 
     def deltas(self) -> Iterator[ChoiceDelta]:
         """Deltas in the order tokens arrive (prompt by prompt). Leaving early
         (client gone, error) cancels what is still running."""
-        finished = False
         try:
             yield from self._deltas()
-            finished = True
-        finally:
-            if not finished and not self.cancelled:
-                # The consumer stopped early: a stream whose client went away
-                # (GeneratorExit) or an error.
-                self.cancel()
-                log.info("%s request ended early: cancelled after %d generated tokens",
-                         self.entry.id, self.completion_tokens)
+        except GeneratorExit:
+            self.cancel("its response was closed before the end (the client went away)")
+            raise
+        except BaseException as exc:
+            self.cancel(f"an error ({type(exc).__name__})")
+            raise
 
     def _deltas(self) -> Iterator[ChoiceDelta]:
+        if self.cancelled:            # the client left while start() waited
+            return
         checked = time.monotonic()
         for number, (gen, events) in enumerate(zip(self.generations, self._iterators)):
             if number == 0 and self._first is not None:
                 events = chain([self._first], events)
             for event in events:
-                if self.disconnected is not None and time.monotonic() - checked > DISCONNECT_CHECK_S:
+                if event is None or time.monotonic() - checked > DISCONNECT_CHECK_S:
                     checked = time.monotonic()
-                    if self.disconnected():
-                        self._client_gone()
+                    if self._gone():
                         return
+                    if event is None:
+                        continue
                 delta = self._on_event(gen, number, event)
                 if delta is not None:
                     yield delta
-            if gen.cancelled and not self.cancelled:
-                self._client_gone()       # the engine saw the client go while idle
             if self.cancelled:
                 return
             base = number * self.n
             unfinished = [i for i in range(base, base + self.n) if not self.states[i].done]
             if unfinished:
-                raise APIError(500, f"The engine ended choice {unfinished[0]} without a finish "
-                                    "reason.", type="server_error")
+                raise EngineFailure("generating", f"the engine ended choice {unfinished[0]} "
+                                                  "without a finish reason")
 
     def _on_event(self, gen, number: int, event) -> ChoiceDelta | None:
         index = number * self.n + event.index

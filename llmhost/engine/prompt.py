@@ -7,7 +7,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from ..errors import invalid
+from .errors import InvalidInput
 
 # For base models that ship no chat template (gpt2 and most base checkpoints):
 # plain "Role: text" turns, which a base model continues naturally, ending with
@@ -54,7 +54,7 @@ def chat_prompt(entry, messages: list[dict]) -> list[int]:
     except TemplateError as exc:
         # Templates reject conversations they cannot render (e.g. roles that do
         # not alternate) with raise_exception(); that is the client's input.
-        raise invalid(f"The chat template of model '{entry.id}' refused these messages: {exc}",
+        raise InvalidInput(f"The chat template of model '{entry.id}' refused these messages: {exc}",
                       param="messages", code="chat_template_error")
     # transformers 5 returns a BatchEncoding when tokenizing; 4.x a list.
     if hasattr(ids, "keys"):
@@ -63,7 +63,8 @@ def chat_prompt(entry, messages: list[dict]) -> list[int]:
 
 
 def vocab_size(entry) -> int:
-    """Token ids the model has logits for (may exceed the tokenizer's size)."""
+    """Token ids the model has logits for (may exceed the tokenizer's size); of
+    a registry entry or a loaded model."""
     head = entry.model.get_output_embeddings()
     if head is not None and hasattr(head, "weight"):
         return int(head.weight.shape[0])
@@ -76,7 +77,7 @@ def empty_prompt_ids(entry) -> list[int]:
     tokenizer = entry.tokenizer
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
-        raise invalid("'prompt' is empty and this model has no beginning-of-text token to start "
+        raise InvalidInput("'prompt' is empty and this model has no beginning-of-text token to start "
                       "from.", param="prompt")
     return [int(start)]
 
@@ -100,7 +101,7 @@ def completion_prompts(entry, prompt: str | list) -> list[tuple[list[int], str]]
             bad = [t for t in item if not 0 <= t < vocab]
             if bad:
                 where = "prompt" if len(items) == 1 and not isinstance(prompt[0], list) else f"prompt[{i}]"
-                raise invalid(f"Token id {bad[0]} in '{where}' is outside this model's vocabulary "
+                raise InvalidInput(f"Token id {bad[0]} in '{where}' is outside this model's vocabulary "
                               f"(0..{vocab - 1}).", param=where)
             ids = list(item)
             text = entry.tokenizer.decode(ids, skip_special_tokens=False)

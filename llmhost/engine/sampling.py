@@ -28,7 +28,7 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
-    def plain(self) -> bool:
+    def argmax_only(self) -> bool:
         """Nothing to do but argmax: such rows are decoded with one batched argmax."""
         return (self.greedy and self.repetition_penalty == 1.0 and not self.presence_penalty
                 and not self.frequency_penalty and not self.logit_bias and self.logprobs is None)

@@ -1,18 +1,9 @@
 """The per-model scheduler: one thread that decodes every running request of a
 model together (continuous batching). Request threads submit and wait.
 
-Why a hand-written step loop and not transformers' ``ContinuousBatchingManager``:
-measured here (2 CPU cores, transformers 5.24, the benchmark's GPT-2-small
-shape, 64 greedy tokens) ``model.generate_batch`` gave 13.9 tok/s for one
-prompt and 64.9 for eight, against 34.8 and 107.3 for plain ``generate``:
-0.40x and 0.60x. Its requests also share one generation config, while every
-request here keeps its own
-temperature, top_p/top_k/min_p, penalties, logit_bias, seed, logprobs, stop
-tokens and n. So the loop below keeps a plain ``DynamicCache`` for the running
-batch, left-padded: a new request is prefilled (together with the others
-admitted at the same step) and its cache rows are concatenated to the batch;
-a finished or cancelled row is dropped at once, and padding columns no row
-needs any more are trimmed.
+A hand-written step loop over a plain, left-padded ``DynamicCache`` rather
+than transformers' ``ContinuousBatchingManager``: every request keeps its own
+sampling settings, and it measured faster here (README, "Architecture").
 """
 from __future__ import annotations
 
@@ -21,13 +12,15 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..errors import APIError
+from .. import metrics
+from .errors import EngineError, failure
+from .prompt import vocab_size
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams
 
@@ -73,19 +66,16 @@ class Generation:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
 
     # -- request thread ---------------------------------------------------------
-    def events(self, poll: float = 0.25,
-               disconnected: Callable[[], bool] | None = None) -> Iterator[TokenEvent]:
-        """Yield token events until every choice finished. Between polls, a
-        client that went away cancels the generation."""
+    def events(self, poll: float | None = None) -> Iterator[TokenEvent | None]:
+        """Yield token events until every choice finished. With `poll`, also
+        yield None after `poll` seconds without an event, so the caller (the
+        Run) can look at its client meanwhile. Closing the iterator cancels."""
         try:
             while True:
                 try:
                     item = self._events.get(timeout=poll)
                 except queue.Empty:
-                    if disconnected is not None and disconnected():
-                        log.info("client of a %s request went away; cancelling", self.model_id)
-                        self.cancel()
-                        return
+                    yield None
                     continue
                 if item is _END:
                     return
@@ -128,31 +118,22 @@ class _Row:
         return self.done or self.gen.cancelled or self.index in self.gen.finished
 
 
-def _metrics():
-    try:
-        from .. import metrics
-        return metrics
-    except ImportError:  # pragma: no cover - metrics module optional
-        return None
-
-
 class Scheduler(ModelWorker):
     """Continuous batching for one loaded causal LM."""
 
-    def __init__(self, entry, config) -> None:
-        self.model = entry.model
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.max_context = entry.loaded.max_context
+    def __init__(self, model_id: str, loaded, config) -> None:
+        super().__init__(model_id, config, "scheduler")
+        self.model = loaded.model
+        self.vocab_size = vocab_size(loaded)
+        self.max_context = loaded.max_context
         self.device = next(self.model.parameters()).device
         self.max_rows = max(1, int(config.MAX_BATCH))
         self.batchable = self._cache_is_batchable()
         self.batch_wait = max(0.0, float(config.BATCH_WAIT_MS)) / 1000
         self._recent: deque[float] = deque()   # when requests finished, for _gather
-        self._metrics = _metrics()
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
-        super().__init__(entry.id, config, "scheduler")
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -194,7 +175,8 @@ class Scheduler(ModelWorker):
                     self._drop_gone()
             except Exception as exc:  # a bug or OOM must not hang the waiting threads
                 log.exception("generation failed on %s", self.model_id)
-                err = self._failure(exc, "generating", "fewer tokens or fewer concurrent requests")
+                err = failure(exc, self.model_id, "generating",
+                              "fewer tokens or fewer concurrent requests")
                 self._fail({r.gen for r in self._rows} | set(admitted), err)
                 self._reset_batch()
         with self._cond:
@@ -297,7 +279,7 @@ class Scheduler(ModelWorker):
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Choose each row's next token with its own settings and hand it out."""
-        plain = [i for i, r in enumerate(rows) if r.sampler.params.plain]
+        plain = [i for i, r in enumerate(rows) if r.sampler.params.argmax_only]
         chosen: dict[int, int] = {}
         if plain:  # one argmax for every plain greedy row
             for i, tok in zip(plain, torch.argmax(logits[plain], dim=-1).tolist()):
@@ -327,8 +309,7 @@ class Scheduler(ModelWorker):
             gen.completion_tokens += 1
             if gen.first_token_at is None:
                 gen.first_token_at = now
-                if self._metrics:
-                    self._metrics.observe_ttft(self.model_id, now - gen.submitted)
+                metrics.observe_ttft(self.model_id, now - gen.submitted)
             gen._put(TokenEvent(row.index, tok, reason, lp, top))
             if reason:
                 row.done = True
@@ -359,9 +340,8 @@ class Scheduler(ModelWorker):
                 gen = row.gen
                 gen.rows_left -= 1
                 if gen.rows_left == 0:
-                    if self._metrics:  # before _END: a scrape after the answer sees them
-                        self._metrics.record_tokens(self.model_id, gen.prompt_tokens,
-                                                    gen.completion_tokens)
+                    # before _END: a scrape after the answer sees them
+                    metrics.record_tokens(self.model_id, gen.prompt_tokens, gen.completion_tokens)
                     gen._put(_END)
                     self._recent.append(time.monotonic())
         if not keep:
@@ -379,7 +359,7 @@ class Scheduler(ModelWorker):
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
 
-    def _fail(self, gens, err: APIError) -> None:
+    def _fail(self, gens, err: EngineError) -> None:
         for gen in gens:
             gen._put(err)
 

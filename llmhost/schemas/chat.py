@@ -4,7 +4,8 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate, validates, validates_schema
 
 from ..extensions import Schema
-from .generation import GenerationSchema, _config, _int, refuse
+from ..config import settings
+from .generation import GenerationSchema, _int, refuse
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -78,7 +79,7 @@ class ChatCompletionRequestSchema(GenerationSchema):
     def _check_messages(self, value, **kwargs):
         if not value:
             raise ValidationError("must contain at least one message")
-        limit = _config().MAX_MESSAGES
+        limit = settings().MAX_MESSAGES
         if limit and len(value) > limit:
             raise ValidationError(f"at most {limit} messages are allowed on this server "
                                   "(LLMHOST_MAX_MESSAGES)")

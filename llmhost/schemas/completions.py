@@ -6,6 +6,7 @@ from marshmallow import ValidationError, fields, validate, validates_schema
 from ..extensions import Schema
 from .chat import UsageSchema
 from .generation import GenerationSchema, _int, refuse
+from .tokens import is_token_ids
 
 
 class Prompt(fields.Field):
@@ -16,18 +17,14 @@ class Prompt(fields.Field):
             "of token ids"
 
     def _deserialize(self, value, attr, data, **kwargs):
-        def is_ids(item) -> bool:
-            return isinstance(item, list) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in item)
-
         if isinstance(value, str):
             return value
         if not isinstance(value, list) or not value:
             raise ValidationError(self.ERROR if not isinstance(value, list)
                                   else "must not be an empty array")
-        if all(isinstance(p, str) for p in value) or is_ids(value):
+        if all(isinstance(p, str) for p in value) or is_token_ids(value):
             return value
-        if all(is_ids(p) for p in value):
+        if all(is_token_ids(p) for p in value):
             if not all(value):
                 raise ValidationError("token id arrays must not be empty")
             return value

@@ -4,11 +4,7 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate
 
 from ..extensions import Schema
-
-
-def _is_ids(value) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                           for t in value)
+from .tokens import is_token_ids
 
 
 class EmbeddingInput(fields.Field):
@@ -33,9 +29,9 @@ class EmbeddingInput(fields.Field):
             if empty is not None:
                 raise ValidationError(f"input[{empty}] is an empty string; every input must hold text")
             return value
-        if _is_ids(value):
+        if is_token_ids(value):
             return [value]
-        if all(_is_ids(item) for item in value):
+        if all(is_token_ids(item) for item in value):
             empty = next((i for i, item in enumerate(value) if not item), None)
             if empty is not None:
                 raise ValidationError(f"input[{empty}] is an empty array of token ids")
@@ -50,9 +46,11 @@ class EmbeddingRequestSchema(Schema):
         "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
                   {"type": "array", "items": {"type": "integer"}},
                   {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}],
-        "description": "Text, or token ids of the model's tokenizer without special tokens (the "
-                       "server adds them, as it does for text). At most LLMHOST_MAX_EMBED_INPUTS "
-                       "inputs; none may be empty.",
+        "description": "Text, or token ids without special tokens (the server adds them, as it "
+                       "does for text). Token ids are OpenAI's (tiktoken cl100k_base, as LangChain "
+                       "sends them): decoded, then tokenized by the model; with `token_ids: model` "
+                       "they are the model's own. At most LLMHOST_MAX_EMBED_INPUTS inputs; none "
+                       "may be empty.",
         "example": ["The food was delicious.", "Le repas était délicieux."]})
     encoding_format = fields.String(load_default="float", validate=validate.OneOf(["float", "base64"]),
                                     metadata={"description": "`float`: arrays of numbers; `base64`: "
@@ -61,6 +59,10 @@ class EmbeddingRequestSchema(Schema):
         "description": "Keep the first N dimensions and re-normalise to unit length. At most the "
                        "model's size."})
     user = fields.String(allow_none=True, metadata={"description": "Accepted and ignored."})
+    token_ids = fields.String(validate=validate.OneOf(["cl100k_base", "model"]), metadata={
+        "description": "llmhost extra. How token-id `input` is read: `cl100k_base` (OpenAI's "
+                       "tokenization, the default unless LLMHOST_EMBED_TOKEN_IDS says otherwise) or "
+                       "`model` (ids of the served model's own tokenizer)."})
     truncate = fields.Boolean(load_default=False, metadata={
         "description": "llmhost extra. `false` (default): an input longer than the model's maximum "
                        "length is a 400; `true`: cut it there, as sentence-transformers does."})

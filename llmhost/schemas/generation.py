@@ -4,15 +4,11 @@ config; limits that depend on the model (context, vocabulary) are checked once
 the model is known, in the API layer."""
 from __future__ import annotations
 
-from flask import current_app
 from marshmallow import ValidationError, fields, validate, validates
 
+from ..config import settings
 from ..errors import not_supported
 from ..extensions import Schema
-
-
-def _config():
-    return current_app.config["LLMHOST"]
 
 
 class Stop(fields.Field):
@@ -83,7 +79,7 @@ class GenerationSchema(Schema):
 
     @validates("n")
     def _check_n(self, value, **kwargs):
-        limit = _config().MAX_N
+        limit = settings().MAX_N
         if value is not None and value > limit:
             raise ValidationError(f"must be at most {limit} on this server (LLMHOST_MAX_N)")
 

@@ -35,11 +35,16 @@ class LoadModelSchema(Schema):
         "description": "A Jinja chat template that replaces the model's own (or the fallback)."})
     keep_alive = fields.Float(allow_none=True, validate=validate.Range(min=0), metadata={
         "description": "Unload after this many idle seconds (0: never; default LLMHOST_KEEP_ALIVE)."})
+    stream = fields.Boolean(metadata={
+        "description": "llmhost extra. `true`: answer server-sent events of load progress "
+                       "(`object: model.load.progress`), then the Model object, then `[DONE]`; "
+                       "an error while loading comes as an error event."})
 
 
 class ListModelsQuerySchema(Schema):
     include = fields.String(validate=validate.OneOf(["cached"]), metadata={
-        "description": "`cached` also lists models in the local HF cache that load offline."})
+        "description": "`cached` also lists what loads offline: models in the local HF cache, "
+                       "and `.gguf` files and model folders under LLMHOST_MODEL_DIRS."})
 
 
 class ModelSchema(Schema):
@@ -49,7 +54,7 @@ class ModelSchema(Schema):
     object = fields.String(required=True, metadata={"enum": ["model"]})
     created = fields.Integer(required=True)
     owned_by = fields.String(required=True)
-    status = fields.String(metadata={"enum": ["loaded", "cached"]})
+    status = fields.String(metadata={"enum": ["loaded", "loading", "cached"]})
     task = fields.String(metadata={"enum": ["generate", "embed"]})
     source = fields.String()
     gguf_file = fields.String(allow_none=True)
@@ -64,6 +69,18 @@ class ModelSchema(Schema):
     dimensions = fields.Integer(metadata={"description": "Size of the vectors (embedding models)."})
     keep_alive = fields.Float(allow_none=True)
     size_on_disk = fields.Integer()
+    format = fields.String(metadata={"enum": ["hub", "gguf", "folder"],
+                                     "description": "Cached entries: where the files are."})
+    phase = fields.String(metadata={"enum": ["resolving", "downloading", "loading"],
+                                    "description": "While loading: what the load is doing."})
+    step = fields.String(metadata={"description": "While loading: the step under way."})
+    fraction = fields.Float(metadata={"description": "While loading: share of the phase done, "
+                                                     "where its total is known."})
+    elapsed_seconds = fields.Float()
+    downloaded_bytes = fields.Integer()
+    download_total_bytes = fields.Integer()
+    loaded_tensors = fields.Integer()
+    total_tensors = fields.Integer()
 
 
 class ListModelsSchema(Schema):

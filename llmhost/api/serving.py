@@ -7,24 +7,21 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Protocol
 
-from flask import Response, current_app, jsonify, request
+from flask import Response, jsonify, request
 
-from .. import __version__, sse
+from .. import observability, sse
+from ..version import __version__
 from ..engine.outputs import Choice, ChoiceDelta, Run
 from ..engine.prompt import vocab_size
 from ..engine.sampling import SamplingParams
 from ..errors import invalid
-from ..registry import registry
-
-try:  # written by the ops side; requests are still served without it
-    from .. import observability
-except ImportError:  # pragma: no cover
-    observability = None
-
+from ..config import settings
+from .access import use_model
 
 class Format(Protocol):
     """The OpenAI shapes of one route."""
@@ -60,7 +57,7 @@ def max_tokens(args: dict, entry, prompts: list[list[int]], prompt_param: str) -
     """The completion budget per choice. An explicit max_tokens that does not
     fit the context is the client's error (OpenAI's message, with the numbers);
     the default is lowered to what fits, so short-context models just work."""
-    config = current_app.config["LLMHOST"]
+    config = settings()
     context = entry.loaded.max_context
     longest = max(len(p) for p in prompts)
     what = "messages" if prompt_param == "messages" else "prompt"
@@ -88,7 +85,7 @@ def max_tokens(args: dict, entry, prompts: list[list[int]], prompt_param: str) -
 
 def sampling_params(args: dict, entry, prompts: list[list[int]], prompt_param: str,
                     logprobs: int | None) -> SamplingParams:
-    config = current_app.config["LLMHOST"]
+    config = settings()
 
     def pick(name, default):
         value = args.get(name)
@@ -134,27 +131,49 @@ def usage(run: Run) -> dict:
 Build = Callable[[object], "tuple[list[list[int]], Format]"]
 
 
-def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> Response:
-    """Run one request on `args["model"]`: `build(entry)` gives the prompt ids
+@dataclass
+class Started:
+    """A generation under way: what a route renders (chat and completions in
+    :func:`serve`, the Responses API in responses.py). `stack` holds the
+    model in use; the renderer closes it when the answer is complete."""
+
+    entry: object
+    run: Run
+    fmt: object
+    stack: ExitStack
+    fields: dict
+    log_content: bool
+
+
+def start(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> Started:
+    """Start one request on `args["model"]`: `build(entry)` gives the prompt ids
     and the formatter. The model stays marked in use (registry.use) until the
     answer is complete, for a stream until it ends or the client leaves."""
-    fields = observability.log_fields() if observability is not None else {}
+    fields = observability.log_fields()
     stack = ExitStack()
     try:
-        entry = stack.enter_context(registry.use(args["model"], task="generate"))
+        entry = stack.enter_context(use_model(args["model"], task="generate"))
         fields["model"] = entry.id
         prompts, fmt = build(entry)
         params = sampling_params(args, entry, prompts, prompt_param, logprobs)
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),
                   disconnected=partial(sse.client_disconnected, request.environ))
         fields["prompt_tokens"] = run.prompt_tokens
-        log_content = observability is not None and observability.content_logging_enabled()
+        log_content = observability.content_logging_enabled()
         if log_content:  # LLMHOST_LOG_CONTENT=1 only: prompts are private otherwise
             fields["prompt"] = args.get("messages", args.get("prompt"))
         run.start()
     except BaseException:
         stack.close()
         raise
+    return Started(entry, run, fmt, stack, fields, log_content)
+
+
+def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> Response:
+    """Run one request and answer it as a JSON body or an event stream."""
+    started = start(args, build, prompt_param, logprobs)
+    entry, run, fmt, stack = started.entry, started.run, started.fmt, started.stack
+    fields, log_content = started.fields, started.log_content
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object,
             "created": int(time.time()), "model": entry.id,
             "system_fingerprint": fingerprint(entry)}
@@ -174,13 +193,14 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
 def _chunks(run: Run, fmt: Format, head: dict, include_usage: bool, fields: dict,
             stack: ExitStack, log_content: bool):
     """The stream's chunks. Closing this generator early (client gone) or an
-    error cancels the generation (Run.deltas) and releases the model."""
+    error closes the deltas, which cancels the generation (Run.deltas), and
+    releases the model."""
     texts = [""] * len(run.states)
-    with stack:
+    with stack, closing(run.deltas()) as deltas:
         try:
             for choice in fmt.opening(len(run.states)):
                 yield {**head, "choices": [choice]}
-            for delta in run.deltas():
+            for delta in deltas:
                 if log_content:
                     texts[delta.index] += delta.text
                 yield {**head, "choices": [fmt.stream_choice(delta)]}
