@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import progress
+
 # Architectures whose tensor processor maps one GGUF tensor to one HF tensor.
 STREAMABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "starcoder2", "stablelm"}
 
@@ -57,7 +59,7 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
     reader = GGUFReader(path)
-    for tensor in reader.tensors:
+    for tensor in progress.counted(reader.tensors, "Converting and de-quantizing GGUF tensors"):
         name, value = _tensor(dequantize, tensor, processor, key_map, parsed, dtype)
         if name not in key_map:
             continue
