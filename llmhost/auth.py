@@ -15,6 +15,7 @@ import logging
 
 from flask import Flask, current_app, has_request_context, request
 
+from . import redact
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -115,6 +116,21 @@ def can_manage_models() -> bool:
     return request.environ.get(ENVIRON_ADMIN, True)
 
 
+def may_see_paths() -> bool:
+    """Admins (and everyone on a keyless server) see server paths; on open routes
+    (/ready, /metrics) the key, if sent, is checked here."""
+    keys = current_app.extensions.get("llmhost_keys")
+    if keys is None or not keys.enabled:
+        return True
+    if ENVIRON_ADMIN in request.environ:           # a /v1 route: the key was checked
+        return bool(request.environ[ENVIRON_ADMIN])
+    token = _bearer()
+    if token is None:
+        return False
+    valid, admin = keys.check(token)
+    return valid and (admin or not keys.admin)
+
+
 def _init_spec(api) -> None:
     api.spec.components.security_scheme("bearerAuth", {
         "type": "http", "scheme": "bearer",
@@ -144,3 +160,6 @@ def caller() -> tuple[str | None, bool]:
         return None, True
     _, admin = keys.check(token)
     return _digest(token).hex(), admin
+
+
+redact.watch_viewer(may_see_paths)

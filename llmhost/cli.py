@@ -77,7 +77,7 @@ def main() -> None:
 @click.option("--port", "-p", type=int, envvar="LLMHOST_PORT", show_envvar=True,
               help="Port to listen on [default: 8000].")
 @click.option("--threads", type=int, envvar="LLMHOST_THREADS", show_envvar=True,
-              help="Requests served at once [default: 32].")
+              help="Requests served at once [default: 128].")
 @click.option("--api-keys", envvar="LLMHOST_API_KEYS", show_envvar=True,
               help="Comma-separated keys clients must send (default: none needed).")
 @click.option("--model-dirs", envvar="LLMHOST_MODEL_DIRS", show_envvar=True,

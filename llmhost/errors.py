@@ -7,6 +7,7 @@ import logging
 from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
+from . import redact
 from .engine import errors as engine
 
 log = logging.getLogger("llmhost")
@@ -128,7 +129,9 @@ def from_validation(messages) -> APIError:
 
 
 def _render(err: APIError):
-    response = jsonify(err.to_dict())
+    body = err.to_dict()   # server paths only for admins (and keyless servers)
+    body["error"]["message"] = redact.text(err.message)
+    response = jsonify(body)
     response.status_code = err.status
     for key, value in err.headers.items():
         response.headers[key] = value

@@ -8,10 +8,11 @@ import marshmallow as ma
 from webargs import core
 from webargs.flaskparser import FlaskParser
 
-from . import errors
+from . import errors, guards, limits
 
 log = logging.getLogger("llmhost")
 _ignored_logged: set[str] = set()
+MAX_LOGGED_UNKNOWN = 256   # distinct unknown field names logged (and remembered) per process
 
 
 class Schema(ma.Schema):
@@ -23,13 +24,31 @@ class Schema(ma.Schema):
         ordered = True
 
     @ma.pre_load
+    def _strict_booleans(self, data, **kwargs):
+        """Booleans are JSON true/false, as the OpenAPI document says:
+        marshmallow alone would also take 0, 1, "yes" or "off"."""
+        if isinstance(data, dict):
+            for name, field in self.fields.items():
+                key = field.data_key or name
+                value = data.get(key)
+                if isinstance(field, ma.fields.Boolean) and value is not None \
+                        and not isinstance(value, bool):
+                    raise ma.ValidationError({key: ["Not a valid boolean: use true or false."]})
+        return data
+
+    @ma.pre_load
     def _log_unknown(self, data, **kwargs):
         if isinstance(data, dict):
             for key in set(data) - set(self.fields):
                 name = f"{type(self).__name__}.{key}"
                 if name not in _ignored_logged:
+                    if len(_ignored_logged) >= MAX_LOGGED_UNKNOWN:
+                        break   # bounded: random field names must not grow memory or logs
                     _ignored_logged.add(name)
-                    log.info("ignoring unknown field %r in %s", key, type(self).__name__)
+                    log.info("ignoring unknown field %r in %s%s", str(key)[:100], type(self).__name__,
+                             "" if len(_ignored_logged) < MAX_LOGGED_UNKNOWN else
+                             " (the last one logged: llmhost logs at most "
+                             f"{MAX_LOGGED_UNKNOWN} unknown field names)")
         return data
 
 
@@ -53,12 +72,18 @@ class Parser(FlaskParser):
     DEFAULT_VALIDATION_STATUS = 400
 
     def _raw_load_json(self, req):
+        raw = limits.request_body(req)
         if not core.is_json(req.mimetype):
-            if req.get_data(cache=True):
+            if raw:
                 raise errors.APIError(
                     415, "Request body must be JSON: send 'Content-Type: application/json'.")
             return core.missing
-        return core.parse_json(req.get_data(cache=True))
+        try:
+            data = core.parse_json(raw)
+        except RecursionError:
+            raise guards.too_deep(raw)
+        guards.check_json(raw, data)
+        return data
 
     def _handle_invalid_json_error(self, error, req, *args, **kwargs):
         raise errors.APIError(400, f"We could not parse the JSON body of your request ({error}). "

@@ -18,7 +18,9 @@ _config = Config()
 
 bind = f"{_config.HOST}:{_config.PORT}"
 workers = 1
-worker_class = "gthread"
+# gthread, with requests read by the event loop rather than by the threads, so
+# slow clients cannot hold every thread (llmhost/gworker.py, LLMHOST_READ_TIMEOUT).
+worker_class = "llmhost.gworker.GuardedThreadWorker"
 threads = _config.THREADS
 preload_app = False  # keep: LLMHOST_MODELS must load in the worker (llmhost/preload.py), not the master
 # gthread's heartbeat comes from the worker's main loop, not from request threads,

@@ -30,5 +30,23 @@ def limit_body() -> None:
     raise too_large(limit, length)
 
 
+def request_body(req) -> bytes:
+    """The body, with LLMHOST_MAX_BODY_BYTES enforced for chunked uploads too
+    (they have no Content-Length for limit_body to check): werkzeug silently
+    cuts a chunked body at the limit (the client then gets "bad JSON"); read
+    one byte more and answer 413."""
+    limit = req.max_content_length
+    if req.content_length is not None or not limit or "wsgi.input_terminated" not in req.environ:
+        return req.get_data(cache=True)
+    cached = req.environ.get("llmhost.body")
+    if cached is None:
+        stream = req.environ["wsgi.input"]
+        cached = stream.read(limit + 1)
+        if len(cached) > limit:
+            raise too_large(limit)
+        req.environ["llmhost.body"] = cached
+    return cached
+
+
 def init_app(app: Flask) -> None:
     app.before_request(limit_body)

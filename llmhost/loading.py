@@ -22,7 +22,7 @@ import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
 # Not transformers' `pipeline` (about 230 MiB more per worker): see TextGeneration.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import progress
+from . import memcheck, progress
 from .errors import APIError, invalid
 from .quantize import auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
 
@@ -122,7 +122,11 @@ def _local_source(spec: LoadSpec, config) -> Source:
     if not os.path.exists(path):
         raise APIError(404, f"No file or folder at '{spec.model}' on the server.", param="model",
                        code="model_not_found")
+    if not os.path.isfile(path) and not os.path.isdir(path):
+        raise invalid(f"'{spec.model}' is neither a model folder nor a GGUF file.", param="model")
     gguf = spec.gguf_file
+    if gguf:   # the file opened must be inside LLMHOST_MODEL_DIRS too (symlinks followed)
+        check_model_dirs(os.path.join(path, gguf), config)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise invalid(f"'{spec.model}' is a file but not a GGUF file; give a model folder, "
@@ -324,8 +328,9 @@ def _max_context(model, tokenizer) -> int:
     return value if isinstance(value, int) and 0 < value < 10**7 else 2048
 
 
-def load(spec: LoadSpec, config) -> Loaded:
-    """Resolve, choose device and dtype, and build the pipeline."""
+def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
+    """Resolve, choose device and dtype, and build the pipeline. `in_use`: bytes
+    the loaded models hold (counted against LLMHOST_MEMORY_LIMIT)."""
     if spec.trust_remote_code and not config.ALLOW_REMOTE_CODE:
         raise APIError(403, "'trust_remote_code' runs Python code from the model repository on "
                             "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
@@ -337,6 +342,9 @@ def load(spec: LoadSpec, config) -> Loaded:
     dtype = choose_dtype(spec.dtype, device, task)
     if spec.quantization:
         dtype = int8_compute_dtype(spec.dtype)
+    # a load that cannot fit is a 507, not an OOM-killed worker (int8 is estimated at its
+    # float32 compute dtype: an upper bound, the weights are quantized layer by layer)
+    memcheck.check(spec.model, source.folder, source.gguf_file, device, dtype, config, in_use)
     progress.step("loading", "tokenizer and weights")
     if task == "embed":
         loaded = _load_embedding(source, spec, device, device_map, dtype)

@@ -53,9 +53,26 @@ def observe_load(model: str, seconds: float) -> None:
     LOAD_SECONDS.labels(model).observe(seconds)
 
 
+# Label values come from a fixed set: a client inventing HTTP methods must not
+# add one series per method (unbounded /metrics and memory).
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
 def observe_request(route: str, method: str, status: int, seconds: float) -> None:
+    method = method if method in METHODS else "other"
+    status = status if isinstance(status, int) and 100 <= status < 600 else 0
     REQUESTS.labels(route, method, str(status)).inc()
     REQUEST_SECONDS.labels(route).observe(seconds)
+
+
+def forget_model(model: str) -> None:
+    """An unloaded model's series go with it, so ids loaded and unloaded over
+    time do not pile up in /metrics."""
+    for metric in (PROMPT_TOKENS, COMPLETION_TOKENS, TTFT, LOAD_SECONDS):
+        try:
+            metric.remove(model)
+        except KeyError:
+            pass
 
 
 class ModelCollector:

@@ -16,6 +16,7 @@ import threading
 from flask import Flask
 from marshmallow import ValidationError
 
+from . import journal
 from .errors import APIError, from_validation
 from .loading import LoadSpec
 from .registry import registry
@@ -108,7 +109,11 @@ class Preload:
 def start(app: Flask, config) -> Preload:
     """Start loading LLMHOST_MODELS in a background thread (nothing when it is empty,
     as in the TESTING config unless a test sets it)."""
-    preload = Preload(parse(config.MODELS))
+    items = parse(config.MODELS)
+    listed = {_label(item) for item in items}
+    # models loaded through the API before a worker crash
+    items += [m for m in journal.init(config) if _label(m) not in listed]
+    preload = Preload(items)
     app.extensions["llmhost_preload"] = preload
     if not preload.done:
         log.info("preloading %d models: %s", len(preload.items), ", ".join(preload.pending))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -18,9 +19,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import engine, loading, metrics, progress
+from . import engine, journal, loading, metrics, progress, redact
 from .config import Config
 from .errors import APIError
+from .loadcheck import precheck
 
 log = logging.getLogger("llmhost")
 
@@ -68,7 +70,7 @@ def _conflicts(a: loading.LoadSpec, b: loading.LoadSpec) -> list[str]:
     """The options of `b` that conflict with `a`, loaded under the same id (only
     those the client set), as messages."""
     diffs = []
-    for name in ("model", "device", "dtype", "revision", "gguf_file", "task",
+    for name in ("model", "device", "dtype", "revision", "gguf_file", "task", "chat_template",
                  "quantization"):
         va, vb = getattr(a, name), getattr(b, name)
         if vb not in (None, "auto") and va != vb:
@@ -120,10 +122,18 @@ class ModelRegistry:
         return entry
 
     def _not_loaded(self, model_id: str, param: str = "model") -> APIError:
-        loaded = ", ".join(e.id for e in self.list()) or "none"
+        with self._guard:
+            return self._not_loaded_locked(model_id, param)
+
+    def _not_loaded_locked(self, model_id: str, param: str = "model") -> APIError:
+        loaded = ", ".join(self._models) or "none"
         return APIError(404, f"The model '{model_id}' is not loaded (loaded models: {loaded}). "
                              f"Load it first with POST /v1/models {{\"model\": \"{model_id}\"}}.",
                         param=param, code="model_not_found")
+
+    def _memory_in_use(self) -> int:
+        """Bytes held by the loaded models (LLMHOST_MEMORY_LIMIT counts against it)."""
+        return sum(e.loaded.memory_bytes for e in self.list() if e.loaded is not None)
 
     def _model_lock(self, model_id: str) -> threading.Lock:
         """The id's own lock, handed out under the guard: loading, unloading and
@@ -169,6 +179,7 @@ class ModelRegistry:
     def load(self, spec: loading.LoadSpec, config: Config) -> tuple[ModelEntry, bool]:
         """Load a model once; (entry, True) when it was loaded by this call. `config`
         is the settings of the app asking (limits, allowed folders, keep_alive default)."""
+        precheck(spec, config)   # before the "already loaded" shortcut
         if spec.keep_alive is None:
             spec.keep_alive = config.KEEP_ALIVE or None
         model_id = spec.served_id
@@ -187,7 +198,7 @@ class ModelRegistry:
                 with progress.track(model_id, spec.model):  # GET /v1/models shows it loading
                     self._make_room(model_id, config.MAX_LOADED_MODELS)
                     started = time.perf_counter()
-                    loaded = loading.load(spec, config)
+                    loaded = loading.load(spec, config, in_use=self._memory_in_use())
                     entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
                                        load_seconds=time.perf_counter() - started)
                     entry.engine = engine.start(model_id, loaded, config)
@@ -205,6 +216,9 @@ class ModelRegistry:
             return entry, True
 
     def unload(self, model_id: str) -> ModelEntry:
+        with self._guard:
+            if self._lookup(model_id) is None:   # no lock kept for ids never loaded
+                raise self._not_loaded_locked(model_id)
         with self._model_lock(model_id):
             entry = self.get(model_id)
             with self._guard:
@@ -224,6 +238,8 @@ class ModelRegistry:
             time.sleep(0.01)
         entry.engine = None
         entry.loaded = None  # type: ignore[assignment]
+        metrics.forget_model(entry.id)
+        journal.forget(entry.id)
         release_memory()
 
     # -- memory policy ----------------------------------------------------------
@@ -299,5 +315,18 @@ class ModelRegistry:
         return True
 
 
+def _server_paths() -> list[str]:
+    """Paths redact hides from callers who are not admins: the Hugging Face
+    cache and the models loaded from disk."""
+    from huggingface_hub import constants
+    paths = [constants.HF_HUB_CACHE]
+    for entry in registry.list():
+        for value in (entry.id, entry.spec.model):
+            if redact.is_path(value):
+                paths += [value, os.path.abspath(os.path.expanduser(value))]
+    return paths
+
+
 registry = ModelRegistry()
 metrics.watch_models(registry.list)
+redact.watch_paths(_server_paths)

@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 from flask import Response, current_app
 
+from . import redact
 from .errors import APIError, as_api_error
 
 log = logging.getLogger("llmhost")
@@ -34,11 +35,12 @@ def event(data: dict, name: str | None = None) -> str:
 
 
 def _events(chunks: Iterator[dict], debug: bool, named: bool = False,
-            done: bool = True) -> Iterator[str]:
+            done: bool = True, hide_paths: bool = False) -> Iterator[str]:
     """The stream's events. However it ends (done, an error, or the server
     closing this generator because the client went away), the source is closed
     once, in `finally`: its cleanup cancels the generation. With `named`, an
-    error is an `error` event."""
+    error is an `error` event. `hide_paths`: the caller sees no server paths
+    (decided by stream() while the request is still on)."""
     try:
         for chunk in chunks:
             yield event(chunk, chunk.get("type") if named else None)
@@ -50,7 +52,9 @@ def _events(chunks: Iterator[dict], debug: bool, named: bool = False,
             if debug:
                 message += f" ({type(exc).__name__}: {exc})"
             err = APIError(500, message, type="server_error")
-        yield event(err.to_dict(), "error" if named else None)
+        body = err.to_dict()
+        body["error"]["message"] = redact.text(err.message, force=hide_paths)
+        yield event(body, "error" if named else None)
     finally:
         if hasattr(chunks, "close"):
             chunks.close()
@@ -64,7 +68,8 @@ def stream(chunks: Iterable[dict], named: bool = False, done: bool = True) -> Re
     `done=False` leaves out [DONE] (the Responses API ends on its own
     `response.completed` event instead)."""
     iterator = iter(chunks)
-    return Response(_events(iterator, current_app.debug, named, done),
+    return Response(_events(iterator, current_app.debug, named, done,
+                            hide_paths=not redact.may_see_paths()),
                     mimetype="text/event-stream", headers=HEADERS)
 
 

@@ -14,7 +14,8 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# Stored responses go to a private folder, never the user's data dir.
+# Model journals (llmhost/journal.py) and stored responses go to a private
+# folder, never the user's data dir.
 os.environ["LLMHOST_STATE_DIR"] = tempfile.mkdtemp(prefix="llmhost-state-")
 
 import pytest  # noqa: E402

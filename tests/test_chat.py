@@ -273,7 +273,7 @@ MSG = [{"role": "user", "content": "hi"}]
 @pytest.mark.parametrize("change, param", [
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": -0.1}, "temperature"),
-    ({"top_p": 0}, "top_p"),
+    ({"top_p": -0.1}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"n": 0}, "n"),
     ({"n": 9}, "n"),

@@ -8,7 +8,7 @@ import os
 import pytest
 import requests
 
-from support import ENV_KEY, assert_error, auth, wait_for
+from support import ADMIN_KEY, ENV_KEY, assert_error, auth, wait_for
 
 
 def _release(gate: dict) -> None:
@@ -32,7 +32,8 @@ def _open_writer(path: str):
 
 def test_ready_is_503_until_preload_is_done(secure, gate):
     assert requests.get(secure.url + "/health").json() == {"status": "ok"}
-    r = requests.get(secure.url + "/ready")
+    # server paths in /ready are for admin keys on a server with keys (tests/test_paths.py)
+    r = requests.get(secure.url + "/ready", headers=auth(ADMIN_KEY))
     assert r.status_code == 503, r.text
     body = r.json()
     assert body["status"] == "loading" and "gated-gpt2" not in body["loaded"]
@@ -40,7 +41,7 @@ def test_ready_is_503_until_preload_is_done(secure, gate):
 
     _release(gate)
     r = wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(
-        requests.get(secure.url + "/ready")), timeout=60)
+        requests.get(secure.url + "/ready", headers=auth(ADMIN_KEY))), timeout=60)
     body = r.json()
     assert body["status"] == "ready" and body["loading"] == []
     assert body["loaded"] == [gate["folder"]]

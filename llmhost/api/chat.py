@@ -54,6 +54,7 @@ class ChatFormat:
 @blp.response(200, ChatCompletionSchema, description="A chat.completion object; with "
               "`stream: true`, a text/event-stream of chat.completion.chunk objects ending "
               "with `data: [DONE]`.")
+@blp.doc(responses=serving.STREAM_DOC)
 @blp.errors(400, 404, 429, 503)
 def create_chat_completion(args):
     """Create a chat completion

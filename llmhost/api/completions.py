@@ -62,6 +62,7 @@ class CompletionFormat:
 @blp.response(200, CompletionSchema, description="A text_completion object; with "
               "`stream: true`, a text/event-stream of text_completion objects ending with "
               "`data: [DONE]`.")
+@blp.doc(responses=serving.STREAM_DOC)
 @blp.errors(400, 404, 429, 503)
 def create_completion(args):
     """Create a completion

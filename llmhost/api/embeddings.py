@@ -7,7 +7,7 @@ import numpy as np
 import orjson
 from flask import Response
 
-from .. import metrics
+from .. import guards, metrics
 from ..config import settings
 from ..extensions import Blueprint
 from ..observability import log_fields
@@ -32,6 +32,7 @@ def create_embeddings(args):
     mode = args.get("token_ids") or settings().EMBED_TOKEN_IDS
     inputs = to_texts(args["input"], mode)  # OpenAI's token ids become text (openai_tokens.py)
     with use_model(args["model"], task="embed") as entry:
+        inputs = guards.embedding_inputs(entry, inputs, args["truncate"])
         result = entry.engine.embed(inputs, truncate=args["truncate"],
                                     dimensions=args.get("dimensions"))
     metrics.record_tokens(entry.id, result.prompt_tokens, 0)

@@ -2,7 +2,7 @@
 they need no API key and say nothing about requests' content."""
 from flask import Response, current_app
 
-from .. import metrics
+from .. import metrics, redact
 from ..extensions import Blueprint
 from ..schemas.health import HealthSchema, ReadySchema
 
@@ -30,12 +30,20 @@ def ready():
     is ready with the rest.
     """
     status = current_app.extensions["llmhost_preload"].status()
+    status["loaded"] = [redact.model_id(m) for m in status["loaded"]]
+    status["loading"] = [redact.model_id(m) for m in status["loading"]]
+    status["failed"] = [{"model": redact.model_id(f["model"]), "error": redact.text(f["error"])}
+                        for f in status["failed"]]
     return status, 200 if status["status"] == "ready" else 503
 
 
 @blp.route("/metrics", methods=["GET"])
-@blp.doc(**OPEN)
+@blp.doc(**OPEN, responses={"200": {
+    "description": "Prometheus text exposition format.",
+    "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def prometheus():
     """Prometheus metrics (text format)"""
     body, content_type = metrics.exposition()
+    if not redact.may_see_paths():   # models loaded by path are labelled with their path
+        body = redact.text(body.decode(), force=True).encode()
     return Response(body, content_type=content_type)

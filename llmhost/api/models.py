@@ -4,7 +4,7 @@ import time
 
 from flask import current_app
 
-from .. import progress, sse
+from .. import journal, progress, redact, sse
 from ..config import settings
 from ..extensions import Blueprint
 from ..loading import LoadSpec, cached_models
@@ -23,7 +23,11 @@ MIN_GAP = 0.05        # seconds between progress events at least
 @blp.arguments(LoadModelSchema)
 @blp.response(201, ModelSchema, description="Loaded now.")
 @blp.alt_response(200, schema=ModelSchema, description="Already loaded with these options.")
-@blp.errors(400, 403, 404, 409, 503)
+@blp.doc(responses={200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "`stream: true`: a progress event or, last, the Model "
+                                         "as JSON, then `[DONE]`."}}}}}}})
+@blp.errors(400, 403, 404, 409, 503, 507)
 def load_model(args):
     """Load a model
 
@@ -34,15 +38,27 @@ def load_model(args):
     stream = args.pop("stream", False)
     spec = LoadSpec(**args)
     if stream:
-        return sse.stream(_load_events(spec))
+        return sse.stream(_load_events(spec, args, redact.may_see_paths()))
     entry, created = registry.load(spec, settings())
-    return entry.to_openai(), 201 if created else 200
+    if created:
+        journal.record(args, entry.id)   # reloaded if the worker crashes
+    return _shown(entry.to_openai()), 201 if created else 200
 
 
-def _load_events(spec: LoadSpec):
+def _shown(model: dict, may_see: bool | None = None) -> dict:
+    """`source` is a server path for models loaded from disk: admins only."""
+    if may_see is None:
+        may_see = redact.may_see_paths()
+    if redact.is_path(model.get("source")) and not may_see:
+        model = {**model, "source": redact.label(model["source"])}
+    return model
+
+
+def _load_events(spec: LoadSpec, args: dict, may_see: bool):
     """Start the load on its own thread, so that a client who goes away does not
     stop it halfway (it finishes and stays loaded, as a non-streamed load would);
-    the events are progress while it runs, then the Model object."""
+    the events are progress while it runs, then the Model object. `may_see`:
+    whether this caller sees server paths (decided while the request is on)."""
     outcome: dict = {}
     app = current_app._get_current_object()
     config = settings()
@@ -50,7 +66,9 @@ def _load_events(spec: LoadSpec):
     def run() -> None:
         with app.app_context():
             try:
-                outcome["entry"], _ = registry.load(spec, config)
+                outcome["entry"], created = registry.load(spec, config)
+                if created:
+                    journal.record(args, outcome["entry"].id)   # reloaded after a crash
             except BaseException as exc:  # handed to the stream, which renders it
                 outcome["error"] = exc
 
@@ -66,15 +84,15 @@ def _load_events(spec: LoadSpec):
                 continue
             if tracker.version != version:
                 version = tracker.version
-                yield {**tracker.to_dict(), "object": "model.load.progress"}
+                yield _shown({**tracker.to_dict(), "object": "model.load.progress"}, may_see)
                 time.sleep(MIN_GAP)  # a load of thousands of tensors: not one event each
             tracker.wait(version, PROGRESS_EVERY)
         if "error" in outcome:
             raise outcome["error"]
         if tracker is not None and tracker.version != version:
             # A small load can finish between two polls: its last counts still come.
-            yield {**tracker.to_dict(), "object": "model.load.progress"}
-        yield outcome["entry"].to_openai()
+            yield _shown({**tracker.to_dict(), "object": "model.load.progress"}, may_see)
+        yield _shown(outcome["entry"].to_openai(), may_see)
 
     return events()
 
@@ -100,9 +118,9 @@ def list_models(args):
                   "status": "cached", "format": "hub", "revision": c["revision"],
                   "size_on_disk": c["size_on_disk"]}
                  for c in cached_models() if c["id"] not in seen]
-        data += [m for m in local_models(settings().MODEL_DIRS)
-                 if m["id"] not in seen]
-    return {"object": "list", "data": data}
+        if redact.may_see_paths():   # their ids are server paths, only for loading them
+            data += [m for m in local_models(settings().MODEL_DIRS) if m["id"] not in seen]
+    return {"object": "list", "data": [_shown(d) for d in data]}
 
 
 @blp.route("/models/<path:model_id>", methods=["GET"])
@@ -114,8 +132,8 @@ def retrieve_model(model_id):
     if entry is None:
         tracker = progress.get(model_id) or progress.get("/" + model_id)
         if tracker is not None:
-            return tracker.to_dict()
-    return registry.get(model_id).to_openai()
+            return _shown(tracker.to_dict())
+    return _shown(registry.get(model_id).to_openai())
 
 
 @blp.route("/models/<path:model_id>", methods=["DELETE"])

@@ -172,6 +172,13 @@ def _final_status(finish_reason: str | None, cancelled: bool) -> str:
               "text/event-stream of response events (`event: <type>` and `data: <json>`, "
               "each with a `sequence_number`), ending with response.completed, "
               "response.incomplete or response.failed.")
+# `stream: true` answers 200 as named server-sent events (documented for OpenAPI
+# clients and the schemathesis test beside the JSON body).
+@blp.doc(responses={200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["event", "data"], "properties": {
+        "event": {"type": "string", "description": "The event's `type`."},
+        "data": {"type": "string", "description": "The event as JSON; the last one is "
+                                                  "`response.completed` (or failed/incomplete)."}}}}}}})
 @blp.errors(400, 404, 429, 500, 503)
 def create_response(args):
     """Create a model response

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 from flask import Response, jsonify, request
 
-from .. import observability, sse
+from .. import guards, observability, sse
 from ..version import __version__
 from ..engine.outputs import Choice, ChoiceDelta, Run
 from ..engine.prompt import vocab_size
@@ -22,6 +22,13 @@ from ..engine.sampling import SamplingParams
 from ..errors import invalid
 from ..config import settings
 from .access import use_model
+
+# `stream: true` answers 200 as server-sent events: documented beside the JSON body.
+# Each event is described as an object, the shape SSE-aware tools parse events into.
+STREAM_DOC = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "A chunk as JSON; the last event is `[DONE]`."}}}}}}}
+
 
 class Format(Protocol):
     """The OpenAI shapes of one route."""
@@ -152,8 +159,11 @@ def start(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
     fields = observability.log_fields()
     stack = ExitStack()
     try:
+        config = settings()
+        guards.check_fits_queue(args, config)
         entry = stack.enter_context(use_model(args["model"], task="generate"))
         fields["model"] = entry.id
+        guards.check_prompt_chars(entry, args, prompt_param, config)
         prompts, fmt = build(entry)
         params = sampling_params(args, entry, prompts, prompt_param, logprobs)
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),

@@ -7,6 +7,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from ..sandbox import bounded
 from .errors import InvalidInput
 
 # For base models that ship no chat template (gpt2 and most base checkpoints):
@@ -48,17 +49,28 @@ def chat_prompt(entry, messages: list[dict]) -> list[int]:
     """Token ids of the conversation, with the generation prompt appended."""
     tokenizer = entry.tokenizer
     try:
-        ids = tokenizer.apply_chat_template(
+        ids = bounded(lambda: tokenizer.apply_chat_template(
             [_template_message(m) for m in messages], chat_template=template_for(entry),
-            add_generation_prompt=True, tokenize=True)
+            add_generation_prompt=True, tokenize=True),
+            f"The chat template of model '{entry.id}'", "messages")
     except TemplateError as exc:
         # Templates reject conversations they cannot render (e.g. roles that do
         # not alternate) with raise_exception(); that is the client's input.
         raise InvalidInput(f"The chat template of model '{entry.id}' refused these messages: {exc}",
                       param="messages", code="chat_template_error")
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError,
+            RecursionError) as exc:
+        # A template that fails on these messages (e.g. `content + 1`): the
+        # template and the messages together cannot render, never a 500.
+        raise InvalidInput(f"The chat template of model '{entry.id}' failed on these messages "
+                           f"({type(exc).__name__}: {exc}).", param="messages",
+                           code="chat_template_error")
     # transformers 5 returns a BatchEncoding when tokenizing; 4.x a list.
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
+    if not len(ids):
+        raise InvalidInput(f"The chat template of model '{entry.id}' rendered these messages to "
+                           "an empty prompt.", param="messages", code="chat_template_error")
     return [int(i) for i in ids]
 
 

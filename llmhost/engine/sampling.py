@@ -7,6 +7,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+# A temperature below this is greedy decoding (vLLM uses the same epsilon):
+# dividing logits by 1e-300 overflows to inf and the softmax to NaN.
+GREEDY_EPSILON = 1e-5
+# The log probability reported for a token the model gives no chance at all
+# (-inf, or NaN from an overflow): finite, as OpenAI's -9999.0, because JSON
+# has no -Infinity or NaN.
+LOGPROB_FLOOR = -9999.0
+_SEED_SPACE = 2 ** 64    # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
+def finite_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """-inf and NaN become LOGPROB_FLOOR, so no log probability breaks a JSON body."""
+    return torch.nan_to_num(logp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp(min=LOGPROB_FLOOR)
+
 
 @dataclass
 class SamplingParams:
@@ -25,7 +39,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_EPSILON
 
     @property
     def argmax_only(self) -> bool:
@@ -45,8 +59,10 @@ class RowSampler:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:
+            # seed + index, reduced modulo 2**64 (what manual_seed accepts): any
+            # 64-bit seed, negative or not, works for every choice.
             seed = params.seed + index if params.seed is not None else secrets.randbits(62)
-            self.generator = torch.Generator().manual_seed(seed)
+            self.generator = torch.Generator().manual_seed(seed % _SEED_SPACE)
         self.seen: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
         if params.repetition_penalty != 1.0:
@@ -98,7 +114,7 @@ class RowSampler:
             self.counts[token_id] += 1
 
     def logprobs(self, logits: torch.Tensor, token_id: int) -> tuple[float, list[tuple[int, float]]]:
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = finite_logprobs(torch.log_softmax(logits, dim=-1))
         k = self.params.logprobs or 0
         top: list[tuple[int, float]] = []
         if k > 0:

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .. import metrics
-from .errors import EngineError, failure
+from .errors import EngineError, InvalidInput, failure
 from .prompt import vocab_size
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams
@@ -167,7 +167,7 @@ class Scheduler(ModelWorker):
                 if admitted:
                     # Prefill first, and look for more arrivals before the next decode
                     # step: requests that arrive together get their first token together.
-                    self._prefill(admitted)
+                    self._prefill_isolated(admitted)
                     self._drop_gone()
                     continue
                 if self._rows:
@@ -227,10 +227,51 @@ class Scheduler(ModelWorker):
             rows += n
         return admitted
 
+    def _prefill_isolated(self, gens: list[Generation]) -> None:
+        """Prefill `gens`; when that fails before their rows joined the batch,
+        the running rows are untouched: prefill each request alone, so only the
+        one that fails (an input the model cannot take) gets the error."""
+        rows = self._rows
+        try:
+            self._prefill(gens)
+            return
+        except Exception as exc:
+            if self._rows is not rows:    # failed after joining the batch: fail everything
+                raise
+            if len(gens) == 1:
+                log.exception("prefill failed on %s", self.model_id)
+                self._fail(gens, failure(exc, self.model_id, "reading the prompt", "a shorter prompt"))
+                return
+        for gen in gens:
+            self._prefill_isolated([gen])
+
+    def _row_failed(self, gen: Generation, exc: Exception, doing: str) -> None:
+        """A failure caused by one request's row (its settings, its input) ends
+        that request with an error; the rest of the batch goes on."""
+        log.exception("%s failed for one request on %s", doing, self.model_id)
+        if not gen.cancelled:
+            gen.cancel()   # its other rows leave the batch at the next _drop_gone
+            gen._put(failure(exc, self.model_id, doing, "other sampling settings"))
+
     @torch.inference_mode()
     def _prefill(self, gens: list[Generation]) -> None:
         """One forward over the prompts admitted at this step (left-padded), the
         first token of every choice, then their rows join the batch."""
+        samplers: dict[int, list[RowSampler]] = {}
+        for gen in gens:   # per-request setup first: a bad one fails alone, before the forward
+            if not gen.request.prompt_ids:
+                gen._put(InvalidInput("The prompt is empty: there is no token to start from.",
+                                      param="prompt", code="empty_prompt"))
+                continue
+            try:
+                samplers[id(gen)] = [
+                    RowSampler(gen.request.params, gen.request.prompt_ids, self.vocab_size, index)
+                    for index in range(gen.request.n)]
+            except Exception as exc:
+                self._row_failed(gen, exc, "preparing sampling")
+        gens = [g for g in gens if id(g) in samplers and not g.cancelled]
+        if not gens:
+            return
         prompts = [g.request.prompt_ids for g in gens]
         length = max(len(p) for p in prompts)
         ids = torch.zeros((len(gens), length), dtype=torch.long)
@@ -251,8 +292,8 @@ class Scheduler(ModelWorker):
             mask, logits = mask[select], logits[select]
         new_rows = []
         for gen, prompt in zip(gens, prompts):
-            for index in range(gen.request.n):
-                row = _Row(gen, index, RowSampler(gen.request.params, prompt, self.vocab_size, index))
+            for index, sampler in enumerate(samplers[id(gen)]):
+                row = _Row(gen, index, sampler)
                 row.position = len(prompt)
                 new_rows.append(row)
         self._merge(new_rows, cache, mask)
@@ -289,14 +330,20 @@ class Scheduler(ModelWorker):
             if row.gone:
                 continue
             lp = top = None
-            if i in chosen:
-                tok = chosen[i]
-            else:
-                processed = row.sampler.process(logits[i])
-                tok = row.sampler.choose(processed)
-                if row.sampler.params.logprobs is not None:
-                    lp, top = row.sampler.logprobs(processed, tok)
-            row.sampler.observe(tok)
+            try:
+                if i in chosen:
+                    tok = chosen[i]
+                else:
+                    processed = row.sampler.process(logits[i])
+                    tok = row.sampler.choose(processed)
+                    if row.sampler.params.logprobs is not None:
+                        lp, top = row.sampler.logprobs(processed, tok)
+                if not 0 <= tok < self.vocab_size:
+                    raise ValueError(f"sampled token {tok} outside the vocabulary")
+                row.sampler.observe(tok)
+            except Exception as exc:
+                self._row_failed(row.gen, exc, "sampling")
+                continue
             row.generated += 1
             row.last_token = tok
             params = row.sampler.params

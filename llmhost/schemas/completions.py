@@ -33,9 +33,10 @@ class Prompt(fields.Field):
 
 class CompletionRequestSchema(GenerationSchema):
     prompt = Prompt(required=True, metadata={
-        "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                  {"type": "array", "items": {"type": "integer"}},
-                  {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}],
+        "oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                  {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+                  {"type": "array", "minItems": 1,
+                   "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}}],
         "description": "Text or token ids; an array of prompts gives len(prompt) x n choices."})
     echo = fields.Boolean(load_default=False, allow_none=True, metadata={
         "description": "Return the prompt followed by the completion."})

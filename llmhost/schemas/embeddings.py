@@ -43,9 +43,11 @@ class EmbeddingRequestSchema(Schema):
     model = fields.String(required=True, validate=validate.Length(min=1), metadata={
         "description": "A loaded embedding model (task `embed`).", "example": "minilm"})
     input = EmbeddingInput(required=True, metadata={
-        "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                  {"type": "array", "items": {"type": "integer"}},
-                  {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}],
+        "oneOf": [{"type": "string", "minLength": 1},
+                  {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                  {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+                  {"type": "array", "minItems": 1,
+                   "items": {"type": "array", "minItems": 1, "items": {"type": "integer"}}}],
         "description": "Text, or token ids without special tokens (the server adds them, as it "
                        "does for text). Token ids are OpenAI's (tiktoken cl100k_base, as LangChain "
                        "sends them): decoded, then tokenized by the model; with `token_ids: model` "

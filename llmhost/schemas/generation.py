@@ -4,6 +4,8 @@ config; limits that depend on the model (context, vocabulary) are checked once
 the model is known, in the API layer."""
 from __future__ import annotations
 
+import re
+
 from marshmallow import ValidationError, fields, validate, validates
 
 from ..config import settings
@@ -32,6 +34,11 @@ class StreamOptionsSchema(Schema):
         "description": "Send a last chunk with `usage` and empty `choices` before `[DONE]`."})
 
 
+# Below this the penalty divides logits into inf and the sampler into NaN.
+MIN_REPETITION_PENALTY = 0.01
+_TOKEN_ID = re.compile(r"[0-9]{1,10}")
+
+
 def _int(**kwargs):
     return fields.Integer(strict=True, allow_none=True, **kwargs)
 
@@ -40,24 +47,25 @@ class GenerationSchema(Schema):
     """Fields both routes take. Defaults of None mean "the server's default"."""
 
     model = fields.String(required=True, validate=validate.Length(min=1), metadata={
-        "description": "Id of a loaded model (see GET /v1/models)."})
+        "description": "Id of a loaded model (see GET /v1/models).", "example": "smollm2"})
     max_tokens = _int(validate=validate.Range(min=1), metadata={
         "description": "Most tokens to generate per choice. Default LLMHOST_DEFAULT_MAX_TOKENS "
                        "(512), lowered to what fits in the model's context; an explicit value "
                        "that does not fit is a 400."})
     temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2), metadata={
-        "description": "0..2; 0 is greedy decoding. Default LLMHOST_DEFAULT_TEMPERATURE (0.7)."})
-    top_p = fields.Float(allow_none=True, validate=validate.Range(0, 1, min_inclusive=False),
-                         metadata={"description": "Nucleus sampling, (0, 1]. Default "
-                                                  "LLMHOST_DEFAULT_TOP_P (0.9)."})
+        "description": "0..2; 0 (or anything below 1e-5) is greedy decoding. Default LLMHOST_DEFAULT_TEMPERATURE (0.7)."})
+    top_p = fields.Float(allow_none=True, validate=validate.Range(0, 1),
+                         metadata={"description": "Nucleus sampling, 0..1 (0 keeps only the most "
+                                                  "likely token). Default LLMHOST_DEFAULT_TOP_P "
+                                                  "(0.9)."})
     top_k = _int(validate=validate.Range(min=0), metadata={
         "description": "llmhost extra: sample among the k most likely tokens; 0 (default) is off."})
     min_p = fields.Float(allow_none=True, validate=validate.Range(0, 1), metadata={
         "description": "llmhost extra: drop tokens below min_p x the top probability; 0 is off."})
     repetition_penalty = fields.Float(allow_none=True, validate=validate.Range(
-        0, 10, min_inclusive=False), metadata={
+        MIN_REPETITION_PENALTY, 10), metadata={
         "description": "llmhost extra: transformers' multiplicative penalty over prompt and "
-                       "output tokens, (0, 10]; 1 (default) is off."})
+                       "output tokens, 0.01..10; 1 (default) is off."})
     presence_penalty = fields.Float(allow_none=True, validate=validate.Range(-2, 2), metadata={
         "description": "-2..2, OpenAI's additive penalty on tokens already generated."})
     frequency_penalty = fields.Float(allow_none=True, validate=validate.Range(-2, 2), metadata={
@@ -70,8 +78,9 @@ class GenerationSchema(Schema):
         "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]})
     n = _int(validate=validate.Range(min=1), metadata={
         "description": "Choices to generate, 1..LLMHOST_MAX_N (8)."})
-    seed = _int(metadata={"description": "Same seed, same request: same output, whatever else "
-                                         "the server is doing."})
+    seed = _int(validate=validate.Range(-2 ** 63, 2 ** 63 - 1), metadata={
+        "description": "A signed 64-bit integer. Same seed, same request: same output, whatever "
+                       "else the server is doing (choice i uses seed + i, modulo 2**64)."})
     stream = fields.Boolean(load_default=False, allow_none=True, metadata={
         "description": "Answer with server-sent events (`data: {chunk}` ... `data: [DONE]`)."})
     stream_options = fields.Nested(StreamOptionsSchema, allow_none=True)
@@ -86,7 +95,8 @@ class GenerationSchema(Schema):
     @validates("logit_bias")
     def _check_logit_bias(self, value, **kwargs):
         for key, bias in (value or {}).items():
-            if not key.strip().isdigit():
+            # ASCII digits only: "²".isdigit() is true but int("²") raises.
+            if not isinstance(key, str) or not _TOKEN_ID.fullmatch(key.strip()):
                 raise ValidationError(f"keys must be token ids (integers as strings), got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValidationError(f"the bias of token {key} is {bias}; biases must be "
