@@ -116,7 +116,7 @@ def test_concurrent_requests_batch_and_each_equals_its_answer_alone(gpu_server, 
                                      prompts))
         assert together == alone
     finally:
-        requests.delete(gpu_server.url + "/v1/models/smollm2-f32", timeout=60)
+        requests.delete(gpu_server.url + "/v1/models/batch-f32", timeout=60)
 
 
 def test_device_map_auto_loads_and_generates(model_path):
