@@ -53,9 +53,45 @@ def _complete(url: str, model: str, prompt_ids: list[int], max_tokens: int, stre
     return tokens, time.perf_counter() - started, ttft
 
 
-def _load_level(url: str, model: str, prompt_ids: list[int], clients: int, requests_each: int,
-                max_tokens: int, stream: bool, extra: dict | None = None) -> dict:
-    """`clients` threads, each sending `requests_each` requests back to back."""
+def _chat(url: str, model: str, prompt: str, max_tokens: int, stream: bool, session,
+          logit_bias: dict | None = None) -> tuple[int, float, float]:
+    """One streaming /v1/chat/completions request, the workload both servers of
+    --compare-url get: (completion tokens, latency s, time to first token s).
+    Tokens come from the usage chunk where the server sends one, else one per
+    content chunk (llama-cpp-python streams one token per chunk)."""
+    import json
+
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if logit_bias:
+        body["logit_bias"] = logit_bias
+    started = time.perf_counter()
+    ttft = float("nan")
+    chunks = usage = 0
+    with session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            if choices and (choices[0].get("delta") or {}).get("content"):
+                chunks += 1
+                if ttft != ttft:
+                    ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+    return usage or chunks, time.perf_counter() - started, ttft
+
+
+def _load_level(url: str, model: str, prompt_ids, clients: int, requests_each: int,
+                max_tokens: int, stream: bool, logit_bias: dict | None = None,
+                extra: dict | None = None) -> dict:
+    """`clients` threads, each sending `requests_each` requests back to back
+    (closed loop): /v1/completions with token ids (`extra`: more body fields),
+    or /v1/chat/completions when `prompt_ids` is a string."""
     import requests
 
     results: list[tuple[int, float, float]] = []
@@ -66,7 +102,11 @@ def _load_level(url: str, model: str, prompt_ids: list[int], clients: int, reque
         with requests.Session() as session:
             for _ in range(requests_each):
                 try:
-                    res = _complete(url, model, prompt_ids, max_tokens, stream, session, extra)
+                    if isinstance(prompt_ids, str):
+                        res = _chat(url, model, prompt_ids, max_tokens, stream, session, logit_bias)
+                    else:
+                        res = _complete(url, model, prompt_ids, max_tokens, stream, session,
+                                        extra)
                 except Exception as exc:  # reported, not fatal: the figures say how many failed
                     with lock:
                         errors.append(str(exc))
@@ -95,12 +135,12 @@ class _InProcess:
     """transformers `generate` in this process, on the same machine: batch 1 and
     static batches of the same prompt."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, dtype: str = "float32") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
 
     def tok_s(self, prompt_ids: list[int], batch: int, max_tokens: int) -> float:
         ids = self.torch.tensor([prompt_ids] * batch)
@@ -122,9 +162,15 @@ def bench_generate(args) -> int:
     reported and compared."""
     from transformers import AutoTokenizer
 
+    if args.compare_url:
+        return bench_compare(args)
+    import json
+
     server = None
     url = args.url
-    ref = _InProcess(args.compare_inprocess) if args.compare_inprocess else None
+    # Both sides in one dtype: float32 unless --load-options names another.
+    options = {"dtype": "float32", **json.loads(args.load_options or "{}")}
+    ref = _InProcess(args.compare_inprocess, options["dtype"]) if args.compare_inprocess else None
     stream = not args.no_stream
     levels: dict[int, dict] = {}
     inprocess: dict[int, float] = {}
@@ -135,7 +181,7 @@ def bench_generate(args) -> int:
         url = server.url
     try:
         if args.load or server is not None:
-            _load_model(url, args.model)
+            _load_model(url, args.model, options)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         prompt_ids = tokenizer(args.prompt)["input_ids"]
         print(f"model {args.model}: prompt {len(prompt_ids)} tokens, max_tokens {args.max_tokens}, "
@@ -150,7 +196,7 @@ def bench_generate(args) -> int:
                 if response_format:
                     schema_runs.append(_load_level(url, args.model, prompt_ids, clients,
                                                    args.requests, args.max_tokens, stream,
-                                                   {"response_format": response_format}))
+                                                   extra={"response_format": response_format}))
                 if ref is not None:
                     refs.append(ref.tok_s(prompt_ids, clients, args.max_tokens))
             res = {key: _median([r[key] for r in runs])
@@ -251,6 +297,88 @@ def _print_mask_cost(tokenizer, model: str, response_format: dict) -> None:
           f"vocab {vocab}, {steps} tokens)")
 
 
+def _rss_mib(pid: int | None, children: bool = False) -> float:
+    """Resident memory of `pid` (with `children`: of its largest child, the
+    gunicorn worker), MiB; nan when unknown."""
+    if not pid:
+        return float("nan")
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if children:
+            kids = proc.children(recursive=True)
+            return max(k.memory_info().rss for k in kids) / 2**20 if kids else float("nan")
+        return proc.memory_info().rss / 2**20
+    except psutil.Error:
+        return float("nan")
+
+
+def _ban_eos(args) -> dict:
+    """logit_bias -100 on every end-of-sequence id of the model, so that every
+    answer runs to max_tokens on both servers."""
+    from transformers import AutoTokenizer
+
+    name = args.tokenizer or args.model
+    if name.endswith(".gguf"):
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(name) or ".",
+                                            gguf_file=os.path.basename(name))
+    else:
+        tok = AutoTokenizer.from_pretrained(name)
+    ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
+           tok.convert_tokens_to_ids("<|endoftext|>")}
+    return {str(i): -100 for i in ids if isinstance(i, int) and i != tok.unk_token_id}
+
+
+def bench_compare(args) -> int:
+    """The same closed-loop streaming chat workload against llmhost and the
+    server at --compare-url, in alternating rounds, medians and ratios."""
+    import json
+
+    server = _serve() if args.serve else None
+    url = server.url if server else args.url
+    ours_pid = server.proc.pid if server else args.pid
+    try:
+        if args.load or server is not None:
+            _load_model(url, args.model, json.loads(args.load_options or "{}"))
+        bias = _ban_eos(args)
+        other_model = args.compare_model or args.model
+        print(f"chat, streaming, max_tokens {args.max_tokens}, temperature 0, EOS banned "
+              f"(logit_bias {bias}), {args.requests} requests per client, medians of "
+              f"{args.rounds} alternating rounds; load options {args.load_options or '{}'}")
+        for target, model in ((url, args.model), (args.compare_url, other_model)):  # warm-up
+            _load_level(target, model, args.prompt, 1, 1, 8, True, bias)
+        results: dict[int, tuple[dict, dict]] = {}
+        for clients in args.concurrency:
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                ours.append(_load_level(url, args.model, args.prompt, clients, args.requests,
+                                        args.max_tokens, True, bias))
+                theirs.append(_load_level(args.compare_url, other_model, args.prompt, clients,
+                                          args.requests, args.max_tokens, True, bias))
+            pair = tuple({key: _median([r[key] for r in runs])
+                          for key in ("tok_s", "p50", "ttft_p50", "requests", "errors")}
+                         for runs in (ours, theirs))
+            results[clients] = pair
+            for name, res, runs in (("llmhost", pair[0], ours), ("compare", pair[1], theirs)):
+                err = next((r["first_error"] for r in runs if r["first_error"]), None)
+                print(f"{name:8s} {clients:3d} clients: {res['tok_s']:7.1f} tok/s  TTFT p50 "
+                      f"{res['ttft_p50'] * 1000:.0f}ms  latency p50 {res['p50']:.2f}s"
+                      + (f"  first error: {err}" if err else ""), flush=True)
+        ours_rss = _rss_mib(ours_pid, children=server is not None)
+        theirs_rss = _rss_mib(args.compare_pid)
+    finally:
+        if server is not None:
+            server.stop()
+    print("ratios (llmhost / compare, same machine, this run):")
+    for clients, (a, b) in results.items():
+        print(f"  {clients:3d} clients: tok/s {a['tok_s'] / b['tok_s']:.2f}x   "
+              f"TTFT p50 {a['ttft_p50'] / b['ttft_p50']:.2f}x")
+    print(f"  worker RSS: llmhost {ours_rss:.0f} MiB, compare {theirs_rss:.0f} MiB: "
+          f"{ours_rss / theirs_rss:.2f}x")
+    return 0
+
+
 def _serve():
     """gunicorn wsgi:app from this checkout on a free loopback port."""
     from .process import Server
@@ -258,10 +386,10 @@ def _serve():
     return Server(env={"LLMHOST_LOG_LEVEL": "warning"}, log_path=os.devnull).start(timeout=120)
 
 
-def _load_model(url: str, model: str) -> None:
+def _load_model(url: str, model: str, options: dict | None = None) -> None:
     import requests
 
-    r = requests.post(url + "/v1/models", json={"model": model}, timeout=600)
+    r = requests.post(url + "/v1/models", json={"model": model, **(options or {})}, timeout=600)
     if r.status_code not in (200, 201):
         raise SystemExit(f"could not load {model}: {r.text}")
 
@@ -352,6 +480,126 @@ def bench_embed(args) -> int:
     return 0
 
 
+QUALITY_PROMPTS = [
+    "What is the capital of France?", "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.", "Give me three tips for better sleep.",
+    "What is 12 times 7?", "Translate 'good morning' into Spanish.", "Who wrote Romeo and Juliet?",
+    "Describe a cat to someone who has never seen one.", "What is the boiling point of water?",
+    "List the planets of the solar system.", "Why is the sky blue?",
+    "Write a short greeting for a birthday card.", "What does a CPU do?", "Name a famous painting.",
+    "How do I make a cup of tea?", "What is the largest ocean?",
+    "Tell me a fun fact about octopuses.", "What is machine learning?",
+    "Suggest a name for a pet dog.", "How many days are in a leap year?"]
+
+
+def degenerate(tokens: list[int], text: str) -> bool:
+    """Garbage: a loop (one token six times in a row, a 3-token run three
+    times, a 5-token run twice) or letters of another script than the English
+    prompts' (the int8 failures seen here answered in Hebrew letters)."""
+    if any(len(set(tokens[i:i + 6])) == 1 for i in range(len(tokens) - 5)):
+        return True
+    for n, times in ((3, 3), (5, 2)):
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        if grams and max(grams.count(g) for g in grams) >= times:
+            return True
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(not c.isascii() for c in letters) > len(letters) // 4
+
+
+def bench_quality(args) -> int:
+    """Greedy answers to QUALITY_PROMPTS with each load option, loaded through
+    llmhost's own loader, against float32: how many agree on the first 8
+    tokens, how many are degenerate (a load option with any degenerate answer
+    must not be offered), and batch-1 / batch-8 decode speed."""
+    import json
+
+    import torch
+
+    from .config import Config
+    from .errors import APIError
+    from .loading import LoadSpec, load
+
+    def answers(model, tok) -> list[list[int]]:
+        out = []
+        for text in QUALITY_PROMPTS:
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"]
+            ids = torch.tensor([ids])
+            with torch.inference_mode():
+                new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=args.max_tokens, pad_token_id=tok.eos_token_id)
+            out.append(new[0, ids.shape[1]:].tolist())
+        return out
+
+    def speed(model, tok, batch: int) -> float:
+        ids = torch.tensor([tok(args.prompt)["input_ids"]] * batch)
+        kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=tok.eos_token_id)
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=2, **kwargs)
+            started = time.perf_counter()
+            model.generate(ids, max_new_tokens=32, min_new_tokens=32, **kwargs)
+        return batch * 32 / (time.perf_counter() - started)
+
+    reference = None
+    print(f"| load options | agree with float32 (first 8 tokens) | degenerate | tok/s batch 1 | "
+          f"tok/s batch 8 | weights MiB |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+    for options in [{"dtype": "float32"}] + [json.loads(o) for o in args.options]:
+        try:
+            loaded = load(LoadSpec(model=args.model, **options), Config())
+        except APIError as exc:  # an option llmhost does not offer
+            print(f"| {json.dumps(options)} | refused: {exc.message} | | | | |", flush=True)
+            continue
+        out = answers(loaded.model, loaded.tokenizer)
+        reference = reference or out
+        agree = sum(a[:8] == r[:8] for a, r in zip(out, reference))
+        bad = [i for i, a in enumerate(out)
+               if degenerate(a, loaded.tokenizer.decode(a, skip_special_tokens=True))]
+        speeds = [f"{speed(loaded.model, loaded.tokenizer, b):.1f}" if args.speed else "-" for b in (1, 8)]
+        print(f"| {json.dumps(options)} | {agree}/{len(out)} | {len(bad)} {bad or ''} | "
+              f"{speeds[0]} | {speeds[1]} | {loaded.memory_bytes / 2**20:.0f} |", flush=True)
+        del loaded
+    return 0
+
+
+def bench_profile(args) -> int:
+    """torch.profiler over the scheduler's own decode steps at each batch size,
+    run in this thread (the scheduler thread stays idle): what share of a
+    step is the model's matmuls, the KV-cache concatenation, the sampling."""
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from .config import Config
+    from .engine.sampling import SamplingParams
+    from .engine.scheduler import Generation, GenerationRequest, Scheduler
+    from .loading import LoadSpec, load
+
+    loaded = load(LoadSpec(model=args.model, **json.loads(args.load_options or "{}")), Config())
+    scheduler = Scheduler("profile", loaded, Config())  # not started: its steps run here
+    ids = loaded.tokenizer(args.prompt)["input_ids"]
+    try:
+        for batch in args.batch:
+            gens = [Generation(GenerationRequest(ids, SamplingParams(max_tokens=10**6, temperature=0)),
+                               "profile") for _ in range(batch)]
+            scheduler._prefill(gens)
+            for _ in range(args.warmup):
+                scheduler._decode()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                started = time.perf_counter()
+                for _ in range(args.steps):
+                    scheduler._decode()
+                step = (time.perf_counter() - started) / args.steps
+            print(f"== batch {batch}: {step * 1000:.1f} ms per decode step, cache length "
+                  f"{len(ids) + args.warmup + args.steps}, dtype {loaded.dtype}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                            max_name_column_width=40), flush=True)
+            scheduler._reset_batch()
+    finally:
+        scheduler.close("profile over")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llmhost.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -370,6 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stream", action="store_true")
     gen.add_argument("--compare-inprocess", metavar="FOLDER",
                      help="also run transformers generate in-process on FOLDER and print ratios")
+    gen.add_argument("--compare-url", metavar="URL",
+                     help="another OpenAI-compatible server (e.g. llama-cpp-python's) serving the "
+                          "same model: run the same streaming chat workload on both, alternating")
+    gen.add_argument("--compare-model", help="model name to send to --compare-url (default: --model)")
+    gen.add_argument("--compare-pid", type=int, help="pid of the --compare-url server, for its RSS")
+    gen.add_argument("--pid", type=int, help="pid of the llmhost worker at --url, for its RSS")
+    gen.add_argument("--load-options", metavar="JSON",
+                     help='extra POST /v1/models fields, e.g. \'{"quantization": "int8"}\'')
     gen.add_argument("--rounds", type=int, default=3,
                      help="runs per level (alternating with in-process); medians are reported")
     gen.add_argument("--response-format", metavar="SCHEMA",
@@ -380,6 +636,25 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build-model", help="build the benchmark's GPT-2-small-shaped model offline")
     build.add_argument("folder")
     build.set_defaults(func=build_model)
+    qual = sub.add_parser("quality", help="greedy agreement of dtypes/quantizations with float32")
+    qual.add_argument("--model", required=True, help="a model folder or .gguf file")
+    qual.add_argument("--options", nargs="*", default=['{"dtype": "bfloat16"}', '{"quantization": "int8"}'],
+                      help="JSON load options to compare with float32")
+    qual.add_argument("--max-tokens", type=int, default=16)
+    qual.add_argument("--no-speed", dest="speed", action="store_false",
+                      help="agreement only (no batch-1/batch-8 timing)")
+    qual.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
+                                          "model server answers")
+    qual.set_defaults(func=bench_quality)
+    prof = sub.add_parser("profile", help="torch.profiler over the scheduler's decode steps")
+    prof.add_argument("--model", required=True, help="a model folder or .gguf file")
+    prof.add_argument("--load-options", metavar="JSON", help='e.g. \'{"dtype": "bfloat16"}\'')
+    prof.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    prof.add_argument("--warmup", type=int, default=40, help="decode steps before profiling")
+    prof.add_argument("--steps", type=int, default=10, help="decode steps profiled")
+    prof.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
+                                          "model server answers")
+    prof.set_defaults(func=bench_profile)
     emb = sub.add_parser("embed", help="/v1/embeddings: one request of many inputs")
     emb.add_argument("--model", required=True, help="served id, or the folder to load with --load/--serve")
     emb.add_argument("--url", default="http://127.0.0.1:8000")
@@ -396,6 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import signal
+
+    # A terminated benchmark still stops the server it started (the `finally` blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -233,14 +233,15 @@ def models(url, api_key) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--gguf-file", help="A GGUF file inside the folder or hub repo.")
 @click.option("--task", type=click.Choice(["generate", "embed"]), help="Override task detection.")
+@click.option("--quantization", type=click.Choice(["int8"]), help="int8 weights, on CPU.")
 @client_options
-def load(source, model_id, device, dtype, gguf_file, task, url, api_key) -> None:
+def load(source, model_id, device, dtype, gguf_file, task, quantization, url, api_key) -> None:
     """Load a model, with a progress bar.
 
     SOURCE is a hub id, a model folder, a .gguf file, or `demo`."""
     body = _source(source)
     for name, value in (("id", model_id), ("device", device), ("dtype", dtype),
-                        ("gguf_file", gguf_file), ("task", task)):
+                        ("gguf_file", gguf_file), ("task", task), ("quantization", quantization)):
         if value:
             body[name] = value
     body["stream"] = True

@@ -19,10 +19,12 @@ import torch
 # Imported once at start-up rather than inside the first load, so that the code
 # (not the weights) is not counted as a model's memory, and loads start faster.
 import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+# Not transformers' `pipeline` (about 230 MiB more per worker): see TextGeneration.
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import memcheck, progress
 from .errors import APIError, invalid
+from .quantize import auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
 
 log = logging.getLogger("llmhost")
 
@@ -46,6 +48,7 @@ class LoadSpec:
     task: str | None = None
     chat_template: str | None = None
     keep_alive: float | None = None
+    quantization: str | None = None
 
     @property
     def served_id(self) -> str:
@@ -61,10 +64,22 @@ class Source:
 
 
 @dataclass
+class TextGeneration:
+    """A generation model's pipeline: the model and its tokenizer, the two
+    attributes of a transformers text-generation pipeline that llmhost reads.
+    Not ``transformers.pipeline("text-generation")``: the scheduler runs the
+    model itself, and importing transformers.pipelines adds about 230 MiB to
+    every worker (measured here)."""
+
+    model: Any
+    tokenizer: Any
+
+
+@dataclass
 class Loaded:
     """A ready model: its pipeline (the one object that holds the model: a
-    transformers text-generation pipeline, or the SentenceTransformer for
-    embeddings) plus what the Model object reports."""
+    TextGeneration for generation, or the SentenceTransformer for embeddings)
+    plus what the Model object reports."""
 
     task: str
     pipeline: Any
@@ -76,6 +91,7 @@ class Loaded:
     max_context: int
     gguf_file: str | None = None
     extra: dict = field(default_factory=dict)
+    quantization: str | None = None
 
     @property
     def model(self):
@@ -240,10 +256,33 @@ def choose_device(requested: str) -> tuple[str, Any]:
                   f"{', '.join(['auto'] + devices)}.", param="device", code="device_unavailable")
 
 
-def choose_dtype(requested: str, device: str) -> Any:
+def choose_dtype(requested: str, device: str, task: str = "generate") -> Any:
+    """`auto`: the checkpoint's dtype on CUDA; on CPU bfloat16 for generation
+    where the CPU computes it natively (quantize.auto_cpu_dtype), else float32;
+    float32 for embedding models on CPU and on MPS."""
     if requested == "auto":
+        if device == "cpu" and task == "generate":
+            return auto_cpu_dtype()
         return torch.float32 if device in ("cpu", "mps") else "auto"
     return DTYPES[requested]
+
+
+def int8_compute_dtype(requested: str) -> torch.dtype:
+    """int8 weights compute in float32: with bfloat16 activations SmolLM2 gave a
+    degenerate answer on 1 of the 20 quality prompts (python -m llmhost.bench
+    quality), so that combination is not offered."""
+    if requested not in ("auto", "float32"):
+        raise invalid(f"quantization 'int8' computes in float32; dtype '{requested}' with int8 "
+                      "weights gave degenerate answers in our quality check. Leave dtype out "
+                      "(or use 'float32'), or load without quantization.", param="dtype")
+    return torch.float32
+
+
+def check_quantization(quantization: str | None, device: str) -> None:
+    if quantization and device != "cpu":
+        raise invalid(f"quantization '{quantization}' runs on the CPU only; load with "
+                      "device 'cpu', or without quantization on a GPU (float16/bfloat16).",
+                      param="quantization", code="device_unavailable")
 
 
 # -- task ---------------------------------------------------------------------
@@ -276,8 +315,7 @@ def detect_task(source: Source) -> str:
 # -- loading ------------------------------------------------------------------
 
 def _memory_bytes(model) -> int:
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+    return model_bytes(model)
 
 
 def _max_context(model, tokenizer) -> int:
@@ -298,14 +336,23 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
                             "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
                        param="trust_remote_code", code="remote_code_not_allowed")
     device, device_map = choose_device(spec.device)
-    dtype = choose_dtype(spec.dtype, device)
+    check_quantization(spec.quantization, device)
     source = resolve_source(spec, config)
-    # a load that cannot fit is a 507, not an OOM-killed worker
-    memcheck.check(spec.model, source.folder, source.gguf_file, device, dtype, config, in_use)
     task = spec.task or detect_task(source)
+    dtype = choose_dtype(spec.dtype, device, task)
+    if spec.quantization:
+        dtype = int8_compute_dtype(spec.dtype)
+    # a load that cannot fit is a 507, not an OOM-killed worker (int8 is estimated at its
+    # float32 compute dtype: an upper bound, the weights are quantized layer by layer)
+    memcheck.check(spec.model, source.folder, source.gguf_file, device, dtype, config, in_use)
     progress.step("loading", "tokenizer and weights")
     if task == "embed":
-        return _load_embedding(source, spec, device, device_map, dtype)
+        loaded = _load_embedding(source, spec, device, device_map, dtype)
+        if spec.quantization:
+            quantize_model(loaded.model, spec.quantization)
+            loaded.quantization = spec.quantization
+            loaded.memory_bytes = _memory_bytes(loaded.model)
+        return loaded
     return _load_causal_lm(source, spec, device, device_map, dtype)
 
 
@@ -321,8 +368,12 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
         kwargs["gguf_file"] = source.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
-                                                     device_map=device_map, **kwargs)
+        model = _stream_gguf(source, spec, dtype, device)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
+                                                         device_map=device_map, **kwargs)
+            if spec.quantization:
+                quantize_model(model, spec.quantization)
     except torch.OutOfMemoryError:
         raise _no_memory(device, spec)
     except (OSError, ValueError, KeyError, ImportError) as exc:
@@ -331,14 +382,25 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     return Loaded(
-        task="generate", pipeline=pipe, device=device,
+        task="generate", pipeline=TextGeneration(model, tokenizer), device=device,
         dtype=str(model.dtype).replace("torch.", ""),
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=model_bytes(model, count=True),
         memory_bytes=_memory_bytes(model), revision=source.revision,
         max_context=_max_context(model, tokenizer), gguf_file=source.gguf_file,
+        quantization=spec.quantization,
     )
+
+
+def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str):
+    """A GGUF model to quantize or to load in bfloat16/float16 on the CPU is
+    read one tensor at a time (gguf_stream), so that the whole model never
+    exists in float32; None where transformers' own path is used."""
+    if not source.gguf_file or device != "cpu" or (dtype == torch.float32 and not spec.quantization):
+        return None
+    from . import gguf_stream
+    return gguf_stream.load_causal_lm(source.folder, source.gguf_file, dtype,
+                                      quantize_linear if spec.quantization else None)
 
 
 def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loaded:

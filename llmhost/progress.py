@@ -110,6 +110,20 @@ def step(phase: str, what: str = "") -> None:
         tracker.update(phase=phase, what=what, done=0, total=0)
 
 
+def counted(items, what: str) -> Iterator:
+    """Iterate `items` (tensors), counting them into the load tracked on this
+    thread, as the wrapped tqdm bars do for transformers' loaders: for llmhost's
+    own loader (gguf_stream), which has no bar to wrap."""
+    tracker = current()
+    if tracker is None:
+        yield from items
+        return
+    tracker.update(phase="loading", done=0, total=len(items), what=what)
+    for i, item in enumerate(items, 1):
+        yield item
+        tracker.update(done=i)
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as fh:

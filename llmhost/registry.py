@@ -58,6 +58,7 @@ class ModelEntry:
             "id": self.id, "object": "model", "created": self.created, "owned_by": "llmhost",
             "status": "loaded", "task": ld.task, "source": self.spec.model,
             "gguf_file": ld.gguf_file, "device": ld.device, "dtype": ld.dtype,
+            "quantization": ld.quantization,
             "parameters": ld.parameters, "memory_bytes": ld.memory_bytes,
             "load_seconds": round(self.load_seconds, 3), "revision": ld.revision,
             "max_context": ld.max_context, "keep_alive": self.spec.keep_alive,
@@ -69,7 +70,8 @@ def _conflicts(a: loading.LoadSpec, b: loading.LoadSpec) -> list[str]:
     """The options of `b` that conflict with `a`, loaded under the same id (only
     those the client set), as messages."""
     diffs = []
-    for name in ("model", "device", "dtype", "revision", "gguf_file", "task", "chat_template"):
+    for name in ("model", "device", "dtype", "revision", "gguf_file", "task", "chat_template",
+                 "quantization"):
         va, vb = getattr(a, name), getattr(b, name)
         if vb not in (None, "auto") and va != vb:
             diffs.append(f"{name}={vb!r} (loaded with {va!r})")

@@ -81,12 +81,15 @@ def smollm2(server, smollm2_gguf) -> str:
 @pytest.fixture(scope="session")
 def smollm2_reference(smollm2_gguf):
     """(tokenizer, model): SmolLM2 loaded in-process with plain transformers, the
-    reference the server's greedy output must equal (~30 s to load: once)."""
+    reference the server's greedy output must equal (~30 s to load: once), in
+    the dtype the server's `auto` picks on this CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmhost.quantize import auto_cpu_dtype
 
     folder, name = os.path.split(smollm2_gguf)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=auto_cpu_dtype()).eval()
     return tokenizer, model
 
 

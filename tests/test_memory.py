@@ -10,12 +10,13 @@ import torch
 from llmhost.config import TestConfig
 from llmhost.loading import LoadSpec, load
 from llmhost.memcheck import estimate, free_cpu_bytes
+from llmhost.quantize import auto_cpu_dtype
 from support import Server, assert_error
 
 
 def test_estimate_matches_what_loading_takes(tiny_models, smollm2_gguf):
     loaded = load(LoadSpec(model=tiny_models["llama"]), TestConfig())
-    guess = estimate(tiny_models["llama"], None, torch.float32)
+    guess = estimate(tiny_models["llama"], None, getattr(torch, loaded.dtype))  # auto: bf16 on bf16 CPUs
     assert abs(guess - loaded.memory_bytes) <= 0.1 * loaded.memory_bytes, (guess, loaded.memory_bytes)
     # GGUF: dequantized to float32, so about 4 bytes per parameter of SmolLM2-135M
     folder, name = os.path.split(smollm2_gguf)
@@ -26,7 +27,7 @@ def test_estimate_matches_what_loading_takes(tiny_models, smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def small_memory(tiny_models):
-    need = estimate(tiny_models["llama"], None, torch.float32)
+    need = estimate(tiny_models["llama"], None, auto_cpu_dtype())  # what the server's auto loads
     # room for one tiny llama with the default 20 % headroom, not for two
     srv = Server(env={"LLMHOST_MEMORY_LIMIT": str(int(need * 1.5))}).start()
     srv.need = need
@@ -53,7 +54,7 @@ def test_load_that_does_not_fit_is_507(small_memory, tiny_models, smollm2_gguf):
 
 
 def test_headroom_setting(tiny_models):
-    need = estimate(tiny_models["llama"], None, torch.float32)
+    need = estimate(tiny_models["llama"], None, auto_cpu_dtype())  # what the server's auto loads
     srv = Server(env={"LLMHOST_MEMORY_LIMIT": str(int(need * 1.5)),
                       "LLMHOST_MEMORY_HEADROOM": "1.0"}).start()
     try:

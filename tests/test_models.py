@@ -6,6 +6,7 @@ import pytest
 import requests
 
 from support import assert_error, validate
+from llmhost.quantize import auto_cpu_dtype
 
 
 # -- in-process (Flask test client) -------------------------------------------
@@ -96,9 +97,11 @@ def test_lifecycle_local_folder(server, openai_client, tiny_models):
     assert r.status_code == 201, r.text
     body = validate(r.json(), "Model")
     assert body["id"] == path and body["status"] == "loaded" and body["device"] == "cpu"
-    assert body["dtype"] == "float32" and body["parameters"] > 0 and body["memory_bytes"] > 0
+    auto = str(auto_cpu_dtype()).removeprefix("torch.")  # bfloat16 where the CPU has native bf16
+    assert body["dtype"] == auto and body["parameters"] > 0 and body["memory_bytes"] > 0
+    assert body["quantization"] is None
     assert requests.post(server.url + "/v1/models", json={"model": path}).status_code == 200
-    r = requests.post(server.url + "/v1/models", json={"model": path, "dtype": "bfloat16"})
+    r = requests.post(server.url + "/v1/models", json={"model": path, "dtype": "float16"})
     assert_error(r, 409, "model")
     ids = [m.id for m in openai_client.models.list().data]
     assert path in ids

@@ -2,6 +2,7 @@ from marshmallow import fields, validate
 
 from ..extensions import Schema
 from ..loading import DTYPES
+from ..quantize import QUANTIZATIONS
 
 DEVICE = validate.Regexp(r"^(auto|cpu|cuda(:\d+)?|mps)$",
                          error="Use one of auto, cpu, cuda, cuda:N, mps.")
@@ -17,7 +18,11 @@ class LoadModelSchema(Schema):
         "description": "`auto` (CUDA, else MPS, else CPU; several GPUs: device_map=auto), `cpu`, "
                        "`cuda`, `cuda:N`, `mps`."})
     dtype = fields.String(load_default="auto", validate=validate.OneOf(["auto", *DTYPES]), metadata={
-        "description": "`auto` is the checkpoint's dtype on GPU and float32 on CPU."})
+        "description": "`auto` is the checkpoint's dtype on GPU; on CPU bfloat16 for generation "
+                       "models where the CPU has native bf16 (AVX512-BF16, AMX), else float32."})
+    quantization = fields.String(allow_none=True, validate=validate.OneOf(QUANTIZATIONS), metadata={
+        "description": "`int8`: int8 weights (per output channel) for the Linear layers, on CPU; "
+                       "computes in float32."})
     revision = fields.String(allow_none=True, validate=validate.Length(min=1, max=256),
                              metadata={"description": "Hub branch, tag or commit."})
     gguf_file = fields.String(allow_none=True, validate=validate.Length(min=1, max=1024), metadata={
@@ -55,6 +60,7 @@ class ModelSchema(Schema):
     gguf_file = fields.String(allow_none=True)
     device = fields.String()
     dtype = fields.String()
+    quantization = fields.String(allow_none=True)
     parameters = fields.Integer()
     memory_bytes = fields.Integer()
     load_seconds = fields.Float()

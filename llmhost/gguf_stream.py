@@ -1,0 +1,126 @@
+"""Load a GGUF causal LM one tensor at a time.
+
+transformers' own GGUF path (``from_pretrained(gguf_file=...)``) dequantizes
+every tensor of the file to float32 into one state dict and only then builds
+the model from it: for a moment the whole model exists twice in float32, and a
+model meant to end up in int8 or bfloat16 peaks at several times its final
+size. Here the model is built with empty (meta) parameters and each GGUF
+tensor is dequantized, converted to the target dtype and, for a Linear layer
+that is to be quantized, quantized as soon as that layer has all its
+parameters; only one float32 tensor exists at any time.
+
+The GGUF reading (file memory-mapped by ``gguf.GGUFReader``), the GGUF -> HF
+name map and the per-architecture tensor fix-ups (Llama's q/k permutation, ...)
+are transformers' own functions, so the weights equal those of
+``from_pretrained`` (state dicts compared equal in float32 and bfloat16 for
+SmolLM2; tests/test_fast.py checks that greedy answers through the server equal
+transformers' in-process ones for bfloat16 and int8).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import progress
+
+# Architectures whose tensor processor maps one GGUF tensor to one HF tensor.
+STREAMABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "starcoder2", "stablelm"}
+
+
+def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
+                   quantize_module: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+    """The model of `folder/gguf_file` in `dtype`, Linear layers passed through
+    `quantize_module` (it returns the replacement module) as they complete;
+    None for an architecture not in STREAMABLE (the MoE processors split and
+    merge tensors across calls): transformers' own path loads those."""
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader, dequantize
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map,
+                                                          load_gguf_checkpoint)
+
+    path = os.path.join(folder, gguf_file)
+    parsed = load_gguf_checkpoint(path, return_tensors=False)  # metadata only
+    # what AutoConfig.from_pretrained(gguf_file=...) does, without parsing the file again
+    config_dict = parsed["config"]
+    if config_dict.get("model_type") not in STREAMABLE:
+        return None
+    config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
+    parsed = {"config": config_dict}  # drop the tokenizer's lists: tens of MiB of Python objects
+    with init_empty_weights(include_buffers=False):  # buffers (rotary) are computed for real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config_dict)
+    key_map = get_gguf_hf_weights_map(model, processor)
+    linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+    reader = GGUFReader(path)
+    for tensor in progress.counted(reader.tensors, "Converting and de-quantizing GGUF tensors"):
+        name, value = _tensor(dequantize, tensor, processor, key_map, parsed, dtype)
+        if name not in key_map:
+            continue
+        hf_name = key_map[name]
+        module_name, _, attr = hf_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = getattr(module, attr)
+        if tuple(old.shape) != tuple(value.shape):
+            raise ValueError(f"GGUF tensor {tensor.name} has shape {tuple(value.shape)}, "
+                             f"the model expects {tuple(old.shape)} for {hf_name}")
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+        if quantize_module is not None and module_name in linears and \
+                not any(p.is_meta for p in module.parameters()) and not _tied(model, module):
+            _replace(model, module_name, quantize_module(module))
+    del reader
+    model.tie_weights()
+    missing = {n for n, p in model.named_parameters() if p.is_meta}
+    if missing:
+        raise ValueError(f"the GGUF file has no tensor for {sorted(missing)[:5]}")
+    _trim()
+    return model
+
+
+def _tensor(dequantize, tensor, processor, key_map, parsed, dtype, rows: int = 4096):
+    """(mapped GGUF name, torch tensor in `dtype`) of one GGUF tensor. A large
+    tensor the architecture's processor leaves as it is (the embedding, the
+    output head) is dequantized a few thousand rows at a time straight into
+    `dtype`: gguf's dequantize on a whole tensor makes temporaries several
+    times its float32 size."""
+    data = tensor.data
+    kwargs = {"tensor_key_mapping": key_map, "parsed_parameters": parsed}
+    if data.ndim >= 2 and data.shape[0] > rows:
+        first = dequantize(data[:rows], tensor.tensor_type)
+        result = processor.process(weights=first, name=tensor.name, **kwargs)
+        if result.weights is first:
+            out = torch.empty((data.shape[0],) + first.shape[1:], dtype=dtype)
+            out[:rows] = torch.from_numpy(first)
+            for start in range(rows, data.shape[0], rows):
+                out[start:start + rows] = torch.from_numpy(
+                    dequantize(data[start:start + rows], tensor.tensor_type))
+            return result.name, out
+    result = processor.process(weights=dequantize(data, tensor.tensor_type), name=tensor.name, **kwargs)
+    # a copy: float32 GGUF tensors come back as views of the read-only memory map
+    return result.name, torch.from_numpy(np.array(result.weights, copy=True)).to(dtype)
+
+
+def _trim() -> None:
+    """Hand the freed float32 temporaries back to the OS (glibc keeps them)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _tied(model, module) -> bool:
+    """The output head shares the input embedding: it stays as it is."""
+    out = model.get_output_embeddings()
+    return out is module
+
+
+def _replace(model, name: str, new) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
