@@ -208,8 +208,6 @@ class ModelRegistry:
             with self._guard:
                 self._models[model_id] = entry
             progress.forget(model_id)
-            log.info("loaded %s (%s on %s, %.1fs)", model_id, entry.loaded.dtype,
-                     entry.loaded.device, entry.load_seconds)
             metrics.observe_load(model_id, entry.load_seconds)
             if spec.keep_alive:
                 self._start_reaper()
