@@ -119,6 +119,17 @@ def test_call_guard_drops_repeats_and_calls_over_the_limit():
                               + call(2, "f", '{"x": 3}'))
     assert end and [c["function"]["arguments"] for c in join_calls([], sent)] == \
         ['{"x": 1}', '{"x": 2}']
+    # A call whose arguments come over several parser releases is judged whole.
+    streamed = CallGuard()
+    assert streamed.check(call(0, "f", '{"a": 1}')) == (call(0, "f", '{"a": 1}'), False)
+    second = call(1, "f", '{"a": 2}')
+    assert streamed.check(second[:2]) == ([], False)         # '{"a":' is not whole yet
+    assert streamed.check(second[2:]) == (second, False)
+    again = call(2, "f", '{"a": 2}')
+    assert streamed.check(again[:2]) == ([], False)
+    assert streamed.check(again[2:]) == ([], True)          # a repeat, once whole
+    cut = CallGuard()                                         # max_tokens cut a call: sent as is
+    assert cut.check(second[:2], final=True) == (second[:2], False)
 
 
 def test_named_function_is_called(server, smollm2):

@@ -37,28 +37,42 @@ class CallGuard:
         self.limit = limit
         self.seen: set = set()
         self.count = 0
+        self.pending: dict[int, list[dict]] = {}   # deltas of calls not yet whole
 
-    def check(self, deltas: list[dict]) -> tuple[list[dict], bool]:
+    def check(self, deltas: list[dict], final: bool = False) -> tuple[list[dict], bool]:
         """(the deltas to send, whether the choice must end now). Deltas come as
-        the parser releases them: a call's first delta (with `id` and the name)
-        and then its arguments in pieces, one whole call at a time. From the
-        first repeated call or the first one over the limit on, nothing is sent."""
-        calls: dict[int, list[dict]] = {}
-        order: list[int] = []
+        the parser releases them: a call's first delta (with `id` and the name),
+        then its arguments in pieces. A call is judged once it is whole: its
+        arguments parse as JSON (no proper prefix of a JSON object does), a
+        later call starts, or the choice ends (`final`); until then its deltas
+        wait (today's parser releases each call whole, so nothing waits). From
+        the first repeated call or the first one over the limit on, nothing is
+        sent."""
         for delta in deltas:
-            if delta["index"] not in calls:
-                order.append(delta["index"])
-            calls.setdefault(delta["index"], []).append(delta)
+            self.pending.setdefault(delta["index"], []).append(delta)
         out: list[dict] = []
-        for index in order:
-            pieces = calls[index]
+        indices = sorted(self.pending)
+        for position, index in enumerate(indices):
+            pieces = self.pending[index]
             name = next((d["function"].get("name") for d in pieces
                          if (d.get("function") or {}).get("name")), "")
             arguments = "".join((d.get("function") or {}).get("arguments") or "" for d in pieces)
+            if not (final or position < len(indices) - 1 or _whole(arguments)):
+                break
+            del self.pending[index]
             key = _key(name, arguments)
             if key in self.seen or (self.limit and self.count >= self.limit):
+                self.pending.clear()
                 return out, True
             self.seen.add(key)
             self.count += 1
             out += pieces
         return out, False
+
+
+def _whole(arguments: str) -> bool:
+    try:
+        json.loads(arguments)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -207,8 +207,8 @@ class Run:
                 parsed.reasoning += rest.reasoning
                 parsed.tool_calls += rest.tool_calls
             text, calls, thought = parsed.content, parsed.tool_calls, parsed.reasoning
-            if calls:
-                calls, repeated = state.calls.check(calls)
+            if calls or reason is not None:
+                calls, repeated = state.calls.check(calls, final=reason is not None)
                 if repeated:                  # the model loops: its answer ended
                     if reason is None:
                         gen.finish(event.index)
