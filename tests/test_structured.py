@@ -223,7 +223,8 @@ def test_grammar_size_limit_is_a_setting(make_app, local_gpt2):
 
     for path, body, param in [
         ("/v1/completions", fmt(big), "response_format.json_schema.schema"),
-        ("/v1/completions", {"structured_outputs": {"regex": "é" * 151}}, "structured_outputs.regex"),
+        ("/v1/completions", {"structured_outputs": {"regex": "é" * 151}},   # 302 bytes
+         "structured_outputs.regex"),
         ("/v1/chat/completions", {"messages": ASK, "tools": [{"type": "function", "function": {
             "name": "f", "parameters": big}}]}, "tools[0].function.parameters"),
     ]:

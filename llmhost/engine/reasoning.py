@@ -18,7 +18,8 @@ OFF = ("none",)
 # apply_chat_template's own arguments: a template variable of the same name
 # would collide with them (or with what llmhost passes).
 RESERVED = frozenset((
-    "self", "conversation", "conversations", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "self", "conversation", "conversations", "messages", "tools", "documents", "chat_template",
+    "add_generation_prompt",
     "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
     "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
     "tokenizer_kwargs"))
