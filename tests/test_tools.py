@@ -355,6 +355,9 @@ def test_reasoning_effort_reaches_the_template(server, thinking):
     off, off_usage = think(server, reasoning_effort="none")     # enable_thinking=False
     assert "reasoning_content" not in off and off["content"]
     assert off_usage["prompt_tokens"] != high_usage["prompt_tokens"]
+    counted = post(server, "/tokenize", {"model": "tiny-thinking", "messages": ASK,
+                                         "reasoning_effort": "none"}).json()
+    assert counted["count"] == off_usage["prompt_tokens"], counted
     # The client's chat_template_kwargs win over what the effort sets.
     on, _ = think(server, reasoning_effort="none", chat_template_kwargs={"enable_thinking": True})
     assert on.get("reasoning_content")

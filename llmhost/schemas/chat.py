@@ -13,6 +13,14 @@ from .structured import (FunctionSchema, ToolSchema, function_call_as_tool_choic
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
+def template_kwargs_ok(value) -> None:
+    """`chat_template_kwargs` may not set what llmhost passes to apply_chat_template."""
+    taken = sorted(RESERVED.intersection(value or {}))
+    if taken:
+        raise ValidationError(f"{', '.join(taken)} cannot be set here (llmhost passes "
+                              "it to apply_chat_template itself)")
+
+
 class Content(fields.Field):
     """`content`: a string or an array of `{"type": "text", "text": ...}` parts.
     Errors name the part: ``messages[0].content[1].type``."""
@@ -92,21 +100,15 @@ class ChatCompletionRequestSchema(GenerationSchema):
                        "/v1/responses' `reasoning.effort`); `none` also renders templates with "
                        "an `enable_thinking` switch (Qwen3, SmolLM3) with thinking off. The "
                        "thought comes back as `reasoning_content`."})
-    chat_template_kwargs = fields.Dict(keys=fields.String(), allow_none=True, metadata={
-        "description": "llmhost extra (vLLM's name): more variables for the chat template, "
-                       "e.g. `{\"enable_thinking\": false}`; they win over what "
-                       "`reasoning_effort` sets."})
+    chat_template_kwargs = fields.Dict(
+        keys=fields.String(), allow_none=True, validate=template_kwargs_ok, metadata={
+            "description": "llmhost extra (vLLM's name): more variables for the chat template, "
+                           "e.g. `{\"enable_thinking\": false}`; they win over what "
+                           "`reasoning_effort` sets."})
     functions = fields.List(fields.Nested(FunctionSchema), allow_none=True, metadata={
         "description": "Deprecated form of `tools`."})
     function_call = fields.Raw(allow_none=True, metadata={
         "description": "Deprecated form of `tool_choice` (`none`, `auto`, `{\"name\": ...}`)."})
-
-    @validates("chat_template_kwargs")
-    def _check_template_kwargs(self, value, **kwargs):
-        taken = sorted(RESERVED.intersection(value or {}))
-        if taken:
-            raise ValidationError(f"{', '.join(taken)} cannot be set here (llmhost passes "
-                                  "it to apply_chat_template itself)")
 
     @validates("messages")
     def _check_messages(self, value, **kwargs):
