@@ -46,6 +46,8 @@ class Config:
         ("DEFAULT_TOP_P", float, 0.9),
         ("MAX_N", int, 8),
         ("MAX_MESSAGES", int, 1024),
+        ("MAX_TOOL_CALLS", int, 32),     # per choice; 0: no limit (engine/callguard.py)
+        ("MAX_GRAMMAR_BYTES", int, 64 * 1024),
         ("MAX_PROMPT_TOKENS", int, 0),
         ("MAX_QUEUE", int, 64),
         ("QUEUE_TIMEOUT", float, 600.0),

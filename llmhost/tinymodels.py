@@ -40,6 +40,21 @@ TOOL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# A Qwen3-style thinking template (written for these tests): the
+# `enable_thinking` switch of Qwen3 / SmolLM3 (false: an empty thought is
+# prefilled, so the model answers at once), a thought opened for the model
+# otherwise (as Qwen3-Thinking and DeepSeek-R1 templates prefill "<think>"),
+# and gpt-oss' "Reasoning: <effort>" system line when `reasoning_effort` is set.
+THINKING_CHAT_TEMPLATE = (
+    "{% if reasoning_effort is defined and reasoning_effort %}<|im_start|>system\n"
+    "Reasoning: {{ reasoning_effort }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}"
+)
+
 WORDS = ("the quick brown fox jumps over lazy dog hello world model server token stream chat "
          "completion answer question paris france capital city river mountain sea sky blue green "
          "red one two three four five six seven eight nine ten and or but if then else when why "
@@ -90,6 +105,27 @@ def build_qwen2_tools(path: str, layers: int = 2, width: int = 64, vocab_size: i
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
+    _save(model, tokenizer, path)
+    return path
+
+
+def build_qwen3_thinking(path: str, layers: int = 2, width: int = 64, vocab_size: int = 512,
+                         positions: int = 1024, seed: int = 0) -> str:
+    """A Qwen3-architecture chat model with THINKING_CHAT_TEMPLATE; <think> and
+    </think> are tokens, as in Qwen3's tokenizer."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = build_tokenizer(vocab_size, chat=True)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = THINKING_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=width // 4, max_position_embeddings=positions,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config)
     _save(model, tokenizer, path)
     return path
 

@@ -60,3 +60,26 @@ def test_tests_section_is_the_ci_command():
     with open(os.path.join(ROOT, ".ci", "run")) as fh:
         ci = fh.read()
     assert run == "python -m pytest -q" and "python3 -m pytest -q" in ci
+
+
+def test_langchain_snippet_runs(quickstart, capsys):
+    """README's LangChain block, run as written (in this process, so the test
+    can look at what it made): bind_tools with tool_choice gives a valid call,
+    the tool result goes back, with_structured_output gives a City."""
+    import pydantic
+
+    code = _at(quickstart, readme_block("langchain"))
+    scope: dict = {"__name__": "readme_langchain"}
+    exec(compile(code, "README.md (langchain)", "exec"), scope)
+    call = scope["call"]
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    assert isinstance(call["args"].get("city"), str) and call["args"]["city"], call
+    assert set(call["args"]) <= {"city"}, call
+    assert [m.type for m in scope["messages"]] == ["human", "ai", "tool"]
+    assert isinstance(scope["final"].content, str) and scope["final"].content
+    assert not scope["final"].tool_calls          # tool_choice "none": text only
+    city = scope["city"]
+    assert isinstance(city, scope["City"]) and isinstance(city, pydantic.BaseModel)
+    assert city.name and city.country, city
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("get_weather {'city': ") and out[-1] == str(city)

@@ -206,3 +206,38 @@ def test_bad_grammars_are_400_and_do_not_poison_the_batch(server, smollm2, extra
         assert_error(bad, 400, param)
         assert good.result().status_code == 200
     assert post(server, "/v1/chat/completions", free).status_code == 200
+
+
+def test_grammar_size_limit_is_a_setting(make_app, local_gpt2):
+    """LLMHOST_MAX_GRAMMAR_BYTES (here 300) refuses bigger schemas, regexes and
+    tool parameters with a 400 naming the field; a request under it is served."""
+    client = make_app(MAX_GRAMMAR_BYTES=300).test_client()
+    small = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    big = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(20)}}
+    assert len(json.dumps(small)) < 300 < len(json.dumps(big))
+    base = {"model": local_gpt2, "prompt": "Answer:", "max_tokens": 8, "temperature": 0}
+
+    def fmt(schema):
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "x", "schema": schema}}}
+
+    for path, body, param in [
+        ("/v1/completions", fmt(big), "response_format.json_schema.schema"),
+        ("/v1/completions", {"structured_outputs": {"regex": "é" * 151}},   # 302 bytes
+         "structured_outputs.regex"),
+        ("/v1/chat/completions", {"messages": ASK, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": big}}]}, "tools[0].function.parameters"),
+    ]:
+        error = assert_error(client.post(path, json={**base, **body}), 400, param)
+        assert "LLMHOST_MAX_GRAMMAR_BYTES" in error["message"], error
+    r = client.post("/v1/completions", json={**base, **fmt(small), "max_tokens": 16})
+    assert r.status_code == 200, r.get_json()
+    choice = r.get_json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        jsonschema.validate(json.loads(choice["text"]), small)
+    regex = "(é|e)" * 40          # 240 bytes as UTF-8
+    ok = client.post("/v1/completions", json={**base, "max_tokens": 64,
+                                              "structured_outputs": {"regex": regex}})
+    assert ok.status_code == 200, ok.get_json()
+    text = ok.get_json()["choices"][0]["text"]
+    assert re.fullmatch(regex, text) or ok.get_json()["choices"][0]["finish_reason"] == "length"

@@ -76,6 +76,63 @@ def test_required_gives_valid_calls(server, smollm2):
     check_calls(choice["message"]["tool_calls"])
 
 
+def test_required_parallel_ends_at_the_first_repeated_call(server, smollm2):
+    """Under the parallel call grammar SmolLM2 writes the same call again and
+    again; the repeat ends the answer (engine/callguard.py): tool_calls, no
+    two identical calls, far fewer tokens than max_tokens. Streamed and not,
+    n=2."""
+    body = {"model": "smollm2", "messages": ASK, "temperature": 0, "max_tokens": 300, "n": 2,
+            "tools": [WEATHER], "tool_choice": "required"}
+    full = chat(server, **{k: v for k, v in body.items() if k not in ("model", "messages")})
+    assert full["usage"]["completion_tokens"] < 2 * 150, full["usage"]
+    for choice in full["choices"]:
+        assert choice["finish_reason"] == "tool_calls", choice
+        calls = choice["message"]["tool_calls"]
+        check_calls(calls)
+        keys = [(c["function"]["name"], json.dumps(json.loads(c["function"]["arguments"]),
+                                                   sort_keys=True)) for c in calls]
+        assert len(keys) == len(set(keys)), keys
+    _, chunks = sse(server, "/v1/chat/completions", {**body, "n": 1},
+                    "CreateChatCompletionStreamResponse")
+    content, streamed, _, reason = reassemble(chunks)
+    expected = full["choices"][0]["message"]["tool_calls"]
+    assert reason == "tool_calls" and not content
+    assert [c["function"] for c in streamed] == [c["function"] for c in expected]
+
+
+def test_call_guard_drops_repeats_and_calls_over_the_limit():
+    from llmhost.engine.callguard import CallGuard
+    from llmhost.engine.parsing import join_calls
+
+    def call(index, name, args):
+        return [{"index": index, "id": f"call_{index}", "type": "function",
+                 "function": {"name": name, "arguments": ""}},
+                {"index": index, "function": {"arguments": args[:5]}},
+                {"index": index, "function": {"arguments": args[5:]}}]
+
+    guard = CallGuard()
+    first = call(0, "f", '{"a": 1, "b": 2}')
+    assert guard.check(first) == (first, False)
+    assert guard.check(call(1, "g", '{"a": 1, "b": 2}'))[1] is False      # another function
+    assert guard.check(call(2, "f", '{"b":2,"a":1}')) == ([], True)        # same JSON value
+    limited = CallGuard(limit=2)
+    sent, end = limited.check(call(0, "f", '{"x": 1}') + call(1, "f", '{"x": 2}')
+                              + call(2, "f", '{"x": 3}'))
+    assert end and [c["function"]["arguments"] for c in join_calls([], sent)] == \
+        ['{"x": 1}', '{"x": 2}']
+    # A call whose arguments come over several parser releases is judged whole.
+    streamed = CallGuard()
+    assert streamed.check(call(0, "f", '{"a": 1}')) == (call(0, "f", '{"a": 1}'), False)
+    second = call(1, "f", '{"a": 2}')
+    assert streamed.check(second[:2]) == ([], False)         # '{"a":' is not whole yet
+    assert streamed.check(second[2:]) == (second, False)
+    again = call(2, "f", '{"a": 2}')
+    assert streamed.check(again[:2]) == ([], False)
+    assert streamed.check(again[2:]) == ([], True)          # a repeat, once whole
+    cut = CallGuard()                                         # max_tokens cut a call: sent as is
+    assert cut.check(second[:2], final=True) == (second[:2], False)
+
+
 def test_named_function_is_called(server, smollm2):
     choice = chat(server, tools=TOOLS, tool_choice={"type": "function",
                                                     "function": {"name": "get_time"}})["choices"][0]
@@ -188,6 +245,29 @@ def test_qwen_auto_parses_two_parallel_calls(server, qwen):
     assert [c["function"] for c in streamed] == [c["function"] for c in calls]
 
 
+def test_max_tool_calls_setting_bounds_the_calls(make_app, tmp_path):
+    """LLMHOST_MAX_TOOL_CALLS=1 (an app in this process): of the two different
+    calls the regex makes the model write, the first is returned and the
+    choice ends there, streamed or not."""
+    from llmhost.tinymodels import build_qwen2_tools
+    from support import load_local
+
+    client = make_app(MAX_TOOL_CALLS=1).test_client()
+    load_local(build_qwen2_tools(str(tmp_path / "tiny-qwen2")), "calls-qwen2")
+    body = qwen_body(model="calls-qwen2", structured_outputs={"regex": CALLS})
+    out = client.post("/v1/chat/completions", json=body).get_json()
+    choice = validate(out, "CreateChatCompletionResponse")["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
+    raw = client.post("/v1/chat/completions", json={**body, "stream": True}).get_data(as_text=True)
+    chunks = [json.loads(e[len("data: "):]) for e in raw.split("\n\n")
+              if e.startswith("data: {")]
+    _, calls, _, reason = reassemble(chunks)
+    assert reason == "tool_calls"
+    expected = choice["message"]["tool_calls"]
+    assert [c["function"] for c in calls] == [c["function"] for c in expected]
+
+
 def test_qwen_tools_reach_its_template(server, qwen):
     with_tools = post(server, "/v1/chat/completions", qwen_body(max_tokens=1)).json()
     without = post(server, "/v1/chat/completions",
@@ -242,6 +322,70 @@ def test_qwen_reasoning_with_response_format(server, qwen):
         jsonschema.validate(json.loads(choice["message"]["content"]), schema)
     else:   # a random model may think until max_tokens: then there is no answer yet
         assert choice["finish_reason"] == "length" and choice["message"].get("reasoning_content")
+
+
+# -- reasoning_effort: a tiny Qwen3 with a thinking template --------------------------
+
+@pytest.fixture(scope="module")
+def thinking(server, tmp_path_factory):
+    from llmhost.tinymodels import build_qwen3_thinking
+
+    path = build_qwen3_thinking(str(tmp_path_factory.mktemp("think") / "tiny-qwen3"))
+    server.load(path, id="tiny-thinking")
+    return "tiny-thinking"
+
+
+def think(server, **extra) -> tuple[dict, dict]:
+    """(message, usage): the template opens a thought unless thinking is off,
+    so a random model's whole output is its thought, or all answer."""
+    body = {"model": "tiny-thinking", "messages": ASK, "temperature": 0, "max_tokens": 8, **extra}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    out = validate(r.json(), "CreateChatCompletionResponse")
+    return out["choices"][0]["message"], out["usage"]
+
+
+def test_reasoning_effort_reaches_the_template(server, thinking):
+    plain, plain_usage = think(server)
+    assert plain.get("reasoning_content") and not plain.get("content")
+    high, high_usage = think(server, reasoning_effort="high")   # "Reasoning: high" system turn
+    assert high.get("reasoning_content") and high_usage["prompt_tokens"] > plain_usage["prompt_tokens"]
+    minimal, _ = think(server, reasoning_effort="minimal")     # still thinks (engine/reasoning.py)
+    assert minimal.get("reasoning_content")
+    off, off_usage = think(server, reasoning_effort="none")     # enable_thinking=False
+    assert "reasoning_content" not in off and off["content"]
+    assert off_usage["prompt_tokens"] != high_usage["prompt_tokens"]
+    counted = post(server, "/tokenize", {"model": "tiny-thinking", "messages": ASK,
+                                         "reasoning_effort": "none"}).json()
+    assert counted["count"] == off_usage["prompt_tokens"], counted
+    # The client's chat_template_kwargs win over what the effort sets.
+    on, _ = think(server, reasoning_effort="none", chat_template_kwargs={"enable_thinking": True})
+    assert on.get("reasoning_content")
+    kw_off, _ = think(server, chat_template_kwargs={"enable_thinking": False})
+    assert "reasoning_content" not in kw_off and kw_off["content"]
+    _, chunks = sse(server, "/v1/chat/completions", {
+        "model": "tiny-thinking", "messages": ASK, "temperature": 0, "max_tokens": 8,
+        "reasoning_effort": "none"}, "CreateChatCompletionStreamResponse")
+    content, _, reasoning, _ = reassemble(chunks)
+    assert content == off["content"] and reasoning == ""
+
+
+def test_reasoning_effort_on_responses(server, thinking):
+    def output(**extra):
+        r = post(server, "/v1/responses", {"model": "tiny-thinking", "input": "Hello",
+                                            "temperature": 0, "max_output_tokens": 8,
+                                            "store": False, **extra})
+        assert r.status_code == 200, r.text
+        return [item["type"] for item in validate(r.json(), "Response")["output"]]
+
+    assert "reasoning" in output()
+    assert output(reasoning={"effort": "none"}) == ["message"]
+
+
+def test_chat_template_kwargs_cannot_set_what_llmhost_passes(server, thinking):
+    r = post(server, "/v1/chat/completions", {"model": "tiny-thinking", "messages": ASK,
+                                              "chat_template_kwargs": {"tools": []}})
+    assert_error(r, 400, "chat_template_kwargs")
 
 
 # -- bad input --------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def start(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
         params.constraint = getattr(fmt, "constraint", None)   # engine/agents.py
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),
                   disconnected=partial(sse.client_disconnected, request.environ),
-                  parser=getattr(fmt, "parser", None))
+                  parser=getattr(fmt, "parser", None), max_calls=config.MAX_TOOL_CALLS)
         fields["prompt_tokens"] = run.prompt_tokens
         log_content = observability.content_logging_enabled()
         if log_content:  # LLMHOST_LOG_CONTENT=1 only: prompts are private otherwise

@@ -33,7 +33,8 @@ def tokenize(args):
     """
     with use_model(args["model"], task="generate") as entry:
         if "messages" in args:
-            ids = chat_build({"messages": args["messages"]})(entry)[0][0]
+            ids = chat_build({key: args.get(key) for key in (
+                "messages", "reasoning_effort", "chat_template_kwargs")})(entry)[0][0]
         elif args["add_special_tokens"]:
             ids = completion_prompts(entry, args["prompt"])[0][0]
         else:

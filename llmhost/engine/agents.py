@@ -36,6 +36,7 @@ from . import constrain
 from .errors import InvalidInput
 from .parsing import HERMES, OutputParser, response_template
 from .prompt import chat_prompt, template_for, vocab_size
+from .reasoning import template_variables
 
 FALLBACK_TOOLS_PROMPT = (
     "You can call these functions (JSON Schema of each one's arguments):\n{tools}\n\n"
@@ -317,5 +318,6 @@ def completion_constraint(args: dict, entry, stop_ids, vocab_size: int):
 def build_chat(args: dict, entry, stop_ids) -> tuple[list[int], ChatPlan]:
     """Prompt ids and the finished plan (constraint, parser) of a chat request."""
     plan = chat_plan(args, entry)
-    ids = chat_prompt(entry, plan.messages, tools=plan.template_tools)
+    ids = chat_prompt(entry, plan.messages, tools=plan.template_tools,
+                      variables=template_variables(args))
     return ids, plan.finish(entry, ids, stop_ids, vocab_size(entry))

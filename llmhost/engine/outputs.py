@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Callable, Iterator
 
+from .callguard import CallGuard
 from .errors import EngineFailure, ModelClosed
 from .parsing import join_calls
 from .sampling import SamplingParams
@@ -62,12 +63,13 @@ class Choice:
 
 
 class _ChoiceState:
-    def __init__(self, tokenizer, stop: list[str], parser=None) -> None:
+    def __init__(self, tokenizer, stop: list[str], parser=None, max_calls: int = 0) -> None:
         self.text = ChoiceText(tokenizer, stop)
         self.logprobs: list[TokenLogprob] = []
         self.done = False
         self.parser = parser          # engine.parsing.OutputParser or None
         self.called = False
+        self.calls = CallGuard(max_calls)   # a repeated call ends the choice (engine/callguard.py)
 
 
 class Run:
@@ -77,13 +79,14 @@ class Run:
     def __init__(self, entry, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                  stop: list[str] | None = None,
                  disconnected: Callable[[], bool] | None = None,
-                 parser: Callable[[], object] | None = None) -> None:
+                 parser: Callable[[], object] | None = None, max_calls: int = 0) -> None:
         self.entry = entry
         self.prompts = prompts
         self.params = params
         self.n = n
         self.disconnected = disconnected
-        self.states = [_ChoiceState(entry.tokenizer, stop or [], parser() if parser else None)
+        self.states = [_ChoiceState(entry.tokenizer, stop or [], parser() if parser else None,
+                                    max_calls)
                        for _ in range(len(prompts) * n)]
         self.generations: list = []
         self.completion_tokens = 0
@@ -204,6 +207,12 @@ class Run:
                 parsed.reasoning += rest.reasoning
                 parsed.tool_calls += rest.tool_calls
             text, calls, thought = parsed.content, parsed.tool_calls, parsed.reasoning
+            if calls or reason is not None:
+                calls, repeated = state.calls.check(calls, final=reason is not None)
+                if repeated:                  # the model loops: its answer ended
+                    if reason is None:
+                        gen.finish(event.index)
+                    reason = "stop"
             state.called = state.called or bool(calls)
             if reason == "stop" and state.called:
                 reason = "tool_calls"

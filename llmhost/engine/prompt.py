@@ -45,14 +45,16 @@ def _template_message(message: dict) -> dict:
     return out
 
 
-def chat_prompt(entry, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+def chat_prompt(entry, messages: list[dict], tools: list[dict] | None = None,
+                variables: dict | None = None) -> list[int]:
     """Token ids of the conversation, with the generation prompt appended;
-    `tools` go to templates that render them (engine/agents.py decides)."""
+    `tools` go to templates that render them (engine/agents.py decides),
+    `variables` are extra template variables (engine/reasoning.py)."""
     tokenizer = entry.tokenizer
     try:
         ids = bounded(lambda: tokenizer.apply_chat_template(
             [_template_message(m) for m in messages], chat_template=template_for(entry),
-            add_generation_prompt=True, tokenize=True, tools=tools),
+            add_generation_prompt=True, tokenize=True, tools=tools, **(variables or {})),
             f"The chat template of model '{entry.id}'", "messages")
     except TemplateError as exc:
         # Templates reject conversations they cannot render (e.g. roles that do

@@ -5,11 +5,20 @@ from marshmallow import ValidationError, fields, validate, validates, validates_
 
 from ..extensions import Schema
 from ..config import settings
+from ..engine.reasoning import RESERVED
 from .generation import GenerationSchema, _int
 from .structured import (FunctionSchema, ToolSchema, function_call_as_tool_choice,
                          tool_choice_error)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def template_kwargs_ok(value) -> None:
+    """`chat_template_kwargs` may not set what llmhost passes to apply_chat_template."""
+    taken = sorted(RESERVED.intersection(value or {}))
+    if taken:
+        raise ValidationError(f"{', '.join(taken)} cannot be set here (llmhost passes "
+                              "it to apply_chat_template itself)")
 
 
 class Content(fields.Field):
@@ -87,9 +96,15 @@ class ChatCompletionRequestSchema(GenerationSchema):
                        "required and named calls are enforced by a grammar."})
     reasoning_effort = fields.String(allow_none=True, validate=validate.OneOf(
         ("none", "minimal", "low", "medium", "high", "xhigh", "max")), metadata={
-        "description": "Accepted (also from /v1/responses' `reasoning.effort`); a model thinks "
-                       "as its chat template says, its thought comes back as "
-                       "`reasoning_content`."})
+        "description": "Passed to the chat template as `reasoning_effort` (also from "
+                       "/v1/responses' `reasoning.effort`); `none` also renders templates with "
+                       "an `enable_thinking` switch (Qwen3, SmolLM3) with thinking off. The "
+                       "thought comes back as `reasoning_content`."})
+    chat_template_kwargs = fields.Dict(
+        keys=fields.String(), allow_none=True, validate=template_kwargs_ok, metadata={
+            "description": "llmhost extra (vLLM's name): more variables for the chat template, "
+                           "e.g. `{\"enable_thinking\": false}`; they win over what "
+                           "`reasoning_effort` sets."})
     functions = fields.List(fields.Nested(FunctionSchema), allow_none=True, metadata={
         "description": "Deprecated form of `tools`."})
     function_call = fields.Raw(allow_none=True, metadata={

@@ -7,7 +7,7 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from ..extensions import Schema
-from .chat import MessageSchema
+from .chat import MessageSchema, template_kwargs_ok
 from .generation import _int, refuse
 
 ITEMS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
@@ -150,6 +150,12 @@ class TokenizeRequestSchema(Schema):
         "description": "With `prompt`: add the tokenizer's special tokens (as completions do)."})
     return_token_strs = fields.Boolean(load_default=False, metadata={
         "description": "Also return each token as a string."})
+    # What changes how chat renders `messages`, so `count` stays that request's prompt_tokens.
+    reasoning_effort = fields.String(allow_none=True, metadata={
+        "description": "With `messages`: as in chat completions."})
+    chat_template_kwargs = fields.Dict(keys=fields.String(), allow_none=True,
+                                       validate=template_kwargs_ok, metadata={
+        "description": "With `messages`: as in chat completions."})
 
     @validates_schema
     def _one_of(self, data, **kwargs):

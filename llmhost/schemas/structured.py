@@ -11,12 +11,23 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from marshmallow import ValidationError, fields, validate, validates, validates_schema
 
+from ..config import settings
 from ..extensions import Schema
 
 NAME = validate.Regexp(r"^[a-zA-Z0-9_-]{1,64}$", error="must be 1 to 64 letters, digits, "
                                                       "underscores or dashes")
-# Grammars, regexes and schemas bigger than this are refused before compiling.
-MAX_GRAMMAR_CHARS = 64 * 1024
+
+
+def check_size(value, key: str | None = None) -> None:
+    """Grammars, regexes and schemas bigger than LLMHOST_MAX_GRAMMAR_BYTES (UTF-8,
+    schemas as JSON) are refused before compiling: compile time and memory grow
+    with the grammar, and a request must not hold the model's compiler for long."""
+    limit = settings().MAX_GRAMMAR_BYTES
+    text = value if isinstance(value, str) else json.dumps(value)
+    size = len(text.encode("utf-8"))
+    if limit and size > limit:
+        raise ValidationError(f"is {size} bytes, larger than this server's limit of {limit} bytes "
+                              "(LLMHOST_MAX_GRAMMAR_BYTES); send a smaller one", key)
 
 
 def check_json_schema(value, what: str = "a JSON Schema") -> None:
@@ -28,8 +39,7 @@ def check_json_schema(value, what: str = "a JSON Schema") -> None:
         where = "/".join(str(p) for p in exc.path)
         raise ValidationError(f"is not a valid JSON Schema: {exc.message}"
                               + (f" (at '{where}')" if where else ""))
-    if len(json.dumps(value)) > MAX_GRAMMAR_CHARS:
-        raise ValidationError(f"is larger than {MAX_GRAMMAR_CHARS} characters as JSON")
+    check_size(value)
 
 
 class JsonSchemaSchema(Schema):
@@ -81,9 +91,8 @@ class StructuredOutputsSchema(Schema):
             check_json_schema(value)
         elif key == "choice" and not value:
             raise ValidationError("must hold at least one string", key)
-        size = len(json.dumps(value)) if key != "json" else 0
-        if size > MAX_GRAMMAR_CHARS:
-            raise ValidationError(f"is larger than the limit of {MAX_GRAMMAR_CHARS} characters", key)
+        if key != "json":
+            check_size(value, key)
 
 
 class FunctionSchema(Schema):
