@@ -158,27 +158,35 @@ FAMILY_TOKENS = {
     "mistral": {"bos": "<s>", "eos": "</s>",
                 "special": ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
                             "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]},
+    # Qwen 3.5's call and thought tags are plain (not special) tokens, as in Qwen's tokenizer.
+    "qwen3_5": {"bos": "<|endoftext|>", "eos": "<|im_end|>", "special": ["<|im_start|>"],
+                "plain": ["<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>",
+                          "</tool_response>"]},
 }
 
 
 def build_family_tools(path: str, family: str, chat_template: str, layers: int = 2,
                        width: int = 64, vocab_size: int = 512, positions: int = 4096,
                        seed: int = 0) -> str:
-    """A tiny random model of `family` ("llama": Llama 3.x, "mistral") with
+    """A tiny random model of `family` ("llama": Llama 3.x, "mistral", "qwen3_5":
+    Qwen 3.5's template on a Qwen2 body) with
     that family's real chat template (the caller reads it from a file) and its
     special tokens, so tools, calls and results render exactly as for the real
     model, and its calls come out in the family's own syntax."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     tokens = FAMILY_TOKENS[family]
     tokenizer = build_tokenizer(vocab_size)
     tokenizer.add_special_tokens({"bos_token": tokens["bos"], "eos_token": tokens["eos"],
                                   "pad_token": tokens["eos"],
                                   "additional_special_tokens": tokens["special"]})
+    tokenizer.add_tokens(tokens.get("plain", []))
     tokenizer.chat_template = chat_template
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
-                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
+                                 "mistral": (MistralConfig, MistralForCausalLM),
+                                 "qwen3_5": (Qwen2Config, Qwen2ForCausalLM)}[family]
     torch.manual_seed(seed)
     config = config_class(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

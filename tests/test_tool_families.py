@@ -1,6 +1,6 @@
-"""Tool calls in each model family's own syntax: tiny random Llama 3.1 and
-Mistral (Nemo, v3 tool format) models carrying their REAL chat templates
-(tests/data/templates) in the shared server, and, for every syntax the
+"""Tool calls in each model family's own syntax: tiny random Llama 3.1,
+Mistral (Nemo, v3 tool format) and Qwen 3.5 models carrying their REAL chat
+templates (tests/data/templates) in the shared server, and, for every syntax the
 grammar writes (Hermes, Qwen 3.5, Gemma 4, Llama 3.x, both Mistral forms),
 xgrammar's mask driving random logits whose text transformers'
 ResponseParser must read back as valid calls."""
@@ -15,7 +15,11 @@ from support import assert_error, validate
 from test_tools import ASK, PARAMS, TOOLS, reassemble
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "templates")
-FAMILIES = {"llama": "meta-llama-Llama-3.1-8B-Instruct", "mistral": "mistralai-Mistral-Nemo-Instruct-2407"}
+FAMILIES = {"llama": "meta-llama-Llama-3.1-8B-Instruct", "mistral": "mistralai-Mistral-Nemo-Instruct-2407",
+            "qwen3_5": "Qwen-Qwen3.5-4B"}
+# Qwen 3.5's template opens a thought the random model would never close: its
+# forced calls (after the thought) are checked with the grammar test below.
+FORCED = ["llama", "mistral"]
 
 WEATHER_ARGS = {"city": "Paris", "unit": "celsius"}
 TIME_ARGS = {"zone": "CET"}
@@ -28,6 +32,9 @@ def _json_regex(value: dict) -> str:
 
 
 def one_call(family: str, name: str, args: dict) -> str:
+    if family == "qwen3_5":
+        params = "".join(f"<parameter={k}>\\n{v}\\n</parameter>\\n" for k, v in args.items())
+        return f"<tool_call>\\n<function={name}>\\n{params}</function>\\n</tool_call>"
     key = "parameters" if family == "llama" else "arguments"
     return _json_regex({"name": name, key: args})
 
@@ -39,6 +46,8 @@ def calls_regex(family: str, two: bool) -> str:
         calls.append(one_call(family, "get_time", TIME_ARGS))
     if family == "llama":   # the optional <|python_tag|>, then calls separated by "; "
         return ("<\\|python_tag\\|>" if two else "") + "; ".join(calls)
+    if family == "qwen3_5":   # the prompt opened a thought: close it first
+        return "</think>\\n\\n" + "\\n".join(calls)
     return "\\[TOOL_CALLS\\]\\[" + ", ".join(calls) + "\\]"
 
 
@@ -141,7 +150,7 @@ def test_llama_template_refuses_two_calls_in_history_with_a_400(server, families
                  400, "messages")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FORCED)
 @pytest.mark.parametrize("parallel", [False, True], ids=["single", "parallel"])
 @pytest.mark.parametrize("choice", ["required", "get_time"])
 def test_forced_calls_in_the_family_syntax(server, families, family, parallel, choice):
@@ -159,7 +168,7 @@ def test_forced_calls_in_the_family_syntax(server, families, family, parallel, c
         assert result["finish_reason"] in ("tool_calls", "length"), result
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FORCED)
 def test_auto_with_response_format_calls_or_answers(server, families, family):
     schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}},
               "required": ["answer"], "additionalProperties": False}

@@ -38,8 +38,7 @@ from typing import Any, Callable
 
 from . import callgrammar, constrain
 from .errors import InvalidInput
-from .parsing import (GENERATED_ONLY, HERMES, OutputParser, call_syntax, family_template, markers,
-                      response_template)
+from .parsing import GENERATED_ONLY, HERMES, OutputParser, call_syntax, markers, response_template
 from .prompt import chat_prompt, template_for, vocab_size
 
 FALLBACK_TOOLS_PROMPT = (
@@ -135,7 +134,7 @@ def chat_plan(args: dict, entry) -> ChatPlan:
     choice = tool_choice(args, tools)
     active = tools if choice != "none" else []
     source = _template_source(entry)
-    family = response_template(entry, fallback=False) or family_template(source)
+    family = response_template(entry, fallback=False, source=source)
     native = bool(family and "tool_calls" in family.get("fields", {}) and "tools" in source)
     if native:
         parse = family

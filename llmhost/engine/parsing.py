@@ -123,11 +123,28 @@ MISTRAL_ARGS = {
 }
 
 
+def _transformers_family(model_type: str) -> dict | None:
+    """transformers serve's fallback template of a model type (its public
+    lookup takes a model; only the config's model_type is read)."""
+    try:
+        from types import SimpleNamespace
+
+        from transformers.cli.serving.utils import get_response_template
+        return get_response_template(None, SimpleNamespace(config=SimpleNamespace(model_type=model_type)))
+    except Exception:  # pragma: no cover - transformers without serving helpers
+        return None
+
+
 def family_template(source: str) -> dict | None:
     """The parse template of a chat template's tool-call family, known by the
-    markers the template writes; None when it is none of ours."""
+    markers the template writes (more reliable than the model type: Qwen3-Coder
+    is a qwen3_moe that writes Qwen 3.5's XML calls); None when it is none we know."""
     if "tools" not in source:
         return None
+    if "<function=" in source and "<parameter=" in source and "<tool_call>" in source:
+        return _transformers_family("qwen3_5")
+    if "<|tool_call>" in source and "<tool_call|>" in source:
+        return _transformers_family("gemma4")
     if "[TOOL_CALLS]" in source:
         return MISTRAL_ARGS if "[ARGS]" in source else MISTRAL
     if "<|python_tag|>" in source or ("<|start_header_id|>" in source and
@@ -179,17 +196,22 @@ def markers(template: dict, tokenizer) -> dict[int, str]:
 ARGUMENT_PIECE = 16
 
 
-def response_template(entry, fallback: bool) -> dict | None:
-    """The template that parses this model's output: its own, transformers'
-    fallback for its family, HERMES when `fallback` (the model was taught our
-    call format, or its template speaks <think>/<tool_call>), else None (plain
-    text, nothing parsed)."""
+def response_template(entry, fallback: bool, source: str = "") -> dict | None:
+    """The template that parses this model's output: its own, the one of the
+    family its chat template `source` belongs to (family_template),
+    transformers' fallback for its model type, HERMES when the chat template
+    writes Hermes <tool_call> JSON itself (Hermes 2 Pro / 3 on a Llama or
+    Mistral body) or when `fallback` (the model was taught our call format, or
+    its template speaks <think>/<tool_call>), else None (plain text, nothing
+    parsed)."""
     if ResponseParser is None:  # pragma: no cover
         return None
     tokenizer = entry.tokenizer
     own = getattr(tokenizer, "response_template", None)
     if own:
         return own
+    if family_template(source) is not None:
+        return family_template(source)
     try:
         from transformers.cli.serving.utils import get_response_template
         family = get_response_template(tokenizer, entry.model)
@@ -197,6 +219,8 @@ def response_template(entry, fallback: bool) -> dict | None:
         family = None
     if family is not None:
         return family
+    if "tools" in source and "<tool_call>" in source:
+        return HERMES
     return HERMES if fallback else None
 
 
