@@ -33,12 +33,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import callgrammar, constrain
 from .errors import InvalidInput
 from .parsing import GENERATED_ONLY, HERMES, OutputParser, call_syntax, markers, response_template
+from ..sandbox import bounded
 from .prompt import chat_prompt, template_for, vocab_size
 
 FALLBACK_TOOLS_PROMPT = (
@@ -119,6 +121,30 @@ def _template_source(entry) -> str:
     return source
 
 
+_PROBE = {"type": "function", "function": {
+    "name": "llmhost_probe_function", "description": "A probe.",
+    "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+_renders: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _renders_tools(entry) -> bool:
+    """Whether the chat template really puts `tools` into the prompt (a template
+    may mention tools yet read another variable, like SmolLM3's xml_tools):
+    rendered once per tokenizer and template, with a probe function."""
+    template = template_for(entry)
+    seen = _renders.setdefault(entry.tokenizer, {})
+    if template not in seen:
+        try:
+            text = bounded(lambda: entry.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}], tools=[_PROBE], chat_template=template,
+                tokenize=False, add_generation_prompt=True),
+                f"The chat template of model '{entry.id}'", "messages")
+            seen[template] = _PROBE["function"]["name"] in text
+        except Exception:   # a template that cannot render this is not one to trust with tools
+            seen[template] = False
+    return seen[template]
+
+
 def _speaks_think(entry) -> bool:
     return "<think>" in _template_source(entry) or "<think>" in entry.tokenizer.get_added_vocab()
 
@@ -135,7 +161,8 @@ def chat_plan(args: dict, entry) -> ChatPlan:
     active = tools if choice != "none" else []
     source = _template_source(entry)
     family = response_template(entry, fallback=False, source=source)
-    native = bool(family and "tool_calls" in family.get("fields", {}) and "tools" in source)
+    native = bool(family and "tool_calls" in family.get("fields", {}) and "tools" in source
+                  and _renders_tools(entry))
     if native:
         parse = family
         short_ids = call_syntax(family) in ("mistral", "mistral_args")

@@ -12,9 +12,9 @@ the templates below, picked from the chat template's text
 * LLAMA3: Llama 3.1/3.2/3.3 JSON calls ``{"name": ..., "parameters": {...}}``,
   optionally after ``<|python_tag|>``, several separated by ``;`` or newlines.
   A regex cannot find where a JSON object ends, so a call closes at a ``}``
-  followed by a separator and the next call, or at the end of the output; a
-  ``};`` + ``{`` inside a string argument would cut a call short (it then
-  passes on as text, see :class:`OutputParser`).
+  followed by a separator and the next call's ``{"name":``, or at the end of
+  the output; that sequence inside a string argument would cut a call short
+  (the output then passes on as text, see :class:`OutputParser`).
 * MISTRAL: ``[TOOL_CALLS]`` and a JSON list of ``{"name", "arguments"}``
   (Mistral 7B v0.3, Nemo, Small 3/3.1); MISTRAL_ARGS: the newer
   ``[TOOL_CALLS]name[ARGS]{...}`` form (Small 3.2, Magistral, Devstral).
@@ -77,8 +77,11 @@ LLAMA3 = {
     "start_anchor_pattern": GENERATED_ONLY,
     "fields": {
         "tool_calls": {
-            "open_pattern": r"\s*(?:<\|python_tag\|>\s*)?(?=\{\s*\"name\"\s*:)",
-            "close_pattern": r"(?<=\})\s*(?:;\s*|\n\s*)(?=\{|<\|python_tag\|>)",
+            # A call is {"name": "...", "parameters" (or "arguments"): ...}: a JSON
+            # answer that merely starts with a "name" key stays text.
+            "open_pattern": r'\s*(?:<\|python_tag\|>\s*)?'
+                            r'(?=\{\s*"name"\s*:\s*"[^"]*"\s*,\s*"(?:parameters|arguments)"\s*:)',
+            "close_pattern": r'(?<=\})\s*(?:;\s*|\n\s*)(?=\{\s*"name"\s*:|<\|python_tag\|>)',
             "repeats": True,
             "content": "json",
             "transform": {"type": "function", "function": "{content}"},
@@ -147,9 +150,8 @@ def family_template(source: str) -> dict | None:
         return _transformers_family("gemma4")
     if "[TOOL_CALLS]" in source:
         return MISTRAL_ARGS if "[ARGS]" in source else MISTRAL
-    if "<|python_tag|>" in source or ("<|start_header_id|>" in source and
-                                      '"parameters": ' in source and "ipython" in source):
-        return LLAMA3
+    if "<|start_header_id|>" in source and '{"name": ' in source and '"parameters": ' in source:
+        return LLAMA3     # Meta's JSON calls (Functionary, also Llama 3-based, writes <function=...>)
     return None
 
 
@@ -219,8 +221,8 @@ def response_template(entry, fallback: bool, source: str = "") -> dict | None:
         family = None
     if family is not None:
         return family
-    if "tools" in source and "<tool_call>" in source:
-        return HERMES
+    if "tools" in source and "<tool_call>" in source and re.search(r'\{\\?"name\\?":', source):
+        return HERMES     # <tool_call> + {"name": ...}: not GLM's <arg_key> nor Qwen 3.5's XML
     return HERMES if fallback else None
 
 
