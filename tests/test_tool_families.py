@@ -285,3 +285,21 @@ def test_grammar_output_parses_back(grammar_tokenizer, syntax, choice, parallel)
             assert len(calls) == 1, written
         else:
             assert len(calls) >= 2, written
+
+
+def test_special_token_delimiters_reach_the_parser(grammar_tokenizer):
+    """[TOOL_CALLS] / [ARGS] are special tokens (as in Mistral's tokenizer):
+    decoding skips special tokens, except the family's delimiters."""
+    from llmhost.engine.parsing import MISTRAL_ARGS, OutputParser, join_calls, markers
+    from llmhost.engine.text import ChoiceText
+
+    tok = grammar_tokenizer
+    ids = tok("[TOOL_CALLS]get_time[ARGS]{\"zone\": \"CET\"}")["input_ids"]
+    assert tok.convert_tokens_to_ids("[TOOL_CALLS]") in ids
+    keep = markers(MISTRAL_ARGS, tok)
+    assert sorted(keep.values()) == ["[ARGS]", "[TOOL_CALLS]"]
+    for kept, expected in ((keep, [{"name": "get_time", "arguments": '{"zone": "CET"}'}]), (None, [])):
+        text, parser = ChoiceText(tok, keep=kept), OutputParser(MISTRAL_ARGS, "", TOOLS, keep=kept)
+        deltas = [d for i in ids for d in parser.feed(text.add(i)[0]).tool_calls]
+        deltas += parser.feed(text.finish()[0]).tool_calls + parser.finish().tool_calls
+        assert [c["function"] for c in join_calls([], deltas)] == expected

@@ -37,10 +37,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..sandbox import bounded
 from . import callgrammar, constrain
 from .errors import InvalidInput
 from .parsing import GENERATED_ONLY, HERMES, OutputParser, call_syntax, markers, response_template
-from ..sandbox import bounded
 from .prompt import chat_prompt, template_for, vocab_size
 
 FALLBACK_TOOLS_PROMPT = (

@@ -48,8 +48,12 @@ def call_tag(syntax: str, tool: dict) -> dict:
     fn = tool["function"]
     name, params = fn["name"], fn.get("parameters") or {"type": "object"}
     if syntax in BUILTIN:
+        # Without "strict": xgrammar drops the schema of a strict=false tool;
+        # llmhost holds every call to its parameters (as for the other syntaxes).
+        fn = {k: v for k, v in fn.items() if k != "strict"}
         tag = xgr.get_model_structural_tag(
-            BUILTIN[syntax], tools=[tool], tool_choice={"type": "function", "function": {"name": name}},
+            BUILTIN[syntax], tools=[{"type": "function", "function": fn}],
+            tool_choice={"type": "function", "function": {"name": name}},
             reasoning="disabled", max_whitespace_cnt=WHITESPACE)
         return tag.model_dump(mode="json")["format"]
     if syntax == "mistral":
