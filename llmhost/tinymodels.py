@@ -162,6 +162,10 @@ FAMILY_TOKENS = {
     "qwen3_5": {"bos": "<|endoftext|>", "eos": "<|im_end|>", "special": ["<|im_start|>"],
                 "plain": ["<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>",
                           "</tool_response>"]},
+    "gemma4": {"bos": "<bos>", "eos": "<turn|>",
+               "special": ["<|turn>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>",
+                           "<|tool_response>", "<tool_response|>", '<|"|>', "<|channel>",
+                           "<channel|>", "<|think|>"]},
 }
 
 
@@ -169,7 +173,7 @@ def build_family_tools(path: str, family: str, chat_template: str, layers: int =
                        width: int = 64, vocab_size: int = 512, positions: int = 4096,
                        seed: int = 0) -> str:
     """A tiny random model of `family` ("llama": Llama 3.x, "mistral", "qwen3_5":
-    Qwen 3.5's template on a Qwen2 body) with
+    Qwen 3.5's template on a Qwen2 body, "gemma4": Gemma 4's on a Llama body) with
     that family's real chat template (the caller reads it from a file) and its
     special tokens, so tools, calls and results render exactly as for the real
     model, and its calls come out in the family's own syntax."""
@@ -186,7 +190,8 @@ def build_family_tools(path: str, family: str, chat_template: str, layers: int =
     tokenizer.chat_template = chat_template
     config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
                                  "mistral": (MistralConfig, MistralForCausalLM),
-                                 "qwen3_5": (Qwen2Config, Qwen2ForCausalLM)}[family]
+                                 "qwen3_5": (Qwen2Config, Qwen2ForCausalLM),
+                                 "gemma4": (LlamaConfig, LlamaForCausalLM)}[family]
     torch.manual_seed(seed)
     config = config_class(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

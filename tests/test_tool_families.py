@@ -1,5 +1,5 @@
 """Tool calls in each model family's own syntax: tiny random Llama 3.1,
-Mistral (Nemo, v3 tool format) and Qwen 3.5 models carrying their REAL chat
+Mistral (Nemo, v3 tool format), Qwen 3.5 and Gemma 4 models carrying their REAL chat
 templates (tests/data/templates) in the shared server, and, for every syntax the
 grammar writes (Hermes, Qwen 3.5, Gemma 4, Llama 3.x, both Mistral forms),
 xgrammar's mask driving random logits whose text transformers'
@@ -12,15 +12,19 @@ import pytest
 
 from genutil import post, sse
 from support import assert_error, validate
-from test_tools import ASK, PARAMS, TOOLS, reassemble
+from test_tools import ASK, TOOLS as OPENAI_TOOLS, reassemble
 
 TEMPLATES = os.path.join(os.path.dirname(__file__), "data", "templates")
 FAMILIES = {"llama": "meta-llama-Llama-3.1-8B-Instruct", "mistral": "mistralai-Mistral-Nemo-Instruct-2407",
-            "qwen3_5": "Qwen-Qwen3.5-4B"}
+            "qwen3_5": "Qwen-Qwen3.5-4B", "gemma4": "google-gemma-4"}
 # Qwen 3.5's template opens a thought the random model would never close: its
 # forced calls (after the thought) are checked with the grammar test below.
-FORCED = ["llama", "mistral"]
+FORCED = ["llama", "mistral", "gemma4"]
 
+# test_tools' tools, every property typed: Gemma 4's template reads each one's "type".
+TOOLS = json.loads(json.dumps(OPENAI_TOOLS))
+TOOLS[0]["function"]["parameters"]["properties"]["unit"]["type"] = "string"
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 WEATHER_ARGS = {"city": "Paris", "unit": "celsius"}
 TIME_ARGS = {"zone": "CET"}
 
@@ -35,6 +39,9 @@ def one_call(family: str, name: str, args: dict) -> str:
     if family == "qwen3_5":
         params = "".join(f"<parameter={k}>\\n{v}\\n</parameter>\\n" for k, v in args.items())
         return f"<tool_call>\\n<function={name}>\\n{params}</function>\\n</tool_call>"
+    if family == "gemma4":    # call:NAME{key:<|"|>value<|"|>,...}, as its template writes calls
+        params = ",".join(f'{k}:<\\|"\\|>{v}<\\|"\\|>' for k, v in args.items())
+        return f"<\\|tool_call>call:{name}\\{{{params}\\}}<tool_call\\|>"
     key = "parameters" if family == "llama" else "arguments"
     return _json_regex({"name": name, key: args})
 
@@ -48,6 +55,8 @@ def calls_regex(family: str, two: bool) -> str:
         return ("<\\|python_tag\\|>" if two else "") + "; ".join(calls)
     if family == "qwen3_5":   # the prompt opened a thought: close it first
         return "</think>\\n\\n" + "\\n".join(calls)
+    if family == "gemma4":
+        return "".join(calls)
     return "\\[TOOL_CALLS\\]\\[" + ", ".join(calls) + "\\]"
 
 
@@ -192,7 +201,8 @@ def _parse_templates() -> dict:
     by_type = {t: v for types, v in _RESPONSE_TEMPLATE_FALLBACKS.items() for t in types}
     # (template, the prompt's tail the parser is given as prefix)
     return {"hermes": (parsing.HERMES, ""), "llama3": (parsing.LLAMA3, ""),
-            "mistral": (parsing.MISTRAL, ""), "mistral_args": (parsing.MISTRAL_ARGS, ""),
+            "mistral": (parsing.MISTRAL, ""), "mistral_v03": (parsing.MISTRAL, ""),
+            "mistral_args": (parsing.MISTRAL_ARGS, ""),
             "qwen3_5": (by_type["qwen3_5"], "<|im_start|>assistant\n<think>\n\n</think>\n\n"),
             "gemma4": (by_type["gemma4"], "<|turn>model\n")}
 
@@ -224,11 +234,13 @@ GRAMMAR_TOOLS = [
         "required": ["zone", "exact"], "additionalProperties": False}}},
 ]
 CALL_BEGINS = {"hermes": "<tool_call>", "qwen3_5": "<function=", "gemma4": "<|tool_call>",
-               "llama3": '{"name"', "mistral": '{"name"', "mistral_args": "[ARGS]"}
+               "llama3": '{"name"', "mistral": '{"name"', "mistral_v03": '{"name"',
+               "mistral_args": "[ARGS]"}
 GRAMMAR_PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in GRAMMAR_TOOLS}
 
 
-@pytest.mark.parametrize("syntax", ["hermes", "qwen3_5", "gemma4", "llama3", "mistral", "mistral_args"])
+@pytest.mark.parametrize("syntax", ["hermes", "qwen3_5", "gemma4", "llama3", "mistral", "mistral_v03",
+                                    "mistral_args"])
 @pytest.mark.parametrize("choice, parallel", [("required", True), ("required", False),
                                               ("get_weather", True)])
 def test_grammar_output_parses_back(grammar_tokenizer, syntax, choice, parallel):
@@ -244,7 +256,10 @@ def test_grammar_output_parses_back(grammar_tokenizer, syntax, choice, parallel)
     tok = grammar_tokenizer
     template, prefix = _parse_templates()[syntax]
     tool_choice = choice if choice == "required" else {"type": "function", "function": {"name": choice}}
-    fmt = callgrammar.calls_format(syntax, GRAMMAR_TOOLS, tool_choice, parallel)
+    # Mistral 7B v0.3's template writes "[TOOL_CALLS] [" (Nemo's "[TOOL_CALLS][").
+    source = '{{- "[TOOL_CALLS] [" }}' if syntax == "mistral_v03" else ""
+    fmt = callgrammar.calls_format(syntax.replace("_v03", ""), GRAMMAR_TOOLS, tool_choice, parallel,
+                                   source)
     comp = constrain.compiler(tok, tok, len(tok), [tok.eos_token_id])
     compiled = constrain.structural_tag(comp, {"type": "structural_tag", "format": fmt})
     keep = markers(template, tok)
@@ -273,6 +288,7 @@ def test_grammar_output_parses_back(grammar_tokenizer, syntax, choice, parallel)
         assert matcher.is_terminated(), tok.decode(ids, skip_special_tokens=False)
         deltas += parser.feed(text.finish()[0]).tool_calls + parser.finish().tool_calls
         written = tok.decode(ids, skip_special_tokens=False)
+        assert written.startswith("[TOOL_CALLS] [") == (syntax == "mistral_v03"), written
         assert not parser.broken, written
         calls = join_calls([], deltas)
         assert calls, written
