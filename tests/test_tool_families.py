@@ -61,19 +61,24 @@ def calls_regex(family: str, two: bool) -> str:
 
 
 @pytest.fixture(scope="module")
-def families(server, tmp_path_factory) -> dict:
-    """{family: served model id}: built and loaded once for this module."""
+def family_paths(tmp_path_factory) -> dict:
+    """{family: model folder}: built once for this module."""
     from llmhost.tinymodels import build_family_tools
 
     root = tmp_path_factory.mktemp("families")
     out = {}
     for family, name in FAMILIES.items():
         with open(os.path.join(TEMPLATES, name + ".jinja")) as fh:
-            template = fh.read()
-        path = build_family_tools(str(root / family), family, template)
-        server.load(path, id=f"tiny-{family}")
-        out[family] = f"tiny-{family}"
+            out[family] = build_family_tools(str(root / family), family, fh.read())
     return out
+
+
+@pytest.fixture(scope="module")
+def families(server, family_paths) -> dict:
+    """{family: served model id}, loaded once in the shared server."""
+    for family, path in family_paths.items():
+        server.load(path, id=f"tiny-{family}")
+    return {family: f"tiny-{family}" for family in family_paths}
 
 
 def body(families, family: str, **extra) -> dict:
@@ -147,6 +152,30 @@ def test_two_turn_loop_renders_in_the_family_template(server, families, family):
     # The call and the result are in the prompt: it grew by more than their text.
     grown = r2.json()["usage"]["prompt_tokens"] - r1.json()["usage"]["prompt_tokens"]
     assert grown > len(call["function"]["arguments"]) // 4
+
+
+def test_gemma4_results_continue_the_model_turn(family_paths):
+    """Gemma 4's template reads results from the calling turn's
+    tool_responses: the tool messages fold into it and the model's turn goes
+    on after them (no "tool" turn)."""
+    from llmhost.engine.agents import build_chat
+    from llmhost.registry import registry
+    from support import load_local
+
+    entry = load_local(family_paths["gemma4"], "local-gemma4")
+    try:
+        history = ASK + [
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_time", "arguments": json.dumps(TIME_ARGS)}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"time": "12:00"})}]
+        ids, _ = build_chat({"messages": history, "tools": TOOLS}, entry, set())
+        prompt = entry.tokenizer.decode(ids, skip_special_tokens=False)
+    finally:
+        registry.unload("local-gemma4")
+    assert ('<|turn>model\n<|tool_call>call:get_time{zone:<|"|>CET<|"|>}<tool_call|>'
+            '<|tool_response>response:get_time{time:<|"|>12:00<|"|>}<tool_response|>') in prompt
+    assert "<|turn>tool" not in prompt and prompt.endswith("<|channel>thought\n<channel|>")
 
 
 def test_llama_template_refuses_two_calls_in_history_with_a_400(server, families):

@@ -167,6 +167,8 @@ def chat_plan(args: dict, entry) -> ChatPlan:
         parse = family
         short_ids = call_syntax(family) in ("mistral", "mistral_args")
         messages = [_native_message(m, short_ids) for m in args["messages"]]
+        if "tool_responses" in source:
+            messages = _fold_tool_responses(messages)
         template_tools = active or None
     else:
         history = any(m.get("tool_calls") or m["role"] == "tool" for m in args["messages"])
@@ -211,6 +213,25 @@ def _native_message(message: dict, short_ids: bool = False) -> dict:
                            "arguments": _arguments(c["function"]["arguments"])}}
              for c in message["tool_calls"]]
     return {**message, "tool_calls": calls}
+
+
+def _fold_tool_responses(messages: list[dict]) -> list[dict]:
+    """For templates that read results from the assistant turn itself (Gemma
+    4: ``tool_responses`` of the message that made the calls, and the model's
+    turn goes on after them): the `tool` messages after an assistant turn with
+    calls become that turn's ``tool_responses`` ({name, response})."""
+    out: list[dict] = []
+    for m in messages:
+        last = out[-1] if out else None
+        if m["role"] == "tool" and last is not None and last.get("tool_calls"):
+            names = {c["id"]: c["function"]["name"] for c in last["tool_calls"]}
+            response = _arguments(_text(m.get("content")))
+            entry = {"name": names.get(m.get("tool_call_id"), m.get("name") or "unknown"),
+                     "response": response}
+            out[-1] = {**last, "tool_responses": [*last.get("tool_responses", []), entry]}
+        else:
+            out.append(m)
+    return out
 
 
 def _text(content) -> str:
