@@ -3,11 +3,12 @@ calls, for chat and responses alike.
 
 The parsing itself is transformers' own streaming ``ResponseParser`` (the one
 ``tokenizer.parse_response`` and ``transformers serve`` use) driven by a
-declarative response template: the tokenizer's ``response_template`` when the
-model ships one, else the per-family fallback ``transformers serve`` keeps
-(Qwen 2/2.5/3/3.5 with ``<tool_call>`` and ``<think>``, Gemma 4), else one of
-the templates below, picked from the chat template's text
-(:func:`family_template`), each only a *template* for the same parser:
+declarative response template (:func:`response_template`): the tokenizer's
+``response_template`` when the model ships one; else the family the chat
+template's text shows (:func:`family_template`: transformers serve's Qwen 3.5
+or Gemma 4 template, or one of ours below); else transformers serve's
+fallback for the model type (Qwen 2/2.5/3 ``<tool_call>`` + ``<think>``);
+else HERMES. Ours are only *templates* for the same parser:
 
 * LLAMA3: Llama 3.1/3.2/3.3 JSON calls ``{"name": ..., "parameters": {...}}``,
   optionally after ``<|python_tag|>``, several separated by ``;`` or newlines.
