@@ -127,6 +127,14 @@ def test_auto_parses_the_family_syntax(server, families, family, two):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_tool_choice_none_does_not_parse(server, families, family):
+    choice = chat(server, body(families, family, tool_choice="none",
+                               structured_outputs={"regex": calls_regex(family, False)}))
+    assert choice["finish_reason"] == "stop" and "tool_calls" not in choice["message"], choice
+    assert "get_weather" in choice["message"]["content"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_tools_reach_the_family_template(server, families, family):
     with_tools = post(server, "/v1/chat/completions", body(families, family, max_tokens=1))
     without = post(server, "/v1/chat/completions",
