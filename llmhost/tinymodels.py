@@ -182,3 +182,58 @@ def write_hub_cache(folder: str, hf_home: str, repo_id: str, sha: str = "0" * 40
     with open(os.path.join(repo, "refs", "main"), "w") as fh:
         fh.write(sha)
     return snapshot
+
+
+# Special tokens and end of turn of the families build_family_tools imitates
+# (the real tokenizers mark these special; the tiny ones do too, so decoding
+# skips them unless the output parser asks for them).
+FAMILY_TOKENS = {
+    "llama": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>",
+              "special": ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                          "<|python_tag|>"]},
+    "mistral": {"bos": "<s>", "eos": "</s>",
+                "special": ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                            "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]},
+    # Qwen 3.5's call and thought tags are plain (not special) tokens, as in Qwen's tokenizer.
+    "qwen3_5": {"bos": "<|endoftext|>", "eos": "<|im_end|>", "special": ["<|im_start|>"],
+                "plain": ["<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>",
+                          "</tool_response>"]},
+    "gemma4": {"bos": "<bos>", "eos": "<turn|>",
+               "special": ["<|turn>", "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>",
+                           "<|tool_response>", "<tool_response|>", '<|"|>', "<|channel>",
+                           "<channel|>", "<|think|>"]},
+}
+
+
+def build_family_tools(path: str, family: str, chat_template: str, layers: int = 2,
+                       width: int = 64, vocab_size: int = 512, positions: int = 4096,
+                       seed: int = 0) -> str:
+    """A tiny random model of `family` ("llama": Llama 3.x, "mistral", "qwen3_5":
+    Qwen 3.5's template on a Qwen2 body, "gemma4": Gemma 4's on a Llama body) with
+    that family's real chat template (the caller reads it from a file) and its
+    special tokens, so tools, calls and results render exactly as for the real
+    model, and its calls come out in the family's own syntax."""
+    import torch
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    tokens = FAMILY_TOKENS[family]
+    tokenizer = build_tokenizer(vocab_size)
+    tokenizer.add_special_tokens({"bos_token": tokens["bos"], "eos_token": tokens["eos"],
+                                  "pad_token": tokens["eos"],
+                                  "additional_special_tokens": tokens["special"]})
+    tokenizer.add_tokens(tokens.get("plain", []))
+    tokenizer.chat_template = chat_template
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "mistral": (MistralConfig, MistralForCausalLM),
+                                 "qwen3_5": (Qwen2Config, Qwen2ForCausalLM),
+                                 "gemma4": (LlamaConfig, LlamaForCausalLM)}[family]
+    torch.manual_seed(seed)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=positions, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          tie_word_embeddings=False)
+    model = model_class(config)
+    _save(model, tokenizer, path)
+    return path

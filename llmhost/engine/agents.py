@@ -8,18 +8,21 @@ same code:
 
 1. :func:`chat_plan` decides how the tools reach the prompt. A chat template
    that renders tools *and* whose output llmhost can parse (the model's
-   ``response_template``, or transformers serve's fallback for its family:
-   Qwen 2/2.5/3/3.5, Gemma 4) gets them through
-   ``apply_chat_template(tools=...)`` and the conversation's assistant
+   ``response_template``, transformers serve's fallback for its family:
+   Qwen 2/2.5/3/3.5, Gemma 4, or llmhost's own for the family its chat template
+   belongs to: Llama 3.x, Mistral, see parsing.family_template) gets them
+   through ``apply_chat_template(tools=...)`` and the conversation's assistant
    ``tool_calls`` / ``tool`` results in the template's own shape. Any other
-   model (SmolLM2, GPT-2, llmhost's fallback template, Llama 3.x, Mistral) is
-   taught one format in a system turn (FALLBACK_TOOLS_PROMPT): Hermes-style
+   model (SmolLM2, GPT-2, llmhost's fallback template, Gemma 2/3, whose
+   templates know no tools) is taught one format in a system turn
+   (FALLBACK_TOOLS_PROMPT): Hermes-style
    ``<tool_call>{"name", "arguments"}</tool_call>``, which parsing.HERMES reads;
    earlier calls and results are written in the same format.
 2. :meth:`ChatPlan.finish` (once the prompt ids are known) builds the grammar
    and the output parser: ``response_format`` / ``structured_outputs`` alone
    are a compiled JSON schema / regex / grammar; ``tool_choice`` required or
-   named is an xgrammar structural tag of calls in the Hermes syntax whose
+   named is an xgrammar structural tag of calls in the family's own syntax
+   (engine/callgrammar.py: Hermes, Qwen 3.5, Llama 3.x, Mistral, Gemma 4) whose
    arguments follow each function's ``parameters``; tools (auto) together with
    ``response_format`` is "calls, or the JSON answer"; a model that thinks in
    ``<think>`` may write its thought first and the constraint holds for what
@@ -28,13 +31,16 @@ same code:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import constrain
+from ..sandbox import bounded
+from . import callgrammar, constrain
 from .errors import InvalidInput
-from .parsing import HERMES, OutputParser, response_template
+from .parsing import GENERATED_ONLY, HERMES, OutputParser, call_syntax, markers, response_template
 from .prompt import chat_prompt, template_for, vocab_size
 from .reasoning import template_variables
 
@@ -46,10 +52,6 @@ FALLBACK_TOOLS_PROMPT = (
     "Results come back in <tool_response> tags. If no function is needed, answer normally."
 )
 
-# The Hermes call syntax the grammar writes (what parsing.HERMES and
-# transformers' Qwen template read).
-CALL_BEGIN = '<tool_call>\n{{"name": "{name}", "arguments": '
-CALL_END = "}\n</tool_call>"
 THINK = ("<think>", "</think>")
 
 
@@ -60,7 +62,8 @@ class ChatPlan:
     tools: list[dict] = field(default_factory=list)   # active tools (OpenAI form)
     tool_choice: Any = "none"
     parallel: bool = True
-    hermes: bool = False                 # calls are written in the Hermes syntax
+    syntax: str | None = None            # the call syntax (parsing.call_syntax) the grammar writes
+    source: str = ""                     # the chat template's text
     parse_template: dict | None = None
     args: dict = field(default_factory=dict)
     constraint: Any = None
@@ -75,10 +78,11 @@ class ChatPlan:
                                       _open_thought(prefix))
         if self.parse_template is not None:
             template, tools, prefill = self.parse_template, self.tools, ""
-            if template.get("start_anchor_pattern") == HERMES["start_anchor_pattern"]:
+            if template.get("start_anchor_pattern") == GENERATED_ONLY:
                 prefill = THINK[0] if _open_thought(prefix) else ""
                 prefix = ""
-            self.parser = lambda: OutputParser(template, prefix, tools, prefill)
+            keep = markers(template, entry.tokenizer)
+            self.parser = lambda: OutputParser(template, prefix, tools, prefill, keep)
         return self
 
 
@@ -118,6 +122,30 @@ def _template_source(entry) -> str:
     return source
 
 
+_PROBE = {"type": "function", "function": {
+    "name": "llmhost_probe_function", "description": "A probe.",
+    "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+_renders: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _renders_tools(entry) -> bool:
+    """Whether the chat template really puts `tools` into the prompt (a template
+    may mention tools yet read another variable, like SmolLM3's xml_tools):
+    rendered once per tokenizer and template, with a probe function."""
+    template = template_for(entry)
+    seen = _renders.setdefault(entry.tokenizer, {})
+    if template not in seen:
+        try:
+            text = bounded(lambda: entry.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hi"}], tools=[_PROBE], chat_template=template,
+                tokenize=False, add_generation_prompt=True),
+                f"The chat template of model '{entry.id}'", "messages")
+            seen[template] = _PROBE["function"]["name"] in text
+        except Exception:   # a template that cannot render this is not one to trust with tools
+            seen[template] = False
+    return seen[template]
+
+
 def _speaks_think(entry) -> bool:
     return "<think>" in _template_source(entry) or "<think>" in entry.tokenizer.get_added_vocab()
 
@@ -128,25 +156,25 @@ def _open_thought(prefix: str) -> bool:
     return prefix.rfind(THINK[0]) > prefix.rfind(THINK[1])
 
 
-def _is_hermes(template: dict | None) -> bool:
-    field_ = (template or {}).get("fields", {}).get("tool_calls") or {}
-    return "<tool_call>" in (field_.get("open") or field_.get("open_pattern") or "") and \
-        field_.get("content") == "json"
-
-
 def chat_plan(args: dict, entry) -> ChatPlan:
     tools = tool_list(args)
     choice = tool_choice(args, tools)
     active = tools if choice != "none" else []
-    family = response_template(entry, fallback=False)
-    native = bool(family and "tool_calls" in family.get("fields", {})
-                  and "tools" in _template_source(entry))
+    source = _template_source(entry)
+    family = response_template(entry, fallback=False, source=source)
+    native = bool(family and "tool_calls" in family.get("fields", {}) and "tools" in source
+                  and _renders_tools(entry))
     if native:
         parse = family
-        messages = [_native_message(m) for m in args["messages"]]
+        short_ids = call_syntax(family) in ("mistral", "mistral_args")
+        messages = [_native_message(m, short_ids) for m in args["messages"]]
+        if "tool_responses" in source:
+            messages = _fold_tool_responses(messages)
         template_tools = active or None
     else:
         history = any(m.get("tool_calls") or m["role"] == "tool" for m in args["messages"])
+        if call_syntax(family) not in (None, "hermes"):
+            family = None     # taught the Hermes format: parse that, not the family's own
         parse = family or (HERMES if (active or _speaks_think(entry)) else None)
         messages = _fallback_messages(args["messages"], active) if (active or history) \
             else list(args["messages"])
@@ -157,7 +185,8 @@ def chat_plan(args: dict, entry) -> ChatPlan:
         del parse["fields"]["tool_calls"]
     return ChatPlan(messages=messages, template_tools=template_tools, tools=active,
                     tool_choice=choice, parallel=args.get("parallel_tool_calls") is not False,
-                    hermes=not native or _is_hermes(parse), parse_template=parse, args=args)
+                    syntax=call_syntax(parse) if native else "hermes", source=source,
+                    parse_template=parse, args=args)
 
 
 def _arguments(text: str):
@@ -167,16 +196,43 @@ def _arguments(text: str):
         return text
 
 
-def _native_message(message: dict) -> dict:
+def _short_id(call_id: str) -> str:
+    """A call id as Mistral's templates require (9 letters or digits, else
+    they refuse the conversation); the same id always maps to the same one."""
+    return hashlib.sha256(call_id.encode()).hexdigest()[:9]
+
+
+def _native_message(message: dict, short_ids: bool = False) -> dict:
     """Assistant calls with their arguments as objects, as tool-aware templates
     expect (they `tojson` them)."""
+    if short_ids and message.get("tool_call_id"):
+        message = {**message, "tool_call_id": _short_id(message["tool_call_id"])}
     if not message.get("tool_calls"):
         return message
-    calls = [{"id": c["id"], "type": "function",
+    calls = [{"id": _short_id(c["id"]) if short_ids else c["id"], "type": "function",
               "function": {"name": c["function"]["name"],
                            "arguments": _arguments(c["function"]["arguments"])}}
              for c in message["tool_calls"]]
     return {**message, "tool_calls": calls}
+
+
+def _fold_tool_responses(messages: list[dict]) -> list[dict]:
+    """For templates that read results from the assistant turn itself (Gemma
+    4: ``tool_responses`` of the message that made the calls, and the model's
+    turn goes on after them): the `tool` messages after an assistant turn with
+    calls become that turn's ``tool_responses`` ({name, response})."""
+    out: list[dict] = []
+    for m in messages:
+        last = out[-1] if out else None
+        if m["role"] == "tool" and last is not None and last.get("tool_calls"):
+            names = {c["id"]: c["function"]["name"] for c in last["tool_calls"]}
+            response = _arguments(_text(m.get("content")))
+            entry = {"name": names.get(m.get("tool_call_id"), m.get("name") or "unknown"),
+                     "response": response}
+            out[-1] = {**last, "tool_responses": [*last.get("tool_responses", []), entry]}
+        else:
+            out.append(m)
+    return out
 
 
 def _text(content) -> str:
@@ -242,28 +298,19 @@ def _answer_format(args: dict) -> tuple[dict | None, str]:
     return None, ""
 
 
-def _call_tag(tool: dict) -> dict:
-    fn = tool["function"]
-    params = fn.get("parameters") or {"type": "object"}
-    return {"type": "tag", "begin": CALL_BEGIN.format(name=fn["name"]),
-            "content": {"type": "json_schema", "json_schema": params, "max_whitespace_cnt": 1},
-            "end": CALL_END}
-
-
 def _calls_format(plan: ChatPlan) -> dict | None:
-    """Calls only, in the Hermes syntax: at least one for required / auto with
-    a response_format, exactly the named function when one is named."""
-    if not plan.tools or plan.tool_choice == "none" or not plan.hermes:
+    """Calls only, in the family's syntax (engine/callgrammar.py): at least one
+    for required / auto with a response_format, exactly the named function when
+    one is named; None for a syntax llmhost cannot write (a model's own
+    response_template of an unknown family: its calls are parsed, not forced)."""
+    if not plan.tools or plan.tool_choice == "none" or not callgrammar.supported(plan.syntax):
         return None
-    choice = plan.tool_choice
-    if isinstance(choice, dict):
-        name = choice["function"]["name"]
-        tools = [t for t in plan.tools if t["function"]["name"] == name]
-        stop_after_first = True
-    else:
-        tools, stop_after_first = plan.tools, not plan.parallel
-    return {"type": "tags_with_separator", "tags": [_call_tag(t) for t in tools],
-            "separator": "\n", "at_least_one": True, "stop_after_first": stop_after_first}
+    try:
+        return callgrammar.calls_format(plan.syntax, plan.tools, plan.tool_choice, plan.parallel,
+                                        plan.source)
+    except ValueError as exc:     # xgrammar refused a tool (its own validation)
+        raise InvalidInput(f"Invalid value for 'tools': llmhost's grammar library (xgrammar) "
+                           f"cannot use it: {exc}", param="tools", code="invalid_grammar")
 
 
 def _constraint(plan: ChatPlan, entry, stop_ids, vocab_size: int, thinking: bool,

@@ -64,7 +64,7 @@ class Choice:
 
 class _ChoiceState:
     def __init__(self, tokenizer, stop: list[str], parser=None, max_calls: int = 0) -> None:
-        self.text = ChoiceText(tokenizer, stop)
+        self.text = ChoiceText(tokenizer, stop, getattr(parser, "markers", None))
         self.logprobs: list[TokenLogprob] = []
         self.done = False
         self.parser = parser          # engine.parsing.OutputParser or None

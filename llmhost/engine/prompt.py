@@ -39,7 +39,7 @@ def _template_message(message: dict) -> dict:
     if isinstance(content, list):
         content = "\n".join(part["text"] for part in content)
     out: dict[str, Any] = {"role": role, "content": content or ""}
-    for key in ("name", "tool_call_id", "tool_calls"):
+    for key in ("name", "tool_call_id", "tool_calls", "tool_responses"):
         if message.get(key):
             out[key] = message[key]
     return out

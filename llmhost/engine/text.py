@@ -29,9 +29,13 @@ class Detokenizer:
     released text joined is what ``decode(all_ids)`` gives.
     """
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, skip_special_tokens: bool = True,
+                 keep: dict[int, str] | None = None) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # Special tokens that still come out as their text (a tool-call
+        # family's delimiters the output parser reads, engine/parsing.py).
+        self.keep = keep or {}
         self.ids: list[int] = []
         self.prefix = 0          # start of the context window
         self.read = 0            # ids before this were released as text
@@ -43,6 +47,12 @@ class Detokenizer:
 
     def add(self, token_id: int) -> str:
         """The text this token completes ('' while a character is incomplete)."""
+        if token_id in self.keep:
+            new = self.flush() + self.keep[token_id]
+            self.ids.append(token_id)
+            self.prefix = self.read = len(self.ids)
+            self.released += len(self.keep[token_id])
+            return new
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
@@ -103,8 +113,9 @@ class StopMatcher:
 class ChoiceText:
     """The text of one choice: detokenizer, then stop strings."""
 
-    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...] = ()) -> None:
-        self.detok = Detokenizer(tokenizer)
+    def __init__(self, tokenizer, stops: list[str] | tuple[str, ...] = (),
+                 keep: dict[int, str] | None = None) -> None:
+        self.detok = Detokenizer(tokenizer, keep=keep)
         self.stop = StopMatcher(stops)
 
     @property
