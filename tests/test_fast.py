@@ -83,18 +83,21 @@ def test_auto_dtype_follows_the_cpu_flags():
     assert auto_cpu_dtype() == (torch.bfloat16 if native else torch.float32)
 
 
+# The peak is the process's VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec,
+# so a child of the test process (1-2 GiB with the suite's models) reported the parent's peak
+# (that was the 0.8-1.5 GiB "peak" of whole-file runs); VmHWM belongs to the child's own memory.
 LOAD_RSS = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {root!r})
-def rss():
+def status(key):
     with open("/proc/self/status") as fh:
-        return int(fh.read().split("VmRSS:")[1].split()[0]) * 1024
+        return int(fh.read().split(key + ":")[1].split()[0]) * 1024
 from llmhost.config import TestConfig
 from llmhost.loading import LoadSpec, load
-before = rss()
+before = status("VmRSS")
 loaded = load(LoadSpec(model={gguf!r}, **{options!r}), TestConfig())
 import gc; gc.collect()
-print(json.dumps({{"before": before, "after": rss(), "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({{"before": before, "after": status("VmRSS"), "peak": status("VmHWM"),
                    "weights": loaded.memory_bytes}}))
 """
 
@@ -103,7 +106,7 @@ print(json.dumps({{"before": before, "after": rss(), "peak": resource.getrusage(
                          ids=["int8", "float32"])
 def test_gguf_load_peaks_near_its_final_size(smollm2_gguf, options):
     """A fresh subprocess does only the load and reads its own RSS: just before
-    the load, just after, and its peak (ru_maxrss). The peak stays within an
+    the load, just after, and its peak (VmHWM). The peak stays within an
     eighth of the float32 weights (64 MiB) of where the load ends: room for one
     tensor being converted (at most a 4096-row chunk of the embedding, 9 MiB in
     float32) and gguf's dequantize temporaries several times over, not for the
