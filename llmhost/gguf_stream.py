@@ -7,11 +7,14 @@ model meant to end up in int8 or bfloat16 peaks at several times its final
 size. Here the model is built with empty (meta) parameters and each GGUF
 tensor is dequantized, converted to the target dtype and, for a Linear layer
 that is to be quantized, quantized as soon as that layer has all its
-parameters; only one float32 tensor exists at any time.
+parameters; only one float32 tensor exists at any time, and its memory goes
+back to the OS before the next (glibc would keep it): the load peaks a few tens
+of MiB above where it ends (README, Performance), in float32 too.
 
-The GGUF reading (file memory-mapped by ``gguf.GGUFReader``), the GGUF -> HF
-name map and the per-architecture tensor fix-ups (Llama's q/k permutation, ...)
-are transformers' own functions, so the weights equal those of
+The reading is gguf's (the tensor list from ``gguf.GGUFReader``, each tensor
+memory-mapped on its own, ``gguf.dequantize``); the GGUF -> HF name map and the
+per-architecture tensor fix-ups (Llama's q/k permutation, ...) are
+transformers' own functions, so the weights equal those of
 ``from_pretrained`` (state dicts compared equal in float32 and bfloat16 for
 SmolLM2; tests/test_fast.py checks that greedy answers through the server equal
 transformers' in-process ones for bfloat16 and int8).
