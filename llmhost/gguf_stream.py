@@ -7,17 +7,22 @@ model meant to end up in int8 or bfloat16 peaks at several times its final
 size. Here the model is built with empty (meta) parameters and each GGUF
 tensor is dequantized, converted to the target dtype and, for a Linear layer
 that is to be quantized, quantized as soon as that layer has all its
-parameters; only one float32 tensor exists at any time.
+parameters; only one float32 tensor exists at any time, and its memory goes
+back to the OS before the next (glibc would keep it): the load peaks a few tens
+of MiB above where it ends (README, Performance), in float32 too.
 
-The GGUF reading (file memory-mapped by ``gguf.GGUFReader``), the GGUF -> HF
-name map and the per-architecture tensor fix-ups (Llama's q/k permutation, ...)
-are transformers' own functions, so the weights equal those of
+The reading is gguf's (the tensor list from ``gguf.GGUFReader``, each tensor
+memory-mapped on its own, ``gguf.dequantize``); the GGUF -> HF name map and the
+per-architecture tensor fix-ups (Llama's q/k permutation, ...) are
+transformers' own functions, so the weights equal those of
 ``from_pretrained`` (state dicts compared equal in float32 and bfloat16 for
 SmolLM2; tests/test_fast.py checks that greedy answers through the server equal
 transformers' in-process ones for bfloat16 and int8).
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 from typing import Callable
 
@@ -37,7 +42,7 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     None for an architecture not in STREAMABLE (the MoE processors split and
     merge tensors across calls): transformers' own path loads those."""
     from accelerate import init_empty_weights
-    from gguf import GGUFReader, dequantize
+    from gguf import GGMLQuantizationType, dequantize
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map,
@@ -51,6 +56,7 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
         return None
     config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     parsed = {"config": config_dict}  # drop the tokenizer's lists: tens of MiB of Python objects
+    _trim()  # ... and hand them back before the weights come (else they stack under the peak)
     with init_empty_weights(include_buffers=False):  # buffers (rotary) are computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
@@ -58,23 +64,20 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     key_map = get_gguf_hf_weights_map(model, processor)
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
-    reader = GGUFReader(path)
-    for tensor in progress.counted(reader.tensors, "Converting and de-quantizing GGUF tensors"):
-        name, value = _tensor(dequantize, tensor, processor, key_map, parsed, dtype)
-        if name not in key_map:
-            continue
-        hf_name = key_map[name]
-        module_name, _, attr = hf_name.rpartition(".")
-        module = model.get_submodule(module_name)
-        old = getattr(module, attr)
-        if tuple(old.shape) != tuple(value.shape):
-            raise ValueError(f"GGUF tensor {tensor.name} has shape {tuple(value.shape)}, "
-                             f"the model expects {tuple(old.shape)} for {hf_name}")
-        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
-        if quantize_module is not None and module_name in linears and \
-                not any(p.is_meta for p in module.parameters()) and not _tied(model, module):
-            _replace(model, module_name, quantize_module(module))
-    del reader
+    for info in progress.counted(_tensor_infos(path), "Converting and de-quantizing GGUF tensors"):
+        gguf_name, qtype = info[0], GGMLQuantizationType(info[1])
+        # one memory map per tensor: its file pages leave the RSS with it (a map of the
+        # whole file would hold every page read, ~94 MiB for SmolLM2, until the end)
+        data = np.memmap(path, dtype=np.dtype(info[3]), mode="r", offset=info[2], shape=tuple(info[4]))
+        name, value = _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtype)
+        del data
+        if name in key_map:
+            _place(model, key_map[name], value, gguf_name, linears, quantize_module)
+        del value
+        # glibc keeps the freed float32 copies (a few MiB each, above its dynamic mmap
+        # threshold once one was freed) in its heap: without this the RSS grew by each
+        # Linear's float32 size and the int8 load peaked ~400 MiB above where it ended
+        _trim()
     model.tie_weights()
     missing = {n for n, p in model.named_parameters() if p.is_meta}
     if missing:
@@ -83,36 +86,74 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     return model
 
 
-def _tensor(dequantize, tensor, processor, key_map, parsed, dtype, rows: int = 4096):
+def _place(model, hf_name: str, value: torch.Tensor, gguf_name: str, linears, quantize_module) -> None:
+    """Put one converted tensor into the model; quantize its Linear layer once
+    the layer has all its parameters (the float copy is then dropped)."""
+    module_name, _, attr = hf_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if tuple(old.shape) != tuple(value.shape):
+        raise ValueError(f"GGUF tensor {gguf_name} has shape {tuple(value.shape)}, "
+                         f"the model expects {tuple(old.shape)} for {hf_name}")
+    setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+    if quantize_module is not None and module_name in linears and \
+            not any(p.is_meta for p in module.parameters()) and not _tied(model, module):
+        _replace(model, module_name, quantize_module(module))
+
+
+def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtype, rows: int = 4096):
     """(mapped GGUF name, torch tensor in `dtype`) of one GGUF tensor. A large
     tensor the architecture's processor leaves as it is (the embedding, the
     output head) is dequantized a few thousand rows at a time straight into
     `dtype`: gguf's dequantize on a whole tensor makes temporaries several
     times its float32 size."""
-    data = tensor.data
     kwargs = {"tensor_key_mapping": key_map, "parsed_parameters": parsed}
     if data.ndim >= 2 and data.shape[0] > rows:
-        first = dequantize(data[:rows], tensor.tensor_type)
-        result = processor.process(weights=first, name=tensor.name, **kwargs)
+        first = dequantize(data[:rows], qtype)
+        result = processor.process(weights=first, name=gguf_name, **kwargs)
         if result.weights is first:
             out = torch.empty((data.shape[0],) + first.shape[1:], dtype=dtype)
             out[:rows] = torch.from_numpy(first)
             for start in range(rows, data.shape[0], rows):
                 out[start:start + rows] = torch.from_numpy(
-                    dequantize(data[start:start + rows], tensor.tensor_type))
+                    dequantize(data[start:start + rows], qtype))
             return result.name, out
-    result = processor.process(weights=dequantize(data, tensor.tensor_type), name=tensor.name, **kwargs)
+    result = processor.process(weights=dequantize(data, qtype), name=gguf_name, **kwargs)
     # a copy: float32 GGUF tensors come back as views of the read-only memory map
     return result.name, torch.from_numpy(np.array(result.weights, copy=True)).to(dtype)
 
 
-def _trim() -> None:
-    """Hand the freed float32 temporaries back to the OS (glibc keeps them)."""
+def _tensor_infos(path: str) -> list:
+    """[name, GGML type, byte offset, numpy dtype, shape] of each tensor in the
+    file, from gguf's reader. The reader also turns every metadata field into
+    numpy views (the vocabulary: ~150 MiB of small objects for SmolLM2's 49k
+    tokens); any small object kept from it (its ReaderTensors) pins Python's
+    memory arenas, and ~45 MiB of them stayed in the RSS for the whole load.
+    So the list leaves through one JSON string and the reader goes whole."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    packed = json.dumps([[t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str,
+                          list(t.data.shape)] for t in reader.tensors])
+    del reader
+    _trim()
+    return json.loads(packed)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def _trim() -> None:
+    """Hand the freed float32 temporaries back to the OS (glibc keeps them)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _tied(model, module) -> bool:

@@ -393,10 +393,12 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
 
 
 def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str):
-    """A GGUF model to quantize or to load in bfloat16/float16 on the CPU is
-    read one tensor at a time (gguf_stream), so that the whole model never
-    exists in float32; None where transformers' own path is used."""
-    if not source.gguf_file or device != "cpu" or (dtype == torch.float32 and not spec.quantization):
+    """A GGUF model loaded on the CPU is read one tensor at a time (gguf_stream),
+    so that the whole model never exists in float32 next to the result; float32
+    too (transformers' loader peaked 237 MiB above its end for SmolLM2, the
+    stream about 30; same weights, compared equal). None where transformers'
+    own path is used (other devices, architectures gguf_stream does not know)."""
+    if not source.gguf_file or device != "cpu":
         return None
     from . import gguf_stream
     return gguf_stream.load_causal_lm(source.folder, source.gguf_file, dtype,

@@ -1,6 +1,6 @@
 """bfloat16 and int8 on CPU: the server's greedy answers equal in-process
 transformers running the same model (README's recipe), the Model object says
-what was chosen, a quantized GGUF load stays near its final size."""
+what was chosen, a GGUF load peaks near its final size."""
 from __future__ import annotations
 
 import json
@@ -83,39 +83,51 @@ def test_auto_dtype_follows_the_cpu_flags():
     assert auto_cpu_dtype() == (torch.bfloat16 if native else torch.float32)
 
 
+# The peak is the process's VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec,
+# so a child of the test process (1-2 GiB with the suite's models) reported the parent's peak
+# (that was the 0.8-1.5 GiB "peak" of whole-file runs); VmHWM belongs to the child's own memory.
 LOAD_RSS = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {root!r})
-def rss():
+def status(key):
     with open("/proc/self/status") as fh:
-        return int(fh.read().split("VmRSS:")[1].split()[0]) * 1024
+        return int(fh.read().split(key + ":")[1].split()[0]) * 1024
 from llmhost.config import TestConfig
 from llmhost.loading import LoadSpec, load
-before = rss()
+before = status("VmRSS")
 loaded = load(LoadSpec(model={gguf!r}, **{options!r}), TestConfig())
 import gc; gc.collect()
-print(json.dumps({{"before": before, "after": rss(), "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({{"before": before, "after": status("VmRSS"), "peak": status("VmHWM"),
                    "weights": loaded.memory_bytes}}))
 """
 
 
-def test_quantized_gguf_load_stays_below_float32(smollm2_gguf):
-    """A subprocess loads SmolLM2's GGUF with int8 and reads its own RSS: what
-    the load adds stays below the float32 weights alone (transformers' own path
-    adds about 1.5x them) and the weights end up under half of float32's.
-    The peak is printed, not asserted: it measured 0.8 to 1.5 GiB above the
-    start here (mostly GGUF metadata parsing and torchao's import), so the
-    issue's "peak near the final size" is not met yet (README says so)."""
-    code = LOAD_RSS.format(root=ROOT, gguf=smollm2_gguf, options={"quantization": "int8"})
+@pytest.mark.parametrize("options", [{"quantization": "int8"}, {"dtype": "float32"}],
+                         ids=["int8", "float32"])
+def test_gguf_load_peaks_near_its_final_size(smollm2_gguf, options):
+    """A fresh subprocess does only the load and reads its own RSS: just before
+    the load, just after, and its peak (VmHWM). The peak stays within an
+    eighth of the float32 weights (64 MiB) of where the load ends: room for one
+    tensor being converted (at most a 4096-row chunk of the embedding, 9 MiB in
+    float32) and gguf's dequantize temporaries several times over, not for the
+    model, or a quarter of it, in float32 next to the result (transformers'
+    GGUF loader peaked 237 MiB above its end here, the stream before malloc_trim
+    370-530 MiB; now about 25 for int8 and 10 for float32). The int8 weights end
+    under half of float32's (the tied embedding/head stays float32) and what the
+    int8 load keeps (weights, tokenizer, torchao's import) under the float32
+    weights alone."""
+    code = LOAD_RSS.format(root=ROOT, gguf=smollm2_gguf, options=options)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads(out.stdout.strip().splitlines()[-1])
     float32_bytes = 134_515_008 * 4  # SmolLM2-135M's parameters in float32
-    assert m["after"] - m["before"] < float32_bytes, m
-    assert m["weights"] < float32_bytes / 2, m  # the tied embedding/head stays float32
-    print(f"int8 GGUF load: peak {(m['peak'] - m['before']) >> 20} MiB above the start, "
-          f"{(m['after'] - m['before']) >> 20} MiB kept")
+    print(f"{options} GGUF load: peak {(m['peak'] - m['before']) >> 20} MiB above the start, "
+          f"{(m['after'] - m['before']) >> 20} MiB kept, peak - end {(m['peak'] - m['after']) >> 20} MiB")
+    assert m["peak"] - m["after"] < float32_bytes / 8, m
+    if options.get("quantization"):
+        assert m["after"] - m["before"] < float32_bytes, m
+        assert m["weights"] < float32_bytes / 2, m
 
 
 def test_int8_embeddings_equal_the_in_process_recipe_and_stay_close_to_float32(server, minilm_dir):
