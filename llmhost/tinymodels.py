@@ -91,43 +91,27 @@ def build_qwen2_tools(path: str, layers: int = 2, width: int = 64, vocab_size: i
     """A Qwen2-architecture chat model with a tool-aware Qwen2.5-style template;
     <tool_call>, </tool_call>, <think> and </think> are tokens (not special, so
     they stay in decoded text, as in Qwen's tokenizer)."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer(vocab_size, chat=True)
     tokenizer.add_tokens(["<tool_call>", "</tool_call>", "<think>", "</think>",
                           "<tool_response>", "</tool_response>"])
     tokenizer.chat_template = TOOL_CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=positions, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
-    model = Qwen2ForCausalLM(config)
-    _save(model, tokenizer, path)
-    return path
+    return _decoder(path, tokenizer, Qwen2Config, Qwen2ForCausalLM, layers, width, positions, seed,
+                    tie_word_embeddings=False)
 
 
 def build_qwen3_thinking(path: str, layers: int = 2, width: int = 64, vocab_size: int = 512,
                          positions: int = 1024, seed: int = 0) -> str:
     """A Qwen3-architecture chat model with THINKING_CHAT_TEMPLATE; <think> and
     </think> are tokens, as in Qwen3's tokenizer."""
-    import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = build_tokenizer(vocab_size, chat=True)
     tokenizer.add_tokens(["<think>", "</think>"])
     tokenizer.chat_template = THINKING_CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=width // 4, max_position_embeddings=positions,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    model = Qwen3ForCausalLM(config)
-    _save(model, tokenizer, path)
-    return path
+    return _decoder(path, tokenizer, Qwen3Config, Qwen3ForCausalLM, layers, width, positions, seed,
+                    head_dim=width // 4, tie_word_embeddings=False)
 
 
 def build_gpt2(path: str, layers: int = 2, width: int = 64, vocab_size: int = 512,
@@ -149,17 +133,25 @@ def build_gpt2(path: str, layers: int = 2, width: int = 64, vocab_size: int = 51
 def build_llama(path: str, layers: int = 2, width: int = 64, vocab_size: int = 512,
                 positions: int = 512, seed: int = 0) -> str:
     """A Llama chat model with a chat template and <|im_end|> as EOS."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(vocab_size, chat=True)
+    return _decoder(path, tokenizer, LlamaConfig, LlamaForCausalLM, layers, width, positions, seed)
+
+
+def _decoder(path: str, tokenizer, config_class, model_class, layers: int, width: int,
+             positions: int, seed: int, **extra) -> str:
+    """A random decoder-only model of a Llama-like family (4 heads, 2 KV heads,
+    MLP twice as wide) around `tokenizer`, saved to `path`."""
+    import torch
+
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=positions, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    _save(model, tokenizer, path)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=positions, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          **extra)
+    _save(model_class(config), tokenizer, path)
     return path
 
 
@@ -213,7 +205,6 @@ def build_family_tools(path: str, family: str, chat_template: str, layers: int =
     that family's real chat template (the caller reads it from a file) and its
     special tokens, so tools, calls and results render exactly as for the real
     model, and its calls come out in the family's own syntax."""
-    import torch
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                               Qwen2Config, Qwen2ForCausalLM)
 
@@ -228,12 +219,5 @@ def build_family_tools(path: str, family: str, chat_template: str, layers: int =
                                  "mistral": (MistralConfig, MistralForCausalLM),
                                  "qwen3_5": (Qwen2Config, Qwen2ForCausalLM),
                                  "gemma4": (LlamaConfig, LlamaForCausalLM)}[family]
-    torch.manual_seed(seed)
-    config = config_class(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
-                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=positions, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                          tie_word_embeddings=False)
-    model = model_class(config)
-    _save(model, tokenizer, path)
-    return path
+    return _decoder(path, tokenizer, config_class, model_class, layers, width, positions, seed,
+                    tie_word_embeddings=False)
