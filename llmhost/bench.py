@@ -314,17 +314,20 @@ def _rss_mib(pid: int | None, children: bool = False) -> float:
         return float("nan")
 
 
-def _ban_eos(args) -> dict:
-    """logit_bias -100 on every end-of-sequence id of the model, so that every
-    answer runs to max_tokens on both servers."""
+def _tokenizer(args):
     from transformers import AutoTokenizer
 
     name = args.tokenizer or args.model
     if name.endswith(".gguf"):
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(name) or ".",
-                                            gguf_file=os.path.basename(name))
-    else:
-        tok = AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(os.path.dirname(name) or ".",
+                                             gguf_file=os.path.basename(name))
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _ban_eos(args) -> dict:
+    """logit_bias -100 on every end-of-sequence id of the model, so that every
+    answer runs to max_tokens on both servers."""
+    tok = _tokenizer(args)
     ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
            tok.convert_tokens_to_ids("<|endoftext|>")}
     return {str(i): -100 for i in ids if isinstance(i, int) and i != tok.unk_token_id}
@@ -343,19 +346,22 @@ def bench_compare(args) -> int:
             _load_model(url, args.model, json.loads(args.load_options or "{}"))
         bias = _ban_eos(args)
         other_model = args.compare_model or args.model
-        print(f"chat, streaming, max_tokens {args.max_tokens}, temperature 0, EOS banned "
+        prompt, extra = args.prompt, None
+        if args.compare_api == "completions":  # token ids: models without a chat template
+            prompt, extra = _tokenizer(args)(args.prompt)["input_ids"], {"logit_bias": bias}
+        print(f"{args.compare_api}, streaming, max_tokens {args.max_tokens}, temperature 0, EOS banned "
               f"(logit_bias {bias}), {args.requests} requests per client, medians of "
               f"{args.rounds} alternating rounds; load options {args.load_options or '{}'}")
         for target, model in ((url, args.model), (args.compare_url, other_model)):  # warm-up
-            _load_level(target, model, args.prompt, 1, 1, 8, True, bias)
+            _load_level(target, model, prompt, 1, 1, 8, True, bias, extra)
         results: dict[int, tuple[dict, dict]] = {}
         for clients in args.concurrency:
             ours, theirs = [], []
             for _ in range(args.rounds):
-                ours.append(_load_level(url, args.model, args.prompt, clients, args.requests,
-                                        args.max_tokens, True, bias))
-                theirs.append(_load_level(args.compare_url, other_model, args.prompt, clients,
-                                          args.requests, args.max_tokens, True, bias))
+                ours.append(_load_level(url, args.model, prompt, clients, args.requests,
+                                        args.max_tokens, True, bias, extra))
+                theirs.append(_load_level(args.compare_url, other_model, prompt, clients,
+                                          args.requests, args.max_tokens, True, bias, extra))
             pair = tuple({key: _median([r[key] for r in runs])
                           for key in ("tok_s", "p50", "ttft_p50", "requests", "errors")}
                          for runs in (ours, theirs))
@@ -561,6 +567,37 @@ def bench_quality(args) -> int:
     return 0
 
 
+def _time_parts(scheduler, steps: int) -> dict[str, float]:
+    """Mean seconds per decode step in the model's forward (logits to float32
+    on the CPU included), in sampling and handing out tokens, and in the rest
+    of the step (building ids, positions and the mask), timed by wrapping the
+    scheduler's own methods on the instance."""
+    spent = {"forward": 0.0, "sampling and hand-out": 0.0}
+
+    def timed(name, fn):
+        def call(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return call
+
+    scheduler._forward = timed("forward", scheduler._forward)
+    scheduler._sample = timed("sampling and hand-out", scheduler._sample)
+    started = time.perf_counter()
+    try:
+        for _ in range(steps):
+            scheduler._decode()
+    finally:
+        del scheduler._forward, scheduler._sample
+    total = time.perf_counter() - started
+    parts = {name: t / steps for name, t in spent.items()}
+    parts["rest of the step"] = total / steps - sum(parts.values())
+    parts["step"] = total / steps
+    return parts
+
+
 def bench_profile(args) -> int:
     """torch.profiler over the scheduler's own decode steps at each batch size,
     run in this thread (the scheduler thread stays idle): what share of a
@@ -585,13 +622,19 @@ def bench_profile(args) -> int:
             scheduler._prefill(gens)
             for _ in range(args.warmup):
                 scheduler._decode()
+            spent = _time_parts(scheduler, args.steps)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 started = time.perf_counter()
                 for _ in range(args.steps):
                     scheduler._decode()
                 step = (time.perf_counter() - started) / args.steps
-            print(f"== batch {batch}: {step * 1000:.1f} ms per decode step, cache length "
-                  f"{len(ids) + args.warmup + args.steps}, dtype {loaded.dtype}")
+            print(f"== batch {batch}: {step * 1000:.1f} ms per profiled decode step, cache length "
+                  f"{len(ids) + args.warmup + 2 * args.steps}, dtype {loaded.dtype}, "
+                  f"{torch.get_num_threads()} threads")
+            total = spent.pop("step")
+            print(f"   unprofiled, timed around the calls: {total * 1000:.1f} ms per step: "
+                  + ", ".join(f"{name} {t * 1000:.2f} ms ({t / total:.1%})"
+                              for name, t in spent.items()))
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
                                             max_name_column_width=40), flush=True)
             scheduler._reset_batch()
@@ -621,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare-url", metavar="URL",
                      help="another OpenAI-compatible server (e.g. llama-cpp-python's) serving the "
                           "same model: run the same streaming chat workload on both, alternating")
+    gen.add_argument("--compare-api", choices=["chat", "completions"], default="chat",
+                     help="with --compare-url: the route both servers get (completions sends "
+                          "token ids: for models without a chat template, or two llmhost builds)")
     gen.add_argument("--compare-model", help="model name to send to --compare-url (default: --model)")
     gen.add_argument("--compare-pid", type=int, help="pid of the --compare-url server, for its RSS")
     gen.add_argument("--pid", type=int, help="pid of the llmhost worker at --url, for its RSS")

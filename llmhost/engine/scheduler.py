@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .. import metrics
 from .errors import EngineError, InvalidInput, failure
+from .kvcache import growing_cache
 from .prompt import vocab_size
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams
@@ -280,7 +281,7 @@ class Scheduler(ModelWorker):
             ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, length - len(p):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = growing_cache(self.model.config)   # decode steps write into spare room
         logits = self._forward(ids, mask, positions, cache)
 
         # n choices of a request share its prompt: repeat its cache rows.
@@ -322,8 +323,9 @@ class Scheduler(ModelWorker):
         """Choose each row's next token with its own settings and hand it out."""
         plain = [i for i, r in enumerate(rows) if r.sampler.params.argmax_only]
         chosen: dict[int, int] = {}
-        if plain:  # one argmax for every plain greedy row
-            for i, tok in zip(plain, torch.argmax(logits[plain], dim=-1).tolist()):
+        if plain:  # one argmax for every plain greedy row (no row copy when all are)
+            picked = logits if len(plain) == len(rows) else logits[plain]
+            for i, tok in zip(plain, torch.argmax(picked, dim=-1).tolist()):
                 chosen[i] = tok
         now = time.monotonic()
         for i, row in enumerate(rows):

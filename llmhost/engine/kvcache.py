@@ -1,0 +1,91 @@
+"""A KV-cache layer that grows into spare room instead of being copied every
+step.
+
+transformers' ``DynamicLayer`` appends a decode step's key and value with
+``torch.cat``, which copies the whole cache of every layer at every step: the
+copy grows with the context and the batch (the profile in README,
+"Where a decode step's time goes"). ``GrowingLayer`` keeps each tensor in a
+buffer with ``ROOM`` free positions after the last one and writes a step into
+that room; ``keys``/``values`` are views of the filled part, so the attention
+reads exactly the same numbers (greedy output is unchanged, the tests check
+it). transformers' ``StaticCache`` preallocates too, but for the whole context
+of every row and with one position shared by the batch, which does not fit a
+batch whose rows join, leave and are trimmed between steps.
+
+The scheduler's batch bookkeeping (merging a prefill into the batch, dropping
+finished rows, trimming padding) replaces ``keys``/``values`` with new tensors;
+the next ``update`` sees that they are no longer views of its buffer and copies
+them into a fresh one (once, not every step).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# Free positions kept after the last one: one copy of the cache per ROOM steps
+# instead of one per step. 64 positions of spare room per row and layer is a
+# small share of a context (a few KiB to a few hundred KiB per row and layer).
+ROOM = 64
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys``/``values`` are views of larger buffers."""
+
+    def __init__(self, room: int = ROOM, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.room = room
+        self._keys_buf: torch.Tensor | None = None
+        self._values_buf: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if not (_in_room(self.keys, self._keys_buf, key_states, new)
+                and _in_room(self.values, self._values_buf, value_states, new)):
+            self._keys_buf = _rebuffer(self.keys, key_states, new + self.room)
+            self._values_buf = _rebuffer(self.values, value_states, new + self.room)
+        length = self.get_seq_length()
+        self._keys_buf[:, :, length:length + new].copy_(key_states)
+        self._values_buf[:, :, length:length + new].copy_(value_states)
+        self.keys = self._keys_buf[:, :, :length + new]
+        self.values = self._values_buf[:, :, :length + new]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._keys_buf = self._values_buf = None
+        super().reset()
+
+
+def _in_room(current: torch.Tensor, buf: torch.Tensor | None, states: torch.Tensor,
+             new: int) -> bool:
+    """`current` is still the view of `buf` this layer made, and `new` more
+    positions of `states`' rows fit after it."""
+    return (buf is not None and current.numel() > 0 and current.data_ptr() == buf.data_ptr()
+            and current.stride() == buf.stride() and current.dtype == states.dtype
+            and current.shape[:2] == states.shape[:2] == buf.shape[:2]
+            and current.shape[-1] == buf.shape[-1]
+            and current.shape[-2] + new <= buf.shape[-2])
+
+
+def _rebuffer(current: torch.Tensor, states: torch.Tensor, extra: int) -> torch.Tensor:
+    """A buffer holding `current` (empty before the first update) with `extra`
+    positions free after it."""
+    length = current.shape[-2] if current.numel() else 0
+    batch, heads, _, dim = states.shape
+    buf = states.new_empty((batch, heads, length + extra, dim))
+    if length:
+        buf[:, :, :length].copy_(current)
+    return buf
+
+
+def growing_cache(config) -> DynamicCache:
+    """A ``DynamicCache`` for `config` whose layers are ``GrowingLayer``s. Only
+    for models whose every layer is a plain ``DynamicLayer`` (the scheduler's
+    batchable case); others keep transformers' own layers."""
+    cache = DynamicCache(config=config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache

@@ -1,0 +1,55 @@
+"""GrowingLayer (engine/kvcache.py) holds the same keys and values as
+transformers' DynamicLayer, step after step, without copying the cache every
+step; the scheduler's greedy-equality tests (test_engine.py) cover it inside
+a real batch."""
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from llmhost.engine.kvcache import GrowingLayer, growing_cache
+
+
+def _states(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 2, length, 4, generator=g),
+            torch.randn(batch, 2, length, 4, generator=g))
+
+
+def test_same_states_as_dynamic_layer_and_no_copy_within_room():
+    plain, growing = DynamicLayer(), GrowingLayer(room=8)
+    for step in range(20):
+        k, v = _states(3, 5 if step == 0 else 1, step)
+        pk, pv = plain.update(k, v)
+        gk, gv = growing.update(k, v)
+        assert torch.equal(pk, gk) and torch.equal(pv, gv)
+        if step == 1:
+            buffer = growing.keys.data_ptr()
+        if 1 <= step <= 8:   # 5 + 8 positions fit the first buffer
+            assert growing.keys.data_ptr() == buffer
+    assert growing.keys.data_ptr() != buffer    # grown once it was full
+    assert growing.get_seq_length() == plain.get_seq_length() == 24
+
+
+def test_rows_replaced_from_outside_are_copied_into_a_new_buffer():
+    """The scheduler drops rows and trims padding by assigning keys/values."""
+    plain, growing = DynamicLayer(), GrowingLayer(room=8)
+    for layer in (plain, growing):
+        layer.update(*_states(3, 6, 0))
+        keep = torch.tensor([0, 2])
+        layer.keys, layer.values = layer.keys[keep, :, 2:], layer.values[keep, :, 2:]
+    for step in range(3):
+        k, v = _states(2, 1, step + 1)
+        pk, pv = plain.update(k, v)
+        gk, gv = growing.update(k, v)
+        assert torch.equal(pk, gk) and torch.equal(pv, gv)
+    assert growing.keys.shape == (2, 2, 7, 4)
+
+
+def test_growing_cache_only_for_plain_dynamic_layers():
+    from transformers import LlamaConfig, MistralConfig
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                         intermediate_size=32, vocab_size=64)
+    assert all(type(layer) is GrowingLayer for layer in growing_cache(config).layers)
+    sliding = MistralConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                            intermediate_size=32, vocab_size=64, sliding_window=4)
+    assert not any(isinstance(layer, GrowingLayer) for layer in growing_cache(sliding).layers)
