@@ -36,9 +36,11 @@ STREAMABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "starcoder
 
 
 def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
-                   quantize_module: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+                   quantize_module: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                   int4: bool = False):
     """The model of `folder/gguf_file` in `dtype`, Linear layers passed through
-    `quantize_module` (it returns the replacement module) as they complete;
+    `quantize_module` (it returns the replacement module) as they complete, or
+    with `int4` their Q4_0 / Q4_1 weights kept 4-bit (quantize.Int4Linear);
     None for an architecture not in STREAMABLE (the MoE processors split and
     merge tensors across calls): transformers' own path loads those."""
     from accelerate import init_empty_weights
@@ -69,6 +71,10 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
         # one memory map per tensor: its file pages leave the RSS with it (a map of the
         # whole file would hold every page read, ~94 MiB for SmolLM2, until the end)
         data = np.memmap(path, dtype=np.dtype(info[3]), mode="r", offset=info[2], shape=tuple(info[4]))
+        if int4 and qtype.name in ("Q4_0", "Q4_1") and \
+                _keep_int4(model, data, qtype.name, gguf_name, processor, key_map, parsed, dtype, linears):
+            del data
+            continue
         name, value = _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtype)
         del data
         if name in key_map:
@@ -99,6 +105,31 @@ def _place(model, hf_name: str, value: torch.Tensor, gguf_name: str, linears, qu
     if quantize_module is not None and module_name in linears and \
             not any(p.is_meta for p in module.parameters()) and not _tied(model, module):
         _replace(model, module_name, quantize_module(module))
+
+
+def _keep_int4(model, data, kind: str, gguf_name: str, processor, key_map, parsed, dtype,
+               linears) -> bool:
+    """Put a Q4_0 / Q4_1 Linear weight into the model as a quantize.Int4Linear;
+    False (dequantize it as usual) for anything else. The architecture's
+    processor is run on the row numbers to learn the tensor's name and the row
+    order it wants (Llama's q/k permutation)."""
+    from .quantize import int4_from_gguf
+
+    rows = np.arange(data.shape[0], dtype=np.float32).reshape(-1, 1)
+    result = processor.process(weights=rows, name=gguf_name, tensor_key_mapping=key_map,
+                               parsed_parameters=parsed)
+    hf_name = key_map.get(result.name, "")
+    module_name, _, attr = hf_name.rpartition(".")
+    module = linears.get(module_name)
+    if attr != "weight" or module is None or _tied(model, module) or \
+            np.shape(result.weights) != rows.shape:
+        return False
+    new = int4_from_gguf(kind, data, np.asarray(result.weights)[:, 0].astype(np.int64), dtype)
+    if module.bias is not None:
+        new.bias = module.bias       # meta until its own tensor arrives (_place sets it)
+    _replace(model, module_name, new)
+    linears[module_name] = new
+    return True
 
 
 def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtype, rows: int = 4096):

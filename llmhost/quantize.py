@@ -9,6 +9,15 @@ picks bfloat16 only where the flags say so.
 int8: weights only, per output channel, with torchao (``quantize_linear``
 says why); the output head, tied to the input embedding in small models,
 stays in the model's dtype.
+
+int4 (GGUF files only): the file's own 4-bit Linear weights are kept as they
+are, not dequantized. A Q4_0 / Q4_1 block (32 weights, w = d*q + m with q in
+0..15) is exactly what torch's int4 CPU kernel computes (groups of 32 along
+the input, w = (q - 8)*scale + zero: scale = d, zero = m + 8d), so the weights
+equal the dequantized file's and a decode step reads a quarter of bfloat16's
+bytes: at batch 1 a step of a model this size is bound by memory bandwidth,
+not by arithmetic (README, Performance). Tensors of other types (Q4_K, Q6_K,
+Q8_0, ...) are dequantized as before.
 """
 from __future__ import annotations
 
@@ -16,7 +25,8 @@ import functools
 
 import torch
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
+INT4_GROUP = 32
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (Cooper Lake, Sapphire Rapids+), arm64
 
 
@@ -91,3 +101,49 @@ def model_bytes(model: torch.nn.Module, count: bool = False) -> int:
 
     return sum(size(t) for t in model.state_dict(keep_vars=True).values()
                if isinstance(t, torch.Tensor))
+
+
+class Int4Linear(torch.nn.Module):
+    """A Linear layer (no bias) whose weight is a GGUF Q4_0 / Q4_1 tensor, run
+    by torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``)."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int,
+                 out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", packed)               # uint8 [N, K / 2]
+        self.register_buffer("scales_zeros", scales_zeros)   # [K / 32, N, 2]
+        self.bias = None                                       # set by the loader if any
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).to(self.scales_zeros.dtype).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP,
+                                                         self.scales_zeros)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group 32"
+
+
+def int4_from_gguf(kind: str, blocks, rows, dtype: torch.dtype) -> Int4Linear:
+    """An Int4Linear from a GGUF Q4_0 (`kind` "Q4_0") or Q4_1 tensor: `blocks`
+    its raw bytes (numpy uint8, one row of blocks per output feature), `rows`
+    the output-row order the model wants (an architecture's q/k permutation)."""
+    import numpy as np
+
+    head = 4 if kind == "Q4_1" else 2
+    data = np.asarray(blocks)[np.asarray(rows)]
+    n = data.shape[0]
+    data = data.reshape(n, -1, head + 16)                    # [N, K / 32, block]
+    d = data[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = data[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if head == 4 \
+        else -8 * d                                            # Q4_0: w = d * (q - 8)
+    qs = data[..., head:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, -1)   # q of weight k in 0..15
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 1)
+    scales_zeros = torch.from_numpy(np.stack([d, m + 8 * d], axis=-1)).transpose(0, 1)
+    return Int4Linear(packed, scales_zeros.contiguous().to(dtype), q.shape[1], n)
+

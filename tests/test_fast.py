@@ -22,10 +22,16 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 
 def recipe(gguf: str, dtype: torch.dtype, quantization: str | None):
-    """README's in-process recipe: transformers' own GGUF loader, then torchao."""
+    """README's in-process recipe: transformers' own GGUF loader, then torchao;
+    for int4, llmhost's GGUF reader (the int4 layers are llmhost's) and
+    transformers' generate."""
     from transformers import AutoModelForCausalLM
 
     folder, name = os.path.split(gguf)
+    if quantization == "int4":
+        from llmhost.gguf_stream import load_causal_lm
+
+        return load_causal_lm(folder, name, dtype, int4=True).eval()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval()
     if quantization == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -35,14 +41,15 @@ def recipe(gguf: str, dtype: torch.dtype, quantization: str | None):
     return model
 
 
-@pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"quantization": "int8"}],
-                         ids=["bfloat16", "int8"])
+@pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"quantization": "int8"},
+                                     {"quantization": "int4"}], ids=["bfloat16", "int8", "int4"])
 def test_greedy_through_the_server_equals_in_process(server, smollm2_gguf, smollm2_reference, options):
     tok, _ = smollm2_reference
     served = "smollm2-" + "-".join(str(v) for v in options.values())
     body = server.load(smollm2_gguf, id=served, **options)
     validate(body, "Model")
-    want_dtype = "float32" if options.get("quantization") else options["dtype"]
+    want_dtype = {"int8": "float32", "int4": "bfloat16"}.get(options.get("quantization"),
+                                                             options.get("dtype"))
     assert body["dtype"] == want_dtype and body["quantization"] == options.get("quantization")
     model = recipe(smollm2_gguf, getattr(torch, want_dtype), options.get("quantization"))
     try:
@@ -64,15 +71,41 @@ def test_greedy_through_the_server_equals_in_process(server, smollm2_gguf, smoll
         requests.delete(server.url + f"/v1/models/{served}", timeout=60)
 
 
-def test_quantization_is_validated_and_cpu_only(client, tiny_models):
-    assert_error(client.post("/v1/models", json={"model": "x", "quantization": "int4"}), 400,
+def test_quantization_is_validated_and_cpu_only(client, tiny_models, smollm2_gguf):
+    assert_error(client.post("/v1/models", json={"model": "x", "quantization": "int3"}), 400,
                  "quantization")
+    # int4 keeps a GGUF's own 4-bit weights: not for other models; it computes in bfloat16
+    assert_error(client.post("/v1/models", json={"model": tiny_models["gpt2"], "quantization": "int4"}),
+                 400, "quantization")
+    assert_error(client.post("/v1/models", json={"model": smollm2_gguf, "quantization": "int4",
+                                                 "dtype": "float32"}), 400, "dtype")
     # int8 with bfloat16 activations failed the quality check: refused, naming dtype
     assert_error(client.post("/v1/models", json={"model": tiny_models["gpt2"], "quantization": "int8",
                                                  "dtype": "bfloat16"}), 400, "dtype")
     if torch.cuda.is_available():
         assert_error(client.post("/v1/models", json={"model": "x", "device": "cuda",
                                                      "quantization": "int8"}), 400, "quantization")
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_int4_layer_computes_the_dequantized_gguf_weights(kind):
+    """quantize.Int4Linear on a Q4_0 / Q4_1 tensor (gguf-py's own quantizer)
+    equals a float32 matmul with gguf's dequantized weights, rows reordered as
+    asked: the int4 kernel runs the file's weights exactly."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    from llmhost.quantize import int4_from_gguf
+
+    rng = np.random.default_rng(0)
+    qtype = GGMLQuantizationType[kind]
+    blocks = quantize(rng.standard_normal((48, 96)).astype(np.float32), qtype)
+    weight = torch.from_numpy(dequantize(blocks, qtype).copy())
+    rows = rng.permutation(48)
+    layer = int4_from_gguf(kind, blocks, rows, torch.float32)
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(layer(x), x @ weight[rows].T, rtol=1e-5, atol=1e-4)
+    assert layer(x.unsqueeze(0)).shape == (1, 5, 48)
 
 
 def test_auto_dtype_follows_the_cpu_flags():

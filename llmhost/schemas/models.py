@@ -22,7 +22,8 @@ class LoadModelSchema(Schema):
                        "models where the CPU has native bf16 (AVX512-BF16, AMX), else float32."})
     quantization = fields.String(allow_none=True, validate=validate.OneOf(QUANTIZATIONS), metadata={
         "description": "`int8`: int8 weights (per output channel) for the Linear layers, on CPU; "
-                       "computes in float32."})
+                       "computes in float32. `int4`: a GGUF file's own Q4_0 / Q4_1 weights kept "
+                       "4-bit (torch's int4 CPU kernel), on CPU; computes in bfloat16."})
     revision = fields.String(allow_none=True, validate=validate.Length(min=1, max=256),
                              metadata={"description": "Hub branch, tag or commit."})
     gguf_file = fields.String(allow_none=True, validate=validate.Length(min=1, max=1024), metadata={
