@@ -119,6 +119,20 @@ class _Row:
         return self.done or self.gen.cancelled or self.index in self.gen.finished
 
 
+def lone_row_threads(config, threads: int, device) -> int:
+    """torch's CPU threads for a decode step of one row (LLMHOST_LONE_ROW_THREADS;
+    0: half of torch's threads, at least one). A lone row's step is bound by
+    memory bandwidth, not arithmetic, and every thread of it stalls while any
+    other thread of the machine (the HTTP thread writing the token, a client)
+    holds its core: on this project's 2 cores SmolLM2 int4 streamed 1.34x faster
+    to one client with one thread than with two, and 8 clients 0.73x slower
+    (README, Performance), so batches keep every thread."""
+    if device.type != "cpu":
+        return threads
+    wanted = int(config.LONE_ROW_THREADS)
+    return max(1, min(threads, wanted if wanted > 0 else threads // 2))
+
+
 class Scheduler(ModelWorker):
     """Continuous batching for one loaded causal LM."""
 
@@ -135,6 +149,8 @@ class Scheduler(ModelWorker):
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
+        self.threads = torch.get_num_threads()
+        self.row_threads = lone_row_threads(config, self.threads, self.device)
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -228,10 +244,18 @@ class Scheduler(ModelWorker):
             rows += n
         return admitted
 
+    def _threads(self, rows: int) -> None:
+        """torch's CPU threads for the next step: fewer for a lone decoding row
+        (lone_row_threads says why), all of them otherwise."""
+        want = self.row_threads if rows == 1 else self.threads
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
+
     def _prefill_isolated(self, gens: list[Generation]) -> None:
         """Prefill `gens`; when that fails before their rows joined the batch,
         the running rows are untouched: prefill each request alone, so only the
         one that fails (an input the model cannot take) gets the error."""
+        self._threads(0)
         rows = self._rows
         try:
             self._prefill(gens)
@@ -303,6 +327,7 @@ class Scheduler(ModelWorker):
     @torch.inference_mode()
     def _decode(self) -> None:
         rows = self._rows
+        self._threads(len(rows))
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long)
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
