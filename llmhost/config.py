@@ -53,7 +53,7 @@ class Config:
         ("QUEUE_TIMEOUT", float, 600.0),
         ("MAX_BATCH", int, 32),
         ("BATCH_WAIT_MS", float, 25.0),
-        ("LONE_ROW_THREADS", int, 0),    # 0: half of torch's CPU threads (engine/scheduler.py)
+        ("LONE_ROW_THREADS", int, 0),    # 0: all of torch's CPU threads (engine/scheduler.py)
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),
         ("EMBED_TOKEN_IDS", str, "cl100k_base"),

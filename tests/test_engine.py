@@ -183,15 +183,14 @@ def test_close_fails_running_and_waiting_requests(llama, make_scheduler):
 
 
 def test_a_lone_row_decodes_with_fewer_threads_and_a_batch_with_all(llama, make_scheduler):
-    """LLMHOST_LONE_ROW_THREADS: 0 is half of torch's threads (at least one), a
-    number is taken as it is (up to torch's count); GPUs keep theirs. The answer
-    is the same with any thread count."""
+    """LLMHOST_LONE_ROW_THREADS: 0 is all of torch's threads, a number is taken
+    as it is (up to torch's count); GPUs keep theirs. The answer is the same
+    with any thread count."""
     from llmhost.engine.scheduler import lone_row_threads
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert lone_row_threads(TestConfig(), 2, cpu) == 1
-    assert lone_row_threads(TestConfig(), 8, cpu) == 4
-    assert lone_row_threads(TestConfig(), 1, cpu) == 1
+    assert lone_row_threads(TestConfig(), 2, cpu) == 2
+    assert lone_row_threads(TestConfig(LONE_ROW_THREADS=1), 2, cpu) == 1
     assert lone_row_threads(TestConfig(LONE_ROW_THREADS=3), 8, cpu) == 3
     assert lone_row_threads(TestConfig(LONE_ROW_THREADS=99), 8, cpu) == 8
     assert lone_row_threads(TestConfig(), 8, cuda) == 8

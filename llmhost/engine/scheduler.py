@@ -121,16 +121,18 @@ class _Row:
 
 def lone_row_threads(config, threads: int, device) -> int:
     """torch's CPU threads for a decode step of one row (LLMHOST_LONE_ROW_THREADS;
-    0: half of torch's threads, at least one). A lone row's step is bound by
+    0: all of them). A lone row's step of a small quantized model is bound by
     memory bandwidth, not arithmetic, and every thread of it stalls while any
     other thread of the machine (the HTTP thread writing the token, a client)
-    holds its core: on this project's 2 cores SmolLM2 int4 streamed 1.34x faster
-    to one client with one thread than with two, and 8 clients 0.73x slower
-    (README, Performance), so batches keep every thread."""
+    holds its core: on this project's 2 cores SmolLM2 int4 streamed 1.40x faster
+    to one client with one thread than with two, at no cost to 8 clients (README,
+    Performance). Not the default: bench-gpt2 in float32 (more arithmetic per
+    byte) fell from 1.05x to 0.72x of in-process generate at one client with it.
+    Batches and prefills always use every thread."""
     if device.type != "cpu":
         return threads
     wanted = int(config.LONE_ROW_THREADS)
-    return max(1, min(threads, wanted if wanted > 0 else threads // 2))
+    return max(1, min(threads, wanted)) if wanted > 0 else threads
 
 
 class Scheduler(ModelWorker):
