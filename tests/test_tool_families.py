@@ -75,8 +75,8 @@ def family_paths(tmp_path_factory) -> dict:
 def families(server, family_paths) -> dict:
     """{family: served model id}, loaded once in the shared server."""
     for family, path in family_paths.items():
-        server.load(path, id=f"tiny-{family}")
-    return {family: f"tiny-{family}" for family in family_paths}
+        server.load(path, id=f"family-{family}")
+    return {family: f"family-{family}" for family in family_paths}
 
 
 def body(families, family: str, **extra) -> dict:
