@@ -164,7 +164,7 @@ def call_syntax(template: dict | None) -> str | None:
     if not field_:
         return None
     opener = field_.get("open") or field_.get("open_pattern") or ""
-    if field_ is LLAMA3["fields"]["tool_calls"] or opener == LLAMA3["fields"]["tool_calls"]["open_pattern"]:
+    if opener == LLAMA3["fields"]["tool_calls"]["open_pattern"]:
         return "llama3"
     if opener == "[TOOL_CALLS]":
         return "mistral"
@@ -213,13 +213,10 @@ def response_template(entry, fallback: bool, source: str = "") -> dict | None:
     own = getattr(tokenizer, "response_template", None)
     if own:
         return own
-    if family_template(source) is not None:
-        return family_template(source)
-    try:
-        from transformers.cli.serving.utils import get_response_template
-        family = get_response_template(tokenizer, entry.model)
-    except Exception:  # pragma: no cover - transformers without serving helpers
-        family = None
+    family = family_template(source)
+    if family is not None:
+        return family
+    family = _transformers_family(getattr(entry.model.config, "model_type", ""))
     if family is not None:
         return family
     if "tools" in source and "<tool_call>" in source and re.search(r'\{\\?"name\\?":', source):
