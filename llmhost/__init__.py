@@ -10,8 +10,9 @@ from .version import __version__  # noqa: F401  (llmhost.__version__)
 def create_app(config: Config | None = None) -> Flask:
     """Config -> extensions -> blueprints. Only wsgi.py (and tests) call this."""
     from . import api as api_modules
-    from . import auth, cors, limits, observability, preload, web
-    from .extensions import Api
+    from .http import auth, cors, limits, observability, pages
+    from .models import preload
+    from .http.extensions import Api
 
     config = config or Config()
     app = Flask(__name__)
@@ -27,6 +28,6 @@ def create_app(config: Config | None = None) -> Flask:
     cors.init_app(app, config.CORS_ORIGINS)
     for module in api_modules.MODULES:
         api.register_blueprint(module.blp)
-    web.init_app(app)  # the chat page at / and the docs' own assets (no CDN)
+    pages.init_app(app)  # the chat page at / and the docs' own assets (no CDN)
     preload.start(app, config)  # LLMHOST_MODELS, in a background thread of this (worker) process
     return app

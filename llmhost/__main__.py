@@ -1,4 +1,4 @@
-"""`python -m llmhost`: the same command as `llmhost` (llmhost/cli.py)."""
-from .cli import main
+"""`python -m llmhost`: the same command as `llmhost` (llmhost/server/cli.py)."""
+from .server.cli import main
 
 main(prog_name="llmhost")

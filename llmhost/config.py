@@ -46,7 +46,7 @@ class Config:
         ("DEFAULT_TOP_P", float, 0.9),
         ("MAX_N", int, 8),
         ("MAX_MESSAGES", int, 1024),
-        ("MAX_TOOL_CALLS", int, 32),     # per choice; 0: no limit (engine/callguard.py)
+        ("MAX_TOOL_CALLS", int, 32),     # per choice; 0: no limit (generation/callguard.py)
         ("MAX_GRAMMAR_BYTES", int, 64 * 1024),
         ("MAX_PROMPT_TOKENS", int, 0),
         ("MAX_QUEUE", int, 64),
@@ -82,7 +82,7 @@ class Config:
     OPENAPI_URL_PREFIX = "/"
     OPENAPI_JSON_PATH = "openapi.json"
     OPENAPI_SWAGGER_UI_PATH = "/docs"
-    # Served by llmhost itself (llmhost/web.py), so the docs work offline.
+    # Served by llmhost itself (llmhost/http/pages.py), so the docs work offline.
     OPENAPI_SWAGGER_UI_URL = "/assets/swagger-ui/"
     OPENAPI_REDOC_PATH = "/redoc"
     OPENAPI_REDOC_URL = "/assets/redoc/redoc.standalone.js"

@@ -14,7 +14,7 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# Model journals (llmhost/journal.py) and stored responses go to a private
+# Model journals (llmhost/models/journal.py) and stored responses go to a private
 # folder, never the user's data dir.
 os.environ["LLMHOST_STATE_DIR"] = tempfile.mkdtemp(prefix="llmhost-state-")
 
@@ -40,7 +40,7 @@ def hf_home() -> str:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, hf_home) -> dict:
     """{'gpt2': folder, 'llama': folder, 'cached': hub id}: built once per session."""
-    from llmhost.tinymodels import build_gpt2, build_llama, write_hub_cache
+    from llmhost.dev.tinymodels import build_gpt2, build_llama, write_hub_cache
 
     root = tmp_path_factory.mktemp("models")
     gpt2 = build_gpt2(str(root / "tiny-gpt2"))
@@ -85,7 +85,7 @@ def smollm2_reference(smollm2_gguf):
     the dtype the server's `auto` picks on this CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmhost.quantize import auto_cpu_dtype
+    from llmhost.models.quantize import auto_cpu_dtype
 
     folder, name = os.path.split(smollm2_gguf)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -100,8 +100,8 @@ def local_gpt2(tiny_models):
     it: the registry is the process's); unloaded after each module, so that
     in-process registry tests elsewhere find only the models they loaded."""
     from llmhost.config import TestConfig
-    from llmhost.loading import LoadSpec
-    from llmhost.registry import registry
+    from llmhost.models.loading import LoadSpec
+    from llmhost.models.registry import registry
 
     registry.load(LoadSpec(model=tiny_models["gpt2"], id="local-gpt2"), TestConfig())
     yield "local-gpt2"
@@ -187,7 +187,7 @@ def make_app():
     loads into the process's registry are unloaded after it."""
     from llmhost import create_app
     from llmhost.config import TestConfig
-    from llmhost.registry import registry
+    from llmhost.models.registry import registry
 
     before = {entry.id for entry in registry.list()}
     yield lambda **settings: create_app(TestConfig(**settings))

@@ -11,7 +11,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from llmhost.process import Server, free_port  # noqa: F401  (one copy, shared with the benchmark)
+from llmhost.server.process import Server, free_port  # noqa: F401  (one copy, shared with the benchmark)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "tests", "data", "openai_schemas.json")
@@ -105,8 +105,8 @@ def loaded_ids(server: Server) -> list[str]:
 def load_local(path: str, model_id: str, config=None, **options):
     """Load into this process's registry with `config` (TestConfig() by default)."""
     from llmhost.config import TestConfig
-    from llmhost.loading import LoadSpec
-    from llmhost.registry import registry
+    from llmhost.models.loading import LoadSpec
+    from llmhost.models.registry import registry
 
     spec = LoadSpec(model=path, id=model_id, device="cpu", **options)
     return registry.load(spec, config or TestConfig())[0]

@@ -48,8 +48,8 @@ def test_docs_public_by_default_and_key_file_required(make_app, tmp_path):
 
 def test_autoload_follows_admin_rules(make_app, tiny_models):
     from llmhost.api.access import use_model
-    from llmhost.errors import APIError
-    from llmhost.registry import registry
+    from llmhost.http.errors import APIError
+    from llmhost.models.registry import registry
 
     repo = tiny_models["cached"]
     off = make_app()  # autoload off

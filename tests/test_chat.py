@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from genutil import eos_ids, post, reference, sse
-from llmhost.engine.text import token_bytes
+from llmhost.generation.text import token_bytes
 from support import assert_error, validate
 
 # SmolLM2 answers this greedily with an emoji and CJK characters that its

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from genutil import eos_ids, post, reference, sse
-from llmhost.engine.text import token_string
+from llmhost.generation.text import token_string
 from support import assert_error, validate
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 
-from llmhost.errors import from_engine
+from llmhost.http.errors import from_engine
 from support import assert_error, validate, wait_for
 
 SENTENCES = [
@@ -235,7 +235,7 @@ def test_openapi_documents_the_route(server):
 @pytest.fixture(scope="module")
 def loaded(minilm_dir):
     from llmhost.config import TestConfig
-    from llmhost.loading import LoadSpec, load
+    from llmhost.models.loading import LoadSpec, load
     return load(LoadSpec(model=minilm_dir), TestConfig())
 
 
@@ -391,7 +391,7 @@ def test_a_failing_forward_pass_answers_the_waiting_request(loaded):
 
 
 def test_bench_embed_runs(server, minilm, minilm_dir, capsys):
-    from llmhost.bench import main
+    from llmhost.dev.bench import main
 
     assert main(["embed", "--url", server.url, "--model", minilm, "--inputs", "4", "--words", "5",
                  "--repeat", "1", "--compare-inprocess", minilm_dir]) == 0

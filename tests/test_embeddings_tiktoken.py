@@ -36,7 +36,7 @@ def test_langchain_default_openai_embeddings(server, minilm):
     the vectors equal those of the same texts sent as strings."""
     from langchain_openai import OpenAIEmbeddings
 
-    from llmhost.openai_tokens import ensure_offline
+    from llmhost.generation.openai_tokens import ensure_offline
 
     ensure_offline()  # the client's tiktoken needs the file too (no network here)
     sent = []
@@ -61,7 +61,7 @@ def test_langchain_default_openai_embeddings(server, minilm):
 def test_token_ids_decoded_with_tiktoken(server, minilm):
     import tiktoken
 
-    from llmhost.openai_tokens import ensure_offline
+    from llmhost.generation.openai_tokens import ensure_offline
 
     ensure_offline()
     ids = [tiktoken.get_encoding("cl100k_base").encode(t) for t in TEXTS]
@@ -83,7 +83,7 @@ def test_server_setting_reads_model_ids(tiny_models, minilm_dir):
     """LLMHOST_EMBED_TOKEN_IDS=model: token ids are the model's own by default."""
     from llmhost import create_app
     from llmhost.config import TestConfig
-    from llmhost.registry import registry
+    from llmhost.models.registry import registry
 
     client = create_app(TestConfig(EMBED_TOKEN_IDS="model")).test_client()
     r = client.post("/v1/models", json={"model": minilm_dir, "id": "minilm-model-ids"})

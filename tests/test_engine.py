@@ -8,8 +8,8 @@ import torch
 
 from llmhost.config import TestConfig
 from llmhost.engine.errors import ModelClosed, QueueFull, QueueTimeout
-from llmhost.errors import from_engine
-from llmhost.loading import LoadSpec, load
+from llmhost.http.errors import from_engine
+from llmhost.models.loading import LoadSpec, load
 from llmhost.engine.sampling import SamplingParams
 from llmhost.engine.scheduler import GenerationRequest, Scheduler
 

@@ -15,7 +15,7 @@ import torch
 from genutil import post
 from support import ROOT, assert_error, validate
 
-from llmhost.quantize import auto_cpu_dtype, cpu_has_native_bf16
+from llmhost.models.quantize import auto_cpu_dtype, cpu_has_native_bf16
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Why is the sky blue?"]
@@ -29,7 +29,7 @@ def recipe(gguf: str, dtype: torch.dtype, quantization: str | None):
 
     folder, name = os.path.split(gguf)
     if quantization == "int4":
-        from llmhost.gguf_stream import load_causal_lm
+        from llmhost.models.gguf import load_causal_lm
 
         return load_causal_lm(folder, name, dtype, int4=True).eval()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval()
@@ -95,7 +95,7 @@ def test_int4_layer_computes_the_dequantized_gguf_weights(kind):
     import numpy as np
     from gguf import GGMLQuantizationType, dequantize, quantize
 
-    from llmhost.quantize import int4_from_gguf
+    from llmhost.models.quantize import int4_from_gguf
 
     rng = np.random.default_rng(0)
     qtype = GGMLQuantizationType[kind]
@@ -126,7 +126,7 @@ def status(key):
     with open("/proc/self/status") as fh:
         return int(fh.read().split(key + ":")[1].split()[0]) * 1024
 from llmhost.config import TestConfig
-from llmhost.loading import LoadSpec, load
+from llmhost.models.loading import LoadSpec, load
 before = status("VmRSS")
 loaded = load(LoadSpec(model={gguf!r}, **{options!r}), TestConfig())
 import gc; gc.collect()

@@ -125,7 +125,7 @@ def test_device_map_auto_loads_and_generates(model_path):
     from llmhost.config import TestConfig
     from llmhost.engine.sampling import SamplingParams
     from llmhost.engine.scheduler import GenerationRequest, Scheduler
-    from llmhost.loading import LoadSpec, _load_causal_lm, resolve_source
+    from llmhost.models.loading import LoadSpec, _load_causal_lm, resolve_source
 
     spec = LoadSpec(model=model_path)
     loaded = _load_causal_lm(resolve_source(spec, TestConfig()), spec, "cuda", "auto", torch.float16)
@@ -145,7 +145,7 @@ def test_device_map_auto_loads_and_generates(model_path):
 def test_unload_returns_cuda_memory_to_baseline(tiny_models):
     from llmhost import create_app
     from llmhost.config import TestConfig
-    from llmhost.registry import registry
+    from llmhost.models.registry import registry
 
     gc.collect()
     torch.cuda.synchronize()

@@ -16,8 +16,8 @@ from llmhost.engine.sampling import RowSampler, SamplingParams
 LOGPROB_FLOOR = -9999.0   # OpenAI's floor, documented in README
 from llmhost.engine.scheduler import GenerationRequest, Scheduler
 from llmhost.engine.errors import EngineError
-from llmhost.errors import from_engine
-from llmhost.loading import LoadSpec, load
+from llmhost.http.errors import from_engine
+from llmhost.models.loading import LoadSpec, load
 from support import assert_error, validate
 
 

@@ -37,7 +37,7 @@ def _events(response) -> list:
 
 
 def test_streamed_load_events(client, tiny_models, caplog):
-    from llmhost.registry import registry
+    from llmhost.models.registry import registry
 
     caplog.set_level(logging.INFO, logger="llmhost")
     r = client.post("/v1/models", json={"model": tiny_models["llama"], "id": "streamed", "stream": True})
@@ -79,7 +79,7 @@ def test_stream_flag_is_validated(client, tiny_models):
 def test_cached_lists_files_and_folders_under_model_dirs(tmp_path, tiny_models, smollm2_gguf):
     from llmhost import create_app
     from llmhost.config import TestConfig
-    from llmhost.registry import registry
+    from llmhost.models.registry import registry
 
     root = tmp_path / "models"
     shutil.copytree(tiny_models["gpt2"], root / "team" / "gpt2")
@@ -117,7 +117,7 @@ def test_unknown_model_still_404(client, path):
 def test_hub_download_bytes_feed_the_tracker():
     """snapshot_download reports its bytes to the tqdm class it is given (no Hub
     here: the class is driven as huggingface_hub drives it)."""
-    from llmhost import progress
+    from llmhost.models import progress
 
     tracker = progress.Tracker("org/model", "org/model")
     bar = progress.hub_tqdm(tracker)(desc="Downloading bytes", total=0, unit="B", unit_scale=True,

@@ -8,9 +8,9 @@ import requests
 import torch
 
 from llmhost.config import TestConfig
-from llmhost.loading import LoadSpec, load
-from llmhost.memcheck import estimate, free_cpu_bytes
-from llmhost.quantize import auto_cpu_dtype
+from llmhost.models.loading import LoadSpec, load
+from llmhost.models.memory import estimate, free_cpu_bytes
+from llmhost.models.quantize import auto_cpu_dtype
 from support import Server, assert_error
 
 

@@ -30,8 +30,8 @@ def test_keep_alive_unloads_idle_models(policy, tiny_models):
 
 
 def test_lru_skips_busy_models_and_refuses_when_all_are_busy(make_app, tiny_models):
-    from llmhost.errors import APIError
-    from llmhost.registry import registry
+    from llmhost.http.errors import APIError
+    from llmhost.models.registry import registry
 
     from llmhost.config import TestConfig
 
@@ -53,7 +53,7 @@ def test_lru_skips_busy_models_and_refuses_when_all_are_busy(make_app, tiny_mode
 
 
 def test_keep_alive_spares_busy_models(make_app, tiny_models):
-    from llmhost.registry import registry
+    from llmhost.models.registry import registry
 
     make_app()
     load_local(tiny_models["gpt2"], "ttl", keep_alive=0.2)

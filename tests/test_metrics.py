@@ -33,7 +33,7 @@ def test_metrics_count_requests_and_loads(policy, tiny_models):
 
 
 def test_token_and_ttft_metrics():
-    from llmhost import metrics
+    from llmhost.engine import metrics
 
     def read():
         body, _ = metrics.exposition()

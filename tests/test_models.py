@@ -6,7 +6,7 @@ import pytest
 import requests
 
 from support import assert_error, validate
-from llmhost.quantize import auto_cpu_dtype
+from llmhost.models.quantize import auto_cpu_dtype
 
 
 # -- in-process (Flask test client) -------------------------------------------

@@ -1,7 +1,7 @@
 """POST /v1/responses end to end through gunicorn and the official openai
 client: the same generation as chat (SmolLM2), the event stream, stored
 conversations, token counting, bad input, and tools and structured output
-through the chat layer's tool calling (engine/agents.py)."""
+through the chat layer's tool calling (generation/tools.py)."""
 import json
 import re
 import socket

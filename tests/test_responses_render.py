@@ -1,6 +1,6 @@
 """The Responses API's translation and rendering without a model: request
 items to chat messages, and the chat layer's choices (text, tool calls,
-reasoning; see engine/outputs.py) to output items and stream events, each
+reasoning; see generation/run.py) to output items and stream events, each
 checked against the official schemas. Generation itself is tested end to end
 in test_responses.py; this covers the tool-call and reasoning shapes that
 the chat layer hands over."""
@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from llmhost import conversation
+from llmhost.generation import conversation
 from llmhost.api.responses import Renderer, _events
-from llmhost.engine.outputs import Choice, ChoiceDelta
+from llmhost.generation.run import Choice, ChoiceDelta
 from llmhost.engine.errors import ModelClosed
-from llmhost.errors import APIError
+from llmhost.http.errors import APIError
 from support import validate
 
 CALL = {"id": "call_1", "type": "function",
@@ -77,7 +77,7 @@ def test_an_output_without_its_call_is_refused():
 
 
 def _started(deltas, params=None):
-    """What serving.start hands over, around a stand-in for engine/outputs.Run:
+    """What serving.start hands over, around a stand-in for generation/run.Run:
     `deltas()` a generator, as Run's is; `cancel(reason)` records the reason."""
     cancelled: list[str] = []
     run = SimpleNamespace(deltas=lambda: (d for d in deltas), cancelled=False, prompt_tokens=11,

@@ -1,5 +1,5 @@
 """No client can starve the server (issue 9, section 4): slow senders wait in
-the worker's event loop (llmhost/gworker.py) instead of holding threads, so
+the worker's event loop (llmhost/server/gworker.py) instead of holding threads, so
 /health and chat answer while 40 connections trickle one header byte per
 second or stall halfway through a body; they are dropped after
 LLMHOST_READ_TIMEOUT. And the nginx config the README recommends is valid."""

@@ -1,9 +1,10 @@
 """SSE framing and client-disconnect detection, in-process."""
 import socket
 
-from llmhost import create_app, sse
+from llmhost import create_app
+from llmhost.http import sse
 from llmhost.config import TestConfig
-from llmhost.errors import APIError
+from llmhost.http.errors import APIError
 
 
 def _body(chunks) -> list[str]:

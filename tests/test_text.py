@@ -4,8 +4,8 @@ model's template (or the fallback) says."""
 import pytest
 from transformers import AutoTokenizer
 
-from llmhost.engine.prompt import FALLBACK_TEMPLATE
-from llmhost.engine.text import ChoiceText, Detokenizer, StopMatcher, token_bytes, token_string
+from llmhost.generation.prompt import FALLBACK_TEMPLATE
+from llmhost.generation.text import ChoiceText, Detokenizer, StopMatcher, token_bytes, token_string
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def tok(tiny_models):
 
 def byte_ids(tok, text: str) -> list[int]:
     """`text` as one token per UTF-8 byte: how byte-level BPE spells rare characters."""
-    from llmhost.engine.text import _byte_decoder
+    from llmhost.generation.text import _byte_decoder
     to_char = {b: c for c, b in _byte_decoder().items()}
     return [tok.convert_tokens_to_ids(to_char[b]) for b in text.encode("utf-8")]
 

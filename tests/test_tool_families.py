@@ -61,7 +61,7 @@ def calls_regex(family: str, two: bool) -> str:
 @pytest.fixture(scope="module")
 def family_paths(tmp_path_factory) -> dict:
     """{family: model folder}: built once for this module."""
-    from llmhost.tinymodels import build_family_tools
+    from llmhost.dev.tinymodels import build_family_tools
 
     root = tmp_path_factory.mktemp("families")
     out = {}
@@ -173,8 +173,8 @@ def test_gemma4_results_continue_the_model_turn(family_paths):
     """Gemma 4's template reads results from the calling turn's
     tool_responses: the tool messages fold into it and the model's turn goes
     on after them (no "tool" turn)."""
-    from llmhost.engine.agents import build_chat
-    from llmhost.registry import registry
+    from llmhost.generation.tools import build_chat
+    from llmhost.models.registry import registry
     from support import load_local
 
     entry = load_local(family_paths["gemma4"], "local-gemma4")
@@ -240,7 +240,7 @@ def test_auto_with_response_format_calls_or_answers(server, families, family):
 def _parse_templates() -> dict:
     from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
 
-    from llmhost.engine import parsing
+    from llmhost.generation import parsing
 
     by_type = {t: v for types, v in _RESPONSE_TEMPLATE_FALLBACKS.items() for t in types}
     # (template, the prompt's tail the parser is given as prefix)
@@ -254,7 +254,7 @@ def _parse_templates() -> dict:
 @pytest.fixture(scope="module")
 def grammar_tokenizer():
     """A byte-level tokenizer where the families' markers are special tokens."""
-    from llmhost.tinymodels import build_tokenizer
+    from llmhost.dev.tinymodels import build_tokenizer
 
     tok = build_tokenizer(512, chat=True)
     tok.add_special_tokens({"additional_special_tokens": [
@@ -293,9 +293,10 @@ def test_grammar_output_parses_back(grammar_tokenizer, syntax, choice, parallel)
     import torch
     import xgrammar as xgr
 
-    from llmhost.engine import callgrammar, constrain
-    from llmhost.engine.parsing import OutputParser, join_calls, markers
-    from llmhost.engine.text import ChoiceText
+    from llmhost.generation import callgrammar
+    from llmhost.engine import constrain
+    from llmhost.generation.parsing import OutputParser, join_calls, markers
+    from llmhost.generation.text import ChoiceText
 
     tok = grammar_tokenizer
     template, prefix = _parse_templates()[syntax]
@@ -350,8 +351,8 @@ def test_grammar_output_parses_back(grammar_tokenizer, syntax, choice, parallel)
 def test_special_token_delimiters_reach_the_parser(grammar_tokenizer):
     """[TOOL_CALLS] / [ARGS] are special tokens (as in Mistral's tokenizer):
     decoding skips special tokens, except the family's delimiters."""
-    from llmhost.engine.parsing import MISTRAL_ARGS, OutputParser, join_calls, markers
-    from llmhost.engine.text import ChoiceText
+    from llmhost.generation.parsing import MISTRAL_ARGS, OutputParser, join_calls, markers
+    from llmhost.generation.text import ChoiceText
 
     tok = grammar_tokenizer
     ids = tok("[TOOL_CALLS]get_time[ARGS]{\"zone\": \"CET\"}")["input_ids"]

@@ -78,7 +78,7 @@ def test_required_gives_valid_calls(server, smollm2):
 
 def test_required_parallel_ends_at_the_first_repeated_call(server, smollm2):
     """Under the parallel call grammar SmolLM2 writes the same call again and
-    again; the repeat ends the answer (engine/callguard.py): tool_calls, no
+    again; the repeat ends the answer (generation/callguard.py): tool_calls, no
     two identical calls, far fewer tokens than max_tokens. Streamed and not,
     n=2."""
     body = {"model": "smollm2", "messages": ASK, "temperature": 0, "max_tokens": 300, "n": 2,
@@ -101,8 +101,8 @@ def test_required_parallel_ends_at_the_first_repeated_call(server, smollm2):
 
 
 def test_call_guard_drops_repeats_and_calls_over_the_limit():
-    from llmhost.engine.callguard import CallGuard
-    from llmhost.engine.parsing import join_calls
+    from llmhost.generation.callguard import CallGuard
+    from llmhost.generation.parsing import join_calls
 
     def call(index, name, args):
         return [{"index": index, "id": f"call_{index}", "type": "function",
@@ -217,7 +217,7 @@ CALLS = ('<tool_call>\\n\\{"name": "get_weather", "arguments": \\{"city": "Paris
 
 @pytest.fixture(scope="module")
 def qwen(server, tmp_path_factory):
-    from llmhost.tinymodels import build_qwen2_tools
+    from llmhost.dev.tinymodels import build_qwen2_tools
 
     path = build_qwen2_tools(str(tmp_path_factory.mktemp("qwen") / "tiny-qwen2"))
     server.load(path, id="tiny-qwen2")
@@ -249,7 +249,7 @@ def test_max_tool_calls_setting_bounds_the_calls(make_app, tmp_path):
     """LLMHOST_MAX_TOOL_CALLS=1 (an app in this process): of the two different
     calls the regex makes the model write, the first is returned and the
     choice ends there, streamed or not."""
-    from llmhost.tinymodels import build_qwen2_tools
+    from llmhost.dev.tinymodels import build_qwen2_tools
     from support import load_local
 
     client = make_app(MAX_TOOL_CALLS=1).test_client()
@@ -328,7 +328,7 @@ def test_qwen_reasoning_with_response_format(server, qwen):
 
 @pytest.fixture(scope="module")
 def thinking(server, tmp_path_factory):
-    from llmhost.tinymodels import build_qwen3_thinking
+    from llmhost.dev.tinymodels import build_qwen3_thinking
 
     path = build_qwen3_thinking(str(tmp_path_factory.mktemp("think") / "tiny-qwen3"))
     server.load(path, id="tiny-thinking")
@@ -350,7 +350,7 @@ def test_reasoning_effort_reaches_the_template(server, thinking):
     assert plain.get("reasoning_content") and not plain.get("content")
     high, high_usage = think(server, reasoning_effort="high")   # "Reasoning: high" system turn
     assert high.get("reasoning_content") and high_usage["prompt_tokens"] > plain_usage["prompt_tokens"]
-    minimal, _ = think(server, reasoning_effort="minimal")     # still thinks (engine/reasoning.py)
+    minimal, _ = think(server, reasoning_effort="minimal")     # still thinks (generation/reasoning.py)
     assert minimal.get("reasoning_content")
     off, off_usage = think(server, reasoning_effort="none")     # enable_thinking=False
     assert "reasoning_content" not in off and off["content"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
-from ..auth import can_manage_models
+from ..http.auth import can_manage_models
 from ..config import settings
-from ..registry import ModelEntry, registry
+from ..models.registry import ModelEntry, registry
 
 
 def use_model(model_id: str, task: str) -> AbstractContextManager[ModelEntry]:

@@ -1,10 +1,10 @@
 """POST /v1/chat/completions."""
 from __future__ import annotations
 
-from ..engine import agents
-from ..engine.outputs import Choice, ChoiceDelta, TokenLogprob
-from ..engine.text import token_bytes, token_string
-from ..extensions import Blueprint
+from ..generation import tools
+from ..generation.run import Choice, ChoiceDelta, TokenLogprob
+from ..generation.text import token_bytes, token_string
+from ..http.extensions import Blueprint
 from ..schemas.chat import ChatCompletionRequestSchema, ChatCompletionSchema
 from . import serving
 
@@ -99,7 +99,7 @@ def chat_build(args: dict):
     want_logprobs = bool(args.get("logprobs"))
 
     def build(entry):
-        ids, plan = agents.build_chat(args, entry, serving.stop_token_ids(entry))
+        ids, plan = tools.build_chat(args, entry, serving.stop_token_ids(entry))
         fmt = ChatFormat(entry.tokenizer, want_logprobs,
                          legacy_functions=bool(args.get("functions")))
         fmt.constraint, fmt.parser = plan.constraint, plan.parser

@@ -1,11 +1,12 @@
 """POST /v1/completions (OpenAI's legacy text completions)."""
 from __future__ import annotations
 
-from ..engine.agents import completion_constraint
-from ..engine.outputs import Choice, ChoiceDelta, TokenLogprob
-from ..engine.prompt import completion_prompts, vocab_size
-from ..engine.text import token_string
-from ..extensions import Blueprint
+from ..generation.tools import completion_constraint
+from ..generation.run import Choice, ChoiceDelta, TokenLogprob
+from ..generation.prompt import completion_prompts
+from ..engine.sampling import vocab_size
+from ..generation.text import token_string
+from ..http.extensions import Blueprint
 from ..schemas.completions import CompletionRequestSchema, CompletionSchema
 from . import serving
 

@@ -7,11 +7,12 @@ import numpy as np
 import orjson
 from flask import Response
 
-from .. import guards, metrics
+from ..http import checks
+from ..engine import metrics
 from ..config import settings
-from ..extensions import Blueprint
-from ..observability import log_fields
-from ..openai_tokens import to_texts
+from ..http.extensions import Blueprint
+from ..http.observability import log_fields
+from ..generation.openai_tokens import to_texts
 from .access import use_model
 from ..schemas.embeddings import EmbeddingRequestSchema, EmbeddingResponseSchema
 
@@ -32,7 +33,7 @@ def create_embeddings(args):
     mode = args.get("token_ids") or settings().EMBED_TOKEN_IDS
     inputs = to_texts(args["input"], mode)  # OpenAI's token ids become text (openai_tokens.py)
     with use_model(args["model"], task="embed") as entry:
-        inputs = guards.embedding_inputs(entry, inputs, args["truncate"])
+        inputs = checks.embedding_inputs(entry, inputs, args["truncate"])
         result = entry.engine.embed(inputs, truncate=args["truncate"],
                                     dimensions=args.get("dimensions"))
     metrics.record_tokens(entry.id, result.prompt_tokens, 0)

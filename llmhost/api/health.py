@@ -2,8 +2,9 @@
 they need no API key and say nothing about requests' content."""
 from flask import Response, current_app
 
-from .. import metrics, redact
-from ..extensions import Blueprint
+from ..engine import metrics
+from ..http import redact
+from ..http.extensions import Blueprint
 from ..schemas.health import HealthSchema, ReadySchema
 
 blp = Blueprint("health", __name__, description="Liveness and readiness probes, metrics.")

@@ -4,14 +4,14 @@ import time
 
 from flask import current_app
 
-from .. import journal, progress, redact, sse
+from ..models import journal, progress
+from ..http import redact, sse
 from ..config import settings
-from ..extensions import Blueprint
-from ..loading import LoadSpec, cached_models
-from ..ondisk import local_models
-from ..registry import registry
-from ..schemas.models import (DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema,
-                              LoadModelSchema, ModelSchema)
+from ..http.extensions import Blueprint
+from ..models.loading import LoadSpec, cached_models
+from ..models.ondisk import local_models
+from ..models.registry import registry
+from ..schemas.models import DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema, LoadModelSchema, ModelSchema
 
 blp = Blueprint("models", __name__, url_prefix="/v1", description="Load, list and unload models.")
 

@@ -3,7 +3,7 @@ responses (GET / DELETE /v1/responses/{id}, GET .../input_items) and
 POST /v1/responses/input_tokens.
 
 One generation path with chat: a request becomes chat-shaped arguments
-(llmhost/conversation.py), validated by the chat route's own schema and run by
+(llmhost/generation/conversation.py), validated by the chat route's own schema and run by
 serving.start with the chat route's prompt builder; only the rendering of
 the result (output items, events) is this module's."""
 from __future__ import annotations
@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from flask import jsonify
 from marshmallow import ValidationError
 
-from .. import auth, conversation, sse, store
+from ..http import auth, sse
+from ..generation import conversation
+from ..store import responses as store
 from ..engine.errors import EngineError
-from ..errors import APIError, as_api_error, from_validation
-from ..extensions import Blueprint
+from ..http.errors import APIError, as_api_error, from_validation
+from ..http.extensions import Blueprint
 from ..schemas.chat import ChatCompletionRequestSchema
-from ..schemas.responses import (CreateResponseSchema, DeletedResponseSchema,
-                                 InputItemsQuerySchema, InputTokensSchema, ResponseInputSchema,
-                                 ResponseItemListSchema, ResponseSchema)
+from ..schemas.responses import CreateResponseSchema, DeletedResponseSchema, InputItemsQuerySchema, InputTokensSchema, ResponseInputSchema, ResponseItemListSchema, ResponseSchema
 from . import serving
 from .access import use_model
 from .chat import chat_build

@@ -14,12 +14,12 @@ from typing import Callable, Protocol
 
 from flask import Response, jsonify, request
 
-from .. import guards, observability, sse
+from ..http import checks, observability, sse
 from ..version import __version__
-from ..engine.outputs import Choice, ChoiceDelta, Run
-from ..engine.prompt import vocab_size
+from ..generation.run import Choice, ChoiceDelta, Run
+from ..engine.sampling import vocab_size
 from ..engine.sampling import SamplingParams
-from ..errors import invalid
+from ..http.errors import invalid
 from ..config import settings
 from .access import use_model
 
@@ -160,13 +160,13 @@ def start(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
     stack = ExitStack()
     try:
         config = settings()
-        guards.check_fits_queue(args, config)
+        checks.check_fits_queue(args, config)
         entry = stack.enter_context(use_model(args["model"], task="generate"))
         fields["model"] = entry.id
-        guards.check_prompt_chars(entry, args, prompt_param, config)
+        checks.check_prompt_chars(entry, args, prompt_param, config)
         prompts, fmt = build(entry)
         params = sampling_params(args, entry, prompts, prompt_param, logprobs)
-        params.constraint = getattr(fmt, "constraint", None)   # engine/agents.py
+        params.constraint = getattr(fmt, "constraint", None)   # generation/tools.py
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),
                   disconnected=partial(sse.client_disconnected, request.environ),
                   parser=getattr(fmt, "parser", None), max_calls=config.MAX_TOOL_CALLS)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from flask import jsonify
 
-from ..engine.prompt import completion_prompts, vocab_size
-from ..engine.text import token_string
-from ..errors import invalid
-from ..extensions import Blueprint
-from ..schemas.responses import (DetokenizeRequestSchema, DetokenizeResponseSchema,
-                                 TokenizeRequestSchema, TokenizeResponseSchema)
+from ..generation.prompt import completion_prompts
+from ..engine.sampling import vocab_size
+from ..generation.text import token_string
+from ..http.errors import invalid
+from ..http.extensions import Blueprint
+from ..schemas.responses import DetokenizeRequestSchema, DetokenizeResponseSchema, TokenizeRequestSchema, TokenizeResponseSchema
 from .access import use_model
 from .chat import chat_build
 

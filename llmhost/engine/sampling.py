@@ -134,3 +134,12 @@ class RowSampler:
             values, ids = torch.topk(logp, k)
             top = list(zip(ids.tolist(), values.tolist()))
         return float(logp[token_id]), top
+
+
+def vocab_size(entry) -> int:
+    """Token ids the model has logits for (may exceed the tokenizer's size); of
+    a registry entry or a loaded model."""
+    head = entry.model.get_output_embeddings()
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return len(entry.tokenizer)

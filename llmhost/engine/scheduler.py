@@ -18,12 +18,11 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .. import metrics
+from . import metrics
 from .errors import EngineError, InvalidInput, failure
 from .kvcache import growing_cache
-from .prompt import vocab_size
 from .queueing import ModelWorker
-from .sampling import RowSampler, SamplingParams
+from .sampling import RowSampler, SamplingParams, vocab_size
 
 log = logging.getLogger("llmhost.engine")
 

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 from marshmallow import ValidationError, fields, validate, validates, validates_schema
 
-from ..extensions import Schema
+from ..http.extensions import Schema
 from ..config import settings
-from ..engine.reasoning import RESERVED
+from ..generation.reasoning import RESERVED
 from .generation import GenerationSchema, _int
-from .structured import (FunctionSchema, ToolSchema, function_call_as_tool_choice,
-                         tool_choice_error)
+from .structured import FunctionSchema, ToolSchema, function_call_as_tool_choice, tool_choice_error
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 

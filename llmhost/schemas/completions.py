@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from ..extensions import Schema
+from ..http.extensions import Schema
 from .chat import UsageSchema
 from .generation import GenerationSchema, _int, refuse
 from .tokens import is_token_ids

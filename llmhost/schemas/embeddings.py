@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from marshmallow import ValidationError, fields, validate
 
-from ..extensions import Schema
+from ..http.extensions import Schema
 from .tokens import is_token_ids
 
 

@@ -9,8 +9,8 @@ import re
 from marshmallow import ValidationError, fields, validate, validates
 
 from ..config import settings
-from ..errors import not_supported
-from ..extensions import Schema
+from ..http.errors import not_supported
+from ..http.extensions import Schema
 from .structured import ResponseFormatSchema, StructuredOutputsSchema
 
 

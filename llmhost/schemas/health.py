@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from marshmallow import fields
 
-from ..extensions import Schema
+from ..http.extensions import Schema
 
 
 class HealthSchema(Schema):

@@ -1,8 +1,8 @@
 from marshmallow import fields, validate
 
-from ..extensions import Schema
-from ..loading import DTYPES
-from ..quantize import QUANTIZATIONS
+from ..http.extensions import Schema
+from ..models.loading import DTYPES
+from ..models.quantize import QUANTIZATIONS
 
 DEVICE = validate.Regexp(r"^(auto|cpu|cuda(:\d+)?|mps)$",
                          error="Use one of auto, cpu, cuda, cuda:N, mps.")

@@ -1,12 +1,12 @@
 """The Responses API (/v1/responses and its token count), and vLLM-style
 /tokenize and /detokenize: request and response schemas. Items, tools and
-text.format are checked item by item in llmhost/conversation.py, whose errors
+text.format are checked item by item in llmhost/generation/conversation.py, whose errors
 name the item (``input[2].call_id``)."""
 from __future__ import annotations
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
-from ..extensions import Schema
+from ..http.extensions import Schema
 from .chat import MessageSchema, template_kwargs_ok
 from .generation import _int, refuse
 

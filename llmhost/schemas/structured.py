@@ -1,7 +1,7 @@
 """Request schemas for structured outputs and tools: `response_format`,
 llmhost's `structured_outputs` extra, `tools` / `tool_choice` and the
 deprecated `functions` / `function_call`. What needs the model (compiling the
-grammar) is checked later, in engine/agents.py; errors name the field as
+grammar) is checked later, in generation/tools.py; errors name the field as
 OpenAI does (``response_format.json_schema.schema``, ``tools[0].function.name``)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from jsonschema.exceptions import SchemaError
 from marshmallow import ValidationError, fields, validate, validates, validates_schema
 
 from ..config import settings
-from ..extensions import Schema
+from ..http.extensions import Schema
 
 NAME = validate.Regexp(r"^[a-zA-Z0-9_-]{1,64}$", error="must be 1 to 64 letters, digits, "
                                                       "underscores or dashes")

@@ -1,0 +1,729 @@
+"""`python -m llmhost.dev.bench`: load generator against an llmhost server (one
+running at --url, or one it starts itself with --serve).
+
+    python -m llmhost.dev.bench build-model /tmp/bench-gpt2
+    python -m llmhost.dev.bench generate --serve --model /tmp/bench-gpt2 --compare-inprocess /tmp/bench-gpt2
+    python -m llmhost.dev.bench embed --url http://127.0.0.1:8000 --model M ...
+
+Each prints throughput and latency, and with --compare-inprocess the same
+workload run in-process with transformers (or sentence-transformers) on this
+machine, as ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _complete(url: str, model: str, prompt_ids: list[int], max_tokens: int, stream: bool,
+              session, extra: dict | None = None) -> tuple[int, float, float]:
+    """One /v1/completions request: (completion tokens, latency s, time to first token s)."""
+    import json
+
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
+            "stream": stream, **(extra or {})}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    started = time.perf_counter()
+    ttft = float("nan")
+    tokens = 0
+    with session.post(url + "/v1/completions", json=body, stream=stream, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+        if not stream:
+            return r.json()["usage"]["completion_tokens"], time.perf_counter() - started, ttft
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and ttft != ttft:
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return tokens, time.perf_counter() - started, ttft
+
+
+def _chat(url: str, model: str, prompt: str, max_tokens: int, stream: bool, session,
+          logit_bias: dict | None = None) -> tuple[int, float, float]:
+    """One streaming /v1/chat/completions request, the workload both servers of
+    --compare-url get: (completion tokens, latency s, time to first token s).
+    Tokens come from the usage chunk where the server sends one, else one per
+    content chunk (llama-cpp-python streams one token per chunk)."""
+    import json
+
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if logit_bias:
+        body["logit_bias"] = logit_bias
+    started = time.perf_counter()
+    ttft = float("nan")
+    chunks = usage = 0
+    with session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            choices = chunk.get("choices") or []
+            if choices and (choices[0].get("delta") or {}).get("content"):
+                chunks += 1
+                if ttft != ttft:
+                    ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+    return usage or chunks, time.perf_counter() - started, ttft
+
+
+def _load_level(url: str, model: str, prompt_ids, clients: int, requests_each: int,
+                max_tokens: int, stream: bool, logit_bias: dict | None = None,
+                extra: dict | None = None) -> dict:
+    """`clients` threads, each sending `requests_each` requests back to back
+    (closed loop): /v1/completions with token ids (`extra`: more body fields),
+    or /v1/chat/completions when `prompt_ids` is a string."""
+    import requests
+
+    results: list[tuple[int, float, float]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        with requests.Session() as session:
+            for _ in range(requests_each):
+                try:
+                    if isinstance(prompt_ids, str):
+                        res = _chat(url, model, prompt_ids, max_tokens, stream, session, logit_bias)
+                    else:
+                        res = _complete(url, model, prompt_ids, max_tokens, stream, session,
+                                        extra)
+                except Exception as exc:  # reported, not fatal: the figures say how many failed
+                    with lock:
+                        errors.append(str(exc))
+                    continue
+                with lock:
+                    results.append(res)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    tokens = sum(r[0] for r in results)
+    return {"clients": clients, "requests": len(results), "errors": len(errors),
+            "tok_s": tokens / wall if wall else 0.0,
+            "p50": _percentile([r[1] for r in results], 0.5),
+            "p95": _percentile([r[1] for r in results], 0.95),
+            "ttft_p50": _percentile([r[2] for r in results], 0.5),
+            "ttft_p95": _percentile([r[2] for r in results], 0.95),
+            "first_error": errors[0] if errors else None}
+
+
+class _InProcess:
+    """transformers `generate` in this process, on the same machine: batch 1 and
+    static batches of the same prompt."""
+
+    def __init__(self, folder: str, dtype: str = "float32") -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+
+    def tok_s(self, prompt_ids: list[int], batch: int, max_tokens: int) -> float:
+        ids = self.torch.tensor([prompt_ids] * batch)
+        kwargs = dict(attention_mask=self.torch.ones_like(ids), do_sample=False,
+                      pad_token_id=self.model.generation_config.eos_token_id)
+        self.model.generate(ids, max_new_tokens=2, **kwargs)  # warm-up
+        started = time.perf_counter()
+        self.model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kwargs)
+        return batch * max_tokens / (time.perf_counter() - started)
+
+
+def _median(values: list[float]) -> float:
+    return _percentile(values, 0.5)
+
+
+def bench_generate(args) -> int:
+    """Each level runs `--rounds` times, alternating with the in-process run of
+    the same size, so that the machine's noise hits both alike; medians are
+    reported and compared."""
+    from transformers import AutoTokenizer
+
+    if args.compare_url:
+        return bench_compare(args)
+    import json
+
+    server = None
+    url = args.url
+    # Both sides in one dtype: float32 unless --load-options names another.
+    options = {"dtype": "float32", **json.loads(args.load_options or "{}")}
+    ref = _InProcess(args.compare_inprocess, options["dtype"]) if args.compare_inprocess else None
+    stream = not args.no_stream
+    levels: dict[int, dict] = {}
+    inprocess: dict[int, float] = {}
+    schema_levels: dict[int, float] = {}
+    response_format = _response_format(args.response_format)
+    if args.serve:
+        server = _serve()
+        url = server.url
+    try:
+        if args.load or server is not None:
+            _load_model(url, args.model, options)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        prompt_ids = tokenizer(args.prompt)["input_ids"]
+        print(f"model {args.model}: prompt {len(prompt_ids)} tokens, max_tokens {args.max_tokens}, "
+              f"temperature 0, {'streaming' if stream else 'non-streaming'}, "
+              f"{args.requests} requests per client, medians of {args.rounds} rounds")
+        _load_level(url, args.model, prompt_ids, 1, 1, 8, stream)  # warm-up
+        for clients in args.concurrency:
+            runs, refs, schema_runs = [], [], []
+            for _ in range(args.rounds):
+                runs.append(_load_level(url, args.model, prompt_ids, clients, args.requests,
+                                        args.max_tokens, stream))
+                if response_format:
+                    schema_runs.append(_load_level(url, args.model, prompt_ids, clients,
+                                                   args.requests, args.max_tokens, stream,
+                                                   extra={"response_format": response_format}))
+                if ref is not None:
+                    refs.append(ref.tok_s(prompt_ids, clients, args.max_tokens))
+            res = {key: _median([r[key] for r in runs])
+                   for key in ("tok_s", "p50", "p95", "ttft_p50", "ttft_p95")}
+            res["requests"] = sum(r["requests"] for r in runs)
+            res["errors"] = sum(r["errors"] for r in runs)
+            first_error = next((r["first_error"] for r in runs if r["first_error"]), None)
+            levels[clients] = res
+            if schema_runs:
+                schema_levels[clients] = _median([r["tok_s"] for r in schema_runs])
+                failed = sum(r["errors"] for r in schema_runs)
+                print(f"llmhost  {clients:3d} clients with the schema: "
+                      f"{schema_levels[clients]:7.1f} tok/s ({failed} failed)"
+                      + (f" first error: {schema_runs[0]['first_error']}" if failed else ""))
+            line = (f"llmhost  {clients:3d} clients: {res['tok_s']:7.1f} tok/s  latency p50 "
+                    f"{res['p50']:.2f}s p95 {res['p95']:.2f}s  TTFT p50 {res['ttft_p50'] * 1000:.0f}ms "
+                    f"p95 {res['ttft_p95'] * 1000:.0f}ms  ({res['requests']} ok, {res['errors']} failed)")
+            if refs:
+                inprocess[clients] = _median(refs)
+                line += f"  | in-process generate batch {clients}: {inprocess[clients]:7.1f} tok/s"
+            print(line + (f"  first error: {first_error}" if first_error else ""), flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    if inprocess:
+        print("ratios (llmhost / in-process generate, same machine, this run):")
+        for clients in args.concurrency:
+            what = "batch 1" if clients == 1 else f"static batch {clients}"
+            print(f"  {clients:3d} clients vs {what}: {levels[clients]['tok_s'] / inprocess[clients]:.2f}x")
+    if schema_levels:
+        print("response_format json_schema / none (same server, alternating rounds, medians):")
+        for clients in args.concurrency:
+            print(f"  {clients:3d} clients: {schema_levels[clients]:7.1f} vs "
+                  f"{levels[clients]['tok_s']:7.1f} tok/s = "
+                  f"{schema_levels[clients] / levels[clients]['tok_s']:.2f}x")
+        _print_mask_cost(tokenizer, args.model, response_format)
+    if stream and 1 in levels:
+        for clients in args.concurrency:
+            if clients != 1:
+                print(f"  TTFT p50 at {clients} clients / 1 client: "
+                      f"{levels[clients]['ttft_p50'] / levels[1]['ttft_p50']:.2f}x")
+    return 0
+
+
+# The default --response-format schema: a long array, so that every request
+# generates max_tokens tokens with or without it (the same work to compare).
+LONG_SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 500}
+
+
+def _response_format(value: str | None) -> dict | None:
+    """--response-format: 'long' (LONG_SCHEMA), a JSON schema, or @file."""
+    import json
+
+    if not value:
+        return None
+    if value == "long":
+        schema = LONG_SCHEMA
+    elif value.startswith("@"):
+        with open(value[1:]) as fh:
+            schema = json.load(fh)
+    else:
+        schema = json.loads(value)
+    return {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+
+
+def _print_mask_cost(tokenizer, model: str, response_format: dict) -> None:
+    """Per-token cost of the grammar in-process (fill the bitmask, mask a
+    row's logits, accept the token), with this model's tokenizer."""
+    import random
+
+    import torch
+
+    from ..engine import constrain
+
+    vocab = len(tokenizer)
+    try:
+        from transformers import AutoConfig
+        vocab = max(vocab, int(AutoConfig.from_pretrained(model).vocab_size))
+    except Exception:
+        pass
+    comp = constrain.compiler(tokenizer, tokenizer, vocab, {tokenizer.eos_token_id or 0})
+    started = time.perf_counter()
+    compiled = constrain.json_schema(comp, response_format["json_schema"]["schema"])
+    compile_s = time.perf_counter() - started
+    matcher = constrain.Constraint(compiled, vocab, "answer").matcher()
+    rng = random.Random(0)
+    steps, spent = 0, 0.0
+    while steps < 200 and not matcher.done:
+        logits = torch.randn(vocab, generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+        started = time.perf_counter()
+        masked = matcher.mask(logits)
+        token = int(torch.argmax(masked))
+        matcher.accept(token)
+        spent += time.perf_counter() - started
+        steps += 1
+    print(f"  grammar: compile {compile_s * 1000:.0f} ms once per schema (then cached); "
+          f"{spent / steps * 1000:.3f} ms per token per row (bitmask + mask + accept, "
+          f"vocab {vocab}, {steps} tokens)")
+
+
+def _rss_mib(pid: int | None, children: bool = False) -> float:
+    """Resident memory of `pid` (with `children`: of its largest child, the
+    gunicorn worker), MiB; nan when unknown."""
+    if not pid:
+        return float("nan")
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if children:
+            kids = proc.children(recursive=True)
+            return max(k.memory_info().rss for k in kids) / 2**20 if kids else float("nan")
+        return proc.memory_info().rss / 2**20
+    except psutil.Error:
+        return float("nan")
+
+
+def _tokenizer(args):
+    from transformers import AutoTokenizer
+
+    name = args.tokenizer or args.model
+    if name.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(name) or ".",
+                                             gguf_file=os.path.basename(name))
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _ban_eos(args) -> dict:
+    """logit_bias -100 on every end-of-sequence id of the model, so that every
+    answer runs to max_tokens on both servers."""
+    tok = _tokenizer(args)
+    ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"),
+           tok.convert_tokens_to_ids("<|endoftext|>")}
+    return {str(i): -100 for i in ids if isinstance(i, int) and i != tok.unk_token_id}
+
+
+def bench_compare(args) -> int:
+    """The same closed-loop streaming chat workload against llmhost and the
+    server at --compare-url, in alternating rounds, medians and ratios."""
+    import json
+
+    server = _serve() if args.serve else None
+    url = server.url if server else args.url
+    ours_pid = server.proc.pid if server else args.pid
+    try:
+        if args.load or server is not None:
+            _load_model(url, args.model, json.loads(args.load_options or "{}"))
+        bias = _ban_eos(args)
+        other_model = args.compare_model or args.model
+        prompt, extra = args.prompt, None
+        if args.compare_api == "completions":  # token ids: models without a chat template
+            prompt, extra = _tokenizer(args)(args.prompt)["input_ids"], {"logit_bias": bias}
+        print(f"{args.compare_api}, streaming, max_tokens {args.max_tokens}, temperature 0, EOS banned "
+              f"(logit_bias {bias}), {args.requests} requests per client, medians of "
+              f"{args.rounds} alternating rounds; load options {args.load_options or '{}'}")
+        for target, model in ((url, args.model), (args.compare_url, other_model)):  # warm-up
+            _load_level(target, model, prompt, 1, 1, 8, True, bias, extra)
+        results: dict[int, tuple[dict, dict]] = {}
+        for clients in args.concurrency:
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                ours.append(_load_level(url, args.model, prompt, clients, args.requests,
+                                        args.max_tokens, True, bias, extra))
+                theirs.append(_load_level(args.compare_url, other_model, prompt, clients,
+                                          args.requests, args.max_tokens, True, bias, extra))
+            pair = tuple({key: _median([r[key] for r in runs])
+                          for key in ("tok_s", "p50", "ttft_p50", "requests", "errors")}
+                         for runs in (ours, theirs))
+            results[clients] = pair
+            for name, res, runs in (("llmhost", pair[0], ours), ("compare", pair[1], theirs)):
+                err = next((r["first_error"] for r in runs if r["first_error"]), None)
+                print(f"{name:8s} {clients:3d} clients: {res['tok_s']:7.1f} tok/s  TTFT p50 "
+                      f"{res['ttft_p50'] * 1000:.0f}ms  latency p50 {res['p50']:.2f}s"
+                      + (f"  first error: {err}" if err else ""), flush=True)
+        ours_rss = _rss_mib(ours_pid, children=server is not None)
+        theirs_rss = _rss_mib(args.compare_pid)
+    finally:
+        if server is not None:
+            server.stop()
+    print("ratios (llmhost / compare, same machine, this run):")
+    for clients, (a, b) in results.items():
+        print(f"  {clients:3d} clients: tok/s {a['tok_s'] / b['tok_s']:.2f}x   "
+              f"TTFT p50 {a['ttft_p50'] / b['ttft_p50']:.2f}x")
+    print(f"  worker RSS: llmhost {ours_rss:.0f} MiB, compare {theirs_rss:.0f} MiB: "
+          f"{ours_rss / theirs_rss:.2f}x")
+    return 0
+
+
+def _serve():
+    """gunicorn wsgi:app from this checkout on a free loopback port."""
+    from ..server.process import Server
+
+    return Server(env={"LLMHOST_LOG_LEVEL": "warning"}, log_path=os.devnull).start(timeout=120)
+
+
+def _load_model(url: str, model: str, options: dict | None = None) -> None:
+    import requests
+
+    r = requests.post(url + "/v1/models", json={"model": model, **(options or {})}, timeout=600)
+    if r.status_code not in (200, 201):
+        raise SystemExit(f"could not load {model}: {r.text}")
+
+
+def build_model(args) -> int:
+    """The issue's benchmark model: GPT-2-small shape (12 layers, 768 wide),
+    vocabulary 8192, random weights, built offline."""
+    from .tinymodels import build_gpt2
+
+    build_gpt2(args.folder, layers=12, width=768, vocab_size=8192, positions=1024)
+    print(f"built {args.folder}")
+    return 0
+
+
+_WORDS = """the a of and to in is was for on that with as by at from it this an be are or
+which have has not but all their new more when about can one time people year city world
+house river garden music language computer science history market water light story
+children school morning evening winter summer mountain village table window letter
+question answer reason system network model server request quickly slowly carefully
+bright quiet ancient modern simple difficult important beautiful strange hungry
+walks builds reads writes opens closes finds carries remembers explains changes
+under over between through before after during against without around""".split()
+
+
+def _embed_texts(count: int, words: int, seed: int = 0) -> list[str]:
+    """`count` distinct texts of `words` ordinary words, the same on every run."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(words)) for _ in range(count)]
+
+
+def _embed_once(session, url: str, payload: dict) -> tuple[float, int]:
+    """(seconds, prompt tokens) of one request, the response parsed as a client would."""
+    started = time.perf_counter()
+    r = session.post(url + "/v1/embeddings", json=payload, timeout=600)
+    if r.status_code != 200:
+        raise SystemExit(f"HTTP {r.status_code}: {r.text[:300]}")
+    body = r.json()
+    assert len(body["data"]) == len(payload["input"])
+    return time.perf_counter() - started, body["usage"]["prompt_tokens"]
+
+
+def bench_embed(args) -> int:
+    """One /v1/embeddings request of --inputs texts, timed end to end (the JSON
+    body parsed), alternating with sentence-transformers encode of the same
+    texts in this process when --compare-inprocess is given, so that noise on
+    a shared machine hits both alike."""
+    import statistics
+
+    import requests
+
+    texts = _embed_texts(args.inputs, args.words)
+    payload = {"model": args.model, "input": texts, "encoding_format": args.encoding_format}
+    reference = None
+    if args.compare_inprocess:
+        from sentence_transformers import SentenceTransformer
+
+        reference = SentenceTransformer(args.compare_inprocess, local_files_only=True)
+    server = _serve() if args.serve else None
+    url = server.url if server else args.url
+    served, inprocess = [], []
+    try:
+        if args.load or server is not None:
+            _load_model(url, args.model)
+        with requests.Session() as session:
+            _, tokens = _embed_once(session, url, payload)  # warm-up
+            if reference is not None:
+                reference.encode(texts)
+            for _ in range(args.repeat):
+                served.append(_embed_once(session, url, payload)[0])
+                if reference is not None:
+                    started = time.perf_counter()
+                    reference.encode(texts)
+                    inprocess.append(time.perf_counter() - started)
+    finally:
+        if server is not None:
+            server.stop()
+    median = statistics.median(served)
+    print(f"model {args.model}: {len(texts)} inputs of {args.words} words ({tokens} tokens) "
+          f"per request, encoding_format {args.encoding_format}, {args.repeat} requests")
+    print(f"llmhost     median {median:.3f}s  min {min(served):.3f}s per request")
+    if inprocess:
+        ref = statistics.median(inprocess)
+        print(f"in-process  median {ref:.3f}s  min {min(inprocess):.3f}s per encode "
+              "(sentence-transformers, same texts)")
+        print(f"ratio (llmhost / in-process, medians): {median / ref:.2f}x")
+    return 0
+
+
+QUALITY_PROMPTS = [
+    "What is the capital of France?", "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.", "Give me three tips for better sleep.",
+    "What is 12 times 7?", "Translate 'good morning' into Spanish.", "Who wrote Romeo and Juliet?",
+    "Describe a cat to someone who has never seen one.", "What is the boiling point of water?",
+    "List the planets of the solar system.", "Why is the sky blue?",
+    "Write a short greeting for a birthday card.", "What does a CPU do?", "Name a famous painting.",
+    "How do I make a cup of tea?", "What is the largest ocean?",
+    "Tell me a fun fact about octopuses.", "What is machine learning?",
+    "Suggest a name for a pet dog.", "How many days are in a leap year?"]
+
+
+def degenerate(tokens: list[int], text: str) -> bool:
+    """Garbage: a loop (one token six times in a row, a 3-token run three
+    times, a 5-token run twice) or letters of another script than the English
+    prompts' (the int8 failures seen here answered in Hebrew letters)."""
+    if any(len(set(tokens[i:i + 6])) == 1 for i in range(len(tokens) - 5)):
+        return True
+    for n, times in ((3, 3), (5, 2)):
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        if grams and max(grams.count(g) for g in grams) >= times:
+            return True
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(not c.isascii() for c in letters) > len(letters) // 4
+
+
+def bench_quality(args) -> int:
+    """Greedy answers to QUALITY_PROMPTS with each load option, loaded through
+    llmhost's own loader, against float32: how many agree on the first 8
+    tokens, how many are degenerate (a load option with any degenerate answer
+    must not be offered), and batch-1 / batch-8 decode speed."""
+    import json
+
+    import torch
+
+    from ..config import Config
+    from ..http.errors import APIError
+    from ..models.loading import LoadSpec, load
+
+    def answers(model, tok) -> list[list[int]]:
+        out = []
+        for text in QUALITY_PROMPTS:
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"]
+            ids = torch.tensor([ids])
+            with torch.inference_mode():
+                new = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=args.max_tokens, pad_token_id=tok.eos_token_id)
+            out.append(new[0, ids.shape[1]:].tolist())
+        return out
+
+    def speed(model, tok, batch: int) -> float:
+        ids = torch.tensor([tok(args.prompt)["input_ids"]] * batch)
+        kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=tok.eos_token_id)
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=2, **kwargs)
+            started = time.perf_counter()
+            model.generate(ids, max_new_tokens=32, min_new_tokens=32, **kwargs)
+        return batch * 32 / (time.perf_counter() - started)
+
+    reference = None
+    print(f"| load options | agree with float32 (first 8 tokens) | degenerate | tok/s batch 1 | "
+          f"tok/s batch 8 | weights MiB |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+    for options in [{"dtype": "float32"}] + [json.loads(o) for o in args.options]:
+        try:
+            loaded = load(LoadSpec(model=args.model, **options), Config())
+        except APIError as exc:  # an option llmhost does not offer
+            print(f"| {json.dumps(options)} | refused: {exc.message} | | | | |", flush=True)
+            continue
+        out = answers(loaded.model, loaded.tokenizer)
+        reference = reference or out
+        agree = sum(a[:8] == r[:8] for a, r in zip(out, reference))
+        bad = [i for i, a in enumerate(out)
+               if degenerate(a, loaded.tokenizer.decode(a, skip_special_tokens=True))]
+        speeds = [f"{speed(loaded.model, loaded.tokenizer, b):.1f}" if args.speed else "-" for b in (1, 8)]
+        print(f"| {json.dumps(options)} | {agree}/{len(out)} | {len(bad)} {bad or ''} | "
+              f"{speeds[0]} | {speeds[1]} | {loaded.memory_bytes / 2**20:.0f} |", flush=True)
+        del loaded
+    return 0
+
+
+def _time_parts(scheduler, steps: int) -> dict[str, float]:
+    """Mean seconds per decode step in the model's forward (logits to float32
+    on the CPU included), in sampling and handing out tokens, and in the rest
+    of the step (building ids, positions and the mask), timed by wrapping the
+    scheduler's own methods on the instance."""
+    spent = {"forward": 0.0, "sampling and hand-out": 0.0}
+
+    def timed(name, fn):
+        def call(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return call
+
+    scheduler._forward = timed("forward", scheduler._forward)
+    scheduler._sample = timed("sampling and hand-out", scheduler._sample)
+    started = time.perf_counter()
+    try:
+        for _ in range(steps):
+            scheduler._decode()
+    finally:
+        del scheduler._forward, scheduler._sample
+    total = time.perf_counter() - started
+    parts = {name: t / steps for name, t in spent.items()}
+    parts["rest of the step"] = total / steps - sum(parts.values())
+    parts["step"] = total / steps
+    return parts
+
+
+def bench_profile(args) -> int:
+    """torch.profiler over the scheduler's own decode steps at each batch size,
+    run in this thread (the scheduler thread stays idle): what share of a
+    step is the model's matmuls, the KV-cache concatenation, the sampling."""
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ..config import Config
+    from ..engine.sampling import SamplingParams
+    from ..engine.scheduler import Generation, GenerationRequest, Scheduler
+    from ..models.loading import LoadSpec, load
+
+    loaded = load(LoadSpec(model=args.model, **json.loads(args.load_options or "{}")), Config())
+    scheduler = Scheduler("profile", loaded, Config())  # not started: its steps run here
+    ids = loaded.tokenizer(args.prompt)["input_ids"]
+    try:
+        for batch in args.batch:
+            gens = [Generation(GenerationRequest(ids, SamplingParams(max_tokens=10**6, temperature=0)),
+                               "profile") for _ in range(batch)]
+            scheduler._prefill(gens)
+            for _ in range(args.warmup):
+                scheduler._decode()
+            spent = _time_parts(scheduler, args.steps)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                started = time.perf_counter()
+                for _ in range(args.steps):
+                    scheduler._decode()
+                step = (time.perf_counter() - started) / args.steps
+            print(f"== batch {batch}: {step * 1000:.1f} ms per profiled decode step, cache length "
+                  f"{len(ids) + args.warmup + 2 * args.steps}, dtype {loaded.dtype}, "
+                  f"{torch.get_num_threads()} threads")
+            total = spent.pop("step")
+            print(f"   unprofiled, timed around the calls: {total * 1000:.1f} ms per step: "
+                  + ", ".join(f"{name} {t * 1000:.2f} ms ({t / total:.1%})"
+                              for name, t in spent.items()))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12,
+                                            max_name_column_width=40), flush=True)
+            scheduler._reset_batch()
+    finally:
+        scheduler.close("profile over")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llmhost.dev.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="/v1/completions load at several concurrency levels")
+    gen.add_argument("--model", required=True, help="served id, or the folder to load with --load/--serve")
+    gen.add_argument("--url", default="http://127.0.0.1:8000")
+    gen.add_argument("--serve", action="store_true", help="start gunicorn from this checkout and load --model")
+    gen.add_argument("--load", action="store_true", help="POST /v1/models --model first")
+    gen.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    gen.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    gen.add_argument("--requests", type=int, default=3, help="requests per client")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
+                                         "model server answers")
+    gen.add_argument("--no-stream", action="store_true")
+    gen.add_argument("--compare-inprocess", metavar="FOLDER",
+                     help="also run transformers generate in-process on FOLDER and print ratios")
+    gen.add_argument("--compare-url", metavar="URL",
+                     help="another OpenAI-compatible server (e.g. llama-cpp-python's) serving the "
+                          "same model: run the same streaming chat workload on both, alternating")
+    gen.add_argument("--compare-api", choices=["chat", "completions"], default="chat",
+                     help="with --compare-url: the route both servers get (completions sends "
+                          "token ids: for models without a chat template, or two llmhost builds)")
+    gen.add_argument("--compare-model", help="model name to send to --compare-url (default: --model)")
+    gen.add_argument("--compare-pid", type=int, help="pid of the --compare-url server, for its RSS")
+    gen.add_argument("--pid", type=int, help="pid of the llmhost worker at --url, for its RSS")
+    gen.add_argument("--load-options", metavar="JSON",
+                     help='extra POST /v1/models fields, e.g. \'{"quantization": "int8"}\'')
+    gen.add_argument("--rounds", type=int, default=3,
+                     help="runs per level (alternating with in-process); medians are reported")
+    gen.add_argument("--response-format", metavar="SCHEMA",
+                     help="also run every round with response_format json_schema SCHEMA ('long': "
+                          "a long array, so both runs generate max_tokens; or JSON; or @file) "
+                          "and print the throughput ratio and the per-token mask cost")
+    gen.set_defaults(func=bench_generate)
+    build = sub.add_parser("build-model", help="build the benchmark's GPT-2-small-shaped model offline")
+    build.add_argument("folder")
+    build.set_defaults(func=build_model)
+    qual = sub.add_parser("quality", help="greedy agreement of dtypes/quantizations with float32")
+    qual.add_argument("--model", required=True, help="a model folder or .gguf file")
+    qual.add_argument("--options", nargs="*", default=['{"dtype": "bfloat16"}', '{"quantization": "int8"}'],
+                      help="JSON load options to compare with float32")
+    qual.add_argument("--max-tokens", type=int, default=16)
+    qual.add_argument("--no-speed", dest="speed", action="store_false",
+                      help="agreement only (no batch-1/batch-8 timing)")
+    qual.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
+                                          "model server answers")
+    qual.set_defaults(func=bench_quality)
+    prof = sub.add_parser("profile", help="torch.profiler over the scheduler's decode steps")
+    prof.add_argument("--model", required=True, help="a model folder or .gguf file")
+    prof.add_argument("--load-options", metavar="JSON", help='e.g. \'{"dtype": "bfloat16"}\'')
+    prof.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    prof.add_argument("--warmup", type=int, default=40, help="decode steps before profiling")
+    prof.add_argument("--steps", type=int, default=10, help="decode steps profiled")
+    prof.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
+                                          "model server answers")
+    prof.set_defaults(func=bench_profile)
+    emb = sub.add_parser("embed", help="/v1/embeddings: one request of many inputs")
+    emb.add_argument("--model", required=True, help="served id, or the folder to load with --load/--serve")
+    emb.add_argument("--url", default="http://127.0.0.1:8000")
+    emb.add_argument("--serve", action="store_true", help="start gunicorn from this checkout and load --model")
+    emb.add_argument("--load", action="store_true", help="POST /v1/models --model first")
+    emb.add_argument("--inputs", type=int, default=256, help="inputs per request")
+    emb.add_argument("--words", type=int, default=50, help="words per input")
+    emb.add_argument("--repeat", type=int, default=5, help="timed requests")
+    emb.add_argument("--encoding-format", choices=["float", "base64"], default="float")
+    emb.add_argument("--compare-inprocess", metavar="FOLDER",
+                     help="also time sentence-transformers encode of FOLDER in-process; print the ratio")
+    emb.set_defaults(func=bench_embed)
+    return parser
+
+
+def main(argv=None) -> int:
+    import signal
+
+    # A terminated benchmark still stops the server it started (the `finally` blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The Api, Blueprint and Schema every module uses, subclassed once here."""
+from __future__ import annotations
+
+import logging
+
+import flask_smorest
+import marshmallow as ma
+from webargs import core
+from webargs.flaskparser import FlaskParser
+
+from . import errors, checks, limits
+
+log = logging.getLogger("llmhost")
+_ignored_logged: set[str] = set()
+MAX_LOGGED_UNKNOWN = 256   # distinct unknown field names logged (and remembered) per process
+
+
+class Schema(ma.Schema):
+    """Request schemas accept and ignore fields OpenAI clients send that we do not
+    know (logged once per field), so new SDK versions never break on a 4xx."""
+
+    class Meta:
+        unknown = ma.EXCLUDE
+        ordered = True
+
+    @ma.pre_load
+    def _strict_booleans(self, data, **kwargs):
+        """Booleans are JSON true/false, as the OpenAPI document says:
+        marshmallow alone would also take 0, 1, "yes" or "off"."""
+        if isinstance(data, dict):
+            for name, field in self.fields.items():
+                key = field.data_key or name
+                value = data.get(key)
+                if isinstance(field, ma.fields.Boolean) and value is not None \
+                        and not isinstance(value, bool):
+                    raise ma.ValidationError({key: ["Not a valid boolean: use true or false."]})
+        return data
+
+    @ma.pre_load
+    def _log_unknown(self, data, **kwargs):
+        if isinstance(data, dict):
+            for key in set(data) - set(self.fields):
+                name = f"{type(self).__name__}.{key}"
+                if name not in _ignored_logged:
+                    if len(_ignored_logged) >= MAX_LOGGED_UNKNOWN:
+                        break   # bounded: random field names must not grow memory or logs
+                    _ignored_logged.add(name)
+                    log.info("ignoring unknown field %r in %s%s", str(key)[:100], type(self).__name__,
+                             "" if len(_ignored_logged) < MAX_LOGGED_UNKNOWN else
+                             " (the last one logged: llmhost logs at most "
+                             f"{MAX_LOGGED_UNKNOWN} unknown field names)")
+        return data
+
+
+class ErrorDetailSchema(ma.Schema):
+    message = ma.fields.String(required=True)
+    type = ma.fields.String(required=True)
+    param = ma.fields.String(allow_none=True, required=True)
+    code = ma.fields.String(allow_none=True, required=True)
+
+
+class ErrorResponseSchema(ma.Schema):
+    """The OpenAI error envelope."""
+
+    error = ma.fields.Nested(ErrorDetailSchema, required=True)
+
+
+class Parser(FlaskParser):
+    """Validation errors are 400s (OpenAI), and a body that is not JSON is refused
+    instead of being read as an empty object."""
+
+    DEFAULT_VALIDATION_STATUS = 400
+
+    def _raw_load_json(self, req):
+        raw = limits.request_body(req)
+        if not core.is_json(req.mimetype):
+            if raw:
+                raise errors.APIError(
+                    415, "Request body must be JSON: send 'Content-Type: application/json'.")
+            return core.missing
+        try:
+            data = core.parse_json(raw)
+        except RecursionError:
+            raise checks.too_deep(raw)
+        checks.check_json(raw, data)
+        return data
+
+    def _handle_invalid_json_error(self, error, req, *args, **kwargs):
+        raise errors.APIError(400, f"We could not parse the JSON body of your request ({error}). "
+                                   "Send a valid JSON object.")
+
+
+class Blueprint(flask_smorest.Blueprint):
+    ARGUMENTS_PARSER = Parser()
+
+    def arguments(self, schema, **kwargs):
+        kwargs.setdefault("error_status_code", 400)
+        return super().arguments(schema, **kwargs)
+
+    def errors(self, *statuses: int):
+        """Document these statuses (and 401, which every /v1 route answers once
+        keys are set) as the OpenAI error envelope."""
+        def decorator(func):
+            for status in sorted({401, *statuses}, reverse=True):
+                func = self.alt_response(status, schema=ErrorResponseSchema)(func)
+            return func
+        return decorator
+
+
+class Api(flask_smorest.Api):
+    ERROR_SCHEMA = ErrorResponseSchema
+
+    def _register_error_handlers(self):
+        errors.init_app(self._app)
+

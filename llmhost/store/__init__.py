@@ -1,0 +1,3 @@
+"""SQL persistence shared by replicas: stored responses (responses).
+
+May import: config. Never api/."""
