@@ -112,12 +112,13 @@ def load_local(path: str, model_id: str, config=None, **options):
     return registry.load(spec, config or TestConfig())[0]
 
 
-def readme_block(marker: str) -> str:
-    """The code block of README.md between `<!-- marker:begin -->` and `<!-- marker:end -->`."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+def readme_block(marker: str, page: str = "README.md") -> str:
+    """The code block of README.md (or a page under docs/, e.g. "docs/tools.md")
+    between `<!-- marker:begin -->` and `<!-- marker:end -->`."""
+    with open(os.path.join(ROOT, page), encoding="utf-8") as fh:
         text = fh.read()
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    assert begin in text and end in text, f"README.md lost its {marker} markers"
+    assert begin in text and end in text, f"{page} lost its {marker} markers"
     block = text.split(begin, 1)[1].split(end, 1)[0].strip()
     lines = block.splitlines()
     assert lines[0].startswith("```") and lines[-1] == "```", block
