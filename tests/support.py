@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 from functools import lru_cache
 
@@ -119,7 +120,7 @@ def readme_block(marker: str, page: str = "README.md") -> str:
         text = fh.read()
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     assert begin in text and end in text, f"{page} lost its {marker} markers"
-    block = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    block = textwrap.dedent(text.split(begin, 1)[1].split(end, 1)[0].strip("\n")).strip()
     lines = block.splitlines()
     assert lines[0].startswith("```") and lines[-1] == "```", block
     return "\n".join(lines[1:-1])

@@ -62,6 +62,14 @@ def test_tests_section_is_the_ci_command():
     assert run == "python -m pytest -q" and "python3 -m pytest -q" in ci
 
 
+def test_tests_section_names_the_quick_tier():
+    """The quick tier's command, and the `slow` marker it deselects is registered
+    (pytest --strict-markers would refuse it otherwise)."""
+    assert readme_block("tests-quick") == 'python -m pytest -q -m "not slow"'
+    with open(os.path.join(ROOT, "setup.cfg")) as fh:
+        assert "\n    slow:" in fh.read()
+
+
 def test_langchain_snippet_runs(quickstart, capsys):
     """docs/tools.md's LangChain block, run as written (in this process, so the test
     can look at what it made): bind_tools with tool_choice gives a valid call,
