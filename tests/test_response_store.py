@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from llmhost.store.responses.responses import SCHEMA_VERSION, Store, StoreError
+from llmhost.store.responses import SCHEMA_VERSION, Store, StoreError
 from support import Server, assert_error, validate
 
 
@@ -83,7 +83,7 @@ def test_store_from_a_newer_llmhost_is_refused(tmp_path):
     from sqlalchemy import update
     from sqlalchemy.orm import Session
 
-    from llmhost.store.responses.responses import SchemaVersion
+    from llmhost.store.responses import SchemaVersion
 
     url = f"sqlite:///{tmp_path}/s.db"
     store = Store(url)
