@@ -17,6 +17,19 @@ from llmhost.server.process import Server, free_port  # noqa: F401  (one copy, s
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "tests", "data", "openai_schemas.json")
 
+# What tests/conftest.py points at temporary folders for the whole run; a user's
+# shell, as `user_env` builds it for the command line, keeps them.
+PRIVATE = ("LLMHOST_STATE_DIR", "LLMHOST_TEST_LOGS")
+
+
+def user_env(**extra: str) -> dict:
+    """os.environ as a user's shell has it, with no LLMHOST_* settings (so the
+    commands' own defaults are what is tested), except the run's private state
+    folder: a test's server never writes into the user's data folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMHOST_") or k in PRIVATE}
+    return {**env, **extra}
+
+
 # Keys and origin of the `secure` server (conftest.py).
 ENV_KEY = "sk-env-4f1c0a9e7b2d"
 FILE_KEY = "sk-file-9d3e77c1a0b4"

@@ -53,6 +53,7 @@ def test_load_that_does_not_fit_is_507(small_memory, tiny_models, smollm2_gguf):
                          timeout=120).status_code == 201
 
 
+@pytest.mark.slow  # starts its own server
 def test_headroom_setting(tiny_models):
     need = estimate(tiny_models["llama"], None, auto_cpu_dtype())  # what the server's auto loads
     srv = Server(env={"LLMHOST_MEMORY_LIMIT": str(int(need * 1.5)),
