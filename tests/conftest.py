@@ -48,7 +48,7 @@ SLOW_FIXTURES = frozenset({
     # servers shared by the run (this file)
     "server", "quickstart", "secure", "policy",
     # servers of one test file
-    "bare", "small_queue_server", "gpu_server", "small_memory", "guarded", "fuzz_server",
+    "small_queue_server", "gpu_server", "small_memory", "guarded", "fuzz_server",
     "few_threads",
     # the real models: SmolLM2 (in a server or in-process), MiniLM
     "smollm2_gguf", "smollm2_reference", "minilm_dir",
