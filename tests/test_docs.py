@@ -80,6 +80,29 @@ def _names(cell: str) -> set[str]:
     return {name.split(".")[0] for name in re.findall(r"`([a-z_][a-z_.]*)`", cell)}
 
 
+# -- links --------------------------------------------------------------------------------
+
+def _anchors(page: str) -> set[str]:
+    """GitHub's anchors of a page's headings."""
+    text = re.sub(r"(?ms)^\s*```.*?^\s*```", "", _read(page))     # no headings inside code
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in text.splitlines() if line.startswith("#")}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_links_between_pages_resolve(page):
+    """Every relative link names a file that exists, and a heading of it when it has
+    an #anchor: moving a section cannot leave a dead link behind."""
+    for target in re.findall(r"\]\(([^)\s]+)\)", _read(page)):
+        if re.match(r"[a-z]+:", target):
+            continue                                   # http(s), mailto
+        path, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        assert os.path.exists(os.path.join(ROOT, linked)), f"{page}: {target} does not exist"
+        if anchor and linked.endswith(".md"):
+            assert anchor in _anchors(linked), f"{page}: {target}: no such heading in {linked}"
+
+
 # -- settings --------------------------------------------------------------------------
 
 def documented_default(default) -> str:
