@@ -1,6 +1,6 @@
 """Settings, read once from ``LLMHOST_*`` environment variables.
 
-Every variable is listed in the README table; defaults are safe for a single
+Every variable is listed in docs/configuration.md (tests/test_docs.py checks it); defaults are safe for a single
 machine (loopback only, no keys, downloads allowed).
 """
 from __future__ import annotations

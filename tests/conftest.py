@@ -17,6 +17,21 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # Model journals (llmhost/models/journal.py) and stored responses go to a private
 # folder, never the user's data dir.
 os.environ["LLMHOST_STATE_DIR"] = tempfile.mkdtemp(prefix="llmhost-state-")
+# Server logs (tests/support.py Server, the quickstart fixture): a folder of this run.
+os.environ.setdefault("LLMHOST_TEST_LOGS", tempfile.mkdtemp(prefix="llmhost-logs-"))
+
+# No test writes into the user's folders: for the whole run (servers and commands
+# inherit it) HOME is an empty temporary folder, which must stay empty, and the XDG
+# folders (where platformdirs puts llmhost's default state, gunicorn its control
+# socket, chromium its profile) are temporary ones where no llmhost folder may appear
+# (`_home_stays_empty` below checks both at the end). Installed packages and HF_HOME
+# do not depend on HOME (pip's user site is not used here).
+_HOME = tempfile.mkdtemp(prefix="llmhost-home-")
+_XDG = tempfile.mkdtemp(prefix="llmhost-xdg-")
+os.environ["HOME"] = _HOME
+for _var in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR"):
+    os.environ[_var] = os.path.join(_XDG, _var.lower())
+    os.makedirs(os.environ[_var], mode=0o700)
 
 import pytest  # noqa: E402
 
@@ -24,12 +39,76 @@ from support import ADMIN_KEY, ENV_KEY, FILE_KEY, ORIGIN, Server  # noqa: E402
 
 CACHED_REPO = "llmhost-test/tiny-llama"
 
+# -- tiers: `python -m pytest -m "not slow"` is the quick tier -----------------------------
+# A test is slow when it needs one of these fixtures (directly or through another
+# fixture): they start a server (gunicorn or `llmhost serve`) or load a real model.
+# A test that starts a server itself says `@pytest.mark.slow`; one that forgets
+# fails (`pytest_runtest_call` below counts the servers started).
+SLOW_FIXTURES = frozenset({
+    # servers shared by the run (this file)
+    "server", "quickstart", "secure", "policy",
+    # servers of one test file
+    "small_queue_server", "gpu_server", "small_memory", "guarded", "fuzz_server",
+    "few_threads",
+    # the real models loaded in this process: SmolLM2 (a test that only reads the
+    # GGUF's path or header stays quick), MiniLM
+    "smollm2_reference", "minilm_dir",
+})
+_STARTS = pytest.StashKey[int]()
+_started = [0]
+
+
+def _counted(start):
+    def counted_start(self, *args, **kwargs):
+        _started[0] += 1
+        return start(self, *args, **kwargs)
+    return counted_start
+
+
+Server.start = _counted(Server.start)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    item.stash[_STARTS] = _started[0]
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    result = yield
+    if item.get_closest_marker("slow") is None and _started[0] > item.stash[_STARTS]:
+        raise AssertionError("this test started a gunicorn Server but is not marked slow: add "
+                             "@pytest.mark.slow, or its fixture to SLOW_FIXTURES in tests/conftest.py")
+    return result
+
 
 def _package_dir(name: str) -> str:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         pytest.skip(f"package {name} is not installed (pip install --no-deps {name.replace('_', '-')})")
     return list(spec.submodule_search_locations)[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _home_stays_empty():
+    """At the end of the run (after every server stopped): nothing in HOME, and no
+    llmhost folder in the XDG folders (a server or command that fell back to the
+    user's data folder instead of the run's LLMHOST_STATE_DIR)."""
+    yield
+    written = [os.path.join(root, name) for root, dirs, files in os.walk(_HOME) for name in dirs + files]
+    assert not written, f"tests wrote into HOME ({_HOME}): {written[:20]}"
+    llmhost = [os.path.join(root, name) for root, dirs, _files in os.walk(_XDG)
+               for name in dirs if name == "llmhost"]
+    assert not llmhost, f"tests wrote llmhost's files into the user's XDG folders: {llmhost}"
+    shutil.rmtree(_HOME, ignore_errors=True)
+    shutil.rmtree(_XDG, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -223,7 +302,7 @@ def quickstart(smollm2_gguf):
 
     import requests
 
-    from support import free_port, readme_block
+    from support import free_port, readme_block, user_env
 
     serve = readme_block("quickstart").splitlines()[1]
     command = shlex.split(serve)
@@ -232,10 +311,8 @@ def quickstart(smollm2_gguf):
         command = [sys.executable, "-m", "llmhost"] + command[1:]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMHOST_")}
-    env["LLMHOST_PORT"] = str(port)
-    log_path = os.path.join(os.environ.get("LLMHOST_TEST_LOGS", tempfile.gettempdir()),
-                            f"llmhost-quickstart-{port}.log")
+    env = user_env(LLMHOST_PORT=str(port))
+    log_path = os.path.join(os.environ["LLMHOST_TEST_LOGS"], f"llmhost-quickstart-{port}.log")
     log = open(log_path, "wb")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 from functools import lru_cache
 
@@ -15,6 +16,19 @@ from llmhost.server.process import Server, free_port  # noqa: F401  (one copy, s
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMAS = os.path.join(ROOT, "tests", "data", "openai_schemas.json")
+
+# What tests/conftest.py points at temporary folders for the whole run; a user's
+# shell, as `user_env` builds it for the command line, keeps them.
+PRIVATE = ("LLMHOST_STATE_DIR", "LLMHOST_TEST_LOGS")
+
+
+def user_env(**extra: str) -> dict:
+    """os.environ as a user's shell has it, with no LLMHOST_* settings (so the
+    commands' own defaults are what is tested), except the run's private state
+    folder: a test's server never writes into the user's data folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMHOST_") or k in PRIVATE}
+    return {**env, **extra}
+
 
 # Keys and origin of the `secure` server (conftest.py).
 ENV_KEY = "sk-env-4f1c0a9e7b2d"
@@ -112,13 +126,14 @@ def load_local(path: str, model_id: str, config=None, **options):
     return registry.load(spec, config or TestConfig())[0]
 
 
-def readme_block(marker: str) -> str:
-    """The code block of README.md between `<!-- marker:begin -->` and `<!-- marker:end -->`."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+def readme_block(marker: str, page: str = "README.md") -> str:
+    """The code block of README.md (or a page under docs/, e.g. "docs/tools.md")
+    between `<!-- marker:begin -->` and `<!-- marker:end -->`."""
+    with open(os.path.join(ROOT, page), encoding="utf-8") as fh:
         text = fh.read()
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    assert begin in text and end in text, f"README.md lost its {marker} markers"
-    block = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert begin in text and end in text, f"{page} lost its {marker} markers"
+    block = textwrap.dedent(text.split(begin, 1)[1].split(end, 1)[0].strip("\n")).strip()
     lines = block.splitlines()
     assert lines[0].startswith("```") and lines[-1] == "```", block
     return "\n".join(lines[1:-1])

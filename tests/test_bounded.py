@@ -8,16 +8,15 @@ import string
 import pytest
 import requests
 
-from support import Server
 
 MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def bare():
-    srv = Server().start()
-    yield srv
-    srv.stop()
+def bare(server):
+    """The run's shared server (one gunicorn start less): every check here compares
+    before and after on its own ids, so what other tests loaded does not matter."""
+    return server
 
 
 def rand(n=12) -> str:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from support import free_port
+from support import free_port, user_env
 
 COMMANDS = [[sys.executable, "-m", "llmhost"]]
 if shutil.which("llmhost"):
@@ -17,7 +17,7 @@ if shutil.which("llmhost"):
 
 
 def llmhost(*args, input=None, url=None, timeout=300, command=None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMHOST_")}
+    env = user_env()
     if url:
         env["LLMHOST_URL"] = url  # the --url twin
     return subprocess.run([*(command or COMMANDS[0]), *args], input=input, capture_output=True,
@@ -75,6 +75,7 @@ def test_chat_streams_answers_to_piped_lines(quickstart):
     assert len(answers) == 2 and "Paris" in answers[0] and "Rome" in answers[1], r.stdout
 
 
+@pytest.mark.slow  # starts its own server
 def test_serve_flags_reach_the_server(tmp_path, tiny_models):
     """`serve --model SOURCE=ID --port P`: gunicorn with llmhost's settings, the model
     preloaded under its id, the ready message, and SIGTERM stops it."""
@@ -85,7 +86,7 @@ def test_serve_flags_reach_the_server(tmp_path, tiny_models):
 
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMHOST_")}
+    env = user_env()
     with open(log, "wb") as out:
         proc = subprocess.Popen([*COMMANDS[0], "serve", "--model", f"{tiny_models['gpt2']}=tiny",
                                  "--port", str(port), "--threads", "4"], env=env, stdout=out,

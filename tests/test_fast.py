@@ -137,6 +137,7 @@ print(json.dumps({{"before": before, "after": status("VmRSS"), "peak": status("V
 
 @pytest.mark.parametrize("options", [{"quantization": "int8"}, {"dtype": "float32"}],
                          ids=["int8", "float32"])
+@pytest.mark.slow  # loads SmolLM2 in a subprocess
 def test_gguf_load_peaks_near_its_final_size(smollm2_gguf, options):
     """A fresh subprocess does only the load and reads its own RSS: just before
     the load, just after, and its peak (VmHWM). The peak stays within an

@@ -35,6 +35,7 @@ def wait_ready(srv, timeout: float = 120) -> dict:
     raise AssertionError(f"never ready: {body}")
 
 
+@pytest.mark.slow  # starts its own server
 def test_api_loaded_models_survive_a_worker_crash(tiny_models, tmp_path):
     srv = Server(env={"LLMHOST_STATE_DIR": str(tmp_path)}).start()
     try:
@@ -63,6 +64,7 @@ def test_api_loaded_models_survive_a_worker_crash(tiny_models, tmp_path):
         srv.stop()
 
 
+@pytest.mark.slow  # starts its own server
 def test_full_restart_restores_only_when_asked(tiny_models, tmp_path):
     port = None
     for restore, expected in (("crash", []), ("always", ["r-llama"])):

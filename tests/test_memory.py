@@ -14,6 +14,7 @@ from llmhost.models.quantize import auto_cpu_dtype
 from support import Server, assert_error
 
 
+@pytest.mark.slow  # reads SmolLM2's GGUF metadata three times (its 49k-token vocabulary each time)
 def test_estimate_matches_what_loading_takes(tiny_models, smollm2_gguf):
     loaded = load(LoadSpec(model=tiny_models["llama"]), TestConfig())
     guess = estimate(tiny_models["llama"], None, getattr(torch, loaded.dtype))  # auto: bf16 on bf16 CPUs
@@ -53,12 +54,10 @@ def test_load_that_does_not_fit_is_507(small_memory, tiny_models, smollm2_gguf):
                          timeout=120).status_code == 201
 
 
-def test_headroom_setting(tiny_models):
+def test_headroom_setting(make_app, tiny_models):
     need = estimate(tiny_models["llama"], None, auto_cpu_dtype())  # what the server's auto loads
-    srv = Server(env={"LLMHOST_MEMORY_LIMIT": str(int(need * 1.5)),
-                      "LLMHOST_MEMORY_HEADROOM": "1.0"}).start()
-    try:
-        r = requests.post(srv.url + "/v1/models", json={"model": tiny_models["llama"]}, timeout=120)
-        assert "LLMHOST_MEMORY_HEADROOM=1" in assert_error(r, 507)["message"]
-    finally:
-        srv.stop()
+    # The settings as the server reads them from LLMHOST_MEMORY_LIMIT / _HEADROOM (the
+    # Flask test client: the refusal happens before anything loads, gunicorn adds nothing).
+    client = make_app(MEMORY_LIMIT=int(need * 1.5), MEMORY_HEADROOM=1.0).test_client()
+    r = client.post("/v1/models", json={"model": tiny_models["llama"]})
+    assert "LLMHOST_MEMORY_HEADROOM=1" in assert_error(r, 507)["message"]

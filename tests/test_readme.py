@@ -62,15 +62,23 @@ def test_tests_section_is_the_ci_command():
     assert run == "python -m pytest -q" and "python3 -m pytest -q" in ci
 
 
+def test_tests_section_names_the_quick_tier():
+    """The quick tier's command, and the `slow` marker it deselects is registered
+    (pytest --strict-markers would refuse it otherwise)."""
+    assert readme_block("tests-quick") == 'python -m pytest -q -m "not slow"'
+    with open(os.path.join(ROOT, "setup.cfg")) as fh:
+        assert "\n    slow:" in fh.read()
+
+
 def test_langchain_snippet_runs(quickstart, capsys):
-    """README's LangChain block, run as written (in this process, so the test
+    """docs/tools.md's LangChain block, run as written (in this process, so the test
     can look at what it made): bind_tools with tool_choice gives a valid call,
     the tool result goes back, with_structured_output gives a City."""
     import pydantic
 
-    code = _at(quickstart, readme_block("langchain"))
+    code = _at(quickstart, readme_block("langchain", "docs/tools.md"))
     scope: dict = {"__name__": "readme_langchain"}
-    exec(compile(code, "README.md (langchain)", "exec"), scope)
+    exec(compile(code, "docs/tools.md (langchain)", "exec"), scope)
     call = scope["call"]
     assert call["name"] == "get_weather" and call["id"].startswith("call_")
     assert isinstance(call["args"].get("city"), str) and call["args"]["city"], call

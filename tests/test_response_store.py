@@ -112,6 +112,7 @@ def _create(url: str, model: str, text: str, headers=None, **extra) -> requests.
                          headers=headers, timeout=120)
 
 
+@pytest.mark.slow  # starts its own server
 def test_restart_parallel_requests_and_a_readonly_store(tmp_path, tiny_models):
     env = {"LLMHOST_STATE_DIR": str(tmp_path)}
     first = Server(env=env).start()
@@ -156,6 +157,7 @@ def test_restart_parallel_requests_and_a_readonly_store(tmp_path, tiny_models):
         readonly.stop()
 
 
+@pytest.mark.slow  # starts its own server
 def test_each_key_sees_its_own_responses(tmp_path, tiny_models):
     srv = Server(env={"LLMHOST_STATE_DIR": str(tmp_path), "LLMHOST_API_KEYS": "alice,bob",
                       "LLMHOST_ADMIN_API_KEYS": "root"}).start()

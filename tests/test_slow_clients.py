@@ -2,7 +2,7 @@
 the worker's event loop (llmhost/server/gworker.py) instead of holding threads, so
 /health and chat answer while 40 connections trickle one header byte per
 second or stall halfway through a body; they are dropped after
-LLMHOST_READ_TIMEOUT. And the nginx config the README recommends is valid."""
+LLMHOST_READ_TIMEOUT. And the nginx config docs/deploying.md recommends is valid."""
 import os
 import shutil
 import socket
@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from support import ROOT, Server
+from support import Server, readme_block
 
 
 @pytest.fixture(scope="module")
@@ -134,12 +134,8 @@ def test_health_answers_within_a_second_under_generation_load(server, tiny_model
 
 
 def readme_nginx() -> str:
-    """The nginx config README recommends (its first ```nginx block): what is tested is what
-    users copy."""
-    with open(os.path.join(ROOT, "README.md")) as fh:
-        text = fh.read()
-    start = text.index("```nginx\n") + len("```nginx\n")
-    return text[start:text.index("```", start)]
+    """The nginx config docs/deploying.md recommends: what is tested is what users copy."""
+    return readme_block("nginx", "docs/deploying.md") + "\n"
 
 
 def test_nginx_config_is_valid(tmp_path):

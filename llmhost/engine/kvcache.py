@@ -3,7 +3,7 @@ step.
 
 transformers' ``DynamicLayer`` appends a decode step's key and value with
 ``torch.cat``, which copies the whole cache of every layer at every step: the
-copy grows with the context and the batch (the profile in README,
+copy grows with the context and the batch (the profile in docs/performance.md,
 "Where a decode step's time goes"). ``GrowingLayer`` keeps each tensor in a
 buffer with ``ROOM`` free positions after the last one and writes a step into
 that room; ``keys``/``values`` are views of the filled part, so the attention

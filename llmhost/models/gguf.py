@@ -9,7 +9,7 @@ tensor is dequantized, converted to the target dtype and, for a Linear layer
 that is to be quantized, quantized as soon as that layer has all its
 parameters; only one float32 tensor exists at any time, and its memory goes
 back to the OS before the next (glibc would keep it): the load peaks a few tens
-of MiB above where it ends (README, Performance), in float32 too.
+of MiB above where it ends (docs/performance.md), in float32 too.
 
 The reading is gguf's (the tensor list from ``gguf.GGUFReader``, each tensor
 memory-mapped on its own, ``gguf.dequantize``); the GGUF -> HF name map and the

@@ -16,7 +16,7 @@ are, not dequantized. A Q4_0 / Q4_1 block (32 weights, w = d*q + m with q in
 the input, w = (q - 8)*scale + zero: scale = d, zero = m + 8d), so the weights
 equal the dequantized file's and a decode step reads a quarter of bfloat16's
 bytes: at batch 1 a step of a model this size is bound by memory bandwidth,
-not by arithmetic (README, Performance). Tensors of other types (Q4_K, Q6_K,
+not by arithmetic (docs/performance.md). Tensors of other types (Q4_K, Q6_K,
 Q8_0, ...) are dequantized as before.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ only a complete request takes a thread. A request that is not complete within
 LLMHOST_READ_TIMEOUT seconds is dropped, and once a thread holds the
 connection the socket has the same timeout for every read and write, so a
 client that goes silent frees its thread. Production should still run nginx
-in front (README), which buffers requests the same way.
+in front (docs/deploying.md), which buffers requests the same way.
 
 Used through gunicorn.conf.py (``worker_class``); TLS terminated by gunicorn
 itself is left to the plain gthread path.
