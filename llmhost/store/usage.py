@@ -82,7 +82,10 @@ class UsageStore:
 
     def __init__(self, engine, flush_s: float = 5.0) -> None:
         self.engine = engine
-        Base.metadata.create_all(engine)
+        try:
+            Base.metadata.create_all(engine)
+        except SQLAlchemyError:   # another process created them between the check and ours
+            Base.metadata.create_all(engine)
         self.flush_s = flush_s
         self.failures = 0
         self.dropped = 0
