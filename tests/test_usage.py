@@ -68,6 +68,19 @@ def test_toml_keys_file_is_checked_at_start(make_app, tmp_path):
         make_app(API_KEYS_FILE=str(bad))
 
 
+def test_the_documented_keys_file_loads(make_app, tmp_path):
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                        "usage.md")
+    text = open(docs, encoding="utf-8").read()
+    block = text.split("<!-- keys-file:begin -->")[1].split("<!-- keys-file:end -->")[0]
+    path = tmp_path / "keys.toml"
+    path.write_text(block.strip().removeprefix("```toml").removesuffix("```"))
+    keys = make_app(API_KEYS_FILE=str(path)).extensions["llmhost_keys"]
+    assert keys.limits["groups"]["interns"]["tokens_per_day"] == 500000
+    assert keys.identity("sk-alice-1").group == "interns"
+    assert keys.check("sk-bob-2") == (True, False)
+
+
 # -- usage -----------------------------------------------------------------------
 
 def test_usage_totals_equal_the_usage_objects_returned(make_app, tiny, tmp_path):
