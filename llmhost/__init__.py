@@ -10,7 +10,7 @@ from .version import __version__  # noqa: F401  (llmhost.__version__)
 def create_app(config: Config | None = None) -> Flask:
     """Config -> extensions -> blueprints. Only wsgi.py (and tests) call this."""
     from . import api as api_modules
-    from .http import auth, cors, limits, observability, pages
+    from .http import auth, cors, limits, metering, observability, pages
     from .models import preload
     from .http.extensions import Api
 
@@ -25,6 +25,7 @@ def create_app(config: Config | None = None) -> Flask:
     # One Api per app: it holds this app's OpenAPI spec (bemserver-api builds it here too).
     api = Api(app)
     auth.init_app(app, api, config)  # keys, security scheme (needs api's spec)
+    metering.init_app(app)  # usage and limits per key (after auth: it names the caller)
     cors.init_app(app, config.CORS_ORIGINS)
     for module in api_modules.MODULES:
         api.register_blueprint(module.blp)

@@ -65,6 +65,14 @@ class Config:
         ("API_KEYS", _list, []),
         ("API_KEYS_FILE", str, ""),
         ("ADMIN_API_KEYS", _list, []),
+        ("API_KEY_NAMES", str, "auto"),   # name:key entries: on, off (literal keys), auto (refuse)
+        # Limits for keys with no entry in a TOML keys file (0: none); http/metering.py
+        ("RATE_LIMIT_RPM", int, 0),
+        ("RATE_LIMIT_TPM", int, 0),
+        ("TOKEN_QUOTA_DAY", int, 0),
+        ("TOKEN_QUOTA_MONTH", int, 0),
+        ("USAGE", _bool, True),          # per-key usage accounting in the store (store/usage.py)
+        ("USAGE_FLUSH_S", float, 5.0),   # how often counted usage is written, batched
         ("PUBLIC_DOCS", _bool, True),
         ("CORS_ORIGINS", _list, []),
         ("STATE_DIR", str, ""),          # "": platformdirs' user data dir for llmhost

@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 from flask import Response, jsonify, request
 
-from ..http import checks, observability, sse
+from ..http import checks, metering, observability, sse
 from ..version import __version__
 from ..generation.run import Choice, ChoiceDelta, Run
 from ..engine.sampling import vocab_size
@@ -171,6 +171,9 @@ def start(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
                   disconnected=partial(sse.client_disconnected, request.environ),
                   parser=getattr(fmt, "parser", None), max_calls=config.MAX_TOOL_CALLS)
         fields["prompt_tokens"] = run.prompt_tokens
+        # the worst case, settled to the real count at the end (http/metering.py)
+        metering.admit_tokens(run.prompt_tokens + params.max_tokens * len(run.states))
+        metering.track(run)
         log_content = observability.content_logging_enabled()
         if log_content:  # LLMHOST_LOG_CONTENT=1 only: prompts are private otherwise
             fields["prompt"] = args.get("messages", args.get("prompt"))

@@ -36,6 +36,28 @@ LOAD_SECONDS = Histogram("llmhost_model_load_seconds", "Time to load a model.", 
                          buckets=LOAD_BUCKETS, registry=REGISTRY)
 
 
+USAGE_STORE_ERRORS = Counter("llmhost_usage_store_errors",
+                             "Usage or quota reads and writes that failed (serving went on).",
+                             registry=REGISTRY)
+# Per key only for keys with a name (LLMHOST_API_KEYS name:key or the keys
+# file): names come from the configuration, so the series are bounded; every
+# other key counts under "(unnamed)".
+KEY_REQUESTS = Counter("llmhost_key_requests", "Requests that reached a model, by named key.",
+                       ("key", "model"), registry=REGISTRY)
+KEY_TOKENS = Counter("llmhost_key_tokens", "Tokens by named key, model and kind.",
+                     ("key", "model", "kind"), registry=REGISTRY)
+
+
+def record_key_usage(name: str | None, model: str, prompt_tokens: int,
+                     completion_tokens: int) -> None:
+    key = name or "(unnamed)"
+    KEY_REQUESTS.labels(key, model).inc()
+    if prompt_tokens:
+        KEY_TOKENS.labels(key, model, "prompt").inc(prompt_tokens)
+    if completion_tokens:
+        KEY_TOKENS.labels(key, model, "completion").inc(completion_tokens)
+
+
 def record_tokens(model: str, prompt_tokens: int, completion_tokens: int) -> None:
     """Called by the engine when a generation finishes."""
     if prompt_tokens:

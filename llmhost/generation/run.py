@@ -90,6 +90,7 @@ class Run:
                        for _ in range(len(prompts) * n)]
         self.generations: list = []
         self.completion_tokens = 0
+        self.cached_tokens = 0         # prompt tokens served from a cache
         self.cancelled = False
         self._first = None
         self._iterators: list[Iterator] = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from dataclasses import dataclass
 
 from flask import Flask, current_app, has_request_context, request
 
@@ -24,13 +25,42 @@ DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 ENVIRON_ADMIN = "llmhost.admin"
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who a key is, for usage and limits: its digest (never the key), the name
+    given to it in the keys file or as `name:key`, and the group whose limits
+    it shares."""
+
+    digest: str | None            # hex SHA-256 of the key; None on a keyless server
+    name: str | None = None
+    group: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What reports show: the name, else a short digest prefix, never the key."""
+        if self.name:
+            return self.name
+        return f"sha256:{self.digest[:12]}" if self.digest else "anonymous"
+
+
 class Keys:
     def __init__(self, config) -> None:
-        plain = list(config.API_KEYS)
+        named = config.API_KEY_NAMES
+        entries = _entries(config.API_KEYS, "LLMHOST_API_KEYS", named)
+        admin = _entries(config.ADMIN_API_KEYS, "LLMHOST_ADMIN_API_KEYS", named)
+        self.limits: dict = {}           # keys file (TOML): defaults, groups, per-key limits
         if config.API_KEYS_FILE:
-            plain += read_key_file(config.API_KEYS_FILE)
-        self.plain = [_digest(k) for k in plain]
-        self.admin = [_digest(k) for k in config.ADMIN_API_KEYS]
+            if config.API_KEYS_FILE.endswith(".toml"):
+                toml_keys, toml_admin, self.limits = read_toml_keys(config.API_KEYS_FILE)
+                entries += toml_keys
+                admin += toml_admin
+            else:
+                entries += _entries(read_key_file(config.API_KEYS_FILE),
+                                    "LLMHOST_API_KEYS_FILE", named)
+        self.plain = [d for d, _ in entries]
+        self.admin = [d for d, _ in admin]
+        # digest -> Identity, for keys that have a name or a group
+        self.identities = {d: ident for d, ident in entries + admin if ident is not None}
         self.enabled = bool(self.plain or self.admin)
         self.public_docs = config.PUBLIC_DOCS
 
@@ -46,6 +76,104 @@ class Keys:
         raw = _digest(token)
         admin = self._match(raw, self.admin)
         return admin or self._match(raw, self.plain), admin
+
+    def identity(self, token: str | None) -> Identity:
+        if token is None or not self.enabled:
+            return Identity(None)
+        digest = _digest(token)
+        return self.identities.get(digest) or Identity(digest.hex())
+
+
+def _entries(keys: list[str], source: str, named: str) -> list[tuple[bytes, "Identity | None"]]:
+    """(digest, identity) per configured key. `name:key` entries are read as
+    named keys only when LLMHOST_API_KEY_NAMES=on: a key that happens to hold a
+    colon was a literal key before names existed, and must not silently change
+    meaning, so with the default (auto) such an entry stops the server with a
+    message saying how to choose."""
+    out = []
+    for index, key in enumerate(keys):
+        if ":" in key and named == "auto":
+            raise RuntimeError(
+                f"{source} entry {index + 1} contains ':'. Set LLMHOST_API_KEY_NAMES=on to read "
+                "entries as name:key (the name shows in usage reports), or off to keep them "
+                "literal keys.")
+        if ":" in key and named == "on":
+            name, _, secret = key.partition(":")
+            if not name or not secret:
+                raise RuntimeError(f"{source} entry {index + 1}: write name:key, both non-empty.")
+            digest = _digest(secret)
+            out.append((digest, Identity(digest.hex(), name=name)))
+        else:
+            out.append((_digest(key), None))
+    return out
+
+
+def read_toml_keys(path: str) -> tuple[list, list, dict]:
+    """A keys file in TOML (tomllib, in Python's standard library since 3.11;
+    the `tomli` backport before): named keys with their group, admin flag and
+    limits, groups of keys that share limits, and defaults for every other key.
+
+        [defaults]
+        requests_per_minute = 600
+        [groups.interns]
+        tokens_per_minute = 20000
+        tokens_per_day = 500000
+        [keys.alice]
+        key = "sk-..."            # or sha256 = "<hex digest of the key>"
+        group = "interns"
+        [keys.ops]
+        sha256 = "..."
+        admin = true
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise RuntimeError(f"LLMHOST_API_KEYS_FILE={path!r} cannot be read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise RuntimeError(f"LLMHOST_API_KEYS_FILE={path!r} is not valid TOML: {exc}") from exc
+    groups = data.get("groups") or {}
+    plain, admin, limits = [], [], {"defaults": _limits(data.get("defaults") or {}, "defaults"),
+                                     "groups": {}, "keys": {}}
+    for group, spec in groups.items():
+        limits["groups"][group] = _limits(spec, f"groups.{group}")
+    for name, spec in (data.get("keys") or {}).items():
+        where = f"keys.{name}"
+        if bool(spec.get("key")) == bool(spec.get("sha256")):
+            raise RuntimeError(f"LLMHOST_API_KEYS_FILE: [{where}] needs exactly one of key, sha256.")
+        digest = (_digest(spec["key"]) if spec.get("key")
+                  else bytes.fromhex(str(spec["sha256"]).strip()))
+        group = spec.get("group")
+        if group is not None and group not in groups:
+            raise RuntimeError(f"LLMHOST_API_KEYS_FILE: [{where}] names group {group!r}, which "
+                               "has no [groups.NAME] table.")
+        limits["keys"][name] = _limits(spec, where, extra=("key", "sha256", "group", "admin"))
+        entry = (digest, Identity(digest.hex(), name=name, group=group))
+        (admin if spec.get("admin") else plain).append(entry)
+    return plain, admin, limits
+
+
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "tokens_per_month")
+
+
+def _limits(spec: dict, where: str, extra: tuple = ()) -> dict:
+    unknown = set(spec) - set(LIMIT_FIELDS) - set(extra)
+    if unknown:
+        raise RuntimeError(f"LLMHOST_API_KEYS_FILE: [{where}] has unknown fields "
+                           f"{sorted(unknown)}; use {', '.join(LIMIT_FIELDS)}.")
+    out = {}
+    for name in LIMIT_FIELDS:
+        if name in spec:
+            value = spec[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RuntimeError(f"LLMHOST_API_KEYS_FILE: [{where}] {name} must be a whole "
+                                   "number >= 0 (0: no limit).")
+            out[name] = value
+    return out
 
 
 def _digest(key: str) -> bytes:
@@ -163,3 +291,9 @@ def caller() -> tuple[str | None, bool]:
 
 
 redact.watch_viewer(may_see_paths)
+
+
+def identity() -> Identity:
+    """The current caller as usage and limits see it."""
+    keys: Keys = current_app.extensions["llmhost_keys"]
+    return keys.identity(_bearer() if has_request_context() else None)

@@ -221,9 +221,46 @@ def models(url, api_key) -> None:
             kind = m.get("task", "-")
         size = m.get("memory_bytes") or m.get("size_on_disk")
         rows.append((m["id"], m.get("status", "loaded"), kind, _size(size), details))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    _table(rows)
+
+
+def _table(rows: list[tuple]) -> None:
+    """Columns padded to their widest cell; the last one is not padded."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + str(row[-1]))
+
+
+@main.command()
+@click.option("--by", "group_by", default="key,model", show_default=True,
+              help="Sum by any of key, model, endpoint, hour, day (commas).")
+@click.option("--key", "key_name", help="Only this key's usage, by its name (admins).")
+@click.option("--model", help="Only this model.")
+@click.option("--since", type=float, help="Hours back to start from.")
+@client_options
+def usage(group_by, key_name, model, since, url, api_key) -> None:
+    """Usage per key: requests, tokens and errors (GET /v1/usage).
+
+    An admin key sees every key; any other key its own usage."""
+    params = {"group_by": group_by}
+    if key_name:
+        params["key"] = key_name
+    if model:
+        params["model"] = model
+    if since is not None:
+        params["start_time"] = time.time() - since * 3600
+    data = Client(url, api_key).request("GET", "/v1/usage", params=params).json()["data"]
+    columns = [c for c in ("key", "model", "endpoint") if c in group_by.split(",")]
+    if "hour" in group_by or "day" in group_by:
+        columns.append("start_time")
+    counts = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "errors")
+    rows = [tuple(c.upper() for c in (*columns, *counts))]
+    for row in data:
+        cells = [row.get(c, "") for c in columns]
+        if "start_time" in columns:
+            cells[-1] = time.strftime("%Y-%m-%d %H:00", time.gmtime(row["start_time"]))
+        rows.append((*cells, *(row[c] for c in counts)))
+    _table(rows)
 
 
 @main.command()
