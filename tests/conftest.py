@@ -49,7 +49,7 @@ SLOW_FIXTURES = frozenset({
     "server", "quickstart", "secure", "policy",
     # servers of one test file
     "small_queue_server", "gpu_server", "small_memory", "guarded", "fuzz_server",
-    "few_threads",
+    "few_threads", "limited",
     # the real models loaded in this process: SmolLM2 (a test that only reads the
     # GGUF's path or header stays quick), MiniLM
     "smollm2_reference", "minilm_dir",

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from support import Server, assert_error, auth, load_local
+from support import Server, assert_error, auth, load_local, readme_block
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +69,8 @@ def test_toml_keys_file_is_checked_at_start(make_app, tmp_path):
 
 
 def test_the_documented_keys_file_loads(make_app, tmp_path):
-    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                        "usage.md")
-    text = open(docs, encoding="utf-8").read()
-    block = text.split("<!-- keys-file:begin -->")[1].split("<!-- keys-file:end -->")[0]
     path = tmp_path / "keys.toml"
-    path.write_text(block.strip().removeprefix("```toml").removesuffix("```"))
+    path.write_text(readme_block("keys-file", "docs/usage.md"))
     keys = make_app(API_KEYS_FILE=str(path)).extensions["llmhost_keys"]
     assert keys.limits["groups"]["interns"]["tokens_per_day"] == 500000
     assert keys.identity("sk-alice-1").group == "interns"
