@@ -27,6 +27,11 @@ preload_app = False  # keep: LLMHOST_MODELS must load in the worker (llmhost/mod
 # so a long generation or a slow model load never trips it. 0 disables it.
 timeout = _config.WORKER_TIMEOUT
 graceful_timeout = 30
+# gunicorn >= 25.1 opens a control socket at one path per user
+# ($XDG_RUNTIME_DIR/gunicorn.ctl or ~/.gunicorn/gunicorn.ctl), shared by every
+# gunicorn that user runs: replicas on one machine would take it from each other.
+# llmhost is managed through its API and signals, so it is off.
+control_socket_disable = True
 keepalive = 5
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
