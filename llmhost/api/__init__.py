@@ -1,4 +1,4 @@
 """One blueprint module per resource; MODULES registers them in order."""
-from . import chat, completions, embeddings, health, models, rerank, responses, tokenize
+from . import audio, chat, completions, embeddings, health, models, rerank, responses, tokenize
 
-MODULES = (health, models, chat, completions, embeddings, responses, tokenize, rerank)
+MODULES = (health, models, chat, completions, embeddings, responses, tokenize, rerank, audio)
