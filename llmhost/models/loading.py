@@ -442,17 +442,8 @@ def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loa
     if source.gguf_file:
         raise invalid("GGUF files hold generation models; embeddings need a sentence-transformers "
                       "folder or an encoder model.", param="model", code="model_load_failed")
-    kwargs = {} if dtype == "auto" else {"dtype": dtype}
-    try:
-        st = SentenceTransformer(source.folder, device="cuda" if device_map == "auto" else device,
-                                 local_files_only=True, trust_remote_code=spec.trust_remote_code,
-                                 model_kwargs=kwargs)
-    except torch.OutOfMemoryError:
-        raise _no_memory(device, spec)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as exc:
-        raise invalid(f"Could not load '{spec.model}' as an embedding model: {exc}",
-                      param="model", code="model_load_failed")
-    st.eval()
+    st = tasks.sentence_transformers(SentenceTransformer, "an embedding model", source.folder, spec,
+                                     device, device_map, dtype, _no_memory)
     _check_text_model(st, spec.model)
     first = st[0]
     max_len = st.max_seq_length

@@ -50,22 +50,30 @@ class Speech:
         return self.processor.tokenizer
 
 
+def sentence_transformers(cls, what: str, folder: str, spec, device: str, device_map, dtype,
+                          no_memory):
+    """A SentenceTransformer or CrossEncoder (`cls`) loaded offline as the
+    library loads it, in eval mode; failures are 400s saying it is not `what`."""
+    kwargs = {} if dtype == "auto" else {"dtype": dtype}
+    try:
+        model = cls(folder, device="cuda" if device_map == "auto" else device,
+                    local_files_only=True, trust_remote_code=spec.trust_remote_code,
+                    model_kwargs=kwargs)
+    except torch.OutOfMemoryError:
+        raise no_memory(device, spec)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as exc:
+        raise invalid(f"Could not load '{spec.model}' as {what}: {exc}",
+                      param="model", code="model_load_failed")
+    return model.eval()
+
+
 def load_cross_encoder(folder: str, spec, device: str, device_map, dtype, no_memory) -> dict:
     """A CrossEncoder, loaded by sentence-transformers as `CrossEncoder(folder)`
     is, so scores equal its `predict`."""
     from sentence_transformers import CrossEncoder
 
-    kwargs = {} if dtype == "auto" else {"dtype": dtype}
-    try:
-        ce = CrossEncoder(folder, device="cuda" if device_map == "auto" else device,
-                          local_files_only=True, trust_remote_code=spec.trust_remote_code,
-                          model_kwargs=kwargs)
-    except torch.OutOfMemoryError:
-        raise no_memory(device, spec)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as exc:
-        raise invalid(f"Could not load '{spec.model}' as a cross-encoder (reranker): {exc}",
-                      param="model", code="model_load_failed")
-    ce.eval()
+    ce = sentence_transformers(CrossEncoder, "a cross-encoder (reranker)", folder, spec, device,
+                               device_map, dtype, no_memory)
     if ce.num_labels != 1 or ce.tokenizer is None:
         raise invalid(f"'{spec.model}' has {ce.num_labels} labels; a reranker scores a pair with "
                       "one number (num_labels=1).", param="model", code="model_load_failed")
