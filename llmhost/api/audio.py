@@ -13,8 +13,8 @@ from ..http import sse
 from ..http.errors import APIError, invalid, not_supported
 from ..http.extensions import Blueprint
 from ..http.observability import log_fields
-from ..schemas.audio import (AudioFileSchema, TranscriptionFormSchema, TranscriptionSchema,
-                             TranslationFormSchema)
+from ..schemas.audio import (AudioFileSchema, TranscriptionFormSchema, TranscriptionRequestSchema,
+                             TranscriptionSchema, TranslationFormSchema, TranslationRequestSchema)
 from .access import use_model
 
 blp = Blueprint("audio", __name__, url_prefix="/v1/audio",
@@ -24,11 +24,16 @@ TEXT_FORMATS = {"text": "text/plain", "srt": "application/x-subrip", "vtt": "tex
 _TEXT = {"text/plain": {"schema": {"type": "string"}}}
 
 
+def _form(schema) -> dict:
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+
+
 @blp.route("/transcriptions", methods=["POST"])
 @blp.arguments(TranscriptionFormSchema, location="form")
 @blp.arguments(AudioFileSchema, location="files")
 @blp.response(200, TranscriptionSchema)
-@blp.doc(responses={200: {"content": {**_TEXT, "text/event-stream": {"schema": {"type": "string"}}}}})
+@blp.doc(responses={200: {"content": {**_TEXT, "text/event-stream": {"schema": {"type": "string"}}}}},
+         requestBody=_form(TranscriptionRequestSchema))
 @blp.errors(400, 404, 413, 429, 503)
 def create_transcription(form, files):
     """Transcribe audio
@@ -51,7 +56,7 @@ def create_transcription(form, files):
 @blp.arguments(TranslationFormSchema, location="form")
 @blp.arguments(AudioFileSchema, location="files")
 @blp.response(200, TranscriptionSchema)
-@blp.doc(responses={200: {"content": _TEXT}})
+@blp.doc(responses={200: {"content": _TEXT}}, requestBody=_form(TranslationRequestSchema))
 @blp.errors(400, 404, 413, 429, 503)
 def create_translation(form, files):
     """Translate audio into English

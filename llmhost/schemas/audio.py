@@ -66,6 +66,15 @@ class AudioFileSchema(Schema):
                        "most LLMHOST_MAX_AUDIO_BYTES bytes and LLMHOST_MAX_AUDIO_SECONDS long."})
 
 
+class TranscriptionRequestSchema(TranscriptionFormSchema, AudioFileSchema):
+    """The whole form, for the OpenAPI document (flask-smorest documents one
+    `arguments` per route; the form and the file are parsed separately)."""
+
+
+class TranslationRequestSchema(TranslationFormSchema, AudioFileSchema):
+    """As TranscriptionRequestSchema."""
+
+
 # -- responses (documentation; the bodies are built in llmhost/api/audio.py) ---
 
 class DurationUsageSchema(Schema):
