@@ -138,14 +138,15 @@ class _Deltas:
 
 
 class _Cancelled:
-    """A stopping criterion: stop generating once the client is gone."""
+    """A stopping criterion: stop generating once the client is gone or the
+    model is being unloaded."""
 
-    def __init__(self, job: _Job) -> None:
-        self.job = job
+    def __init__(self, job: _Job, worker: "SpeechWorker") -> None:
+        self.job, self.worker = job, worker
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.job.cancelled, dtype=torch.bool,
-                          device=input_ids.device)
+        stop = self.job.cancelled or bool(self.worker._closing)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class SpeechWorker(ModelWorker):
@@ -159,6 +160,7 @@ class SpeechWorker(ModelWorker):
         self.multilingual = bool(getattr(gen, "is_multilingual", False))
         self.languages = {token.strip("<|>"): token for token in (getattr(gen, "lang_to_id", None) or {})}
         self.can_translate = self.multilingual and "translate" in (getattr(gen, "task_to_id", None) or {})
+        self._busy = 0
 
     # -- request threads ------------------------------------------------------
     def check(self, options: SpeechOptions) -> None:
@@ -198,7 +200,7 @@ class SpeechWorker(ModelWorker):
             job.cancelled = True
 
     def stats(self) -> dict:
-        return {"queued": len(self._waiting), "running": 0}
+        return {"queued": len(self._waiting), "running": self._busy}
 
     # -- the model's thread -------------------------------------------------------
     def _run(self) -> None:
@@ -211,13 +213,16 @@ class SpeechWorker(ModelWorker):
                         break
                     job = self._waiting.popleft()
                 job.admitted.set()
+                self._busy = 1
                 try:
                     self._transcribe(job)
-                    job.events.put(("done", None))
+                    job.events.put(("error", self._closed_error()) if self._closing else ("done", None))
                 except Exception as exc:   # a bug or OOM must reach the request, not hang it
                     log.exception("transcription failed on %s", self.model_id)
                     job.fail(failure(exc, self.model_id, "transcribing",
                                      "a shorter file, or fewer requests at once"))
+                finally:
+                    self._busy = 0
         finally:
             err = self._closed_error()
             with self._cond:
@@ -257,11 +262,11 @@ class SpeechWorker(ModelWorker):
         else:
             kwargs["do_sample"] = False
         for number, window in enumerate(job.windows):
-            if job.cancelled:
+            if job.cancelled or self._closing:
                 return
             out = self.model.generate(**self._features(window), **kwargs,
                                       streamer=_Deltas(self.tokenizer, job),
-                                      stopping_criteria=[_Cancelled(job)])
+                                      stopping_criteria=[_Cancelled(job, self)])
             steps = len(out.scores)
             ids = out.sequences[0, -steps:] if steps else out.sequences[0, :0]
             logprobs = [torch.log_softmax(score[0].float(), -1)[int(t)].item()
