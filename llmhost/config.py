@@ -57,6 +57,10 @@ class Config:
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),
         ("EMBED_TOKEN_IDS", str, "cl100k_base"),
+        ("MAX_RERANK_DOCUMENTS", int, 1000),   # documents (or text_2 items) per rerank/score request
+        ("MAX_RERANK_TOKENS", int, 500_000),   # tokens of all pairs of one rerank/score request
+        ("MAX_AUDIO_BYTES", int, 25 * 1024 * 1024),  # an uploaded audio file (OpenAI's limit)
+        ("MAX_AUDIO_SECONDS", float, 3600.0),  # decoded audio per transcription
         ("MAX_BODY_BYTES", int, 8 * 1024 * 1024),
         ("READ_TIMEOUT", float, 20.0),
         ("RESTORE_MODELS", str, "crash"),

@@ -221,3 +221,87 @@ def build_family_tools(path: str, family: str, chat_template: str, layers: int =
                                  "gemma4": (LlamaConfig, LlamaForCausalLM)}[family]
     return _decoder(path, tokenizer, config_class, model_class, layers, width, positions, seed,
                     tie_word_embeddings=False)
+
+
+def build_cross_encoder(path: str, layers: int = 2, width: int = 32, positions: int = 128,
+                        seed: int = 0) -> str:
+    """A BERT cross-encoder (BertForSequenceClassification, one label) saved by
+    sentence-transformers' CrossEncoder, so the folder holds its cross-encoder
+    config as a real reranker's does. The tokenizer is a WordPiece one over
+    WORDS and their characters (a BERT tokenizer needs a vocabulary, not training)."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    chars = sorted({c for word in WORDS for c in word} | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS)) + chars + ["##" + c for c in chars]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=positions)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=width, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=width * 2,
+                        max_position_embeddings=positions, num_labels=1)
+    raw = path + ".raw"
+    BertForSequenceClassification(config).save_pretrained(raw)
+    tokenizer.save_pretrained(raw)
+    CrossEncoder(raw, device="cpu", local_files_only=True).save_pretrained(path)
+    return path
+
+
+WHISPER_LANGUAGES = ("en", "fr", "de")
+
+
+def build_whisper(path: str, vocab_size: int = 400, width: int = 32, max_new_tokens: int = 12,
+                  multilingual: bool = True, seed: int = 0) -> str:
+    """A Whisper model (WhisperForConditionalGeneration + WhisperProcessor) with
+    Whisper's special tokens laid out as in the real tokenizer (<|endoftext|>
+    right after the byte-level BPE, then <|startoftranscript|>, languages, tasks,
+    <|startofprev|>, <|notimestamps|>, 1501 timestamps). The generation config
+    suppresses the special and timestamp tokens (random weights would emit
+    nothing else) and stops after `max_new_tokens`, so outputs are short."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus(), trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    data = json.loads(bpe.to_str())
+    vocab = data["model"]["vocab"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in data["model"]["merges"]]
+    vocab["<|endoftext|>"] = len(vocab)   # the lowest special id, as Whisper's tokenizer expects
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=merges)
+    languages = [f"<|{code}|>" for code in WHISPER_LANGUAGES] if multilingual else ["<|en|>"]
+    special = (["<|startoftranscript|>"] + languages + ["<|translate|>", "<|transcribe|>",
+               "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"])
+    tokenizer.add_special_tokens({"additional_special_tokens": special})
+    timestamps = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+    tokenizer.add_tokens(timestamps)
+    ids = tokenizer.convert_tokens_to_ids
+    eos = ids("<|endoftext|>")
+    torch.manual_seed(seed)
+    config = WhisperConfig(vocab_size=len(tokenizer), num_mel_bins=80, d_model=width,
+                           encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=width * 2,
+                           decoder_ffn_dim=width * 2, max_source_positions=1500,
+                           max_target_positions=64, pad_token_id=eos, bos_token_id=eos,
+                           eos_token_id=eos, decoder_start_token_id=ids("<|startoftranscript|>"),
+                           begin_suppress_tokens=None, suppress_tokens=None)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id, eos_token_id=eos, pad_token_id=eos,
+        bos_token_id=eos, max_new_tokens=max_new_tokens, is_multilingual=multilingual,
+        lang_to_id={token: ids(token) for token in languages},
+        task_to_id={"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
+        no_timestamps_token_id=ids("<|notimestamps|>"), prev_sot_token_id=ids("<|startofprev|>"),
+        begin_suppress_tokens=[eos], suppress_tokens=[ids(t) for t in special + timestamps],
+        max_initial_timestamp_index=50)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
+                     tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -11,5 +11,11 @@ def start(model_id: str, loaded, config):
     if loaded.task == "embed":
         from .embed import EmbedScheduler
         return EmbedScheduler(model_id, loaded, config).start()
+    if loaded.task == "rerank":
+        from .rerank import RerankScheduler
+        return RerankScheduler(model_id, loaded, config).start()
+    if loaded.task == "transcribe":
+        from .speech import SpeechWorker
+        return SpeechWorker(model_id, loaded, config).start()
     from .scheduler import Scheduler
     return Scheduler(model_id, loaded, config).start()

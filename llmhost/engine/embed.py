@@ -5,7 +5,9 @@ normalisation, dense layers), so they equal ``SentenceTransformer.encode``. The
 server takes over only two things: tokenisation, done on the request thread so
 that over-long inputs are refused (or truncated) and counted before anything is
 queued, and batching, so that the inputs of many concurrent requests share
-forward passes.
+forward passes. The batching (BatchScheduler) serves rerankers too
+(engine/rerank.py): any model whose requests are lists of inputs scored
+independently in padded forward passes.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ class Embeddings:
 
 @dataclass(eq=False)  # a job is itself, never equal to another with the same inputs
 class _Job:
-    seqs: list[list[int]]
+    seqs: list                            # the inputs, as _forward takes them
     order: list[int]                      # input indices, longest first (less padding)
     submitted: float = field(default_factory=time.monotonic)
     scheduled: int = 0                    # items of `order` handed to a forward pass
@@ -47,19 +49,126 @@ class _Job:
             self.done.set()
 
 
-class EmbedScheduler(ModelWorker):
-    """One thread per embedding model. Each step it runs one forward pass of up
-    to LLMHOST_EMBED_BATCH inputs, taken from every admitted request (each gets a
-    fair share first, so a small request never waits for a large one to end)."""
+class BatchScheduler(ModelWorker):
+    """One thread per model. Each step it runs one forward pass (``_forward``,
+    a row of results per input) of up to LLMHOST_EMBED_BATCH inputs, taken from
+    every admitted request (each gets a fair share first, so a small request
+    never waits for a large one to end)."""
 
-    def __init__(self, model_id: str, loaded, config) -> None:
-        super().__init__(model_id, config, "embed")
+    doing = "embedding"   # what a failure says the model was doing
+    hint = "fewer or shorter inputs (or a smaller LLMHOST_EMBED_BATCH)"
+
+    def __init__(self, model_id: str, loaded, config, kind: str) -> None:
+        super().__init__(model_id, config, kind)
         self.st = loaded.pipeline
         self.tokenizer = loaded.tokenizer
         self.max_len: int = loaded.max_context
-        self.dimensions: int = loaded.extra["dimensions"]
         self.device = self.st.device
         self.batch_size = max(1, int(config.EMBED_BATCH))
+        self._running: list[_Job] = []
+
+    @staticmethod
+    def _length(item) -> int:
+        return len(item)
+
+    def _forward(self, items: list) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _submit(self, seqs: list) -> _Job:
+        job = _Job(seqs, sorted(range(len(seqs)), key=lambda i: -self._length(seqs[i])))
+        self._enqueue(job)
+        return job
+
+    def _wait(self, job: _Job) -> np.ndarray:
+        if not job.done.wait(self.queue_timeout):
+            with self._cond:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                    job.fail(self._timeout_error())
+            job.done.wait()  # admitted: its forward passes are under way
+        if job.error is not None:
+            raise job.error
+        return job.vectors
+
+    def stats(self) -> dict:
+        return {"queued": len(self._waiting), "running": len(self._running)}
+
+    # -- scheduler thread -----------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    # Up to one request per batch slot runs at once; the rest wait
+                    # in the bounded queue.
+                    while self._waiting and len(self._running) < self.batch_size:
+                        self._running.append(self._waiting.popleft())
+                    batch = self._take_batch()
+                self._step(batch)
+        finally:
+            err = self._closed_error()
+            with self._cond:
+                jobs = list(self._waiting) + self._running
+                self._waiting.clear()
+                self._running.clear()
+            for job in jobs:
+                job.fail(err)
+            self.st = None
+
+    def _take_batch(self) -> list[tuple[_Job, int]]:
+        """(job, input index) pairs for the next forward pass: a fair share of the
+        batch for every running request, then what is left in arrival order."""
+        batch: list[tuple[_Job, int]] = []
+        share = max(1, self.batch_size // len(self._running))
+        for limit in (share, self.batch_size):
+            for job in self._running:
+                take = min(limit, len(job.order) - job.scheduled, self.batch_size - len(batch))
+                batch += [(job, i) for i in job.order[job.scheduled:job.scheduled + take]]
+                job.scheduled += take
+        return batch
+
+    def _step(self, batch: list[tuple[_Job, int]]) -> None:
+        try:
+            vectors = self._forward([job.seqs[i] for job, i in batch])
+        except Exception as exc:  # a bug or OOM must not hang the waiting threads
+            log.exception("%s failed on %s", self.doing, self.model_id)
+            jobs = {job for job, _ in batch}
+            err = failure(exc, self.model_id, self.doing, self.hint)
+            for job in jobs:
+                job.fail(err)
+            with self._cond:
+                self._running = [job for job in self._running if job not in jobs]
+            return
+        for (job, i), vector in zip(batch, vectors):
+            if job.vectors is None:
+                job.vectors = np.empty((len(job.seqs),) + vectors.shape[1:], dtype=np.float32)
+            job.vectors[i] = vector
+        with self._cond:
+            finished = [job for job in self._running if job.scheduled == len(job.order)]
+            self._running = [job for job in self._running if job.scheduled < len(job.order)]
+        for job in finished:
+            job.done.set()
+
+    def _padded(self, seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask) of `seqs` padded to the longest, on the model's device."""
+        width = max(map(len, seqs))
+        pad = [[pad_id] * (width - len(seq)) for seq in seqs]
+        rows = [p + s for p, s in zip(pad, seqs)] if left else [s + p for s, p in zip(seqs, pad)]
+        masks = [[0] * len(p) + [1] * len(s) if left else [1] * len(s) + [0] * len(p)
+                 for s, p in zip(seqs, pad)]
+        return (torch.tensor(rows, dtype=torch.long, device=self.device),
+                torch.tensor(masks, dtype=torch.long, device=self.device))
+
+
+class EmbedScheduler(BatchScheduler):
+    """The embedding model's thread: vectors as ``SentenceTransformer.encode``."""
+
+    def __init__(self, model_id: str, loaded, config) -> None:
+        super().__init__(model_id, loaded, config, "embed")
+        self.dimensions: int = loaded.extra["dimensions"]
         self.max_inputs = max(1, int(config.MAX_EMBED_INPUTS))
 
         tok = self.tokenizer
@@ -73,8 +182,6 @@ class EmbedScheduler(ModelWorker):
         self.prompt_ids = tok(self.prompt, add_special_tokens=False)["input_ids"] if self.prompt else []
         self.prompt_length = self.st[0]._get_prompt_length(self.prompt) if self.prompt else None
         self.prefix, self.suffix = self._special_tokens()
-
-        self._running: list[_Job] = []
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The ids the tokenizer puts around a text ([CLS] ... [SEP], <s> ... </s>),
@@ -141,97 +248,12 @@ class EmbedScheduler(ModelWorker):
             seqs[i] = self.prefix + body + self.suffix
         return seqs
 
-    def _submit(self, seqs: list[list[int]]) -> _Job:
-        job = _Job(seqs, sorted(range(len(seqs)), key=lambda i: -len(seqs[i])))
-        self._enqueue(job)
-        return job
-
-    def _wait(self, job: _Job) -> np.ndarray:
-        if not job.done.wait(self.queue_timeout):
-            with self._cond:
-                if job in self._waiting:
-                    self._waiting.remove(job)
-                    job.fail(self._timeout_error())
-            job.done.wait()  # admitted: its forward passes are under way
-        if job.error is not None:
-            raise job.error
-        return job.vectors
-
-    def stats(self) -> dict:
-        return {"queued": len(self._waiting), "running": len(self._running)}
-
-    # -- scheduler thread -----------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._closing and not self._waiting and not self._running:
-                        self._cond.wait()
-                    if self._closing:
-                        break
-                    # Up to one request per batch slot runs at once; the rest wait
-                    # in the bounded queue.
-                    while self._waiting and len(self._running) < self.batch_size:
-                        self._running.append(self._waiting.popleft())
-                    batch = self._take_batch()
-                self._step(batch)
-        finally:
-            err = self._closed_error()
-            with self._cond:
-                jobs = list(self._waiting) + self._running
-                self._waiting.clear()
-                self._running.clear()
-            for job in jobs:
-                job.fail(err)
-            self.st = None
-
-    def _take_batch(self) -> list[tuple[_Job, int]]:
-        """(job, input index) pairs for the next forward pass: a fair share of the
-        batch for every running request, then what is left in arrival order."""
-        batch: list[tuple[_Job, int]] = []
-        share = max(1, self.batch_size // len(self._running))
-        for limit in (share, self.batch_size):
-            for job in self._running:
-                take = min(limit, len(job.order) - job.scheduled, self.batch_size - len(batch))
-                batch += [(job, i) for i in job.order[job.scheduled:job.scheduled + take]]
-                job.scheduled += take
-        return batch
-
-    def _step(self, batch: list[tuple[_Job, int]]) -> None:
-        try:
-            vectors = self._forward([job.seqs[i] for job, i in batch])
-        except Exception as exc:  # a bug or OOM must not hang the waiting threads
-            log.exception("embedding failed on %s", self.model_id)
-            jobs = {job for job, _ in batch}
-            err = failure(exc, self.model_id, "embedding",
-                          "fewer or shorter inputs (or a smaller LLMHOST_EMBED_BATCH)")
-            for job in jobs:
-                job.fail(err)
-            with self._cond:
-                self._running = [job for job in self._running if job not in jobs]
-            return
-        for (job, i), vector in zip(batch, vectors):
-            if job.vectors is None:
-                job.vectors = np.empty((len(job.seqs), vectors.shape[1]), dtype=np.float32)
-            job.vectors[i] = vector
-        with self._cond:
-            finished = [job for job in self._running if job.scheduled == len(job.order)]
-            self._running = [job for job in self._running if job.scheduled < len(job.order)]
-        for job in finished:
-            job.done.set()
-
     @torch.inference_mode()
     def _forward(self, seqs: list[list[int]]) -> np.ndarray:
         """Pad to the longest input and run the model's sentence-transformers
         modules on the features encode() would have built."""
-        width = max(map(len, seqs))
-        pad = [[self.pad_id] * (width - len(seq)) for seq in seqs]
-        rows = [p + s for p, s in zip(pad, seqs)] if self.left_pad else [s + p for s, p in zip(seqs, pad)]
-        masks = [[0] * len(p) + [1] * len(s) if self.left_pad else [1] * len(s) + [0] * len(p)
-                 for s, p in zip(seqs, pad)]
-        input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-        features = {"input_ids": input_ids, "modality": "text",
-                    "attention_mask": torch.tensor(masks, dtype=torch.long, device=self.device)}
+        input_ids, mask = self._padded(seqs, self.pad_id, self.left_pad)
+        features = {"input_ids": input_ids, "modality": "text", "attention_mask": mask}
         if self.token_types:
             features["token_type_ids"] = torch.zeros_like(input_ids)
         if self.prompt_length is not None:

@@ -202,7 +202,7 @@ def _bearer() -> str | None:
 
 
 def _needs_key(path: str, keys: Keys) -> bool:
-    if path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
+    if path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/rerank", "/v2/rerank"):
         return True
     return not keys.public_docs and path.startswith(DOCS_PATHS)
 

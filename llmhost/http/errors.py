@@ -118,7 +118,7 @@ def from_validation(messages) -> APIError:
     """webargs puts errors under their location ({'json': {...}}); drop that level."""
     if isinstance(messages, dict) and len(messages) == 1:
         (location, inner), = messages.items()
-        if location in ("json", "query", "form", "headers", "view_args"):
+        if location in ("json", "query", "form", "files", "headers", "view_args"):
             messages = inner
     path, text = _field_path(messages)
     if path == "":

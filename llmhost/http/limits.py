@@ -13,9 +13,18 @@ from .errors import too_large
 DRAIN_LIMIT = 64 * 1024 * 1024
 
 
+# Room for the other form fields and the multipart framing around an audio file.
+FORM_ROOM = 1024 * 1024
+
+
 def limit_body() -> None:
-    """413 before anything parses the body, with the body drained first."""
-    limit = settings().MAX_BODY_BYTES
+    """413 before anything parses the body, with the body drained first. Audio
+    uploads (/v1/audio/*) may be as large as LLMHOST_MAX_AUDIO_BYTES allows."""
+    config = settings()
+    limit = config.MAX_BODY_BYTES
+    if limit and request.path.startswith("/v1/audio/"):
+        limit = max(limit, config.MAX_AUDIO_BYTES + FORM_ROOM)
+        request.max_content_length = limit   # werkzeug's multipart parser reads this one
     length = request.content_length
     if not limit or length is None or length <= limit:
         return

@@ -22,7 +22,7 @@ import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
 # Not transformers' `pipeline` (about 230 MiB more per worker): see TextGeneration.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import memory as memcheck, progress
+from . import memory as memcheck, progress, tasks
 from ..http.errors import APIError, invalid
 from .quantize import Int4Linear, auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
 
@@ -97,7 +97,7 @@ class Loaded:
     def model(self):
         """The torch module the engine drives: the pipeline's model for generation;
         for embeddings the SentenceTransformer (its modules pool and normalise)."""
-        return self.pipeline.model if self.task == "generate" else self.pipeline
+        return self.pipeline.model if self.task in ("generate", tasks.TRANSCRIBE) else self.pipeline
 
     @property
     def tokenizer(self):
@@ -306,16 +306,21 @@ GENERATE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 def detect_task(source: Source) -> str:
     """'generate' for causal LMs, 'embed' for sentence-transformers folders and
-    bare encoders."""
+    bare encoders, 'rerank' and 'transcribe' as tasks.detect says."""
     if source.gguf_file:
         return "generate"
     folder = source.folder
-    if os.path.exists(os.path.join(folder, "modules.json")):
-        return "embed"
     try:
         with open(os.path.join(folder, "config.json")) as fh:
             cfg = json.load(fh)
     except (OSError, ValueError):
+        cfg = None
+    other = tasks.detect(folder, cfg if isinstance(cfg, dict) else {})
+    if other:
+        return other
+    if os.path.exists(os.path.join(folder, "modules.json")):
+        return "embed"
+    if not isinstance(cfg, dict):
         return "generate"
     archs = cfg.get("architectures") or []
     if any(a.endswith(GENERATE_SUFFIXES) for a in archs):
@@ -362,6 +367,8 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     # float32 compute dtype: an upper bound, the weights are quantized layer by layer)
     memcheck.check(spec.model, source.folder, source.gguf_file, device, dtype, config, in_use)
     progress.step("loading", "tokenizer and weights")
+    if task in (tasks.RERANK, tasks.TRANSCRIBE):
+        return _load_other(task, source, spec, device, device_map, dtype)
     if task == "embed":
         loaded = _load_embedding(source, spec, device, device_map, dtype)
         if spec.quantization:
@@ -435,17 +442,8 @@ def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loa
     if source.gguf_file:
         raise invalid("GGUF files hold generation models; embeddings need a sentence-transformers "
                       "folder or an encoder model.", param="model", code="model_load_failed")
-    kwargs = {} if dtype == "auto" else {"dtype": dtype}
-    try:
-        st = SentenceTransformer(source.folder, device="cuda" if device_map == "auto" else device,
-                                 local_files_only=True, trust_remote_code=spec.trust_remote_code,
-                                 model_kwargs=kwargs)
-    except torch.OutOfMemoryError:
-        raise _no_memory(device, spec)
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as exc:
-        raise invalid(f"Could not load '{spec.model}' as an embedding model: {exc}",
-                      param="model", code="model_load_failed")
-    st.eval()
+    st = tasks.sentence_transformers(SentenceTransformer, "an embedding model", source.folder, spec,
+                                     device, device_map, dtype, _no_memory)
     _check_text_model(st, spec.model)
     first = st[0]
     max_len = st.max_seq_length
@@ -458,6 +456,20 @@ def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loa
         revision=source.revision, max_context=max_len,
         extra={"dimensions": st.get_embedding_dimension()},
     )
+
+
+def _load_other(task: str, source: Source, spec: LoadSpec, device: str, device_map, dtype) -> Loaded:
+    """A reranker or a speech model (models/tasks.py)."""
+    if source.gguf_file or spec.quantization:
+        what = "a GGUF file" if source.gguf_file else f"quantization '{spec.quantization}'"
+        raise invalid(f"Task '{task}' cannot load {what}; give a model folder or hub id without "
+                      "it.", param="gguf_file" if source.gguf_file else "quantization")
+    loader = tasks.load_cross_encoder if task == tasks.RERANK else tasks.load_speech
+    got = loader(source.folder, spec, device, device_map, dtype, _no_memory)
+    return Loaded(task=task, pipeline=got["pipeline"], device=device,
+                  dtype=str(got["dtype"]).replace("torch.", ""), parameters=got["parameters"],
+                  memory_bytes=got["memory_bytes"], revision=source.revision,
+                  max_context=got["max_context"])
 
 
 def _check_text_model(st, name: str) -> None:

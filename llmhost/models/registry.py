@@ -168,7 +168,8 @@ class ModelRegistry:
             raise self._not_loaded(model_id)
         try:
             if task and entry.task != task:
-                what = {"generate": "text generation (chat and completions)", "embed": "embeddings"}
+                what = {"generate": "text generation (chat and completions)", "embed": "embeddings",
+                    "rerank": "reranking and scores", "transcribe": "speech to text"}
                 raise APIError(400, f"The model '{model_id}' serves {what[entry.task]}, not "
                                     f"{what[task]}. Load a model for that task.", param="model",
                                code="wrong_model_task")

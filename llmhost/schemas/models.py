@@ -4,6 +4,7 @@ from ..http.extensions import Schema
 from ..models.loading import DTYPES
 from ..models.quantize import QUANTIZATIONS
 
+TASKS = ["generate", "embed", "rerank", "transcribe"]
 DEVICE = validate.Regexp(r"^(auto|cpu|cuda(:\d+)?|mps)$",
                          error="Use one of auto, cpu, cuda, cuda:N, mps.")
 
@@ -30,8 +31,10 @@ class LoadModelSchema(Schema):
         "description": "A GGUF file inside the folder or hub repo (dequantized by transformers)."})
     trust_remote_code = fields.Boolean(load_default=False, metadata={
         "description": "Refused unless the server sets LLMHOST_ALLOW_REMOTE_CODE=1."})
-    task = fields.String(allow_none=True, validate=validate.OneOf(["generate", "embed"]), metadata={
-        "description": "Override task detection: `generate` (chat, completions) or `embed`."})
+    task = fields.String(allow_none=True, validate=validate.OneOf(TASKS), metadata={
+        "description": "Override task detection: `generate` (chat, completions), `embed`, "
+                       "`rerank` (cross-encoders: /v1/rerank, /v1/score) or `transcribe` "
+                       "(Whisper: /v1/audio/transcriptions)."})
     chat_template = fields.String(allow_none=True, metadata={
         "description": "A Jinja chat template that replaces the model's own (or the fallback)."})
     keep_alive = fields.Float(allow_none=True, validate=validate.Range(min=0), metadata={
@@ -56,7 +59,7 @@ class ModelSchema(Schema):
     created = fields.Integer(required=True)
     owned_by = fields.String(required=True)
     status = fields.String(metadata={"enum": ["loaded", "loading", "cached"]})
-    task = fields.String(metadata={"enum": ["generate", "embed"]})
+    task = fields.String(metadata={"enum": TASKS})
     source = fields.String()
     gguf_file = fields.String(allow_none=True)
     device = fields.String()

@@ -269,7 +269,7 @@ def usage(group_by, key_name, model, since, url, api_key) -> None:
 @click.option("--device", help="auto, cpu, cuda, cuda:N, mps [default: auto].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--gguf-file", help="A GGUF file inside the folder or hub repo.")
-@click.option("--task", type=click.Choice(["generate", "embed"]), help="Override task detection.")
+@click.option("--task", type=click.Choice(["generate", "embed", "rerank", "transcribe"]), help="Override task detection.")
 @click.option("--quantization", type=click.Choice(["int8", "int4"]),
               help="int8 weights, or a GGUF's own 4-bit weights kept (int4), on CPU.")
 @client_options
