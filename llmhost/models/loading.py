@@ -49,6 +49,7 @@ class LoadSpec:
     chat_template: str | None = None
     keep_alive: float | None = None
     quantization: str | None = None
+    base: str | None = None        # a LoRA adapter's loaded base model (models/adapters.py)
 
     @property
     def served_id(self) -> str:
@@ -113,7 +114,7 @@ def _is_path(name: str) -> bool:
 
 def _has_model(folder: str) -> bool:
     names = set(os.listdir(folder))
-    return "config.json" in names or "modules.json" in names
+    return bool(names & {"config.json", "modules.json", "adapter_config.json"})
 
 
 def _local_source(spec: LoadSpec, config) -> Source:
@@ -352,6 +353,10 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     device, device_map = choose_device(spec.device)
     check_quantization(spec.quantization, device)
     source = resolve_source(spec, config)
+    if not os.path.isfile(os.path.join(source.folder, "config.json")) and os.path.isfile(
+            os.path.join(source.folder, "adapter_config.json")) and not source.gguf_file:
+        raise invalid(f"'{spec.model}' is a PEFT adapter, not a model: load it onto a loaded "
+                      "base model by naming that model in 'base'.", param="base")
     task = spec.task or detect_task(source)
     dtype = choose_dtype(spec.dtype, device, task)
     if spec.quantization == "int8":
