@@ -74,6 +74,7 @@ class TextGeneration:
 
     model: Any
     tokenizer: Any
+    processor: Any = None    # a vision-language model's (images and its chat template)
 
 
 @dataclass
@@ -319,6 +320,8 @@ def detect_task(source: Source) -> str:
     except (OSError, ValueError):
         return "generate"
     archs = cfg.get("architectures") or []
+    if "vision_config" in cfg and any(a.endswith("ForConditionalGeneration") for a in archs):
+        return "vision"
     if any(a.endswith(GENERATE_SUFFIXES) for a in archs):
         return "generate"
     if archs or cfg.get("model_type") in ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert",
@@ -334,7 +337,7 @@ def _memory_bytes(model) -> int:
 
 
 def _max_context(model, tokenizer) -> int:
-    cfg = model.config
+    cfg = getattr(model, "config", model)   # a model, or a (text) config
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and value > 0:
@@ -374,6 +377,8 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
             loaded.quantization = spec.quantization
             loaded.memory_bytes = _memory_bytes(loaded.model)
         return loaded
+    if task == "vision":
+        return _load_vision(source, spec, device, device_map, dtype)
     return _load_causal_lm(source, spec, device, device_map, dtype)
 
 
@@ -413,6 +418,38 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
         memory_bytes=_memory_bytes(model), revision=source.revision,
         max_context=_max_context(model, tokenizer), gguf_file=source.gguf_file,
         quantization=spec.quantization,
+    )
+
+
+def _load_vision(source: Source, spec: LoadSpec, device: str, device_map, dtype) -> Loaded:
+    """An image-text-to-text model with its processor (image processor,
+    tokenizer and chat template), served as a generation model whose prompts
+    may hold images (generation/prompt.py renders them through the processor)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if source.gguf_file or spec.quantization:
+        raise invalid("Vision-language models load from safetensors folders, without "
+                      "quantization.", param="quantization" if spec.quantization else "model")
+    kwargs: dict = {"local_files_only": True, "trust_remote_code": spec.trust_remote_code}
+    try:
+        processor = AutoProcessor.from_pretrained(source.folder, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(source.folder, dtype=dtype,
+                                                            device_map=device_map, **kwargs)
+    except torch.OutOfMemoryError:
+        raise _no_memory(device, spec)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise invalid(f"Could not load '{spec.model}' as a vision-language model: {exc}",
+                      param="model", code="model_load_failed")
+    model.eval()
+    tokenizer = processor.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Loaded(
+        task="generate", pipeline=TextGeneration(model, tokenizer, processor), device=device,
+        dtype=str(model.dtype).replace("torch.", ""), parameters=model_bytes(model, count=True),
+        memory_bytes=_memory_bytes(model), revision=source.revision,
+        max_context=_max_context(model.config.get_text_config(), tokenizer),
+        extra={"input_modalities": ["text", "image"]},
     )
 
 

@@ -66,7 +66,7 @@ class ModelEntry:
             "parameters": ld.parameters, "memory_bytes": ld.memory_bytes,
             "load_seconds": round(self.load_seconds, 3), "revision": ld.revision,
             "max_context": ld.max_context, "keep_alive": self.spec.keep_alive,
-            **{key: ld.extra[key] for key in ("dimensions",) if key in ld.extra},
+            **{key: ld.extra[key] for key in ("dimensions", "input_modalities") if key in ld.extra},
             **({"base": self.spec.base} if self.spec.base else {}),
         }
 

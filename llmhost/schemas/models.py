@@ -73,6 +73,9 @@ class ModelSchema(Schema):
     max_context = fields.Integer()
     dimensions = fields.Integer(metadata={"description": "Size of the vectors (embedding models)."})
     keep_alive = fields.Float(allow_none=True)
+    input_modalities = fields.List(fields.String(), metadata={
+        "description": "Vision-language models: `[\"text\", \"image\"]` (chat takes image_url "
+                       "parts)."})
     base = fields.String(metadata={"description": "LoRA adapters: the id of the base model they "
                                                   "run on."})
     size_on_disk = fields.Integer()
