@@ -177,3 +177,19 @@ def test_private_image_urls_refused(make_app, llava):
                 "http://169.254.169.254/latest/meta-data"):
         err = assert_error(chat(client, image_message(url)), 400, "messages[0].content[0].image_url")
         assert "private or local" in err["message"], err
+
+
+def test_responses_input_image(server, vlm, expected):
+    r = post(server, "/v1/responses", {
+        "model": vlm, "temperature": 0, "max_output_tokens": 12, "store": False,
+        "input": [{"role": "user", "content": [{"type": "input_image", "image_url": png_url()},
+                                               {"type": "input_text", "text": QUESTION}]}]})
+    assert r.status_code == 200, r.text
+    body = validate(r.json(), "Response")
+    assert body["output"][0]["content"][0]["text"] == expected[1]
+    assert body["usage"]["input_tokens"] == len(expected[0])
+    bad = post(server, "/v1/responses", {
+        "model": vlm, "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "look"},
+            {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]})
+    assert_error(bad, 400, "input[0].content[1].image_url")
