@@ -408,16 +408,24 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise invalid(f"Could not load '{spec.model}' as a causal language model: {exc}",
                       param="model", code="model_load_failed")
+    return _generation(model, tokenizer, source, spec, device)
+
+
+def _generation(model, tokenizer, source: Source, spec: LoadSpec, device: str,
+                processor=None) -> Loaded:
+    """A loaded generation model: a causal LM, or a vision-language model
+    with its processor."""
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Loaded(
-        task="generate", pipeline=TextGeneration(model, tokenizer), device=device,
+        task="generate", pipeline=TextGeneration(model, tokenizer, processor), device=device,
         dtype=str(model.dtype).replace("torch.", ""),
         parameters=model_bytes(model, count=True),
         memory_bytes=_memory_bytes(model), revision=source.revision,
-        max_context=_max_context(model, tokenizer), gguf_file=source.gguf_file,
-        quantization=spec.quantization,
+        max_context=_max_context(model.config.get_text_config(), tokenizer),
+        gguf_file=source.gguf_file, quantization=spec.quantization,
+        extra={"input_modalities": ["text", "image"]} if processor is not None else {},
     )
 
 
@@ -440,17 +448,7 @@ def _load_vision(source: Source, spec: LoadSpec, device: str, device_map, dtype)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise invalid(f"Could not load '{spec.model}' as a vision-language model: {exc}",
                       param="model", code="model_load_failed")
-    model.eval()
-    tokenizer = processor.tokenizer
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return Loaded(
-        task="generate", pipeline=TextGeneration(model, tokenizer, processor), device=device,
-        dtype=str(model.dtype).replace("torch.", ""), parameters=model_bytes(model, count=True),
-        memory_bytes=_memory_bytes(model), revision=source.revision,
-        max_context=_max_context(model.config.get_text_config(), tokenizer),
-        extra={"input_modalities": ["text", "image"]},
-    )
+    return _generation(model, processor.tokenizer, source, spec, device, processor)
 
 
 def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str):
