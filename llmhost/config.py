@@ -54,6 +54,11 @@ class Config:
         ("MAX_BATCH", int, 32),
         ("BATCH_WAIT_MS", float, 25.0),
         ("LONE_ROW_THREADS", int, 0),    # 0: all of torch's CPU threads (engine/scheduler.py)
+        ("IMAGE_URLS", _bool, False),    # fetch http(s) image_url parts (generation/images.py)
+        ("MAX_IMAGES", int, 8),          # image parts per request
+        ("MAX_IMAGE_PIXELS", int, 16_000_000),   # width x height of one image
+        ("MAX_IMAGE_BYTES", int, 10 * 1024 * 1024),   # one image, encoded (data URL or fetched)
+        ("IMAGE_FETCH_TIMEOUT", float, 10.0),         # seconds for one http(s) image
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),
         ("EMBED_TOKEN_IDS", str, "cl100k_base"),

@@ -107,3 +107,94 @@ def test_docs_render_offline(page, quickstart):
     expect(page.get_by_role("button", name="post /v1/chat/completions")).to_have_count(1, timeout=60_000)
     expect(page.get_by_role("button", name="post /v1/embeddings")).to_have_count(1)
     _screenshot(page, "redoc")
+
+
+# -- Markdown answers, images, kept conversations: the shared server and a tiny VLM -----
+
+MARKDOWN = ("## Plan\n\n1. first\n2. second\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n"
+            "```python\nprint('hi')\n```\n\nSee [docs](https://example.com/docs).")
+INJECTION = ("**still bold** <img src=x onerror=\"window.pwned = 2\">\n\n"
+             "<script>window.pwned = 1</script>\n\n[click](javascript:window.pwned=3) "
+             "<iframe src=\"javascript:window.pwned=4\"></iframe>")
+
+
+@pytest.fixture(scope="module")
+def vlm_server(server, tmp_path_factory):
+    from llmhost.dev.tinymodels import build_llava
+
+    folder = build_llava(str(tmp_path_factory.mktemp("browser-vlm") / "tiny-llava"))
+    server.load(folder, id="browser-vlm", dtype="float32")
+    yield server
+    import requests
+    requests.delete(server.url + "/v1/models/browser-vlm", timeout=60)
+
+
+@pytest.fixture()
+def vpage(browser, vlm_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    elsewhere = []
+    page.on("request", lambda r: elsewhere.append(r.url)
+            if not r.url.startswith((vlm_server.url, "data:", "blob:")) else None)
+    yield page
+    context.close()
+    assert elsewhere == []
+
+
+def test_markdown_and_injection_from_kept_conversations(vpage, vlm_server):
+    """Answers kept in localStorage render as Markdown after a reload; a
+    script-injection answer stays inert text."""
+    from playwright.sync_api import expect
+
+    page = vpage
+    page.goto(vlm_server.url + "/")
+    page.evaluate("""([md, evil]) => localStorage.setItem('llmhost-conversations', JSON.stringify([
+        {id: 'md', title: 'markdown', messages: [{role: 'user', content: 'plan?'},
+                                                 {role: 'assistant', content: md}]},
+        {id: 'evil', title: 'injection', messages: [{role: 'user', content: 'hi'},
+                                                    {role: 'assistant', content: evil}]}]))""",
+                  [MARKDOWN, INJECTION])
+    page.reload()
+    expect(page.locator("#conversations option")).to_have_count(2)
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator("h2")).to_have_text("Plan")
+    expect(answer.locator("ol > li")).to_have_count(2)
+    expect(answer.locator("table td")).to_have_count(2)
+    expect(answer.locator("pre code")).to_contain_text("print('hi')")
+    expect(answer.locator("a")).to_have_attribute("href", "https://example.com/docs")
+
+    page.select_option("#conversations", "evil")
+    answer = page.locator(".msg.assistant").last
+    expect(answer.locator("strong")).to_have_text("still bold")
+    page.wait_for_timeout(500)
+    assert page.evaluate("() => window.pwned") is None
+    assert answer.locator("script, iframe, img").count() == 0
+    assert "<script>" in answer.inner_text()          # shown as text, not run
+    for href in answer.locator("a").evaluate_all("links => links.map(a => a.getAttribute('href'))"):
+        assert not (href or "").lower().startswith("javascript:")
+
+
+def test_image_message_to_a_vision_model(vpage, vlm_server, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (200, 30, 60)).save(picture)
+    page = vpage
+    page.goto(vlm_server.url + "/")
+    page.select_option("#model", "browser-vlm")
+    expect(page.locator("#attach")).to_be_visible()
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "6")
+    page.set_input_files("#image", str(picture))
+    page.fill("#prompt", "what is this")
+    page.press("#prompt", "Enter")
+    answer = page.locator(".msg.assistant").last
+    expect(answer).to_have_attribute("data-state", "length", timeout=120_000)
+    expect(page.locator(".msg.user img.thumb")).to_have_count(1)
+    expect(answer.locator(".meta")).to_contain_text("6 tokens")
+    # the conversation is kept across a reload, image included
+    page.reload()
+    expect(page.locator("#conversations option")).to_have_text(["what is this"])
+    expect(page.locator(".msg.user img.thumb")).to_have_count(1)
+    expect(page.locator(".msg.assistant")).to_have_count(1)

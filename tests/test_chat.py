@@ -287,8 +287,8 @@ MSG = [{"role": "user", "content": "hi"}]
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [
         {"type": "text", "text": "look"},
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-     "messages[0].content[1].type"),
+        {"type": "image_url", "image_url": "http://x/y.png"}]}]},
+     "messages[0].content[1].image_url"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio",
                                                  "input_audio": {"data": "", "format": "wav"}}]}]},
      "messages[0].content[0].type"),
@@ -319,10 +319,11 @@ def test_bad_input(client, change, param):
     assert param.split("[")[0].split(".")[0] in error["message"]
 
 
-def test_non_text_part_says_text_only(client):
+def test_unknown_part_names_the_types_taken(client):
     r = client.post("/v1/chat/completions", json={"model": "m", "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
-    assert "text only" in assert_error(r, 400)["message"]
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}]})
+    message = assert_error(r, 400, "messages[0].content[0].type")["message"]
+    assert "'text'" in message and "'image_url'" in message   # images: tests/test_vision.py
 
 
 # -- checks that need the model (in-process tiny GPT-2) -----------------------------------

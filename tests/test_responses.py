@@ -282,7 +282,7 @@ def test_routes_are_in_the_openapi_document(server):
 BAD = [
     ({"input": [{"type": "file_search_call", "id": "x"}]}, 400, "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
-     400, "input[0].content[0].type"),
+     400, "input[0].content[0].image_url"),
     ({"input": [{"type": "function_call_output", "call_id": "call_1", "output": "42"}]},
      400, "input[0].call_id"),
     ({"input": "Hi", "previous_response_id": "resp_unknown"}, 404, "previous_response_id"),

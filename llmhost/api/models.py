@@ -11,7 +11,8 @@ from ..http.extensions import Blueprint
 from ..models.loading import LoadSpec, cached_models
 from ..models.ondisk import local_models
 from ..models.registry import registry
-from ..schemas.models import DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema, LoadModelSchema, ModelSchema
+from ..schemas.models import (DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema,
+                              LoadModelSchema, ModelSchema, UnloadModelQuerySchema)
 
 blp = Blueprint("models", __name__, url_prefix="/v1", description="Load, list and unload models.")
 
@@ -137,12 +138,15 @@ def retrieve_model(model_id):
 
 
 @blp.route("/models/<path:model_id>", methods=["DELETE"])
+@blp.arguments(UnloadModelQuerySchema, location="query")
 @blp.response(200, DeletedModelSchema)
-@blp.errors(404)
-def unload_model(model_id):
+@blp.errors(404, 409)
+def unload_model(args, model_id):
     """Unload a model
 
     Frees its memory (CPU RAM and CUDA cache); the Hugging Face disk cache is kept.
-    Requests still running on it end with an error.
+    Requests still running on it end with an error. A base model with LoRA
+    adapters loaded onto it answers 409 unless `force=true`.
     """
-    return {"id": registry.unload(model_id).id, "object": "model", "deleted": True}
+    entry = registry.unload(model_id, force=args["force"])
+    return {"id": entry.id, "object": "model", "deleted": True}

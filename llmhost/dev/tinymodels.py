@@ -304,4 +304,51 @@ def build_whisper(path: str, vocab_size: int = 400, width: int = 32, max_new_tok
     model.save_pretrained(path)
     WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
                      tokenizer=tokenizer).save_pretrained(path)
+
+# A chat template for the tiny vision-language model: content as parts, each
+# image part as one <image> token, which the processor expands into the
+# image's patch tokens (as LLaVA's does).
+VISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_llava(path: str, layers: int = 2, width: int = 64, vocab_size: int = 512,
+                positions: int = 512, image_size: int = 28, patch: int = 14, seed: int = 0) -> str:
+    """A LLaVA vision-language model: a 2-layer CLIP vision tower on 28x28
+    images (4 patch tokens per image), a projector and a tiny Llama, with a
+    LlavaProcessor built locally (Pillow image processor, the tiny tokenizer
+    with an <image> token, VISION_CHAT_TEMPLATE). LLaVA because its processor
+    is fully configurable offline and its language model takes plain 1-D
+    positions, as the scheduler feeds them."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = build_tokenizer(vocab_size, chat=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = VISION_CHAT_TEMPLATE
+    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=patch,
+                               vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=VISION_CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=image_size, patch_size=patch,
+                              projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=positions, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1)
+    _save(LlavaForConditionalGeneration(config), tokenizer, path)
+    processor.save_pretrained(path)
     return path

@@ -11,8 +11,10 @@ import logging
 import queue
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Iterator
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -29,11 +31,21 @@ log = logging.getLogger("llmhost.engine")
 _END = object()
 
 
+# The adapter name of a row that runs on the base weights alone (PEFT's own).
+BASE_ADAPTER = "__base__"
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     n: int = 1
+    # A LoRA adapter loaded onto this model (models/adapters.py): its rows run
+    # with it, in the same batch as rows of other adapters and of the base.
+    adapter: str | None = None
+    # Extra tensors of the prompt's prefill forward (a VLM's pixel_values and
+    # friends from its processor); the decode steps need only token ids.
+    model_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,6 +116,10 @@ class _Row:
 
     __slots__ = ("gen", "index", "sampler", "generated", "position", "last_token", "done")
 
+    @property
+    def adapter(self) -> str:
+        return self.gen.request.adapter or BASE_ADAPTER
+
     def __init__(self, gen: Generation, index: int, sampler: RowSampler) -> None:
         self.gen = gen
         self.index = index
@@ -152,6 +168,10 @@ class Scheduler(ModelWorker):
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
         self.threads = torch.get_num_threads()
         self.row_threads = lone_row_threads(config, self.threads, self.device)
+        # Set by models/adapters.py (on this thread, via between_steps) while LoRA
+        # adapters are loaded: adapter names per row -> the context of a forward.
+        self.adapter_context: Callable[[list[str]], ContextManager] | None = None
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -171,16 +191,54 @@ class Scheduler(ModelWorker):
     def stats(self) -> dict:
         return {"queued": len(self._waiting), "running": len(self._rows)}
 
+    def between_steps(self, fn: Callable[[], Any], timeout: float = 600.0) -> Any:
+        """Run `fn` on the scheduler thread between two steps, when no forward
+        runs (adding or removing a LoRA adapter changes the model's modules),
+        and return its result or raise its error."""
+        done: Future = Future()
+        with self._cond:
+            if self._closing:
+                raise self._closed_error()
+            self._calls.append((fn, done))
+            self._cond.notify()
+        return done.result(timeout)
+
+    def end_adapter(self, name: str, error: EngineError) -> None:
+        """On the scheduler thread (between_steps): end every request that uses
+        adapter `name` with `error`, waiting or running, before it is removed."""
+        with self._cond:
+            waiting = [g for g in self._waiting if g.request.adapter == name]
+            for gen in waiting:
+                self._waiting.remove(gen)
+        running = {r.gen for r in self._rows if r.gen.request.adapter == name}
+        for gen in running:
+            gen.cancel()
+        self._fail(set(waiting) | running, error)
+        self._drop_gone()
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, done = self._calls.popleft()
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                done.set_exception(exc)
+
     # -- scheduler thread ---------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._waiting and not self._rows:
+                while not self._closing and not self._waiting and not self._rows and not self._calls:
                     self._cond.wait()
                 if self._closing:
                     break
-                self._gather()
-                admitted = self._admit()
+                calls = bool(self._calls)
+                if not calls:
+                    self._gather()
+                    admitted = self._admit()
+            if calls:
+                self._run_calls()
+                continue
             try:
                 if admitted:
                     # Prefill first, and look for more arrivals before the next decode
@@ -199,6 +257,9 @@ class Scheduler(ModelWorker):
                 self._reset_batch()
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
+            calls, self._calls = list(self._calls), deque()
+        for _, done in calls:
+            done.set_exception(self._closed_error())
         self._fail(set(waiting) | {r.gen for r in self._rows}, self._closed_error())
         self._reset_batch()
         self.model = None
@@ -257,6 +318,13 @@ class Scheduler(ModelWorker):
         the running rows are untouched: prefill each request alone, so only the
         one that fails (an input the model cannot take) gets the error."""
         self._threads(0)
+        alone = [g for g in gens if g.request.model_inputs]
+        if alone and len(gens) > 1:   # a prompt with images prefills alone (docs/vision-lora.md)
+            for gen in alone:
+                self._prefill_isolated([gen])
+            gens = [g for g in gens if not g.request.model_inputs]
+            if not gens:
+                return
         rows = self._rows
         try:
             self._prefill(gens)
@@ -307,7 +375,9 @@ class Scheduler(ModelWorker):
             mask[i, length - len(p):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = growing_cache(self.model.config)   # decode steps write into spare room
-        logits = self._forward(ids, mask, positions, cache)
+        logits = self._forward(ids, mask, positions, cache,
+                               [g.request.adapter or BASE_ADAPTER for g in gens],
+                               gens[0].request.model_inputs if len(gens) == 1 else None)
 
         # n choices of a request share its prompt: repeat its cache rows.
         repeat = torch.tensor([g.request.n for g in gens])
@@ -332,17 +402,24 @@ class Scheduler(ModelWorker):
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long)
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        logits = self._forward(ids, self._mask, positions, self._cache)
+        logits = self._forward(ids, self._mask, positions, self._cache, [r.adapter for r in rows])
         for row in rows:
             row.position += 1
         self._sample(rows, logits)
 
-    def _forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        """Last-position logits as float32 on the CPU, [rows, vocab]."""
+    def _forward(self, ids, mask, positions, cache, adapters: list[str],
+                 extra: dict | None = None) -> torch.Tensor:
+        """Last-position logits as float32 on the CPU, [rows, vocab]. `adapters`:
+        each row's LoRA adapter (BASE_ADAPTER for none); `extra`: a lone
+        prompt's other model inputs (pixel values), cast to the model's dtype."""
         dev = self.device
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                         position_ids=positions.to(dev), cache=cache, use_cache=True,
-                         logits_to_keep=1)
+        inputs = {name: value.to(dev, self.model.dtype) if value.is_floating_point()
+                  else value.to(dev) for name, value in (extra or {}).items()}
+        context = self.adapter_context(adapters) if self.adapter_context else nullcontext()
+        with context:
+            out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                             position_ids=positions.to(dev), cache=cache, use_cache=True,
+                             logits_to_keep=1, **inputs)
         return out.logits[:, -1, :].float().cpu()
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:

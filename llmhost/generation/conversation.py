@@ -49,12 +49,41 @@ def _text_of(content, where: str) -> str:
     return "\n".join(texts)
 
 
+def _image_parts(content, where: str) -> list[dict] | None:
+    """A message's `input_text` and `input_image` parts when it holds an image
+    (each image checked now, so a bad one is a 400 naming its part: generation/
+    images.py), else None."""
+    if not isinstance(content, list) or not any(
+            isinstance(p, dict) and p.get("type") == "input_image" for p in content):
+        return None
+    from ..config import settings
+    from .images import load_image
+
+    parts = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            if not isinstance(part.get("image_url"), str):
+                raise invalid(f"Invalid value for '{where}[{j}].image_url': give the image as a "
+                              "data URL or an http(s) URL (file ids are an OpenAI service).",
+                              param=f"{where}[{j}].image_url")
+            load_image(part["image_url"], f"{where}[{j}].image_url", settings())
+            parts.append({"type": "input_image", "image_url": part["image_url"],
+                          "detail": part.get("detail") or "auto"})
+        elif isinstance(part, dict) and part.get("type") in TEXT_PARTS and isinstance(
+                part.get("text"), str):
+            parts.append({"type": "input_text", "text": part["text"]})
+        else:
+            raise invalid(f"Invalid value for '{where}[{j}]': a part of a message with images "
+                          "must be an input_text or input_image part.", param=f"{where}[{j}]")
+    return parts
+
+
 def message_item(role: str, text: str, item_id: str | None = None,
-                 status: str = "completed") -> dict:
+                 status: str = "completed", parts: list[dict] | None = None) -> dict:
     if role == "assistant":
         content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
     else:
-        content = [{"type": "input_text", "text": text}]
+        content = parts or [{"type": "input_text", "text": text}]
     return {"id": item_id or new_id("msg"), "type": "message", "role": role, "status": status,
             "content": content}
 
@@ -90,8 +119,9 @@ def input_items(value) -> list[dict]:
             if "content" not in item:
                 raise invalid(f"Missing required parameter: '{where}.content'.",
                               param=f"{where}.content")
-            items.append(message_item(role, _text_of(item["content"], f"{where}.content"),
-                                      item_id))
+            parts = _image_parts(item["content"], f"{where}.content") if role == "user" else None
+            text = "" if parts else _text_of(item["content"], f"{where}.content")
+            items.append(message_item(role, text, item_id, parts=parts))
         elif kind == "function_call":
             items.append({"id": item_id or new_id("fc"), "type": "function_call",
                           "call_id": _string(item, "call_id", where),
@@ -133,8 +163,13 @@ def chat_messages(instructions: str | None, items: list[dict], first_new: int) -
     for n, item in enumerate(items):
         kind = item["type"]
         if kind == "message":
-            text = "".join(part.get("text", part.get("refusal", "")) for part in item["content"])
-            messages.append({"role": item["role"], "content": text})
+            if any(part["type"] == "input_image" for part in item["content"]):
+                content = [{"type": "image_url", "image_url": {"url": part["image_url"]}}
+                           if part["type"] == "input_image" else
+                           {"type": "text", "text": part["text"]} for part in item["content"]]
+            else:
+                content = "".join(part.get("text", part.get("refusal", "")) for part in item["content"])
+            messages.append({"role": item["role"], "content": content})
         elif kind == "function_call":
             calls.add(item["call_id"])
             call = {"id": item["call_id"], "type": "function",

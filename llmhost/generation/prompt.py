@@ -46,17 +46,72 @@ def _template_message(message: dict) -> dict:
     return out
 
 
+class PromptIds(list):
+    """A prompt's token ids, plus the other inputs of its prefill forward that
+    a vision-language model's processor made (pixel values and the like: the
+    engine's GenerationRequest.model_inputs); empty for text models."""
+
+    model_inputs: dict = {}
+
+
+def _vision_message(message: dict, images: dict, index: int) -> dict:
+    """A message as a processor's chat template takes it: content as parts,
+    each `image_url` part as an `image` part holding the decoded image."""
+    out = _template_message({**message, "content": ""})
+    content = message.get("content")
+    if isinstance(content, list):
+        out["content"] = [{"type": "image", "image": images[index, j]} if part["type"] == "image_url"
+                          else {"type": "text", "text": part["text"]}
+                          for j, part in enumerate(content)]
+    else:
+        out["content"] = [{"type": "text", "text": content or ""}]
+    return out
+
+
+def _images(entry, messages: list[dict]) -> dict | None:
+    """The decoded images of `messages` for a vision-language model (None for
+    a text model, which refuses any image part)."""
+    from ..config import settings
+    from .images import chat_images
+
+    if getattr(entry.loaded.pipeline, "processor", None) is not None:
+        return chat_images(messages, settings())
+    for i, m in enumerate(messages):
+        for j, part in enumerate(m.get("content") if isinstance(m.get("content"), list) else []):
+            if part.get("type") == "image_url":
+                where = f"messages[{i}].content[{j}].image_url"
+                raise InvalidInput(f"Invalid value for '{where}': the model '{entry.id}' takes "
+                                   "text only; load a vision-language model for images.",
+                                   param=where, code="images_not_supported")
+    return None
+
+
+def _render(entry, messages: list[dict], tools, variables, images: dict | None):
+    """The tokenized conversation: through the model's processor for a
+    vision-language model (images included), else its tokenizer."""
+    if images is None:
+        return entry.tokenizer.apply_chat_template(
+            [_template_message(m) for m in messages], chat_template=template_for(entry),
+            add_generation_prompt=True, tokenize=True, tools=tools, **(variables or {}))
+    out = entry.loaded.pipeline.processor.apply_chat_template(
+        [_vision_message(m, images, i) for i, m in enumerate(messages)],
+        chat_template=entry.spec.chat_template, add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt", tools=tools, **(variables or {}))
+    ids = PromptIds(int(i) for i in out["input_ids"][0])
+    ids.model_inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
+    return ids
+
+
 def chat_prompt(entry, messages: list[dict], tools: list[dict] | None = None,
                 variables: dict | None = None) -> list[int]:
     """Token ids of the conversation, with the generation prompt appended;
     `tools` go to templates that render them (generation/tools.py decides),
-    `variables` are extra template variables (generation/reasoning.py)."""
-    tokenizer = entry.tokenizer
+    `variables` are extra template variables (generation/reasoning.py). For a
+    vision-language model a PromptIds, with the images' model inputs."""
+    images = _images(entry, messages)    # decoded (and checked) outside the template's budget
     try:
-        ids = bounded(lambda: tokenizer.apply_chat_template(
-            [_template_message(m) for m in messages], chat_template=template_for(entry),
-            add_generation_prompt=True, tokenize=True, tools=tools, **(variables or {})),
-            f"The chat template of model '{entry.id}'", "messages")
+        ids = bounded(lambda: _render(entry, messages, tools, variables, images),
+                      f"The chat template of model '{entry.id}'", "messages")
     except TemplateError as exc:
         # Templates reject conversations they cannot render (e.g. roles that do
         # not alternate) with raise_exception(); that is the client's input.
@@ -69,6 +124,8 @@ def chat_prompt(entry, messages: list[dict], tools: list[dict] | None = None,
         raise InvalidInput(f"The chat template of model '{entry.id}' failed on these messages "
                            f"({type(exc).__name__}: {exc}).", param="messages",
                            code="chat_template_error")
+    if isinstance(ids, PromptIds):
+        return ids
     # transformers 5 returns a BatchEncoding when tokenizing; 4.x a list.
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]

@@ -109,8 +109,9 @@ class Run:
             raise ModelClosed(f"The model '{self.entry.id}' was unloaded.")
         try:
             for ids in self.prompts:
-                self.generations.append(engine.submit(
-                    GenerationRequest(prompt_ids=ids, params=self.params, n=self.n)))
+                self.generations.append(engine.submit(GenerationRequest(
+                    prompt_ids=ids, params=self.params, n=self.n,
+                    model_inputs=getattr(ids, "model_inputs", None) or {})))  # prompt.PromptIds
             self._iterators = [g.events(poll=IDLE_POLL_S) for g in self.generations]
             self._first = next((e for e in self._iterators[0] if e is not None or self._gone()),
                                None)

@@ -49,6 +49,7 @@ class LoadSpec:
     chat_template: str | None = None
     keep_alive: float | None = None
     quantization: str | None = None
+    base: str | None = None        # a LoRA adapter's loaded base model (models/adapters.py)
 
     @property
     def served_id(self) -> str:
@@ -73,6 +74,7 @@ class TextGeneration:
 
     model: Any
     tokenizer: Any
+    processor: Any = None    # a vision-language model's (images and its chat template)
 
 
 @dataclass
@@ -113,7 +115,7 @@ def _is_path(name: str) -> bool:
 
 def _has_model(folder: str) -> bool:
     names = set(os.listdir(folder))
-    return "config.json" in names or "modules.json" in names
+    return bool(names & {"config.json", "modules.json", "adapter_config.json"})
 
 
 def _local_source(spec: LoadSpec, config) -> Source:
@@ -323,6 +325,8 @@ def detect_task(source: Source) -> str:
     if not isinstance(cfg, dict):
         return "generate"
     archs = cfg.get("architectures") or []
+    if "vision_config" in cfg and any(a.endswith("ForConditionalGeneration") for a in archs):
+        return "vision"
     if any(a.endswith(GENERATE_SUFFIXES) for a in archs):
         return "generate"
     if archs or cfg.get("model_type") in ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert",
@@ -338,7 +342,7 @@ def _memory_bytes(model) -> int:
 
 
 def _max_context(model, tokenizer) -> int:
-    cfg = model.config
+    cfg = getattr(model, "config", model)   # a model, or a (text) config
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and value > 0:
@@ -357,6 +361,10 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     device, device_map = choose_device(spec.device)
     check_quantization(spec.quantization, device)
     source = resolve_source(spec, config)
+    if not os.path.isfile(os.path.join(source.folder, "config.json")) and os.path.isfile(
+            os.path.join(source.folder, "adapter_config.json")) and not source.gguf_file:
+        raise invalid(f"'{spec.model}' is a PEFT adapter, not a model: load it onto a loaded "
+                      "base model by naming that model in 'base'.", param="base")
     task = spec.task or detect_task(source)
     dtype = choose_dtype(spec.dtype, device, task)
     if spec.quantization == "int8":
@@ -376,6 +384,8 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
             loaded.quantization = spec.quantization
             loaded.memory_bytes = _memory_bytes(loaded.model)
         return loaded
+    if task == "vision":
+        return _load_vision(source, spec, device, device_map, dtype)
     return _load_causal_lm(source, spec, device, device_map, dtype)
 
 
@@ -405,17 +415,47 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise invalid(f"Could not load '{spec.model}' as a causal language model: {exc}",
                       param="model", code="model_load_failed")
+    return _generation(model, tokenizer, source, spec, device)
+
+
+def _generation(model, tokenizer, source: Source, spec: LoadSpec, device: str,
+                processor=None) -> Loaded:
+    """A loaded generation model: a causal LM, or a vision-language model
+    with its processor."""
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Loaded(
-        task="generate", pipeline=TextGeneration(model, tokenizer), device=device,
+        task="generate", pipeline=TextGeneration(model, tokenizer, processor), device=device,
         dtype=str(model.dtype).replace("torch.", ""),
         parameters=model_bytes(model, count=True),
         memory_bytes=_memory_bytes(model), revision=source.revision,
-        max_context=_max_context(model, tokenizer), gguf_file=source.gguf_file,
-        quantization=spec.quantization,
+        max_context=_max_context(model.config.get_text_config(), tokenizer),
+        gguf_file=source.gguf_file, quantization=spec.quantization,
+        extra={"input_modalities": ["text", "image"]} if processor is not None else {},
     )
+
+
+def _load_vision(source: Source, spec: LoadSpec, device: str, device_map, dtype) -> Loaded:
+    """An image-text-to-text model with its processor (image processor,
+    tokenizer and chat template), served as a generation model whose prompts
+    may hold images (generation/prompt.py renders them through the processor)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if source.gguf_file or spec.quantization:
+        raise invalid("Vision-language models load from safetensors folders, without "
+                      "quantization.", param="quantization" if spec.quantization else "model")
+    kwargs: dict = {"local_files_only": True, "trust_remote_code": spec.trust_remote_code}
+    try:
+        processor = AutoProcessor.from_pretrained(source.folder, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(source.folder, dtype=dtype,
+                                                            device_map=device_map, **kwargs)
+    except torch.OutOfMemoryError:
+        raise _no_memory(device, spec)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise invalid(f"Could not load '{spec.model}' as a vision-language model: {exc}",
+                      param="model", code="model_load_failed")
+    return _generation(model, processor.tokenizer, source, spec, device, processor)
 
 
 def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str):

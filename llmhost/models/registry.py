@@ -8,6 +8,7 @@ the guard for a dictionary lookup).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import engine
-from . import journal, loading, progress
+from . import adapters, journal, loading, progress
 from ..engine import metrics
 from ..http import redact
 from ..config import Config
@@ -65,7 +66,8 @@ class ModelEntry:
             "parameters": ld.parameters, "memory_bytes": ld.memory_bytes,
             "load_seconds": round(self.load_seconds, 3), "revision": ld.revision,
             "max_context": ld.max_context, "keep_alive": self.spec.keep_alive,
-            **{key: ld.extra[key] for key in ("dimensions",) if key in ld.extra},
+            **{key: ld.extra[key] for key in ("dimensions", "input_modalities") if key in ld.extra},
+            **({"base": self.spec.base} if self.spec.base else {}),
         }
 
 
@@ -74,7 +76,7 @@ def _conflicts(a: loading.LoadSpec, b: loading.LoadSpec) -> list[str]:
     those the client set), as messages."""
     diffs = []
     for name in ("model", "device", "dtype", "revision", "gguf_file", "task", "chat_template",
-                 "quantization"):
+                 "quantization", "base"):
         va, vb = getattr(a, name), getattr(b, name)
         if vb not in (None, "auto") and va != vb:
             diffs.append(f"{name}={vb!r} (loaded with {va!r})")
@@ -200,12 +202,16 @@ class ModelRegistry:
                 self._loading.add(model_id)
             try:
                 with progress.track(model_id, spec.model):  # GET /v1/models shows it loading
-                    self._make_room(model_id, config.MAX_LOADED_MODELS)
                     started = time.perf_counter()
-                    loaded = loading.load(spec, config, in_use=self._memory_in_use())
-                    entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
-                                       load_seconds=time.perf_counter() - started)
-                    entry.engine = engine.start(model_id, loaded, config)
+                    if spec.base:
+                        entry = self._load_adapter(spec, config)
+                    else:
+                        self._make_room(model_id, config.MAX_LOADED_MODELS)
+                        loaded = loading.load(spec, config, in_use=self._memory_in_use())
+                        entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
+                                           load_seconds=0.0)
+                        entry.engine = engine.start(model_id, loaded, config)
+                    entry.load_seconds = time.perf_counter() - started
             finally:
                 with self._guard:
                     self._loading.discard(model_id)
@@ -217,10 +223,47 @@ class ModelRegistry:
                 self._start_reaper()
             return entry, True
 
-    def unload(self, model_id: str) -> ModelEntry:
+    def _load_adapter(self, spec: loading.LoadSpec, config: Config) -> ModelEntry:
+        """A LoRA adapter onto the loaded base `spec.base` (models/adapters.py):
+        an entry of its own that shares the base's model, tokenizer and
+        scheduler; its `loaded` counts only the adapter's parameters."""
+        base = self.get(spec.base, param="base")
+        if base.spec.base or base.task != "generate" or not hasattr(base.engine, "between_steps"):
+            raise APIError(400, f"The model '{base.id}' cannot take LoRA adapters: load them onto "
+                                "a loaded text generation model.", param="base",
+                           code="invalid_base")
+        source = loading.resolve_source(spec, config)
+        if not adapters.is_adapter(source.folder):
+            raise APIError(400, f"'{spec.model}' holds no PEFT adapter (no adapter_config.json).",
+                           param="model", code="model_load_failed")
+        progress.step("loading", "adapter weights")
+        name = adapters.peft_name(spec.served_id)
+        count = adapters.attach(base.engine, name, source.folder, spec.model)
+        loaded = dataclasses.replace(base.loaded, parameters=count,
+                                     memory_bytes=count * base.model.dtype.itemsize,
+                                     revision=source.revision)
+        return ModelEntry(id=spec.served_id, spec=spec, loaded=loaded, load_seconds=0.0,
+                          engine=adapters.AdapterEngine(base.engine, name))
+
+    def adapters_of(self, model_id: str) -> list[str]:
+        """The ids of the adapters loaded onto `model_id`."""
+        with self._guard:
+            return sorted(e.id for e in self._models.values() if e.spec.base == model_id)
+
+    def unload(self, model_id: str, force: bool = False) -> ModelEntry:
+        """Unload a model; a base with adapters only with `force` (its adapters first)."""
         with self._guard:
             if self._lookup(model_id) is None:   # no lock kept for ids never loaded
                 raise self._not_loaded_locked(model_id)
+            model_id = self._lookup(model_id).id
+        users = self.adapters_of(model_id)
+        if users and not force:
+            raise APIError(409, f"The model '{model_id}' has LoRA adapters loaded onto it: "
+                                f"{', '.join(users)}. Unload them first, or unload with "
+                                "force=true to unload them too.", param="model",
+                           code="model_in_use")
+        for adapter in users:
+            self.unload(adapter)
         with self._model_lock(model_id):
             entry = self.get(model_id)
             with self._guard:
@@ -252,8 +295,9 @@ class ModelRegistry:
         with self._model_lock(model_id):
             with self._guard:
                 entry = self._models.get(model_id)
-                if entry is None or entry.active or not still(entry):
-                    return False
+                if entry is None or entry.active or not still(entry) or any(
+                        e.spec.base == model_id for e in self._models.values()):
+                    return False   # a base with adapters goes only when they are unloaded
                 self._models.pop(model_id)
             self._release(entry)
         log.info("unloaded %s (%s)", model_id, why)
@@ -264,9 +308,11 @@ class ModelRegistry:
         this one fits. Models being loaded hold a place; busy models are never evicted."""
         while limit > 0:
             with self._guard:
-                if len(self._models) + len(self._loading) <= limit:
+                bases = [e for e in self._models.values() if not e.spec.base]   # adapters are no model
+                if len(bases) + len(self._loading) <= limit:
                     return
-                idle = [e for e in self._models.values() if e.active == 0]
+                used = {e.spec.base for e in self._models.values()}
+                idle = [e for e in bases if e.active == 0 and e.id not in used]
                 if not idle:
                     busy = ", ".join(sorted(self._models) + sorted(self._loading - {model_id}))
                     raise APIError(503, f"Cannot load '{model_id}': LLMHOST_MAX_LOADED_MODELS={limit} "

@@ -21,8 +21,10 @@ def template_kwargs_ok(value) -> None:
 
 
 class Content(fields.Field):
-    """`content`: a string or an array of `{"type": "text", "text": ...}` parts.
-    Errors name the part: ``messages[0].content[1].type``."""
+    """`content`: a string or an array of `{"type": "text", "text": ...}` and
+    `{"type": "image_url", "image_url": {"url": ...}}` parts (images are decoded
+    and checked with the model in hand: generation/images.py). Errors name the
+    part: ``messages[0].content[1].type``."""
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str):
@@ -33,15 +35,21 @@ class Content(fields.Field):
         for i, part in enumerate(value):
             if not isinstance(part, dict):
                 errors[i] = ["must be an object like {\"type\": \"text\", \"text\": \"...\"}"]
+            elif part.get("type") == "image_url":
+                image = part.get("image_url")
+                if not isinstance(image, dict) or not isinstance(image.get("url"), str):
+                    errors[i] = {"image_url": ["must be an object with a 'url' string"]}
             elif part.get("type") != "text":
                 kind = part.get("type")
-                errors[i] = {"type": [f"this server's models take text only; content parts of "
-                                      f"type {kind!r} are not supported (use type 'text')"]}
+                errors[i] = {"type": [f"content parts of type {kind!r} are not supported (use "
+                                      "type 'text', or 'image_url' for vision models)"]}
             elif not isinstance(part.get("text"), str):
                 errors[i] = {"text": ["must be a string"]}
         if errors:
             raise ValidationError(errors)
-        return [{"type": "text", "text": part["text"]} for part in value]
+        return [{"type": "image_url", "image_url": {"url": part["image_url"]["url"]}}
+                if part["type"] == "image_url" else {"type": "text", "text": part["text"]}
+                for part in value]
 
 
 class MessageSchema(Schema):
@@ -49,7 +57,8 @@ class MessageSchema(Schema):
         ROLES, error="must be one of system, developer, user, assistant, tool"))
     content = Content(allow_none=True, metadata={
         "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}],
-        "description": "A string, or an array of text parts."})
+        "description": "A string, or an array of text parts and (for vision-language models) "
+                       "image_url parts."})
     name = fields.String(allow_none=True, metadata={"description": "Passed to the chat template."})
     tool_call_id = fields.String(allow_none=True)
     tool_calls = fields.List(fields.Nested(lambda: ToolCallSchema()), allow_none=True, metadata={

@@ -39,6 +39,10 @@ class LoadModelSchema(Schema):
         "description": "A Jinja chat template that replaces the model's own (or the fallback)."})
     keep_alive = fields.Float(allow_none=True, validate=validate.Range(min=0), metadata={
         "description": "Unload after this many idle seconds (0: never; default LLMHOST_KEEP_ALIVE)."})
+    base = fields.String(allow_none=True, validate=validate.Length(min=1, max=4096), metadata={
+        "description": "llmhost extra. Load `model` as a PEFT LoRA adapter onto this loaded base "
+                       "model (its id); requests naming the adapter's id run base + adapter, "
+                       "batched with the base's other requests."})
     stream = fields.Boolean(metadata={
         "description": "llmhost extra. `true`: answer server-sent events of load progress "
                        "(`object: model.load.progress`), then the Model object, then `[DONE]`; "
@@ -72,6 +76,11 @@ class ModelSchema(Schema):
     max_context = fields.Integer()
     dimensions = fields.Integer(metadata={"description": "Size of the vectors (embedding models)."})
     keep_alive = fields.Float(allow_none=True)
+    input_modalities = fields.List(fields.String(), metadata={
+        "description": "Vision-language models: `[\"text\", \"image\"]` (chat takes image_url "
+                       "parts)."})
+    base = fields.String(metadata={"description": "LoRA adapters: the id of the base model they "
+                                                  "run on."})
     size_on_disk = fields.Integer()
     format = fields.String(metadata={"enum": ["hub", "gguf", "folder"],
                                      "description": "Cached entries: where the files are."})
@@ -85,6 +94,12 @@ class ModelSchema(Schema):
     download_total_bytes = fields.Integer()
     loaded_tensors = fields.Integer()
     total_tensors = fields.Integer()
+
+
+class UnloadModelQuerySchema(Schema):
+    force = fields.Boolean(load_default=False, metadata={
+        "description": "Unload a base model together with the LoRA adapters loaded onto it "
+                       "(without it: 409 naming them)."})
 
 
 class ListModelsSchema(Schema):

@@ -1,11 +1,72 @@
 // llmhost's chat page: a plain client of the server's own /v1 API (no build step,
-// nothing fetched from elsewhere). Chat streams from /v1/chat/completions; the
-// Models panel loads (with progress events) and unloads through /v1/models.
+// nothing fetched from elsewhere). Chat streams from /v1/chat/completions; answers
+// render as Markdown (marked + DOMPurify, vendored); conversations are kept in
+// localStorage; an image can be attached for models that take them. The Models
+// panel loads (with progress events) and unloads through /v1/models.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const history = [];          // the conversation sent with each request
+let history = [];            // the conversation sent with each request (the current one's messages)
 let controller = null;       // aborts the running generation (Stop)
+let imageModels = new Set(); // ids of the loaded models that take images
+
+// -- Markdown ----------------------------------------------------------------------
+// Model output is untrusted: raw HTML inside the Markdown is shown as text, and
+// only what DOMPurify returns reaches the page (static/vendor/README.md).
+
+const escapeHtml = (s) => s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+marked.use({ gfm: true, renderer: { html: (token) => escapeHtml(token.text || token.raw || "") } });
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A") { node.setAttribute("target", "_blank"); node.setAttribute("rel", "noopener noreferrer"); }
+});
+
+function renderMarkdown(div, text) {
+  div.innerHTML = DOMPurify.sanitize(marked.parse(text), { FORBID_TAGS: ["style", "form", "input"] });
+}
+
+// -- conversations (localStorage) ------------------------------------------------------
+
+const STORE = "llmhost-conversations";
+let conversations = [];      // [{id, title, messages}], newest first
+let current = null;
+
+function loadConversations() {
+  try { conversations = JSON.parse(localStorage.getItem(STORE) || "[]"); } catch { conversations = []; }
+  if (!Array.isArray(conversations)) conversations = [];
+  const wanted = localStorage.getItem(STORE + "-current");
+  switchTo(conversations.find((c) => c.id === wanted) || conversations[0] || newConversation());
+}
+
+function newConversation() {
+  const c = { id: Date.now().toString(36) + Math.random().toString(36).slice(2, 6), title: "New chat", messages: [] };
+  conversations.unshift(c);
+  return c;
+}
+
+function saveConversations() {
+  try {
+    localStorage.setItem(STORE, JSON.stringify(conversations));
+    localStorage.setItem(STORE + "-current", current.id);
+  } catch (err) {            // quota: images are large; keep the page working
+    $("stats").textContent = "This conversation is too large to keep in the browser: " + err.message;
+  }
+  const select = $("conversations");
+  select.replaceChildren(...conversations.map((c) => new Option(c.title, c.id, false, c === current)));
+}
+
+function switchTo(conversation) {
+  if (controller) return;
+  current = conversation;
+  history = conversation.messages;
+  $("log").replaceChildren();
+  for (const m of history) addMessage(m.role, m.content);
+  saveConversations();
+}
+
+function contentText(content) {
+  return typeof content === "string" ? content
+    : content.filter((p) => p.type === "text").map((p) => p.text).join("\n");
+}
 
 // -- talking to the server ----------------------------------------------------
 
@@ -67,9 +128,11 @@ async function refreshModels() {
   const select = $("model");
   const previous = select.value;
   select.replaceChildren();
+  imageModels = new Set(models.filter((m) => (m.input_modalities || []).includes("image")).map((m) => m.id));
   for (const m of models.filter((m) => m.status === "loaded" && m.task !== "embed")) {
     select.append(new Option(m.id, m.id, false, m.id === previous));
   }
+  showAttach();
   if (!select.options.length) select.append(new Option("(no chat model loaded)", ""));
   const list = $("models");
   list.replaceChildren();
@@ -125,10 +188,39 @@ async function load(event) {
 
 // -- chat -------------------------------------------------------------------------
 
-function addMessage(role, text) {
+function showAttach() {
+  const takesImages = imageModels.has($("model").value);
+  $("attach").hidden = !takesImages;
+  if (!takesImages) $("image").value = "";
+}
+
+function readImage() {
+  const file = $("image").files[0];
+  if (!file) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// A message: assistant answers as sanitized Markdown, the rest as text (a user's
+// content parts: their text, and their images as thumbnails).
+function addMessage(role, content) {
   const div = document.createElement("div");
   div.className = "msg " + role;
-  div.textContent = text;
+  if (role === "assistant") renderMarkdown(div, contentText(content));
+  else div.textContent = contentText(content);
+  if (Array.isArray(content)) {
+    for (const part of content.filter((p) => p.type === "image_url")) {
+      const img = document.createElement("img");
+      img.className = "thumb";
+      img.alt = "attached image";
+      if (part.image_url.url.startsWith("data:image/")) img.src = part.image_url.url;
+      div.append(img);
+    }
+  }
   $("log").append(div);
   div.scrollIntoView({ block: "end" });
   return div;
@@ -151,9 +243,16 @@ async function send(event) {
   const model = $("model").value;
   if (!text || controller) return;
   if (!model) { addMessage("error", "Load a chat model first (Models panel)."); return; }
+  let image = null;
+  try { image = imageModels.has(model) ? await readImage() : null; }
+  catch (err) { addMessage("error", "Cannot read the image: " + err.message); return; }
   $("prompt").value = "";
-  addMessage("user", text);
-  history.push({ role: "user", content: text });
+  $("image").value = "";
+  const content = image ? [{ type: "image_url", image_url: { url: image } }, { type: "text", text }] : text;
+  addMessage("user", content);
+  history.push({ role: "user", content });
+  if (current.title === "New chat") current.title = text.slice(0, 40);
+  saveConversations();
   const system = $("system").value.trim();
   const messages = system ? [{ role: "system", content: system }, ...history] : [...history];
 
@@ -174,7 +273,7 @@ async function send(event) {
       if (choice.delta && choice.delta.content) {
         if (first === null) first = performance.now();
         answer += choice.delta.content;
-        out.textContent = answer;
+        renderMarkdown(out, answer);
         out.scrollIntoView({ block: "end" });
       }
       if (choice.finish_reason) finish = choice.finish_reason;
@@ -186,6 +285,7 @@ async function send(event) {
   const ended = performance.now();
   out.dataset.state = finish || "error";
   history.push({ role: "assistant", content: answer });
+  saveConversations();
   const tokens = usage ? usage.completion_tokens : null;
   const parts = [];
   if (first !== null) parts.push(`TTFT ${((first - started) / 1000).toFixed(2)} s`);
@@ -214,7 +314,14 @@ $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
-$("clear").addEventListener("click", () => { history.length = 0; $("log").replaceChildren(); $("stats").textContent = ""; });
+$("clear").addEventListener("click", () => {
+  history.length = 0; $("log").replaceChildren(); $("stats").textContent = "";
+  current.title = "New chat"; saveConversations();
+});
+$("new-chat").addEventListener("click", () => { if (!controller) switchTo(newConversation()); });
+$("conversations").addEventListener("change", (e) => switchTo(conversations.find((c) => c.id === e.target.value)));
+$("model").addEventListener("change", showAttach);
+loadConversations();
 $("refresh").addEventListener("click", refreshModels);
 $("load-form").addEventListener("submit", load);
 refreshModels();
