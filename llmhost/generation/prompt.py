@@ -9,6 +9,7 @@ from jinja2 import TemplateError
 
 from ..engine.sandbox import bounded
 from ..engine.errors import InvalidInput
+from ..engine.sampling import vocab_size
 
 # For base models that ship no chat template (gpt2 and most base checkpoints):
 # plain "Role: text" turns, which a base model continues naturally, ending with
