@@ -15,7 +15,6 @@ import logging
 
 from flask import Flask, current_app, has_request_context, request
 
-from . import redact
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -161,5 +160,3 @@ def caller() -> tuple[str | None, bool]:
     _, admin = keys.check(token)
     return _digest(token).hex(), admin
 
-
-redact.watch_viewer(may_see_paths)
