@@ -8,11 +8,14 @@ from .version import __version__  # noqa: F401  (llmhost.__version__)
 
 
 def create_app(config: Config | None = None) -> Flask:
-    """Config -> extensions -> blueprints. Only wsgi.py (and tests) call this."""
+    """Config -> extensions -> collaborators -> blueprints. Only wsgi.py (and
+    tests) call this."""
     from . import api as api_modules
-    from .http import auth, cors, limits, metering, observability, pages
-    from .models import preload
+    from .engine import metrics
+    from .http import auth, cors, limits, metering, observability, pages, redact
     from .http.extensions import Api
+    from .models.registry import registry
+    from .server import preload
 
     config = config or Config()
     app = Flask(__name__)
@@ -27,6 +30,10 @@ def create_app(config: Config | None = None) -> Flask:
     auth.init_app(app, api, config)  # keys, security scheme (needs api's spec)
     metering.init_app(app)  # usage and limits per key (after auth: it names the caller)
     cors.init_app(app, config.CORS_ORIGINS)
+    # Collaborators, wired here rather than by importing a module: who may see
+    # server paths and which paths to hide; the per-model gauges of /metrics.
+    redact.init_app(app, viewer=auth.may_see_paths, sources=(registry.server_paths,))
+    metrics.watch_models(registry.list)
     for module in api_modules.MODULES:
         api.register_blueprint(module.blp)
     pages.init_app(app)  # the chat page at / and the docs' own assets (no CDN)

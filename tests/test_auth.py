@@ -48,29 +48,30 @@ def test_docs_public_by_default_and_key_file_required(make_app, tmp_path):
 
 def test_autoload_follows_admin_rules(make_app, tiny_models):
     from llmhost.api.access import use_model
-    from llmhost.http.errors import APIError
+    from llmhost.engine.errors import Refused
+    from llmhost.http.errors import as_api_error
     from llmhost.models.registry import registry
 
     repo = tiny_models["cached"]
     off = make_app()  # autoload off
     with off.test_request_context("/v1/chat/completions", method="POST"):
-        with pytest.raises(APIError) as info:
+        with pytest.raises(Refused) as info:
             with use_model(repo, "generate"):
                 pass
-    assert info.value.status == 404
+    assert as_api_error(info.value).status == 404
 
     app = make_app(AUTOLOAD=True, API_KEYS=["plain"], ADMIN_API_KEYS=["admin"])
     with app.test_request_context("/v1/chat/completions", method="POST", headers=auth("plain")):
         app.preprocess_request()
-        with pytest.raises(APIError) as info:
+        with pytest.raises(Refused) as info:
             with use_model(repo, "generate"):
                 pass
-        assert info.value.status == 404
+        assert as_api_error(info.value).status == 404
     assert registry.find(repo) is None
     with app.test_request_context("/v1/chat/completions", method="POST", headers=auth("admin")):
         app.preprocess_request()
         with use_model(repo, "generate") as entry:
             assert entry.id == repo and entry.active == 1
-        with pytest.raises(APIError):  # a hub id that is not cached is never fetched
+        with pytest.raises(Refused):  # a hub id that is not cached is never fetched
             with use_model("someorg/not-cached", "generate"):
                 pass

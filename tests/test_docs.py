@@ -235,7 +235,7 @@ def test_fallback_template_is_the_code():
 
 
 def test_preload_examples_parse():
-    from llmhost.models import preload
+    from llmhost.server import preload
 
     block = readme_block("preload-models", "docs/deploying.md")
     values = [shlex.split(line, comments=True)[0].partition("=")[2] for line in block.splitlines()]

@@ -107,3 +107,75 @@ def test_a_cycle_is_found():
 
 def test_no_import_cycles_in_llmhost():
     assert find_cycles(import_graph()) == []
+
+
+# -- the layer arrows ---------------------------------------------------------------
+# api/serving.py (running a Plan) and api/access.py (which model a caller may
+# use) are helpers the routes share; every other module under api/ is a route.
+API_HELPERS = {"llmhost.api", "llmhost.api.serving", "llmhost.api.access"}
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _imports_of(package: str) -> dict[str, set[str]]:
+    return {name: targets for name, targets in import_graph().items() if _inside(name, package)}
+
+
+def _route_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """{route module: the route modules it imports}, for those that import any."""
+    out = {}
+    for name, targets in graph.items():
+        if _inside(name, "llmhost.api") and name not in API_HELPERS:
+            routes = sorted(t for t in targets if _inside(t, "llmhost.api") and t not in API_HELPERS)
+            if routes:
+                out[name] = routes
+    return out
+
+
+def test_routes_never_import_routes():
+    """A route module under api/ imports no other route module: what two routes
+    share lives below them (generation/plan.py) or in the api helpers."""
+    assert _route_imports(import_graph()) == {}
+
+
+def test_a_route_importing_a_route_is_caught():
+    graph = {"llmhost.api.tokenize": {"llmhost.api.chat", "llmhost.api.serving"},
+             "llmhost.api.serving": {"llmhost.api.access"}}
+    assert _route_imports(graph) == {"llmhost.api.tokenize": ["llmhost.api.chat"]}
+
+
+def _outside(package: str, allowed: tuple[str, ...]) -> dict[str, list[str]]:
+    """{module of `package`: the llmhost modules it imports outside `package`
+    and `allowed`}, for the modules that have any."""
+    out = {}
+    for name, targets in _imports_of(package).items():
+        bad = sorted(t for t in targets if not _inside(t, package)
+                     and not any(_inside(t, a) for a in allowed))
+        if bad:
+            out[name] = bad
+    return out
+
+
+def test_the_engine_imports_nothing_above_it():
+    """engine/ imports only engine/, llmhost.config and llmhost.version: it
+    speaks domain errors and knows no request, route or HTTP."""
+    assert _outside("llmhost.engine", ("llmhost.config", "llmhost.version")) == {}
+
+
+def test_generation_imports_only_downward():
+    """generation/ (typed request -> Plan -> run) imports only engine/,
+    models/, llmhost.config and llmhost.version: never api/, http/ (Flask),
+    schemas/, store/ or server/."""
+    assert _outside("llmhost.generation", ("llmhost.engine", "llmhost.models", "llmhost.config",
+                                           "llmhost.version")) == {}
+
+
+
+def test_models_and_store_speak_domain_errors():
+    """models/ (registry, loading, memory policy) imports only engine/ and
+    llmhost.config; store/ imports only engine/ and llmhost.config: both raise
+    engine/errors.py's domain errors, never http/'s APIError."""
+    assert _outside("llmhost.models", ("llmhost.engine", "llmhost.config")) == {}
+    assert _outside("llmhost.store", ("llmhost.engine", "llmhost.config")) == {}

@@ -30,7 +30,8 @@ def test_keep_alive_unloads_idle_models(policy, tiny_models):
 
 
 def test_lru_skips_busy_models_and_refuses_when_all_are_busy(make_app, tiny_models):
-    from llmhost.http.errors import APIError
+    from llmhost.engine.errors import Refused
+    from llmhost.http.errors import as_api_error
     from llmhost.models.registry import registry
 
     from llmhost.config import TestConfig
@@ -43,9 +44,9 @@ def test_lru_skips_busy_models_and_refuses_when_all_are_busy(make_app, tiny_mode
         load_local(tiny_models["gpt2"], "third", config)
         assert sorted(e.id for e in registry.list()) == ["old", "third"]
         with registry.use("third"):
-            with pytest.raises(APIError) as info:
+            with pytest.raises(Refused) as info:
                 load_local(tiny_models["gpt2"], "fourth", config)
-            assert info.value.status == 503 and info.value.code == "model_limit_reached"
+            assert as_api_error(info.value).status == 503 and info.value.code == "model_limit_reached"
             assert "LLMHOST_MAX_LOADED_MODELS=2" in info.value.message
     assert registry.loading() == []
     load_local(tiny_models["gpt2"], "fourth", config)  # both idle now; "third" was released first

@@ -22,6 +22,30 @@ def test_openapi_and_docs(client):
     assert b"redoc" in client.get("/redoc").data.lower()
 
 
+@pytest.mark.parametrize("path", ["/", "/docs", "/redoc"])
+def test_pages_keep_the_browser_on_this_server(client, path):
+    """A Content-Security-Policy on every page llmhost serves: everything from
+    'self' (ReDoc's CDN footer logo is not fetched), images and fonts also
+    from data:, no host named anywhere; Swagger UI's inline script by hash."""
+    import base64
+    import hashlib
+    import re
+
+    response = client.get(path)
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    policy = dict((d.split(" ", 1) + [""])[:2] for d in
+                  response.headers["Content-Security-Policy"].split("; "))
+    assert policy["default-src"] == "'self'" and policy["img-src"] == "'self' data:"
+    assert policy["object-src"] == "'none'"
+    sources = " ".join(policy.values()).split()
+    assert all(s.startswith("'") or s in ("data:", "blob:") for s in sources), sources
+    inline = re.findall(rb"<script>(.*?)</script>", response.get_data(), re.DOTALL)
+    assert policy["script-src"].split() == ["'self'"] + [
+        "'sha256-" + base64.b64encode(hashlib.sha256(s).digest()).decode() + "'" for s in inline]
+    assert (path == "/docs") == bool(inline)    # Swagger UI's config script
+    assert client.get("/openapi.json").headers.get("Content-Security-Policy") is None
+
+
 @pytest.mark.parametrize("body, param", [
     ({}, "model"),
     ({"model": 3}, "model"),

@@ -77,3 +77,27 @@ def test_paths_only_for_admins(guarded, tiny_models):
     r = requests.post(guarded.url + "/v1/embeddings", headers=USER, timeout=10,
                       json={"model": tiny_models["gpt2"], "input": "x"})
     assert root not in r.text
+
+
+def test_redaction_is_wired_by_create_app_and_hides_paths_by_default(make_app):
+    """create_app hands redact its viewer and path sources; an app that wired
+    none hides paths from every caller (the safe default), while code outside a
+    request (logs, the CLI) still reads them."""
+    from flask import Flask
+
+    from llmhost.http import redact
+
+    secret = os.path.join(os.sep, "srv", "models", "private")
+    assert redact.may_see_paths() and redact.text(secret, force=False) == secret
+    bare = Flask(__name__)
+    with bare.test_request_context("/"):
+        assert not redact.may_see_paths()
+        assert redact.model_id(secret) == redact.label(secret)
+    keyless = make_app()
+    with keyless.test_request_context("/"):
+        assert redact.may_see_paths()           # a keyless server: everyone is the operator
+    keyed = make_app(API_KEYS=["k"], ADMIN_API_KEYS=["a"])
+    with keyed.test_request_context("/", headers={"Authorization": "Bearer k"}):
+        assert not redact.may_see_paths()
+    with keyed.test_request_context("/", headers={"Authorization": "Bearer a"}):
+        assert redact.may_see_paths()

@@ -66,7 +66,7 @@ def test_probes_and_metrics_open_docs_closed(secure):
 
 
 def test_models_setting_parses(tiny_models):
-    from llmhost.models.preload import parse
+    from llmhost.server.preload import parse
 
     assert parse("") == []
     assert parse("gpt2@cpu, /models/x ,org/name@cuda:1,/a@b/c") == [

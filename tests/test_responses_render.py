@@ -12,8 +12,7 @@ import pytest
 from llmhost.generation import conversation
 from llmhost.api.responses import Renderer, _events
 from llmhost.generation.run import Choice, ChoiceDelta
-from llmhost.engine.errors import ModelClosed
-from llmhost.http.errors import APIError
+from llmhost.engine.errors import InvalidInput, ModelClosed
 from support import validate
 
 CALL = {"id": "call_1", "type": "function",
@@ -71,7 +70,7 @@ def test_request_fields_become_chat_arguments():
 def test_an_output_without_its_call_is_refused():
     items = conversation.input_items([{"type": "function_call_output", "call_id": "c",
                                        "output": "x"}])
-    with pytest.raises(APIError) as caught:
+    with pytest.raises(InvalidInput) as caught:
         conversation.chat_messages(None, items, 0)
     assert caught.value.param == "input[0].call_id" and "'c'" in caught.value.message
 

@@ -1,7 +1,8 @@
 """POST /v1/chat/completions."""
 from __future__ import annotations
 
-from ..generation import tools
+from ..generation import plan
+from ..generation.request import ChatRequest
 from ..generation.run import Choice, ChoiceDelta, TokenLogprob
 from ..generation.text import token_bytes, token_string
 from ..http.extensions import Blueprint
@@ -23,8 +24,6 @@ class ChatFormat:
         self.logprobs = logprobs
         # The request used the deprecated `functions`: answer with `function_call`.
         self.legacy = legacy_functions
-        self.constraint = None      # set by build(): read by serving.start
-        self.parser = None
 
     def _token(self, token_id: int, logprob: float) -> dict:
         return {"token": token_string(self.tokenizer, token_id), "logprob": logprob,
@@ -80,29 +79,12 @@ class ChatFormat:
               "with `data: [DONE]`.")
 @blp.doc(responses=serving.STREAM_DOC)
 @blp.errors(400, 404, 429, 503)
-def create_chat_completion(args):
+def create_chat_completion(request: ChatRequest):
     """Create a chat completion
 
     The conversation is rendered with the model's chat template (or the one
     given at load time, or llmhost's fallback for base models) and answered by
     the model, as OpenAI's API does, streaming included.
     """
-    want_logprobs = bool(args.get("logprobs"))
-    return serving.serve(args, chat_build(args), prompt_param="messages",
-                         logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
-
-
-def chat_build(args: dict):
-    """The prompt and formatter of chat-shaped `args`: /v1/responses and the
-    token counting routes build through this too, so every route renders a
-    conversation one way."""
-    want_logprobs = bool(args.get("logprobs"))
-
-    def build(entry):
-        ids, plan = tools.build_chat(args, entry, serving.stop_token_ids(entry))
-        fmt = ChatFormat(entry.tokenizer, want_logprobs,
-                         legacy_functions=bool(args.get("functions")))
-        fmt.constraint, fmt.parser = plan.constraint, plan.parser
-        return [ids], fmt
-
-    return build
+    return serving.serve(request, plan.build_chat, lambda entry, _: ChatFormat(
+        entry.tokenizer, bool(request.logprobs), legacy_functions=bool(request.functions)))

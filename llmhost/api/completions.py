@@ -1,10 +1,9 @@
 """POST /v1/completions (OpenAI's legacy text completions)."""
 from __future__ import annotations
 
-from ..generation.tools import completion_constraint
+from ..generation import plan
+from ..generation.request import CompletionRequest
 from ..generation.run import Choice, ChoiceDelta, TokenLogprob
-from ..generation.prompt import completion_prompts
-from ..engine.sampling import vocab_size
 from ..generation.text import token_string
 from ..http.extensions import Blueprint
 from ..schemas.completions import CompletionRequestSchema, CompletionSchema
@@ -66,20 +65,12 @@ class CompletionFormat:
               "`data: [DONE]`.")
 @blp.doc(responses=serving.STREAM_DOC)
 @blp.errors(400, 404, 429, 503)
-def create_completion(args):
+def create_completion(request: CompletionRequest):
     """Create a completion
 
     Continues a prompt (text or token ids; an array of prompts gives one set
     of `n` choices each, indexed prompt by prompt), streaming included.
     """
-    n = args.get("n") or 1
-
-    def build(entry):
-        prompts = completion_prompts(entry, args["prompt"])
-        fmt = CompletionFormat(entry.tokenizer, [text for _, text in prompts], n,
-                               bool(args.get("echo")), args.get("logprobs") is not None)
-        fmt.constraint = completion_constraint(args, entry, serving.stop_token_ids(entry),
-                                               vocab_size(entry))
-        return [ids for ids, _ in prompts], fmt
-
-    return serving.serve(args, build, prompt_param="prompt", logprobs=args.get("logprobs"))
+    return serving.serve(request, plan.build_completion, lambda entry, built: CompletionFormat(
+        entry.tokenizer, built.prompt_texts, built.n, bool(request.echo),
+        request.logprobs is not None))

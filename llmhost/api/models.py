@@ -8,8 +8,8 @@ from ..models import journal, progress
 from ..http import redact, sse
 from ..config import settings
 from ..http.extensions import Blueprint
-from ..models.loading import LoadSpec, cached_models
-from ..models.ondisk import local_models
+from ..models.loading import LoadSpec
+from ..models.ondisk import cached_models, local_models
 from ..models.registry import registry
 from ..schemas.models import (DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema,
                               LoadModelSchema, ModelSchema, UnloadModelQuerySchema)

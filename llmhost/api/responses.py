@@ -4,8 +4,8 @@ POST /v1/responses/input_tokens.
 
 One generation path with chat: a request becomes chat-shaped arguments
 (llmhost/generation/conversation.py), validated by the chat route's own schema and run by
-serving.start with the chat route's prompt builder; only the rendering of
-the result (output items, events) is this module's."""
+serving.start with generation.plan.build_chat, as the chat route does; only
+the rendering of the result (output items, events) is this module's."""
 from __future__ import annotations
 
 import time
@@ -16,7 +16,8 @@ from flask import jsonify
 from marshmallow import ValidationError
 
 from ..http import auth, sse
-from ..generation import conversation
+from ..generation import conversation, plan
+from ..generation.request import ChatRequest
 from ..store import responses as store
 from ..engine.errors import EngineError
 from ..http.errors import APIError, as_api_error, from_validation
@@ -25,7 +26,6 @@ from ..schemas.chat import ChatCompletionRequestSchema
 from ..schemas.responses import CreateResponseSchema, DeletedResponseSchema, InputItemsQuerySchema, InputTokensSchema, ResponseInputSchema, ResponseItemListSchema, ResponseSchema
 from . import serving
 from .access import use_model
-from .chat import chat_build
 
 blp = Blueprint("responses", __name__, url_prefix="/v1",
                 description="OpenAI's Responses API, with stored responses.")
@@ -35,7 +35,7 @@ blp = Blueprint("responses", __name__, url_prefix="/v1",
 
 @dataclass
 class Prepared:
-    chat: dict              # the chat-completions arguments that run it
+    chat: ChatRequest       # the chat request that runs it
     items: list[dict]       # the whole conversation (stored as the input items)
     owner: str | None
     sees_all: bool
@@ -62,7 +62,7 @@ def _renamed(err: APIError) -> APIError:
     return err
 
 
-def _validated_chat(chat: dict) -> dict:
+def _validated_chat(chat: dict) -> ChatRequest:
     """The chat route's schema checks the translated request (ranges, limits,
     and which tools and formats the chat layer supports)."""
     try:
@@ -189,8 +189,7 @@ def create_response(args):
     """
     prepared = prepare(args)
     try:
-        started = serving.start(prepared.chat, chat_build(prepared.chat),
-                                prompt_param="messages", logprobs=None)
+        started = serving.start(prepared.chat, plan.build_chat)
     except (APIError, EngineError) as exc:
         raise _renamed_any(exc) from None
     renderer = Renderer(args, started)
@@ -369,10 +368,10 @@ def _events(renderer: Renderer, saved):
             err = as_api_error(exc)
             body = renderer.body("failed", output, error={"code": "server_error",
                                                           "message": err.message})
-            if saved is not None and not isinstance(err, store.StoreError):
+            if saved is not None and not isinstance(exc, store.StoreError):
                 try:
                     saved.finish(body)
-                except APIError:
+                except store.StoreError:
                     pass
             yield ev("response.failed", response=body)
         finally:
@@ -385,7 +384,7 @@ def _events(renderer: Renderer, saved):
             if not finished and saved is not None:
                 try:
                     saved.finish(renderer.body("cancelled", output))
-                except APIError:
+                except store.StoreError:
                     pass
 
 
@@ -454,9 +453,9 @@ def count_input_tokens(args):
     previous_response_id included), counted without generating.
     """
     prepared = prepare(args)
-    with use_model(prepared.chat["model"], task="generate") as entry:
+    with use_model(prepared.chat.model, task="generate") as entry:
         try:
-            prompts, _ = chat_build(prepared.chat)(entry)
+            ids, _ = plan.chat_ids(prepared.chat, entry)
         except (APIError, EngineError) as exc:
             raise _renamed_any(exc) from None
-    return jsonify({"object": "response.input_tokens", "input_tokens": len(prompts[0])})
+    return jsonify({"object": "response.input_tokens", "input_tokens": len(ids)})

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from flask import jsonify
 
+from ..generation import plan
 from ..generation.prompt import completion_prompts
+from ..generation.request import ChatRequest
 from ..engine.sampling import vocab_size
 from ..generation.text import token_string
 from ..http.errors import invalid
 from ..http.extensions import Blueprint
 from ..schemas.responses import DetokenizeRequestSchema, DetokenizeResponseSchema, TokenizeRequestSchema, TokenizeResponseSchema
 from .access import use_model
-from .chat import chat_build
 
 blp = Blueprint("tokenize", __name__, description="Token counting (vLLM's /tokenize and "
                                                   "/detokenize).")
@@ -33,8 +34,10 @@ def tokenize(args):
     """
     with use_model(args["model"], task="generate") as entry:
         if "messages" in args:
-            ids = chat_build({key: args.get(key) for key in (
-                "messages", "reasoning_effort", "chat_template_kwargs")})(entry)[0][0]
+            ids, _ = plan.chat_ids(ChatRequest(
+                model=args["model"], messages=args["messages"],
+                reasoning_effort=args.get("reasoning_effort"),
+                chat_template_kwargs=args.get("chat_template_kwargs")), entry)
         elif args["add_special_tokens"]:
             ids = completion_prompts(entry, args["prompt"])[0][0]
         else:

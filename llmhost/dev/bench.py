@@ -522,7 +522,7 @@ def bench_quality(args) -> int:
     import torch
 
     from ..config import Config
-    from ..http.errors import APIError
+    from ..engine.errors import Refused
     from ..models.loading import LoadSpec, load
 
     def answers(model, tok) -> list[list[int]]:
@@ -552,7 +552,7 @@ def bench_quality(args) -> int:
     for options in [{"dtype": "float32"}] + [json.loads(o) for o in args.options]:
         try:
             loaded = load(LoadSpec(model=args.model, **options), Config())
-        except APIError as exc:  # an option llmhost does not offer
+        except Refused as exc:  # an option llmhost does not offer
             print(f"| {json.dumps(options)} | refused: {exc.message} | | | | |", flush=True)
             continue
         out = answers(loaded.model, loaded.tokenizer)

@@ -1,5 +1,7 @@
-"""What can go wrong in the engine, in the engine's own terms. The engine knows
-nothing of HTTP: errors.py maps each of these to a status, a message with the
+"""What can go wrong, in domain terms: the engine's own errors, and
+:class:`Refused` with its kinds, which every layer below the routes raises
+(model loading and the registry, generation, the response store). None of it
+knows HTTP: http/errors.py maps each of these to a status, a message with the
 LLMHOST_* setting that governs it, and the OpenAI envelope, in one place."""
 from __future__ import annotations
 
@@ -49,13 +51,47 @@ class EngineFailure(EngineError):
         self.doing, self.cause = doing, cause
 
 
-class InvalidInput(EngineError):
-    """Input only the model can judge (template, vocabulary, length) is wrong;
-    `param` names the request field."""
+class Refused(EngineError):
+    """What the client asked cannot be done, for a reason it is told: `message`
+    (the words the client reads), `param` (the request field to blame), `code`
+    (OpenAI's machine-readable code), `retry_after` (seconds, when a retry can
+    work). The subclass says which kind; http/errors.py gives each its status."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+        self.retry_after = retry_after
+
+
+class InvalidInput(Refused):
+    """The input is wrong (a field, or what only the model can judge: template,
+    vocabulary, length)."""
+
+
+class NotPermitted(Refused):
+    """The server's settings forbid it (folders, downloads, remote code)."""
+
+
+class NotFound(Refused):
+    """What the request names does not exist (a model, a file, a stored item)."""
+
+
+class Conflict(Refused):
+    """It clashes with what is already there (a model loaded with other options)."""
+
+
+class Unavailable(Refused):
+    """It cannot be done now or on this server (limits reached, no memory on the
+    device, a missing package)."""
+
+
+class NoRoom(Refused):
+    """The memory policy (LLMHOST_MEMORY_LIMIT / headroom) leaves no room to load."""
+
+
+class ServerFailure(Refused):
+    """A part of the server failed (the response store); the message says what."""
 
 
 def failure(exc: BaseException, model_id: str, doing: str, hint: str) -> EngineError:

@@ -140,9 +140,19 @@ class ModelCollector:
         return []
 
 
+_models: ModelCollector | None = None
+
+
 def watch_models(entries: Callable[[], list]) -> None:
-    """Called once by the model registry with its `list` method."""
-    REGISTRY.register(ModelCollector(entries))
+    """create_app hands over the model registry's `list`; until then (and
+    without it) /metrics has no per-model gauges. Calling again replaces the
+    source: one collector per process."""
+    global _models
+    if _models is None:
+        _models = ModelCollector(entries)
+        REGISTRY.register(_models)
+    else:
+        _models.entries = entries
 
 
 def exposition() -> tuple[bytes, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 
-from ..http.errors import APIError, invalid, not_supported
+from ..engine.errors import InvalidInput
 
 # Roles of input messages. Assistant messages come back as output_text parts.
 ROLES = ("user", "system", "developer", "assistant")
@@ -30,8 +30,8 @@ def _text_of(content, where: str) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise invalid(f"Invalid value for '{where}': must be a string or an array of content "
-                      "parts.", param=where)
+        raise InvalidInput(f"Invalid value for '{where}': must be a string or an array of content "
+                           "parts.", param=where)
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -40,12 +40,12 @@ def _text_of(content, where: str) -> str:
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
         elif kind in TEXT_PARTS:
-            raise invalid(f"Invalid value for '{where}[{j}].text': must be a string.",
-                          param=f"{where}[{j}].text")
+            raise InvalidInput(f"Invalid value for '{where}[{j}].text': must be a string.",
+                               param=f"{where}[{j}].text")
         else:
-            raise invalid(f"Invalid value for '{where}[{j}].type': this server's models take text "
-                          f"only; content parts of type {kind!r} are not supported (use "
-                          "'input_text').", param=f"{where}[{j}].type")
+            raise InvalidInput(f"Invalid value for '{where}[{j}].type': this server's models take text "
+                               f"only; content parts of type {kind!r} are not supported (use "
+                               "'input_text').", param=f"{where}[{j}].type")
     return "\n".join(texts)
 
 
@@ -63,9 +63,9 @@ def _image_parts(content, where: str) -> list[dict] | None:
     for j, part in enumerate(content):
         if isinstance(part, dict) and part.get("type") == "input_image":
             if not isinstance(part.get("image_url"), str):
-                raise invalid(f"Invalid value for '{where}[{j}].image_url': give the image as a "
-                              "data URL or an http(s) URL (file ids are an OpenAI service).",
-                              param=f"{where}[{j}].image_url")
+                raise InvalidInput(f"Invalid value for '{where}[{j}].image_url': give the image "
+                                   "as a data URL or an http(s) URL (file ids are an OpenAI "
+                                   "service).", param=f"{where}[{j}].image_url")
             load_image(part["image_url"], f"{where}[{j}].image_url", settings())
             parts.append({"type": "input_image", "image_url": part["image_url"],
                           "detail": part.get("detail") or "auto"})
@@ -73,8 +73,9 @@ def _image_parts(content, where: str) -> list[dict] | None:
                 part.get("text"), str):
             parts.append({"type": "input_text", "text": part["text"]})
         else:
-            raise invalid(f"Invalid value for '{where}[{j}]': a part of a message with images "
-                          "must be an input_text or input_image part.", param=f"{where}[{j}]")
+            raise InvalidInput(f"Invalid value for '{where}[{j}]': a part of a message with "
+                               "images must be an input_text or input_image part.",
+                               param=f"{where}[{j}]")
     return parts
 
 
@@ -91,8 +92,8 @@ def message_item(role: str, text: str, item_id: str | None = None,
 def _string(item: dict, key: str, where: str) -> str:
     value = item.get(key)
     if not isinstance(value, str) or (key != "arguments" and not value):
-        raise invalid(f"Missing required parameter: '{where}.{key}' (a string).",
-                      param=f"{where}.{key}")
+        raise InvalidInput(f"Missing required parameter: '{where}.{key}' (a string).",
+                           param=f"{where}.{key}")
     return value
 
 
@@ -102,23 +103,23 @@ def input_items(value) -> list[dict]:
     if isinstance(value, str):
         return [message_item("user", value)]
     if not isinstance(value, list):
-        raise invalid("Invalid value for 'input': must be a string or an array of input items.",
-                      param="input")
+        raise InvalidInput("Invalid value for 'input': must be a string or an array of input items.",
+                           param="input")
     items = []
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
-            raise invalid(f"Invalid value for '{where}': must be an object.", param=where)
+            raise InvalidInput(f"Invalid value for '{where}': must be an object.", param=where)
         kind = item.get("type", "message" if "role" in item else None)
         item_id = item.get("id") if isinstance(item.get("id"), str) and item.get("id") else None
         if kind == "message":
             role = item.get("role")
             if role not in ROLES:
-                raise invalid(f"Invalid value for '{where}.role': must be one of "
-                              f"{', '.join(ROLES)}.", param=f"{where}.role")
+                raise InvalidInput(f"Invalid value for '{where}.role': must be one of "
+                                   f"{', '.join(ROLES)}.", param=f"{where}.role")
             if "content" not in item:
-                raise invalid(f"Missing required parameter: '{where}.content'.",
-                              param=f"{where}.content")
+                raise InvalidInput(f"Missing required parameter: '{where}.content'.",
+                                   param=f"{where}.content")
             parts = _image_parts(item["content"], f"{where}.content") if role == "user" else None
             text = "" if parts else _text_of(item["content"], f"{where}.content")
             items.append(message_item(role, text, item_id, parts=parts))
@@ -131,8 +132,8 @@ def input_items(value) -> list[dict]:
             output = item.get("output")
             text = _text_of(output, f"{where}.output") if output is not None else None
             if text is None:
-                raise invalid(f"Missing required parameter: '{where}.output'.",
-                              param=f"{where}.output")
+                raise InvalidInput(f"Missing required parameter: '{where}.output'.",
+                                   param=f"{where}.output")
             items.append({"id": item_id or new_id("fco"), "type": "function_call_output",
                           "call_id": _string(item, "call_id", where), "output": text,
                           "status": "completed"})
@@ -143,9 +144,9 @@ def input_items(value) -> list[dict]:
                           "summary": item.get("summary") or [],
                           **({"content": item["content"]} if item.get("content") else {})})
         else:
-            raise invalid(f"Invalid value for '{where}.type': {kind!r} is not an input item type "
-                          "llmhost supports (message, function_call, function_call_output, "
-                          "reasoning).", param=f"{where}.type")
+            raise InvalidInput(f"Invalid value for '{where}.type': {kind!r} is not an input item type "
+                               "llmhost supports (message, function_call, function_call_output, "
+                               "reasoning).", param=f"{where}.type")
     return items
 
 
@@ -183,15 +184,15 @@ def chat_messages(instructions: str | None, items: list[dict], first_new: int) -
         elif kind == "function_call_output":
             if item["call_id"] not in calls:
                 where = f"input[{n - first_new}].call_id" if n >= first_new else "previous_response_id"
-                raise invalid(f"No tool call found for function call output with call_id "
-                              f"'{item['call_id']}'. A function_call_output must follow the "
-                              "function_call it answers (in this input or the previous "
-                              "response).", param=where)
+                raise InvalidInput(f"No tool call found for function call output with call_id "
+                                   f"'{item['call_id']}'. A function_call_output must follow the "
+                                   "function_call it answers (in this input or the previous "
+                                   "response).", param=where)
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": item["output"]})
         previous = kind
     if not messages:
-        raise invalid("'input' has no messages for the model.", param="input")
+        raise InvalidInput("'input' has no messages for the model.", param="input")
     return messages
 
 
@@ -202,14 +203,14 @@ def chat_tools(tools) -> list[dict]:
     for i, tool in enumerate(tools or []):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind != FUNCTION:
-            raise APIError(400, f"Tool type {kind!r} (tools[{i}]) is not supported by llmhost: "
-                                "only 'function' tools, which your code runs; built-in tools "
-                                "(web_search, file_search, computer_use, code_interpreter, mcp, "
-                                "image_generation, ...) are OpenAI services.",
-                           param=f"tools[{i}].type", code="unsupported_parameter")
+            raise InvalidInput(f"Tool type {kind!r} (tools[{i}]) is not supported by llmhost: "
+                               "only 'function' tools, which your code runs; built-in tools "
+                               "(web_search, file_search, computer_use, code_interpreter, mcp, "
+                               "image_generation, ...) are OpenAI services.",
+                          param=f"tools[{i}].type", code="unsupported_parameter")
         if not isinstance(tool.get("name"), str) or not tool["name"]:
-            raise invalid(f"Missing required parameter: 'tools[{i}].name'.",
-                          param=f"tools[{i}].name")
+            raise InvalidInput(f"Missing required parameter: 'tools[{i}].name'.",
+                               param=f"tools[{i}].name")
         function = {"name": tool["name"]}
         for key in ("description", "parameters", "strict"):
             if tool.get(key) is not None:
@@ -224,8 +225,9 @@ def chat_tool_choice(choice):
     if isinstance(choice, dict) and choice.get("type") == FUNCTION and choice.get("name"):
         return {"type": "function", "function": {"name": choice["name"]}}
     kind = choice.get("type") if isinstance(choice, dict) else type(choice).__name__
-    raise not_supported("tool_choice", f" with type {kind!r} (use 'none', 'auto', 'required' "
-                                       "or {\"type\": \"function\", \"name\": ...})")
+    raise InvalidInput(f"'tool_choice' is not supported by llmhost with type {kind!r} (use "
+                       "'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}).",
+                       param="tool_choice", code="unsupported_parameter")
 
 
 def chat_response_format(text: dict | None) -> dict | None:
@@ -239,8 +241,8 @@ def chat_response_format(text: dict | None) -> dict | None:
         schema = {key: fmt[key] for key in ("name", "schema", "strict", "description")
                   if fmt.get(key) is not None}
         return {"type": "json_schema", "json_schema": schema}
-    raise invalid(f"Invalid value for 'text.format.type': {kind!r} (use text, json_object or "
-                  "json_schema).", param="text.format.type")
+    raise InvalidInput(f"Invalid value for 'text.format.type': {kind!r} (use text, json_object or "
+                       "json_schema).", param="text.format.type")
 
 
 # Chat parameter -> the Responses parameter it came from, for error messages.

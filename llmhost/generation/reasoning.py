@@ -25,13 +25,13 @@ RESERVED = frozenset((
     "tokenizer_kwargs"))
 
 
-def template_variables(args: dict) -> dict:
-    """Extra variables for the chat template of this request."""
+def template_variables(request) -> dict:
+    """Extra variables for the chat template of this ChatRequest."""
     out: dict = {}
-    effort = args.get("reasoning_effort")
+    effort = request.reasoning_effort
     if effort is not None:
         out["reasoning_effort"] = effort
         if effort in OFF:
             out["enable_thinking"] = False
-    out.update(args.get("chat_template_kwargs") or {})
+    out.update(request.chat_template_kwargs or {})
     return out

@@ -1,10 +1,9 @@
 """Tools, structured outputs and reasoning for one chat-shaped request.
 
-Everything here takes the request's arguments in chat-completions form (the
-``args`` dict after the schema: ``messages``, ``tools``, ``tool_choice``,
-``response_format``, ...) plus the loaded model entry, so any route
-(/v1/chat/completions, /v1/responses, /v1/completions for the extras) runs the
-same code:
+Everything here takes the typed request (generation/request.py: a
+ChatRequest with ``messages``, ``tools``, ``tool_choice``, ``response_format``,
+...; a CompletionRequest for the extras of /v1/completions) plus the loaded
+model entry, so every route runs the same code (generation/plan.py calls it):
 
 1. :func:`chat_plan` decides how the tools reach the prompt. A chat template
    that renders tools *and* whose output llmhost can parse (the model's
@@ -43,8 +42,8 @@ from ..engine import constrain
 from ..engine.errors import InvalidInput
 from .parsing import GENERATED_ONLY, HERMES, OutputParser, call_syntax, markers, response_template
 from .prompt import chat_prompt, template_for
-from ..engine.sampling import vocab_size
 from .reasoning import template_variables
+from .request import ChatRequest, TextRequest
 
 FALLBACK_TOOLS_PROMPT = (
     "You can call these functions (JSON Schema of each one's arguments):\n{tools}\n\n"
@@ -67,7 +66,7 @@ class ChatPlan:
     syntax: str | None = None            # the call syntax (parsing.call_syntax) the grammar writes
     source: str = ""                     # the chat template's text
     parse_template: dict | None = None
-    args: dict = field(default_factory=dict)
+    request: TextRequest | None = None
     constraint: Any = None
     parser: Callable[[], OutputParser] | None = None
 
@@ -90,10 +89,10 @@ class ChatPlan:
 
 # -- 1. tools to the prompt ----------------------------------------------------------
 
-def tool_list(args: dict) -> list[dict]:
-    if args.get("tools"):
-        return [{"type": "function", "function": _clean(t["function"])} for t in args["tools"]]
-    return [{"type": "function", "function": _clean(f)} for f in args.get("functions") or []]
+def tool_list(request: ChatRequest) -> list[dict]:
+    if request.tools:
+        return [{"type": "function", "function": _clean(t["function"])} for t in request.tools]
+    return [{"type": "function", "function": _clean(f)} for f in request.functions or []]
 
 
 def _clean(fn: dict) -> dict:
@@ -106,10 +105,10 @@ def _clean(fn: dict) -> dict:
     return out
 
 
-def tool_choice(args: dict, tools: list[dict]):
-    choice = args.get("tool_choice")
-    if choice is None and args.get("function_call") is not None:
-        fc = args["function_call"]
+def tool_choice(request: ChatRequest, tools: list[dict]):
+    choice = request.tool_choice
+    if choice is None and request.function_call is not None:
+        fc = request.function_call
         choice = {"type": "function", "function": {"name": fc["name"]}} \
             if isinstance(fc, dict) else fc
     if choice is None:
@@ -158,9 +157,9 @@ def _open_thought(prefix: str) -> bool:
     return prefix.rfind(THINK[0]) > prefix.rfind(THINK[1])
 
 
-def chat_plan(args: dict, entry) -> ChatPlan:
-    tools = tool_list(args)
-    choice = tool_choice(args, tools)
+def chat_plan(request: ChatRequest, entry) -> ChatPlan:
+    tools = tool_list(request)
+    choice = tool_choice(request, tools)
     active = tools if choice != "none" else []
     source = _template_source(entry)
     family = response_template(entry, fallback=False, source=source)
@@ -169,26 +168,26 @@ def chat_plan(args: dict, entry) -> ChatPlan:
     if native:
         parse = family
         short_ids = call_syntax(family) in ("mistral", "mistral_args")
-        messages = [_native_message(m, short_ids) for m in args["messages"]]
+        messages = [_native_message(m, short_ids) for m in request.messages]
         if "tool_responses" in source:
             messages = _fold_tool_responses(messages)
         template_tools = active or None
     else:
-        history = any(m.get("tool_calls") or m["role"] == "tool" for m in args["messages"])
+        history = any(m.get("tool_calls") or m["role"] == "tool" for m in request.messages)
         if call_syntax(family) not in (None, "hermes"):
             family = None     # taught the Hermes format: parse that, not the family's own
         parse = family or (HERMES if (active or _speaks_think(entry)) else None)
-        messages = _fallback_messages(args["messages"], active) if (active or history) \
-            else list(args["messages"])
+        messages = _fallback_messages(request.messages, active) if (active or history) \
+            else list(request.messages)
         template_tools = None
     if parse is not None and not active and "tool_calls" in parse.get("fields", {}):
         # tool_choice none (or no tools): never parse calls; reasoning still is.
         parse = copy.deepcopy(parse)
         del parse["fields"]["tool_calls"]
     return ChatPlan(messages=messages, template_tools=template_tools, tools=active,
-                    tool_choice=choice, parallel=args.get("parallel_tool_calls") is not False,
+                    tool_choice=choice, parallel=request.parallel_tool_calls is not False,
                     syntax=call_syntax(parse) if native else "hermes", source=source,
-                    parse_template=parse, args=args)
+                    parse_template=parse, request=request)
 
 
 def _arguments(text: str):
@@ -274,10 +273,10 @@ def _fallback_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
 
 # -- 2. the grammar -------------------------------------------------------------------
 
-def _answer_format(args: dict) -> tuple[dict | None, str]:
+def _answer_format(request: TextRequest) -> tuple[dict | None, str]:
     """(structural-tag format of the answer, param to blame) from
     response_format / structured_outputs; None when the answer is free text."""
-    so = args.get("structured_outputs")
+    so = request.structured_outputs
     if so:
         if so.get("json") is not None:
             return ({"type": "json_schema", "json_schema": so["json"], "max_whitespace_cnt": 1},
@@ -288,10 +287,9 @@ def _answer_format(args: dict) -> tuple[dict | None, str]:
             return {"type": "or", "elements": [{"type": "const_string", "value": c}
                                                for c in so["choice"]]}, "structured_outputs.choice"
         return {"type": "grammar", "grammar": so["grammar"]}, "structured_outputs.grammar"
-    rf = args.get("response_format") or {}
+    rf = request.response_format or {}
     if rf.get("type") == "json_schema":
-        spec = rf.get("json_schema") or {}
-        schema = spec.get("schema_", spec.get("schema"))   # after our schema / as OpenAI writes it
+        schema = (rf.get("json_schema") or {}).get("schema")
         return ({"type": "json_schema", "json_schema": schema if schema is not None else True,
                  "max_whitespace_cnt": 1}, "response_format.json_schema.schema")
     if rf.get("type") == "json_object":
@@ -317,10 +315,10 @@ def _calls_format(plan: ChatPlan) -> dict | None:
 
 def _constraint(plan: ChatPlan, entry, stop_ids, vocab_size: int, thinking: bool,
                 in_thought: bool):
-    answer, param = _answer_format(plan.args)
+    answer, param = _answer_format(plan.request)
     # structured_outputs is the grammar of the whole output (vLLM's meaning):
     # it replaces the call grammar; response_format is the answer's format.
-    whole = bool(plan.args.get("structured_outputs"))
+    whole = bool(plan.request.structured_outputs)
     calls = None if whole else _calls_format(plan)
     thinking = thinking and not whole
     forced = calls is not None and plan.tool_choice != "auto"
@@ -358,15 +356,16 @@ def _constraint(plan: ChatPlan, entry, stop_ids, vocab_size: int, thinking: bool
     return constrain.Constraint(compiled, vocab_size, "tools" if calls else "answer")
 
 
-def completion_constraint(args: dict, entry, stop_ids, vocab_size: int):
+def completion_constraint(request: TextRequest, entry, stop_ids, vocab_size: int):
     """response_format / structured_outputs on /v1/completions (an llmhost extra)."""
-    plan = ChatPlan(messages=[], template_tools=None, args=args)
+    plan = ChatPlan(messages=[], template_tools=None, request=request)
     return _constraint(plan, entry, stop_ids, vocab_size, thinking=False, in_thought=False)
 
 
-def build_chat(args: dict, entry, stop_ids) -> tuple[list[int], ChatPlan]:
-    """Prompt ids and the finished plan (constraint, parser) of a chat request."""
-    plan = chat_plan(args, entry)
+def chat_ids(request: ChatRequest, entry, stop_ids, vocab_size: int
+             ) -> tuple[list[int], ChatPlan]:
+    """Prompt ids and the finished tool plan (constraint, parser) of a chat request."""
+    plan = chat_plan(request, entry)
     ids = chat_prompt(entry, plan.messages, tools=plan.template_tools,
-                      variables=template_variables(args))
-    return ids, plan.finish(entry, ids, stop_ids, vocab_size(entry))
+                      variables=template_variables(request))
+    return ids, plan.finish(entry, ids, stop_ids, vocab_size)

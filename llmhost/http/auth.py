@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from flask import Flask, current_app, has_request_context, request
 
-from . import redact
 from .errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -289,8 +288,6 @@ def caller() -> tuple[str | None, bool]:
     _, admin = keys.check(token)
     return _digest(token).hex(), admin
 
-
-redact.watch_viewer(may_see_paths)
 
 
 def identity() -> Identity:

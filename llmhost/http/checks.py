@@ -84,18 +84,9 @@ def _check_text(text: str, path: list) -> None:
                       "Unicode.", param=where or None, code="invalid_unicode")
 
 
-def prompt_count(args: dict) -> int:
-    """How many prompts a completions request holds (1 for chat)."""
-    prompt = args.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        return len(prompt)
-    return 1
-
-
-def check_fits_queue(args: dict, config) -> None:
+def check_fits_queue(prompts: int, config) -> None:
     """A request whose prompts can never all wait for the model at once would
     get a 429 forever: say so with a 400 instead."""
-    prompts = prompt_count(args)
     limit = config.MAX_QUEUE
     if prompts > limit:
         raise invalid(f"'prompt' holds {prompts} prompts; this server queues at most {limit} "
@@ -131,7 +122,7 @@ def _text_chars(value) -> int:
     return 0
 
 
-def check_prompt_chars(entry, args: dict, prompt_param: str, config) -> None:
+def check_prompt_chars(entry, value, prompt_param: str, config) -> None:
     """Refuse text that cannot fit the model's context before tokenizing it:
     a prompt of N characters is at least N / (longest token) tokens, so a
     6 MB prompt is a cheap 400 instead of a gigabyte of tokenizer memory."""
@@ -139,7 +130,6 @@ def check_prompt_chars(entry, args: dict, prompt_param: str, config) -> None:
     if config.MAX_PROMPT_TOKENS:
         budget = min(budget, config.MAX_PROMPT_TOKENS)
     longest = _longest_token_chars(entry.tokenizer)
-    value = args.get(prompt_param)
     items = value if prompt_param == "prompt" and isinstance(value, list) else [value]
     for item in items:
         chars = _text_chars(item)

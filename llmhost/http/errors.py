@@ -62,10 +62,22 @@ def not_supported(param: str, hint: str = "") -> APIError:
                     code="unsupported_parameter")
 
 
+# Each kind of refusal (engine/errors.py): its status and, where not the
+# status's own, its error type.
+REFUSED = ((engine.InvalidInput, 400, None), (engine.NotPermitted, 403, None),
+           (engine.NotFound, 404, None), (engine.Conflict, 409, None),
+           (engine.Unavailable, 503, None), (engine.NoRoom, 507, "insufficient_memory"),
+           (engine.ServerFailure, 500, None))
+
+
 def from_engine(exc: engine.EngineError) -> APIError:
-    """The one place an engine error becomes a status, a message and its hint."""
-    if isinstance(exc, engine.InvalidInput):
-        return invalid(exc.message, param=exc.param, code=exc.code)
+    """The one place a domain error becomes a status, a message and its hint."""
+    if isinstance(exc, engine.Refused):
+        status, type_ = next(((s, t) for kind, s, t in REFUSED if isinstance(exc, kind)),
+                             (400, None))
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return APIError(status, exc.message, type=type_, param=exc.param, code=exc.code,
+                        headers=headers)
     if isinstance(exc, engine.QueueFull):
         return APIError(429, f"The model '{exc.model_id}' has {exc.waiting} requests waiting "
                              "(LLMHOST_MAX_QUEUE); retry shortly.",

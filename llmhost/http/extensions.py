@@ -39,7 +39,8 @@ class Schema(ma.Schema):
     @ma.pre_load
     def _log_unknown(self, data, **kwargs):
         if isinstance(data, dict):
-            for key in set(data) - set(self.fields):
+            known = {field.data_key or name for name, field in self.fields.items()}
+            for key in set(data) - known:   # wire names (response_format's `schema`)
                 name = f"{type(self).__name__}.{key}"
                 if name not in _ignored_logged:
                     if len(_ignored_logged) >= MAX_LOGGED_UNKNOWN:

@@ -11,12 +11,23 @@ pull in the whole flask-openapi framework and pydantic for two static files).
 
 The chat page is plain HTML, CSS and JavaScript in ``llmhost/static`` (no build
 step), served by Flask's own static route; it talks to ``/v1`` like any client.
+
+Every HTML page carries a Content-Security-Policy that keeps the browser on
+this server: ReDoc's footer logo (an <img> from cdn.redoc.ly hard-coded in
+redoc.standalone.js) is not fetched, and an injected script from elsewhere
+would not run. What the pages need and nothing more: Swagger UI's one inline
+<script> (allowed by its SHA-256, computed from the page as served), inline
+styles (Swagger UI and ReDoc set them from JavaScript), data: images and fonts,
+and blob: workers (ReDoc's search).
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
+import re
 
-from flask import Blueprint, Flask, abort, send_from_directory
+from flask import Blueprint, Flask, Response, abort, send_from_directory
 
 ASSETS_URL = "/assets"
 SWAGGER_UI_URL = ASSETS_URL + "/swagger-ui/"
@@ -48,5 +59,26 @@ def docs_asset(bundle: str, filename: str):
     return send_from_directory(folder, filename, max_age=86400)
 
 
+CSP = ("default-src 'self'; script-src 'self'{hashes}; style-src 'self' 'unsafe-inline'; "
+       "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; "
+       "worker-src 'self' blob:; object-src 'none'; base-uri 'self'; form-action 'self'; "
+       "frame-ancestors 'self'")
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+def content_security_policy(response: Response) -> Response:
+    """The policy on every HTML page, with the hashes of its inline scripts."""
+    if response.mimetype != "text/html" or "Content-Security-Policy" in response.headers:
+        return response
+    hashes = ""
+    if not response.direct_passthrough:     # a rendered page (the docs), not a file
+        hashes = "".join(
+            " 'sha256-" + base64.b64encode(hashlib.sha256(script).digest()).decode() + "'"
+            for script in _INLINE_SCRIPT.findall(response.get_data()))
+    response.headers["Content-Security-Policy"] = CSP.format(hashes=hashes)
+    return response
+
+
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
+    app.after_request(content_security_policy)

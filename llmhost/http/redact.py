@@ -11,49 +11,53 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from flask import current_app, has_request_context
+from flask import Flask, current_app, has_request_context
 
 from ..config import settings
+from ..models.ondisk import is_path  # noqa: F401  (redact.is_path: the routes use it too)
 
-# Who may see paths, and which paths the server knows, come from the modules
-# that know (auth, registry): they register here, as the registry feeds
-# metrics.watch_models, so this module stays below errors.py with no cycle.
-_viewer: Callable[[], bool] | None = None
-_path_sources: list[Callable[[], Iterable[str]]] = []
+@dataclass
+class Redaction:
+    """Who may see paths (`viewer()`, for the caller of this request) and which
+    paths the server knows (each of `sources()` lists some: model folders,
+    caches). create_app wires them from the modules that know (auth, the
+    model registry), so this module imports neither."""
+
+    viewer: Callable[[], bool]
+    sources: tuple[Callable[[], Iterable[str]], ...] = ()
 
 
-def watch_viewer(check: Callable[[], bool]) -> None:
-    """`check()` tells whether the caller of this request may see server paths."""
-    global _viewer
-    _viewer = check
+def init_app(app: Flask, viewer: Callable[[], bool],
+             sources: tuple[Callable[[], Iterable[str]], ...] = ()) -> None:
+    app.extensions["llmhost_redact"] = Redaction(viewer, tuple(sources))
 
 
-def watch_paths(source: Callable[[], Iterable[str]]) -> None:
-    """`source()` lists server paths to hide (model folders, caches)."""
-    _path_sources.append(source)
+def _wiring() -> Redaction | None:
+    return current_app.extensions.get("llmhost_redact") if has_request_context() else None
 
 
 def may_see_paths() -> bool:
-    if not has_request_context() or _viewer is None:
+    """Outside a request (logs, the CLI) the operator reads; in a request,
+    only a caller the app's viewer lets through, and nobody when the app
+    wired no viewer."""
+    if not has_request_context():
         return True
-    return _viewer()
+    wiring = _wiring()
+    return wiring is not None and wiring.viewer()
 
 
 def label(path: str) -> str:
     return "<path:" + hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:8] + ">"
 
 
-def is_path(value: str | None) -> bool:
-    return bool(value) and (value.startswith(("/", "./", "../", "~")) or os.sep in value
-                            and os.path.exists(value))
-
-
 def known_paths() -> list[str]:
     """Longest first, so a folder inside another is replaced whole."""
     paths: set[str] = set()
-    for source in _path_sources:
+    wiring = _wiring()
+    for source in wiring.sources if wiring is not None else ():
         try:
             paths.update(p for p in source() if p)
         except Exception:   # a path source must never turn an error message into a 500

@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 
 from ..engine.errors import ModelClosed
 from ..engine.scheduler import GenerationRequest
-from ..http.errors import invalid
+from ..engine.errors import InvalidInput
 
 
 def is_adapter(folder: str) -> bool:
@@ -52,11 +52,11 @@ def attach(scheduler, name: str, folder: str, model_name: str) -> int:
     try:
         config = PeftConfig.from_pretrained(folder)
     except (OSError, ValueError, TypeError) as exc:
-        raise invalid(f"Could not read the PEFT adapter '{model_name}': {exc}", param="model",
-                      code="model_load_failed")
+        raise InvalidInput(f"Could not read the PEFT adapter '{model_name}': {exc}", param="model",
+                           code="model_load_failed")
     if config.peft_type != "LORA":
-        raise invalid(f"'{model_name}' is a {config.peft_type} adapter; llmhost loads LoRA "
-                      "adapters onto a base at run time.", param="model", code="model_load_failed")
+        raise InvalidInput(f"'{model_name}' is a {config.peft_type} adapter; llmhost loads LoRA "
+                           "adapters onto a base at run time.", param="model", code="model_load_failed")
 
     def add() -> int:
         adapters: AdapterSet | None = scheduler.adapter_context
@@ -70,8 +70,8 @@ def attach(scheduler, name: str, folder: str, model_name: str) -> int:
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
             if scheduler.adapter_context is None and adapters is not None:
                 adapters.peft.base_model.unload()
-            raise invalid(f"Could not load the adapter '{model_name}' onto this base: {exc}",
-                          param="model", code="model_load_failed")
+            raise InvalidInput(f"Could not load the adapter '{model_name}' onto this base: {exc}",
+                               param="model", code="model_load_failed")
         adapters.peft.eval()
         scheduler.adapter_context = adapters
         return sum(p.numel() for n, p in scheduler.model.named_parameters()

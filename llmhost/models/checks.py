@@ -9,8 +9,7 @@ import os
 from jinja2 import TemplateError, TemplateSyntaxError
 
 from . import loading
-from ..engine.errors import InvalidInput
-from ..http.errors import APIError, invalid
+from ..engine.errors import InvalidInput, NotPermitted
 from ..engine.sandbox import bounded
 
 # What a template is tried on at load time: if it cannot render this, it can
@@ -25,18 +24,18 @@ def precheck(spec: loading.LoadSpec, config) -> None:
     for name in ("model", "id", "revision", "gguf_file", "chat_template"):
         value = getattr(spec, name)
         if isinstance(value, str) and "\x00" in value:
-            raise invalid(f"Invalid value for '{name}': it holds a NUL character.", param=name)
+            raise InvalidInput(f"Invalid value for '{name}': it holds a NUL character.", param=name)
     if spec.trust_remote_code and not config.ALLOW_REMOTE_CODE:
-        raise APIError(403, "'trust_remote_code' runs Python code from the model repository on "
-                            "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
-                       param="trust_remote_code", code="remote_code_not_allowed")
+        raise NotPermitted("'trust_remote_code' runs Python code from the model repository on "
+                           "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
+                      param="trust_remote_code", code="remote_code_not_allowed")
     loading.choose_device(spec.device)
     if spec.gguf_file is not None:
         parts = spec.gguf_file.replace("\\", "/").split("/")
         if os.path.isabs(spec.gguf_file) or ".." in parts:
-            raise invalid("Invalid value for 'gguf_file': give the name of a GGUF file inside the "
-                          "model folder or repository (no absolute path, no '..').",
-                          param="gguf_file")
+            raise InvalidInput("Invalid value for 'gguf_file': give the name of a GGUF file inside the "
+                               "model folder or repository (no absolute path, no '..').",
+                               param="gguf_file")
     if spec.chat_template is not None:
         check_chat_template(spec.chat_template)
 
@@ -53,20 +52,17 @@ def check_chat_template(template: str) -> None:
     try:
         rendered, _ = bounded(render, "The chat_template", "chat_template")
         if not rendered or not rendered[0]:
-            raise invalid("Invalid value for 'chat_template': it renders a plain conversation to "
-                          "an empty prompt.", param="chat_template", code="chat_template_error")
+            raise InvalidInput("Invalid value for 'chat_template': it renders a plain conversation to "
+                               "an empty prompt.", param="chat_template", code="chat_template_error")
     except TemplateSyntaxError as exc:
-        raise invalid(f"Invalid value for 'chat_template': it does not compile (line "
-                      f"{exc.lineno}: {exc.message}).", param="chat_template",
-                      code="chat_template_error")
-    except APIError as err:
-        err.param = "chat_template"
-        raise
+        raise InvalidInput(f"Invalid value for 'chat_template': it does not compile (line "
+                           f"{exc.lineno}: {exc.message}).", param="chat_template",
+                           code="chat_template_error")
     except InvalidInput as err:      # stopped by the sandbox's CPU budget
-        raise invalid(err.message, param="chat_template", code=err.code)
+        raise InvalidInput(err.message, param="chat_template", code=err.code)
     except TemplateError:
         pass    # raise_exception(): the template refuses this sample, not every conversation
     except Exception as exc:
-        raise invalid(f"Invalid value for 'chat_template': it fails on a plain conversation "
-                      f"({type(exc).__name__}: {exc}).", param="chat_template",
-                      code="chat_template_error")
+        raise InvalidInput(f"Invalid value for 'chat_template': it fails on a plain conversation "
+                           f"({type(exc).__name__}: {exc}).", param="chat_template",
+                           code="chat_template_error")

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,7 @@ import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import memory as memcheck, progress, tasks
-from ..http.errors import APIError, invalid
+from ..engine.errors import InvalidInput, NotFound, NotPermitted, Unavailable
 from .quantize import Int4Linear, auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
 
 log = logging.getLogger("llmhost")
@@ -122,29 +121,29 @@ def _local_source(spec: LoadSpec, config) -> Source:
     path = os.path.abspath(os.path.expanduser(spec.model))
     check_model_dirs(path, config)
     if not os.path.exists(path):
-        raise APIError(404, f"No file or folder at '{spec.model}' on the server.", param="model",
-                       code="model_not_found")
+        raise NotFound(f"No file or folder at '{spec.model}' on the server.", param="model",
+                  code="model_not_found")
     if not os.path.isfile(path) and not os.path.isdir(path):
-        raise invalid(f"'{spec.model}' is neither a model folder nor a GGUF file.", param="model")
+        raise InvalidInput(f"'{spec.model}' is neither a model folder nor a GGUF file.", param="model")
     gguf = spec.gguf_file
     if gguf:   # the file opened must be inside LLMHOST_MODEL_DIRS too (symlinks followed)
         check_model_dirs(os.path.join(path, gguf), config)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
-            raise invalid(f"'{spec.model}' is a file but not a GGUF file; give a model folder, "
-                          "a .gguf file or a Hugging Face hub id.", param="model")
+            raise InvalidInput(f"'{spec.model}' is a file but not a GGUF file; give a model folder, "
+                               "a .gguf file or a Hugging Face hub id.", param="model")
         return Source(folder=os.path.dirname(path), gguf_file=os.path.basename(path))
     if gguf:
         if not os.path.isfile(os.path.join(path, gguf)):
-            raise APIError(404, f"No GGUF file '{gguf}' in folder '{spec.model}'.",
-                           param="gguf_file", code="model_not_found")
+            raise NotFound(f"No GGUF file '{gguf}' in folder '{spec.model}'.",
+                      param="gguf_file", code="model_not_found")
         return Source(folder=path, gguf_file=gguf)
     if not _has_model(path):
         ggufs = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
         if len(ggufs) == 1:
             return Source(folder=path, gguf_file=ggufs[0])
         hint = f" It holds several GGUF files ({', '.join(ggufs)}): name one in 'gguf_file'." if ggufs else ""
-        raise invalid(f"The folder '{spec.model}' holds no model (no config.json).{hint}", param="model")
+        raise InvalidInput(f"The folder '{spec.model}' holds no model (no config.json).{hint}", param="model")
     return Source(folder=path)
 
 
@@ -158,8 +157,8 @@ def check_model_dirs(path: str, config) -> None:
         root = os.path.realpath(os.path.expanduser(root))
         if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
             return
-    raise APIError(403, f"Local path '{path}' is outside the folders models may be loaded from "
-                        "(LLMHOST_MODEL_DIRS).", param="model", code="path_not_allowed")
+    raise NotPermitted(f"Local path '{path}' is outside the folders models may be loaded from "
+                       "(LLMHOST_MODEL_DIRS).", param="model", code="path_not_allowed")
 
 
 def cached_snapshot(repo_id: str, revision: str | None) -> str | None:
@@ -179,12 +178,12 @@ def _hub_source(spec: LoadSpec, config) -> Source:
     source = Source(folder=folder, repo_id=spec.model, revision=os.path.basename(folder))
     if spec.gguf_file:
         if not os.path.isfile(os.path.join(folder, spec.gguf_file)):
-            raise APIError(404, f"No GGUF file '{spec.gguf_file}' in '{spec.model}'.",
-                           param="gguf_file", code="model_not_found")
+            raise NotFound(f"No GGUF file '{spec.gguf_file}' in '{spec.model}'.",
+                      param="gguf_file", code="model_not_found")
         source.gguf_file = spec.gguf_file
     elif not _has_model(folder):
-        raise invalid(f"The cached repository '{spec.model}' at {constants.HF_HUB_CACHE} holds no "
-                      "model (no config.json); name a GGUF file in 'gguf_file'.", param="model")
+        raise InvalidInput(f"The cached repository '{spec.model}' at {constants.HF_HUB_CACHE} holds no "
+                           "model (no config.json); name a GGUF file in 'gguf_file'.", param="model")
     return source
 
 
@@ -193,26 +192,26 @@ def _download(spec: LoadSpec, config) -> str:
     from huggingface_hub import errors as hub_errors
     where = f"'{spec.model}' is not in the local Hugging Face cache at {constants.HF_HUB_CACHE}"
     if not config.ALLOW_DOWNLOADS:
-        raise APIError(403, f"{where}, and downloads are disabled (LLMHOST_ALLOW_DOWNLOADS=0).",
-                       param="model", code="downloads_disabled")
+        raise NotPermitted(f"{where}, and downloads are disabled (LLMHOST_ALLOW_DOWNLOADS=0).",
+                      param="model", code="downloads_disabled")
     if constants.HF_HUB_OFFLINE:
-        raise APIError(404, f"{where}, and the server is offline (HF_HUB_OFFLINE=1). Download it "
-                            "where there is network, or load a local folder.",
-                       param="model", code="model_not_found")
+        raise NotFound(f"{where}, and the server is offline (HF_HUB_OFFLINE=1). Download it "
+                       "where there is network, or load a local folder.",
+                  param="model", code="model_not_found")
     try:  # fail in seconds when the Hub cannot be reached, instead of retrying
         HfApi().model_info(spec.model, revision=spec.revision, timeout=config.HUB_TIMEOUT)
     except hub_errors.GatedRepoError:
-        raise APIError(403, f"'{spec.model}' is gated on the Hugging Face Hub: accept its licence "
-                            "and set HF_TOKEN on the server.", param="model")
+        raise NotPermitted(f"'{spec.model}' is gated on the Hugging Face Hub: accept its licence "
+                           "and set HF_TOKEN on the server.", param="model")
     except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError):
-        raise APIError(404, f"{where}, and the Hub has no model '{spec.model}'"
-                            f"{' at revision ' + spec.revision if spec.revision else ''}.",
-                       param="model", code="model_not_found")
+        raise NotFound(f"{where}, and the Hub has no model '{spec.model}'"
+                       f"{' at revision ' + spec.revision if spec.revision else ''}.",
+                  param="model", code="model_not_found")
     except Exception as exc:  # network: DNS, refused, timeout, proxy
         log.warning("hub unreachable for %s: %s", spec.model, exc)
-        raise APIError(404, f"{where}, and the Hugging Face Hub cannot be reached ({type(exc).__name__}). "
-                            "Load it where there is network first, or load a local folder.",
-                       param="model", code="model_not_found")
+        raise NotFound(f"{where}, and the Hugging Face Hub cannot be reached ({type(exc).__name__}). "
+                       "Load it where there is network first, or load a local folder.",
+                  param="model", code="model_not_found")
     allow = [spec.gguf_file, "*.json", "*.txt", "*.model", "*.jinja"] if spec.gguf_file else None
     ignore = None if spec.gguf_file else IGNORE_WEIGHTS + ["*.gguf"]
     log.info("downloading %s from the Hub into %s", spec.model, constants.HF_HUB_CACHE)
@@ -254,8 +253,8 @@ def choose_device(requested: str) -> tuple[str, Any]:
         return "cuda:0", "cuda:0"
     if requested in devices:
         return requested, requested
-    raise invalid(f"Device '{requested}' is not available on this server; available devices: "
-                  f"{', '.join(['auto'] + devices)}.", param="device", code="device_unavailable")
+    raise InvalidInput(f"Device '{requested}' is not available on this server; available devices: "
+                       f"{', '.join(['auto'] + devices)}.", param="device", code="device_unavailable")
 
 
 def choose_dtype(requested: str, device: str, task: str = "generate") -> Any:
@@ -274,9 +273,9 @@ def int8_compute_dtype(requested: str) -> torch.dtype:
     degenerate answer on 1 of the 20 quality prompts (python -m llmhost.dev.bench
     quality), so that combination is not offered."""
     if requested not in ("auto", "float32"):
-        raise invalid(f"quantization 'int8' computes in float32; dtype '{requested}' with int8 "
-                      "weights gave degenerate answers in our quality check. Leave dtype out "
-                      "(or use 'float32'), or load without quantization.", param="dtype")
+        raise InvalidInput(f"quantization 'int8' computes in float32; dtype '{requested}' with int8 "
+                           "weights gave degenerate answers in our quality check. Leave dtype out "
+                           "(or use 'float32'), or load without quantization.", param="dtype")
     return torch.float32
 
 
@@ -285,20 +284,20 @@ def int4_compute_dtype(requested: str, task: str, gguf_file: str | None) -> torc
     torch's int4 CPU kernel with float32 activations ran 5x slower than
     bfloat16 here (SmolLM2, batch 1: 126 against 24 ms a step)."""
     if task != "generate" or not gguf_file:
-        raise invalid("quantization 'int4' keeps a GGUF file's own 4-bit (Q4_0 / Q4_1) weights; "
-                      "load a .gguf generation model with it, or use 'int8'.",
-                      param="quantization")
+        raise InvalidInput("quantization 'int4' keeps a GGUF file's own 4-bit (Q4_0 / Q4_1) weights; "
+                           "load a .gguf generation model with it, or use 'int8'.",
+                           param="quantization")
     if requested not in ("auto", "bfloat16"):
-        raise invalid(f"quantization 'int4' computes in bfloat16; leave dtype out (or use "
-                      f"'bfloat16') instead of '{requested}'.", param="dtype")
+        raise InvalidInput(f"quantization 'int4' computes in bfloat16; leave dtype out (or use "
+                           f"'bfloat16') instead of '{requested}'.", param="dtype")
     return torch.bfloat16
 
 
 def check_quantization(quantization: str | None, device: str) -> None:
     if quantization and device != "cpu":
-        raise invalid(f"quantization '{quantization}' runs on the CPU only; load with "
-                      "device 'cpu', or without quantization on a GPU (float16/bfloat16).",
-                      param="quantization", code="device_unavailable")
+        raise InvalidInput(f"quantization '{quantization}' runs on the CPU only; load with "
+                           "device 'cpu', or without quantization on a GPU (float16/bfloat16).",
+                           param="quantization", code="device_unavailable")
 
 
 # -- task ---------------------------------------------------------------------
@@ -355,16 +354,16 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     """Resolve, choose device and dtype, and build the pipeline. `in_use`: bytes
     the loaded models hold (counted against LLMHOST_MEMORY_LIMIT)."""
     if spec.trust_remote_code and not config.ALLOW_REMOTE_CODE:
-        raise APIError(403, "'trust_remote_code' runs Python code from the model repository on "
-                            "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
-                       param="trust_remote_code", code="remote_code_not_allowed")
+        raise NotPermitted("'trust_remote_code' runs Python code from the model repository on "
+                           "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
+                      param="trust_remote_code", code="remote_code_not_allowed")
     device, device_map = choose_device(spec.device)
     check_quantization(spec.quantization, device)
     source = resolve_source(spec, config)
     if not os.path.isfile(os.path.join(source.folder, "config.json")) and os.path.isfile(
             os.path.join(source.folder, "adapter_config.json")) and not source.gguf_file:
-        raise invalid(f"'{spec.model}' is a PEFT adapter, not a model: load it onto a loaded "
-                      "base model by naming that model in 'base'.", param="base")
+        raise InvalidInput(f"'{spec.model}' is a PEFT adapter, not a model: load it onto a loaded "
+                           "base model by naming that model in 'base'.", param="base")
     task = spec.task or detect_task(source)
     dtype = choose_dtype(spec.dtype, device, task)
     if spec.quantization == "int8":
@@ -389,10 +388,10 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     return _load_causal_lm(source, spec, device, device_map, dtype)
 
 
-def _no_memory(device: str, spec: LoadSpec) -> APIError:
-    return APIError(503, f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
-                         "or pick a smaller dtype or another device.", param="model",
-                    code="out_of_memory")
+def _no_memory(device: str, spec: LoadSpec) -> Unavailable:
+    return Unavailable(f"Not enough memory on {device} to load '{spec.model}'. Unload a model "
+                       "or pick a smaller dtype or another device.", param="model",
+                  code="out_of_memory")
 
 
 def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dtype) -> Loaded:
@@ -413,8 +412,8 @@ def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dty
     except torch.OutOfMemoryError:
         raise _no_memory(device, spec)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise invalid(f"Could not load '{spec.model}' as a causal language model: {exc}",
-                      param="model", code="model_load_failed")
+        raise InvalidInput(f"Could not load '{spec.model}' as a causal language model: {exc}",
+                           param="model", code="model_load_failed")
     return _generation(model, tokenizer, source, spec, device)
 
 
@@ -443,8 +442,8 @@ def _load_vision(source: Source, spec: LoadSpec, device: str, device_map, dtype)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if source.gguf_file or spec.quantization:
-        raise invalid("Vision-language models load from safetensors folders, without "
-                      "quantization.", param="quantization" if spec.quantization else "model")
+        raise InvalidInput("Vision-language models load from safetensors folders, without "
+                           "quantization.", param="quantization" if spec.quantization else "model")
     kwargs: dict = {"local_files_only": True, "trust_remote_code": spec.trust_remote_code}
     try:
         processor = AutoProcessor.from_pretrained(source.folder, **kwargs)
@@ -453,8 +452,8 @@ def _load_vision(source: Source, spec: LoadSpec, device: str, device_map, dtype)
     except torch.OutOfMemoryError:
         raise _no_memory(device, spec)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise invalid(f"Could not load '{spec.model}' as a vision-language model: {exc}",
-                      param="model", code="model_load_failed")
+        raise InvalidInput(f"Could not load '{spec.model}' as a vision-language model: {exc}",
+                           param="model", code="model_load_failed")
     return _generation(model, processor.tokenizer, source, spec, device, processor)
 
 
@@ -480,8 +479,8 @@ def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loa
     from sentence_transformers import SentenceTransformer
 
     if source.gguf_file:
-        raise invalid("GGUF files hold generation models; embeddings need a sentence-transformers "
-                      "folder or an encoder model.", param="model", code="model_load_failed")
+        raise InvalidInput("GGUF files hold generation models; embeddings need a sentence-transformers "
+                           "folder or an encoder model.", param="model", code="model_load_failed")
     st = tasks.sentence_transformers(SentenceTransformer, "an embedding model", source.folder, spec,
                                      device, device_map, dtype, _no_memory)
     _check_text_model(st, spec.model)
@@ -502,8 +501,8 @@ def _load_other(task: str, source: Source, spec: LoadSpec, device: str, device_m
     """A reranker or a speech model (models/tasks.py)."""
     if source.gguf_file or spec.quantization:
         what = "a GGUF file" if source.gguf_file else f"quantization '{spec.quantization}'"
-        raise invalid(f"Task '{task}' cannot load {what}; give a model folder or hub id without "
-                      "it.", param="gguf_file" if source.gguf_file else "quantization")
+        raise InvalidInput(f"Task '{task}' cannot load {what}; give a model folder or hub id without "
+                           "it.", param="gguf_file" if source.gguf_file else "quantization")
     loader = tasks.load_cross_encoder if task == tasks.RERANK else tasks.load_speech
     got = loader(source.folder, spec, device, device_map, dtype, _no_memory)
     return Loaded(task=task, pipeline=got["pipeline"], device=device,
@@ -523,23 +522,6 @@ def _check_text_model(st, name: str) -> None:
     config = getattr(first, "modality_config", {"text": {}})
     if (not isinstance(first, Transformer) or first.tokenizer is None or "text" not in config
             or "message" in config or getattr(first, "can_flatten_inputs", False)):
-        raise invalid(f"'{name}' is not a text sentence-transformers model llmhost can serve "
-                      "(its input is not plain tokenized text).", param="model",
-                      code="model_load_failed")
-
-
-def cached_models() -> list[dict]:
-    """Models in the local HF cache that could be loaded offline."""
-    from huggingface_hub import scan_cache_dir
-    try:
-        info = scan_cache_dir()
-    except Exception:  # no cache folder yet
-        return []
-    out = []
-    for repo in info.repos:
-        if repo.repo_type != "model" or not repo.refs:
-            continue
-        out.append({"id": repo.repo_id, "created": int(repo.last_modified or time.time()),
-                    "revision": next(iter(repo.revisions)).commit_hash if repo.revisions else None,
-                    "size_on_disk": repo.size_on_disk})
-    return out
+        raise InvalidInput(f"'{name}' is not a text sentence-transformers model llmhost can serve "
+                           "(its input is not plain tokenized text).", param="model",
+                           code="model_load_failed")

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..http.errors import APIError
+from ..engine.errors import NoRoom
 
 log = logging.getLogger("llmhost")
 
@@ -122,8 +122,8 @@ def check(model: str, folder: str, gguf_file: str | None, device: str, dtype, co
         return
     wanted = int(need * (1 + headroom))
     if wanted > free:
-        raise APIError(507, f"Not enough memory to load '{model}': it needs about {_gib(need)} "
-                            f"({need} bytes; {_gib(wanted)} with LLMHOST_MEMORY_HEADROOM="
-                            f"{headroom:g}) and {_gib(free)} ({free} bytes) is {where}. Unload a "
-                            "model, choose a smaller dtype, or another device.",
-                       type="insufficient_memory", param="model", code="insufficient_memory")
+        raise NoRoom(f"Not enough memory to load '{model}': it needs about {_gib(need)} "
+                     f"({need} bytes; {_gib(wanted)} with LLMHOST_MEMORY_HEADROOM="
+                     f"{headroom:g}) and {_gib(free)} ({free} bytes) is {where}. Unload a "
+                     "model, choose a smaller dtype, or another device.",
+                       param="model", code="insufficient_memory")

@@ -1,13 +1,20 @@
 """Model files on this machine that load offline, for GET /v1/models?include=cached
-and `llmhost models`: the Hugging Face cache (llmhost/models/loading.py) and, here, the
-``.gguf`` files and model folders under LLMHOST_MODEL_DIRS."""
+and `llmhost models`: the Hugging Face cache (cached_models) and the ``.gguf``
+files and model folders under LLMHOST_MODEL_DIRS (local_models)."""
 from __future__ import annotations
 
 import os
+import time
 
 MAX_DEPTH = 3          # folders below each root that are searched
 MAX_ENTRIES = 1000     # listed at most, so a huge tree cannot stall the request
 MODEL_FILES = ("config.json", "modules.json")
+
+
+def is_path(value: str | None) -> bool:
+    """Whether a model id or source names a server path (not a hub id)."""
+    return bool(value) and (value.startswith(("/", "./", "../", "~")) or os.sep in value
+                            and os.path.exists(value))
 
 
 def _size(folder: str) -> int:
@@ -50,3 +57,20 @@ def local_models(roots: list[str]) -> list[dict]:
 def _entry(path: str, kind: str, size: int) -> dict:
     return {"id": path, "object": "model", "created": int(os.path.getmtime(path)),
             "owned_by": "local", "status": "cached", "format": kind, "size_on_disk": size}
+
+
+def cached_models() -> list[dict]:
+    """Models in the local HF cache that could be loaded offline."""
+    from huggingface_hub import scan_cache_dir
+    try:
+        info = scan_cache_dir()
+    except Exception:  # no cache folder yet
+        return []
+    out = []
+    for repo in info.repos:
+        if repo.repo_type != "model" or not repo.refs:
+            continue
+        out.append({"id": repo.repo_id, "created": int(repo.last_modified or time.time()),
+                    "revision": next(iter(repo.revisions)).commit_hash if repo.revisions else None,
+                    "size_on_disk": repo.size_on_disk})
+    return out

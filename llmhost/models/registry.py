@@ -21,12 +21,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import engine
-from . import adapters, journal, loading, progress
 from ..engine import metrics
-from ..http import redact
+from . import adapters, journal, loading, progress
 from ..config import Config
-from ..http.errors import APIError
+from ..engine.errors import Conflict, InvalidInput, NotFound, Unavailable
 from .checks import precheck
+from .ondisk import is_path
 
 log = logging.getLogger("llmhost")
 
@@ -126,15 +126,26 @@ class ModelRegistry:
             raise self._not_loaded(model_id, param)
         return entry
 
-    def _not_loaded(self, model_id: str, param: str = "model") -> APIError:
+    def _not_loaded(self, model_id: str, param: str = "model") -> NotFound:
         with self._guard:
             return self._not_loaded_locked(model_id, param)
 
-    def _not_loaded_locked(self, model_id: str, param: str = "model") -> APIError:
+    def _not_loaded_locked(self, model_id: str, param: str = "model") -> NotFound:
         loaded = ", ".join(self._models) or "none"
-        return APIError(404, f"The model '{model_id}' is not loaded (loaded models: {loaded}). "
-                             f"Load it first with POST /v1/models {{\"model\": \"{model_id}\"}}.",
-                        param=param, code="model_not_found")
+        return NotFound(f"The model '{model_id}' is not loaded (loaded models: {loaded}). "
+                        f"Load it first with POST /v1/models {{\"model\": \"{model_id}\"}}.",
+                   param=param, code="model_not_found")
+
+    def server_paths(self) -> list[str]:
+        """Paths to hide from callers who are not admins (http/redact.py, wired
+        in create_app): the Hugging Face cache and the models loaded from disk."""
+        from huggingface_hub import constants
+        paths = [constants.HF_HUB_CACHE]
+        for entry in self.list():
+            for value in (entry.id, entry.spec.model):
+                if is_path(value):
+                    paths += [value, os.path.abspath(os.path.expanduser(value))]
+        return paths
 
     def _memory_in_use(self) -> int:
         """Bytes held by the loaded models (LLMHOST_MEMORY_LIMIT counts against it)."""
@@ -172,9 +183,9 @@ class ModelRegistry:
             if task and entry.task != task:
                 what = {"generate": "text generation (chat and completions)", "embed": "embeddings",
                     "rerank": "reranking and scores", "transcribe": "speech to text"}
-                raise APIError(400, f"The model '{model_id}' serves {what[entry.task]}, not "
-                                    f"{what[task]}. Load a model for that task.", param="model",
-                               code="wrong_model_task")
+                raise InvalidInput(f"The model '{model_id}' serves {what[entry.task]}, not "
+                                   f"{what[task]}. Load a model for that task.", param="model",
+                              code="wrong_model_task")
             yield entry
         finally:
             with self._guard:
@@ -194,9 +205,9 @@ class ModelRegistry:
             if existing is not None:
                 diffs = _conflicts(existing.spec, spec)
                 if diffs:
-                    raise APIError(409, f"The model '{model_id}' is already loaded with other options: "
-                                        f"{'; '.join(diffs)}. Unload it first, or load it under another "
-                                        "'id'.", param="model", code="model_conflict")
+                    raise Conflict(f"The model '{model_id}' is already loaded with other options: "
+                                   f"{'; '.join(diffs)}. Unload it first, or load it under another "
+                                   "'id'.", param="model", code="model_conflict")
                 return existing, False
             with self._guard:
                 self._loading.add(model_id)
@@ -229,13 +240,13 @@ class ModelRegistry:
         scheduler; its `loaded` counts only the adapter's parameters."""
         base = self.get(spec.base, param="base")
         if base.spec.base or base.task != "generate" or not hasattr(base.engine, "between_steps"):
-            raise APIError(400, f"The model '{base.id}' cannot take LoRA adapters: load them onto "
-                                "a loaded text generation model.", param="base",
-                           code="invalid_base")
+            raise InvalidInput(f"The model '{base.id}' cannot take LoRA adapters: load them "
+                               "onto a loaded text generation model.", param="base",
+                               code="invalid_base")
         source = loading.resolve_source(spec, config)
         if not adapters.is_adapter(source.folder):
-            raise APIError(400, f"'{spec.model}' holds no PEFT adapter (no adapter_config.json).",
-                           param="model", code="model_load_failed")
+            raise InvalidInput(f"'{spec.model}' holds no PEFT adapter (no adapter_config.json).",
+                               param="model", code="model_load_failed")
         progress.step("loading", "adapter weights")
         name = adapters.peft_name(spec.served_id)
         count = adapters.attach(base.engine, name, source.folder, spec.model)
@@ -258,10 +269,9 @@ class ModelRegistry:
             model_id = self._lookup(model_id).id
         users = self.adapters_of(model_id)
         if users and not force:
-            raise APIError(409, f"The model '{model_id}' has LoRA adapters loaded onto it: "
-                                f"{', '.join(users)}. Unload them first, or unload with "
-                                "force=true to unload them too.", param="model",
-                           code="model_in_use")
+            raise Conflict(f"The model '{model_id}' has LoRA adapters loaded onto it: "
+                           f"{', '.join(users)}. Unload them first, or unload with "
+                           "force=true to unload them too.", param="model", code="model_in_use")
         for adapter in users:
             self.unload(adapter)
         with self._model_lock(model_id):
@@ -315,11 +325,11 @@ class ModelRegistry:
                 idle = [e for e in bases if e.active == 0 and e.id not in used]
                 if not idle:
                     busy = ", ".join(sorted(self._models) + sorted(self._loading - {model_id}))
-                    raise APIError(503, f"Cannot load '{model_id}': LLMHOST_MAX_LOADED_MODELS={limit} "
-                                        f"and every model loaded or loading ({busy}) is serving "
-                                        "requests, so none can be unloaded. Retry when they finish, "
-                                        "or unload one.", param="model", code="model_limit_reached",
-                                   headers={"Retry-After": "5"})
+                    raise Unavailable(f"Cannot load '{model_id}': LLMHOST_MAX_LOADED_MODELS={limit} "
+                                      f"and every model loaded or loading ({busy}) is serving "
+                                      "requests, so none can be unloaded. Retry when they finish, "
+                                      "or unload one.", param="model", code="model_limit_reached",
+                                   retry_after=5)
                 victim = min(idle, key=lambda e: e.last_used)
             self._evict(victim.id, f"least recently used, to load '{model_id}' within "
                                    f"LLMHOST_MAX_LOADED_MODELS={limit}")
@@ -363,18 +373,4 @@ class ModelRegistry:
         return True
 
 
-def _server_paths() -> list[str]:
-    """Paths redact hides from callers who are not admins: the Hugging Face
-    cache and the models loaded from disk."""
-    from huggingface_hub import constants
-    paths = [constants.HF_HUB_CACHE]
-    for entry in registry.list():
-        for value in (entry.id, entry.spec.model):
-            if redact.is_path(value):
-                paths += [value, os.path.abspath(os.path.expanduser(value))]
-    return paths
-
-
 registry = ModelRegistry()
-metrics.watch_models(registry.list)
-redact.watch_paths(_server_paths)

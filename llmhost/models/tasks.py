@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..http.errors import invalid
+from ..engine.errors import InvalidInput
 from .quantize import model_bytes
 
 RERANK, TRANSCRIBE = "rerank", "transcribe"
@@ -62,8 +62,8 @@ def sentence_transformers(cls, what: str, folder: str, spec, device: str, device
     except torch.OutOfMemoryError:
         raise no_memory(device, spec)
     except (OSError, ValueError, KeyError, ImportError, RuntimeError, TypeError) as exc:
-        raise invalid(f"Could not load '{spec.model}' as {what}: {exc}",
-                      param="model", code="model_load_failed")
+        raise InvalidInput(f"Could not load '{spec.model}' as {what}: {exc}",
+                           param="model", code="model_load_failed")
     return model.eval()
 
 
@@ -75,8 +75,8 @@ def load_cross_encoder(folder: str, spec, device: str, device_map, dtype, no_mem
     ce = sentence_transformers(CrossEncoder, "a cross-encoder (reranker)", folder, spec, device,
                                device_map, dtype, no_memory)
     if ce.num_labels != 1 or ce.tokenizer is None:
-        raise invalid(f"'{spec.model}' has {ce.num_labels} labels; a reranker scores a pair with "
-                      "one number (num_labels=1).", param="model", code="model_load_failed")
+        raise InvalidInput(f"'{spec.model}' has {ce.num_labels} labels; a reranker scores a pair with "
+                           "one number (num_labels=1).", param="model", code="model_load_failed")
     max_len = ce.max_seq_length
     if not isinstance(max_len, int) or not 0 < max_len < 10**7:
         max_len = 512
@@ -97,11 +97,11 @@ def load_speech(folder: str, spec, device: str, device_map, dtype, no_memory) ->
     except torch.OutOfMemoryError:
         raise no_memory(device, spec)
     except (OSError, ValueError, KeyError, ImportError, TypeError) as exc:
-        raise invalid(f"Could not load '{spec.model}' as a speech recognition model: {exc}",
-                      param="model", code="model_load_failed")
+        raise InvalidInput(f"Could not load '{spec.model}' as a speech recognition model: {exc}",
+                           param="model", code="model_load_failed")
     if model.config.model_type != "whisper" or not hasattr(processor, "feature_extractor"):
-        raise invalid(f"'{spec.model}' is a {model.config.model_type} model; llmhost transcribes "
-                      "with Whisper-family models only.", param="model", code="model_load_failed")
+        raise InvalidInput(f"'{spec.model}' is a {model.config.model_type} model; llmhost transcribes "
+                           "with Whisper-family models only.", param="model", code="model_load_failed")
     model.eval()
     return {"pipeline": Speech(model, processor), "dtype": model.dtype,
             "parameters": model_bytes(model, count=True), "memory_bytes": model_bytes(model),

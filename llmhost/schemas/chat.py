@@ -6,6 +6,7 @@ from marshmallow import ValidationError, fields, validate, validates, validates_
 from ..http.extensions import Schema
 from ..config import settings
 from ..generation.reasoning import RESERVED
+from ..generation.request import ChatRequest
 from .generation import GenerationSchema, _int
 from .structured import FunctionSchema, ToolSchema, function_call_as_tool_choice, tool_choice_error
 
@@ -83,6 +84,8 @@ class ToolCallSchema(Schema):
 
 
 class ChatCompletionRequestSchema(GenerationSchema):
+    REQUEST = ChatRequest
+
     messages = fields.List(fields.Nested(MessageSchema), required=True, metadata={
         "description": "The conversation, rendered with the model's chat template."})
     max_completion_tokens = _int(validate=validate.Range(min=1), metadata={

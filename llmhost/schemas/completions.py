@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from marshmallow import ValidationError, fields, validate, validates_schema
 
+from ..generation.request import CompletionRequest
 from ..http.extensions import Schema
 from .chat import UsageSchema
 from .generation import GenerationSchema, _int, refuse
@@ -32,6 +33,8 @@ class Prompt(fields.Field):
 
 
 class CompletionRequestSchema(GenerationSchema):
+    REQUEST = CompletionRequest
+
     prompt = Prompt(required=True, metadata={
         "oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
                   {"type": "array", "minItems": 1, "items": {"type": "integer"}},

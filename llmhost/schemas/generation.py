@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import re
 
-from marshmallow import ValidationError, fields, validate, validates
+from marshmallow import ValidationError, fields, post_load, validate, validates
 
 from ..config import settings
+from ..generation.request import TextRequest
 from ..http.errors import not_supported
 from ..http.extensions import Schema
 from .structured import ResponseFormatSchema, StructuredOutputsSchema
@@ -45,7 +46,10 @@ def _int(**kwargs):
 
 
 class GenerationSchema(Schema):
-    """Fields both routes take. Defaults of None mean "the server's default"."""
+    """Fields both routes take. Defaults of None mean "the server's default".
+    A subclass names the typed request it loads into (generation/request.py)."""
+
+    REQUEST: type = TextRequest
 
     model = fields.String(required=True, validate=validate.Length(min=1), metadata={
         "description": "Id of a loaded model (see GET /v1/models).", "example": "smollm2"})
@@ -108,6 +112,10 @@ class GenerationSchema(Schema):
             if not -100 <= bias <= 100:
                 raise ValidationError(f"the bias of token {key} is {bias}; biases must be "
                                       "between -100 and 100")
+
+    @post_load
+    def _typed(self, data, **kwargs):
+        return self.REQUEST(**data)
 
 
 def refuse(original, name: str, allowed: tuple = (None,), hint: str = "") -> None:

@@ -9,7 +9,7 @@ import json
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from marshmallow import ValidationError, fields, validate, validates, validates_schema
+from marshmallow import ValidationError, fields, post_load, validate, validates, validates_schema
 
 from ..config import settings
 from ..http.extensions import Schema
@@ -54,6 +54,14 @@ class JsonSchemaSchema(Schema):
     def _check(self, value, **kwargs):
         if value is not None:
             check_json_schema(value)
+
+    @post_load
+    def _wire_name(self, data, **kwargs):
+        """`schema_` is only the attribute name (it would shadow marshmallow's
+        own); the loaded request uses OpenAI's key, `schema`."""
+        if "schema_" in data:
+            data["schema"] = data.pop("schema_")
+        return data
 
 
 class ResponseFormatSchema(Schema):

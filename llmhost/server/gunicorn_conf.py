@@ -22,7 +22,7 @@ workers = 1
 # slow clients cannot hold every thread (llmhost/server/gworker.py, LLMHOST_READ_TIMEOUT).
 worker_class = "llmhost.server.gworker.GuardedThreadWorker"
 threads = _config.THREADS
-preload_app = False  # keep: LLMHOST_MODELS must load in the worker (llmhost/models/preload.py), not the master
+preload_app = False  # keep: LLMHOST_MODELS must load in the worker (llmhost/server/preload.py), not the master
 # gthread's heartbeat comes from the worker's main loop, not from request threads,
 # so a long generation or a slow model load never trips it. 0 disables it.
 timeout = _config.WORKER_TIMEOUT

@@ -28,7 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from ..config import settings
-from ..http.errors import APIError
+from ..engine.errors import InvalidInput, ServerFailure
 
 log = logging.getLogger("llmhost")
 
@@ -76,16 +76,15 @@ def default_url(state_dir: str) -> str:
     return "sqlite:///" + os.path.join(os.path.abspath(state_dir), "llmhost.db")
 
 
-class StoreError(APIError):
+class StoreError(ServerFailure):
     """The store could not be read or written: a 500 that says so. The failed
     transaction is rolled back, so nothing stored before is touched."""
 
     def __init__(self, action: str, exc: BaseException) -> None:
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
-        super().__init__(500, f"The response store could not {action} ({reason}). Responses "
-                              "stored before are unaffected; check LLMHOST_DATABASE_URL / "
-                              "LLMHOST_STATE_DIR, or send `store: false`.",
-                         type="server_error", code="store_unavailable")
+        super().__init__(f"The response store could not {action} ({reason}). Responses "
+                         "stored before are unaffected; check LLMHOST_DATABASE_URL / "
+                         "LLMHOST_STATE_DIR, or send `store: false`.", code="store_unavailable")
 
 
 class Store:
@@ -218,8 +217,8 @@ class Store:
                         StoredItem.response_id == response_id, StoredItem.kind == "input",
                         StoredItem.item_id == after))
                     if anchor is None:
-                        raise APIError(400, f"No input item with id '{after}' in response "
-                                            f"'{response_id}'.", param="after")
+                        raise InvalidInput(f"No input item with id '{after}' in response "
+                                           f"'{response_id}'.", param="after")
                     rows = rows.where(position > anchor if order == "asc" else position < anchor)
                 rows = rows.order_by(position.asc() if order == "asc" else position.desc())
                 found = session.scalars(rows.limit(limit + 1)).all()

@@ -16,10 +16,11 @@ import threading
 from flask import Flask
 from marshmallow import ValidationError
 
-from . import journal
-from ..http.errors import APIError, from_validation
-from .loading import LoadSpec
-from .registry import registry
+from ..engine.errors import Refused
+from ..http.errors import from_validation
+from ..models import journal
+from ..models.loading import LoadSpec
+from ..models.registry import registry
 
 log = logging.getLogger("llmhost")
 
@@ -83,7 +84,7 @@ class Preload:
                 args = LoadModelSchema().load(item)
                 entry, _ = registry.load(LoadSpec(**args), config)
                 log.info("preloaded %s", entry.id)
-            except APIError as exc:
+            except Refused as exc:
                 self._fail(label, exc.message)
             except ValidationError as exc:
                 self._fail(label, from_validation(exc.messages).message)
