@@ -92,14 +92,16 @@ def create_chat_completion(args):
                          logprobs=(args.get("top_logprobs") or 0) if want_logprobs else None)
 
 
-def chat_build(args: dict):
+def chat_build(args: dict, counting: bool = False):
     """The prompt and formatter of chat-shaped `args`: /v1/responses and the
-    token counting routes build through this too, so every route renders a
-    conversation one way."""
+    token counting routes (`counting`: no room for a completion needed) build
+    through this too, so every route renders a conversation one way."""
     want_logprobs = bool(args.get("logprobs"))
 
     def build(entry):
-        ids, plan = tools.build_chat(args, entry, serving.stop_token_ids(entry))
+        fits = None if counting else (
+            lambda ids: serving.max_tokens(args, entry, [ids], "messages"))
+        ids, plan = tools.build_chat(args, entry, serving.stop_token_ids(entry), fits)
         fmt = ChatFormat(entry.tokenizer, want_logprobs,
                          legacy_functions=bool(args.get("functions")))
         fmt.constraint, fmt.parser = plan.constraint, plan.parser

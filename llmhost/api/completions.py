@@ -78,6 +78,7 @@ def create_completion(args):
         prompts = completion_prompts(entry, args["prompt"])
         fmt = CompletionFormat(entry.tokenizer, [text for _, text in prompts], n,
                                bool(args.get("echo")), args.get("logprobs") is not None)
+        serving.max_tokens(args, entry, [ids for ids, _ in prompts], "prompt")   # before compiling
         fmt.constraint = completion_constraint(args, entry, serving.stop_token_ids(entry),
                                                vocab_size(entry))
         return [ids for ids, _ in prompts], fmt

@@ -456,7 +456,7 @@ def count_input_tokens(args):
     prepared = prepare(args)
     with use_model(prepared.chat["model"], task="generate") as entry:
         try:
-            prompts, _ = chat_build(prepared.chat)(entry)
+            prompts, _ = chat_build(prepared.chat, counting=True)(entry)
         except (APIError, EngineError) as exc:
             raise _renamed_any(exc) from None
     return jsonify({"object": "response.input_tokens", "input_tokens": len(prompts[0])})

@@ -9,6 +9,8 @@ from flask import jsonify
 from ..generation.prompt import completion_prompts
 from ..engine.sampling import vocab_size
 from ..generation.text import token_string
+from ..config import settings
+from ..http import checks
 from ..http.errors import invalid
 from ..http.extensions import Blueprint
 from ..schemas.responses import DetokenizeRequestSchema, DetokenizeResponseSchema, TokenizeRequestSchema, TokenizeResponseSchema
@@ -32,9 +34,12 @@ def tokenize(args):
     included). `count` is the `usage.prompt_tokens` of that request.
     """
     with use_model(args["model"], task="generate") as entry:
+        # what cannot fit the context is a 400 before tokenizing (as completions)
+        checks.check_prompt_chars(entry, args, "messages" if "messages" in args else "prompt",
+                                  settings())
         if "messages" in args:
             ids = chat_build({key: args.get(key) for key in (
-                "messages", "reasoning_effort", "chat_template_kwargs")})(entry)[0][0]
+                "messages", "reasoning_effort", "chat_template_kwargs")}, counting=True)(entry)[0][0]
         elif args["add_special_tokens"]:
             ids = completion_prompts(entry, args["prompt"])[0][0]
         else:

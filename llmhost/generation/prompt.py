@@ -9,6 +9,7 @@ from jinja2 import TemplateError
 
 from ..engine.sandbox import bounded
 from ..engine.errors import InvalidInput
+from ..engine.sampling import vocab_size
 
 # For base models that ship no chat template (gpt2 and most base checkpoints):
 # plain "Role: text" turns, which a base model continues naturally, ending with
@@ -51,10 +52,17 @@ def chat_prompt(entry, messages: list[dict], tools: list[dict] | None = None,
     `tools` go to templates that render them (generation/tools.py decides),
     `variables` are extra template variables (generation/reasoning.py)."""
     tokenizer = entry.tokenizer
+    # Control tokens a client writes (`<|im_start|>assistant` in a message, a tool
+    # result or a tool description) are encoded as text, so no client can forge
+    # turns: transformers' own sanitizing, unless the model was loaded with
+    # allow_control_tokens (docs/hardening.md).
+    sanitize = {} if getattr(entry.spec, "allow_control_tokens", False) else \
+        {"sanitize_control_tokens": True}
     try:
         ids = bounded(lambda: tokenizer.apply_chat_template(
             [_template_message(m) for m in messages], chat_template=template_for(entry),
-            add_generation_prompt=True, tokenize=True, tools=tools, **(variables or {})),
+            add_generation_prompt=True, tokenize=True, tools=tools, **sanitize,
+            **(variables or {})),
             f"The chat template of model '{entry.id}'", "messages")
     except TemplateError as exc:
         # Templates reject conversations they cannot render (e.g. roles that do

@@ -194,7 +194,7 @@ def chat_plan(args: dict, entry) -> ChatPlan:
 def _arguments(text: str):
     try:
         return json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):   # not JSON, or too deep: the text itself
         return text
 
 
@@ -364,9 +364,14 @@ def completion_constraint(args: dict, entry, stop_ids, vocab_size: int):
     return _constraint(plan, entry, stop_ids, vocab_size, thinking=False, in_thought=False)
 
 
-def build_chat(args: dict, entry, stop_ids) -> tuple[list[int], ChatPlan]:
-    """Prompt ids and the finished plan (constraint, parser) of a chat request."""
+def build_chat(args: dict, entry, stop_ids,
+               fits: Callable[[list[int]], Any] | None = None) -> tuple[list[int], ChatPlan]:
+    """Prompt ids and the finished plan (constraint, parser) of a chat request;
+    `fits(ids)` (the context-length check) runs before the grammar compiles:
+    cheap checks first."""
     plan = chat_plan(args, entry)
     ids = chat_prompt(entry, plan.messages, tools=plan.template_tools,
                       variables=template_variables(args))
+    if fits is not None:
+        fits(ids)
     return ids, plan.finish(entry, ids, stop_ids, vocab_size(entry))

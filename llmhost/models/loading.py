@@ -49,6 +49,7 @@ class LoadSpec:
     chat_template: str | None = None
     keep_alive: float | None = None
     quantization: str | None = None
+    allow_control_tokens: bool = False   # generation/prompt.py: clients may write control tokens
 
     @property
     def served_id(self) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from ..http.extensions import Schema
-from .chat import MessageSchema, template_kwargs_ok
+from .chat import MESSAGES, MessageSchema, template_kwargs_ok
 from .generation import _int, refuse
 
 ITEMS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
@@ -143,7 +143,7 @@ class InputTokensSchema(Schema):
 class TokenizeRequestSchema(Schema):
     model = fields.String(required=True, validate=validate.Length(min=1))
     prompt = fields.String(metadata={"description": "Text, tokenized as /v1/completions does."})
-    messages = fields.List(fields.Nested(MessageSchema), metadata={
+    messages = fields.List(fields.Nested(MessageSchema), validate=MESSAGES, metadata={
         "description": "A conversation, rendered as /v1/chat/completions does (generation "
                        "prompt included)."})
     add_special_tokens = fields.Boolean(load_default=True, metadata={
@@ -161,8 +161,6 @@ class TokenizeRequestSchema(Schema):
     def _one_of(self, data, **kwargs):
         if ("prompt" in data) == ("messages" in data):
             raise ValidationError("give exactly one of 'prompt' or 'messages'", "prompt")
-        if "messages" in data and not data["messages"]:
-            raise ValidationError("must contain at least one message", "messages")
 
 
 class TokenizeResponseSchema(Schema):
