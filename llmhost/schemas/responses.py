@@ -53,7 +53,8 @@ class CreateResponseSchema(ResponseInputSchema):
     temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2), metadata={
         "description": "0..2; 0 is greedy decoding. Default LLMHOST_DEFAULT_TEMPERATURE."})
     top_p = fields.Float(allow_none=True, validate=validate.Range(0, 1, min_inclusive=False),
-                         metadata={"description": "(0, 1]. Default LLMHOST_DEFAULT_TOP_P."})
+                         metadata={"description": "(0, 1]. Default LLMHOST_DEFAULT_TOP_P.",
+                                   "exclusiveMinimum": True})
     metadata = fields.Dict(keys=fields.String(validate=validate.Length(max=64)),
                            values=fields.String(validate=validate.Length(max=512)),
                            allow_none=True, validate=validate.Length(max=16), metadata={
@@ -141,6 +142,8 @@ class InputTokensSchema(Schema):
 # -- /tokenize and /detokenize (vLLM's shapes) ----------------------------------------
 
 class TokenizeRequestSchema(Schema):
+    OPENAPI = {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+
     model = fields.String(required=True, validate=validate.Length(min=1))
     prompt = fields.String(metadata={"description": "Text, tokenized as /v1/completions does."})
     messages = fields.List(fields.Nested(MessageSchema), validate=MESSAGES, metadata={
