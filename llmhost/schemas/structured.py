@@ -96,7 +96,7 @@ def check_structure(schema, strict: bool) -> None:
         props = node.get("properties")
         if isinstance(props, dict):
             required = node.get("required") if isinstance(node.get("required"), list) else []
-            optional += len(set(props) - set(required))
+            optional += len(set(props) - {name for name in required if isinstance(name, str)})
             if config.MAX_GRAMMAR_OPTIONAL and optional > config.MAX_GRAMMAR_OPTIONAL:
                 raise ValidationError(
                     f"has more than {config.MAX_GRAMMAR_OPTIONAL} optional properties{at}, this "
