@@ -115,6 +115,12 @@ def test_parser_reads_a_closing_tag_inside_a_json_string():
         assert not content.strip(), (step, content)
         assert [json.loads(call["function"]["arguments"]) for call in calls] == [
             {"x": 'a</tool_call>b" </tool_call>', "y": "<tool_call>"}, {"x": "</tool_call>"}]
+    # a thought that mentions a call keeps its text as written
+    parser = OutputParser(HERMES, "", [ECHO])
+    out = parser.feed('<think>I write <tool_call> with "a/b"</think>\n\nok "c/d"')
+    end = parser.finish()
+    assert out.reasoning + end.reasoning == 'I write <tool_call> with "a/b"'
+    assert (out.content + end.content).strip() == 'ok "c/d"'
 
 
 @pytest.mark.parametrize("model", ["h-qwen", "h-llama"])

@@ -247,9 +247,10 @@ class JsonStrings:
     across streamed pieces."""
 
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    THINK, THOUGHT = "<think>", "</think>"    # no calls inside a thought (its text stays as is)
 
     def __init__(self) -> None:
-        self.in_call = self.in_string = self.escaped = False
+        self.in_call = self.in_string = self.escaped = self.in_thought = False
         self.tail = ""      # the last characters outside strings, to spot the tags
 
     def __call__(self, text: str) -> str:
@@ -268,8 +269,11 @@ class JsonStrings:
                 continue
             out.append(ch)
             self.tail = (self.tail + ch)[-len(self.CLOSE):]
-            if not self.in_call:
+            if self.in_thought:
+                self.in_thought = not self.tail.endswith(self.THOUGHT)
+            elif not self.in_call:
                 self.in_call = self.tail.endswith(self.OPEN)
+                self.in_thought = self.tail.endswith(self.THINK)
             elif ch == '"':
                 self.in_string = True
             elif self.tail.endswith(self.CLOSE):
