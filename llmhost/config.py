@@ -48,6 +48,9 @@ class Config:
         ("MAX_MESSAGES", int, 1024),
         ("MAX_TOOL_CALLS", int, 32),     # per choice; 0: no limit (generation/callguard.py)
         ("MAX_GRAMMAR_BYTES", int, 64 * 1024),
+        ("MAX_GRAMMAR_NODES", int, 1024),      # subschemas + enum values per schema (docs/hardening.md)
+        ("MAX_GRAMMAR_OPTIONAL", int, 128),    # optional properties per schema (compile time ~ n^2)
+        ("MAX_TOOLS_BYTES", int, 256 * 1024),  # all of `tools` (or `functions`) as JSON
         ("MAX_PROMPT_TOKENS", int, 0),
         ("MAX_QUEUE", int, 64),
         ("QUEUE_TIMEOUT", float, 600.0),

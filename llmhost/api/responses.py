@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from flask import jsonify
 from marshmallow import ValidationError
+from werkzeug.routing import BaseConverter
 
 from ..http import auth, sse
 from ..generation import conversation, plan
@@ -29,6 +30,16 @@ from .access import use_model
 
 blp = Blueprint("responses", __name__, url_prefix="/v1",
                 description="OpenAI's Responses API, with stored responses.")
+
+
+class ResponseId(BaseConverter):
+    """A response id is any path segment but "input_tokens", so that path's one
+    method (POST) is all its 405 answers allow, as the document says."""
+
+    regex = r"(?!input_tokens$)[^/]+"
+
+
+blp.record_once(lambda state: state.app.url_map.converters.setdefault("response_id", ResponseId))
 
 
 # -- request -> chat arguments ---------------------------------------------------------
@@ -394,7 +405,7 @@ def _not_found(response_id: str) -> APIError:
                     code="response_not_found")
 
 
-@blp.route("/responses/<response_id>", methods=["GET"])
+@blp.route("/responses/<response_id:response_id>", methods=["GET"])
 @blp.response(200, ResponseSchema)
 @blp.errors(404, 500)
 def retrieve_response(response_id):
@@ -406,7 +417,7 @@ def retrieve_response(response_id):
     return jsonify(body)
 
 
-@blp.route("/responses/<response_id>", methods=["DELETE"])
+@blp.route("/responses/<response_id:response_id>", methods=["DELETE"])
 @blp.response(200, DeletedResponseSchema)
 @blp.errors(404, 500)
 def delete_response(response_id):
@@ -421,7 +432,7 @@ def delete_response(response_id):
     return jsonify({"id": response_id, "object": "response", "deleted": True})
 
 
-@blp.route("/responses/<response_id>/input_items", methods=["GET"])
+@blp.route("/responses/<response_id:response_id>/input_items", methods=["GET"])
 @blp.arguments(InputItemsQuerySchema, location="query")
 @blp.response(200, ResponseItemListSchema)
 @blp.errors(400, 404, 500)

@@ -89,7 +89,8 @@ def start(request: TextRequest, build: Build) -> Started:
         checks.check_fits_queue(request.prompt_count(), config)
         entry = stack.enter_context(use_model(request.model, task="generate"))
         fields["model"] = entry.id
-        checks.check_prompt_chars(entry, request.prompt_input(), request.prompt_param, config)
+        checks.check_prompt_chars(entry, request.prompt_input(), request.prompt_param, config,
+                                  request.template_kwargs())
         plan = build(request, entry)
         run = Run(entry, plan.prompts, plan.params, n=plan.n, stop=plan.stop,
                   disconnected=partial(sse.client_disconnected, http_request.environ),

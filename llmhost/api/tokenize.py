@@ -11,6 +11,8 @@ from ..generation.prompt import completion_prompts
 from ..generation.request import ChatRequest
 from ..engine.sampling import vocab_size
 from ..generation.text import token_string
+from ..config import settings
+from ..http import checks
 from ..http.errors import invalid
 from ..http.extensions import Blueprint
 from ..schemas.responses import DetokenizeRequestSchema, DetokenizeResponseSchema, TokenizeRequestSchema, TokenizeResponseSchema
@@ -33,6 +35,10 @@ def tokenize(args):
     included). `count` is the `usage.prompt_tokens` of that request.
     """
     with use_model(args["model"], task="generate") as entry:
+        # what cannot fit the context is a 400 before tokenizing (as completions)
+        param = "messages" if "messages" in args else "prompt"
+        checks.check_prompt_chars(entry, args[param], param, settings(),
+                                  args.get("chat_template_kwargs"))
         if "messages" in args:
             ids, _ = plan.chat_ids(ChatRequest(
                 model=args["model"], messages=args["messages"],

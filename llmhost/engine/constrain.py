@@ -24,6 +24,7 @@ a reasoning block before the answer), which tool calling here is built on.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from typing import Any
@@ -95,11 +96,35 @@ class Matcher:
         return self.failed or self.matcher.is_terminated()
 
 
+# xgrammar prefixes its messages with a time and its C++ source path
+# ("[17:13:16] /project/cpp/regex_converter.cc:94: "): not for clients.
+_LOG_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
+
+
+def _message(exc: Exception) -> str:
+    lines = [_LOG_PREFIX.sub("", line).strip() for line in str(exc).strip().splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _accepts_something(compiled: xgr.CompiledGrammar) -> None:
+    """A grammar that allows no first token (not even the end) accepts no
+    string at all (``root ::= root "a"``): sampling would find every token
+    masked. One mask fill, microseconds."""
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    if not bool(bitmask.any()):
+        raise GrammarError("it accepts no string at all (no first token and no end is allowed)")
+
+
 def _compile(comp: xgr.GrammarCompiler, fn, *args, **kwargs) -> xgr.CompiledGrammar:
     try:
-        return fn(*args, **kwargs)
+        compiled = fn(*args, **kwargs)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise GrammarError(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc))
+        raise GrammarError(_message(exc))
+    _accepts_something(compiled)
+    return compiled
 
 
 def json_schema(comp, schema: dict | bool, strict: bool = True) -> xgr.CompiledGrammar:

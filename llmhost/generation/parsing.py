@@ -237,6 +237,50 @@ class Parsed:
     tool_calls: list[dict] = field(default_factory=list)   # chat chunk deltas, with "index"
 
 
+class JsonStrings:
+    """Hermes calls close at the first ``</tool_call>``, and transformers'
+    parser looks for it in the raw text, also inside a JSON string argument
+    (a tool whose argument is that tag would lose its call). This filter,
+    fed the text before the parser, writes every ``/`` inside a JSON string of
+    a call as a backslash and ``/``, which JSON reads as the same string, so the tag inside
+    an argument no longer looks like one. Character by character, so it holds
+    across streamed pieces."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    THINK, THOUGHT = "<think>", "</think>"    # no calls inside a thought (its text stays as is)
+
+    def __init__(self) -> None:
+        self.in_call = self.in_string = self.escaped = self.in_thought = False
+        self.tail = ""      # the last characters outside strings, to spot the tags
+
+    def __call__(self, text: str) -> str:
+        out = []
+        for ch in text:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+                elif ch == "/":
+                    ch = "\\/"
+                out.append(ch)
+                continue
+            out.append(ch)
+            self.tail = (self.tail + ch)[-len(self.CLOSE):]
+            if self.in_thought:
+                self.in_thought = not self.tail.endswith(self.THOUGHT)
+            elif not self.in_call:
+                self.in_call = self.tail.endswith(self.OPEN)
+                self.in_thought = self.tail.endswith(self.THINK)
+            elif ch == '"':
+                self.in_string = True
+            elif self.tail.endswith(self.CLOSE):
+                self.in_call = False
+        return "".join(out)
+
+
 class OutputParser:
     """One choice's parser. If the output does not parse (a call with broken
     JSON), the rest of it is passed on as plain content rather than lost."""
@@ -245,6 +289,7 @@ class OutputParser:
                  prefill: str = "", keep: dict[int, str] | None = None) -> None:
         self.parser = ResponseParser(template, prefix=prefix, tools=tools or None)
         self.markers = keep or {}    # special tokens the decoded text must keep (see markers())
+        self.escape = JsonStrings() if call_syntax(template) == "hermes" else None
         if prefill:   # a thought the prompt opened (HERMES has no anchor to find it)
             self.parser.feed(prefill)
         self.calls = 0
@@ -256,7 +301,7 @@ class OutputParser:
         if self.broken:
             return Parsed(content=text)
         try:
-            events = self.parser.feed(text)
+            events = self.parser.feed(self.escape(text) if self.escape else text)
         except Exception as exc:
             return self._break(text, exc)
         return self._events(events, text)

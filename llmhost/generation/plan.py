@@ -114,7 +114,8 @@ def build_chat(request: ChatRequest, entry) -> Plan:
     """The Plan of a chat request: /v1/chat/completions, /v1/responses and every
     API translated onto chat run through here."""
     stop_ids, vocab = stop_token_ids(entry), vocab_size(entry)
-    ids, chat = tools.chat_ids(request, entry, stop_ids, vocab)
+    ids, chat = tools.chat_ids(request, entry, stop_ids, vocab,
+                               fits=lambda ids: max_tokens(request, entry, [ids]))
     params = sampling_params(request, entry, [ids], stop_ids, vocab, chat.constraint)
     return Plan([ids], params, n=request.choices, stop=request.stop or [], parser=chat.parser)
 
@@ -123,8 +124,9 @@ def build_completion(request: CompletionRequest, entry) -> Plan:
     """The Plan of a /v1/completions request (one prompt or many)."""
     stop_ids, vocab = stop_token_ids(entry), vocab_size(entry)
     prompts = completion_prompts(entry, request.prompt)
-    constraint = tools.completion_constraint(request, entry, stop_ids, vocab)
     ids = [p for p, _ in prompts]
+    max_tokens(request, entry, ids)     # the context check before the grammar compiles
+    constraint = tools.completion_constraint(request, entry, stop_ids, vocab)
     params = sampling_params(request, entry, ids, stop_ids, vocab, constraint)
     return Plan(ids, params, n=request.choices, stop=request.stop or [],
                 prompt_texts=[text for _, text in prompts])

@@ -88,15 +88,21 @@ def _images(entry, messages: list[dict]) -> dict | None:
 
 def _render(entry, messages: list[dict], tools, variables, images: dict | None):
     """The tokenized conversation: through the model's processor for a
-    vision-language model (images included), else its tokenizer."""
+    vision-language model (images included), else its tokenizer. Control
+    tokens a client writes (`<|im_start|>assistant` in a message, a tool result
+    or a tool description) are encoded as text, so no client can forge turns:
+    transformers' own sanitizing, unless the model was loaded with
+    allow_control_tokens (docs/hardening.md)."""
+    sanitize = {} if entry.spec.allow_control_tokens else {"sanitize_control_tokens": True}
     if images is None:
         return entry.tokenizer.apply_chat_template(
             [_template_message(m) for m in messages], chat_template=template_for(entry),
-            add_generation_prompt=True, tokenize=True, tools=tools, **(variables or {}))
+            add_generation_prompt=True, tokenize=True, tools=tools, **sanitize,
+            **(variables or {}))
     out = entry.loaded.pipeline.processor.apply_chat_template(
         [_vision_message(m, images, i) for i, m in enumerate(messages)],
         chat_template=entry.spec.chat_template, add_generation_prompt=True, tokenize=True,
-        return_dict=True, return_tensors="pt", tools=tools, **(variables or {}))
+        return_dict=True, return_tensors="pt", tools=tools, **sanitize, **(variables or {}))
     ids = PromptIds(int(i) for i in out["input_ids"][0])
     ids.model_inputs = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask")}
     return ids

@@ -61,6 +61,10 @@ class TextRequest:
         """Alternatives per token when logprobs are asked for, else None."""
         return None
 
+    def template_kwargs(self) -> dict | None:
+        """Extra chat template variables the client sets (rendered into the prompt)."""
+        return None
+
 
 @dataclass(kw_only=True)
 class ChatRequest(TextRequest):
@@ -89,6 +93,9 @@ class ChatRequest(TextRequest):
 
     def top_logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_kwargs(self) -> dict | None:
+        return self.chat_template_kwargs
 
 
 @dataclass(kw_only=True)

@@ -193,7 +193,7 @@ def chat_plan(request: ChatRequest, entry) -> ChatPlan:
 def _arguments(text: str):
     try:
         return json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):   # not JSON, or too deep: the text itself
         return text
 
 
@@ -362,10 +362,14 @@ def completion_constraint(request: TextRequest, entry, stop_ids, vocab_size: int
     return _constraint(plan, entry, stop_ids, vocab_size, thinking=False, in_thought=False)
 
 
-def chat_ids(request: ChatRequest, entry, stop_ids, vocab_size: int
-             ) -> tuple[list[int], ChatPlan]:
-    """Prompt ids and the finished tool plan (constraint, parser) of a chat request."""
+def chat_ids(request: ChatRequest, entry, stop_ids, vocab_size: int,
+             fits: Callable[[list[int]], Any] | None = None) -> tuple[list[int], ChatPlan]:
+    """Prompt ids and the finished tool plan (constraint, parser) of a chat
+    request; `fits(ids)` (the context-length check) runs before the grammar
+    compiles: cheap checks first."""
     plan = chat_plan(request, entry)
     ids = chat_prompt(entry, plan.messages, tools=plan.template_tools,
                       variables=template_variables(request))
+    if fits is not None:
+        fits(ids)
     return ids, plan.finish(entry, ids, stop_ids, vocab_size)

@@ -18,6 +18,20 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]", re.ASCII)
 _JSON_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}:]', re.DOTALL)
 
 
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def text_depth(text: str) -> int:
+    """How deep the JSON in a string nests (brackets outside JSON strings), without
+    parsing it: `arguments` strings are parsed later by recursive code."""
+    depth = deepest = 0
+    for match in _BRACKETS.finditer(_STRINGS.sub("", text)):
+        depth += 1 if match.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def too_deep(raw: bytes) -> APIError:
     """The 400 for a body too deep for the JSON parser, naming the top-level
     field that holds the nesting (a scan of the raw tokens, no recursion)."""
@@ -122,7 +136,8 @@ def _text_chars(value) -> int:
     return 0
 
 
-def check_prompt_chars(entry, value, prompt_param: str, config) -> None:
+def check_prompt_chars(entry, value, prompt_param: str, config,
+                       template_kwargs: dict | None = None) -> None:
     """Refuse text that cannot fit the model's context before tokenizing it:
     a prompt of N characters is at least N / (longest token) tokens, so a
     6 MB prompt is a cheap 400 instead of a gigabyte of tokenizer memory."""
@@ -131,14 +146,16 @@ def check_prompt_chars(entry, value, prompt_param: str, config) -> None:
         budget = min(budget, config.MAX_PROMPT_TOKENS)
     longest = _longest_token_chars(entry.tokenizer)
     items = value if prompt_param == "prompt" and isinstance(value, list) else [value]
-    for item in items:
+    # chat_template_kwargs strings (a `bos_token`) are rendered into the prompt too
+    kwargs = list((template_kwargs or {}).values())
+    for item, param in [(item, prompt_param) for item in items] + [(kwargs, "chat_template_kwargs")]:
         chars = _text_chars(item)
         if chars > budget * longest:
-            what = "messages" if prompt_param == "messages" else "prompt"
+            what = "messages" if param == "messages" else param
             raise invalid(f"Your {what} holds {chars} characters: at least "
                           f"{-(-chars // longest)} tokens, more than the {budget} tokens this "
                           f"model accepts. Please reduce the length of the {what}.",
-                          param=prompt_param, code="context_length_exceeded")
+                          param=param, code="context_length_exceeded")
 
 
 def embedding_inputs(entry, inputs: list, truncate: bool) -> list:

@@ -15,9 +15,21 @@ _ignored_logged: set[str] = set()
 MAX_LOGGED_UNKNOWN = 256   # distinct unknown field names logged (and remembered) per process
 
 
+_OPENAPI_EXTRA: dict[str, dict] = {}   # component name -> Schema.OPENAPI (see Api)
+
+
 class Schema(ma.Schema):
     """Request schemas accept and ignore fields OpenAI clients send that we do not
-    know (logged once per field), so new SDK versions never break on a 4xx."""
+    know (logged once per field), so new SDK versions never break on a 4xx.
+    `OPENAPI`: schema-level keywords for the document that fields cannot say
+    (``oneOf`` of required fields)."""
+
+    OPENAPI: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("OPENAPI"):
+            _OPENAPI_EXTRA[cls.__name__.removesuffix("Schema")] = cls.OPENAPI
 
     class Meta:
         unknown = ma.EXCLUDE
@@ -110,6 +122,12 @@ class Blueprint(flask_smorest.Blueprint):
 
 class Api(flask_smorest.Api):
     ERROR_SCHEMA = ErrorResponseSchema
+
+    def register_blueprint(self, blp, **options):
+        super().register_blueprint(blp, **options)
+        for name, extra in _OPENAPI_EXTRA.items():
+            if name in self.spec.components.schemas:
+                self.spec.components.schemas[name].update(extra)
 
     def _register_error_handlers(self):
         errors.init_app(self._app)

@@ -49,6 +49,7 @@ class LoadSpec:
     keep_alive: float | None = None
     quantization: str | None = None
     base: str | None = None        # a LoRA adapter's loaded base model (models/adapters.py)
+    allow_control_tokens: bool = False   # generation/prompt.py: clients may write control tokens
 
     @property
     def served_id(self) -> str:

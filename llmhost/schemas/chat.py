@@ -1,14 +1,15 @@
 """POST /v1/chat/completions: request and response schemas."""
 from __future__ import annotations
 
-from marshmallow import ValidationError, fields, validate, validates, validates_schema
+from marshmallow import ValidationError, fields, validate, validates_schema
 
 from ..http.extensions import Schema
 from ..config import settings
 from ..generation.reasoning import RESERVED
 from ..generation.request import ChatRequest
 from .generation import GenerationSchema, _int
-from .structured import FunctionSchema, ToolSchema, function_call_as_tool_choice, tool_choice_error
+from .structured import (FunctionSchema, ToolList, ToolSchema, function_call_as_tool_choice,
+                         json_text, tool_choice_error)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -74,7 +75,8 @@ class MessageSchema(Schema):
 
 class ToolCallFunctionSchema(Schema):
     name = fields.String(required=True)
-    arguments = fields.String(required=True, metadata={"description": "JSON text."})
+    arguments = fields.String(required=True, validate=json_text, metadata={
+        "description": "JSON text."})
 
 
 class ToolCallSchema(Schema):
@@ -83,11 +85,24 @@ class ToolCallSchema(Schema):
     function = fields.Nested(ToolCallFunctionSchema, required=True)
 
 
+def check_messages(value) -> None:
+    limit = settings().MAX_MESSAGES
+    if limit and len(value) > limit:
+        raise ValidationError(f"at most {limit} messages are allowed on this server "
+                              "(LLMHOST_MAX_MESSAGES)")
+
+
+# `messages` of chat and /tokenize: at least one (the document says minItems 1), at
+# most LLMHOST_MAX_MESSAGES.
+MESSAGES = (validate.Length(min=1, error="must contain at least one message"), check_messages)
+
+
 class ChatCompletionRequestSchema(GenerationSchema):
     REQUEST = ChatRequest
 
-    messages = fields.List(fields.Nested(MessageSchema), required=True, metadata={
-        "description": "The conversation, rendered with the model's chat template."})
+    messages = fields.List(fields.Nested(MessageSchema), required=True, validate=MESSAGES,
+                           metadata={"description": "The conversation, rendered with the model's "
+                                                    "chat template."})
     max_completion_tokens = _int(validate=validate.Range(min=1), metadata={
         "description": "Same as max_tokens (OpenAI's newer name); wins when both are given."})
     logprobs = fields.Boolean(allow_none=True, metadata={
@@ -98,7 +113,7 @@ class ChatCompletionRequestSchema(GenerationSchema):
     store = fields.Boolean(allow_none=True, metadata={"description": "Accepted and ignored."})
     parallel_tool_calls = fields.Boolean(allow_none=True, metadata={
         "description": "false: at most one call per answer (default true)."})
-    tools = fields.List(fields.Nested(ToolSchema), allow_none=True, metadata={
+    tools = ToolList(fields.Nested(ToolSchema), allow_none=True, metadata={
         "description": "Functions the model may call (rendered by the chat template, or by "
                        "llmhost's fallback system turn)."})
     tool_choice = fields.Raw(allow_none=True, metadata={
@@ -116,19 +131,10 @@ class ChatCompletionRequestSchema(GenerationSchema):
             "description": "llmhost extra (vLLM's name): more variables for the chat template, "
                            "e.g. `{\"enable_thinking\": false}`; they win over what "
                            "`reasoning_effort` sets."})
-    functions = fields.List(fields.Nested(FunctionSchema), allow_none=True, metadata={
+    functions = ToolList(fields.Nested(FunctionSchema), allow_none=True, metadata={
         "description": "Deprecated form of `tools`."})
     function_call = fields.Raw(allow_none=True, metadata={
         "description": "Deprecated form of `tool_choice` (`none`, `auto`, `{\"name\": ...}`)."})
-
-    @validates("messages")
-    def _check_messages(self, value, **kwargs):
-        if not value:
-            raise ValidationError("must contain at least one message")
-        limit = settings().MAX_MESSAGES
-        if limit and len(value) > limit:
-            raise ValidationError(f"at most {limit} messages are allowed on this server "
-                                  "(LLMHOST_MAX_MESSAGES)")
 
     @validates_schema(pass_original=True)
     def _check_combinations(self, data, original, **kwargs):

@@ -46,8 +46,11 @@ class CompletionRequestSchema(GenerationSchema):
     logprobs = _int(validate=validate.Range(0, 5), metadata={
         "description": "0..5: log probability of each generated token plus this many "
                        "alternatives (legacy format)."})
-    suffix = fields.String(allow_none=True, metadata={"description": "Not supported: a 400."})
-    best_of = fields.Integer(allow_none=True, metadata={"description": "Not supported: a 400."})
+    # Documented with the only values the route takes (null, and "" for suffix).
+    suffix = fields.String(allow_none=True, metadata={"description": "Not supported: a 400.",
+                                                      "enum": ["", None]})
+    best_of = fields.Integer(allow_none=True, metadata={"description": "Not supported: a 400.",
+                                                        "enum": [None]})
 
     @validates_schema(pass_original=True)
     def _refuse_unsupported(self, data, original, **kwargs):

@@ -37,6 +37,11 @@ class LoadModelSchema(Schema):
                        "(Whisper: /v1/audio/transcriptions)."})
     chat_template = fields.String(allow_none=True, metadata={
         "description": "A Jinja chat template that replaces the model's own (or the fallback)."})
+    allow_control_tokens = fields.Boolean(load_default=False, metadata={
+        "description": "`true`: control tokens (`<|im_start|>`, `<|endoftext|>`, ...) that "
+                       "clients write in messages become the real tokens, so a client can "
+                       "write whole turns itself. Default `false`: they are encoded as "
+                       "plain text; only the chat template writes control tokens."})
     keep_alive = fields.Float(allow_none=True, validate=validate.Range(min=0), metadata={
         "description": "Unload after this many idle seconds (0: never; default LLMHOST_KEEP_ALIVE)."})
     base = fields.String(allow_none=True, validate=validate.Length(min=1, max=4096), metadata={

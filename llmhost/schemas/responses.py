@@ -7,7 +7,7 @@ from __future__ import annotations
 from marshmallow import ValidationError, fields, validate, validates_schema
 
 from ..http.extensions import Schema
-from .chat import MessageSchema, template_kwargs_ok
+from .chat import MESSAGES, MessageSchema, template_kwargs_ok
 from .generation import _int, refuse
 
 ITEMS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
@@ -53,7 +53,8 @@ class CreateResponseSchema(ResponseInputSchema):
     temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2), metadata={
         "description": "0..2; 0 is greedy decoding. Default LLMHOST_DEFAULT_TEMPERATURE."})
     top_p = fields.Float(allow_none=True, validate=validate.Range(0, 1, min_inclusive=False),
-                         metadata={"description": "(0, 1]. Default LLMHOST_DEFAULT_TOP_P."})
+                         metadata={"description": "(0, 1]. Default LLMHOST_DEFAULT_TOP_P.",
+                                   "exclusiveMinimum": True})
     metadata = fields.Dict(keys=fields.String(validate=validate.Length(max=64)),
                            values=fields.String(validate=validate.Length(max=512)),
                            allow_none=True, validate=validate.Length(max=16), metadata={
@@ -141,9 +142,11 @@ class InputTokensSchema(Schema):
 # -- /tokenize and /detokenize (vLLM's shapes) ----------------------------------------
 
 class TokenizeRequestSchema(Schema):
+    OPENAPI = {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+
     model = fields.String(required=True, validate=validate.Length(min=1))
     prompt = fields.String(metadata={"description": "Text, tokenized as /v1/completions does."})
-    messages = fields.List(fields.Nested(MessageSchema), metadata={
+    messages = fields.List(fields.Nested(MessageSchema), validate=MESSAGES, metadata={
         "description": "A conversation, rendered as /v1/chat/completions does (generation "
                        "prompt included)."})
     add_special_tokens = fields.Boolean(load_default=True, metadata={
@@ -161,8 +164,6 @@ class TokenizeRequestSchema(Schema):
     def _one_of(self, data, **kwargs):
         if ("prompt" in data) == ("messages" in data):
             raise ValidationError("give exactly one of 'prompt' or 'messages'", "prompt")
-        if "messages" in data and not data["messages"]:
-            raise ValidationError("must contain at least one message", "messages")
 
 
 class TokenizeResponseSchema(Schema):
