@@ -70,6 +70,12 @@ class Config:
         ("STATE_DIR", str, ""),          # "": platformdirs' user data dir for llmhost
         ("DATABASE_URL", str, ""),       # "": sqlite file llmhost.db in STATE_DIR
         ("RESPONSES_TTL", float, 0.0),   # seconds a stored response is kept; 0: forever
+        ("RESPONSES_LEASE", float, 60.0),  # s: an in_progress response whose server is gone reads failed after
+        ("MAX_STORED_INPUT_BYTES", int, 4 * 1024 * 1024),  # a stored conversation's input (JSON bytes)
+        ("DB_POOL_SIZE", int, 5),        # connections each replica keeps to PostgreSQL
+        ("DB_MAX_OVERFLOW", int, 10),    # extra connections under load (replicas x both <= max_connections)
+        ("DB_POOL_TIMEOUT", float, 30.0),  # s to wait for a free connection
+        ("SERVER_ID", str, ""),          # "": host name + the address gunicorn binds (journal, leases)
         # The `llmhost` client commands (models, load, unload, chat): where and how to call.
         ("URL", str, "http://127.0.0.1:8000"),
         ("API_KEY", str, ""),

@@ -21,6 +21,7 @@ os.environ["LLMHOST_STATE_DIR"] = tempfile.mkdtemp(prefix="llmhost-state-")
 import pytest  # noqa: E402
 
 from support import ADMIN_KEY, ENV_KEY, FILE_KEY, ORIGIN, Server  # noqa: E402
+from pg import pg_url, postgres  # noqa: E402,F401  (a throwaway PostgreSQL, tests/pg.py)
 
 CACHED_REPO = "llmhost-test/tiny-llama"
 
