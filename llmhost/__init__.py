@@ -12,6 +12,7 @@ def create_app(config: Config | None = None) -> Flask:
     from . import api as api_modules
     from .http import auth, cors, limits, observability, pages
     from .models import preload
+    from .store import responses
     from .http.extensions import Api
 
     config = config or Config()
@@ -30,4 +31,5 @@ def create_app(config: Config | None = None) -> Flask:
         api.register_blueprint(module.blp)
     pages.init_app(app)  # the chat page at / and the docs' own assets (no CDN)
     preload.start(app, config)  # LLMHOST_MODELS, in a background thread of this (worker) process
+    responses.fail_abandoned_at_start(app, config)  # what this server left in_progress
     return app

@@ -104,6 +104,14 @@ class Config:
         self.MAX_CONTENT_LENGTH = self.MAX_BODY_BYTES
 
 
+def server_id(config: Config) -> str:
+    """This server's name among replicas sharing a state folder or a database:
+    LLMHOST_SERVER_ID, which the gunicorn worker sets to the host name and the
+    addresses it really binds (llmhost/server/gworker.py) unless given."""
+    import socket
+    return config.SERVER_ID or f"{socket.gethostname()}@http://{config.HOST}:{config.PORT}"
+
+
 def settings() -> Config:
     """The Config of the app handling the current request (or app context): the
     one way code reads settings, so two apps in one process never share them."""

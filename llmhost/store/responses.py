@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from ..config import settings
+from ..config import server_id, settings
 from ..http.errors import APIError
 
 log = logging.getLogger("llmhost")
@@ -473,8 +473,30 @@ def _failed(body: dict, reason: str) -> dict:
 
 def open_store(config) -> Store:
     return Store(database_url(config), ttl=config.RESPONSES_TTL, lease=config.RESPONSES_LEASE,
-                 server_id=config.SERVER_ID,
+                 server_id=server_id(config),
                  pool=(config.DB_POOL_SIZE, config.DB_MAX_OVERFLOW, config.DB_POOL_TIMEOUT))
+
+
+def fail_abandoned_at_start(app, config) -> None:
+    """A (re)starting server marks the responses it left in_progress failed at
+    once, in the background, when it has a store to look in."""
+    url = database_url(config)
+    if config.TESTING or not (config.DATABASE_URL or os.path.exists(make_url(url).database or "")):
+        return
+
+    def run() -> None:
+        with app.app_context():
+            try:
+                count = current().fail_abandoned()
+            except APIError as exc:
+                log.warning("could not mark this server's unfinished responses failed: %s",
+                            exc.message)
+                return
+            if count:
+                log.warning("marked %d stored responses failed: this server restarted while "
+                            "generating them", count)
+
+    threading.Thread(target=run, name="llmhost-store-recovery", daemon=True).start()
 
 
 _lock = threading.Lock()
