@@ -12,7 +12,6 @@ import shutil
 import signal
 import string
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from support import free_port, wait_for
+from support import Server, free_port, wait_for
 
 pytestmark = pytest.mark.scaleout
 
@@ -36,45 +35,11 @@ def _envoy_binary() -> str:
     return found
 
 
-class Replica:
-    """`gunicorn wsgi:app -b 127.0.0.1:PORT`, as a user starts one by hand."""
-
-    def __init__(self, name: str, env: dict, log_dir) -> None:
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = os.path.join(log_dir, f"replica-{name}.log")
-        base = {k: v for k, v in os.environ.items() if k not in ("LLMHOST_HOST", "LLMHOST_PORT")}
-        self.env = {**base, "PYTHONPATH": ROOT, "LLMHOST_THREADS": "16", **env}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Replica":
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "wsgi:app", "-b", f"127.0.0.1:{self.port}"],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        return self
-
-    def worker_pid(self) -> int:
-        """The gunicorn worker's pid (0 while there is none)."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return int(out.stdout.split()[0]) if out.stdout.split() else 0
-
-    def log(self) -> str:
-        with open(self.log_path, "rb") as fh:
-            return fh.read().decode("utf-8", "replace")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if getattr(self, "_log", None):
-            self._log.close()
+def _new_worker(server: Server, old: int) -> bool:
+    try:
+        return server.worker_pid() != old
+    except subprocess.CalledProcessError:     # no worker right now: it is restarting
+        return False
 
 
 def _ready(url: str, model: str | None = None) -> bool:
@@ -101,7 +66,8 @@ def cluster(postgres, tiny_models, tmp_path_factory):
     common = {"LLMHOST_DATABASE_URL": database, "LLMHOST_STATE_DIR": str(state),
               "LLMHOST_RESPONSES_LEASE": "3",
               "LLMHOST_MODELS": json.dumps([{"model": tiny_models["llama"], "id": "shared"}])}
-    a, b = Replica("a", common, logs), Replica("b", common, logs)
+    a, b = (Server(env={"PYTHONPATH": ROOT, "LLMHOST_THREADS": "16", **common}, bind_flag=True,
+                   log_path=str(logs / f"replica-{name}.log")) for name in "ab")
     try:
         yield from _run(a, b, envoy, logs, state, tiny_models)
     finally:
@@ -109,9 +75,9 @@ def cluster(postgres, tiny_models, tmp_path_factory):
         b.stop()
 
 
-def _run(a: Replica, b: Replica, envoy: str, logs, state, tiny_models):
-    a.start()
-    b.start()
+def _run(a: Server, b: Server, envoy: str, logs, state, tiny_models):
+    with ThreadPoolExecutor(2) as pool:     # both boot at once
+        list(pool.map(lambda replica: replica.start(timeout=300), (a, b)))
     ports = {"ENVOY_PORT": free_port(), "ENVOY_ADMIN_PORT": free_port(),
              "REPLICA_A_PORT": a.port, "REPLICA_B_PORT": b.port, "MAX_BODY_BYTES": MAX_BODY}
     with open(ENVOY_CONFIG) as fh:
@@ -167,8 +133,9 @@ def test_a_response_written_through_a_is_read_through_b(cluster):
 def test_a_previous_response_id_chain_alternates_replicas(cluster):
     previous, said = None, []
     for turn in range(6):
-        replica = cluster["a" if turn % 2 == 0 else "b"]
-        said.append(f"turn {turn} on {replica.name}")
+        name = "a" if turn % 2 == 0 else "b"
+        replica = cluster[name]
+        said.append(f"turn {turn} on {name}")
         body = _respond(replica.url, input=said[-1], previous_response_id=previous)
         previous = body["id"]
     items = requests.get(f"{cluster['front']}/v1/responses/{previous}/input_items",
@@ -257,7 +224,7 @@ def test_kill_9_of_a_worker(cluster):
             ended = "cut"
         assert ended != "response.completed"
 
-        wait_for(lambda: a.worker_pid() not in (0, old_worker) and _ready(a.url, "only-a"),
+        wait_for(lambda: _new_worker(a, old_worker) and _ready(a.url, "only-a"),
                  timeout=300)
         wait_for(lambda: 200 in statuses[-3:], timeout=60)
         stop.set()
