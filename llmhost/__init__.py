@@ -13,6 +13,7 @@ def create_app(config: Config | None = None) -> Flask:
     from . import api as api_modules
     from .engine import metrics
     from .http import auth, cors, limits, metering, observability, pages, redact
+    from .store import responses
     from .http.extensions import Api
     from .models.registry import registry
     from .server import preload
@@ -38,4 +39,5 @@ def create_app(config: Config | None = None) -> Flask:
         api.register_blueprint(module.blp)
     pages.init_app(app)  # the chat page at / and the docs' own assets (no CDN)
     preload.start(app, config)  # LLMHOST_MODELS, in a background thread of this (worker) process
+    responses.fail_abandoned_at_start(app, config)  # what this server left in_progress
     return app

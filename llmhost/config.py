@@ -90,6 +90,12 @@ class Config:
         ("STATE_DIR", str, ""),          # "": platformdirs' user data dir for llmhost
         ("DATABASE_URL", str, ""),       # "": sqlite file llmhost.db in STATE_DIR
         ("RESPONSES_TTL", float, 0.0),   # seconds a stored response is kept; 0: forever
+        ("RESPONSES_LEASE", float, 60.0),  # s: an in_progress response whose server is gone reads failed after
+        ("MAX_STORED_INPUT_BYTES", int, 4 * 1024 * 1024),  # a stored conversation's input (JSON bytes)
+        ("DB_POOL_SIZE", int, 5),        # connections each replica keeps to PostgreSQL
+        ("DB_MAX_OVERFLOW", int, 10),    # extra connections under load (replicas x both <= max_connections)
+        ("DB_POOL_TIMEOUT", float, 30.0),  # s to wait for a free connection
+        ("SERVER_ID", str, ""),          # "": host name + the address gunicorn binds (journal, leases)
         # The `llmhost` client commands (models, load, unload, chat): where and how to call.
         ("URL", str, "http://127.0.0.1:8000"),
         ("API_KEY", str, ""),
@@ -116,6 +122,14 @@ class Config:
         for name, value in overrides.items():
             setattr(self, name, value)
         self.MAX_CONTENT_LENGTH = self.MAX_BODY_BYTES
+
+
+def server_id(config: Config) -> str:
+    """This server's name among replicas sharing a state folder or a database:
+    LLMHOST_SERVER_ID, which the gunicorn worker sets to the host name and the
+    addresses it really binds (llmhost/server/gworker.py) unless given."""
+    import socket
+    return config.SERVER_ID or f"{socket.gethostname()}@http://{config.HOST}:{config.PORT}"
 
 
 def settings() -> Config:

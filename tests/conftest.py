@@ -36,6 +36,7 @@ for _var in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HO
 import pytest  # noqa: E402
 
 from support import ADMIN_KEY, ENV_KEY, FILE_KEY, ORIGIN, Server  # noqa: E402
+from pg import pg_url, postgres  # noqa: E402,F401  (a throwaway PostgreSQL, tests/pg.py)
 
 CACHED_REPO = "llmhost-test/tiny-llama"
 

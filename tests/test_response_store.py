@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from llmhost.store.responses import SCHEMA_VERSION, Store, StoreError
+from llmhost.store.responses import VERSION_TABLE, Store, StoreError
 from support import Server, assert_error, validate
 
 
@@ -80,17 +80,37 @@ def test_unwritable_store_is_a_clear_error_and_keeps_what_it_had(tmp_path):
 
 
 def test_store_from_a_newer_llmhost_is_refused(tmp_path):
-    from sqlalchemy import update
-    from sqlalchemy.orm import Session
-
-    from llmhost.store.responses import SchemaVersion
+    from sqlalchemy import text
 
     url = f"sqlite:///{tmp_path}/s.db"
     store = Store(url)
-    with Session(store.engine) as session, session.begin():
-        session.execute(update(SchemaVersion).values(version=SCHEMA_VERSION + 1))
+    with store.engine.begin() as conn:
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
     with pytest.raises(RuntimeError, match="newer llmhost"):
         Store(url)
+
+
+def test_a_store_written_before_alembic_is_upgraded_in_place(tmp_path):
+    """The layout llmhost wrote with metadata.create_all (schema version 1)."""
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript("""
+            CREATE TABLE llmhost_schema_version (version INTEGER PRIMARY KEY);
+            INSERT INTO llmhost_schema_version VALUES (1);
+            CREATE TABLE llmhost_responses (id VARCHAR(80) PRIMARY KEY, owner VARCHAR(64),
+                created_at FLOAT, body JSON);
+            CREATE TABLE llmhost_response_items (pk INTEGER PRIMARY KEY, response_id VARCHAR(80)
+                REFERENCES llmhost_responses(id) ON DELETE CASCADE, kind VARCHAR(8),
+                position INTEGER, item_id VARCHAR(80), data JSON);
+            INSERT INTO llmhost_responses VALUES ('resp_old', NULL, 1.0,
+                '{"id": "resp_old", "status": "completed"}');
+        """)
+    store = Store(f"sqlite:///{db}")
+    assert store.get("resp_old", None, True)["status"] == "completed"
+    store.create(_body("new"), None, _items("new"))
+    assert store.get("resp_new", None, True)["status"] == "in_progress"
 
 
 def test_owners_see_their_own(tmp_path):

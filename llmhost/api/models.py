@@ -126,14 +126,14 @@ def list_models(args):
 
 @blp.route("/models/<path:model_id>", methods=["GET"])
 @blp.response(200, ModelSchema)
-@blp.errors(404)
+@blp.errors(404, 503)
 def retrieve_model(model_id):
-    """Retrieve a model, loaded or loading"""
-    entry = registry.find(model_id)
-    if entry is None:
-        tracker = progress.get(model_id) or progress.get("/" + model_id)
-        if tracker is not None:
-            return _shown(tracker.to_dict())
+    """Retrieve a loaded model
+
+    200 only for a model this server serves now: one still loading answers 503
+    with Retry-After (its progress is in GET /v1/models), so a router that
+    checks this never sends traffic too early.
+    """
     return _shown(registry.get(model_id).to_openai())
 
 

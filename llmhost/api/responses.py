@@ -12,10 +12,12 @@ import time
 from contextlib import closing
 from dataclasses import dataclass
 
+import orjson
 from flask import jsonify
 from marshmallow import ValidationError
 from werkzeug.routing import BaseConverter
 
+from ..config import settings
 from ..http import auth, sse
 from ..generation import conversation, plan
 from ..generation.request import ChatRequest
@@ -103,8 +105,23 @@ def prepare(args: dict) -> Prepared:
         items = found[1]
     first_new = len(items)
     items += conversation.input_items(args["input"])
+    if args.get("store") is not False:
+        _bound_stored(items)
     chat = _validated_chat(conversation.chat_args(args, items, first_new))
     return Prepared(chat, items, owner, sees_all)
+
+
+def _bound_stored(items: list[dict]) -> None:
+    """Each stored response copies its conversation: bound that copy, so a chain
+    of turns cannot grow the store without limit (issue 26, item 10)."""
+    limit = settings().MAX_STORED_INPUT_BYTES
+    size = len(orjson.dumps(items))
+    if limit and size > limit:
+        raise APIError(400, f"The conversation to store is {size} bytes of input items (earlier "
+                            f"turns included), over the limit of {limit} bytes "
+                            "(LLMHOST_MAX_STORED_INPUT_BYTES). Start a new conversation, send "
+                            "less, or send `store: false` without previous_response_id.",
+                       param="input", code="stored_input_too_large")
 
 
 # -- result -> response object ---------------------------------------------------------

@@ -117,6 +117,13 @@ class ModelCollector:
                                     labels=["model"])
         memory = GaugeMetricFamily("llmhost_model_memory_bytes",
                                    "Bytes of weights and buffers.", labels=["model"])
+        # Unlabelled sums over the models: what an HPA (prometheus-adapter, KEDA) and the
+        # Gateway API Inference Extension's endpoint picker read (vLLM's num_requests_*).
+        waiting_all = GaugeMetricFamily("llmhost_requests_waiting",
+                                        "Requests waiting for a scheduler, all models.")
+        running_all = GaugeMetricFamily("llmhost_requests_running",
+                                        "Sequences being decoded now, all models.")
+        total_waiting = total_running = 0
         entries = self.entries()
         loaded.add_metric([], len(entries))
         for entry in entries:
@@ -134,7 +141,11 @@ class ModelCollector:
                 continue
             queued.add_metric([entry.id], values.get("queued", 0))
             running.add_metric([entry.id], values.get("running", 0))
-        yield from (loaded, active, queued, running, memory)
+            total_waiting += values.get("queued", 0)
+            total_running += values.get("running", 0)
+        waiting_all.add_metric([], total_waiting)
+        running_all.add_metric([], total_running)
+        yield from (loaded, active, queued, running, memory, waiting_all, running_all)
 
     def describe(self):
         return []

@@ -2,7 +2,9 @@
 worker (OOM-killed, segfault, kill -9) comes back with the models clients were
 using instead of answering 404 for them (issue 9, section 7).
 
-One JSON file per server address in LLMHOST_STATE_DIR (default
+One JSON file per server in LLMHOST_STATE_DIR, named after config.server_id
+(the host name and the address gunicorn really binds, or LLMHOST_SERVER_ID), so
+servers sharing the folder never share a journal (default
 ``$XDG_DATA_HOME/llmhost``, else ``~/.local/share/llmhost``): the load options
 of each API load, in order, and the pid of the gunicorn master that wrote it.
 A worker starting under the same master is a restarted worker: it loads the
@@ -16,8 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
+
+from ..config import server_id
 
 log = logging.getLogger("llmhost")
 
@@ -56,8 +61,8 @@ def init(config) -> list[dict]:
     mode = getattr(config, "RESTORE_MODELS", "crash")
     if mode == "never" or getattr(config, "TESTING", False):
         return []
-    address = f"{config.HOST}_{config.PORT}".replace("/", "_").replace(":", "_")
-    _path = os.path.join(state_dir(config), f"models-{address}.json")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", server_id(config))
+    _path = os.path.join(state_dir(config), f"models-{name}.json")
     master = os.getppid()
     with _lock:
         data = _read()

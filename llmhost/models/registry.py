@@ -24,7 +24,7 @@ from .. import engine
 from ..engine import metrics
 from . import adapters, journal, loading, progress
 from ..config import Config
-from ..engine.errors import Conflict, InvalidInput, NotFound, Unavailable
+from ..engine.errors import Conflict, InvalidInput, NotFound, Refused, Unavailable
 from .checks import precheck
 from .ondisk import is_path
 
@@ -100,6 +100,8 @@ class ModelRegistry:
         self._locks: dict[str, threading.Lock] = {}
         self._models: dict[str, ModelEntry] = {}
         self._loading: set[str] = set()
+        # ids LLMHOST_MODELS (or the journal) will load soon (models/preload.py)
+        self._expected: set[str] = set()
         self._reaper: threading.Thread | None = None
 
     # -- queries --------------------------------------------------------------
@@ -110,6 +112,17 @@ class ModelRegistry:
     def loading(self) -> list[str]:
         with self._guard:
             return sorted(self._loading)
+
+    def expect(self, model_ids, coming: bool = True) -> None:
+        """Ids the preload is about to load (or has tried): a request for one
+        gets 503 with Retry-After, not 404, until it is loaded."""
+        with self._guard:
+            (self._expected.update if coming else self._expected.difference_update)(model_ids)
+
+    def coming(self, model_id: str) -> bool:
+        """Being loaded, or about to be: not served yet, but soon."""
+        with self._guard:
+            return bool({model_id, "/" + model_id} & (self._loading | self._expected))
 
     def _lookup(self, model_id: str) -> ModelEntry | None:
         """Under the guard. An absolute path used as an id loses its leading slash
@@ -130,11 +143,15 @@ class ModelRegistry:
         with self._guard:
             return self._not_loaded_locked(model_id, param)
 
-    def _not_loaded_locked(self, model_id: str, param: str = "model") -> NotFound:
+    def _not_loaded_locked(self, model_id: str, param: str = "model") -> Refused:
+        if {model_id, "/" + model_id} & (self._loading | self._expected):
+            return Unavailable(f"The model '{model_id}' is still loading on this server; retry "
+                               "shortly (GET /ready?model=ID answers 200 once it serves).",
+                               param=param, code="model_loading", retry_after=5)
         loaded = ", ".join(self._models) or "none"
         return NotFound(f"The model '{model_id}' is not loaded (loaded models: {loaded}). "
                         f"Load it first with POST /v1/models {{\"model\": \"{model_id}\"}}.",
-                   param=param, code="model_not_found")
+                        param=param, code="model_not_found")
 
     def server_paths(self) -> list[str]:
         """Paths to hide from callers who are not admins (http/redact.py, wired

@@ -15,8 +15,16 @@ class FailedModelSchema(Schema):
     error = fields.String(required=True)
 
 
+class ReadyQuerySchema(Schema):
+    model = fields.String(metadata={"description": "Ready for this model only: 200 once it is "
+                                                   "loaded and serving, 503 (Retry-After) while "
+                                                   "it loads, 404 when this server does not have it."})
+
+
 class ReadySchema(Schema):
-    status = fields.String(required=True, metadata={"enum": ["ready", "loading"]})
+    status = fields.String(required=True, metadata={"enum": ["ready", "loading", "absent", "unavailable"]})
+    message = fields.String(metadata={"description": "Why it is not ready, when it is not the "
+                                                     "models (the store's schema is behind)."})
     loaded = fields.List(fields.String(), required=True)
     loading = fields.List(fields.String(), required=True)
     failed = fields.List(fields.Nested(FailedModelSchema), required=True, metadata={

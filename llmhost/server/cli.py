@@ -416,3 +416,36 @@ def bench(ctx) -> None:
     from ..dev import bench as bench_module
 
     sys.exit(bench_module.main(ctx.args))
+
+
+@main.group()
+def db() -> None:
+    """The response store's schema (LLMHOST_DATABASE_URL, else SQLite in LLMHOST_STATE_DIR)."""
+
+
+@db.command()
+def upgrade() -> None:
+    """Migrate the store's schema to this llmhost's (Alembic).
+
+    Idempotent, and safe when several run at once (PostgreSQL: an advisory lock;
+    SQLite: a file lock). Run it (by hand, or the Kubernetes migration Job)
+    before starting replicas of a new llmhost on PostgreSQL; SQLite upgrades itself.
+    """
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..config import Config
+    from ..store import responses
+
+    url = responses.database_url(Config())
+    shown = make_url(url).render_as_string()
+    engine = create_engine(url)
+    try:
+        before, after = responses.upgrade(engine)
+    except SQLAlchemyError as exc:
+        raise ServerError(f"cannot upgrade the response store {shown}: {exc}")
+    finally:
+        engine.dispose()
+    click.echo(f"{shown}: " + (f"already at revision {after}" if before == after
+                               else f"upgraded from {before or 'an empty database'} to {after}"))

@@ -17,6 +17,7 @@ itself is left to the plain gthread path.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import select
 import selectors
@@ -79,6 +80,15 @@ class GuardedThreadWorker(gthread.ThreadWorker):
         from ..config import Config
         self.read_timeout = float(Config().READ_TIMEOUT)
         self.reading: dict = {}        # conn -> deadline, in deadline order
+
+    def init_process(self) -> None:
+        # Before the app loads: the addresses gunicorn really bound (`-b` included) name this
+        # server for its model journal and its response leases (config.server_id), so two
+        # servers sharing a state folder never share a journal.
+        if not os.environ.get("LLMHOST_SERVER_ID"):
+            bound = "+".join(str(sock) for sock in self.sockets)
+            os.environ["LLMHOST_SERVER_ID"] = f"{socket.gethostname()}@{bound}"
+        super().init_process()
 
     # -- connections waiting for a whole request ---------------------------------
     def _start_reading(self, conn) -> None:

@@ -63,6 +63,7 @@ class Preload:
         self.items = items
         self._lock = threading.Lock()
         self.pending = [_label(item) for item in items]
+        registry.expect(self.pending)
         self.failed: list[dict] = []
         self.done = not items
 
@@ -96,6 +97,7 @@ class Preload:
             finally:
                 with self._lock:
                     self.pending.remove(label)
+                registry.expect([label], coming=False)
         with self._lock:
             self.done = True
         log.info("preload done: %d loaded, %d failed", len(self.items) - len(self.failed),

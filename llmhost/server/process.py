@@ -22,11 +22,17 @@ def free_port() -> int:
 class Server:
     """One gunicorn process; its output goes to `log_path`."""
 
-    def __init__(self, env: dict | None = None, log_path: str | None = None):
+    def __init__(self, env: dict | None = None, log_path: str | None = None,
+                 bind_flag: bool = False):
+        """`bind_flag`: the address as gunicorn's `-b` rather than LLMHOST_HOST /
+        LLMHOST_PORT (which are then unset), as a user may start replicas."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "LLMHOST_HOST": "127.0.0.1", "LLMHOST_PORT": str(self.port),
-                    **(env or {})}
+        self.args = ["-b", f"127.0.0.1:{self.port}"] if bind_flag else []
+        address = {} if bind_flag else {"LLMHOST_HOST": "127.0.0.1", "LLMHOST_PORT": str(self.port)}
+        base = {k: v for k, v in os.environ.items()
+                if not (bind_flag and k in ("LLMHOST_HOST", "LLMHOST_PORT"))}
+        self.env = {**base, **address, **(env or {})}
         self.log_path = log_path or os.path.join(
             os.environ.get("LLMHOST_TEST_LOGS", "/tmp"), f"llmhost-gunicorn-{self.port}.log")
         self.proc: subprocess.Popen | None = None
@@ -42,7 +48,8 @@ class Server:
         import requests
 
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app"], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "wsgi:app", *self.args],
+                                     cwd=ROOT,
                                      env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
