@@ -1,4 +1,4 @@
 """One blueprint module per resource; MODULES registers them in order."""
-from . import chat, completions, embeddings, health, models, responses, tokenize
+from . import anthropic, chat, completions, embeddings, health, models, ollama, responses, tokenize
 
-MODULES = (health, models, chat, completions, embeddings, responses, tokenize)
+MODULES = (health, models, chat, completions, embeddings, responses, tokenize, anthropic, ollama)
