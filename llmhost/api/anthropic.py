@@ -13,7 +13,7 @@ from flask import jsonify
 from ..generation import anthropic
 from ..http import sse
 from ..http.extensions import Blueprint
-from ..schemas.anthropic import CountTokensSchema, MessageSchema, MessagesRequestSchema, TokenCountSchema
+from ..schemas.anthropic import CountTokensSchema, AnthropicMessageSchema, MessagesRequestSchema, TokenCountSchema
 from .chatpath import relay, start_chat
 
 blp = Blueprint("anthropic", __name__, url_prefix="/v1",
@@ -22,7 +22,7 @@ blp = Blueprint("anthropic", __name__, url_prefix="/v1",
 
 @blp.route("/messages", methods=["POST"])
 @blp.arguments(MessagesRequestSchema)
-@blp.response(200, MessageSchema, description="A message; with `stream: true`, Anthropic's "
+@blp.response(200, AnthropicMessageSchema, description="A message; with `stream: true`, Anthropic's "
               "server-sent events (`event: <type>`, `data: <json>`).")
 @blp.errors(400, 404, 429, 503)
 def create_message(args):

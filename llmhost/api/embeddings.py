@@ -29,8 +29,8 @@ def create_embeddings(args):
     """
     mode = args.get("token_ids") or settings().EMBED_TOKEN_IDS
     inputs = to_texts(args["input"], mode)  # OpenAI's token ids become text (openai_tokens.py)
-    model, result = embed(args["model"], inputs, args["truncate"], args.get("dimensions"))
-    return Response(_body(model, result.vectors, args["encoding_format"], result.prompt_tokens),
+    result = embed(args["model"], inputs, args["truncate"], args.get("dimensions"))
+    return Response(_body(args["model"], result.vectors, args["encoding_format"], result.prompt_tokens),
                     mimetype="application/json")
 
 

@@ -6,6 +6,7 @@ from ..http.extensions import Blueprint
 from ..models.loading import LoadSpec, cached_models
 from ..models.ondisk import local_models
 from ..models.registry import registry
+from .access import aliases, resolve
 from .loads import load, load_events
 from ..schemas.models import DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema, LoadModelSchema, ModelSchema
 
@@ -59,6 +60,13 @@ def list_models(args):
     LLMHOST_MODEL_DIRS.
     """
     data = [entry.to_openai() for entry in registry.list()]
+    names = aliases()
+    for model in data:
+        model["aliases"] = sorted(a for a, target in names.items() if target == model["id"])
+    created = {model["id"]: model["created"] for model in data}
+    data += [{"id": alias, "object": "model", "created": created.get(target, 0),
+              "owned_by": "llmhost", "status": "loaded", "alias_of": target}
+             for alias, target in sorted(names.items())]
     seen = {d["id"] for d in data}
     data += [t.to_dict() for t in progress.active() if t.id not in seen]
     if args.get("include") == "cached":
@@ -82,7 +90,7 @@ def retrieve_model(model_id):
         tracker = progress.get(model_id) or progress.get("/" + model_id)
         if tracker is not None:
             return _shown(tracker.to_dict())
-    return _shown(registry.get(model_id).to_openai())
+    return _shown(registry.get(resolve(model_id)).to_openai())
 
 
 @blp.route("/models/<path:model_id>", methods=["DELETE"])

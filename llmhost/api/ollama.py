@@ -23,7 +23,7 @@ from ..models.loading import LoadSpec
 from ..models.registry import registry
 from ..schemas.ollama import ChatSchema, EmbeddingsSchema, EmbedSchema, GenerateSchema, ModelNameSchema, PullSchema, StatusSchema
 from ..version import __version__
-from .access import use_model
+from .access import resolve, use_model
 from .chatpath import relay, start_chat
 from .loads import load, load_events
 from .vectors import embed
@@ -91,7 +91,7 @@ def _texts(value) -> list[str]:
 def embed_texts(args):
     """Embed (Ollama API)"""
     began = time.perf_counter()
-    _, result = embed(args["model"], _texts(args["input"]), args["truncate"],
+    result = embed(args["model"], _texts(args["input"]), args["truncate"],
                       args.get("dimensions"))
     return Response(orjson.dumps({
         "model": args["model"], "embeddings": list(result.vectors),
@@ -106,7 +106,7 @@ def embed_texts(args):
 @blp.errors(400, 404, 429, 503)
 def embeddings(args):
     """Embed one prompt (Ollama's older API)"""
-    _, result = embed(args["model"], [args["prompt"]], True)
+    result = embed(args["model"], [args["prompt"]], True)
     return Response(orjson.dumps({"embedding": result.vectors[0]},
                                  option=orjson.OPT_SERIALIZE_NUMPY), mimetype="application/json")
 
@@ -142,7 +142,7 @@ def running():
 @blp.errors(400, 404)
 def show(args):
     """Show a model (Ollama API)"""
-    entry = registry.get(args["model"])
+    entry = registry.get(resolve(args["model"]))
     card = ollama.model_card(entry)
     family = card["details"]["family"]
     generates = entry.task == "generate"

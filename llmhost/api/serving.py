@@ -187,7 +187,7 @@ def serve(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
     entry, run, fmt, stack = started.entry, started.run, started.fmt, started.stack
     fields, log_content = started.fields, started.log_content
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object,
-            "created": int(time.time()), "model": entry.id,
+            "created": int(time.time()), "model": args["model"],   # as sent (an alias too)
             "system_fingerprint": fingerprint(entry)}
     if not args.get("stream"):
         with stack:

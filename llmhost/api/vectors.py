@@ -8,11 +8,12 @@ from ..http.observability import log_fields
 from .access import use_model
 
 
-def embed(model_id: str, inputs: list, truncate: bool, dimensions: int | None = None):
-    """(served model id, the engine's result: `.vectors`, `.prompt_tokens`)."""
+def embed(model_id: str, texts: list, truncate: bool, dimensions: int | None = None):
+    """The engine's result (`.vectors`, `.prompt_tokens`) for `texts` on the
+    model `model_id` names (an alias too)."""
     with use_model(model_id, task="embed") as entry:
-        inputs = checks.embedding_inputs(entry, inputs, truncate)
-        result = entry.engine.embed(inputs, truncate=truncate, dimensions=dimensions)
+        texts = checks.embedding_inputs(entry, texts, truncate)
+        result = entry.engine.embed(texts, truncate=truncate, dimensions=dimensions)
     metrics.record_tokens(entry.id, result.prompt_tokens, 0)
     log_fields().update(model=entry.id, prompt_tokens=result.prompt_tokens)
-    return entry.id, result
+    return result

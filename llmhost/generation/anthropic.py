@@ -198,8 +198,19 @@ def chat_body(args: dict) -> dict:
     if tools and parallel is not None:
         body["parallel_tool_calls"] = parallel
     thinking = args.get("thinking") or {}
+    output = args.get("output_config") or {}
     if thinking.get("type") == "disabled":
         body["reasoning_effort"] = "none"   # templates with an enable_thinking switch
+    elif output.get("effort"):
+        body["reasoning_effort"] = output["effort"]
+    fmt = output.get("format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" \
+                or not isinstance(fmt.get("schema"), dict):
+            raise invalid("Invalid value for 'output_config.format': must be {\"type\": "
+                          "\"json_schema\", \"schema\": {...}}.", param="output_config.format")
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "output", "schema": fmt["schema"]}}
     return body
 
 

@@ -49,6 +49,7 @@ class LoadSpec:
     chat_template: str | None = None
     keep_alive: float | None = None
     quantization: str | None = None
+    aliases: list[str] | None = None    # other names that reach it (never over a loaded id)
 
     @property
     def served_id(self) -> str:

@@ -31,6 +31,10 @@ class CountTokensSchema(Schema):
         "description": "`{\"type\": \"disabled\"}` renders templates with an enable_thinking "
                        "switch with thinking off; `enabled` lets a reasoning model think."})
 
+    output_config = fields.Dict(allow_none=True, metadata={
+        "description": "`format`: `{\"type\": \"json_schema\", \"schema\": ...}` (a grammar "
+                       "holds the answer to it); `effort`: passed as reasoning_effort."})
+
     @validates("messages")
     def _not_empty(self, value, **kwargs):
         if not value:
@@ -51,7 +55,7 @@ class MessagesRequestSchema(CountTokensSchema):
                        "message_delta, message_stop."})
 
 
-class MessageSchema(Schema):
+class AnthropicMessageSchema(Schema):
     """The message object (with `stream: true`, Anthropic's event stream)."""
 
     id = fields.String(required=True)

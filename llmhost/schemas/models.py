@@ -36,6 +36,10 @@ class LoadModelSchema(Schema):
         "description": "A Jinja chat template that replaces the model's own (or the fallback)."})
     keep_alive = fields.Float(allow_none=True, validate=validate.Range(min=0), metadata={
         "description": "Unload after this many idle seconds (0: never; default LLMHOST_KEEP_ALIVE)."})
+    aliases = fields.List(fields.String(validate=validate.Length(min=1, max=256)),
+                          allow_none=True, validate=validate.Length(max=64), metadata={
+        "description": "Other names that reach this model on every API (e.g. `gpt-4o`, "
+                       "`claude-sonnet-4-5`); a loaded model's own id always wins over an alias."})
     stream = fields.Boolean(metadata={
         "description": "llmhost extra. `true`: answer server-sent events of load progress "
                        "(`object: model.load.progress`), then the Model object, then `[DONE]`; "
@@ -69,6 +73,10 @@ class ModelSchema(Schema):
     max_context = fields.Integer()
     dimensions = fields.Integer(metadata={"description": "Size of the vectors (embedding models)."})
     keep_alive = fields.Float(allow_none=True)
+    aliases = fields.List(fields.String(), metadata={
+        "description": "Names that reach this model (load option `aliases` and "
+                       "LLMHOST_MODEL_ALIASES)."})
+    alias_of = fields.String(metadata={"description": "An alias entry: the id it reaches."})
     size_on_disk = fields.Integer()
     format = fields.String(metadata={"enum": ["hub", "gguf", "folder"],
                                      "description": "Cached entries: where the files are."})
