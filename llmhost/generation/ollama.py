@@ -131,6 +131,8 @@ def chat_body(args: dict) -> dict:
         body["response_format"] = response_format
     if args.get("tools"):
         body["tools"] = args["tools"]
+        if args.get("tool_choice") is not None:     # an llmhost extra
+            body["tool_choice"] = args["tool_choice"]
     if args.get("think") is False:
         body["reasoning_effort"] = "none"   # templates with an enable_thinking switch
     return body

@@ -73,7 +73,8 @@ class Parser(FlaskParser):
 
     def _raw_load_json(self, req):
         raw = limits.request_body(req)
-        if not core.is_json(req.mimetype):
+        # Ollama's clients (and its docs' `curl -d`) send JSON without a JSON content type.
+        if not core.is_json(req.mimetype) and req.blueprint != "ollama":
             if raw:
                 raise errors.APIError(
                     415, "Request body must be JSON: send 'Content-Type: application/json'.")

@@ -29,6 +29,9 @@ class ChatSchema(_Generation):
     messages = fields.List(fields.Raw(), required=True, validate=validate.Length(min=1))
     tools = fields.List(fields.Raw(), allow_none=True, metadata={
         "description": "Functions as in OpenAI's chat API."})
+    tool_choice = fields.Raw(allow_none=True, metadata={
+        "description": "llmhost extra (Ollama has none): OpenAI's `tool_choice`; `required` or "
+                       "a named function forces a call with a grammar."})
 
 
 class GenerateSchema(_Generation):
