@@ -113,6 +113,7 @@ def embeddings(args):
 
 @blp.route("/tags", methods=["GET"])
 @blp.response(200, description="`models`: the loaded models.")
+@blp.errors()
 def tags():
     """List models (Ollama API)"""
     return {"models": [ollama.model_card(entry) for entry in registry.list()]}
@@ -120,6 +121,7 @@ def tags():
 
 @blp.route("/ps", methods=["GET"])
 @blp.response(200, description="`models`: the loaded models, with memory and expiry.")
+@blp.errors()
 def running():
     """List running models (Ollama API)"""
     models = []
@@ -158,6 +160,7 @@ def show(args):
 
 @blp.route("/version", methods=["GET"])
 @blp.response(200, description="`version`: llmhost's version.")
+@blp.errors()
 def version():
     """Server version (Ollama API)"""
     return {"version": __version__}

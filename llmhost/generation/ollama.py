@@ -55,6 +55,9 @@ def _messages(messages: list, where: str = "messages") -> list[dict]:
             raise invalid(f"Invalid value for '{at}.content': must be a string.",
                           param=f"{at}.content")
         role = message["role"]
+        if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
+            raise invalid(f"Invalid value for '{at}.tool_calls': must be an array.",
+                          param=f"{at}.tool_calls")
         if role == "assistant" and message.get("tool_calls"):
             made = []
             for j, call in enumerate(message["tool_calls"]):
