@@ -56,7 +56,9 @@ def test_structured_format(client):
     assert "\n" not in reply.message.content          # compact: no free whitespace
     anything = client.generate(model="smollm2", prompt="A JSON object about Rome.", format="json",
                                options={**GREEDY, "num_predict": 40})
-    assert isinstance(json.loads(anything.response), dict) or anything.done_reason == "length"
+    if anything.done_reason == "stop":           # else num_predict cut it: JSON so far
+        assert isinstance(json.loads(anything.response), dict)
+    assert anything.response.startswith("{")
 
 
 def test_tool_call_and_result(client):
