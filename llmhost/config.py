@@ -19,6 +19,17 @@ def _list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def _aliases(value: str) -> dict[str, str]:
+    """``alias=model id,alias=model id`` (LLMHOST_MODEL_ALIASES)."""
+    out = {}
+    for item in _list(value):
+        alias, sep, target = item.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise ValueError(f"LLMHOST_MODEL_ALIASES: {item!r} is not alias=model")
+        out[alias.strip()] = target.strip()
+    return out
+
+
 class Config:
     """Typed view of the environment; Flask reads the upper-case attributes."""
 
@@ -38,6 +49,7 @@ class Config:
         ("HUB_TIMEOUT", float, 5.0),
         ("MODEL_DIRS", _list, []),
         ("MODELS", str, ""),
+        ("MODEL_ALIASES", _aliases, {}),  # gpt-4o=smollm2,...: names that reach a loaded model
         ("MAX_LOADED_MODELS", int, 0),
         ("KEEP_ALIVE", float, 0.0),
         ("AUTOLOAD", _bool, False),

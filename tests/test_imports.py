@@ -112,7 +112,8 @@ def test_no_import_cycles_in_llmhost():
 # -- the layer arrows ---------------------------------------------------------------
 # api/serving.py (running a Plan) and api/access.py (which model a caller may
 # use) are helpers the routes share; every other module under api/ is a route.
-API_HELPERS = {"llmhost.api", "llmhost.api.serving", "llmhost.api.access"}
+API_HELPERS = {"llmhost.api", "llmhost.api.serving", "llmhost.api.access", "llmhost.api.chatpath",
+               "llmhost.api.loads", "llmhost.api.vectors"}
 
 
 def _inside(module: str, package: str) -> bool:

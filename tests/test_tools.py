@@ -82,7 +82,7 @@ def test_required_parallel_ends_at_the_first_repeated_call(server, smollm2):
     two identical calls, far fewer tokens than max_tokens. Streamed and not,
     n=2."""
     body = {"model": "smollm2", "messages": ASK, "temperature": 0, "max_tokens": 300, "n": 2,
-            "tools": [WEATHER], "tool_choice": "required"}
+            "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": True}
     full = chat(server, **{k: v for k, v in body.items() if k not in ("model", "messages")})
     assert full["usage"]["completion_tokens"] < 2 * 150, full["usage"]
     for choice in full["choices"]:

@@ -2,9 +2,10 @@
 
 A route is thin: typed request -> generation/plan.py's Plan -> serving.serve
 (serving.py) -> its format. Routes never import routes; what they share is in
-serving.py (running a Plan) and access.py (which model a caller may use)."""
-from . import (audio, chat, completions, embeddings, health, models, rerank, responses, tokenize,
-               usage)
+serving.py (running a Plan), access.py (which model a caller may use), and the
+shared paths chatpath.py, loads.py and vectors.py."""
+from . import (anthropic, audio, chat, completions, embeddings, health, models, ollama, rerank,
+               responses, tokenize, usage)
 
-MODULES = (health, models, chat, completions, embeddings, responses, tokenize, rerank, audio,
-           usage)
+MODULES = (health, models, chat, completions, embeddings, responses, tokenize, anthropic, ollama,
+           rerank, audio, usage)

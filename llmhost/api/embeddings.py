@@ -7,13 +7,10 @@ import numpy as np
 import orjson
 from flask import Response
 
-from ..http import checks, metering
-from ..engine import metrics
 from ..config import settings
 from ..http.extensions import Blueprint
-from ..http.observability import log_fields
 from ..generation.openai_tokens import to_texts
-from .access import use_model
+from .vectors import embed
 from ..schemas.embeddings import EmbeddingRequestSchema, EmbeddingResponseSchema
 
 blp = Blueprint("embeddings", __name__, url_prefix="/v1",
@@ -32,15 +29,8 @@ def create_embeddings(args):
     """
     mode = args.get("token_ids") or settings().EMBED_TOKEN_IDS
     inputs = to_texts(args["input"], mode)  # OpenAI's token ids become text (openai_tokens.py)
-    with use_model(args["model"], task="embed") as entry:
-        inputs = checks.embedding_inputs(entry, inputs, args["truncate"])
-        metering.admit_tokens(len(inputs))  # at least a token each; settled to the real count
-        result = entry.engine.embed(inputs, truncate=args["truncate"],
-                                    dimensions=args.get("dimensions"))
-    metrics.record_tokens(entry.id, result.prompt_tokens, 0)
-    metering.add(prompt_tokens=result.prompt_tokens)
-    log_fields().update(model=entry.id, prompt_tokens=result.prompt_tokens)
-    return Response(_body(entry.id, result.vectors, args["encoding_format"], result.prompt_tokens),
+    result = embed(args["model"], inputs, args["truncate"], args.get("dimensions"))
+    return Response(_body(args["model"], result.vectors, args["encoding_format"], result.prompt_tokens),
                     mimetype="application/json")
 
 

@@ -1,23 +1,17 @@
 """Model lifecycle: load, list, retrieve, unload."""
-import threading
-import time
-
-from flask import current_app
-
-from ..models import journal, progress
+from ..models import progress
 from ..http import redact, sse
 from ..config import settings
 from ..http.extensions import Blueprint
 from ..models.loading import LoadSpec
 from ..models.ondisk import cached_models, local_models
 from ..models.registry import registry
+from .access import aliases, resolve
+from .loads import load, load_events
 from ..schemas.models import (DeletedModelSchema, ListModelsQuerySchema, ListModelsSchema,
                               LoadModelSchema, ModelSchema, UnloadModelQuerySchema)
 
 blp = Blueprint("models", __name__, url_prefix="/v1", description="Load, list and unload models.")
-
-PROGRESS_EVERY = 0.25  # seconds between progress events at most (and a heartbeat)
-MIN_GAP = 0.05        # seconds between progress events at least
 
 
 @blp.route("/models", methods=["POST"])
@@ -39,10 +33,9 @@ def load_model(args):
     stream = args.pop("stream", False)
     spec = LoadSpec(**args)
     if stream:
-        return sse.stream(_load_events(spec, args, redact.may_see_paths()))
-    entry, created = registry.load(spec, settings())
-    if created:
-        journal.record(args, entry.id)   # reloaded if the worker crashes
+        may_see = redact.may_see_paths()
+        return sse.stream(_shown(event, may_see) for event in load_events(spec, args))
+    entry, created = load(spec, args)
     return _shown(entry.to_openai()), 201 if created else 200
 
 
@@ -53,49 +46,6 @@ def _shown(model: dict, may_see: bool | None = None) -> dict:
     if redact.is_path(model.get("source")) and not may_see:
         model = {**model, "source": redact.label(model["source"])}
     return model
-
-
-def _load_events(spec: LoadSpec, args: dict, may_see: bool):
-    """Start the load on its own thread, so that a client who goes away does not
-    stop it halfway (it finishes and stays loaded, as a non-streamed load would);
-    the events are progress while it runs, then the Model object. `may_see`:
-    whether this caller sees server paths (decided while the request is on)."""
-    outcome: dict = {}
-    app = current_app._get_current_object()
-    config = settings()
-
-    def run() -> None:
-        with app.app_context():
-            try:
-                outcome["entry"], created = registry.load(spec, config)
-                if created:
-                    journal.record(args, outcome["entry"].id)   # reloaded after a crash
-            except BaseException as exc:  # handed to the stream, which renders it
-                outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name=f"llmhost-load-{spec.served_id}", daemon=True)
-    thread.start()
-
-    def events():
-        version, tracker = -1, None
-        while thread.is_alive():
-            tracker = progress.get(spec.served_id) or tracker
-            if tracker is None or tracker.finished:
-                thread.join(PROGRESS_EVERY)
-                continue
-            if tracker.version != version:
-                version = tracker.version
-                yield _shown({**tracker.to_dict(), "object": "model.load.progress"}, may_see)
-                time.sleep(MIN_GAP)  # a load of thousands of tensors: not one event each
-            tracker.wait(version, PROGRESS_EVERY)
-        if "error" in outcome:
-            raise outcome["error"]
-        if tracker is not None and tracker.version != version:
-            # A small load can finish between two polls: its last counts still come.
-            yield _shown({**tracker.to_dict(), "object": "model.load.progress"}, may_see)
-        yield _shown(outcome["entry"].to_openai(), may_see)
-
-    return events()
 
 
 @blp.route("/models", methods=["GET"])
@@ -111,6 +61,13 @@ def list_models(args):
     LLMHOST_MODEL_DIRS.
     """
     data = [entry.to_openai() for entry in registry.list()]
+    names = aliases()
+    for model in data:
+        model["aliases"] = sorted(a for a, target in names.items() if target == model["id"])
+    created = {model["id"]: model["created"] for model in data}
+    data += [{"id": alias, "object": "model", "created": created.get(target, 0),
+              "owned_by": "llmhost", "status": "loaded", "alias_of": target}
+             for alias, target in sorted(names.items())]
     seen = {d["id"] for d in data}
     data += [t.to_dict() for t in progress.active() if t.id not in seen]
     if args.get("include") == "cached":
@@ -134,7 +91,7 @@ def retrieve_model(model_id):
     with Retry-After (its progress is in GET /v1/models), so a router that
     checks this never sends traffic too early.
     """
-    return _shown(registry.get(model_id).to_openai())
+    return _shown(registry.get(resolve(model_id)).to_openai())
 
 
 @blp.route("/models/<path:model_id>", methods=["DELETE"])

@@ -164,7 +164,7 @@ class Renderer:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": args.get("instructions"),
             "max_output_tokens": args.get("max_output_tokens"),
-            "model": self.started.entry.id,
+            "model": args["model"],      # as the client named it (an alias too)
             "output": output,
             "output_text": conversation.output_text(output),
             "parallel_tool_calls": args.get("parallel_tool_calls") is not False,

@@ -117,7 +117,7 @@ def serve(request: TextRequest, build: Build, make_format: MakeFormat) -> Respon
     fmt = make_format(entry, started.plan)
     fields, log_content = started.fields, started.log_content
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object,
-            "created": int(time.time()), "model": entry.id,
+            "created": int(time.time()), "model": request.model,   # as sent (an alias too)
             "system_fingerprint": fingerprint(entry)}
     if not request.stream:
         with stack:

@@ -146,5 +146,26 @@ def ebnf(comp, grammar: str) -> xgr.CompiledGrammar:
     return _compile(comp, comp.compile_grammar, grammar)
 
 
+def compact(node):
+    """`node` (a structural tag or one of its formats) with every JSON schema
+    content compact, as :func:`json_schema` compiles it: ", " and ": "
+    separators and no other whitespace, so a forced call or JSON answer costs
+    only the tokens it needs (a small model given free whitespace writes
+    newlines and indentation, and max_tokens cuts the call). Structural tags
+    take no `any_whitespace`, so each schema becomes the grammar xgrammar
+    builds for it with `any_whitespace=False`; `"strict": false` on a node
+    allows properties the schema does not name (json_object)."""
+    if isinstance(node, list):
+        return [compact(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "json_schema" and node.get("style", "json") == "json":
+        grammar = xgr.Grammar.from_json_schema(json.dumps(node["json_schema"]),
+                                               any_whitespace=False,
+                                               strict_mode=node.get("strict", True))
+        return {"type": "grammar", "grammar": str(grammar)}
+    return {key: compact(value) for key, value in node.items()}
+
+
 def structural_tag(comp, tag: dict) -> xgr.CompiledGrammar:
-    return _compile(comp, comp.compile_structural_tag, json.dumps(tag))
+    return _compile(comp, lambda: comp.compile_structural_tag(json.dumps(compact(tag))))

@@ -77,6 +77,12 @@ class NotFound(Refused):
     """What the request names does not exist (a model, a file, a stored item)."""
 
 
+def unsupported(param: str, hint: str = "") -> "InvalidInput":
+    """A known field llmhost does not support: a 400 naming it."""
+    return InvalidInput(f"'{param}' is not supported by llmhost{hint}.", param=param,
+                        code="unsupported_parameter")
+
+
 class Conflict(Refused):
     """It clashes with what is already there (a model loaded with other options)."""
 

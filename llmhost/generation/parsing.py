@@ -36,6 +36,7 @@ when its closing tag arrives; each call then goes out as OpenAI's
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -283,7 +284,12 @@ class JsonStrings:
 
 class OutputParser:
     """One choice's parser. If the output does not parse (a call with broken
-    JSON), the rest of it is passed on as plain content rather than lost."""
+    JSON), the rest of it is passed on as plain content rather than lost.
+
+    A tail that may be the start of a closing tag (``</tool_``) is held back
+    until the next piece says what it is: when the answer ends there (max_tokens
+    cut the closing tag of a call whose JSON is whole), the call still parses
+    without it, and the finish_reason (``length``) says what happened."""
 
     def __init__(self, template: dict, prefix: str, tools: list[dict] | None,
                  prefill: str = "", keep: dict[int, str] | None = None) -> None:
@@ -296,10 +302,21 @@ class OutputParser:
         self.started = False
         self.raw = ""          # text fed but not yet released (for the broken case)
         self.broken = False
+        self.closers = [f["close"] for f in template.get("fields", {}).values()
+                        if isinstance(f, dict) and f.get("close")]
+        self.held = ""         # a tail that may start a closing tag
+
+    def _hold(self, text: str) -> tuple[str, str]:
+        """(text to feed now, tail that is a proper prefix of a closing tag)."""
+        for size in range(min(len(text), max(map(len, self.closers), default=1) - 1), 0, -1):
+            if any(c.startswith(text[-size:]) and len(c) > size for c in self.closers):
+                return text[:-size], text[-size:]
+        return text, ""
 
     def feed(self, text: str) -> Parsed:
         if self.broken:
             return Parsed(content=text)
+        text, self.held = self._hold(self.held + text)
         try:
             events = self.parser.feed(self.escape(text) if self.escape else text)
         except Exception as exc:
@@ -308,7 +325,15 @@ class OutputParser:
 
     def finish(self) -> Parsed:
         if self.broken:
-            return Parsed()
+            return Parsed(content=self.held)
+        if self.held:
+            saved, held, self.held = copy.deepcopy(self.parser), self.held, ""
+            try:
+                events = self.parser.feed(held)
+                _, more = self.parser.finalize()
+                return self._events(events + more, held)
+            except Exception:        # a cut closing tag: finish without it
+                self.parser = saved
         try:
             _, events = self.parser.finalize()
         except Exception as exc:

@@ -82,6 +82,7 @@ class StopMatcher:
     def __init__(self, stops: list[str] | tuple[str, ...] = ()) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None   # the stop string that ended the text (Anthropic's stop_sequence)
 
     def _held(self, text: str) -> int:
         """Length of the longest tail of `text` that starts some stop string."""
@@ -100,9 +101,10 @@ class StopMatcher:
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        hits = [pos for pos in (self.pending.find(s) for s in self.stops) if pos >= 0]
+        hits = [(pos, s) for s, pos in ((s, self.pending.find(s)) for s in self.stops) if pos >= 0]
         if hits:
-            out, self.pending = self.pending[:min(hits)], ""
+            pos, self.matched = min(hits)
+            out, self.pending = self.pending[:pos], ""
             return out, True
         keep = 0 if final else self._held(self.pending)
         cut = len(self.pending) - keep

@@ -147,6 +147,35 @@ def _renders_tools(entry) -> bool:
     return seen[template]
 
 
+def _renders_parallel(entry) -> bool:
+    """Whether the chat template writes two calls of one assistant turn (as
+    llama.cpp's server decides its `parallel_tool_calls` default): rendered
+    once per tokenizer and template, with two probe calls."""
+    template = template_for(entry)
+    seen = _renders.setdefault(entry.tokenizer, {})
+    key = (template, "parallel")
+    if key not in seen:
+        names = ["llmhost_probe_first", "llmhost_probe_second"]
+        calls = [{"id": f"probe{i}abcd", "type": "function",
+                  "function": {"name": name, "arguments": {"x": "1"}}}
+                 for i, name in enumerate(names)]
+        messages = [{"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "", "tool_calls": calls},
+                    *({"role": "tool", "tool_call_id": c["id"], "content": "1"} for c in calls)]
+        tools = [{**_PROBE, "function": {**_PROBE["function"], "name": n}} for n in names]
+        if "tool_responses" in _template_source(entry):
+            messages = _fold_tool_responses(messages)
+        try:
+            text = bounded(lambda: entry.tokenizer.apply_chat_template(
+                messages, tools=tools, chat_template=template, tokenize=False,
+                add_generation_prompt=True), f"The chat template of model '{entry.id}'",
+                "messages")
+            seen[key] = all(text.count(n) >= 2 for n in names)   # in the tools and the call
+        except Exception:
+            seen[key] = False
+    return seen[key]
+
+
 def _speaks_think(entry) -> bool:
     return "<think>" in _template_source(entry) or "<think>" in entry.tokenizer.get_added_vocab()
 
@@ -184,8 +213,14 @@ def chat_plan(request: ChatRequest, entry) -> ChatPlan:
         # tool_choice none (or no tools): never parse calls; reasoning still is.
         parse = copy.deepcopy(parse)
         del parse["fields"]["tool_calls"]
+    parallel = request.parallel_tool_calls
+    if parallel is None:
+        # Left out: what the template can write. A model taught llmhost's format
+        # (no tools in its template) makes one call unless the client asks for
+        # more; a small one otherwise writes call after call until max_tokens.
+        parallel = native and _renders_parallel(entry)
     return ChatPlan(messages=messages, template_tools=template_tools, tools=active,
-                    tool_choice=choice, parallel=request.parallel_tool_calls is not False,
+                    tool_choice=choice, parallel=parallel,
                     syntax=call_syntax(parse) if native else "hermes", source=source,
                     parse_template=parse, request=request)
 
@@ -293,8 +328,8 @@ def _answer_format(request: TextRequest) -> tuple[dict | None, str]:
         return ({"type": "json_schema", "json_schema": schema if schema is not None else True,
                  "max_whitespace_cnt": 1}, "response_format.json_schema.schema")
     if rf.get("type") == "json_object":
-        return ({"type": "json_schema", "json_schema": {"type": "object"}, "max_whitespace_cnt": 1},
-                "response_format")
+        return ({"type": "json_schema", "json_schema": {"type": "object"}, "max_whitespace_cnt": 1,
+                 "strict": False}, "response_format")
     return None, ""
 
 

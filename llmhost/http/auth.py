@@ -1,8 +1,9 @@
-"""API keys (``Authorization: Bearer KEY``), admin scope, and the security
-scheme in the OpenAPI document.
+"""API keys (``Authorization: Bearer KEY``, or ``x-api-key: KEY`` as
+Anthropic's clients send it), admin scope, and the security scheme in the
+OpenAPI document.
 
 Without keys configured everything is open (the default binds to loopback only).
-Once any key is set, every /v1 route needs one; probes and metrics stay open so
+Once any key is set, every /v1 route (and Ollama's /api routes) needs one; probes and metrics stay open so
 load balancers and Prometheus need no secret. Keys are compared in constant
 time against every configured key, so timing says nothing about which key (or
 how much of one) matched, and a key is never logged or echoed.
@@ -193,15 +194,17 @@ def read_key_file(path: str) -> list[str]:
 
 
 def _bearer() -> str | None:
+    """The presented key: a bearer token, else Anthropic's `x-api-key` header."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        return None
+        return request.headers.get("x-api-key", "").strip() or None
     return token.strip()
 
 
 def _needs_key(path: str, keys: Keys) -> bool:
-    if path == "/v1" or path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/rerank", "/v2/rerank"):
+    if path == "/v1" or path.startswith(("/v1/", "/api/")) or path in (
+            "/tokenize", "/detokenize", "/rerank", "/v2/rerank"):
         return True
     return not keys.public_docs and path.startswith(DOCS_PATHS)
 
@@ -214,7 +217,8 @@ def _check() -> None:
     token = _bearer()
     if token is None:
         raise APIError(401, "You didn't provide an API key. Send it in an Authorization header "
-                            "using Bearer auth (Authorization: Bearer YOUR_KEY).",
+                            "using Bearer auth (Authorization: Bearer YOUR_KEY), or as "
+                            "x-api-key: YOUR_KEY.",
                        code="missing_api_key", headers=challenge)
     valid, admin = keys.check(token)
     if not valid:
@@ -228,11 +232,13 @@ def _check() -> None:
 
 
 def _is_admin_route() -> bool:
-    """Loading and unloading: POST /v1/models and DELETE /v1/models/{id}. Matched
-    on method and path, not view names, so a renamed view cannot drop the check."""
+    """Loading and unloading: POST /v1/models and DELETE /v1/models/{id}, and
+    Ollama's /api/pull and /api/delete. Matched on method and path, not view
+    names, so a renamed view cannot drop the check."""
     path = request.path.rstrip("/")
-    return ((request.method == "POST" and path == "/v1/models")
-            or (request.method == "DELETE" and path.startswith("/v1/models/")))
+    return ((request.method == "POST" and path in ("/v1/models", "/api/pull"))
+            or (request.method == "DELETE" and (path.startswith("/v1/models/")
+                                                or path == "/api/delete")))
 
 
 def can_manage_models() -> bool:

@@ -1,10 +1,13 @@
 """The one error path: everything a client can get wrong, or we can, becomes
-an OpenAI error envelope ``{"error": {"message", "type", "param", "code"}}``."""
+an error envelope in the shape of the API the route belongs to (:func:`shape`):
+OpenAI's ``{"error": {"message", "type", "param", "code"}}`` by default,
+Anthropic's ``{"type": "error", "error": {"type", "message"}}`` on the
+Messages API, Ollama's ``{"error": "message"}`` on /api/*."""
 from __future__ import annotations
 
 import logging
 
-from flask import Flask, current_app, jsonify
+from flask import Flask, current_app, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from . import redact
@@ -46,6 +49,33 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+# Anthropic's error types by status (its SDK raises a typed exception per status).
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                   403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                   429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
+# The blueprints (api/MODULES) whose routes answer in another API's shape.
+SHAPES = {"anthropic": "anthropic", "ollama": "ollama"}
+
+
+def shape() -> str:
+    """The error shape of the current request's route: 'openai', 'anthropic'
+    or 'ollama' (decided while the request is on; streams keep it)."""
+    if not has_request_context():
+        return "openai"
+    return SHAPES.get(request.blueprint or "", "openai")
+
+
+def envelope(err: APIError, kind: str = "openai") -> dict:
+    """`err` as the body of the `kind` API."""
+    if kind == "anthropic":
+        fallback = "api_error" if err.status >= 500 else "invalid_request_error"
+        return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(err.status, fallback),
+                                           "message": err.message}}
+    if kind == "ollama":
+        return {"error": err.message}
+    return err.to_dict()
+
+
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -58,8 +88,7 @@ def too_large(limit: int, length: int | None = None) -> APIError:
 
 
 def not_supported(param: str, hint: str = "") -> APIError:
-    return APIError(400, f"'{param}' is not supported by llmhost{hint}.", param=param,
-                    code="unsupported_parameter")
+    return from_engine(engine.unsupported(param, hint))
 
 
 # Each kind of refusal (engine/errors.py): its status and, where not the
@@ -141,9 +170,8 @@ def from_validation(messages) -> APIError:
 
 
 def _render(err: APIError):
-    body = err.to_dict()   # server paths only for admins (and keyless servers)
-    body["error"]["message"] = redact.text(err.message)
-    response = jsonify(body)
+    err.message = redact.text(err.message)   # server paths only for admins (and keyless servers)
+    response = jsonify(envelope(err, shape()))
     response.status_code = err.status
     for key, value in err.headers.items():
         response.headers[key] = value

@@ -78,6 +78,28 @@ class ErrorResponseSchema(ma.Schema):
     error = ma.fields.Nested(ErrorDetailSchema, required=True)
 
 
+class AnthropicErrorDetailSchema(ma.Schema):
+    type = ma.fields.String(required=True)
+    message = ma.fields.String(required=True)
+
+
+class AnthropicErrorSchema(ma.Schema):
+    """Anthropic's error envelope (the Messages API routes)."""
+
+    type = ma.fields.String(required=True, metadata={"enum": ["error"]})
+    error = ma.fields.Nested(AnthropicErrorDetailSchema, required=True)
+
+
+class OllamaErrorSchema(ma.Schema):
+    """Ollama's error shape (the /api routes)."""
+
+    error = ma.fields.String(required=True)
+
+
+# The error body each blueprint answers (http/errors.py picks it by blueprint too).
+ERROR_SCHEMAS = {"anthropic": AnthropicErrorSchema, "ollama": OllamaErrorSchema}
+
+
 class Parser(FlaskParser):
     """Validation errors are 400s (OpenAI), and a body that is not JSON is refused
     instead of being read as an empty object."""
@@ -86,7 +108,8 @@ class Parser(FlaskParser):
 
     def _raw_load_json(self, req):
         raw = limits.request_body(req)
-        if not core.is_json(req.mimetype):
+        # Ollama's clients (and its docs' `curl -d`) send JSON without a JSON content type.
+        if not core.is_json(req.mimetype) and req.blueprint != "ollama":
             if raw:
                 raise errors.APIError(
                     415, "Request body must be JSON: send 'Content-Type: application/json'.")
@@ -112,10 +135,13 @@ class Blueprint(flask_smorest.Blueprint):
 
     def errors(self, *statuses: int):
         """Document these statuses (and 401, which every /v1 route answers once
-        keys are set) as the OpenAI error envelope."""
+        keys are set) as the error envelope of this blueprint's API (OpenAI's,
+        or Anthropic's and Ollama's on theirs)."""
+        schema = ERROR_SCHEMAS.get(self.name, ErrorResponseSchema)
+
         def decorator(func):
             for status in sorted({401, *statuses}, reverse=True):
-                func = self.alt_response(status, schema=ErrorResponseSchema)(func)
+                func = self.alt_response(status, schema=schema)(func)
             return func
         return decorator
 

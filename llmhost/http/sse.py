@@ -1,5 +1,5 @@
-"""Server-sent events framing, and telling whether the client
-of a request is still there.
+"""Server-sent events framing (and NDJSON lines, Ollama's streams), and
+telling whether the client of a request is still there.
 
 Every event is ``data: <json>\\n\\n`` and a stream always ends with
 ``data: [DONE]\\n\\n``. Once the 200 and the first bytes are out, an error can
@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 from flask import Response, current_app
 
 from . import redact
-from .errors import APIError, as_api_error
+from .errors import APIError, as_api_error, envelope, shape
 
 log = logging.getLogger("llmhost")
 
@@ -34,16 +34,23 @@ def event(data: dict, name: str | None = None) -> str:
     return f"{head}data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def ndjson_line(data: dict, name: str | None = None) -> str:
+    """One line of a newline-delimited JSON stream (Ollama's)."""
+    return json.dumps(data, ensure_ascii=False, separators=(',', ':')) + "\n"
+
+
 def _events(chunks: Iterator[dict], debug: bool, named: bool = False,
-            done: bool = True, hide_paths: bool = False) -> Iterator[str]:
+            done: bool = True, hide_paths: bool = False, kind: str = "openai",
+            frame=event) -> Iterator[str]:
     """The stream's events. However it ends (done, an error, or the server
     closing this generator because the client went away), the source is closed
     once, in `finally`: its cleanup cancels the generation. With `named`, an
     error is an `error` event. `hide_paths`: the caller sees no server paths
-    (decided by stream() while the request is still on)."""
+    (decided by stream() while the request is still on); `kind`: the error
+    envelope's API (errors.shape()); `frame`: SSE events or NDJSON lines."""
     try:
         for chunk in chunks:
-            yield event(chunk, chunk.get("type") if named else None)
+            yield frame(chunk, chunk.get("type") if named else None)
     except Exception as exc:
         err = as_api_error(exc)
         if err is None:
@@ -52,9 +59,8 @@ def _events(chunks: Iterator[dict], debug: bool, named: bool = False,
             if debug:
                 message += f" ({type(exc).__name__}: {exc})"
             err = APIError(500, message, type="server_error")
-        body = err.to_dict()
-        body["error"]["message"] = redact.text(err.message, force=hide_paths)
-        yield event(body, "error" if named else None)
+        err.message = redact.text(err.message, force=hide_paths)
+        yield frame(envelope(err, kind), "error" if named else None)
     finally:
         if hasattr(chunks, "close"):
             chunks.close()
@@ -69,8 +75,18 @@ def stream(chunks: Iterable[dict], named: bool = False, done: bool = True) -> Re
     `response.completed` event instead)."""
     iterator = iter(chunks)
     return Response(_events(iterator, current_app.debug, named, done,
-                            hide_paths=not redact.may_see_paths()),
+                            hide_paths=not redact.may_see_paths(), kind=shape()),
                     mimetype="text/event-stream", headers=HEADERS)
+
+
+def ndjson(chunks: Iterable[dict]) -> Response:
+    """An application/x-ndjson response of `chunks`, one JSON object a line
+    (Ollama's streams); an error after the start is a last ``{"error": ...}``
+    line, as Ollama sends it."""
+    return Response(_events(iter(chunks), current_app.debug, done=False,
+                            hide_paths=not redact.may_see_paths(), kind=shape(),
+                            frame=ndjson_line),
+                    mimetype="application/x-ndjson", headers=HEADERS)
 
 
 def client_disconnected(environ: dict) -> bool:

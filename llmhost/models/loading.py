@@ -50,6 +50,7 @@ class LoadSpec:
     quantization: str | None = None
     base: str | None = None        # a LoRA adapter's loaded base model (models/adapters.py)
     allow_control_tokens: bool = False   # generation/prompt.py: clients may write control tokens
+    aliases: list[str] | None = None    # other names that reach it (never over a loaded id)
 
     @property
     def served_id(self) -> str:

@@ -66,6 +66,7 @@ class ModelEntry:
             "parameters": ld.parameters, "memory_bytes": ld.memory_bytes,
             "load_seconds": round(self.load_seconds, 3), "revision": ld.revision,
             "max_context": ld.max_context, "keep_alive": self.spec.keep_alive,
+            "aliases": list(self.spec.aliases or []),
             **{key: ld.extra[key] for key in ("dimensions", "input_modalities") if key in ld.extra},
             **({"base": self.spec.base} if self.spec.base else {}),
         }
@@ -124,14 +125,19 @@ class ModelRegistry:
         with self._guard:
             return bool({model_id, "/" + model_id} & (self._loading | self._expected))
 
-    def _lookup(self, model_id: str) -> ModelEntry | None:
+    def _lookup(self, model_id: str, aliases: bool = True) -> ModelEntry | None:
         """Under the guard. An absolute path used as an id loses its leading slash
-        in a URL path, so that spelling finds it too."""
-        return self._models.get(model_id) or self._models.get("/" + model_id)
+        in a URL path, so that spelling finds it too. A loaded id wins over an
+        alias (load option `aliases`) of another model."""
+        found = self._models.get(model_id) or self._models.get("/" + model_id)
+        if found is None and aliases:
+            found = next((e for e in self._models.values() if model_id in (e.spec.aliases or ())),
+                         None)
+        return found
 
-    def find(self, model_id: str) -> ModelEntry | None:
+    def find(self, model_id: str, aliases: bool = True) -> ModelEntry | None:
         with self._guard:
-            return self._lookup(model_id)
+            return self._lookup(model_id, aliases)
 
     def get(self, model_id: str, param: str = "model") -> ModelEntry:
         entry = self.find(model_id)
@@ -218,7 +224,7 @@ class ModelRegistry:
             spec.keep_alive = config.KEEP_ALIVE or None
         model_id = spec.served_id
         with self._model_lock(model_id):
-            existing = self.find(model_id)
+            existing = self.find(model_id, aliases=False)
             if existing is not None:
                 diffs = _conflicts(existing.spec, spec)
                 if diffs:
@@ -281,7 +287,7 @@ class ModelRegistry:
     def unload(self, model_id: str, force: bool = False) -> ModelEntry:
         """Unload a model; a base with adapters only with `force` (its adapters first)."""
         with self._guard:
-            if self._lookup(model_id) is None:   # no lock kept for ids never loaded
+            if self._lookup(model_id, aliases=False) is None:   # no lock kept for ids never loaded
                 raise self._not_loaded_locked(model_id)
             model_id = self._lookup(model_id).id
         users = self.adapters_of(model_id)
@@ -292,7 +298,9 @@ class ModelRegistry:
         for adapter in users:
             self.unload(adapter)
         with self._model_lock(model_id):
-            entry = self.get(model_id)
+            entry = self.find(model_id, aliases=False)
+            if entry is None:
+                raise self._not_loaded(model_id)
             with self._guard:
                 self._models.pop(entry.id, None)
             self._release(entry)

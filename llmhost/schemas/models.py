@@ -48,6 +48,10 @@ class LoadModelSchema(Schema):
         "description": "llmhost extra. Load `model` as a PEFT LoRA adapter onto this loaded base "
                        "model (its id); requests naming the adapter's id run base + adapter, "
                        "batched with the base's other requests."})
+    aliases = fields.List(fields.String(validate=validate.Length(min=1, max=256)),
+                          allow_none=True, validate=validate.Length(max=64), metadata={
+        "description": "Other names that reach this model on every API (e.g. `gpt-4o`, "
+                       "`claude-sonnet-4-5`); a loaded model's own id always wins over an alias."})
     stream = fields.Boolean(metadata={
         "description": "llmhost extra. `true`: answer server-sent events of load progress "
                        "(`object: model.load.progress`), then the Model object, then `[DONE]`; "
@@ -86,6 +90,10 @@ class ModelSchema(Schema):
                        "parts)."})
     base = fields.String(metadata={"description": "LoRA adapters: the id of the base model they "
                                                   "run on."})
+    aliases = fields.List(fields.String(), metadata={
+        "description": "Names that reach this model (load option `aliases` and "
+                       "LLMHOST_MODEL_ALIASES)."})
+    alias_of = fields.String(metadata={"description": "An alias entry: the id it reaches."})
     size_on_disk = fields.Integer()
     format = fields.String(metadata={"enum": ["hub", "gguf", "folder"],
                                      "description": "Cached entries: where the files are."})
