@@ -54,6 +54,8 @@ class Config:
         ("MAX_BATCH", int, 32),
         ("BATCH_WAIT_MS", float, 25.0),
         ("LONE_ROW_THREADS", int, 0),    # 0: all of torch's CPU threads (engine/scheduler.py)
+        ("PREFIX_CACHE_MB", float, 512.0),   # per model; 0: off (engine/prefixcache.py)
+        ("PREFIX_CACHE_PER_KEY", _bool, False),  # partition the prefix cache by API key
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),
         ("EMBED_TOKEN_IDS", str, "cl100k_base"),

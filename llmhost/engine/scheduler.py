@@ -20,7 +20,8 @@ from transformers.cache_utils import DynamicLayer
 
 from . import metrics
 from .errors import EngineError, InvalidInput, failure
-from .kvcache import growing_cache
+from .kvcache import growing_cache, seeded_cache
+from .prefixcache import Hit, PrefixStore, budget_bytes
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams, vocab_size
 
@@ -34,6 +35,9 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     n: int = 1
+    # The prefix cache partition (engine/prefixcache.py): requests only reuse
+    # prefixes cached under the same value.
+    cache_partition: str = ""
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Generation:
         self.request = request
         self.model_id = model_id
         self.prompt_tokens = len(request.prompt_ids)
+        self.cached_tokens = 0          # prompt tokens read from the prefix cache
         self.completion_tokens = 0
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
@@ -102,7 +107,8 @@ class Generation:
 class _Row:
     """One sequence in the running batch."""
 
-    __slots__ = ("gen", "index", "sampler", "generated", "position", "last_token", "done")
+    __slots__ = ("gen", "index", "sampler", "generated", "position", "last_token", "done",
+                 "tokens")
 
     def __init__(self, gen: Generation, index: int, sampler: RowSampler) -> None:
         self.gen = gen
@@ -112,6 +118,7 @@ class _Row:
         self.position = 0          # tokens in the cache: the position the last token is fed at
         self.last_token = 0
         self.done = False
+        self.tokens: list[int] = []   # generated so far (for the prefix cache)
 
     @property
     def gone(self) -> bool:
@@ -152,6 +159,10 @@ class Scheduler(ModelWorker):
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
         self.threads = torch.get_num_threads()
         self.row_threads = lone_row_threads(config, self.threads, self.device)
+        # Reusing a prefix needs every layer to keep every position: the same
+        # models whose rows can share a batch (sliding windows cannot).
+        budget = budget_bytes(config)
+        self.prefix = PrefixStore(model_id, budget) if budget and self.batchable else None
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -169,7 +180,10 @@ class Scheduler(ModelWorker):
         return gen
 
     def stats(self) -> dict:
-        return {"queued": len(self._waiting), "running": len(self._rows)}
+        stats = {"queued": len(self._waiting), "running": len(self._rows)}
+        if self.prefix is not None:
+            stats.update(self.prefix.stats())
+        return stats
 
     # -- scheduler thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -201,6 +215,8 @@ class Scheduler(ModelWorker):
             waiting, self._waiting = list(self._waiting), deque()
         self._fail(set(waiting) | {r.gen for r in self._rows}, self._closed_error())
         self._reset_batch()
+        if self.prefix is not None:
+            self.prefix.clear()
         self.model = None
 
     def _gather(self) -> None:
@@ -299,14 +315,26 @@ class Scheduler(ModelWorker):
         if not gens:
             return
         prompts = [g.request.prompt_ids for g in gens]
-        length = max(len(p) for p in prompts)
+        hits = [self.prefix.lookup(g.request.cache_partition, g.request.prompt_ids)
+                if self.prefix is not None else None for g in gens]
+        reused = [hit.length if hit else 0 for hit in hits]
+        for gen, count in zip(gens, reused):
+            gen.cached_tokens = count
+        # Each row's prompt minus what it reuses, left-padded; positions go on
+        # from the reused length.
+        rest = [p[count:] for p, count in zip(prompts, reused)]
+        length = max(len(p) for p in rest)
         ids = torch.zeros((len(gens), length), dtype=torch.long)
         mask = torch.zeros((len(gens), length), dtype=torch.long)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(rest):
             ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, length - len(p):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = growing_cache(self.model.config)   # decode steps write into spare room
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(reused).unsqueeze(1)
+        if any(reused):
+            cache, reused_mask = self._reused_cache(hits, reused)
+            mask = torch.cat([reused_mask, mask], dim=1)
+        else:
+            cache = growing_cache(self.model.config)   # decode steps write into spare room
         logits = self._forward(ids, mask, positions, cache)
 
         # n choices of a request share its prompt: repeat its cache rows.
@@ -324,6 +352,26 @@ class Scheduler(ModelWorker):
                 new_rows.append(row)
         self._merge(new_rows, cache, mask)
         self._sample(new_rows, logits)
+
+    def _reused_cache(self, hits: list[Hit | None], reused: list[int]):
+        """A cache holding each row's reused prefix, left-padded to the longest
+        (rows admitted together may reuse different lengths), and its mask."""
+        width = max(reused)
+        mask = torch.zeros((len(hits), width), dtype=torch.long)
+        sample = next(h for h in hits if h).entry.kv
+        layers = []
+        for index, (keys, values) in enumerate(sample):
+            heads, _, dim = keys.shape
+            k = keys.new_zeros((len(hits), heads, width, dim))
+            v = values.new_zeros((len(hits), values.shape[0], width, values.shape[2]))
+            for row, hit in enumerate(hits):
+                if hit:
+                    k[row, :, width - hit.length:], v[row, :, width - hit.length:] = hit.layer(index)
+            layers.append((k, v))
+        for row, count in enumerate(reused):
+            if count:
+                mask[row, width - count:] = 1
+        return seeded_cache(self.model.config, layers), mask
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -374,6 +422,7 @@ class Scheduler(ModelWorker):
                 continue
             row.generated += 1
             row.last_token = tok
+            row.tokens.append(tok)
             params = row.sampler.params
             reason = None
             if tok in params.stop_token_ids or row.sampler.grammar_done:
@@ -410,8 +459,10 @@ class Scheduler(ModelWorker):
         if not self._rows or not any(r.gone for r in self._rows):
             return
         keep = [i for i, r in enumerate(self._rows) if not r.gone]
-        for row in self._rows:
+        for i, row in enumerate(self._rows):
             if row.gone:
+                if self.prefix is not None:
+                    self._keep_prefix(i, row)
                 gen = row.gen
                 gen.rows_left -= 1
                 if gen.rows_left == 0:
@@ -430,6 +481,19 @@ class Scheduler(ModelWorker):
         for layer in self._cache.layers:
             layer.keys = layer.keys[index.to(layer.keys.device), :, start:]
             layer.values = layer.values[index.to(layer.values.device), :, start:]
+
+    def _keep_prefix(self, i: int, row: _Row) -> None:
+        """Give the prefix cache a copy of row `i`'s KV (its prompt and the
+        generated tokens fed so far), without the padding columns."""
+        prompt = row.gen.request.prompt_ids
+        tokens = prompt + row.tokens[:row.position - len(prompt)]
+        cols = self._mask[i].nonzero().squeeze(1)
+        if len(cols) != len(tokens):    # pragma: no cover - a bookkeeping bug; never reuse it
+            log.warning("prefix cache: row of %d columns for %d tokens", len(cols), len(tokens))
+            return
+        cols = cols.to(self.device)
+        kv = [(layer.keys[i][:, cols], layer.values[i][:, cols]) for layer in self._cache.layers]
+        self.prefix.insert(row.gen.request.cache_partition, tokens, kv)
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask = [], None, None
