@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 from flask import Response, jsonify, request
 
-from ..http import checks, observability, sse
+from ..http import auth, checks, observability, sse
 from ..version import __version__
 from ..generation.run import Choice, ChoiceDelta, Run
 from ..engine.sampling import vocab_size
@@ -132,7 +132,8 @@ def fingerprint(entry) -> str:
 
 def usage(run: Run) -> dict:
     return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
-            "total_tokens": run.prompt_tokens + run.completion_tokens}
+            "total_tokens": run.prompt_tokens + run.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": run.cached_tokens}}
 
 
 Build = Callable[[object], "tuple[list[list[int]], Format]"]
@@ -169,7 +170,9 @@ def start(args: dict, build: Build, prompt_param: str, logprobs: int | None) -> 
         params.constraint = getattr(fmt, "constraint", None)   # generation/tools.py
         run = Run(entry, prompts, params, n=args.get("n") or 1, stop=args.get("stop"),
                   disconnected=partial(sse.client_disconnected, request.environ),
-                  parser=getattr(fmt, "parser", None), max_calls=config.MAX_TOOL_CALLS)
+                  parser=getattr(fmt, "parser", None), max_calls=config.MAX_TOOL_CALLS,
+                  cache_partition=auth.prefix_partition(args.get("cache_salt"),
+                                                        config.PREFIX_CACHE_PER_KEY))
         fields["prompt_tokens"] = run.prompt_tokens
         log_content = observability.content_logging_enabled()
         if log_content:  # LLMHOST_LOG_CONTENT=1 only: prompts are private otherwise

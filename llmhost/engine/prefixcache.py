@@ -1,7 +1,8 @@
-"""Automatic prefix caching (issue 19): the KV cache of recent sequences of
-one model, so that a request starting with tokens the model already read (an
+"""Automatic prefix caching (issue 19): the KV cache of recent prompts of one
+model, so that a request starting with tokens the model already read (an
 agent loop resending its conversation, a shared system prompt) prefills only
-the rest.
+the rest. Prompts, not generated tokens: the scheduler says why
+(``Scheduler._keep_prompts``).
 
 A store of whole sequences, not hashed blocks or a radix tree. vLLM hashes
 fixed-size blocks because its KV lives in a paged GPU pool shared by
@@ -94,6 +95,14 @@ class PrefixStore:
             self.tokens_reused += best.length
         metrics.observe_prefix_hit(self.model_id, best.length)
         return best
+
+    def holds(self, partition: str, tokens: list[int]) -> bool:
+        """Whether a stored sequence already holds all of `tokens` (then
+        there is nothing to copy)."""
+        array = np.asarray(tokens, dtype=np.int64)
+        with self._lock:
+            return any(e.partition == partition and common_prefix(e.tokens, array) == len(array)
+                       for e in self._entries.values())
 
     def insert(self, partition: str, tokens: list[int],
                kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:

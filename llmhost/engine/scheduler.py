@@ -107,8 +107,7 @@ class Generation:
 class _Row:
     """One sequence in the running batch."""
 
-    __slots__ = ("gen", "index", "sampler", "generated", "position", "last_token", "done",
-                 "tokens")
+    __slots__ = ("gen", "index", "sampler", "generated", "position", "last_token", "done")
 
     def __init__(self, gen: Generation, index: int, sampler: RowSampler) -> None:
         self.gen = gen
@@ -118,7 +117,6 @@ class _Row:
         self.position = 0          # tokens in the cache: the position the last token is fed at
         self.last_token = 0
         self.done = False
-        self.tokens: list[int] = []   # generated so far (for the prefix cache)
 
     @property
     def gone(self) -> bool:
@@ -336,6 +334,8 @@ class Scheduler(ModelWorker):
         else:
             cache = growing_cache(self.model.config)   # decode steps write into spare room
         logits = self._forward(ids, mask, positions, cache)
+        if self.prefix is not None:
+            self._keep_prompts(gens, cache, mask)
 
         # n choices of a request share its prompt: repeat its cache rows.
         repeat = torch.tensor([g.request.n for g in gens])
@@ -352,6 +352,20 @@ class Scheduler(ModelWorker):
                 new_rows.append(row)
         self._merge(new_rows, cache, mask)
         self._sample(new_rows, logits)
+
+    def _keep_prompts(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor
+                      ) -> None:
+        """Give the prefix cache a copy of each prompt's KV, without padding.
+        Prompts only, not the generated tokens: a decode step computes a
+        token's keys with a one-query attention whose rounding differs from a
+        prefill's, and in bfloat16 (and int4) that changed a greedy answer
+        (docs/prefix-caching.md); prompts are computed by prefills alike."""
+        for i, gen in enumerate(gens):
+            if self.prefix.holds(gen.request.cache_partition, gen.request.prompt_ids):
+                continue
+            cols = mask[i].nonzero().squeeze(1).to(self.device)
+            kv = [(layer.keys[i][:, cols], layer.values[i][:, cols]) for layer in cache.layers]
+            self.prefix.insert(gen.request.cache_partition, gen.request.prompt_ids, kv)
 
     def _reused_cache(self, hits: list[Hit | None], reused: list[int]):
         """A cache holding each row's reused prefix, left-padded to the longest
@@ -422,7 +436,6 @@ class Scheduler(ModelWorker):
                 continue
             row.generated += 1
             row.last_token = tok
-            row.tokens.append(tok)
             params = row.sampler.params
             reason = None
             if tok in params.stop_token_ids or row.sampler.grammar_done:
@@ -459,10 +472,8 @@ class Scheduler(ModelWorker):
         if not self._rows or not any(r.gone for r in self._rows):
             return
         keep = [i for i, r in enumerate(self._rows) if not r.gone]
-        for i, row in enumerate(self._rows):
+        for row in self._rows:
             if row.gone:
-                if self.prefix is not None:
-                    self._keep_prefix(i, row)
                 gen = row.gen
                 gen.rows_left -= 1
                 if gen.rows_left == 0:
@@ -481,19 +492,6 @@ class Scheduler(ModelWorker):
         for layer in self._cache.layers:
             layer.keys = layer.keys[index.to(layer.keys.device), :, start:]
             layer.values = layer.values[index.to(layer.values.device), :, start:]
-
-    def _keep_prefix(self, i: int, row: _Row) -> None:
-        """Give the prefix cache a copy of row `i`'s KV (its prompt and the
-        generated tokens fed so far), without the padding columns."""
-        prompt = row.gen.request.prompt_ids
-        tokens = prompt + row.tokens[:row.position - len(prompt)]
-        cols = self._mask[i].nonzero().squeeze(1)
-        if len(cols) != len(tokens):    # pragma: no cover - a bookkeeping bug; never reuse it
-            log.warning("prefix cache: row of %d columns for %d tokens", len(cols), len(tokens))
-            return
-        cols = cols.to(self.device)
-        kv = [(layer.keys[i][:, cols], layer.values[i][:, cols]) for layer in self._cache.layers]
-        self.prefix.insert(row.gen.request.cache_partition, tokens, kv)
 
     def _reset_batch(self) -> None:
         self._rows, self._cache, self._mask = [], None, None

@@ -8,6 +8,7 @@ from typing import Any
 from jinja2 import TemplateError
 
 from ..engine.sandbox import bounded
+from ..engine.sampling import vocab_size
 from ..engine.errors import InvalidInput
 
 # For base models that ship no chat template (gpt2 and most base checkpoints):

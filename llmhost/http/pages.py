@@ -21,7 +21,7 @@ from flask import Blueprint, Flask, abort, send_from_directory
 ASSETS_URL = "/assets"
 SWAGGER_UI_URL = ASSETS_URL + "/swagger-ui/"
 REDOC_URL = ASSETS_URL + "/redoc/redoc.standalone.js"
-STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
 bp = Blueprint("web", __name__)
 

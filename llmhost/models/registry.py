@@ -135,8 +135,11 @@ class ModelRegistry:
                         param=param, code="model_not_found")
 
     def _memory_in_use(self) -> int:
-        """Bytes held by the loaded models (LLMHOST_MEMORY_LIMIT counts against it)."""
-        return sum(e.loaded.memory_bytes for e in self.list() if e.loaded is not None)
+        """Bytes held by the loaded models (LLMHOST_MEMORY_LIMIT counts against it):
+        their weights and what their prefix caches hold now (engine/prefixcache.py,
+        each within LLMHOST_PREFIX_CACHE_MB)."""
+        return sum(e.loaded.memory_bytes + _prefix_cache_bytes(e) for e in self.list()
+                   if e.loaded is not None)
 
     def _model_lock(self, model_id: str) -> threading.Lock:
         """The id's own lock, handed out under the guard: loading, unloading and
@@ -316,6 +319,11 @@ class ModelRegistry:
         return True
 
 
+def _prefix_cache_bytes(entry: ModelEntry) -> int:
+    stats = getattr(entry.engine, "stats", None)
+    return int(stats().get("prefix_cache_bytes", 0)) if stats is not None else 0
+
+
 def _server_paths() -> list[str]:
     """Paths redact hides from callers who are not admins: the Hugging Face
     cache and the models loaded from disk."""
@@ -331,3 +339,4 @@ def _server_paths() -> list[str]:
 registry = ModelRegistry()
 metrics.watch_models(registry.list)
 redact.watch_paths(_server_paths)
+
