@@ -135,18 +135,16 @@ def test_smollm2_same_tokens_with_and_without_the_cache(smollm2_gguf, options):
     _agent_loop_equal(load(LoadSpec(model=smollm2_gguf, **options), TestConfig()))
 
 
-def test_no_reuse_where_layers_drop_positions(tmp_path):
+def test_no_reuse_where_layers_drop_positions():
     """A sliding-window model (Mistral here) gets no prefix cache at all."""
+    from types import SimpleNamespace
+
     from transformers import MistralConfig, MistralForCausalLM
 
-    from llmhost.dev.tinymodels import build_llama
-
-    folder = build_llama(str(tmp_path / "base"))
     config = MistralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
                            num_key_value_heads=2, intermediate_size=64, vocab_size=512,
                            sliding_window=4)
-    loaded = load(LoadSpec(model=folder), TestConfig())
-    loaded.model = MistralForCausalLM(config).eval()
+    loaded = SimpleNamespace(model=MistralForCausalLM(config).eval(), max_context=64)
     scheduler = Scheduler("sliding", loaded, TestConfig(PREFIX_CACHE_MB=64))
     assert scheduler.prefix is None and not scheduler.batchable
 
@@ -210,7 +208,8 @@ def test_responses_chain_reports_input_cached_tokens(server, tiny):
                                        "max_output_tokens": 8, "temperature": 0,
                                        "cache_salt": "responses-test"})
     first = validate(r.json(), "Response")
-    r = post(server, "/v1/responses", {"model": tiny, "input": "and then?",
+    # instructions are not carried over by previous_response_id (as OpenAI's): send them again
+    r = post(server, "/v1/responses", {"model": tiny, "instructions": SYSTEM, "input": "and then?",
                                        "previous_response_id": first["id"],
                                        "max_output_tokens": 8, "temperature": 0,
                                        "cache_salt": "responses-test"})
