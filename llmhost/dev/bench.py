@@ -60,8 +60,6 @@ def _chat(url: str, model: str, prompt: str, max_tokens: int, stream: bool, sess
     --compare-url get: (completion tokens, latency s, time to first token s).
     Tokens come from the usage chunk where the server sends one, else one per
     content chunk (llama-cpp-python streams one token per chunk)."""
-    import json
-
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -70,21 +68,27 @@ def _chat(url: str, model: str, prompt: str, max_tokens: int, stream: bool, sess
     started = time.perf_counter()
     ttft = float("nan")
     chunks = usage = 0
+    for chunk in _chat_chunks(url, body, session):
+        choices = chunk.get("choices") or []
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            chunks += 1
+            if ttft != ttft:
+                ttft = time.perf_counter() - started
+        if chunk.get("usage"):
+            usage = chunk["usage"]["completion_tokens"]
+    return usage or chunks, time.perf_counter() - started, ttft
+
+
+def _chat_chunks(url: str, body: dict, session):
+    """The parsed chunks of one streamed /v1/chat/completions request."""
+    import json
+
     with session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
         for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            choices = chunk.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
-                chunks += 1
-                if ttft != ttft:
-                    ttft = time.perf_counter() - started
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-    return usage or chunks, time.perf_counter() - started, ttft
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                yield json.loads(line[6:])
 
 
 def _load_level(url: str, model: str, prompt_ids, clients: int, requests_each: int,
@@ -445,27 +449,17 @@ def agent_system_prompt() -> str:
 def _agent_turn(url: str, model: str, messages: list[dict], max_tokens: int, session,
                 extra: dict) -> dict:
     """One streamed chat turn: TTFT, latency, the answer text, cached tokens."""
-    import json
-
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, **extra}
     started = time.perf_counter()
     ttft, text, usage = float("nan"), "", {}
-    with session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
-        for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            choices = chunk.get("choices") or []
-            if choices and ttft != ttft:
-                delta = choices[0].get("delta") or {}
-                if delta.get("content") or delta.get("tool_calls"):
-                    ttft = time.perf_counter() - started
-            if choices:
-                text += (choices[0].get("delta") or {}).get("content") or ""
-            usage = chunk.get("usage") or usage
+    for chunk in _chat_chunks(url, body, session):
+        choices = chunk.get("choices") or []
+        delta = (choices[0].get("delta") or {}) if choices else {}
+        if ttft != ttft and (delta.get("content") or delta.get("tool_calls")):
+            ttft = time.perf_counter() - started
+        text += delta.get("content") or ""
+        usage = chunk.get("usage") or usage
     cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
     return {"ttft": ttft, "latency": time.perf_counter() - started, "text": text,
             "prompt": usage.get("prompt_tokens", 0), "cached": cached}
