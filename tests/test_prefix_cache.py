@@ -229,3 +229,26 @@ def test_bad_cache_salt_is_a_400_naming_it(server, tiny):
     r = post(server, "/v1/chat/completions", {"model": tiny, "cache_salt": 5,
                                               "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+SCHEMA = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"answer": {"type": "string", "maxLength": 12}},
+    "required": ["answer"]}}}
+
+
+@pytest.mark.parametrize("extra", [{"tools": TOOLS, "tool_choice": "required"},
+                                   {"response_format": SCHEMA}, {"n": 2}],
+                         ids=["tools", "structured", "n2"])
+def test_same_answers_with_a_reused_prefix_tools_structured_n(server, tiny, extra):
+    """A cold partition (nothing to reuse) and a warm one give the same choices."""
+    messages = [{"role": "system", "content": "You are a helpful assistant. " * 6},
+                {"role": "user", "content": "weather?"}]
+    warm = {"cache_salt": os.urandom(8).hex()}
+    _chat(server, tiny, messages[:1] + [{"role": "user", "content": "hi"}], **warm, **extra)
+    reused = _chat(server, tiny, messages, **warm, **extra)
+    cold = _chat(server, tiny, messages, cache_salt=os.urandom(8).hex(), **extra)
+    assert reused["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert reused["choices"] == cold["choices"]
