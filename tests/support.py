@@ -67,6 +67,12 @@ def validate(body: dict, name: str) -> dict:
     return body
 
 
+def counts(usage: dict) -> dict:
+    """A usage object without its details (cached_tokens varies with what the
+    server's prefix cache holds: tests/test_prefix_cache.py checks it)."""
+    return {k: v for k, v in usage.items() if not k.endswith("_details")}
+
+
 def assert_error(response, status: int, param: str | None = "__any__") -> dict:
     """An OpenAI error envelope with this status (and param, when given), from a
     `requests` response or a Flask test-client one."""

@@ -148,7 +148,8 @@ class Renderer:
             reasoning_tokens = len(self.started.entry.tokenizer(
                 reasoning, add_special_tokens=False)["input_ids"])
         return {"input_tokens": run.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": run.cached_tokens,
+                                         "cache_write_tokens": 0},
                 "output_tokens": run.completion_tokens,
                 "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                 "total_tokens": run.prompt_tokens + run.completion_tokens}

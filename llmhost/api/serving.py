@@ -19,7 +19,7 @@ from ..config import settings
 from ..generation.plan import Plan
 from ..generation.request import TextRequest
 from ..generation.run import Choice, ChoiceDelta, Run
-from ..http import checks, metering, observability, sse
+from ..http import auth, checks, metering, observability, sse
 from ..version import __version__
 from .access import use_model
 
@@ -57,7 +57,8 @@ def fingerprint(entry) -> str:
 
 def usage(run: Run) -> dict:
     return {"prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
-            "total_tokens": run.prompt_tokens + run.completion_tokens}
+            "total_tokens": run.prompt_tokens + run.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": run.cached_tokens}}
 
 
 Build = Callable[[TextRequest, object], Plan]          # (request, model entry) -> Plan
@@ -94,7 +95,9 @@ def start(request: TextRequest, build: Build) -> Started:
         plan = build(request, entry)
         run = Run(entry, plan.prompts, plan.params, n=plan.n, stop=plan.stop,
                   disconnected=partial(sse.client_disconnected, http_request.environ),
-                  parser=plan.parser, max_calls=config.MAX_TOOL_CALLS)
+                  parser=plan.parser, max_calls=config.MAX_TOOL_CALLS,
+                  cache_partition=auth.prefix_partition(request.cache_salt,
+                                                        config.PREFIX_CACHE_PER_KEY))
         fields["prompt_tokens"] = run.prompt_tokens
         # the worst case, settled to the real count at the end (http/metering.py)
         metering.admit_tokens(run.prompt_tokens + plan.params.max_tokens * len(run.states))

@@ -4,6 +4,7 @@ running at --url, or one it starts itself with --serve).
     python -m llmhost.dev.bench build-model /tmp/bench-gpt2
     python -m llmhost.dev.bench generate --serve --model /tmp/bench-gpt2 --compare-inprocess /tmp/bench-gpt2
     python -m llmhost.dev.bench embed --url http://127.0.0.1:8000 --model M ...
+    python -m llmhost.dev.bench agent --serve --model SmolLM2.gguf --agents 1 4
 
 Each prints throughput and latency, and with --compare-inprocess the same
 workload run in-process with transformers (or sentence-transformers) on this
@@ -59,8 +60,6 @@ def _chat(url: str, model: str, prompt: str, max_tokens: int, stream: bool, sess
     --compare-url get: (completion tokens, latency s, time to first token s).
     Tokens come from the usage chunk where the server sends one, else one per
     content chunk (llama-cpp-python streams one token per chunk)."""
-    import json
-
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -69,21 +68,27 @@ def _chat(url: str, model: str, prompt: str, max_tokens: int, stream: bool, sess
     started = time.perf_counter()
     ttft = float("nan")
     chunks = usage = 0
+    for chunk in _chat_chunks(url, body, session):
+        choices = chunk.get("choices") or []
+        if choices and (choices[0].get("delta") or {}).get("content"):
+            chunks += 1
+            if ttft != ttft:
+                ttft = time.perf_counter() - started
+        if chunk.get("usage"):
+            usage = chunk["usage"]["completion_tokens"]
+    return usage or chunks, time.perf_counter() - started, ttft
+
+
+def _chat_chunks(url: str, body: dict, session):
+    """The parsed chunks of one streamed /v1/chat/completions request."""
+    import json
+
     with session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
         for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            choices = chunk.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
-                chunks += 1
-                if ttft != ttft:
-                    ttft = time.perf_counter() - started
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
-    return usage or chunks, time.perf_counter() - started, ttft
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                yield json.loads(line[6:])
 
 
 def _load_level(url: str, model: str, prompt_ids, clients: int, requests_each: int,
@@ -385,11 +390,12 @@ def bench_compare(args) -> int:
     return 0
 
 
-def _serve():
+def _serve(env: dict | None = None):
     """gunicorn wsgi:app from this checkout on a free loopback port."""
     from ..server.process import Server
 
-    return Server(env={"LLMHOST_LOG_LEVEL": "warning"}, log_path=os.devnull).start(timeout=120)
+    return Server(env={"LLMHOST_LOG_LEVEL": "warning", **(env or {})},
+                  log_path=os.devnull).start(timeout=120)
 
 
 def _load_model(url: str, model: str, options: dict | None = None) -> None:
@@ -398,6 +404,177 @@ def _load_model(url: str, model: str, options: dict | None = None) -> None:
     r = requests.post(url + "/v1/models", json={"model": model, **(options or {})}, timeout=600)
     if r.status_code not in (200, 201):
         raise SystemExit(f"could not load {model}: {r.text}")
+
+
+# -- agent loops (issue 19: prefix caching) -----------------------------------------
+
+AGENT_TOOLS = [
+    ("get_weather", "the current weather and a three-day forecast for a city",
+     {"city": "the city name, e.g. Paris", "units": "celsius or fahrenheit"}),
+    ("search_flights", "flights between two airports on a date, cheapest first",
+     {"origin": "IATA code of the departure airport", "destination": "IATA code of the arrival "
+      "airport", "date": "the day of departure, YYYY-MM-DD", "passengers": "how many adults"}),
+    ("book_hotel", "reserve a hotel room; returns a confirmation number",
+     {"city": "where", "check_in": "YYYY-MM-DD", "nights": "how many nights",
+      "budget": "the most to pay per night, in euros"}),
+    ("convert_currency", "convert an amount between two currencies at today's rate",
+     {"amount": "the amount", "from": "ISO code, e.g. EUR", "to": "ISO code, e.g. USD"}),
+    ("get_time", "the local time and time zone of a city", {"city": "the city name"}),
+    ("translate", "translate a short text", {"text": "what to translate",
+                                             "target": "the language to translate into"}),
+    ("find_restaurants", "restaurants near a place, with ratings and price levels",
+     {"near": "an address or landmark", "cuisine": "optional kind of food",
+      "open_now": "only places open now"}),
+]
+
+
+def agent_system_prompt() -> str:
+    """About 1,000 tokens (SmolLM2's tokenizer) of instructions and tool
+    definitions, as agent frameworks put them in the system prompt."""
+    import json
+
+    tools = [{"type": "function", "function": {
+        "name": name, "description": f"Returns {what}. Call it only when the user needs {what}; "
+                                     "never guess its result, and report errors as they come.",
+        "parameters": {"type": "object", "properties": {
+            key: {"type": "string", "description": doc} for key, doc in params.items()},
+            "required": list(params)}}} for name, what, params in AGENT_TOOLS]
+    rules = ("You are a travel assistant working for one user. Think step by step, call at most "
+             "one tool per turn by answering with a JSON object {\"name\": ..., \"arguments\": "
+             "{...}}, read the tool result the user passes back, and answer briefly once you "
+             "know enough. Never invent prices, times or confirmation numbers. ")
+    return rules + "Tools:\n" + json.dumps(tools)
+
+
+def _agent_turn(url: str, model: str, messages: list[dict], max_tokens: int, session,
+                extra: dict) -> dict:
+    """One streamed chat turn: TTFT, latency, the answer text, cached tokens."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, **extra}
+    started = time.perf_counter()
+    ttft, text, usage = float("nan"), "", {}
+    for chunk in _chat_chunks(url, body, session):
+        choices = chunk.get("choices") or []
+        delta = (choices[0].get("delta") or {}) if choices else {}
+        if ttft != ttft and (delta.get("content") or delta.get("tool_calls")):
+            ttft = time.perf_counter() - started
+        text += delta.get("content") or ""
+        usage = chunk.get("usage") or usage
+    cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return {"ttft": ttft, "latency": time.perf_counter() - started, "text": text,
+            "prompt": usage.get("prompt_tokens", 0), "cached": cached}
+
+
+def _agent_loops(url: str, model: str, agents: int, turns: int, max_tokens: int,
+                 fresh_salt: bool) -> dict:
+    """`agents` concurrent agent loops of `turns` turns: each turn resends the
+    conversation with the last answer, a tool result and a short user message.
+    `fresh_salt`: a new cache_salt every request (no reuse on an llmhost server
+    whose cache is on)."""
+    import uuid
+
+    import requests
+
+    system = agent_system_prompt()
+    per_turn: list[list[dict]] = [[] for _ in range(turns)]
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def agent(number: int) -> None:
+        city = ["Lisbon", "Oslo", "Kyoto", "Lima", "Cairo", "Quebec", "Perth", "Riga"][number % 8]
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": f"Plan me three days in {city} next week."}]
+        with requests.Session() as session:
+            for turn in range(turns):
+                extra = {"cache_salt": uuid.uuid4().hex} if fresh_salt else {}
+                try:
+                    res = _agent_turn(url, model, messages, max_tokens, session, extra)
+                except Exception as exc:   # reported, not fatal
+                    with lock:
+                        errors.append(str(exc))
+                    return
+                with lock:
+                    per_turn[turn].append(res)
+                messages += [{"role": "assistant", "content": res["text"]},
+                             {"role": "user", "content":
+                              f"Tool result {turn + 1}: {{\"city\": \"{city}\", \"temp_c\": "
+                              f"{12 + turn}, \"sky\": \"clear\", \"price_eur\": {80 + 7 * turn}}}. "
+                              "What next?"}]
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(agents)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"total": time.perf_counter() - started, "per_turn": per_turn, "errors": errors}
+
+
+def bench_agent(args) -> int:
+    """Agent loops with the prefix cache on and off, in alternating rounds.
+    With --serve: two servers from this checkout, one with
+    LLMHOST_PREFIX_CACHE_MB=0, and a "miss" column (the cache-on server, a
+    fresh cache_salt every request: all the cache's work, no reuse); with
+    --url: one server, "off" sending a fresh cache_salt every request. --compare-url: a third column (another server,
+    e.g. llama-cpp-python's, which keeps its slot cache)."""
+    import json
+
+    options = json.loads(args.load_options or "{}")
+    servers = []
+    try:
+        if args.serve:
+            servers = [_serve(), _serve({"LLMHOST_PREFIX_CACHE_MB": "0"})]
+            on_url, off_url = servers[0].url, servers[1].url
+        else:
+            on_url = off_url = args.url
+        for url in dict.fromkeys((on_url, off_url)):
+            if args.serve or args.load:
+                _load_model(url, args.model, options)
+        sides = [("on", on_url, args.model, False), ("off", off_url, args.model, not args.serve)]
+        if args.serve:   # the cache's cost where nothing is reused: on, every request missing
+            sides.append(("miss", on_url, args.model, True))
+        if args.compare_url:
+            sides.append(("compare", args.compare_url, args.compare_model or args.model, False))
+        for _, url, model, fresh in sides:   # warm-up
+            _agent_loops(url, model, 1, 1, 4, fresh)
+        print(f"agent loops: {args.turns} turns, max_tokens {args.max_tokens}, temperature 0, "
+              f"{args.rounds} alternating rounds (medians); load options {options}; "
+              f"'off' = {'a server with LLMHOST_PREFIX_CACHE_MB=0' if args.serve else 'a fresh cache_salt per request'}")
+        for agents in args.agents:
+            runs: dict[str, list[dict]] = {name: [] for name, *_ in sides}
+            for _ in range(args.rounds):
+                for name, url, model, fresh in sides:
+                    runs[name].append(_agent_loops(url, model, agents, args.turns,
+                                                   args.max_tokens, fresh))
+            _print_agent_table(agents, args.turns, runs)
+    finally:
+        for server in servers:
+            server.stop()
+    return 0
+
+
+def _print_agent_table(agents: int, turns: int, runs: dict[str, list[dict]]) -> None:
+    names = list(runs)
+    ttft = {name: [_median([r["ttft"] for run in runs[name] for r in run["per_turn"][t]])
+                   for t in range(turns)] for name in names}
+    print(f"\n{agents} agent(s): per-turn TTFT p50 (ms), tokens reused / prompt tokens ('on')")
+    print("turn  " + "  ".join(f"{n:>8s}" for n in names) + "   on/off   reused")
+    for t in range(turns):
+        on = [r for run in runs["on"] for r in run["per_turn"][t]]
+        reused = f"{sum(r['cached'] for r in on) // max(1, len(on))}/{sum(r['prompt'] for r in on) // max(1, len(on))}"
+        print(f"{t + 1:4d}  " + "  ".join(f"{ttft[n][t] * 1000:8.0f}" for n in names)
+              + f"   {ttft['on'][t] / ttft['off'][t]:5.2f}x   {reused}")
+    later = {n: sum(ttft[n][1:]) for n in names}
+    total = {n: _median([run["total"] for run in runs[n]]) for n in names}
+    errors = {n: sum(len(run["errors"]) for run in runs[n]) for n in names}
+    print(f"TTFT of turns 2-{turns} (sum of medians): on/off {later['on'] / later['off']:.2f}x")
+    if "miss" in total:
+        print(f"no reuse (cache on, a fresh cache_salt per request): speed off/miss "
+              f"{total['off'] / total['miss']:.2f}x of the cache-off server")
+    print("total time p50 (s): " + ", ".join(f"{n} {total[n]:.1f}" for n in names)
+          + f"; on/off {total['on'] / total['off']:.2f}x"
+          + (f", on/compare {total['on'] / total['compare']:.2f}x" if "compare" in total else "")
+          + (f"; errors {errors}" if any(errors.values()) else ""), flush=True)
 
 
 def build_model(args) -> int:
@@ -701,6 +878,21 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
                                           "model server answers")
     prof.set_defaults(func=bench_profile)
+    agent = sub.add_parser("agent", help="agent loops: per-turn TTFT with the prefix cache on/off")
+    agent.add_argument("--model", required=True, help="served id, or the file/folder to load")
+    agent.add_argument("--url", default="http://127.0.0.1:8000")
+    agent.add_argument("--serve", action="store_true",
+                       help="start two servers from this checkout (prefix cache on, off)")
+    agent.add_argument("--load", action="store_true", help="POST /v1/models --model first")
+    agent.add_argument("--load-options", metavar="JSON", help='e.g. \'{"dtype": "float32"}\'')
+    agent.add_argument("--agents", type=int, nargs="+", default=[1, 4])
+    agent.add_argument("--turns", type=int, default=10)
+    agent.add_argument("--max-tokens", type=int, default=24)
+    agent.add_argument("--rounds", type=int, default=2)
+    agent.add_argument("--compare-url", metavar="URL", help="another server, e.g. llama-cpp-python's")
+    agent.add_argument("--compare-model", help="model name to send to --compare-url")
+    agent.set_defaults(func=bench_agent)
+
     emb = sub.add_parser("embed", help="/v1/embeddings: one request of many inputs")
     emb.add_argument("--model", required=True, help="served id, or the folder to load with --load/--serve")
     emb.add_argument("--url", default="http://127.0.0.1:8000")

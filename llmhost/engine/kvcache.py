@@ -89,3 +89,14 @@ def growing_cache(config) -> DynamicCache:
     if all(type(layer) is DynamicLayer for layer in cache.layers):
         cache.layers = [GrowingLayer() for _ in cache.layers]
     return cache
+
+
+def seeded_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A ``growing_cache`` already holding `layers` (per layer the keys and
+    values [rows, heads, length, head_dim]): the prefix cache's reused
+    positions, which the next forward continues from."""
+    cache = growing_cache(config)
+    for layer, (keys, values) in zip(cache.layers, layers):
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    return cache

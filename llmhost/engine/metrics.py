@@ -32,6 +32,14 @@ COMPLETION_TOKENS = Counter("llmhost_completion_tokens", "Completion tokens gene
 TTFT = Histogram("llmhost_time_to_first_token_seconds",
                  "Time from submitting a generation to its first token.", ("model",),
                  buckets=LATENCY_BUCKETS, registry=REGISTRY)
+PREFIX_HITS = Counter("llmhost_prefix_cache_hits", "Prompts that reused a cached prefix.",
+                      ("model",), registry=REGISTRY)
+PREFIX_TOKENS = Counter("llmhost_prefix_cache_reused_tokens",
+                        "Prompt tokens read from the prefix cache instead of prefilled.",
+                        ("model",), registry=REGISTRY)
+PREFIX_EVICTIONS = Counter("llmhost_prefix_cache_evictions",
+                           "Cached sequences dropped to stay within LLMHOST_PREFIX_CACHE_MB.",
+                           ("model",), registry=REGISTRY)
 LOAD_SECONDS = Histogram("llmhost_model_load_seconds", "Time to load a model.", ("model",),
                          buckets=LOAD_BUCKETS, registry=REGISTRY)
 
@@ -71,6 +79,16 @@ def observe_ttft(model: str, seconds: float) -> None:
     TTFT.labels(model).observe(seconds)
 
 
+def observe_prefix_hit(model: str, tokens: int) -> None:
+    """Called by the engine's prefix cache when a prompt reuses `tokens`."""
+    PREFIX_HITS.labels(model).inc()
+    PREFIX_TOKENS.labels(model).inc(tokens)
+
+
+def observe_prefix_evictions(model: str, count: int) -> None:
+    PREFIX_EVICTIONS.labels(model).inc(count)
+
+
 def observe_load(model: str, seconds: float) -> None:
     LOAD_SECONDS.labels(model).observe(seconds)
 
@@ -90,7 +108,8 @@ def observe_request(route: str, method: str, status: int, seconds: float) -> Non
 def forget_model(model: str) -> None:
     """An unloaded model's series go with it, so ids loaded and unloaded over
     time do not pile up in /metrics."""
-    for metric in (PROMPT_TOKENS, COMPLETION_TOKENS, TTFT, LOAD_SECONDS):
+    for metric in (PROMPT_TOKENS, COMPLETION_TOKENS, TTFT, LOAD_SECONDS, PREFIX_HITS,
+                   PREFIX_TOKENS, PREFIX_EVICTIONS):
         try:
             metric.remove(model)
         except KeyError:
@@ -124,6 +143,8 @@ class ModelCollector:
         running_all = GaugeMetricFamily("llmhost_requests_running",
                                         "Sequences being decoded now, all models.")
         total_waiting = total_running = 0
+        cached = GaugeMetricFamily("llmhost_prefix_cache_bytes",
+                                   "Bytes of KV cache the prefix cache holds.", labels=["model"])
         entries = self.entries()
         loaded.add_metric([], len(entries))
         for entry in entries:
@@ -143,9 +164,11 @@ class ModelCollector:
             running.add_metric([entry.id], values.get("running", 0))
             total_waiting += values.get("queued", 0)
             total_running += values.get("running", 0)
+            if "prefix_cache_bytes" in values:
+                cached.add_metric([entry.id], values["prefix_cache_bytes"])
         waiting_all.add_metric([], total_waiting)
         running_all.add_metric([], total_running)
-        yield from (loaded, active, queued, running, memory, waiting_all, running_all)
+        yield from (loaded, active, queued, running, memory, waiting_all, running_all, cached)
 
     def describe(self):
         return []

@@ -22,7 +22,8 @@ from transformers.cache_utils import DynamicLayer
 
 from . import metrics
 from .errors import EngineError, InvalidInput, failure
-from .kvcache import growing_cache
+from .kvcache import growing_cache, seeded_cache
+from .prefixcache import Hit, PrefixStore, budget_bytes
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams, vocab_size
 
@@ -46,6 +47,18 @@ class GenerationRequest:
     # Extra tensors of the prompt's prefill forward (a VLM's pixel_values and
     # friends from its processor); the decode steps need only token ids.
     model_inputs: dict[str, Any] = field(default_factory=dict)
+    # The prefix cache partition (engine/prefixcache.py): requests only reuse
+    # prefixes cached under the same value.
+    cache_partition: str = ""
+
+    @property
+    def prefix_key(self) -> str | None:
+        """Where its prompt's KV may be reused from and kept (engine/prefixcache.py):
+        the partition and the adapter (an adapter changes every key and value);
+        never for a prompt with images (equal ids, other pixels)."""
+        if self.model_inputs:
+            return None
+        return f"{self.cache_partition}\0{self.adapter or ''}"
 
 
 @dataclass
@@ -69,6 +82,7 @@ class Generation:
         self.request = request
         self.model_id = model_id
         self.prompt_tokens = len(request.prompt_ids)
+        self.cached_tokens = 0          # prompt tokens read from the prefix cache
         self.completion_tokens = 0
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
@@ -172,6 +186,10 @@ class Scheduler(ModelWorker):
         # adapters are loaded: adapter names per row -> the context of a forward.
         self.adapter_context: Callable[[list[str]], ContextManager] | None = None
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        # Reusing a prefix needs every layer to keep every position: the same
+        # models whose rows can share a batch (sliding windows cannot).
+        budget = budget_bytes(config)
+        self.prefix = PrefixStore(model_id, budget) if budget and self.batchable else None
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -189,7 +207,10 @@ class Scheduler(ModelWorker):
         return gen
 
     def stats(self) -> dict:
-        return {"queued": len(self._waiting), "running": len(self._rows)}
+        stats = {"queued": len(self._waiting), "running": len(self._rows)}
+        if self.prefix is not None:
+            stats.update(self.prefix.stats())
+        return stats
 
     def between_steps(self, fn: Callable[[], Any], timeout: float = 600.0) -> Any:
         """Run `fn` on the scheduler thread between two steps, when no forward
@@ -262,6 +283,8 @@ class Scheduler(ModelWorker):
             done.set_exception(self._closed_error())
         self._fail(set(waiting) | {r.gen for r in self._rows}, self._closed_error())
         self._reset_batch()
+        if self.prefix is not None:
+            self.prefix.clear()
         self.model = None
 
     def _gather(self) -> None:
@@ -367,17 +390,32 @@ class Scheduler(ModelWorker):
         if not gens:
             return
         prompts = [g.request.prompt_ids for g in gens]
-        length = max(len(p) for p in prompts)
+        hits = [self.prefix.lookup(g.request.prefix_key, g.request.prompt_ids)
+                if self.prefix is not None and g.request.prefix_key is not None else None
+                for g in gens]
+        reused = [hit.length if hit else 0 for hit in hits]
+        for gen, count in zip(gens, reused):
+            gen.cached_tokens = count
+        # Each row's prompt minus what it reuses, left-padded; positions go on
+        # from the reused length.
+        rest = [p[count:] for p, count in zip(prompts, reused)]
+        length = max(len(p) for p in rest)
         ids = torch.zeros((len(gens), length), dtype=torch.long)
         mask = torch.zeros((len(gens), length), dtype=torch.long)
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(rest):
             ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, length - len(p):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = growing_cache(self.model.config)   # decode steps write into spare room
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(reused).unsqueeze(1)
+        if any(reused):
+            cache, reused_mask = self._reused_cache(hits, reused)
+            mask = torch.cat([reused_mask, mask], dim=1)
+        else:
+            cache = growing_cache(self.model.config)   # decode steps write into spare room
         logits = self._forward(ids, mask, positions, cache,
                                [g.request.adapter or BASE_ADAPTER for g in gens],
                                gens[0].request.model_inputs if len(gens) == 1 else None)
+        if self.prefix is not None:
+            self._keep_prompts(gens, cache, mask)
 
         # n choices of a request share its prompt: repeat its cache rows.
         repeat = torch.tensor([g.request.n for g in gens])
@@ -394,6 +432,42 @@ class Scheduler(ModelWorker):
                 new_rows.append(row)
         self._merge(new_rows, cache, mask)
         self._sample(new_rows, logits)
+
+    def _keep_prompts(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor
+                      ) -> None:
+        """Give the prefix cache a copy of each prompt's KV, without padding.
+        Prompts only, not the generated tokens: a decode step computes a
+        token's keys with a one-query attention whose rounding differs from a
+        prefill's, and in bfloat16 (and int4) that changed a greedy answer
+        (docs/prefix-caching.md); prompts are computed by prefills alike."""
+        for i, gen in enumerate(gens):
+            key = gen.request.prefix_key
+            if key is None or self.prefix.holds(key, gen.request.prompt_ids):
+                continue
+            runs = _runs(mask[i])
+            kv = [(_columns(layer.keys[i], runs), _columns(layer.values[i], runs))
+                  for layer in cache.layers]
+            self.prefix.insert(key, gen.request.prompt_ids, kv)
+
+    def _reused_cache(self, hits: list[Hit | None], reused: list[int]):
+        """A cache holding each row's reused prefix, left-padded to the longest
+        (rows admitted together may reuse different lengths), and its mask."""
+        width = max(reused)
+        mask = torch.zeros((len(hits), width), dtype=torch.long)
+        sample = next(h for h in hits if h).entry.kv
+        layers = []
+        for index, (keys, values) in enumerate(sample):
+            heads, _, dim = keys.shape
+            k = keys.new_zeros((len(hits), heads, width, dim))
+            v = values.new_zeros((len(hits), values.shape[0], width, values.shape[2]))
+            for row, hit in enumerate(hits):
+                if hit:
+                    k[row, :, width - hit.length:], v[row, :, width - hit.length:] = hit.layer(index)
+            layers.append((k, v))
+        for row, count in enumerate(reused):
+            if count:
+                mask[row, width - count:] = 1
+        return seeded_cache(self.model.config, layers), mask
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -523,3 +597,22 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _runs(mask_row: torch.Tensor) -> list[list[int]]:
+    """[start, end) of each run of real columns of a row (a reused prefix and
+    the rest of the prompt: at most two)."""
+    runs: list[list[int]] = []
+    for col in mask_row.nonzero().squeeze(1).tolist():
+        if runs and runs[-1][1] == col:
+            runs[-1][1] = col + 1
+        else:
+            runs.append([col, col + 1])
+    return runs
+
+
+def _columns(t: torch.Tensor, runs: list[list[int]]) -> torch.Tensor:
+    """A copy of `runs` of `t`'s positions ([heads, length, head_dim]): slices
+    copy faster than an index (measured)."""
+    parts = [t[:, start:end] for start, end in runs]
+    return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)

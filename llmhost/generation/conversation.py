@@ -258,7 +258,8 @@ def chat_args(args: dict, items: list[dict], first_new: int) -> dict:
            "messages": chat_messages(args.get("instructions"), items, first_new)}
     for name, chat_name in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
                             ("top_p", "top_p"), ("user", "user"), ("metadata", "metadata"),
-                            ("parallel_tool_calls", "parallel_tool_calls")):
+                            ("parallel_tool_calls", "parallel_tool_calls"),
+                            ("cache_salt", "cache_salt")):
         if args.get(name) is not None:
             out[chat_name] = args[name]
     tools = chat_tools(args.get("tools"))

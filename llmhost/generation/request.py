@@ -35,6 +35,7 @@ class TextRequest:
     user: str | None = None
     response_format: dict | None = None        # json_schema.schema under "schema", as OpenAI writes it
     structured_outputs: dict | None = None
+    cache_salt: str | None = None              # a prefix cache partition (engine/prefixcache.py)
 
     prompt_param = "prompt"     # the field a prompt error names
 

@@ -79,18 +79,19 @@ class Run:
     def __init__(self, entry, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                  stop: list[str] | None = None,
                  disconnected: Callable[[], bool] | None = None,
-                 parser: Callable[[], object] | None = None, max_calls: int = 0) -> None:
+                 parser: Callable[[], object] | None = None, max_calls: int = 0,
+                 cache_partition: str = "") -> None:
         self.entry = entry
         self.prompts = prompts
         self.params = params
         self.n = n
         self.disconnected = disconnected
+        self.cache_partition = cache_partition
         self.states = [_ChoiceState(entry.tokenizer, stop or [], parser() if parser else None,
                                     max_calls)
                        for _ in range(len(prompts) * n)]
         self.generations: list = []
         self.completion_tokens = 0
-        self.cached_tokens = 0         # prompt tokens served from a cache
         self.cancelled = False
         self._first = None
         self._iterators: list[Iterator] = []
@@ -99,6 +100,11 @@ class Run:
     def prompt_tokens(self) -> int:
         """Prompt ids after templating, once per prompt (not per choice)."""
         return sum(len(p) for p in self.prompts)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Of `prompt_tokens`, those read from the engine's prefix cache."""
+        return sum(g.cached_tokens for g in self.generations)
 
     def start(self) -> "Run":
         """Submit every prompt and wait for the first token, so that a full
@@ -111,7 +117,8 @@ class Run:
             for ids in self.prompts:
                 self.generations.append(engine.submit(GenerationRequest(
                     prompt_ids=ids, params=self.params, n=self.n,
-                    model_inputs=getattr(ids, "model_inputs", None) or {})))  # prompt.PromptIds
+                    model_inputs=getattr(ids, "model_inputs", None) or {},  # prompt.PromptIds
+                    cache_partition=self.cache_partition)))
             self._iterators = [g.events(poll=IDLE_POLL_S) for g in self.generations]
             self._first = next((e for e in self._iterators[0] if e is not None or self._gone()),
                                None)

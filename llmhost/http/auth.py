@@ -300,3 +300,14 @@ def identity() -> Identity:
     """The current caller as usage and limits see it."""
     keys: Keys = current_app.extensions["llmhost_keys"]
     return keys.identity(_bearer() if has_request_context() else None)
+
+
+def prefix_partition(salt: str | None, per_key: bool) -> str:
+    """The prefix cache partition of a request (engine/prefixcache.py): its
+    `cache_salt` and, with LLMHOST_PREFIX_CACHE_PER_KEY, its API key, hashed so
+    that neither is kept in the cache."""
+    key = _bearer() if per_key and has_request_context() else None
+    if not salt and not key:
+        return ""
+    return hashlib.sha256(f"{salt or ''}\0{key or ''}".encode()).hexdigest()
+

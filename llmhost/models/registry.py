@@ -171,8 +171,11 @@ class ModelRegistry:
         return paths
 
     def _memory_in_use(self) -> int:
-        """Bytes held by the loaded models (LLMHOST_MEMORY_LIMIT counts against it)."""
-        return sum(e.loaded.memory_bytes for e in self.list() if e.loaded is not None)
+        """Bytes held by the loaded models (LLMHOST_MEMORY_LIMIT counts against it):
+        their weights and what their prefix caches hold now (engine/prefixcache.py,
+        each within LLMHOST_PREFIX_CACHE_MB)."""
+        return sum(e.loaded.memory_bytes + _prefix_cache_bytes(e) for e in self.list()
+                   if e.loaded is not None)
 
     def _model_lock(self, model_id: str) -> threading.Lock:
         """The id's own lock, handed out under the guard: loading, unloading and
@@ -396,6 +399,11 @@ class ModelRegistry:
         log.info("autoloading %s from the local cache", model_id)
         self.load(loading.LoadSpec(model=model_id), config)
         return True
+
+
+def _prefix_cache_bytes(entry: ModelEntry) -> int:
+    stats = getattr(entry.engine, "stats", None)
+    return int(stats().get("prefix_cache_bytes", 0)) if stats is not None else 0
 
 
 registry = ModelRegistry()

@@ -90,6 +90,9 @@ class GenerationSchema(Schema):
         "description": "Answer with server-sent events (`data: {chunk}` ... `data: [DONE]`)."})
     stream_options = fields.Nested(StreamOptionsSchema, allow_none=True)
     user = fields.String(allow_none=True, metadata={"description": "Accepted and ignored."})
+    cache_salt = fields.String(allow_none=True, validate=validate.Length(1, 1024), metadata={
+        "description": "vLLM's extra: only requests with the same salt share cached prompt "
+                       "prefixes (docs/prefix-caching.md)."})
     response_format = fields.Nested(ResponseFormatSchema, allow_none=True, metadata={
         "description": "`text`, `json_object` or `json_schema` (answers always parse and "
                        "validate: constrained decoding)."})

@@ -60,6 +60,9 @@ class CreateResponseSchema(ResponseInputSchema):
                            allow_none=True, validate=validate.Length(max=16), metadata={
                                "description": "Up to 16 string pairs, stored and returned."})
     user = fields.String(allow_none=True, metadata={"description": "Stored and returned."})
+    cache_salt = fields.String(allow_none=True, validate=validate.Length(1, 1024), metadata={
+        "description": "vLLM's extra: only requests with the same salt share cached prompt "
+                       "prefixes (docs/prefix-caching.md)."})
     store = fields.Boolean(load_default=True, allow_none=True, metadata={
         "description": "Keep the response (default true) for GET, input_items and "
                        "previous_response_id."})
