@@ -304,6 +304,8 @@ def build_whisper(path: str, vocab_size: int = 400, width: int = 32, max_new_tok
     model.save_pretrained(path)
     WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80),
                      tokenizer=tokenizer).save_pretrained(path)
+    return path
+
 
 # A chat template for the tiny vision-language model: content as parts, each
 # image part as one <image> token, which the processor expands into the
