@@ -32,7 +32,8 @@ def create_message(args):
     named after the model the client asked for.
     """
     started = start_chat(anthropic.chat_body(args))
-    builder = anthropic.MessageBuilder(args["model"], started.run.prompt_tokens)
+    builder = anthropic.MessageBuilder(args["model"], started.run.prompt_tokens,
+                                       started.run.cached_tokens)
     events = relay(started, builder.start(), builder.feed, lambda finish, run: builder.end(
         finish, run.states[0].text.stop.matched, run.completion_tokens))
     if args.get("stream"):

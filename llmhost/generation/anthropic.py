@@ -220,13 +220,15 @@ class MessageBuilder:
     """Anthropic's events of one answer as the chat path's deltas come, and the
     message they add up to (:attr:`message`)."""
 
-    def __init__(self, model: str, input_tokens: int) -> None:
+    def __init__(self, model: str, prompt_tokens: int, cached_tokens: int = 0) -> None:
+        # Anthropic counts prompt tokens read from a cache apart from input_tokens;
+        # llmhost's prefix cache (engine/prefixcache.py) is that cache.
         self.message = {"id": new_id("msg"), "type": "message", "role": "assistant",
                         "model": model, "content": [], "stop_reason": None,
                         "stop_sequence": None,
-                        "usage": {"input_tokens": input_tokens, "output_tokens": 0,
-                                  "cache_creation_input_tokens": 0,
-                                  "cache_read_input_tokens": 0}}
+                        "usage": {"input_tokens": prompt_tokens - cached_tokens,
+                                  "output_tokens": 0, "cache_creation_input_tokens": 0,
+                                  "cache_read_input_tokens": cached_tokens}}
         self.open: str | None = None        # the kind of the block being written
         self.calls: dict[int, dict] = {}    # chat call index -> its tool_use block
         self.arguments: dict[int, str] = {}
