@@ -173,7 +173,8 @@ def test_gemma4_results_continue_the_model_turn(family_paths):
     """Gemma 4's template reads results from the calling turn's
     tool_responses: the tool messages fold into it and the model's turn goes
     on after them (no "tool" turn)."""
-    from llmhost.generation.tools import build_chat
+    from llmhost.generation.plan import chat_ids
+    from llmhost.generation.request import ChatRequest
     from llmhost.models.registry import registry
     from support import load_local
 
@@ -184,7 +185,7 @@ def test_gemma4_results_continue_the_model_turn(family_paths):
                 "id": "call_1", "type": "function",
                 "function": {"name": "get_time", "arguments": json.dumps(TIME_ARGS)}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"time": "12:00"})}]
-        ids, _ = build_chat({"messages": history, "tools": TOOLS}, entry, set())
+        ids, _ = chat_ids(ChatRequest(model="local-gemma4", messages=history, tools=TOOLS), entry)
         prompt = entry.tokenizer.decode(ids, skip_special_tokens=False)
     finally:
         registry.unload("local-gemma4")

@@ -37,11 +37,13 @@ when its closing tag arrives; each call then goes out as OpenAI's
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import re
 import uuid
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 try:  # transformers >= 5 (response templates); older versions parse nothing
     from transformers.utils.chat_parsing.response_parser import ResponseParser
@@ -128,15 +130,24 @@ MISTRAL_ARGS = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _transformers_family(model_type: str) -> dict | None:
-    """transformers serve's fallback template of a model type (its public
-    lookup takes a model; only the config's model_type is read)."""
+    """transformers serve's fallback template of a model type, looked up by the
+    model type alone. Its lookup's second argument was the model (read as
+    ``model.config.model_type``) and is the config itself in newer transformers
+    (5.25: ``config.model_type``): the stand-in answers both. Once per model
+    type (logged if the lookup breaks again: every family it knows, Gemma 4
+    and Qwen among them, would silently fall back to the Hermes format)."""
     try:
-        from types import SimpleNamespace
-
         from transformers.cli.serving.utils import get_response_template
-        return get_response_template(None, SimpleNamespace(config=SimpleNamespace(model_type=model_type)))
-    except Exception:  # pragma: no cover - transformers without serving helpers
+    except ImportError:  # pragma: no cover - transformers without serving helpers
+        return None
+    config = SimpleNamespace(model_type=model_type)
+    config.config = config
+    try:
+        return get_response_template(None, config)
+    except Exception as exc:  # pragma: no cover - a newer transformers changed it again
+        log.warning("transformers' response template lookup failed for %r: %r", model_type, exc)
         return None
 
 
@@ -302,8 +313,10 @@ class OutputParser:
         self.started = False
         self.raw = ""          # text fed but not yet released (for the broken case)
         self.broken = False
-        self.closers = [f["close"] for f in template.get("fields", {}).values()
-                        if isinstance(f, dict) and f.get("close")]
+        # a field's "close" is one tag or a list of them (transformers 5.25's Gemma 4 content)
+        self.closers = [c for f in template.get("fields", {}).values() if isinstance(f, dict)
+                        for c in ([f["close"]] if isinstance(f.get("close"), str)
+                                  else f.get("close") or [])]
         self.held = ""         # a tail that may start a closing tag
 
     def _hold(self, text: str) -> tuple[str, str]:
