@@ -51,6 +51,8 @@ SLOW_FIXTURES = frozenset({
     # servers of one test file
     "small_queue_server", "gpu_server", "small_memory", "guarded", "fuzz_server",
     "few_threads", "limited",
+    # a throwaway PostgreSQL cluster (tests/pg.py) and what runs on it
+    "postgres", "cluster",
     # the real models loaded in this process: SmolLM2 (a test that only reads the
     # GGUF's path or header stays quick), MiniLM
     "smollm2_reference", "minilm_dir",
