@@ -73,7 +73,9 @@ def test_unwritable_store_is_a_clear_error_and_keeps_what_it_had(tmp_path):
     readonly = Store(f"sqlite:///file:{path}?mode=ro&uri=true")
     with pytest.raises(StoreError) as caught:
         readonly.create(_body("new"), None, _items("new"))
-    assert caught.value.status == 500 and caught.value.code == "store_unavailable"
+    from llmhost.http.errors import as_api_error
+
+    assert as_api_error(caught.value).status == 500 and caught.value.code == "store_unavailable"
     assert "readonly" in caught.value.message.replace("-", "").replace(" ", "").lower()
     assert readonly.get("resp_kept", None, True)["id"] == "resp_kept"
     assert readonly.input_items("resp_kept", None, True, None, 10, "asc")[0] == _items("kept")

@@ -79,7 +79,7 @@ def _started(deltas, params=None):
     """What serving.start hands over, around a stand-in for generation/run.Run:
     `deltas()` a generator, as Run's is; `cancel(reason)` records the reason."""
     cancelled: list[str] = []
-    run = SimpleNamespace(deltas=lambda: (d for d in deltas), cancelled=False, prompt_tokens=11,
+    run = SimpleNamespace(deltas=lambda: (d for d in deltas), cancelled=False, prompt_tokens=11, cached_tokens=0,
                           cancel=cancelled.append, reasons=cancelled, completion_tokens=9,
                           params=params or SimpleNamespace(temperature=0.0, top_p=1.0))
     tokenizer = lambda text, add_special_tokens=False: {"input_ids": text.split()}
