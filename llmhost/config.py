@@ -74,7 +74,9 @@ class Config:
         ("MAX_IMAGE_PIXELS", int, 16_000_000),   # width x height of one image
         ("MAX_IMAGE_BYTES", int, 10 * 1024 * 1024),   # one image, encoded (data URL or fetched)
         ("IMAGE_FETCH_TIMEOUT", float, 10.0),         # seconds for one http(s) image
-        ("PREFIX_CACHE_MB", float, 512.0),   # per model; 0: off (engine/prefixcache.py)
+        # per model; 0 (the default): off, since reuse can move reduced-precision
+        # logits in their last digits (docs/prefix-caching.md); engine/prefixcache.py
+        ("PREFIX_CACHE_MB", float, 0.0),
         ("PREFIX_CACHE_PER_KEY", _bool, False),  # partition the prefix cache by API key
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),

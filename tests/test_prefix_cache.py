@@ -16,7 +16,7 @@ from llmhost.engine.prefixcache import PrefixStore, common_prefix
 from llmhost.engine.sampling import SamplingParams
 from llmhost.engine.scheduler import GenerationRequest, Scheduler
 from llmhost.models.loading import LoadSpec, load
-from support import sample, scrape, validate
+from support import Server, sample, scrape, validate
 
 # -- the store ------------------------------------------------------------------------
 
@@ -157,6 +157,14 @@ def test_no_reuse_where_layers_drop_positions():
 
 
 # -- the API: cached_tokens in usage, isolation by cache_salt ------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A server of this file's own with the prefix cache on (off by default)."""
+    srv = Server(env={"LLMHOST_PREFIX_CACHE_MB": "64"}).start()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture(scope="module")

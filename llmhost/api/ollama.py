@@ -184,6 +184,7 @@ def _status(event: dict) -> dict:
 
 @blp.route("/pull", methods=["POST"])
 @blp.arguments(PullSchema)
+@blp.doc(responses={200: {"content": {"application/x-ndjson": {"schema": {"type": "object"}}}}})
 @blp.response(200, StatusSchema, description="NDJSON status lines while the model loads, "
               "ending with `{\"status\": \"success\"}`; one such object with `stream: false`.")
 @blp.errors(400, 403, 404, 409, 503, 507)

@@ -56,9 +56,13 @@ KEY_TOKENS = Counter("llmhost_key_tokens", "Tokens by named key, model and kind.
                      ("key", "model", "kind"), registry=REGISTRY)
 
 
+_KEY_SERIES: set[tuple[str, str]] = set()   # (key, model) pairs with series, for forget_model
+
+
 def record_key_usage(name: str | None, model: str, prompt_tokens: int,
                      completion_tokens: int) -> None:
     key = name or "(unnamed)"
+    _KEY_SERIES.add((key, model))
     KEY_REQUESTS.labels(key, model).inc()
     if prompt_tokens:
         KEY_TOKENS.labels(key, model, "prompt").inc(prompt_tokens)
@@ -114,6 +118,14 @@ def forget_model(model: str) -> None:
             metric.remove(model)
         except KeyError:
             pass
+    for key, of in [pair for pair in _KEY_SERIES if pair[1] == model]:
+        _KEY_SERIES.discard((key, of))
+        for labels in ((KEY_REQUESTS, (key, model)), (KEY_TOKENS, (key, model, "prompt")),
+                       (KEY_TOKENS, (key, model, "completion"))):
+            try:
+                labels[0].remove(*labels[1])
+            except KeyError:
+                pass
 
 
 class ModelCollector:

@@ -264,6 +264,9 @@ class ModelRegistry:
         """A LoRA adapter onto the loaded base `spec.base` (models/adapters.py):
         an entry of its own that shares the base's model, tokenizer and
         scheduler; its `loaded` counts only the adapter's parameters."""
+        if spec.base == spec.served_id:
+            raise InvalidInput(f"An adapter cannot be its own base: give it an 'id' other than "
+                               f"'{spec.base}'.", param="base", code="invalid_base")
         base = self.get(spec.base, param="base")
         if base.spec.base or base.task != "generate" or not hasattr(base.engine, "between_steps"):
             raise InvalidInput(f"The model '{base.id}' cannot take LoRA adapters: load them "
