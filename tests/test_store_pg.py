@@ -209,7 +209,11 @@ def test_a_database_behind_says_to_run_db_upgrade(pg_url):
     store = Store(pg_url)                      # PostgreSQL never upgrades itself
     with pytest.raises(StoreBehind) as caught:
         store.get("resp_x", None, True)
-    assert caught.value.status == 503 and "llmhost db upgrade" in caught.value.message
+    from llmhost.http.errors import as_api_error
+
+    answer = as_api_error(caught.value)
+    assert answer.status == 503 and answer.headers["Retry-After"] == "30"
+    assert "llmhost db upgrade" in caught.value.message
     upgrade(store.engine)
     assert store.get("resp_x", None, True) is None
 
