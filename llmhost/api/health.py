@@ -5,9 +5,9 @@ import logging
 from flask import Response, current_app
 
 from ..config import settings
+from ..engine.errors import Refused
 from ..engine import metrics
 from ..http import redact
-from ..http.errors import APIError
 from ..http.extensions import Blueprint
 from ..models.registry import registry
 from ..schemas.health import HealthSchema, ReadyQuerySchema, ReadySchema
@@ -67,7 +67,7 @@ def _store_behind() -> str | None:
         store.current().check()
     except store.StoreBehind as exc:
         return exc.message
-    except APIError as exc:      # unreachable now: chat still serves, so still ready
+    except Refused as exc:       # unreachable now: chat still serves, so still ready
         log.warning("readiness: %s", exc.message)
     return None
 
