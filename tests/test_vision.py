@@ -106,6 +106,26 @@ def test_openai_sdk_typed_parts(openai_client, vlm, expected):
     assert answer.usage.prompt_tokens == len(expected[0])
 
 
+def test_anthropic_image_blocks(server, vlm, expected):
+    """Anthropic's Messages API with an image block (the official SDK): the
+    same answer as transformers' generate, as the chat path gives."""
+    import anthropic
+
+    data = png_url().split(",", 1)[1]
+    claude = anthropic.Anthropic(base_url=server.url, api_key="none")
+    message = claude.messages.create(
+        model=vlm, max_tokens=12, extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": data}},
+            {"type": "text", "text": QUESTION}]}])
+    assert message.content[0].text == expected[1]
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == len(expected[0])
+    with pytest.raises(anthropic.BadRequestError, match="source"):
+        claude.messages.create(model=vlm, max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}])
+
+
 def test_text_and_images_in_one_batch(server, vlm, expected):
     """A text-only request and image requests at once: all answered right."""
     from concurrent.futures import ThreadPoolExecutor

@@ -50,23 +50,29 @@ def _text(content, where: str) -> str:
 
 
 def _user_turn(content, where: str) -> list[dict]:
-    """A user turn's blocks: text becomes user messages, each tool_result a
-    `tool` message answering its call, in their order."""
+    """A user turn's blocks: text and image blocks become user messages (image
+    blocks as OpenAI image_url parts, for vision-language models), each
+    tool_result a `tool` message answering its call, in their order."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
     out: list[dict] = []
-    pending: list[str] = []
+    pending: list[dict] = []      # OpenAI content parts of the user message being built
 
     def flush():
         if pending:
-            out.append({"role": "user", "content": "\n".join(pending)})
+            if all(p["type"] == "text" for p in pending):
+                out.append({"role": "user", "content": "\n".join(p["text"] for p in pending)})
+            else:
+                out.append({"role": "user", "content": list(pending)})
             pending.clear()
 
     for j, block in enumerate(content):
         kind = block.get("type")
         at = f"{where}[{j}]"
         if kind == "text":
-            pending.append(_text([block], where))
+            pending.append({"type": "text", "text": _text([block], where)})
+        elif kind == "image":
+            pending.append({"type": "image_url", "image_url": {"url": _image_url(block, at)}})
         elif kind == "tool_result":
             flush()
             if not isinstance(block.get("tool_use_id"), str):
@@ -77,11 +83,27 @@ def _user_turn(content, where: str) -> list[dict]:
                 text = f"Error: {text}"
             out.append({"role": "tool", "tool_call_id": block["tool_use_id"], "content": text})
         else:
-            raise InvalidInput(f"Invalid value for '{at}.type': this server's models take text only; "
-                               f"content blocks of type {kind!r} are not supported in a user turn "
-                               "(use 'text' or 'tool_result').", param=f"{at}.type")
+            raise InvalidInput(f"Invalid value for '{at}.type': content blocks of type {kind!r} "
+                               "are not supported in a user turn (use 'text', 'image' or "
+                               "'tool_result').", param=f"{at}.type")
     flush()
     return out
+
+
+def _image_url(block: dict, at: str) -> str:
+    """An Anthropic image block's source as the URL of an OpenAI image_url part:
+    base64 data becomes a data URL; a url source stays a URL (fetched only
+    where LLMHOST_IMAGE_URLS allows, generation/images.py)."""
+    source = block.get("source")
+    if isinstance(source, dict) and source.get("type") == "base64" \
+            and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):
+        return f"data:{source['media_type']};base64,{source['data']}"
+    if isinstance(source, dict) and source.get("type") == "url" \
+            and isinstance(source.get("url"), str):
+        return source["url"]
+    raise InvalidInput(f"Invalid value for '{at}.source': give {{\"type\": \"base64\", "
+                       "\"media_type\": ..., \"data\": ...} or {\"type\": \"url\", \"url\": ...}.",
+                       param=f"{at}.source")
 
 
 def _assistant_turn(content, where: str) -> dict:
