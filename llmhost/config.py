@@ -76,7 +76,8 @@ class Config:
         ("IMAGE_FETCH_TIMEOUT", float, 10.0),         # seconds for one http(s) image
         # per model; 0 (the default): off, since reuse can move reduced-precision
         # logits in their last digits (docs/prefix-caching.md); engine/prefixcache.py
-        ("PREFIX_CACHE_MB", float, 0.0),
+        ("PREFIX_CACHE_MB", float, 512.0),
+        ("PREFILL_CHUNK", int, 128),     # tokens per prefill forward of a long prompt (engine/scheduler.py)
         ("PREFIX_CACHE_PER_KEY", _bool, False),  # partition the prefix cache by API key
         ("EMBED_BATCH", int, 32),
         ("MAX_EMBED_INPUTS", int, 2048),

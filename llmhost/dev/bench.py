@@ -302,6 +302,18 @@ def _print_mask_cost(tokenizer, model: str, response_format: dict) -> None:
           f"vocab {vocab}, {steps} tokens)")
 
 
+def _cpu_flags() -> str:
+    """The CPU's vector flags that decide which kernels are fast (printed with
+    every figure: machines differ)."""
+    import re
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*)\b", f.read()))
+    except OSError:
+        return "CPU flags unknown"
+    return "CPU flags: " + (" ".join(sorted(found)) or "no avx2")
+
+
 def _rss_mib(pid: int | None, children: bool = False) -> float:
     """Resident memory of `pid` (with `children`: of its largest child, the
     gunicorn worker), MiB; nan when unknown."""
@@ -820,6 +832,43 @@ def bench_profile(args) -> int:
     return 0
 
 
+def bench_prefill(args) -> int:
+    """In-process time to first token of one long prompt at several prefill
+    chunk sizes (LLMHOST_PREFILL_CHUNK), alternated in rounds, as ratios to the
+    last size given (0: the whole prompt in one forward)."""
+    import json
+
+    from ..config import Config
+    from ..engine.sampling import SamplingParams
+    from ..engine.scheduler import GenerationRequest, Scheduler
+    from ..models.loading import LoadSpec, load
+
+    loaded = load(LoadSpec(model=args.model, **json.loads(args.load_options or "{}")), Config())
+    ids = loaded.tokenizer(agent_system_prompt() * 4, add_special_tokens=False)["input_ids"]
+    ids = ids[:args.tokens]
+    schedulers = {c: Scheduler(f"chunk-{c}", loaded, Config(PREFIX_CACHE_MB=0,
+                                                            PREFILL_CHUNK=c or len(ids))).start()
+                  for c in args.chunks}
+    times: dict[int, list[float]] = {c: [] for c in args.chunks}
+    try:
+        for _ in range(args.rounds):
+            for chunk, scheduler in schedulers.items():
+                started = time.perf_counter()
+                gen = scheduler.submit(GenerationRequest(list(ids), SamplingParams(max_tokens=1,
+                                                                                   temperature=0)))
+                list(gen.events())
+                times[chunk].append(time.perf_counter() - started)
+    finally:
+        for scheduler in schedulers.values():
+            scheduler.close("bench over")
+    print(f"{len(ids)}-token prompt, dtype {loaded.dtype}, {_cpu_flags()}, load {os.getloadavg()[0]:.1f}")
+    base = _median(times[args.chunks[-1]])
+    for chunk in args.chunks:
+        print(f"chunk {chunk or 'none'}: {_median(times[chunk]) * 1000:.0f} ms "
+              f"({_median(times[chunk]) / base:.2f}x)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llmhost.dev.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -878,6 +927,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
                                           "model server answers")
     prof.set_defaults(func=bench_profile)
+    fill = sub.add_parser("prefill", help="one long prompt's TTFT at several prefill chunk sizes")
+    fill.add_argument("--model", required=True, help="a model folder or .gguf file")
+    fill.add_argument("--load-options", metavar="JSON", help='e.g. \'{"dtype": "bfloat16"}\'')
+    fill.add_argument("--tokens", type=int, default=1000)
+    fill.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256, 0],
+                      help="chunk sizes; 0: one forward (the ratios are to the last)")
+    fill.add_argument("--rounds", type=int, default=3)
+    fill.set_defaults(func=bench_prefill)
     agent = sub.add_parser("agent", help="agent loops: per-turn TTFT with the prefix cache on/off")
     agent.add_argument("--model", required=True, help="served id, or the file/folder to load")
     agent.add_argument("--url", default="http://127.0.0.1:8000")

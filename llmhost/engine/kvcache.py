@@ -81,21 +81,31 @@ def _rebuffer(current: torch.Tensor, states: torch.Tensor, extra: int) -> torch.
     return buf
 
 
-def growing_cache(config) -> DynamicCache:
-    """A ``DynamicCache`` for `config` whose layers are ``GrowingLayer``s. Only
-    for models whose every layer is a plain ``DynamicLayer`` (the scheduler's
-    batchable case); others keep transformers' own layers."""
+def growing_cache(config, room: int = ROOM) -> DynamicCache:
+    """A ``DynamicCache`` for `config` whose layers are ``GrowingLayer``s with
+    `room` free positions (a chunked prefill asks for its whole prompt, so its
+    chunks are written without copies; ``set_room`` brings it back to ROOM).
+    Only for models whose every layer is a plain ``DynamicLayer`` (the
+    scheduler's batchable case); others keep transformers' own layers."""
     cache = DynamicCache(config=config)
     if all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [GrowingLayer() for _ in cache.layers]
+        cache.layers = [GrowingLayer(room) for _ in cache.layers]
     return cache
 
 
-def seeded_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+def set_room(cache: DynamicCache, room: int = ROOM) -> None:
+    """Later rebuffers of `cache` keep `room` free positions."""
+    for layer in cache.layers:
+        if isinstance(layer, GrowingLayer):
+            layer.room = room
+
+
+def seeded_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]],
+                 room: int = ROOM) -> DynamicCache:
     """A ``growing_cache`` already holding `layers` (per layer the keys and
     values [rows, heads, length, head_dim]): the prefix cache's reused
     positions, which the next forward continues from."""
-    cache = growing_cache(config)
+    cache = growing_cache(config, room)
     for layer, (keys, values) in zip(cache.layers, layers):
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values

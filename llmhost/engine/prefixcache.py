@@ -1,8 +1,8 @@
 """Automatic prefix caching (issue 19): the KV cache of recent prompts of one
 model, so that a request starting with tokens the model already read (an
 agent loop resending its conversation, a shared system prompt) prefills only
-the rest. Prompts, not generated tokens: the scheduler says why
-(``Scheduler._keep_prompts``).
+the rest. Whole prefill chunks of prompts, not generated tokens: the
+scheduler says why (``Scheduler._prefill_chunked``).
 
 A store of whole sequences, not hashed blocks or a radix tree. vLLM hashes
 fixed-size blocks because its KV lives in a paged GPU pool shared by
@@ -76,16 +76,17 @@ class PrefixStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, partition: str, prompt: list[int]) -> Hit | None:
+    def lookup(self, partition: str, prompt: list[int], block: int = 1) -> Hit | None:
         """The stored sequence sharing the longest prefix with `prompt`, at most
-        all of it but its last token (whose logits the request needs)."""
+        all of it but its last token (whose logits the request needs), in
+        whole `block`s (the scheduler's prefill chunks: see ``Scheduler``)."""
         tokens = np.asarray(prompt[:-1], dtype=np.int64)
         best: Hit | None = None
         with self._lock:
             for key, entry in self._entries.items():
                 if entry.partition != partition:
                     continue
-                length = common_prefix(entry.tokens, tokens)
+                length = common_prefix(entry.tokens, tokens) // block * block
                 if length and (best is None or length > best.length):
                     best = Hit(entry, length)
             if best is None:

@@ -22,8 +22,8 @@ from transformers.cache_utils import DynamicLayer
 
 from . import metrics
 from .errors import EngineError, InvalidInput, failure
-from .kvcache import growing_cache, seeded_cache
-from .prefixcache import Hit, PrefixStore, budget_bytes
+from .kvcache import ROOM, growing_cache, seeded_cache, set_room
+from .prefixcache import PrefixStore, budget_bytes
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams, vocab_size
 
@@ -190,6 +190,7 @@ class Scheduler(ModelWorker):
         # models whose rows can share a batch (sliding windows cannot).
         budget = budget_bytes(config)
         self.prefix = PrefixStore(model_id, budget) if budget and self.batchable else None
+        self.chunk = max(1, int(config.PREFILL_CHUNK))
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -372,8 +373,10 @@ class Scheduler(ModelWorker):
 
     @torch.inference_mode()
     def _prefill(self, gens: list[Generation]) -> None:
-        """One forward over the prompts admitted at this step (left-padded), the
-        first token of every choice, then their rows join the batch."""
+        """The prompts admitted at this step: the first token of every choice,
+        then their rows join the batch. Short prompts share one left-padded
+        forward; a prompt longer than a chunk is prefilled alone, in chunks
+        (``_prefill_chunked``)."""
         samplers: dict[int, list[RowSampler]] = {}
         for gen in gens:   # per-request setup first: a bad one fails alone, before the forward
             if not gen.request.prompt_ids:
@@ -387,37 +390,78 @@ class Scheduler(ModelWorker):
             except Exception as exc:
                 self._row_failed(gen, exc, "preparing sampling")
         gens = [g for g in gens if id(g) in samplers and not g.cancelled]
-        if not gens:
-            return
+        chunked = [g for g in gens if self._chunks(g)]
+        together = [g for g in gens if not self._chunks(g)]
+        for gen in chunked:
+            self._join([gen], *self._prefill_chunked(gen), samplers)
+        if together:
+            self._join(together, *self._prefill_together(together), samplers)
+
+    def _chunks(self, gen: Generation) -> bool:
+        """Whether `gen`'s prompt is prefilled alone, in chunks: longer than one
+        chunk, on a model whose rows can share a batch, without images (their
+        pixels go with the one forward that holds their tokens)."""
+        return (self.batchable and not gen.request.model_inputs
+                and len(gen.request.prompt_ids) > self.chunk)
+
+    def _prefill_together(self, gens: list[Generation]):
+        """One forward over short prompts, left-padded: (cache, mask, logits)."""
         prompts = [g.request.prompt_ids for g in gens]
-        hits = [self.prefix.lookup(g.request.prefix_key, g.request.prompt_ids)
-                if self.prefix is not None and g.request.prefix_key is not None else None
-                for g in gens]
-        reused = [hit.length if hit else 0 for hit in hits]
-        for gen, count in zip(gens, reused):
-            gen.cached_tokens = count
-        # Each row's prompt minus what it reuses, left-padded; positions go on
-        # from the reused length.
-        rest = [p[count:] for p, count in zip(prompts, reused)]
-        length = max(len(p) for p in rest)
+        length = max(len(p) for p in prompts)
         ids = torch.zeros((len(gens), length), dtype=torch.long)
         mask = torch.zeros((len(gens), length), dtype=torch.long)
-        for i, p in enumerate(rest):
+        for i, p in enumerate(prompts):
             ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, length - len(p):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(reused).unsqueeze(1)
-        if any(reused):
-            cache, reused_mask = self._reused_cache(hits, reused)
-            mask = torch.cat([reused_mask, mask], dim=1)
-        else:
-            cache = growing_cache(self.model.config)   # decode steps write into spare room
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = growing_cache(self.model.config)   # decode steps write into spare room
         logits = self._forward(ids, mask, positions, cache,
                                [g.request.adapter or BASE_ADAPTER for g in gens],
                                gens[0].request.model_inputs if len(gens) == 1 else None)
-        if self.prefix is not None:
-            self._keep_prompts(gens, cache, mask)
+        return cache, mask, logits
 
-        # n choices of a request share its prompt: repeat its cache rows.
+    def _prefill_chunked(self, gen: Generation):
+        """One long prompt, alone, in chunks whose bounds are multiples of
+        `self.chunk` (LLMHOST_PREFILL_CHUNK), from the longest whole-chunk
+        prefix the prefix cache holds: (cache, mask, logits).
+
+        Why alone and in fixed chunks: a forward's rounding depends on its
+        shapes (the rows and padding beside a prompt, how many positions it
+        reads at once). Computed this way every chunk of a prompt meets the
+        same shapes whether the chunks before it were computed just now or
+        read from the prefix cache, so reusing a prefix gives bit-identical
+        keys, values and logits: the answer is the same with the cache on and
+        off, in bfloat16 and int4 too (tests/test_prefix_cache.py). Prompts
+        are kept, not generated tokens: a decode step computes a token's keys
+        with other shapes. A long prompt alone also costs no padding."""
+        prompt = gen.request.prompt_ids
+        key = gen.request.prefix_key if self.prefix is not None else None
+        hit = self.prefix.lookup(key, prompt, self.chunk) if key is not None else None
+        start = gen.cached_tokens = hit.length if hit else 0
+        room = len(prompt) - start + ROOM
+        if hit:
+            layers = [tuple(t.unsqueeze(0) for t in hit.layer(i)) for i in range(len(hit.entry.kv))]
+            cache = seeded_cache(self.model.config, layers, room)
+        else:
+            cache = growing_cache(self.model.config, room)
+        adapters = [gen.request.adapter or BASE_ADAPTER]
+        for begin in range(start, len(prompt), self.chunk):
+            end = min(begin + self.chunk, len(prompt))
+            logits = self._forward(torch.tensor([prompt[begin:end]]),
+                                   torch.ones((1, end), dtype=torch.long),
+                                   torch.arange(begin, end).unsqueeze(0), cache, adapters)
+        set_room(cache)
+        whole = len(prompt) // self.chunk * self.chunk   # only whole chunks are ever reused
+        if key is not None and whole > start and not self.prefix.holds(key, prompt[:whole]):
+            self.prefix.insert(key, prompt[:whole], [
+                (layer.keys[0, :, :whole].clone(), layer.values[0, :, :whole].clone())
+                for layer in cache.layers])
+        return cache, torch.ones((1, len(prompt)), dtype=torch.long), logits
+
+    def _join(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor,
+              logits: torch.Tensor, samplers: dict[int, list[RowSampler]]) -> None:
+        """The prefilled `gens` join the batch (n choices of a request share its
+        prompt: its cache rows are repeated) and get their first tokens."""
         repeat = torch.tensor([g.request.n for g in gens])
         if int(repeat.max()) > 1:
             select = torch.repeat_interleave(torch.arange(len(gens)), repeat)
@@ -425,49 +469,13 @@ class Scheduler(ModelWorker):
                 layer.keys, layer.values = layer.keys[select], layer.values[select]
             mask, logits = mask[select], logits[select]
         new_rows = []
-        for gen, prompt in zip(gens, prompts):
+        for gen in gens:
             for index, sampler in enumerate(samplers[id(gen)]):
                 row = _Row(gen, index, sampler)
-                row.position = len(prompt)
+                row.position = len(gen.request.prompt_ids)
                 new_rows.append(row)
         self._merge(new_rows, cache, mask)
         self._sample(new_rows, logits)
-
-    def _keep_prompts(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor
-                      ) -> None:
-        """Give the prefix cache a copy of each prompt's KV, without padding.
-        Prompts only, not the generated tokens: a decode step computes a
-        token's keys with a one-query attention whose rounding differs from a
-        prefill's, and in bfloat16 (and int4) that changed a greedy answer
-        (docs/prefix-caching.md); prompts are computed by prefills alike."""
-        for i, gen in enumerate(gens):
-            key = gen.request.prefix_key
-            if key is None or self.prefix.holds(key, gen.request.prompt_ids):
-                continue
-            runs = _runs(mask[i])
-            kv = [(_columns(layer.keys[i], runs), _columns(layer.values[i], runs))
-                  for layer in cache.layers]
-            self.prefix.insert(key, gen.request.prompt_ids, kv)
-
-    def _reused_cache(self, hits: list[Hit | None], reused: list[int]):
-        """A cache holding each row's reused prefix, left-padded to the longest
-        (rows admitted together may reuse different lengths), and its mask."""
-        width = max(reused)
-        mask = torch.zeros((len(hits), width), dtype=torch.long)
-        sample = next(h for h in hits if h).entry.kv
-        layers = []
-        for index, (keys, values) in enumerate(sample):
-            heads, _, dim = keys.shape
-            k = keys.new_zeros((len(hits), heads, width, dim))
-            v = values.new_zeros((len(hits), values.shape[0], width, values.shape[2]))
-            for row, hit in enumerate(hits):
-                if hit:
-                    k[row, :, width - hit.length:], v[row, :, width - hit.length:] = hit.layer(index)
-            layers.append((k, v))
-        for row, count in enumerate(reused):
-            if count:
-                mask[row, width - count:] = 1
-        return seeded_cache(self.model.config, layers), mask
 
     @torch.inference_mode()
     def _decode(self) -> None:
@@ -598,21 +606,3 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     shape[dim] = missing
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
-
-def _runs(mask_row: torch.Tensor) -> list[list[int]]:
-    """[start, end) of each run of real columns of a row (a reused prefix and
-    the rest of the prompt: at most two)."""
-    runs: list[list[int]] = []
-    for col in mask_row.nonzero().squeeze(1).tolist():
-        if runs and runs[-1][1] == col:
-            runs[-1][1] = col + 1
-        else:
-            runs.append([col, col + 1])
-    return runs
-
-
-def _columns(t: torch.Tensor, runs: list[list[int]]) -> torch.Tensor:
-    """A copy of `runs` of `t`'s positions ([heads, length, head_dim]): slices
-    copy faster than an index (measured)."""
-    parts = [t[:, start:end] for start, end in runs]
-    return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
