@@ -5,6 +5,7 @@ running at --url, or one it starts itself with --serve).
     python -m llmhost.dev.bench generate --serve --model /tmp/bench-gpt2 --compare-inprocess /tmp/bench-gpt2
     python -m llmhost.dev.bench embed --url http://127.0.0.1:8000 --model M ...
     python -m llmhost.dev.bench agent --serve --model SmolLM2.gguf --agents 1 4
+    python -m llmhost.dev.bench memory --model SmolLM2.gguf --options '{"quantization": "int4"}'
 
 Each prints throughput and latency, and with --compare-inprocess the same
 workload run in-process with transformers (or sentence-transformers) on this
@@ -404,6 +405,108 @@ def _load_model(url: str, model: str, options: dict | None = None) -> None:
     r = requests.post(url + "/v1/models", json={"model": model, **(options or {})}, timeout=600)
     if r.status_code not in (200, 201):
         raise SystemExit(f"could not load {model}: {r.text}")
+
+
+# -- memory (issue 20): where a worker's RSS goes -------------------------------
+
+# Runs in a fresh interpreter, so that each step's RSS is what that step adds.
+MEMORY_STEPS = r"""
+import gc, json, sys, time
+sys.path.insert(0, {root!r})
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024
+
+def step(name, took=None):
+    gc.collect()
+    print(json.dumps({{"step": name, "rss": rss(), "modules": sorted(
+        m for m in ("torchao", "scipy", "triton", "sentence_transformers", "peft", "av", "xgrammar",
+                    "sqlalchemy", "alembic", "PIL") if m in sys.modules)}}), flush=True)
+
+step("python")
+import numpy, torch
+step("torch")
+import transformers
+step("transformers")
+from llmhost import create_app
+from llmhost.config import TestConfig
+create_app(TestConfig())
+step("app")
+from llmhost.models import lean, loading
+lean.prepare()
+import transformers.modeling_utils
+step("model code")
+tokenizer_load = loading.AutoTokenizer.from_pretrained
+class _Timed:
+    @staticmethod
+    def from_pretrained(*a, **kw):
+        got = tokenizer_load(*a, **kw)
+        step("tokenizer")
+        return got
+loading.AutoTokenizer = _Timed
+loaded = loading.load(loading.LoadSpec(model={model!r}, **{options!r}), TestConfig())
+step("weights")
+print(json.dumps({{"weights_counted": loaded.memory_bytes / 2**20, "dtype": loaded.dtype}}))
+from llmhost.engine.sampling import SamplingParams
+from llmhost.engine.scheduler import Generation, GenerationRequest, Scheduler
+scheduler = Scheduler("memory", loaded, TestConfig())  # not started: its steps run here
+ids = loaded.tokenizer.apply_chat_template([{{"role": "user", "content": "Why is the sky blue?"}}],
+                                           add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+gens = [Generation(GenerationRequest(ids, SamplingParams(max_tokens=10**6, temperature=0)), "memory")
+        for _ in range({batch})]
+scheduler._prefill(gens)
+for _ in range({tokens}):
+    scheduler._decode()
+step("generation")
+"""
+
+
+def memory_split(model: str, options: dict, tokens: int = 64, batch: int = 1) -> dict:
+    """RSS (MiB) of a fresh interpreter after each step of a worker's life:
+    python, torch, transformers, the app, transformers' model code, the
+    tokenizer, the weights, and `batch` greedy rows of `tokens` tokens (KV
+    cache and the kernels' buffers); with what each step added and which
+    optional packages were imported by then."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = MEMORY_STEPS.format(root=root, model=model, options=options, tokens=tokens, batch=batch)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "PYTHONPATH": root, "LLMHOST_LOG_LEVEL": "warning"})
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    steps = [line for line in lines if "step" in line]
+    extra = next(line for line in lines if "weights_counted" in line)
+    return {"steps": steps, **extra}
+
+
+def bench_memory(args) -> int:
+    """A worker's RSS split, one fresh interpreter per load option."""
+    import json
+
+    cpu = sorted({f for f in open("/proc/cpuinfo").read().split()
+                  if f.startswith(("avx512", "amx")) or f == "avx2"})
+    print(f"RSS after each step (MiB), model {args.model}, {args.tokens} greedy tokens at batch "
+          f"{args.batch}; CPU flags {' '.join(cpu)}")
+    for options in args.options:
+        got = memory_split(args.model, json.loads(options), args.tokens, args.batch)
+        print(f"\n{options} (dtype {got['dtype']}, weights counted {got['weights_counted']:.0f} MiB)")
+        print("| step | RSS | added | optional packages imported |\n| --- | --- | --- | --- |")
+        previous = 0.0
+        for s in got["steps"]:
+            print(f"| {s['step']} | {s['rss']:.0f} | {s['rss'] - previous:+.0f} | "
+                  f"{', '.join(s['modules']) or '-'} |")
+            previous = s["rss"]
+        by = {s["step"]: s["rss"] for s in got["steps"]}
+        print(f"split: imports {by['model code']:.0f} MiB (app {by['app']:.0f}), tokenizer "
+              f"{by['tokenizer'] - by['model code']:.0f}, weights {by['weights'] - by['tokenizer']:.0f}, "
+              f"caches after generating {by['generation'] - by['weights']:.0f}; total "
+              f"{by['generation']:.0f}", flush=True)
+    return 0
 
 
 # -- agent loops (issue 19: prefix caching) -----------------------------------------
@@ -892,6 +995,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--compare-url", metavar="URL", help="another server, e.g. llama-cpp-python's")
     agent.add_argument("--compare-model", help="model name to send to --compare-url")
     agent.set_defaults(func=bench_agent)
+
+    mem = sub.add_parser("memory", help="a worker's RSS split: imports, tokenizer, weights, caches")
+    mem.add_argument("--model", required=True, help="a model folder or .gguf file")
+    mem.add_argument("--options", nargs="+", default=['{"quantization": "int4"}', '{"dtype": "float32"}'],
+                     help="JSON load options, one fresh interpreter each")
+    mem.add_argument("--tokens", type=int, default=64, help="greedy tokens generated at the end")
+    mem.add_argument("--batch", type=int, default=1, help="rows generating at the end")
+    mem.set_defaults(func=bench_memory)
 
     emb = sub.add_parser("embed", help="/v1/embeddings: one request of many inputs")
     emb.add_argument("--model", required=True, help="served id, or the folder to load with --load/--serve")
