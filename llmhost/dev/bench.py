@@ -185,9 +185,12 @@ def bench_generate(args) -> int:
     if args.serve:
         server = _serve()
         url = server.url
+    pid = server.proc.pid if server else args.pid
     try:
+        rss = [_rss_mib(pid, children=server is not None)]
         if args.load or server is not None:
             _load_model(url, args.model, options)
+        rss.append(_rss_mib(pid, children=server is not None))
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         prompt_ids = tokenizer(args.prompt)["input_ids"]
         print(f"model {args.model}: prompt {len(prompt_ids)} tokens, max_tokens {args.max_tokens}, "
@@ -224,6 +227,9 @@ def bench_generate(args) -> int:
                 inprocess[clients] = _median(refs)
                 line += f"  | in-process generate batch {clients}: {inprocess[clients]:7.1f} tok/s"
             print(line + (f"  first error: {first_error}" if first_error else ""), flush=True)
+        rss.append(_rss_mib(pid, children=server is not None))
+        print(f"worker RSS: {rss[0]:.0f} MiB before the load (imports), +{rss[1] - rss[0]:.0f} "
+              f"the load, +{rss[2] - rss[1]:.0f} the runs (caches): {rss[2]:.0f} MiB")
     finally:
         if server is not None:
             server.stop()
@@ -348,8 +354,10 @@ def bench_compare(args) -> int:
     url = server.url if server else args.url
     ours_pid = server.proc.pid if server else args.pid
     try:
+        empty = _rss_mib(ours_pid, children=server is not None)
         if args.load or server is not None:
             _load_model(url, args.model, json.loads(args.load_options or "{}"))
+        loaded_rss = _rss_mib(ours_pid, children=server is not None)
         bias = _ban_eos(args)
         other_model = args.compare_model or args.model
         prompt, extra = args.prompt, None
@@ -388,6 +396,9 @@ def bench_compare(args) -> int:
               f"TTFT p50 {a['ttft_p50'] / b['ttft_p50']:.2f}x")
     print(f"  worker RSS: llmhost {ours_rss:.0f} MiB, compare {theirs_rss:.0f} MiB: "
           f"{ours_rss / theirs_rss:.2f}x")
+    print(f"  llmhost worker RSS split: {empty:.0f} MiB before the load (imports), "
+          f"+{loaded_rss - empty:.0f} the load (model code, tokenizer, weights), "
+          f"+{ours_rss - loaded_rss:.0f} the runs (caches); `bench memory` splits it finer")
     return 0
 
 
@@ -796,7 +807,8 @@ def bench_quality(args) -> int:
     """Greedy answers to QUALITY_PROMPTS with each load option, loaded through
     llmhost's own loader, against float32: how many agree on the first 8
     tokens, how many are degenerate (a load option with any degenerate answer
-    must not be offered), and batch-1 / batch-8 decode speed."""
+    must not be offered), and batch-1 / batch-8 decode speed (all options stay
+    loaded; with --rounds the speed runs alternate between them)."""
     import json
 
     import torch
@@ -826,24 +838,38 @@ def bench_quality(args) -> int:
             model.generate(ids, max_new_tokens=32, min_new_tokens=32, **kwargs)
         return batch * 32 / (time.perf_counter() - started)
 
-    reference = None
-    print(f"| load options | agree with float32 (first 8 tokens) | degenerate | tok/s batch 1 | "
-          f"tok/s batch 8 | weights MiB |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+    loaded_all, reference = [], None
     for options in [{"dtype": "float32"}] + [json.loads(o) for o in args.options]:
         try:
             loaded = load(LoadSpec(model=args.model, **options), Config())
         except Refused as exc:  # an option llmhost does not offer
-            print(f"| {json.dumps(options)} | refused: {exc.message} | | | | |", flush=True)
+            loaded_all.append((options, None, exc.message))
             continue
         out = answers(loaded.model, loaded.tokenizer)
         reference = reference or out
         agree = sum(a[:8] == r[:8] for a, r in zip(out, reference))
         bad = [i for i, a in enumerate(out)
                if degenerate(a, loaded.tokenizer.decode(a, skip_special_tokens=True))]
-        speeds = [f"{speed(loaded.model, loaded.tokenizer, b):.1f}" if args.speed else "-" for b in (1, 8)]
-        print(f"| {json.dumps(options)} | {agree}/{len(out)} | {len(bad)} {bad or ''} | "
-              f"{speeds[0]} | {speeds[1]} | {loaded.memory_bytes / 2**20:.0f} |", flush=True)
-        del loaded
+        loaded_all.append((options, loaded, f"{agree}/{len(out)} | {len(bad)} {bad or ''}"))
+    # speed: every option in turn, `--rounds` times, so the machine's noise hits all alike
+    speeds: dict[int, list[list[float]]] = {i: [[], []] for i in range(len(loaded_all))}
+    for _ in range(args.rounds if args.speed else 0):
+        for i, (_, loaded, _) in enumerate(loaded_all):
+            if loaded is not None:
+                for j, batch in enumerate((1, 8)):
+                    speeds[i][j].append(speed(loaded.model, loaded.tokenizer, batch))
+    print(f"| load options | agree with float32 (first 8 tokens) | degenerate | tok/s batch 1 | "
+          f"tok/s batch 8 | weights MiB |\n| --- | --- | --- | --- | --- | --- |")
+    for i, (options, loaded, agreement) in enumerate(loaded_all):
+        if loaded is None:
+            print(f"| {json.dumps(options)} | refused: {agreement} | | | | |")
+            continue
+        cells = [f"{_median(v):.1f}" + (f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else "")
+                 if v else "-" for v in speeds[i]]
+        print(f"| {json.dumps(options)} | {agreement} | {cells[0]} | {cells[1]} | "
+              f"{loaded.memory_bytes / 2**20:.0f} |")
+    if args.speed and args.rounds > 1:
+        print(f"tok/s: medians (min-max) of {args.rounds} alternating rounds, HF generate, 32 tokens")
     return 0
 
 
@@ -971,6 +997,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="agreement only (no batch-1/batch-8 timing)")
     qual.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
                                           "model server answers")
+    qual.add_argument("--rounds", type=int, default=1,
+                      help="speed runs per option, alternating between the options (medians)")
     qual.set_defaults(func=bench_quality)
     prof = sub.add_parser("profile", help="torch.profiler over the scheduler's decode steps")
     prof.add_argument("--model", required=True, help="a model folder or .gguf file")
