@@ -1,7 +1,10 @@
 """Memory-aware loading (issue 9): a model that will not fit is refused with a
 507 giving both numbers, before anything is loaded. The limit is lowered with
 LLMHOST_MEMORY_LIMIT, not by filling the machine."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import requests
@@ -11,7 +14,7 @@ from llmhost.config import TestConfig
 from llmhost.models.loading import LoadSpec, load
 from llmhost.models.memory import estimate, free_cpu_bytes
 from llmhost.models.quantize import auto_cpu_dtype
-from support import Server, assert_error
+from support import ROOT, Server, assert_error
 
 
 @pytest.mark.slow  # reads SmolLM2's GGUF metadata three times (its 49k-token vocabulary each time)
@@ -61,3 +64,70 @@ def test_headroom_setting(make_app, tiny_models):
     client = make_app(MEMORY_LIMIT=int(need * 1.5), MEMORY_HEADROOM=1.0).test_client()
     r = client.post("/v1/models", json={"model": tiny_models["llama"]})
     assert "LLMHOST_MEMORY_HEADROOM=1" in assert_error(r, 507)["message"]
+
+
+# A fresh interpreter: the app, then loads of a tiny llama; which optional
+# packages each step imported (models/lean.py says why they stay out).
+LEAN = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch
+from llmhost import create_app
+from llmhost.config import TestConfig
+from llmhost.models.loading import LoadSpec, load
+seen = lambda: sorted(m for m in ("torchao", "scipy", "triton", "xgrammar", "sentence_transformers",
+                                  "peft") if m in sys.modules)
+steps = {{}}
+create_app(TestConfig())
+steps["app"] = seen()
+loaded = load(LoadSpec(model={model!r}, dtype="float32"), TestConfig())
+steps["float32 load"] = seen()
+import transformers.quantizers.quantizer_torchao as q
+import transformers.utils.import_utils as iu
+steps["checks restored"] = q.is_torchao_available is iu.is_torchao_available and iu.is_torchao_available()
+steps["gpu"] = torch.cuda.is_available()
+load(LoadSpec(model={model!r}, quantization="int8"), TestConfig())
+steps["int8 load"] = seen()
+print(json.dumps(steps))
+"""
+
+
+def test_app_and_a_plain_load_import_no_torchao_scipy_or_grammar_library(tiny_models):
+    """transformers imports torchao (100-160 MiB) and scipy whenever they are
+    installed, and torch's dynamo imports triton: a plain load keeps all three
+    out (models/lean.py); xgrammar waits for the first grammar. An int8 load
+    still imports torchao, and transformers' own torchao check answers True
+    again after the load."""
+    code = LEAN.format(root=ROOT, model=tiny_models["llama"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = json.loads(out.stdout.strip().splitlines()[-1])
+    assert steps["app"] == [], steps
+    plain = ["triton"] if steps["gpu"] else []
+    assert steps["float32 load"] == plain, steps
+    assert steps["checks restored"] is True, steps
+    assert "torchao" in steps["int8 load"], steps
+
+
+# MiB. Measured here (2 cores, AVX2, torch 2.13 CPU): the worker held 746 MiB after
+# this load before models/lean.py and the lazy xgrammar, about 560 after (docs/performance.md,
+# "Memory"); the bound leaves room for allocator and library noise, not for torchao again.
+INT4_WORKER_RSS_MIB = 640
+
+
+@pytest.mark.slow  # a server and SmolLM2
+def test_worker_rss_after_an_int4_smollm2_load(smollm2_gguf):
+    srv = Server(env={"LLMHOST_MODELS": ""}).start()
+    try:
+        before = srv.worker_rss() / 2**20
+        srv.load(smollm2_gguf, id="smol-int4", quantization="int4")
+        r = requests.post(srv.url + "/v1/chat/completions", timeout=300, json={
+            "model": "smol-int4", "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "Why is the sky blue?"}]})
+        assert r.status_code == 200, r.text
+        after = srv.worker_rss() / 2**20
+    finally:
+        srv.stop()
+    print(f"worker RSS: {before:.0f} MiB before the load, {after:.0f} MiB after it and one answer")
+    assert after < INT4_WORKER_RSS_MIB, (before, after)

@@ -5,6 +5,7 @@ running at --url, or one it starts itself with --serve).
     python -m llmhost.dev.bench generate --serve --model /tmp/bench-gpt2 --compare-inprocess /tmp/bench-gpt2
     python -m llmhost.dev.bench embed --url http://127.0.0.1:8000 --model M ...
     python -m llmhost.dev.bench agent --serve --model SmolLM2.gguf --agents 1 4
+    python -m llmhost.dev.bench memory --model SmolLM2.gguf --options '{"quantization": "int4"}'
 
 Each prints throughput and latency, and with --compare-inprocess the same
 workload run in-process with transformers (or sentence-transformers) on this
@@ -184,9 +185,12 @@ def bench_generate(args) -> int:
     if args.serve:
         server = _serve()
         url = server.url
+    pid = server.proc.pid if server else args.pid
     try:
+        rss = [_rss_mib(pid, children=server is not None)]
         if args.load or server is not None:
             _load_model(url, args.model, options)
+        rss.append(_rss_mib(pid, children=server is not None))
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         prompt_ids = tokenizer(args.prompt)["input_ids"]
         print(f"model {args.model}: prompt {len(prompt_ids)} tokens, max_tokens {args.max_tokens}, "
@@ -223,6 +227,9 @@ def bench_generate(args) -> int:
                 inprocess[clients] = _median(refs)
                 line += f"  | in-process generate batch {clients}: {inprocess[clients]:7.1f} tok/s"
             print(line + (f"  first error: {first_error}" if first_error else ""), flush=True)
+        rss.append(_rss_mib(pid, children=server is not None))
+        print(f"worker RSS: {rss[0]:.0f} MiB before the load (imports), +{rss[1] - rss[0]:.0f} "
+              f"the load, +{rss[2] - rss[1]:.0f} the runs (caches): {rss[2]:.0f} MiB")
     finally:
         if server is not None:
             server.stop()
@@ -359,8 +366,10 @@ def bench_compare(args) -> int:
     url = server.url if server else args.url
     ours_pid = server.proc.pid if server else args.pid
     try:
+        empty = _rss_mib(ours_pid, children=server is not None)
         if args.load or server is not None:
             _load_model(url, args.model, json.loads(args.load_options or "{}"))
+        loaded_rss = _rss_mib(ours_pid, children=server is not None)
         bias = _ban_eos(args)
         other_model = args.compare_model or args.model
         prompt, extra = args.prompt, None
@@ -399,6 +408,9 @@ def bench_compare(args) -> int:
               f"TTFT p50 {a['ttft_p50'] / b['ttft_p50']:.2f}x")
     print(f"  worker RSS: llmhost {ours_rss:.0f} MiB, compare {theirs_rss:.0f} MiB: "
           f"{ours_rss / theirs_rss:.2f}x")
+    print(f"  llmhost worker RSS split: {empty:.0f} MiB before the load (imports), "
+          f"+{loaded_rss - empty:.0f} the load (model code, tokenizer, weights), "
+          f"+{ours_rss - loaded_rss:.0f} the runs (caches); `bench memory` splits it finer")
     return 0
 
 
@@ -416,6 +428,108 @@ def _load_model(url: str, model: str, options: dict | None = None) -> None:
     r = requests.post(url + "/v1/models", json={"model": model, **(options or {})}, timeout=600)
     if r.status_code not in (200, 201):
         raise SystemExit(f"could not load {model}: {r.text}")
+
+
+# -- memory (issue 20): where a worker's RSS goes -------------------------------
+
+# Runs in a fresh interpreter, so that each step's RSS is what that step adds.
+MEMORY_STEPS = r"""
+import gc, json, sys, time
+sys.path.insert(0, {root!r})
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return int(fh.read().split("VmRSS:")[1].split()[0]) / 1024
+
+def step(name, took=None):
+    gc.collect()
+    print(json.dumps({{"step": name, "rss": rss(), "modules": sorted(
+        m for m in ("torchao", "scipy", "triton", "sentence_transformers", "peft", "av", "xgrammar",
+                    "sqlalchemy", "alembic", "PIL") if m in sys.modules)}}), flush=True)
+
+step("python")
+import numpy, torch
+step("torch")
+import transformers
+step("transformers")
+from llmhost import create_app
+from llmhost.config import TestConfig
+create_app(TestConfig())
+step("app")
+from llmhost.models import lean, loading
+lean.prepare()
+import transformers.modeling_utils
+step("model code")
+tokenizer_load = loading.AutoTokenizer.from_pretrained
+class _Timed:
+    @staticmethod
+    def from_pretrained(*a, **kw):
+        got = tokenizer_load(*a, **kw)
+        step("tokenizer")
+        return got
+loading.AutoTokenizer = _Timed
+loaded = loading.load(loading.LoadSpec(model={model!r}, **{options!r}), TestConfig())
+step("weights")
+print(json.dumps({{"weights_counted": loaded.memory_bytes / 2**20, "dtype": loaded.dtype}}))
+from llmhost.engine.sampling import SamplingParams
+from llmhost.engine.scheduler import Generation, GenerationRequest, Scheduler
+scheduler = Scheduler("memory", loaded, TestConfig())  # not started: its steps run here
+ids = loaded.tokenizer.apply_chat_template([{{"role": "user", "content": "Why is the sky blue?"}}],
+                                           add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+gens = [Generation(GenerationRequest(ids, SamplingParams(max_tokens=10**6, temperature=0)), "memory")
+        for _ in range({batch})]
+scheduler._prefill(gens)
+for _ in range({tokens}):
+    scheduler._decode()
+step("generation")
+"""
+
+
+def memory_split(model: str, options: dict, tokens: int = 64, batch: int = 1) -> dict:
+    """RSS (MiB) of a fresh interpreter after each step of a worker's life:
+    python, torch, transformers, the app, transformers' model code, the
+    tokenizer, the weights, and `batch` greedy rows of `tokens` tokens (KV
+    cache and the kernels' buffers); with what each step added and which
+    optional packages were imported by then."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = MEMORY_STEPS.format(root=root, model=model, options=options, tokens=tokens, batch=batch)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "PYTHONPATH": root, "LLMHOST_LOG_LEVEL": "warning"})
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    steps = [line for line in lines if "step" in line]
+    extra = next(line for line in lines if "weights_counted" in line)
+    return {"steps": steps, **extra}
+
+
+def bench_memory(args) -> int:
+    """A worker's RSS split, one fresh interpreter per load option."""
+    import json
+
+    cpu = sorted({f for f in open("/proc/cpuinfo").read().split()
+                  if f.startswith(("avx512", "amx")) or f == "avx2"})
+    print(f"RSS after each step (MiB), model {args.model}, {args.tokens} greedy tokens at batch "
+          f"{args.batch}; CPU flags {' '.join(cpu)}")
+    for options in args.options:
+        got = memory_split(args.model, json.loads(options), args.tokens, args.batch)
+        print(f"\n{options} (dtype {got['dtype']}, weights counted {got['weights_counted']:.0f} MiB)")
+        print("| step | RSS | added | optional packages imported |\n| --- | --- | --- | --- |")
+        previous = 0.0
+        for s in got["steps"]:
+            print(f"| {s['step']} | {s['rss']:.0f} | {s['rss'] - previous:+.0f} | "
+                  f"{', '.join(s['modules']) or '-'} |")
+            previous = s["rss"]
+        by = {s["step"]: s["rss"] for s in got["steps"]}
+        print(f"split: imports {by['model code']:.0f} MiB (app {by['app']:.0f}), tokenizer "
+              f"{by['tokenizer'] - by['model code']:.0f}, weights {by['weights'] - by['tokenizer']:.0f}, "
+              f"caches after generating {by['generation'] - by['weights']:.0f}; total "
+              f"{by['generation']:.0f}", flush=True)
+    return 0
 
 
 # -- agent loops (issue 19: prefix caching) -----------------------------------------
@@ -705,7 +819,8 @@ def bench_quality(args) -> int:
     """Greedy answers to QUALITY_PROMPTS with each load option, loaded through
     llmhost's own loader, against float32: how many agree on the first 8
     tokens, how many are degenerate (a load option with any degenerate answer
-    must not be offered), and batch-1 / batch-8 decode speed."""
+    must not be offered), and batch-1 / batch-8 decode speed (all options stay
+    loaded; with --rounds the speed runs alternate between them)."""
     import json
 
     import torch
@@ -735,24 +850,38 @@ def bench_quality(args) -> int:
             model.generate(ids, max_new_tokens=32, min_new_tokens=32, **kwargs)
         return batch * 32 / (time.perf_counter() - started)
 
-    reference = None
-    print(f"| load options | agree with float32 (first 8 tokens) | degenerate | tok/s batch 1 | "
-          f"tok/s batch 8 | weights MiB |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+    loaded_all, reference = [], None
     for options in [{"dtype": "float32"}] + [json.loads(o) for o in args.options]:
         try:
             loaded = load(LoadSpec(model=args.model, **options), Config())
         except Refused as exc:  # an option llmhost does not offer
-            print(f"| {json.dumps(options)} | refused: {exc.message} | | | | |", flush=True)
+            loaded_all.append((options, None, exc.message))
             continue
         out = answers(loaded.model, loaded.tokenizer)
         reference = reference or out
         agree = sum(a[:8] == r[:8] for a, r in zip(out, reference))
         bad = [i for i, a in enumerate(out)
                if degenerate(a, loaded.tokenizer.decode(a, skip_special_tokens=True))]
-        speeds = [f"{speed(loaded.model, loaded.tokenizer, b):.1f}" if args.speed else "-" for b in (1, 8)]
-        print(f"| {json.dumps(options)} | {agree}/{len(out)} | {len(bad)} {bad or ''} | "
-              f"{speeds[0]} | {speeds[1]} | {loaded.memory_bytes / 2**20:.0f} |", flush=True)
-        del loaded
+        loaded_all.append((options, loaded, f"{agree}/{len(out)} | {len(bad)} {bad or ''}"))
+    # speed: every option in turn, `--rounds` times, so the machine's noise hits all alike
+    speeds: dict[int, list[list[float]]] = {i: [[], []] for i in range(len(loaded_all))}
+    for _ in range(args.rounds if args.speed else 0):
+        for i, (_, loaded, _) in enumerate(loaded_all):
+            if loaded is not None:
+                for j, batch in enumerate((1, 8)):
+                    speeds[i][j].append(speed(loaded.model, loaded.tokenizer, batch))
+    print(f"| load options | agree with float32 (first 8 tokens) | degenerate | tok/s batch 1 | "
+          f"tok/s batch 8 | weights MiB |\n| --- | --- | --- | --- | --- | --- |")
+    for i, (options, loaded, agreement) in enumerate(loaded_all):
+        if loaded is None:
+            print(f"| {json.dumps(options)} | refused: {agreement} | | | | |")
+            continue
+        cells = [f"{_median(v):.1f}" + (f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else "")
+                 if v else "-" for v in speeds[i]]
+        print(f"| {json.dumps(options)} | {agreement} | {cells[0]} | {cells[1]} | "
+              f"{loaded.memory_bytes / 2**20:.0f} |")
+    if args.speed and args.rounds > 1:
+        print(f"tok/s: medians (min-max) of {args.rounds} alternating rounds, HF generate, 32 tokens")
     return 0
 
 
@@ -917,6 +1046,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="agreement only (no batch-1/batch-8 timing)")
     qual.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
                                           "model server answers")
+    qual.add_argument("--rounds", type=int, default=1,
+                      help="speed runs per option, alternating between the options (medians)")
     qual.set_defaults(func=bench_quality)
     prof = sub.add_parser("profile", help="torch.profiler over the scheduler's decode steps")
     prof.add_argument("--model", required=True, help="a model folder or .gguf file")
@@ -949,6 +1080,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--compare-url", metavar="URL", help="another server, e.g. llama-cpp-python's")
     agent.add_argument("--compare-model", help="model name to send to --compare-url")
     agent.set_defaults(func=bench_agent)
+
+    mem = sub.add_parser("memory", help="a worker's RSS split: imports, tokenizer, weights, caches")
+    mem.add_argument("--model", required=True, help="a model folder or .gguf file")
+    mem.add_argument("--options", nargs="+", default=['{"quantization": "int4"}', '{"dtype": "float32"}'],
+                     help="JSON load options, one fresh interpreter each")
+    mem.add_argument("--tokens", type=int, default=64, help="greedy tokens generated at the end")
+    mem.add_argument("--batch", type=int, default=1, help="rows generating at the end")
+    mem.set_defaults(func=bench_memory)
 
     emb = sub.add_parser("embed", help="/v1/embeddings: one request of many inputs")
     emb.add_argument("--model", required=True, help="served id, or the folder to load with --load/--serve")

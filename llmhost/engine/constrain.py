@@ -27,10 +27,14 @@ import json
 import re
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import xgrammar as xgr
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
+# xgrammar (about 24 MiB with pydantic) is imported by the first grammar, not at
+# start-up: a server whose clients never ask for one never holds it.
 
 # Bytes of compiled grammars kept per model (xgrammar's own LRU cache).
 CACHE_BYTES = 64 * 1024 * 1024
@@ -46,6 +50,7 @@ class GrammarError(ValueError):
 def compiler(model, tokenizer, vocab_size: int, stop_token_ids) -> xgr.GrammarCompiler:
     """One compiler per loaded model (dropped with it): its cache is the
     per-(model, grammar) cache of compiled grammars."""
+    import xgrammar as xgr
     with _lock:
         comp = _compilers.get(model)
         if comp is None:
@@ -75,12 +80,14 @@ class Matcher:
     __slots__ = ("matcher", "bitmask", "failed")
 
     def __init__(self, constraint: Constraint) -> None:
+        import xgrammar as xgr
         self.matcher = xgr.GrammarMatcher(constraint.compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, constraint.vocab_size)
         self.failed = False
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """The row's logits with every token the grammar forbids at -inf."""
+        import xgrammar as xgr
         logits = logits.clone().unsqueeze(0)
         self.matcher.fill_next_token_bitmask(self.bitmask, 0)
         xgr.apply_token_bitmask_inplace(logits, self.bitmask)
@@ -111,6 +118,7 @@ def _accepts_something(compiled: xgr.CompiledGrammar) -> None:
     """A grammar that allows no first token (not even the end) accepts no
     string at all (``root ::= root "a"``): sampling would find every token
     masked. One mask fill, microseconds."""
+    import xgrammar as xgr
     matcher = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
     matcher.fill_next_token_bitmask(bitmask, 0)
@@ -159,6 +167,7 @@ def compact(node):
         return [compact(item) for item in node]
     if not isinstance(node, dict):
         return node
+    import xgrammar as xgr
     if node.get("type") == "json_schema" and node.get("style", "json") == "json":
         grammar = xgr.Grammar.from_json_schema(json.dumps(node["json_schema"]),
                                                any_whitespace=False,

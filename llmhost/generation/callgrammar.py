@@ -23,8 +23,6 @@ strings as well as Gemma's own).
 """
 from __future__ import annotations
 
-import xgrammar as xgr
-
 # xgrammar's builtin call formats, by llmhost's syntax name (generation/parsing.call_syntax).
 BUILTIN = {"hermes": "qwen_3", "qwen3_5": "qwen_3_5", "llama3": "llama"}
 # What goes between two calls (what each family's chat template writes).
@@ -51,6 +49,7 @@ def call_tag(syntax: str, tool: dict) -> dict:
         # Without "strict": xgrammar drops the schema of a strict=false tool;
         # llmhost holds every call to its parameters (as for the other syntaxes).
         fn = {k: v for k, v in fn.items() if k != "strict"}
+        import xgrammar as xgr  # with the first tool call grammar (engine/constrain.py says why)
         tag = xgr.get_model_structural_tag(
             BUILTIN[syntax], tools=[{"type": "function", "function": fn}],
             tool_choice={"type": "function", "function": {"name": name}},

@@ -21,7 +21,7 @@ import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
 # Not transformers' `pipeline` (about 230 MiB more per worker): see TextGeneration.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import memory as memcheck, progress, tasks
+from . import lean, memory as memcheck, progress, tasks
 from ..engine.errors import InvalidInput, NotFound, NotPermitted, Unavailable
 from .quantize import Int4Linear, auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
 
@@ -355,6 +355,7 @@ def _max_context(model, tokenizer) -> int:
 def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     """Resolve, choose device and dtype, and build the pipeline. `in_use`: bytes
     the loaded models hold (counted against LLMHOST_MEMORY_LIMIT)."""
+    lean.prepare()  # transformers' model code without torchao, scipy, triton (lean.py)
     if spec.trust_remote_code and not config.ALLOW_REMOTE_CODE:
         raise NotPermitted("'trust_remote_code' runs Python code from the model repository on "
                            "this server; an operator must allow it with LLMHOST_ALLOW_REMOTE_CODE=1.",
