@@ -2,6 +2,7 @@
 running at --url, or one it starts itself with --serve).
 
     python -m llmhost.dev.bench build-model /tmp/bench-gpt2
+    python -m llmhost.dev.bench build-model /tmp/bench-llama-1b --shape llama-1b --gguf q4_0
     python -m llmhost.dev.bench generate --serve --model /tmp/bench-gpt2 --compare-inprocess /tmp/bench-gpt2
     python -m llmhost.dev.bench embed --url http://127.0.0.1:8000 --model M ...
     python -m llmhost.dev.bench agent --serve --model SmolLM2.gguf --agents 1 4
@@ -17,6 +18,8 @@ import os
 import sys
 import threading
 import time
+
+from .llamagguf import SHAPES as LLAMA_SHAPES
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -578,12 +581,19 @@ def _print_agent_table(agents: int, turns: int, runs: dict[str, list[dict]]) -> 
 
 
 def build_model(args) -> int:
-    """The issue's benchmark model: GPT-2-small shape (12 layers, 768 wide),
-    vocabulary 8192, random weights, built offline."""
-    from .tinymodels import build_gpt2
+    """The benchmark's models, random weights, built offline: `gpt2-small`
+    (the engine issue's: 12 layers, 768 wide, vocabulary 8192), or a
+    Llama-shaped one (llamagguf.SHAPES) as an HF folder and a GGUF beside it."""
+    if args.shape == "gpt2-small":
+        from .tinymodels import build_gpt2
 
-    build_gpt2(args.folder, layers=12, width=768, vocab_size=8192, positions=1024)
-    print(f"built {args.folder}")
+        build_gpt2(args.folder, layers=12, width=768, vocab_size=8192, positions=1024)
+        print(f"built {args.folder}")
+        return 0
+    from . import llamagguf
+
+    path = llamagguf.build(args.folder, args.shape, args.gguf, seed=args.seed)
+    print(f"built {args.folder} (HF folder, bfloat16) and {path} (the same weights, {args.gguf})")
     return 0
 
 
@@ -856,8 +866,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "a long array, so both runs generate max_tokens; or JSON; or @file) "
                           "and print the throughput ratio and the per-token mask cost")
     gen.set_defaults(func=bench_generate)
-    build = sub.add_parser("build-model", help="build the benchmark's GPT-2-small-shaped model offline")
-    build.add_argument("folder")
+    build = sub.add_parser("build-model", help="build a benchmark model offline (random weights)")
+    build.add_argument("folder", help="the HF folder to write (a Llama shape's GGUF goes beside it)")
+    build.add_argument("--shape", default="gpt2-small", choices=["gpt2-small", *LLAMA_SHAPES],
+                       help="gpt2-small: 12 x 768, vocabulary 8192; llama-1b: 16 x 2048, MLP "
+                            "8192, 32/8 heads, SmolLM2's tokenizer (1.07B parameters); "
+                            "llama-tiny: the same code path, 2 x 64 (for tests)")
+    build.add_argument("--gguf", default="q4_0", choices=["q4_0", "q8_0"],
+                       help="the Llama shapes' GGUF type (Linear weights; the embedding is Q8_0)")
+    build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=build_model)
     qual = sub.add_parser("quality", help="greedy agreement of dtypes/quantizations with float32")
     qual.add_argument("--model", required=True, help="a model folder or .gguf file")
