@@ -190,6 +190,7 @@ def bench_generate(args) -> int:
     try:
         if args.load or server is not None:
             _load_model(url, args.model, options)
+        print(machine(), flush=True)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         prompt_ids = tokenizer(args.prompt)["input_ids"]
         print(f"model {args.model}: prompt {len(prompt_ids)} tokens, max_tokens {args.max_tokens}, "
@@ -341,14 +342,57 @@ def _ban_eos(args) -> dict:
     return {str(i): -100 for i in ids if isinstance(i, int) and i != tok.unk_token_id}
 
 
+def machine() -> str:
+    """What the figures were measured on: the CPU, its vector flags (AVX2,
+    AVX-512, AMX), the cores and the load average at this moment."""
+    import re
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+    except OSError:
+        info = ""
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    flags = sorted(set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*)\b", info)))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"CPU {model.group(1) if model else 'unknown'}, {os.cpu_count()} cores, flags "
+            f"{' '.join(flags) or 'none of avx2/avx512/amx'}; load average {load}")
+
+
+def _listener_pid(url: str) -> int | None:
+    """The pid of the process listening on `url`'s port on this machine (the
+    --compare-url server's, for its RSS), or None."""
+    from urllib.parse import urlparse
+
+    import psutil
+
+    port = urlparse(url).port
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return None
+    return next((c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr
+                 and c.laddr.port == port and c.pid), None)
+
+
+def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    """'median' or 'median (min-max)' of the rounds."""
+    med, lo, hi = (v * scale for v in (_median(values), min(values), max(values)))
+    text = f"{med:.{digits}f}"
+    return text if len(values) < 2 else text + f" ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
 def bench_compare(args) -> int:
     """The same closed-loop streaming chat workload against llmhost and the
-    server at --compare-url, in alternating rounds, medians and ratios."""
+    server at --compare-url, in alternating rounds, medians and ratios, then
+    one markdown table row in the form of issue 20's tables."""
     import json
 
     server = _serve() if args.serve else None
     url = server.url if server else args.url
     ours_pid = server.proc.pid if server else args.pid
+    theirs_pid = args.compare_pid or _listener_pid(args.compare_url)
+    print(machine(), flush=True)
     try:
         if args.load or server is not None:
             _load_model(url, args.model, json.loads(args.load_options or "{}"))
@@ -362,7 +406,7 @@ def bench_compare(args) -> int:
               f"{args.rounds} alternating rounds; load options {args.load_options or '{}'}")
         for target, model in ((url, args.model), (args.compare_url, other_model)):  # warm-up
             _load_level(target, model, prompt, 1, 1, 8, True, bias, extra)
-        results: dict[int, tuple[dict, dict]] = {}
+        rounds: dict[int, tuple[list[dict], list[dict]]] = {}
         for clients in args.concurrency:
             ours, theirs = [], []
             for _ in range(args.rounds):
@@ -370,26 +414,41 @@ def bench_compare(args) -> int:
                                         args.max_tokens, True, bias, extra))
                 theirs.append(_load_level(args.compare_url, other_model, prompt, clients,
                                           args.requests, args.max_tokens, True, bias, extra))
-            pair = tuple({key: _median([r[key] for r in runs])
-                          for key in ("tok_s", "p50", "ttft_p50", "requests", "errors")}
-                         for runs in (ours, theirs))
-            results[clients] = pair
-            for name, res, runs in (("llmhost", pair[0], ours), ("compare", pair[1], theirs)):
+            rounds[clients] = (ours, theirs)
+            for name, runs in (("llmhost", ours), ("compare", theirs)):
+                res = {key: _median([r[key] for r in runs]) for key in ("tok_s", "p50", "ttft_p50")}
                 err = next((r["first_error"] for r in runs if r["first_error"]), None)
+                failed = sum(r["errors"] for r in runs)
                 print(f"{name:8s} {clients:3d} clients: {res['tok_s']:7.1f} tok/s  TTFT p50 "
                       f"{res['ttft_p50'] * 1000:.0f}ms  latency p50 {res['p50']:.2f}s"
-                      + (f"  first error: {err}" if err else ""), flush=True)
+                      + (f"  {failed} failed, first error: {err}" if err else ""), flush=True)
         ours_rss = _rss_mib(ours_pid, children=server is not None)
-        theirs_rss = _rss_mib(args.compare_pid)
+        theirs_rss = _rss_mib(theirs_pid)
     finally:
         if server is not None:
             server.stop()
     print("ratios (llmhost / compare, same machine, this run):")
-    for clients, (a, b) in results.items():
+    med = {clients: tuple({key: _median([r[key] for r in runs]) for key in ("tok_s", "ttft_p50")}
+                          for runs in pair) for clients, pair in rounds.items()}
+    for clients, (a, b) in med.items():
         print(f"  {clients:3d} clients: tok/s {a['tok_s'] / b['tok_s']:.2f}x   "
               f"TTFT p50 {a['ttft_p50'] / b['ttft_p50']:.2f}x")
-    print(f"  worker RSS: llmhost {ours_rss:.0f} MiB, compare {theirs_rss:.0f} MiB: "
-          f"{ours_rss / theirs_rss:.2f}x")
+    print(f"  worker RSS: llmhost {ours_rss:.0f} MiB, compare {theirs_rss:.0f} MiB "
+          f"(pid {theirs_pid or 'unknown: --compare-pid'}): {ours_rss / theirs_rss:.2f}x")
+    # The issue's table: tok/s per level, TTFT at each level, RSS; medians (range of rounds).
+    levels = list(rounds)
+    cells = [f"{_spread([r['tok_s'] for r in rounds[c][0]])} / {_spread([r['tok_s'] for r in rounds[c][1]])}"
+             f" tok/s ({med[c][0]['tok_s'] / med[c][1]['tok_s']:.2f}x)" for c in levels]
+    cells += [f"{_spread([r['ttft_p50'] for r in rounds[c][0]], digits=2)} / "
+              f"{_spread([r['ttft_p50'] for r in rounds[c][1]], digits=2)} s "
+              f"({med[c][0]['ttft_p50'] / med[c][1]['ttft_p50']:.2f}x)" for c in levels]
+    cells.append(f"{ours_rss:,.0f} / {theirs_rss:,.0f} MiB ({ours_rss / theirs_rss:.2f}x)")
+    label = args.label or args.load_options or "{}"
+    print("\n| load | " + " | ".join(f"{c} client{'s' * (c > 1)} llmhost / compare" for c in levels)
+          + " | " + " | ".join(f"TTFT p50 at {c}" for c in levels) + " | worker RSS |")
+    print("| --- " * (2 * len(levels) + 2) + "|")
+    print(f"| {label} | " + " | ".join(cells) + " |")
+    print(machine() + " (at the end)", flush=True)
     return 0
 
 
@@ -538,6 +597,7 @@ def bench_agent(args) -> int:
             sides.append(("miss", on_url, args.model, True))
         if args.compare_url:
             sides.append(("compare", args.compare_url, args.compare_model or args.model, False))
+        print(machine(), flush=True)
         for _, url, model, fresh in sides:   # warm-up
             _agent_loops(url, model, 1, 1, 4, fresh)
         print(f"agent loops: {args.turns} turns, max_tokens {args.max_tokens}, temperature 0, "
@@ -550,6 +610,7 @@ def bench_agent(args) -> int:
                     runs[name].append(_agent_loops(url, model, agents, args.turns,
                                                    args.max_tokens, fresh))
             _print_agent_table(agents, args.turns, runs)
+        print(machine() + " (at the end)", flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -855,8 +916,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --compare-url: the route both servers get (completions sends "
                           "token ids: for models without a chat template, or two llmhost builds)")
     gen.add_argument("--compare-model", help="model name to send to --compare-url (default: --model)")
-    gen.add_argument("--compare-pid", type=int, help="pid of the --compare-url server, for its RSS")
+    gen.add_argument("--compare-pid", type=int, help="pid of the --compare-url server, for its RSS (default: the "
+                          "process listening on its port)")
     gen.add_argument("--pid", type=int, help="pid of the llmhost worker at --url, for its RSS")
+    gen.add_argument("--label", help="with --compare-url: the table row's name (default: --load-options)")
     gen.add_argument("--load-options", metavar="JSON",
                      help='extra POST /v1/models fields, e.g. \'{"quantization": "int8"}\'')
     gen.add_argument("--rounds", type=int, default=3,
