@@ -624,13 +624,21 @@ def _print_agent_table(agents: int, turns: int, runs: dict[str, list[dict]]) -> 
     names = list(runs)
     ttft = {name: [_median([r["ttft"] for run in runs[name] for r in run["per_turn"][t]])
                    for t in range(turns)] for name in names}
-    print(f"\n{agents} agent(s): per-turn TTFT p50 (ms), tokens reused / prompt tokens ('on')")
-    print("turn  " + "  ".join(f"{n:>8s}" for n in names) + "   on/off   reused")
+    shown = [n for n in ("on", "compare") if n in runs]   # whose reuse is worth showing
+
+    def reused(name: str, t: int) -> str:
+        """Mean cached / prompt tokens of turn t (usage.prompt_tokens_details)."""
+        rs = [r for run in runs[name] for r in run["per_turn"][t]]
+        return f"{sum(r['cached'] for r in rs) // max(1, len(rs))}/{sum(r['prompt'] for r in rs) // max(1, len(rs))}"
+
+    print(f"\n{agents} agent(s): per-turn TTFT p50 (ms), tokens reused / prompt tokens "
+          f"({', '.join(shown)}, as the server reports them)")
+    print("turn  " + "  ".join(f"{n:>8s}" for n in names) + "   on/off   "
+          + "  ".join(f"{'reused ' + n:>16s}" for n in shown))
     for t in range(turns):
-        on = [r for run in runs["on"] for r in run["per_turn"][t]]
-        reused = f"{sum(r['cached'] for r in on) // max(1, len(on))}/{sum(r['prompt'] for r in on) // max(1, len(on))}"
         print(f"{t + 1:4d}  " + "  ".join(f"{ttft[n][t] * 1000:8.0f}" for n in names)
-              + f"   {ttft['on'][t] / ttft['off'][t]:5.2f}x   {reused}")
+              + f"   {ttft['on'][t] / ttft['off'][t]:5.2f}x   "
+              + "  ".join(f"{reused(n, t):>16s}" for n in shown))
     later = {n: sum(ttft[n][1:]) for n in names}
     total = {n: _median([run["total"] for run in runs[n]]) for n in names}
     errors = {n: sum(len(run["errors"]) for run in runs[n]) for n in names}
