@@ -378,11 +378,10 @@ def _listener_pid(url: str) -> int | None:
                  and c.laddr.port == port and c.pid), None)
 
 
-def _spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+def _spread(values: list[float], digits: int = 1) -> str:
     """'median' or 'median (min-max)' of the rounds."""
-    med, lo, hi = (v * scale for v in (_median(values), min(values), max(values)))
-    text = f"{med:.{digits}f}"
-    return text if len(values) < 2 else text + f" ({lo:.{digits}f}-{hi:.{digits}f})"
+    text = f"{_median(values):.{digits}f}"
+    return text if len(values) < 2 else text + f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def bench_compare(args) -> int:
