@@ -2,6 +2,7 @@
 running at --url, or one it starts itself with --serve).
 
     python -m llmhost.dev.bench build-model /tmp/bench-gpt2
+    python -m llmhost.dev.bench build-model /tmp/bench-llama-1b --shape llama-1b --gguf q4_0
     python -m llmhost.dev.bench generate --serve --model /tmp/bench-gpt2 --compare-inprocess /tmp/bench-gpt2
     python -m llmhost.dev.bench embed --url http://127.0.0.1:8000 --model M ...
     python -m llmhost.dev.bench agent --serve --model SmolLM2.gguf --agents 1 4
@@ -18,6 +19,8 @@ import os
 import sys
 import threading
 import time
+
+from .llamagguf import SHAPES as LLAMA_SHAPES
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -159,7 +162,10 @@ class _InProcess:
 
 
 def _median(values: list[float]) -> float:
-    return _percentile(values, 0.5)
+    """The median (of two rounds: their mean, not the lower one as `_percentile` gives)."""
+    import statistics
+
+    return statistics.median(values) if values else float("nan")
 
 
 def bench_generate(args) -> int:
@@ -191,6 +197,7 @@ def bench_generate(args) -> int:
         if args.load or server is not None:
             _load_model(url, args.model, options)
         rss.append(_rss_mib(pid, children=server is not None))
+        print(machine(), flush=True)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         prompt_ids = tokenizer(args.prompt)["input_ids"]
         print(f"model {args.model}: prompt {len(prompt_ids)} tokens, max_tokens {args.max_tokens}, "
@@ -309,18 +316,6 @@ def _print_mask_cost(tokenizer, model: str, response_format: dict) -> None:
           f"vocab {vocab}, {steps} tokens)")
 
 
-def _cpu_flags() -> str:
-    """The CPU's vector flags that decide which kernels are fast (printed with
-    every figure: machines differ)."""
-    import re
-    try:
-        with open("/proc/cpuinfo") as f:
-            found = set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*)\b", f.read()))
-    except OSError:
-        return "CPU flags unknown"
-    return "CPU flags: " + (" ".join(sorted(found)) or "no avx2")
-
-
 def _rss_mib(pid: int | None, children: bool = False) -> float:
     """Resident memory of `pid` (with `children`: of its largest child, the
     gunicorn worker), MiB; nan when unknown."""
@@ -357,14 +352,56 @@ def _ban_eos(args) -> dict:
     return {str(i): -100 for i in ids if isinstance(i, int) and i != tok.unk_token_id}
 
 
+def machine() -> str:
+    """What the figures were measured on: the CPU, its vector flags (AVX2,
+    AVX-512, AMX), the cores and the load average at this moment."""
+    import re
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+    except OSError:
+        info = ""
+    model = re.search(r"model name\s*:\s*(.*)", info)
+    flags = sorted(set(re.findall(r"\b(avx512[a-z_0-9]*|avx2|amx[a-z_0-9]*)\b", info)))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"CPU {model.group(1) if model else 'unknown'}, {os.cpu_count()} cores, flags "
+            f"{' '.join(flags) or 'none of avx2/avx512/amx'}; load average {load}")
+
+
+def _listener_pid(url: str) -> int | None:
+    """The pid of the process listening on `url`'s port on this machine (the
+    --compare-url server's, for its RSS), or None."""
+    from urllib.parse import urlparse
+
+    import psutil
+
+    port = urlparse(url).port
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.Error:
+        return None
+    return next((c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr
+                 and c.laddr.port == port and c.pid), None)
+
+
+def _spread(values: list[float], digits: int = 1) -> str:
+    """'median' or 'median (min-max)' of the rounds."""
+    text = f"{_median(values):.{digits}f}"
+    return text if len(values) < 2 else text + f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def bench_compare(args) -> int:
     """The same closed-loop streaming chat workload against llmhost and the
-    server at --compare-url, in alternating rounds, medians and ratios."""
+    server at --compare-url, in alternating rounds, medians and ratios, then
+    one markdown table row in the form of issue 20's tables."""
     import json
 
     server = _serve() if args.serve else None
     url = server.url if server else args.url
     ours_pid = server.proc.pid if server else args.pid
+    theirs_pid = args.compare_pid or _listener_pid(args.compare_url)
+    print(machine(), flush=True)
     try:
         empty = _rss_mib(ours_pid, children=server is not None)
         if args.load or server is not None:
@@ -380,7 +417,7 @@ def bench_compare(args) -> int:
               f"{args.rounds} alternating rounds; load options {args.load_options or '{}'}")
         for target, model in ((url, args.model), (args.compare_url, other_model)):  # warm-up
             _load_level(target, model, prompt, 1, 1, 8, True, bias, extra)
-        results: dict[int, tuple[dict, dict]] = {}
+        rounds: dict[int, tuple[list[dict], list[dict]]] = {}
         for clients in args.concurrency:
             ours, theirs = [], []
             for _ in range(args.rounds):
@@ -388,29 +425,44 @@ def bench_compare(args) -> int:
                                         args.max_tokens, True, bias, extra))
                 theirs.append(_load_level(args.compare_url, other_model, prompt, clients,
                                           args.requests, args.max_tokens, True, bias, extra))
-            pair = tuple({key: _median([r[key] for r in runs])
-                          for key in ("tok_s", "p50", "ttft_p50", "requests", "errors")}
-                         for runs in (ours, theirs))
-            results[clients] = pair
-            for name, res, runs in (("llmhost", pair[0], ours), ("compare", pair[1], theirs)):
+            rounds[clients] = (ours, theirs)
+            for name, runs in (("llmhost", ours), ("compare", theirs)):
+                res = {key: _median([r[key] for r in runs]) for key in ("tok_s", "p50", "ttft_p50")}
                 err = next((r["first_error"] for r in runs if r["first_error"]), None)
+                failed = sum(r["errors"] for r in runs)
                 print(f"{name:8s} {clients:3d} clients: {res['tok_s']:7.1f} tok/s  TTFT p50 "
                       f"{res['ttft_p50'] * 1000:.0f}ms  latency p50 {res['p50']:.2f}s"
-                      + (f"  first error: {err}" if err else ""), flush=True)
+                      + (f"  {failed} failed, first error: {err}" if err else ""), flush=True)
         ours_rss = _rss_mib(ours_pid, children=server is not None)
-        theirs_rss = _rss_mib(args.compare_pid)
+        theirs_rss = _rss_mib(theirs_pid)
     finally:
         if server is not None:
             server.stop()
     print("ratios (llmhost / compare, same machine, this run):")
-    for clients, (a, b) in results.items():
+    med = {clients: tuple({key: _median([r[key] for r in runs]) for key in ("tok_s", "ttft_p50")}
+                          for runs in pair) for clients, pair in rounds.items()}
+    for clients, (a, b) in med.items():
         print(f"  {clients:3d} clients: tok/s {a['tok_s'] / b['tok_s']:.2f}x   "
               f"TTFT p50 {a['ttft_p50'] / b['ttft_p50']:.2f}x")
-    print(f"  worker RSS: llmhost {ours_rss:.0f} MiB, compare {theirs_rss:.0f} MiB: "
-          f"{ours_rss / theirs_rss:.2f}x")
+    print(f"  worker RSS: llmhost {ours_rss:.0f} MiB, compare {theirs_rss:.0f} MiB "
+          f"(pid {theirs_pid or 'unknown: --compare-pid'}): {ours_rss / theirs_rss:.2f}x")
     print(f"  llmhost worker RSS split: {empty:.0f} MiB before the load (imports), "
           f"+{loaded_rss - empty:.0f} the load (model code, tokenizer, weights), "
           f"+{ours_rss - loaded_rss:.0f} the runs (caches); `bench memory` splits it finer")
+    # The issue's table: tok/s per level, TTFT at each level, RSS; medians (range of rounds).
+    levels = list(rounds)
+    cells = [f"{_spread([r['tok_s'] for r in rounds[c][0]])} / {_spread([r['tok_s'] for r in rounds[c][1]])}"
+             f" tok/s ({med[c][0]['tok_s'] / med[c][1]['tok_s']:.2f}x)" for c in levels]
+    cells += [f"{_spread([r['ttft_p50'] for r in rounds[c][0]], digits=2)} / "
+              f"{_spread([r['ttft_p50'] for r in rounds[c][1]], digits=2)} s "
+              f"({med[c][0]['ttft_p50'] / med[c][1]['ttft_p50']:.2f}x)" for c in levels]
+    cells.append(f"{ours_rss:,.0f} / {theirs_rss:,.0f} MiB ({ours_rss / theirs_rss:.2f}x)")
+    label = args.label or args.load_options or "{}"
+    print("\n| load | " + " | ".join(f"{c} client{'s' * (c > 1)} llmhost / compare" for c in levels)
+          + " | " + " | ".join(f"TTFT p50 at {c}" for c in levels) + " | worker RSS |")
+    print("| --- " * (2 * len(levels) + 2) + "|")
+    print(f"| {label} | " + " | ".join(cells) + " |")
+    print(machine() + " (at the end)", flush=True)
     return 0
 
 
@@ -661,6 +713,7 @@ def bench_agent(args) -> int:
             sides.append(("miss", on_url, args.model, True))
         if args.compare_url:
             sides.append(("compare", args.compare_url, args.compare_model or args.model, False))
+        print(machine(), flush=True)
         for _, url, model, fresh in sides:   # warm-up
             _agent_loops(url, model, 1, 1, 4, fresh)
         print(f"agent loops: {args.turns} turns, max_tokens {args.max_tokens}, temperature 0, "
@@ -673,6 +726,7 @@ def bench_agent(args) -> int:
                     runs[name].append(_agent_loops(url, model, agents, args.turns,
                                                    args.max_tokens, fresh))
             _print_agent_table(agents, args.turns, runs)
+        print(machine() + " (at the end)", flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -683,13 +737,21 @@ def _print_agent_table(agents: int, turns: int, runs: dict[str, list[dict]]) -> 
     names = list(runs)
     ttft = {name: [_median([r["ttft"] for run in runs[name] for r in run["per_turn"][t]])
                    for t in range(turns)] for name in names}
-    print(f"\n{agents} agent(s): per-turn TTFT p50 (ms), tokens reused / prompt tokens ('on')")
-    print("turn  " + "  ".join(f"{n:>8s}" for n in names) + "   on/off   reused")
+    shown = [n for n in ("on", "compare") if n in runs]   # whose reuse is worth showing
+
+    def reused(name: str, t: int) -> str:
+        """Mean cached / prompt tokens of turn t (usage.prompt_tokens_details)."""
+        rs = [r for run in runs[name] for r in run["per_turn"][t]]
+        return f"{sum(r['cached'] for r in rs) // max(1, len(rs))}/{sum(r['prompt'] for r in rs) // max(1, len(rs))}"
+
+    print(f"\n{agents} agent(s): per-turn TTFT p50 (ms), tokens reused / prompt tokens "
+          f"({', '.join(shown)}, as the server reports them)")
+    print("turn  " + "  ".join(f"{n:>8s}" for n in names) + "   on/off   "
+          + "  ".join(f"{'reused ' + n:>16s}" for n in shown))
     for t in range(turns):
-        on = [r for run in runs["on"] for r in run["per_turn"][t]]
-        reused = f"{sum(r['cached'] for r in on) // max(1, len(on))}/{sum(r['prompt'] for r in on) // max(1, len(on))}"
         print(f"{t + 1:4d}  " + "  ".join(f"{ttft[n][t] * 1000:8.0f}" for n in names)
-              + f"   {ttft['on'][t] / ttft['off'][t]:5.2f}x   {reused}")
+              + f"   {ttft['on'][t] / ttft['off'][t]:5.2f}x   "
+              + "  ".join(f"{reused(n, t):>16s}" for n in shown))
     later = {n: sum(ttft[n][1:]) for n in names}
     total = {n: _median([run["total"] for run in runs[n]]) for n in names}
     errors = {n: sum(len(run["errors"]) for run in runs[n]) for n in names}
@@ -704,12 +766,19 @@ def _print_agent_table(agents: int, turns: int, runs: dict[str, list[dict]]) -> 
 
 
 def build_model(args) -> int:
-    """The issue's benchmark model: GPT-2-small shape (12 layers, 768 wide),
-    vocabulary 8192, random weights, built offline."""
-    from .tinymodels import build_gpt2
+    """The benchmark's models, random weights, built offline: `gpt2-small`
+    (the engine issue's: 12 layers, 768 wide, vocabulary 8192), or a
+    Llama-shaped one (llamagguf.SHAPES) as an HF folder and a GGUF beside it."""
+    if args.shape == "gpt2-small":
+        from .tinymodels import build_gpt2
 
-    build_gpt2(args.folder, layers=12, width=768, vocab_size=8192, positions=1024)
-    print(f"built {args.folder}")
+        build_gpt2(args.folder, layers=12, width=768, vocab_size=8192, positions=1024)
+        print(f"built {args.folder}")
+        return 0
+    from . import llamagguf
+
+    path = llamagguf.build(args.folder, args.shape, args.gguf, seed=args.seed)
+    print(f"built {args.folder} (HF folder, bfloat16) and {path} (the same weights, {args.gguf})")
     return 0
 
 
@@ -990,7 +1059,7 @@ def bench_prefill(args) -> int:
     finally:
         for scheduler in schedulers.values():
             scheduler.close("bench over")
-    print(f"{len(ids)}-token prompt, dtype {loaded.dtype}, {_cpu_flags()}, load {os.getloadavg()[0]:.1f}")
+    print(f"{len(ids)}-token prompt, dtype {loaded.dtype}; {machine()}")
     base = _median(times[args.chunks[-1]])
     for chunk in args.chunks:
         print(f"chunk {chunk or 'none'}: {_median(times[chunk]) * 1000:.0f} ms "
@@ -1023,8 +1092,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --compare-url: the route both servers get (completions sends "
                           "token ids: for models without a chat template, or two llmhost builds)")
     gen.add_argument("--compare-model", help="model name to send to --compare-url (default: --model)")
-    gen.add_argument("--compare-pid", type=int, help="pid of the --compare-url server, for its RSS")
+    gen.add_argument("--compare-pid", type=int, help="pid of the --compare-url server, for its RSS (default: the "
+                          "process listening on its port)")
     gen.add_argument("--pid", type=int, help="pid of the llmhost worker at --url, for its RSS")
+    gen.add_argument("--label", help="with --compare-url: the table row's name (default: --load-options)")
     gen.add_argument("--load-options", metavar="JSON",
                      help='extra POST /v1/models fields, e.g. \'{"quantization": "int8"}\'')
     gen.add_argument("--rounds", type=int, default=3,
@@ -1034,8 +1105,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "a long array, so both runs generate max_tokens; or JSON; or @file) "
                           "and print the throughput ratio and the per-token mask cost")
     gen.set_defaults(func=bench_generate)
-    build = sub.add_parser("build-model", help="build the benchmark's GPT-2-small-shaped model offline")
-    build.add_argument("folder")
+    build = sub.add_parser("build-model", help="build a benchmark model offline (random weights)")
+    build.add_argument("folder", help="the HF folder to write (a Llama shape's GGUF goes beside it)")
+    build.add_argument("--shape", default="gpt2-small", choices=["gpt2-small", *LLAMA_SHAPES],
+                       help="gpt2-small: 12 x 768, vocabulary 8192; llama-1b: 16 x 2048, MLP "
+                            "8192, 32/8 heads, SmolLM2's tokenizer (1.07B parameters); "
+                            "llama-tiny: the same code path, 2 x 64 (for tests)")
+    build.add_argument("--gguf", default="q4_0", choices=["q4_0", "q8_0"],
+                       help="the Llama shapes' GGUF type (Linear weights; the embedding is Q8_0)")
+    build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=build_model)
     qual = sub.add_parser("quality", help="greedy agreement of dtypes/quantizations with float32")
     qual.add_argument("--model", required=True, help="a model folder or .gguf file")

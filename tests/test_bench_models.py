@@ -1,0 +1,91 @@
+"""`bench build-model --shape llama-*`: the Llama-shaped benchmark model as an HF
+folder and a GGUF of the same weights (llmhost/dev/llamagguf.py), built at the
+tests' size (`llama-tiny`) through the same code as `llama-1b`."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from llmhost.dev import bench
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, smollm2_gguf) -> tuple[str, str]:
+    folder = str(tmp_path_factory.mktemp("bench-llama") / "llama-tiny")
+    assert bench.main(["build-model", folder, "--shape", "llama-tiny", "--gguf", "q4_0"]) == 0
+    return folder, folder + ".Q4_0.gguf"
+
+
+def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
+    """HF's row order of a q/k projection from llama.cpp's (the inverse of
+    convert_hf_to_gguf.py's permute)."""
+    return rows.reshape(heads, rows.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(rows.shape)
+
+
+def test_llama_tiny_gguf_reads_back_as_the_folders_model(built):
+    import gguf
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    folder, path = built
+    reader = gguf.GGUFReader(path)
+    field = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert field("general.architecture") == "llama"
+    assert (field("llama.block_count"), field("llama.embedding_length"),
+            field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (2, 64, 4, 2)
+    assert len(field("tokenizer.ggml.tokens")) == field("llama.vocab_size") == 49152  # SmolLM2's
+    assert "im_start" in field("tokenizer.chat_template")
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 1 + 2 * 9 + 1 and "output.weight" not in tensors  # tied
+    types = {name: t.tensor_type.name for name, t in tensors.items()}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.1.ffn_down.weight"] == "Q4_0"
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["output_norm.weight"] == "F32"
+
+    hf = load_file(os.path.join(folder, "model.safetensors"))
+    assert json.load(open(os.path.join(folder, "config.json")))["vocab_size"] == 49152
+    for name, hf_name, heads in (("attn_q", "q_proj", 4), ("attn_k", "k_proj", 2), ("attn_v", "v_proj", 0)):
+        t = tensors[f"blk.1.{name}.weight"]
+        rows = dequantize(t.data, t.tensor_type)
+        rows = _unpermute(rows, heads) if heads else rows
+        # the folder holds the dequantized GGUF weights in bfloat16 (relative error 2**-8)
+        folder_rows = hf[f"model.layers.1.self_attn.{hf_name}.weight"].float().numpy()
+        np.testing.assert_allclose(folder_rows, rows, rtol=2**-7, atol=1e-6)
+
+
+def test_llmhost_loads_the_folder(built):
+    import torch
+
+    from llmhost.config import Config
+    from llmhost.models.loading import LoadSpec, load
+
+    loaded = load(LoadSpec(model=built[0], dtype="float32"), Config())
+    ids = torch.tensor([loaded.tokenizer("hello there")["input_ids"]])
+    out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4)
+    assert loaded.model.config.num_hidden_layers == 2
+
+
+@pytest.mark.slow  # two GGUF loads: llmhost parses SmolLM2's 49k-token vocabulary for each
+@pytest.mark.parametrize("options", [{"dtype": "float32"}, {"quantization": "int4"}])
+def test_llmhost_loads_the_gguf_as_the_same_model(built, options):
+    """Greedy tokens from the GGUF (float32 and int4 loads) equal the folder's."""
+    import torch
+
+    from llmhost.config import Config
+    from llmhost.models.loading import LoadSpec, load
+
+    def greedy(loaded) -> list[int]:
+        ids = torch.tensor([loaded.tokenizer("the quick brown fox")["input_ids"]])
+        with torch.inference_mode():
+            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                        min_new_tokens=6, do_sample=False)
+        return out[0, ids.shape[1]:].tolist()
+
+    reference = greedy(load(LoadSpec(model=built[0], dtype="float32"), Config()))
+    loaded = load(LoadSpec(model=built[1], **options), Config())
+    assert loaded.model.config.num_hidden_layers == 2
+    assert greedy(loaded) == reference
