@@ -68,7 +68,7 @@ class Config:
         ("QUEUE_TIMEOUT", float, 600.0),
         ("MAX_BATCH", int, 32),
         ("BATCH_WAIT_MS", float, 25.0),
-        ("LONE_ROW_THREADS", int, 0),    # 0: all of torch's CPU threads (engine/scheduler.py)
+        ("LONE_ROW_THREADS", int, 0),    # 0: the scheduler's rule (engine/scheduler.py step_threads)
         ("IMAGE_URLS", _bool, False),    # fetch http(s) image_url parts (generation/images.py)
         ("MAX_IMAGES", int, 8),          # image parts per request
         ("MAX_IMAGE_PIXELS", int, 16_000_000),   # width x height of one image

@@ -183,17 +183,42 @@ def test_close_fails_running_and_waiting_requests(llama, make_scheduler):
         sched.submit(GenerationRequest(ids, SamplingParams(max_tokens=1)))
 
 
-def test_a_lone_row_decodes_with_fewer_threads_and_a_batch_with_all(llama, make_scheduler):
-    """LLMHOST_LONE_ROW_THREADS: 0 is all of torch's threads, a number is taken
-    as it is (up to torch's count); GPUs keep theirs. The answer is the same
-    with any thread count."""
-    from llmhost.engine.scheduler import lone_row_threads
+def test_threads_per_step_follow_the_rule_and_the_override(llama, make_scheduler):
+    """A lone int4 row leaves a core to the HTTP side (one thread of two); a lone
+    float32 or bfloat16 row, batches and prefills use all; LLMHOST_LONE_ROW_THREADS
+    overrides a lone row's count (up to torch's). The answer is the same with
+    any thread count."""
+    from llmhost.engine.scheduler import step_threads
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert lone_row_threads(TestConfig(), 2, cpu) == 2
-    assert lone_row_threads(TestConfig(LONE_ROW_THREADS=1), 2, cpu) == 1
-    assert lone_row_threads(TestConfig(LONE_ROW_THREADS=3), 8, cpu) == 3
-    assert lone_row_threads(TestConfig(LONE_ROW_THREADS=99), 8, cpu) == 8
-    assert lone_row_threads(TestConfig(), 8, cuda) == 8
+    assert step_threads(1, "int4", 2) == 1
+    assert step_threads(1, "int4", 16) == 15
+    assert step_threads(1, "float32", 2) == 2
+    assert step_threads(1, "bfloat16", 2) == 2
+    assert step_threads(1, "int8", 2) == 2
+    for rows in (0, 4, 8):
+        assert step_threads(rows, "int4", 2) == 2
+    assert step_threads(1, "int4", 1) == 1
+    assert step_threads(1, "float32", 2, lone_row=1) == 1
+    assert step_threads(1, "int4", 8, lone_row=3) == 3
+    assert step_threads(1, "int4", 8, lone_row=99) == 8
+    assert step_threads(4, "float32", 8, lone_row=1) == 8
+
+    # The scheduler's own choice, from what the load is.
+    before = torch.get_num_threads()
+    sched = Scheduler("tiny", llama, TestConfig())     # not started: its choice is called here
+    try:
+        assert sched.kernel == "float32"
+        torch.set_num_threads(2)
+        sched.threads, sched.kernel = 2, "int4"
+        sched._threads(1)
+        assert torch.get_num_threads() == 1
+        sched._threads(4)
+        assert torch.get_num_threads() == 2
+        sched.kernel = "float32"
+        sched._threads(1)
+        assert torch.get_num_threads() == 2
+    finally:
+        sched.close("test over")
+        torch.set_num_threads(before)
     ids = prompt(llama, "the quick brown fox")
     assert run(make_scheduler(LONE_ROW_THREADS=1), ids)[0] == reference(llama, ids)

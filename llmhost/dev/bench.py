@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+from functools import partial
 
 from .llamagguf import SHAPES as LLAMA_SHAPES
 
@@ -1067,6 +1068,197 @@ def bench_prefill(args) -> int:
     return 0
 
 
+# -- one streamed client against the same load in-process (issue 20) ----------------
+
+def _stream_chat_times(url: str, model: str, messages: list[dict], max_tokens: int, bias: dict,
+                       session) -> dict:
+    """One streamed chat: tokens (from usage), prompt tokens, and the seconds to
+    the first and to the last content chunk."""
+    import json
+
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "logit_bias": bias}
+    started = time.perf_counter()
+    first = last = float("nan")
+    usage = {}
+    with session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter() - started
+                first = first if first == first else last
+            usage = chunk.get("usage") or usage
+    return {"tokens": usage["completion_tokens"], "prompt": usage["prompt_tokens"],
+            "first": first, "last": last}
+
+
+class _Stamps:
+    """A `generate` streamer that only notes when tokens come (the first put is
+    the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _rates(tokens: int, first: float, last: float) -> tuple[float, float]:
+    """(decode tok/s after the first token, tok/s over the whole request)."""
+    decode = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
+    return decode, tokens / last
+
+
+def bench_stream(args) -> int:
+    """One client streaming chat answers through gunicorn (a server this
+    checkout starts; with --lone-row-threads, one server per value) against
+    the same load decoding in this process, in alternating rounds: the
+    streamed chat, llmhost's scheduler here (its events read by this thread:
+    the engine without HTTP, threads by the scheduler's rule) and the loaded
+    model's own `generate` (batch 1, all threads). Same prompt ids, greedy,
+    EOS banned on every side. Prints medians and the ratios streamed /
+    in-process."""
+    import json
+
+    import requests
+    import torch
+
+    from ..config import Config
+    from ..engine import start as start_engine
+    from ..engine.sampling import SamplingParams
+    from ..engine.scheduler import GenerationRequest, step_threads
+    from ..models.loading import LoadSpec, load
+
+    options = json.loads(args.load_options or "{}")
+    loaded = load(LoadSpec(model=args.model, **options), Config())
+    tok = loaded.tokenizer
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                  return_dict=True)["input_ids"]
+    bias = _ban_eos(args)
+    engine = start_engine("inprocess", loaded, Config())
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0,
+                            logit_bias={int(k): float(v) for k, v in bias.items()})
+
+    def scheduler_side() -> dict:
+        started = time.perf_counter()
+        times = [time.perf_counter() - started for _ in engine.submit(
+            GenerationRequest(list(ids), params)).events()]
+        return {"tokens": len(times), "first": times[0], "last": times[-1]}
+
+    def generate_side() -> dict:
+        stamps = _Stamps()
+        prompt = torch.tensor([ids])
+        started = time.perf_counter()
+        with torch.inference_mode():
+            loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                  max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
+                                  pad_token_id=tok.eos_token_id, streamer=stamps)
+        times = [t - started for t in stamps.times[1:]]
+        return {"tokens": len(times), "first": times[0], "last": times[-1]}
+
+    servers: dict[str, object] = {}
+    run = {}
+    session = requests.Session()
+    try:
+        for value in args.lone_row_threads or [None]:
+            name = "streamed" if value is None else f"streamed, lone row {value}t"
+            env = {} if value is None else {"LLMHOST_LONE_ROW_THREADS": str(value)}
+            server = servers[name] = _serve(env)
+            _load_model(server.url, args.model, options)
+            run[name] = partial(_stream_chat_times, server.url, args.model, messages,
+                                args.max_tokens, bias, session)
+        run["scheduler"], run["generate"] = scheduler_side, generate_side
+        warm = {name: side() for name, side in run.items()}
+        print(f"model {args.model}, load options {json.dumps(options)}: chat prompt "
+              f"{len(ids)} tokens here, {next(iter(warm.values()))['prompt']} on the server; "
+              f"{args.max_tokens} new tokens, greedy, EOS banned; {args.rounds} alternating rounds; "
+              f"torch threads {torch.get_num_threads()}, rule's lone-row threads "
+              f"{step_threads(1, engine.kernel, engine.threads, engine.lone_row_threads)}",
+              flush=True)
+        sides: dict[str, list[dict]] = {name: [] for name in run}
+        for number in range(args.rounds):
+            for name in (list(run) if number % 2 == 0 else list(run)[::-1]):
+                sides[name].append(run[name]())
+    finally:
+        session.close()
+        for server in servers.values():
+            server.stop()
+        engine.close("benchmark over")
+    medians = {}
+    for name, runs in sides.items():
+        rates = [_rates(r["tokens"], r["first"], r["last"]) for r in runs]
+        medians[name] = (_median([r[0] for r in rates]), _median([r[1] for r in rates]))
+        print(f"{name:26s}: decode {medians[name][0]:6.1f} tok/s, whole request "
+              f"{medians[name][1]:6.1f} tok/s, first token "
+              f"{_median([r['first'] for r in runs]) * 1000:5.0f} ms ({runs[0]['tokens']} tokens)")
+    for name in servers:
+        for ref in ("scheduler", "generate"):
+            print(f"ratio {name} / {ref}: decode {medians[name][0] / medians[ref][0]:.2f}x, "
+                  f"whole request {medians[name][1] / medians[ref][1]:.2f}x")
+    return 0
+
+
+def bench_threads(args) -> int:
+    """Decode tok/s of llmhost's scheduler in this process, for each load
+    option and number of rows, at each torch thread count, alternating the
+    thread counts in blocks of --steps decode steps (--rounds blocks each;
+    medians): the measurements behind the scheduler's thread rule
+    (engine/scheduler.py step_threads, docs/performance.md)."""
+    import json
+
+    import torch
+
+    from ..config import Config
+    from ..engine.sampling import SamplingParams
+    from ..engine.scheduler import Generation, GenerationRequest, Scheduler
+    from ..models.loading import LoadSpec, load
+
+    counts = args.threads or sorted({1, torch.get_num_threads()})
+    print(f"| load options | rows | " + " | ".join(f"{t} thread{'s' * (t > 1)} tok/s" for t in counts)
+          + f" | {counts[0]} / {counts[-1]} |\n|" + " --- |" * (len(counts) + 3), flush=True)
+    for options in [json.loads(o) for o in args.options]:
+        loaded = load(LoadSpec(model=args.model, **options), Config())
+        scheduler = Scheduler("threads", loaded, Config())  # not started: its steps run here
+        scheduler._threads = lambda rows: None              # the counts below are set by hand
+        ids = loaded.tokenizer(args.prompt)["input_ids"]
+        try:
+            for rows in args.rows:
+                gens = [Generation(GenerationRequest(ids, SamplingParams(max_tokens=10**6,
+                                                                         temperature=0)), "t")
+                        for _ in range(rows)]
+                torch.set_num_threads(counts[-1])
+                scheduler._prefill(gens)
+                for _ in range(3):
+                    scheduler._decode()
+                spent: dict[int, list[float]] = {t: [] for t in counts}
+                for number in range(args.rounds):
+                    for t in (counts if number % 2 == 0 else counts[::-1]):
+                        torch.set_num_threads(t)
+                        scheduler._decode()                   # a step to settle the pool
+                        started = time.perf_counter()
+                        for _ in range(args.steps):
+                            scheduler._decode()
+                        spent[t].append((time.perf_counter() - started) / args.steps)
+                rates = [rows / _median(spent[t]) for t in counts]
+                print(f"| `{json.dumps(options)}` | {rows} | "
+                      + " | ".join(f"{r:.1f}" for r in rates)
+                      + f" | {rates[0] / rates[-1]:.2f}x |", flush=True)
+                scheduler._reset_batch()
+        finally:
+            scheduler.close("benchmark over")
+            torch.set_num_threads(counts[-1])
+        del loaded, scheduler
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llmhost.dev.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1144,6 +1336,29 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chunk sizes; 0: one forward (the ratios are to the last)")
     fill.add_argument("--rounds", type=int, default=3)
     fill.set_defaults(func=bench_prefill)
+    strm = sub.add_parser("stream", help="one streamed chat client vs the same load decoding in-process")
+    strm.add_argument("--model", required=True, help="a model folder or .gguf file")
+    strm.add_argument("--load-options", metavar="JSON", help='e.g. \'{"quantization": "int4"}\'')
+    strm.add_argument("--max-tokens", type=int, default=64)
+    strm.add_argument("--rounds", type=int, default=4)
+    strm.add_argument("--prompt", default="Write a short story about a robot who learns to paint.")
+    strm.add_argument("--tokenizer", help="tokenizer folder or .gguf (default: --model)")
+    strm.add_argument("--lone-row-threads", type=int, nargs="+", metavar="N",
+                      help="one server per value of LLMHOST_LONE_ROW_THREADS (default: one "
+                           "server with the environment's setting)")
+    strm.set_defaults(func=bench_stream)
+    thr = sub.add_parser("threads", help="scheduler decode tok/s at 1 and all torch threads")
+    thr.add_argument("--model", required=True, help="a model folder or .gguf file")
+    thr.add_argument("--options", nargs="+", default=['{"quantization": "int4"}', '{"quantization": "int8"}',
+                                                      '{"dtype": "float32"}', '{"dtype": "bfloat16"}'],
+                     help="JSON load options, one table row each")
+    thr.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8])
+    thr.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1 and all)")
+    thr.add_argument("--steps", type=int, default=8, help="decode steps per block")
+    thr.add_argument("--rounds", type=int, default=4, help="blocks per thread count, alternating")
+    thr.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
+                                         "model server answers")
+    thr.set_defaults(func=bench_threads)
     agent = sub.add_parser("agent", help="agent loops: per-turn TTFT with the prefix cache on/off")
     agent.add_argument("--model", required=True, help="served id, or the file/folder to load")
     agent.add_argument("--url", default="http://127.0.0.1:8000")

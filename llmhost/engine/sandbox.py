@@ -38,6 +38,10 @@ class RenderBudgetExceeded(Exception):
 class _Watchdog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Signalled when a render starts: with none running the watchdog sleeps
+        # on it rather than waking every _POLL_S, so it never takes the GIL
+        # (and a core) from the decode thread between renders (issue 20).
+        self._work = threading.Condition(self._lock)
         self._active: dict[int, tuple[int | None, float, float]] = {}
         self._thread: threading.Thread | None = None
 
@@ -50,6 +54,7 @@ class _Watchdog:
             clock, cpu_start = None, 0.0
         with self._lock:
             self._active[tid] = (clock, cpu_start + cpu_budget, time.monotonic() + wall_budget)
+            self._work.notify()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._watch, name="llmhost-template-watchdog",
                                                 daemon=True)
@@ -62,6 +67,9 @@ class _Watchdog:
 
     def _watch(self) -> None:
         while True:
+            with self._lock:
+                while not self._active:
+                    self._work.wait()
             time.sleep(_POLL_S)
             now = time.monotonic()
             with self._lock:   # stop() takes this lock: no exception after a render ended

@@ -148,20 +148,28 @@ class _Row:
         return self.done or self.gen.cancelled or self.index in self.gen.finished
 
 
-def lone_row_threads(config, threads: int, device) -> int:
-    """torch's CPU threads for a decode step of one row (LLMHOST_LONE_ROW_THREADS;
-    0: all of them). A lone row's step of a small quantized model is bound by
-    memory bandwidth, not arithmetic, and every thread of it stalls while any
-    other thread of the machine (the HTTP thread writing the token, a client)
-    holds its core: on this project's 2 cores SmolLM2 int4 streamed 1.40x faster
-    to one client with one thread than with two, at no cost to 8 clients (README,
-    Performance). Not the default: bench-gpt2 in float32 (more arithmetic per
-    byte) fell from 1.05x to 0.72x of in-process generate at one client with it.
-    Batches and prefills always use every thread."""
-    if device.type != "cpu":
+# Kernels whose decode step of one row runs on one core fewer than torch has
+# (measured: docs/performance.md, "Threads per step"). Such a step is bound by
+# memory bandwidth and per-op overhead, so the last core adds little to it, and
+# every thread of it stalls whenever another thread of the machine (the HTTP
+# thread writing the token, the client reading it) takes its core. Steps of
+# heavier kernels (float32, bfloat16 emulated on CPUs without AVX512-BF16) gain
+# more from the last core than they lose to that.
+SPARE_CORE_KERNELS = frozenset({"int4"})
+
+
+def step_threads(rows: int, kernel: str, threads: int, lone_row: int = 0) -> int:
+    """torch's CPU threads for a decode step of `rows` rows of a model whose
+    matmuls run `kernel` ("int4", "int8", or the dtype: "float32", "bfloat16"...)
+    on a process given `threads`. A lone row of a SPARE_CORE_KERNELS load
+    leaves one core to the HTTP side of its stream; everything else (batches,
+    prefills, other kernels) uses every thread. `lone_row` > 0
+    (LLMHOST_LONE_ROW_THREADS) sets a lone row's count instead of the rule."""
+    if rows != 1:
         return threads
-    wanted = int(config.LONE_ROW_THREADS)
-    return max(1, min(threads, wanted)) if wanted > 0 else threads
+    if lone_row > 0:
+        return max(1, min(threads, lone_row))
+    return max(1, threads - 1) if kernel in SPARE_CORE_KERNELS else threads
 
 
 class Scheduler(ModelWorker):
@@ -181,7 +189,8 @@ class Scheduler(ModelWorker):
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
         self.threads = torch.get_num_threads()
-        self.row_threads = lone_row_threads(config, self.threads, self.device)
+        self.kernel = loaded.quantization or str(loaded.dtype).replace("torch.", "")
+        self.lone_row_threads = int(config.LONE_ROW_THREADS)
         # Set by models/adapters.py (on this thread, via between_steps) while LoRA
         # adapters are loaded: adapter names per row -> the context of a forward.
         self.adapter_context: Callable[[list[str]], ContextManager] | None = None
@@ -331,9 +340,11 @@ class Scheduler(ModelWorker):
         return admitted
 
     def _threads(self, rows: int) -> None:
-        """torch's CPU threads for the next step: fewer for a lone decoding row
-        (lone_row_threads says why), all of them otherwise."""
-        want = self.row_threads if rows == 1 else self.threads
+        """torch's CPU threads for the next step of `rows` decoding rows (0: a
+        prefill), by step_threads' rule."""
+        if self.device.type != "cpu":
+            return
+        want = step_threads(rows, self.kernel, self.threads, self.lone_row_threads)
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
 
