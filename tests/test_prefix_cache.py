@@ -161,7 +161,8 @@ def test_no_reuse_where_layers_drop_positions():
     config = MistralConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
                            num_key_value_heads=2, intermediate_size=64, vocab_size=512,
                            sliding_window=4)
-    loaded = SimpleNamespace(model=MistralForCausalLM(config).eval(), max_context=64)
+    loaded = SimpleNamespace(model=MistralForCausalLM(config).eval(), max_context=64,
+                             quantization=None, dtype=torch.float32)
     scheduler = Scheduler("sliding", loaded, TestConfig(PREFIX_CACHE_MB=64))
     assert scheduler.prefix is None and not scheduler.batchable
 
