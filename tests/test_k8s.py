@@ -112,6 +112,18 @@ def test_what_llmhost_needs_is_in_the_manifests(tmp_path, client):
     for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
         name = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
         assert any(line.startswith(name + " ") for line in metrics), name
+    # docs/scaling.md's arithmetic: every group at its HPA's maxReplicas, each pod with
+    # its whole pool, plus the migration Job, stays within PostgreSQL's default
+    # max_connections = 100 less its 3 reserved connections.
+    by_name = {d["metadata"]["name"]: d for d in deployments}
+    connections = 1
+    for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        container = by_name[hpa["spec"]["scaleTargetRef"]["name"]]["spec"]["template"]["spec"][
+            "containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        connections += hpa["spec"]["maxReplicas"] * (int(env["LLMHOST_DB_POOL_SIZE"]) +
+                                                     int(env["LLMHOST_DB_MAX_OVERFLOW"]))
+    assert connections <= 97, connections
 
 
 def test_envoy_config_is_valid():

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from llmhost.store.responses import Store, StoreBehind, current_revision, head_revision, upgrade
 
@@ -203,6 +203,67 @@ def test_db_upgrade_twice_at_once(postgres):
     again = subprocess.run([sys.executable, "-m", "llmhost", "db", "upgrade"], env=env,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "already at revision" in again.stdout, again.stdout
+    _assert_usage_tables_match_the_models(Store(fresh).engine)
+
+
+def _assert_usage_tables_match_the_models(engine) -> None:
+    """The usage tables exist, as llmhost/store/usage.py maps them (Alembic's own
+    comparison of a database with models: columns, types, nullability, indexes)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from llmhost.store import usage
+
+    names = set(usage.Base.metadata.tables)
+    with engine.connect() as conn:
+        assert names <= set(inspect(conn).get_table_names())
+        context = MigrationContext.configure(conn, opts={
+            "include_name": lambda name, kind, parent: kind != "table" or name in names})
+        assert compare_metadata(context, usage.Base.metadata) == []
+
+
+def test_the_usage_tables_are_migrations_and_work(url):
+    """Usage and quota tables come from the migrations (SQLite: on open; PostgreSQL:
+    `llmhost db upgrade`), and the usage store counts and reserves in them."""
+    from llmhost.store.usage import Record, UsageStore
+
+    store = _open(url)
+    _assert_usage_tables_match_the_models(store.engine)
+    usage = UsageStore(store.engine, flush_s=3600)
+    for _ in range(2):
+        usage.add(Record(key="k", key_name="ann", model="m", endpoint="/v1/x", requests=1,
+                         prompt_tokens=4, completion_tokens=3))
+    (row,) = usage.report(group_by=("key",))
+    assert (row["key_name"], row["requests"], row["prompt_tokens"]) == ("ann", 2, 8)
+    assert [usage.reserve("key:k", "d:2026-12-03", 40, 100) for _ in range(3)] == [True, True, False]
+    assert usage.used("key:k", "d:2026-12-03") == 80
+    usage.close()
+
+
+def test_usage_tables_made_before_the_migration_are_kept(url):
+    """A database at revision 0002 whose usage tables an older llmhost made with
+    create_all upgrades to head keeping them and their rows."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from llmhost.store import usage
+    from llmhost.store.responses import _alembic
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        command.upgrade(_alembic(conn), "0002")
+        conn.commit()
+    usage.Base.metadata.create_all(engine)          # what llmhost did before 0003
+    old = usage.UsageStore(engine, flush_s=3600)
+    old.add(usage.Record(key="k", key_name=None, model="m", endpoint="/v1/x", requests=5))
+    old.close()
+    assert current_revision(engine) == "0002"
+    upgrade(engine)
+    assert current_revision(engine) == head_revision()
+    _assert_usage_tables_match_the_models(engine)
+    again = usage.UsageStore(engine, flush_s=3600)
+    assert [row["requests"] for row in again.report(group_by=("key",))] == [5]
+    again.close()
 
 
 def test_a_database_behind_says_to_run_db_upgrade(pg_url):

@@ -163,9 +163,11 @@ def test_a_store_that_fails_never_blocks_serving(make_app, tiny, tmp_path):
 def test_usage_survives_a_clean_close(tmp_path):
     from sqlalchemy import create_engine
 
+    from llmhost.store.responses import upgrade
     from llmhost.store.usage import Record, UsageStore
 
     url = f"sqlite:///{tmp_path}/u.db"
+    upgrade(create_engine(url))                 # the tables are the store's migrations
     store = UsageStore(create_engine(url), flush_s=3600)
     for _ in range(3):
         store.add(Record(key="k", key_name=None, model="m", endpoint="/v1/x", requests=1,
@@ -295,9 +297,12 @@ def test_daily_quota_is_refused_with_insufficient_quota(make_app, tiny, tmp_path
 def _reserve_many(url: str, results) -> None:
     from sqlalchemy import create_engine
 
+    from llmhost.store.responses import upgrade
     from llmhost.store.usage import UsageStore
 
-    store = UsageStore(create_engine(url, connect_args={"timeout": 60}), flush_s=3600)
+    engine = create_engine(url, connect_args={"timeout": 60})
+    upgrade(engine)                             # both processes at once: one migrates
+    store = UsageStore(engine, flush_s=3600)
     results.put(sum(store.reserve("group:g", "d:2026-12-03", 10, 100) for _ in range(20)))
 
 

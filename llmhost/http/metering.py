@@ -216,8 +216,8 @@ def reached(model_id: str) -> None:
 
 
 def usage_store():
-    """The usage store, opened on first use in the response store's database
-    (LLMHOST_USAGE=0: none)."""
+    """The usage store, opened on first use in the response store's database once
+    its schema is at head (its tables are the store's migrations; LLMHOST_USAGE=0: none)."""
     app = current_app
     if not settings().USAGE:
         return None
@@ -225,7 +225,9 @@ def usage_store():
     if found is None:
         from ..store import responses
         try:
-            found = usage_db.UsageStore(responses.current().engine, settings().USAGE_FLUSH_S)
+            store = responses.current()
+            store.check()         # its schema (usage tables included) at head, else StoreBehind
+            found = usage_db.UsageStore(store.engine, settings().USAGE_FLUSH_S)
         except Exception as exc:
             _store_failed(exc)
             return None

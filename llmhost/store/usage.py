@@ -12,6 +12,12 @@ row per (subject, period) updated atomically in the database itself: a
 request reserves its worst case with a conditional increment
 (`tokens + n <= quota`), which either fits or changes nothing, and settles the
 real count at its end. Two replicas cannot both take the last tokens.
+
+The tables belong to the store's Alembic migrations (versions/0003_usage.py):
+SQLite creates them when the response store upgrades itself, PostgreSQL with
+`llmhost db upgrade`; a database behind is refused before this store opens
+(llmhost/http/metering.py), as for stored responses. The classes below map
+them and must match that migration (tests/test_store_pg.py compares the two).
 """
 from __future__ import annotations
 
@@ -81,11 +87,7 @@ class UsageStore:
     MAX_PENDING = 50_000          # distinct rows kept while the database is down
 
     def __init__(self, engine, flush_s: float = 5.0) -> None:
-        self.engine = engine
-        try:
-            Base.metadata.create_all(engine)
-        except SQLAlchemyError:   # another process created them between the check and ours
-            Base.metadata.create_all(engine)
+        self.engine = engine      # at the store's head revision: its tables are Alembic's (0003)
         self.flush_s = flush_s
         self.failures = 0
         self.dropped = 0
