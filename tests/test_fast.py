@@ -91,21 +91,37 @@ def test_quantization_is_validated_and_cpu_only(client, tiny_models, smollm2_ggu
 def test_int4_layer_computes_the_dequantized_gguf_weights(kind):
     """quantize.Int4Linear on a Q4_0 / Q4_1 tensor (gguf-py's own quantizer)
     equals a float32 matmul with gguf's dequantized weights, rows reordered as
-    asked: the int4 kernel runs the file's weights exactly."""
+    asked, on both of its paths: the int4 kernel (a decode step's few rows) and
+    the weights dequantized for a prefill's many rows; and the two paths agree
+    on the same rows, so a prompt reads the same whichever runs it."""
     import numpy as np
     from gguf import GGMLQuantizationType, dequantize, quantize
 
+    from llmhost.models import quantize as q4
     from llmhost.models.quantize import int4_from_gguf
 
     rng = np.random.default_rng(0)
     qtype = GGMLQuantizationType[kind]
-    blocks = quantize(rng.standard_normal((48, 96)).astype(np.float32), qtype)
+    blocks = quantize(rng.standard_normal((192, 96)).astype(np.float32), qtype)
     weight = torch.from_numpy(dequantize(blocks, qtype).copy())
-    rows = rng.permutation(48)
+    rows = rng.permutation(192)
     layer = int4_from_gguf(kind, blocks, rows, torch.float32)
-    x = torch.randn(5, 96)
-    torch.testing.assert_close(layer(x), x @ weight[rows].T, rtol=1e-5, atol=1e-4)
-    assert layer(x.unsqueeze(0)).shape == (1, 5, 48)
+    assert layer.block, "this CPU's int4 packing was not recognised: prefill falls back to the kernel"
+    torch.testing.assert_close(layer.dequantized().T, weight[rows], rtol=0, atol=1e-6)
+    few, many = torch.randn(5, 96), torch.randn(q4.MULTI_ROW_MIN + 3, 96)
+    torch.testing.assert_close(layer(few), few @ weight[rows].T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer(many), many @ weight[rows].T, rtol=1e-5, atol=1e-4)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(many, layer.packed, 32, layer.scales_zeros)
+    torch.testing.assert_close(layer(many), kernel, rtol=1e-5, atol=1e-4)
+    assert layer(few.unsqueeze(0)).shape == (1, 5, 192)
+    assert layer(many.unsqueeze(0)).shape == (1, many.shape[0], 192)
+    # 48 rows are not whole 32-row (AVX2) or 64-row (AVX-512) blocks: the probe finds no
+    # layout it reads back and the layer stays on the kernel, still right
+    blocks = quantize(rng.standard_normal((48, 96)).astype(np.float32), qtype)
+    odd = int4_from_gguf(kind, blocks, np.arange(48), torch.float32)
+    assert odd.block is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+    torch.testing.assert_close(odd(many), many @ torch.from_numpy(dequantize(blocks, qtype).copy()).T,
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_auto_dtype_follows_the_cpu_flags():

@@ -955,6 +955,52 @@ def bench_quality(args) -> int:
     return 0
 
 
+def bench_int4_prefill(args) -> int:
+    """int4 prefill: one forward over a prompt of each length, torch's int4
+    kernel against the weights dequantized per layer (quantize.MULTI_ROW_MIN
+    switched in the same process), alternated, CPU time of the process (with
+    one thread, what the machine's other load disturbs least) and wall time."""
+    import statistics
+    import subprocess
+
+    import torch
+
+    from ..models import quantize
+    from ..models.gguf import load_causal_lm
+
+    model = load_causal_lm(*os.path.split(args.model), torch.bfloat16, int4=True).eval()
+    flags = subprocess.run("grep -o -E 'avx512[a-z_]*|avx2|amx[a-z_]*' /proc/cpuinfo | sort -u",
+                           shell=True, capture_output=True, text=True).stdout.split()
+    print(f"threads {torch.get_num_threads()}, CPU flags {' '.join(flags)}", flush=True)
+    paths = {"int4 kernel": 10**9, "dequantized": 1}
+    times: dict = {(p, n): [] for p in paths for n in args.tokens}
+
+    def forward(n: int) -> tuple[float, float]:
+        ids = torch.randint(100, 40000, (1, n), generator=torch.Generator().manual_seed(n))
+        with torch.inference_mode():
+            wall, cpu = time.perf_counter(), time.process_time()
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            return time.process_time() - cpu, time.perf_counter() - wall
+
+    kept = quantize.MULTI_ROW_MIN
+    try:
+        for round_ in range(args.rounds + 1):   # round 0 warms up
+            for n in args.tokens:
+                for path, rows in paths.items():
+                    quantize.MULTI_ROW_MIN = rows
+                    took = forward(n)
+                    if round_:
+                        times[(path, n)].append(took)
+    finally:
+        quantize.MULTI_ROW_MIN = kept
+    print(f"load average {os.getloadavg()[0]:.1f}\n| prompt tokens | int4 kernel ms (CPU / wall) | "
+          f"dequantized ms (CPU / wall) | kernel / dequantized (CPU) |\n| --- | --- | --- | --- |")
+    for n in args.tokens:
+        k, d = ([statistics.median(t[i] for t in times[(p, n)]) * 1e3 for i in (0, 1)] for p in paths)
+        print(f"| {n} | {k[0]:.0f} / {k[1]:.0f} | {d[0]:.0f} / {d[1]:.0f} | {k[0] / d[0]:.2f}x |")
+    return 0
+
+
 def _time_parts(scheduler, steps: int) -> dict[str, float]:
     """Mean seconds per decode step in the model's forward (logits to float32
     on the CPU included), in sampling and handing out tokens, and in the rest
@@ -1319,6 +1365,11 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--rounds", type=int, default=1,
                       help="speed runs per option, alternating between the options (medians)")
     qual.set_defaults(func=bench_quality)
+    int4 = sub.add_parser("int4-prefill", help="int4 prefill: the int4 kernel against dequantized weights")
+    int4.add_argument("--model", required=True, help="a Q4_0 / Q4_1 .gguf file")
+    int4.add_argument("--tokens", type=int, nargs="+", default=[40, 200, 1000])
+    int4.add_argument("--rounds", type=int, default=3)
+    int4.set_defaults(func=bench_int4_prefill)
     prof = sub.add_parser("profile", help="torch.profiler over the scheduler's decode steps")
     prof.add_argument("--model", required=True, help="a model folder or .gguf file")
     prof.add_argument("--load-options", metavar="JSON", help='e.g. \'{"dtype": "bfloat16"}\'')

@@ -106,9 +106,23 @@ def model_bytes(model: torch.nn.Module, count: bool = False) -> int:
                if isinstance(t, torch.Tensor))
 
 
+# Rows (tokens times sequences) from which a step dequantizes each int4 layer
+# to float32 and runs one dense matmul instead of torch's int4 kernel, whose
+# time grows with the rows (it is a decode kernel: SmolLM2's 43-token prefill
+# spent 88% of its time in it). Where the two cost the same on an AVX2 CPU
+# (64 tokens, docs/performance.md); shorter prompts keep the kernel.
+MULTI_ROW_MIN = 64
+
+
 class Int4Linear(torch.nn.Module):
     """A Linear layer (no bias) whose weight is a GGUF Q4_0 / Q4_1 tensor, run
-    by torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``)."""
+    by torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``) for the
+    few rows of a decode step; a prefill (``MULTI_ROW_MIN`` rows or more)
+    dequantizes the weight to float32 for that one matmul and drops it after:
+    the same weights and the same float32 accumulation as the kernel, output
+    rounded to bfloat16 as the kernel's; only the order of the sums differs,
+    so a logit may round the other way (same error against float64 per layer;
+    greedy answers compared in docs/performance.md)."""
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int,
                  out_features: int) -> None:
@@ -117,18 +131,69 @@ class Int4Linear(torch.nn.Module):
         self.register_buffer("packed", packed)               # uint8 [N, K / 2]
         self.register_buffer("scales_zeros", scales_zeros)   # [K / 32, N, 2]
         self.bias = None                                       # set by the loader if any
+        self.block = int4_block_rows(out_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1]).to(self.scales_zeros.dtype).contiguous()
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP,
-                                                         self.scales_zeros)
+        x = x.reshape(-1, shape[-1])
+        dtype = self.scales_zeros.dtype
+        if x.shape[0] >= MULTI_ROW_MIN and self.block:
+            out = torch.mm(x.float(), self.dequantized()).to(dtype)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype).contiguous(), self.packed,
+                                                             INT4_GROUP, self.scales_zeros)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
+    def dequantized(self) -> torch.Tensor:
+        """The weight, transposed ([K, N] float32): w = (q - 8) * scale + zero,
+        what the int4 kernel computes per weight (one rounding, as its fused
+        multiply-add)."""
+        return unpack_int4(self.packed, self.scales_zeros, self.block)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group 32"
+
+
+def unpack_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, block: int) -> torch.Tensor:
+    """[K, N] float32 weights of torch's CPU int4 packing. It stores the rows
+    (N) in blocks of `block` (32 with AVX2, 64 with AVX-512); in a block, each
+    input k has block/2 bytes, byte j holding row j (low nibble) and row
+    j + block/2 (high nibble). Each nibble half, minus 8 (as int8), is copied
+    into its columns as float32 (one pass that casts and transposes), then one
+    in-place multiply-add applies scale and zero. Measured here: a third of the
+    time of unpacking to a [N, K] byte tensor first, and scales and zeros are
+    made contiguous first (read in place, with their stride of 2, the
+    multiply-add did not vectorize)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    groups, half = k // INT4_GROUP, block // 2
+    out = torch.empty(groups, INT4_GROUP, n // block, 2, half)
+    nibbles = packed.view(n // block, groups, INT4_GROUP, half)
+    for i, q in enumerate((nibbles & 15, nibbles >> 4)):
+        out[..., i, :].copy_(q.view(torch.int8).sub_(8).permute(1, 2, 0, 3))
+    out = out.view(groups, INT4_GROUP, n)
+    scales, zeros = (scales_zeros[..., i].float().unsqueeze(1) for i in (0, 1))
+    return torch.addcmul(zeros, out, scales, out=out).view(k, n)
+
+
+@functools.lru_cache(maxsize=None)
+def int4_block_rows(n: int, k: int) -> int | None:
+    """The row block of torch's CPU int4 packing for an [n, k] weight on this
+    CPU, found by packing a random weight and reading it back (the layout is
+    torch's internal one, and depends on the CPU's vector width); None when
+    unpack_int4 does not read it back exactly (a partial last block, or a
+    torch that packs otherwise): such layers stay on the int4 kernel."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    except RuntimeError:   # a shape the kernel does not take
+        return None
+    ones = torch.stack([torch.ones(k // INT4_GROUP, n), torch.full((k // INT4_GROUP, n), 8.0)], -1)
+    for block in (64, 32, 16):
+        if n % block == 0 and torch.equal(unpack_int4(packed, ones, block), q.T.float()):
+            return block
+    return None
 
 
 def int4_from_gguf(kind: str, blocks, rows, dtype: torch.dtype) -> Int4Linear:
