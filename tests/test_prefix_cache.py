@@ -149,7 +149,7 @@ def test_smollm2_same_tokens_with_and_without_the_cache(smollm2_gguf, options):
     differently from a row alone (with or without the cache), so the batched
     part is left to the tiny models' test."""
     _agent_loop_equal(load(LoadSpec(model=smollm2_gguf, **options), TestConfig()),
-                      together=False, max_tokens=4)
+                      turns=2, together=False, max_tokens=4)
 
 
 def test_no_reuse_where_layers_drop_positions():
