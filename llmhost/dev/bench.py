@@ -564,10 +564,8 @@ def bench_memory(args) -> int:
     """A worker's RSS split, one fresh interpreter per load option."""
     import json
 
-    cpu = sorted({f for f in open("/proc/cpuinfo").read().split()
-                  if f.startswith(("avx512", "amx")) or f == "avx2"})
     print(f"RSS after each step (MiB), model {args.model}, {args.tokens} greedy tokens at batch "
-          f"{args.batch}; CPU flags {' '.join(cpu)}")
+          f"{args.batch}; {machine()}")
     for options in args.options:
         got = memory_split(args.model, json.loads(options), args.tokens, args.batch)
         print(f"\n{options} (dtype {got['dtype']}, weights counted {got['weights_counted']:.0f} MiB)")
@@ -961,7 +959,6 @@ def bench_int4_prefill(args) -> int:
     switched in the same process), alternated, CPU time of the process (with
     one thread, what the machine's other load disturbs least) and wall time."""
     import statistics
-    import subprocess
 
     import torch
 
@@ -969,9 +966,7 @@ def bench_int4_prefill(args) -> int:
     from ..models.gguf import load_causal_lm
 
     model = load_causal_lm(*os.path.split(args.model), torch.bfloat16, int4=True).eval()
-    flags = subprocess.run("grep -o -E 'avx512[a-z_]*|avx2|amx[a-z_]*' /proc/cpuinfo | sort -u",
-                           shell=True, capture_output=True, text=True).stdout.split()
-    print(f"threads {torch.get_num_threads()}, CPU flags {' '.join(flags)}", flush=True)
+    print(f"threads {torch.get_num_threads()}; {machine()}", flush=True)
     paths = {"int4 kernel": 10**9, "dequantized": 1}
     times: dict = {(p, n): [] for p in paths for n in args.tokens}
 
