@@ -156,6 +156,8 @@ def test_lease_of_a_dead_server_reads_failed_and_a_restart_fails_its_own(url):
     assert again.fail_abandoned() == 1
     body = again.get("resp_alive", None, True)
     assert body["status"] == "failed" and "restarted" in body["error"]["message"]
+    other.close()
+    again.close()
 
 
 def _open_and_write(url: str, gate, n: int) -> None:   # in a child process

@@ -80,13 +80,21 @@ class Server:
         raise RuntimeError("no VmRSS")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        """SIGTERM (gunicorn's graceful stop), then SIGKILL to whatever of its
+        process group is left: a worker whose master died first would otherwise
+        run on after the test or benchmark that started it."""
+        if self.proc:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
         if getattr(self, "_log", None):
             self._log.close()
 

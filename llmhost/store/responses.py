@@ -266,6 +266,13 @@ class Store:
         self._leases: set[str] = set()
         self._leases_lock = threading.Lock()
         self._renewer: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        """Stop renewing leases and close the connections (their responses
+        then read failed once the lease passes, as if this server stopped)."""
+        self._closed.set()
+        self.engine.dispose()
 
     # -- readiness ----------------------------------------------------------------
 
@@ -372,8 +379,7 @@ class Store:
 
     def _renew(self) -> None:
         """Extend the leases of the responses this server is generating."""
-        while True:
-            time.sleep(max(self.lease / 3, 0.2))
+        while not self._closed.wait(max(self.lease / 3, 0.2)):
             with self._leases_lock:
                 held = list(self._leases)
             if not held:
