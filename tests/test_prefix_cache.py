@@ -152,6 +152,37 @@ def test_smollm2_same_tokens_with_and_without_the_cache(smollm2_gguf, options):
                       turns=2, together=False, max_tokens=4)
 
 
+def test_running_rows_decode_between_the_chunks_of_a_long_prompt(tiny_models):
+    """A long prompt is read a chunk per step, each followed by a decode step of
+    the running rows: a stream in progress keeps getting tokens meanwhile (not
+    one pause for the whole prompt), and a short prompt that arrives meanwhile
+    starts at once instead of waiting behind it. The order is recorded on the
+    scheduler thread, where each token is handed out."""
+    loaded = load(LoadSpec(model=tiny_models["llama"]), TestConfig())
+    scheduler = Scheduler("fill", loaded, TestConfig(PREFIX_CACHE_MB=0, PREFILL_CHUNK=8)).start()
+    order: list[str] = []
+    try:
+        def traced(name, gen):
+            put = gen._put
+            gen._put = lambda item: (order.append(name), put(item))
+            return gen
+
+        with scheduler._cond:    # all three wait before the scheduler looks: a known start
+            stream = traced("stream", _submit(scheduler, [5, 6, 7], max_tokens=60))
+            long = traced("long", _submit(scheduler, list(range(10, 170)), max_tokens=2))
+        events = stream.events()
+        next(events)
+        short = traced("short", _submit(scheduler, [8, 9], max_tokens=2))
+        assert len(_tokens(long)[0]) == 2 and len(_tokens(short)[0]) == 2
+        list(events)
+    finally:
+        scheduler.close("test over")
+    first_long = order.index("long")
+    # 160 prompt tokens are 20 chunks: a decode step of the stream after each of them
+    assert order[:first_long].count("stream") >= 19, order
+    assert order.index("short") < first_long, order
+
+
 def test_no_reuse_where_layers_drop_positions():
     """A sliding-window model (Mistral here) gets no prefix cache at all."""
     from types import SimpleNamespace

@@ -2,7 +2,7 @@
 model, so that a request starting with tokens the model already read (an
 agent loop resending its conversation, a shared system prompt) prefills only
 the rest. Whole prefill chunks of prompts, not generated tokens: the
-scheduler says why (``Scheduler._prefill_chunked``).
+scheduler says why (``Scheduler._fill_step``).
 
 A store of whole sequences, not hashed blocks or a radix tree. vLLM hashes
 fixed-size blocks because its KV lives in a paged GPU pool shared by

@@ -172,6 +172,18 @@ def step_threads(rows: int, kernel: str, threads: int, lone_row: int = 0) -> int
     return max(1, threads - 1) if kernel in SPARE_CORE_KERNELS else threads
 
 
+class _Filling:
+    """A prompt longer than one chunk, prefilled a chunk per scheduler step
+    between the running rows' decode steps (``Scheduler._fill_step``)."""
+
+    __slots__ = ("gen", "samplers", "cache", "next")
+
+    def __init__(self, gen: Generation, samplers: list[RowSampler]) -> None:
+        self.gen, self.samplers = gen, samplers
+        self.cache: DynamicCache | None = None   # made at its first chunk
+        self.next = 0                            # the first position not yet computed
+
+
 class Scheduler(ModelWorker):
     """Continuous batching for one loaded causal LM."""
 
@@ -186,6 +198,7 @@ class Scheduler(ModelWorker):
         self.batch_wait = max(0.0, float(config.BATCH_WAIT_MS)) / 1000
         self._recent: deque[float] = deque()   # when requests finished, for _gather
         self._rows: list[_Row] = []
+        self._filling: deque[_Filling] = deque()   # long prompts, first come first filled
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
         self.threads = torch.get_num_threads()
@@ -217,7 +230,8 @@ class Scheduler(ModelWorker):
         return gen
 
     def stats(self) -> dict:
-        stats = {"queued": len(self._waiting), "running": len(self._rows)}
+        stats = {"queued": len(self._waiting),
+                 "running": len(self._rows) + sum(f.gen.request.n for f in self._filling)}
         if self.prefix is not None:
             stats.update(self.prefix.stats())
         return stats
@@ -242,6 +256,10 @@ class Scheduler(ModelWorker):
             for gen in waiting:
                 self._waiting.remove(gen)
         running = {r.gen for r in self._rows if r.gen.request.adapter == name}
+        filling = [f for f in self._filling if f.gen.request.adapter == name]
+        for fill in filling:
+            self._filling.remove(fill)
+            running.add(fill.gen)
         for gen in running:
             gen.cancel()
         self._fail(set(waiting) | running, error)
@@ -259,7 +277,8 @@ class Scheduler(ModelWorker):
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._waiting and not self._rows and not self._calls:
+                while (not self._closing and not self._waiting and not self._rows
+                       and not self._filling and not self._calls):
                     self._cond.wait()
                 if self._closing:
                     break
@@ -277,6 +296,11 @@ class Scheduler(ModelWorker):
                     self._prefill_isolated(admitted)
                     self._drop_gone()
                     continue
+                # One chunk of a long prompt, then one decode step of the running
+                # rows: their streams go on while it is read.
+                if self._filling:
+                    self._fill_step()
+                    self._drop_gone()
                 if self._rows:
                     self._decode()
                     self._drop_gone()
@@ -284,15 +308,19 @@ class Scheduler(ModelWorker):
                 log.exception("generation failed on %s", self.model_id)
                 err = failure(exc, self.model_id, "generating",
                               "fewer tokens or fewer concurrent requests")
-                self._fail({r.gen for r in self._rows} | set(admitted), err)
+                self._fail({r.gen for r in self._rows} | {f.gen for f in self._filling}
+                           | set(admitted), err)
                 self._reset_batch()
+                self._filling.clear()
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
             calls, self._calls = list(self._calls), deque()
         for _, done in calls:
             done.set_exception(self._closed_error())
-        self._fail(set(waiting) | {r.gen for r in self._rows}, self._closed_error())
+        self._fail(set(waiting) | {r.gen for r in self._rows} | {f.gen for f in self._filling},
+                   self._closed_error())
         self._reset_batch()
+        self._filling.clear()
         if self.prefix is not None:
             self.prefix.clear()
         self.model = None
@@ -304,7 +332,7 @@ class Scheduler(ModelWorker):
         and the rest one prefill later. A lone client never waits: its own
         previous request is the only one that just finished. Called under the
         condition lock."""
-        if self._rows or not self.batch_wait:
+        if self._rows or self._filling or not self.batch_wait:
             return
         now = time.monotonic()
         while self._recent and now - self._recent[0] > 0.5:
@@ -320,7 +348,7 @@ class Scheduler(ModelWorker):
         those that waited too long."""
         now = time.monotonic()
         admitted: list[Generation] = []
-        rows = len(self._rows)
+        rows = len(self._rows) + sum(f.gen.request.n for f in self._filling)
         while self._waiting:
             gen = self._waiting[0]
             if gen.cancelled:
@@ -386,8 +414,8 @@ class Scheduler(ModelWorker):
     def _prefill(self, gens: list[Generation]) -> None:
         """The prompts admitted at this step: the first token of every choice,
         then their rows join the batch. Short prompts share one left-padded
-        forward; a prompt longer than a chunk is prefilled alone, in chunks
-        (``_prefill_chunked``)."""
+        forward; a prompt longer than a chunk waits in ``_filling``, to be
+        prefilled alone, a chunk per step (``_fill_step``)."""
         samplers: dict[int, list[RowSampler]] = {}
         for gen in gens:   # per-request setup first: a bad one fails alone, before the forward
             if not gen.request.prompt_ids:
@@ -401,10 +429,8 @@ class Scheduler(ModelWorker):
             except Exception as exc:
                 self._row_failed(gen, exc, "preparing sampling")
         gens = [g for g in gens if id(g) in samplers and not g.cancelled]
-        chunked = [g for g in gens if self._chunks(g)]
         together = [g for g in gens if not self._chunks(g)]
-        for gen in chunked:
-            self._join([gen], *self._prefill_chunked(gen), samplers)
+        self._filling.extend(_Filling(g, samplers[id(g)]) for g in gens if self._chunks(g))
         if together:
             self._join(together, *self._prefill_together(together), samplers)
 
@@ -431,43 +457,67 @@ class Scheduler(ModelWorker):
                                gens[0].request.model_inputs if len(gens) == 1 else None)
         return cache, mask, logits
 
-    def _prefill_chunked(self, gen: Generation):
-        """One long prompt, alone, in chunks whose bounds are multiples of
-        `self.chunk` (LLMHOST_PREFILL_CHUNK), from the longest whole-chunk
-        prefix the prefix cache holds: (cache, mask, logits).
+    @torch.inference_mode()
+    def _fill_step(self) -> None:
+        """The next chunk of the first long prompt in ``_filling``; after its
+        last chunk its rows join the batch. Chunk bounds are multiples of
+        `self.chunk` (LLMHOST_PREFILL_CHUNK), starting after the longest
+        whole-chunk prefix the prefix cache holds (looked up at the first
+        chunk, so a prompt that waited behind the same one reuses it).
 
         Why alone and in fixed chunks: a forward's rounding depends on its
         shapes (the rows and padding beside a prompt, how many positions it
         reads at once). Computed this way every chunk of a prompt meets the
         same shapes whether the chunks before it were computed just now or
-        read from the prefix cache, so reusing a prefix gives bit-identical
-        keys, values and logits: the answer is the same with the cache on and
-        off, in bfloat16 and int4 too (tests/test_prefix_cache.py). Prompts
-        are kept, not generated tokens: a decode step computes a token's keys
-        with other shapes. A long prompt alone also costs no padding."""
-        prompt = gen.request.prompt_ids
+        read from the prefix cache, and whatever decode steps ran between
+        them, so reusing a prefix gives bit-identical keys, values and logits:
+        the answer is the same with the cache on and off, in bfloat16 and int4
+        too (tests/test_prefix_cache.py). Prompts are kept, not generated
+        tokens: a decode step computes a token's keys with other shapes. A
+        long prompt alone also costs no padding. A failure ends this request
+        alone: the running rows are not in its forward."""
+        fill = self._filling[0]
+        gen, prompt = fill.gen, fill.gen.request.prompt_ids
+        if gen.cancelled:
+            self._filling.popleft()
+            gen._put(_END)
+            return
+        self._threads(0)
         key = gen.request.prefix_key if self.prefix is not None else None
-        hit = self.prefix.lookup(key, prompt, self.chunk) if key is not None else None
-        start = gen.cached_tokens = hit.length if hit else 0
-        room = len(prompt) - start + ROOM
-        if hit:
-            layers = [tuple(t.unsqueeze(0) for t in hit.layer(i)) for i in range(len(hit.entry.kv))]
-            cache = seeded_cache(self.model.config, layers, room)
-        else:
-            cache = growing_cache(self.model.config, room)
-        adapters = [gen.request.adapter or BASE_ADAPTER]
-        for begin in range(start, len(prompt), self.chunk):
-            end = min(begin + self.chunk, len(prompt))
+        try:
+            if fill.cache is None:
+                hit = self.prefix.lookup(key, prompt, self.chunk) if key is not None else None
+                fill.next = gen.cached_tokens = hit.length if hit else 0
+                room = len(prompt) - fill.next + ROOM
+                if hit:
+                    layers = [tuple(t.unsqueeze(0) for t in hit.layer(i))
+                              for i in range(len(hit.entry.kv))]
+                    fill.cache = seeded_cache(self.model.config, layers, room)
+                else:
+                    fill.cache = growing_cache(self.model.config, room)
+            begin = fill.next
+            fill.next = end = min(begin + self.chunk, len(prompt))
             logits = self._forward(torch.tensor([prompt[begin:end]]),
                                    torch.ones((1, end), dtype=torch.long),
-                                   torch.arange(begin, end).unsqueeze(0), cache, adapters)
+                                   torch.arange(begin, end).unsqueeze(0), fill.cache,
+                                   [gen.request.adapter or BASE_ADAPTER])
+        except Exception as exc:
+            self._filling.popleft()
+            log.exception("prefill failed on %s", self.model_id)
+            self._fail([gen], failure(exc, self.model_id, "reading the prompt", "a shorter prompt"))
+            return
+        if end < len(prompt):
+            return
+        self._filling.popleft()
+        cache = fill.cache
         set_room(cache)
         whole = len(prompt) // self.chunk * self.chunk   # only whole chunks are ever reused
-        if key is not None and whole > start and not self.prefix.holds(key, prompt[:whole]):
+        if key is not None and whole > gen.cached_tokens and not self.prefix.holds(key, prompt[:whole]):
             self.prefix.insert(key, prompt[:whole], [
                 (layer.keys[0, :, :whole].clone(), layer.values[0, :, :whole].clone())
                 for layer in cache.layers])
-        return cache, torch.ones((1, len(prompt)), dtype=torch.long), logits
+        self._join([gen], cache, torch.ones((1, len(prompt)), dtype=torch.long), logits,
+                   {id(gen): fill.samplers})
 
     def _join(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor,
               logits: torch.Tensor, samplers: dict[int, list[RowSampler]]) -> None:
