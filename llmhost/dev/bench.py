@@ -85,10 +85,19 @@ def _chat(url: str, model: str, prompt: str, max_tokens: int, stream: bool, sess
 
 
 def _chat_chunks(url: str, body: dict, session):
-    """The parsed chunks of one streamed /v1/chat/completions request."""
+    """The parsed chunks of one streamed /v1/chat/completions request. A
+    kept-alive connection the server closed meanwhile (llama-server closes its
+    side after a streamed answer) is opened again, once, before any answer."""
     import json
 
-    with session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+    import requests
+
+    try:
+        r = session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600)
+    except requests.ConnectionError:
+        session.close()
+        r = session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600)
+    with r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
         for line in r.iter_lines():
