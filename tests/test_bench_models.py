@@ -89,3 +89,35 @@ def test_llmhost_loads_the_gguf_as_the_same_model(built, options):
     loaded = load(LoadSpec(model=built[1], **options), Config())
     assert loaded.model.config.num_hidden_layers == 2
     assert greedy(loaded) == reference
+
+
+@pytest.mark.slow  # two GGUF loads, each parsing SmolLM2's 49k-token vocabulary for its tokenizer
+def test_a_gguf_file_is_parsed_once_per_need(built, tmp_path, monkeypatch):
+    """A first load parses the file's metadata three times (the memory estimate
+    and the tensor list share one parse; the config; the tokenizer), a second
+    load of the same file only for its tokenizer; gguf's tensor name map is
+    built once, not once per submodule."""
+    import shutil
+
+    import gguf
+
+    from llmhost.config import Config
+    from llmhost.models.loading import LoadSpec, load
+
+    path = str(tmp_path / "copy.gguf")     # a file no earlier load in this process has seen
+    shutil.copyfile(built[1], path)
+    parses = []
+    original = gguf.GGUFReader.__init__
+
+    def counted(self, file, *args, **kwargs):
+        parses.append(os.path.realpath(file))
+        original(self, file, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", counted)
+    load(LoadSpec(model=path, dtype="float32"), Config())
+    assert parses == [os.path.realpath(path)] * 3
+    maps = gguf.get_tensor_name_map.cache_info()
+    load(LoadSpec(model=path, dtype="bfloat16"), Config())
+    assert len(parses) == 4
+    after = gguf.get_tensor_name_map.cache_info()
+    assert after.misses == maps.misses and after.hits - maps.hits > 10

@@ -17,7 +17,7 @@ from llmhost.models.quantize import auto_cpu_dtype
 from support import ROOT, Server, assert_error
 
 
-@pytest.mark.slow  # reads SmolLM2's GGUF metadata three times (its 49k-token vocabulary each time)
+@pytest.mark.slow  # parses SmolLM2's GGUF metadata (its 49k-token vocabulary) and loads a model
 def test_estimate_matches_what_loading_takes(tiny_models, smollm2_gguf):
     loaded = load(LoadSpec(model=tiny_models["llama"]), TestConfig())
     guess = estimate(tiny_models["llama"], None, getattr(torch, loaded.dtype))  # auto: bf16 on bf16 CPUs

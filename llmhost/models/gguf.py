@@ -47,26 +47,24 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     from gguf import GGMLQuantizationType, dequantize
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map,
-                                                          load_gguf_checkpoint)
+                                                          get_gguf_hf_weights_map)
 
     path = os.path.join(folder, gguf_file)
-    parsed = load_gguf_checkpoint(path, return_tensors=False)  # metadata only
     # what AutoConfig.from_pretrained(gguf_file=...) does, without parsing the file again
-    config_dict = parsed["config"]
+    config_dict = json.loads(_config_json(path, _file_key(path)))
     if config_dict.get("model_type") not in STREAMABLE:
         return None
     config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
-    parsed = {"config": config_dict}  # drop the tokenizer's lists: tens of MiB of Python objects
-    _trim()  # ... and hand them back before the weights come (else they stack under the peak)
+    parsed = {"config": config_dict}
     with init_empty_weights(include_buffers=False):  # buffers (rotary) are computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config_dict)
+    _memoize_name_maps()
     key_map = get_gguf_hf_weights_map(model, processor)
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
-    for info in progress.counted(_tensor_infos(path), "Converting and de-quantizing GGUF tensors"):
+    for info in progress.counted(tensor_infos(path), "Converting and de-quantizing GGUF tensors"):
         gguf_name, qtype = info[0], GGMLQuantizationType(info[1])
         # one memory map per tensor: its file pages leave the RSS with it (a map of the
         # whole file would hold every page read, ~94 MiB for SmolLM2, until the end)
@@ -154,21 +152,62 @@ def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtyp
     return result.name, torch.from_numpy(np.array(result.weights, copy=True)).to(dtype)
 
 
-def _tensor_infos(path: str) -> list:
-    """[name, GGML type, byte offset, numpy dtype, shape] of each tensor in the
-    file, from gguf's reader. The reader also turns every metadata field into
-    numpy views (the vocabulary: ~150 MiB of small objects for SmolLM2's 49k
-    tokens); any small object kept from it (its ReaderTensors) pins Python's
-    memory arenas, and ~45 MiB of them stayed in the RSS for the whole load.
-    So the list leaves through one JSON string and the reader goes whole."""
+# -- the file's metadata, parsed once per file -----------------------------------------
+# gguf's reader turns every metadata field into numpy views: ~3.3 s for SmolLM2's
+# 49k-token vocabulary on this project's CPU, and a load read it four times (the memory
+# estimate, the config, the tensor list, the tokenizer). The estimate and the tensor
+# list now share one parse, and what the load keeps of it (the tensor list, the
+# config) is small and cached per file (path, size, mtime), so loading the same file
+# again (another dtype, another id) parses only the tokenizer's copy.
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
+def tensor_infos(path: str) -> tuple:
+    """(name, GGML type, byte offset, numpy dtype, shape, elements) of each tensor in the file."""
+    return _tensor_infos(path, _file_key(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _tensor_infos(path: str, key: tuple) -> tuple:
+    """From gguf's reader. Any small object kept from the reader (its
+    ReaderTensors) pins Python's memory arenas, and ~45 MiB of them stayed in
+    the RSS for the whole load; so the list leaves through one JSON string and
+    the reader goes whole."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     packed = json.dumps([[t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str,
-                          list(t.data.shape)] for t in reader.tensors])
+                          list(t.data.shape), int(t.n_elements)] for t in reader.tensors])
     del reader
     _trim()
-    return json.loads(packed)
+    return tuple(tuple(info) for info in json.loads(packed))
+
+
+@functools.lru_cache(maxsize=8)
+def _config_json(path: str, key: tuple) -> str:
+    """transformers' config dict of the file, as JSON (each load gets its own copy)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    packed = json.dumps(load_gguf_checkpoint(path, return_tensors=False)["config"])
+    # the tokenizer's lists parsed with it are tens of MiB of Python objects: hand them
+    # back before the weights come (else they stack under the load's peak)
+    _trim()
+    return packed
+
+
+@functools.lru_cache(maxsize=1)
+def _memoize_name_maps() -> None:
+    """transformers' get_gguf_hf_weights_map builds gguf's TensorNameMap again
+    for every submodule it recurses into (397 times for SmolLM2: 6 s of a 25 s
+    load, against 0.02 s with this). The map is a function of (architecture,
+    block count) alone and is only read, so gguf's constructor function, which
+    transformers imports at each call, is memoized once per process."""
+    import gguf
+
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(gguf.get_tensor_name_map)
 
 
 @functools.lru_cache(maxsize=1)

@@ -41,9 +41,8 @@ def estimate(folder: str, gguf_file: str | None, dtype) -> int | None:
     """Bytes of weights once loaded; None when the files say nothing usable."""
     per = _target_bytes(dtype)
     if gguf_file:
-        from gguf import GGUFReader
-        reader = GGUFReader(os.path.join(folder, gguf_file))
-        elements = sum(int(t.n_elements) for t in reader.tensors)
+        from .gguf import tensor_infos
+        elements = sum(info[5] for info in tensor_infos(os.path.join(folder, gguf_file)))
         return elements * (per or 4)      # dequantized (float32 unless a dtype is given)
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if files:
