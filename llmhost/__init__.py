@@ -1,10 +1,20 @@
 """llmhost: a self-hosted, OpenAI-compatible server for Hugging Face models."""
 from __future__ import annotations
 
+import os
+
 from flask import Flask
 
 from .config import Config
 from .version import __version__  # noqa: F401  (llmhost.__version__)
+
+# transformers 5 "kernelizes" every model it loads on CUDA with layers fetched from the Hub
+# (kernels-community/rotary, .../activation, ...) unless told not to. With llmhost's
+# local_files_only loads and on an offline server that fails every CUDA load ("Version 2 of
+# 'kernels-community/rotary' is not available in the local cache"), and online it runs code
+# the operator never chose. Off, unless the operator sets USE_HUB_KERNELS themselves; set
+# at import so the server, `llmhost` commands and in-process references load alike.
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 
 def create_app(config: Config | None = None) -> Flask:

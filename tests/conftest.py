@@ -32,6 +32,10 @@ os.environ["HOME"] = _HOME
 for _var in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR"):
     os.environ[_var] = os.path.join(_XDG, _var.lower())
     os.makedirs(os.environ[_var], mode=0o700)
+# The CUDA driver's JIT cache (~/.nv/ComputeCache by default) and Triton's (~/.triton):
+# folders of this run too, not the empty HOME.
+os.environ["CUDA_CACHE_PATH"] = os.path.join(_XDG, "cuda-compute-cache")
+os.environ["TRITON_CACHE_DIR"] = os.path.join(_XDG, "triton-cache")
 
 import pytest  # noqa: E402
 

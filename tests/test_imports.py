@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import os
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llmhost")
 
 
@@ -180,3 +182,19 @@ def test_models_and_store_speak_domain_errors():
     engine/errors.py's domain errors, never http/'s APIError."""
     assert _outside("llmhost.models", ("llmhost.engine", "llmhost.config")) == {}
     assert _outside("llmhost.store", ("llmhost.engine", "llmhost.config")) == {}
+
+
+@pytest.mark.parametrize("given, expected", [(None, "0"), ("1", "1")])
+def test_hub_kernels_are_off_unless_the_operator_turns_them_on(given, expected):
+    """transformers 5 swaps layers of CUDA models for kernels fetched from the Hub
+    (USE_HUB_KERNELS, on by default): every offline CUDA load failed. Importing
+    llmhost turns it off, unless the variable was set."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    if given is not None:
+        env["USE_HUB_KERNELS"] = given
+    out = subprocess.run([sys.executable, "-c", "import os, llmhost; print(os.environ['USE_HUB_KERNELS'])"],
+                         env=env, cwd=os.path.dirname(ROOT), capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == expected, out.stderr
