@@ -89,3 +89,38 @@ def test_llmhost_loads_the_gguf_as_the_same_model(built, options):
     loaded = load(LoadSpec(model=built[1], **options), Config())
     assert loaded.model.config.num_hidden_layers == 2
     assert greedy(loaded) == reference
+
+
+def test_gguf_reads_its_tensor_table_once_and_builds_the_name_map_once(built):
+    """llmhost/models/gguf.py: the tensor table (memory estimate, then the load) comes
+    from one reading of the file, with gguf's own element counts; the GGUF -> HF name
+    map equals transformers' get_gguf_hf_weights_map, and gguf's get_tensor_name_map
+    is gguf's own again afterwards."""
+    import gguf as gguf_py
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map,
+                                                          load_gguf_checkpoint)
+
+    from llmhost.models import gguf
+    from llmhost.models.memory import estimate
+
+    path = built[1]
+    reader = gguf_py.GGUFReader(path)
+    gguf._read_tensor_infos.cache_clear()
+    infos = gguf.tensor_infos(path)
+    assert [(i[0], i[1], i[2], i[5]) for i in infos] == \
+        [(t.name, int(t.tensor_type), int(t.data_offset), int(t.n_elements)) for t in reader.tensors]
+    assert estimate(*os.path.split(path), torch.float32) == 4 * sum(int(t.n_elements) for t in reader.tensors)
+    assert gguf.tensor_infos(path) is infos and gguf._read_tensor_infos.cache_info().misses == 1
+
+    config_dict = load_gguf_checkpoint(path, return_tensors=False)["config"]
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict))
+    processor = TENSOR_PROCESSORS.get(config_dict["model_type"], TensorProcessor)(config=config_dict)
+    original = gguf_py.get_tensor_name_map
+    fast = gguf._weights_map(model, processor)
+    assert gguf_py.get_tensor_name_map is original
+    assert fast == get_gguf_hf_weights_map(model, processor) and {i[0] for i in infos} <= set(fast)

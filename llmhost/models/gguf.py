@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 from typing import Callable
 
 import numpy as np
@@ -47,7 +48,6 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     from gguf import GGMLQuantizationType, dequantize
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map,
                                                           load_gguf_checkpoint)
 
     path = os.path.join(folder, gguf_file)
@@ -63,10 +63,10 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config_dict)
-    key_map = get_gguf_hf_weights_map(model, processor)
+    key_map = _weights_map(model, processor)
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
-    for info in progress.counted(_tensor_infos(path), "Converting and de-quantizing GGUF tensors"):
+    for info in progress.counted(tensor_infos(path), "Converting and de-quantizing GGUF tensors"):
         gguf_name, qtype = info[0], GGMLQuantizationType(info[1])
         # one memory map per tensor: its file pages leave the RSS with it (a map of the
         # whole file would hold every page read, ~94 MiB for SmolLM2, until the end)
@@ -154,21 +154,50 @@ def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtyp
     return result.name, torch.from_numpy(np.array(result.weights, copy=True)).to(dtype)
 
 
-def _tensor_infos(path: str) -> list:
-    """[name, GGML type, byte offset, numpy dtype, shape] of each tensor in the
-    file, from gguf's reader. The reader also turns every metadata field into
-    numpy views (the vocabulary: ~150 MiB of small objects for SmolLM2's 49k
-    tokens); any small object kept from it (its ReaderTensors) pins Python's
-    memory arenas, and ~45 MiB of them stayed in the RSS for the whole load.
-    So the list leaves through one JSON string and the reader goes whole."""
+def tensor_infos(path: str) -> tuple:
+    """[name, GGML type, byte offset, numpy dtype, shape, element count] of each
+    tensor in the file, from gguf's reader. The reader also turns every metadata
+    field into numpy views (the vocabulary: ~150 MiB of small objects for
+    SmolLM2's 49k tokens, ~3 s); any small object kept from it (its
+    ReaderTensors) pins Python's memory arenas, and ~45 MiB of them stayed in
+    the RSS for the whole load. So the list leaves through one JSON string and
+    the reader goes whole. Kept per file (path, size, modification time): a load
+    reads it for the memory estimate (memory.py) and again to stream the
+    weights, and that is one reading."""
+    st = os.stat(path)
+    return _read_tensor_infos(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tensor_infos(path: str, size: int, mtime_ns: int) -> tuple:
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     packed = json.dumps([[t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str,
-                          list(t.data.shape)] for t in reader.tensors])
+                          list(t.data.shape), int(t.n_elements)] for t in reader.tensors])
     del reader
     _trim()
-    return json.loads(packed)
+    return tuple(json.loads(packed))
+
+
+def _weights_map(model, processor) -> dict:
+    """transformers' get_gguf_hf_weights_map: it walks the model's modules and
+    builds gguf's TensorNameMap again for each one (~400 times for SmolLM2,
+    several seconds of the load); the same map, built once per call. The map is
+    read only; the lock keeps concurrent loads from restoring each other's copy."""
+    import gguf as gguf_py
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    with _NAME_MAP_LOCK:
+        build = gguf_py.get_tensor_name_map
+        gguf_py.get_tensor_name_map = functools.lru_cache(maxsize=None)(build)
+        try:
+            return get_gguf_hf_weights_map(model, processor)
+        finally:
+            gguf_py.get_tensor_name_map = build
+
+
+_NAME_MAP_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)

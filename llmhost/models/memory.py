@@ -4,7 +4,7 @@ model with it.
 
 The estimate reads only headers: safetensors (``safe_open`` reads the JSON
 header, not the weights) and GGUF (``gguf.GGUFReader`` maps the file and reads
-its tensor table). transformers dequantizes GGUF weights, so a GGUF model takes
+its tensor table, through gguf.tensor_infos). transformers dequantizes GGUF weights, so a GGUF model takes
 its element count times the dtype it is loaded in, not its file size. What is
 free: the smaller of the cgroup's room (v2 ``memory.max - memory.current``, or
 v1) and ``MemAvailable`` for CPU, ``torch.cuda.mem_get_info`` per GPU, and
@@ -41,9 +41,8 @@ def estimate(folder: str, gguf_file: str | None, dtype) -> int | None:
     """Bytes of weights once loaded; None when the files say nothing usable."""
     per = _target_bytes(dtype)
     if gguf_file:
-        from gguf import GGUFReader
-        reader = GGUFReader(os.path.join(folder, gguf_file))
-        elements = sum(int(t.n_elements) for t in reader.tensors)
+        from .gguf import tensor_infos   # the table the load reads next, read once
+        elements = sum(info[5] for info in tensor_infos(os.path.join(folder, gguf_file)))
         return elements * (per or 4)      # dequantized (float32 unless a dtype is given)
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if files:
