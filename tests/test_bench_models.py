@@ -53,6 +53,39 @@ def test_llama_tiny_gguf_reads_back_as_the_folders_model(built):
         # the folder holds the dequantized GGUF weights in bfloat16 (relative error 2**-8)
         folder_rows = hf[f"model.layers.1.self_attn.{hf_name}.weight"].float().numpy()
         np.testing.assert_allclose(folder_rows, rows, rtol=2**-7, atol=1e-6)
+    _table_read_once_and_name_map_built_once(folder, path, reader)
+
+
+def _table_read_once_and_name_map_built_once(folder: str, path: str, reader) -> None:
+    """llmhost/models/gguf.py: the tensor table (memory estimate, then the load) comes
+    from one reading of the file, with gguf's own element counts; the GGUF -> HF name
+    map equals transformers' get_gguf_hf_weights_map, and gguf's get_tensor_name_map
+    is gguf's own again afterwards. (Part of the test above: it has the reader.)"""
+    import gguf as gguf_py
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                          get_gguf_hf_weights_map)
+
+    from llmhost.models import gguf
+    from llmhost.models.memory import estimate
+
+    gguf._read_tensor_infos.cache_clear()
+    infos = gguf.tensor_infos(path)
+    assert [(i[0], i[1], i[2], i[5]) for i in infos] == \
+        [(t.name, int(t.tensor_type), int(t.data_offset), int(t.n_elements)) for t in reader.tensors]
+    assert estimate(*os.path.split(path), torch.float32) == 4 * sum(int(t.n_elements) for t in reader.tensors)
+    assert gguf.tensor_infos(path) is infos and gguf._read_tensor_infos.cache_info().misses == 1
+
+    config = AutoConfig.from_pretrained(folder)   # the folder holds the GGUF's model
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
+    original = gguf_py.get_tensor_name_map
+    fast = gguf._weights_map(model, processor)
+    assert gguf_py.get_tensor_name_map is original
+    assert fast == get_gguf_hf_weights_map(model, processor) and {i[0] for i in infos} <= set(fast)
 
 
 def test_llmhost_loads_the_folder(built):
@@ -90,37 +123,3 @@ def test_llmhost_loads_the_gguf_as_the_same_model(built, options):
     assert loaded.model.config.num_hidden_layers == 2
     assert greedy(loaded) == reference
 
-
-def test_gguf_reads_its_tensor_table_once_and_builds_the_name_map_once(built):
-    """llmhost/models/gguf.py: the tensor table (memory estimate, then the load) comes
-    from one reading of the file, with gguf's own element counts; the GGUF -> HF name
-    map equals transformers' get_gguf_hf_weights_map, and gguf's get_tensor_name_map
-    is gguf's own again afterwards."""
-    import gguf as gguf_py
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                          get_gguf_hf_weights_map,
-                                                          load_gguf_checkpoint)
-
-    from llmhost.models import gguf
-    from llmhost.models.memory import estimate
-
-    path = built[1]
-    reader = gguf_py.GGUFReader(path)
-    gguf._read_tensor_infos.cache_clear()
-    infos = gguf.tensor_infos(path)
-    assert [(i[0], i[1], i[2], i[5]) for i in infos] == \
-        [(t.name, int(t.tensor_type), int(t.data_offset), int(t.n_elements)) for t in reader.tensors]
-    assert estimate(*os.path.split(path), torch.float32) == 4 * sum(int(t.n_elements) for t in reader.tensors)
-    assert gguf.tensor_infos(path) is infos and gguf._read_tensor_infos.cache_info().misses == 1
-
-    config_dict = load_gguf_checkpoint(path, return_tensors=False)["config"]
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict))
-    processor = TENSOR_PROCESSORS.get(config_dict["model_type"], TensorProcessor)(config=config_dict)
-    original = gguf_py.get_tensor_name_map
-    fast = gguf._weights_map(model, processor)
-    assert gguf_py.get_tensor_name_map is original
-    assert fast == get_gguf_hf_weights_map(model, processor) and {i[0] for i in infos} <= set(fast)
