@@ -59,7 +59,7 @@ SLOW_FIXTURES = frozenset({
     "postgres", "cluster",
     # the real models loaded in this process: SmolLM2 (a test that only reads the
     # GGUF's path or header stays quick), MiniLM
-    "smollm2_reference", "minilm_dir",
+    "smollm2_reference", "smollm2_int4", "minilm_dir",
 })
 _STARTS = pytest.StashKey[int]()
 _started = [0]
@@ -177,6 +177,18 @@ def smollm2_reference(smollm2_gguf):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=auto_cpu_dtype()).eval()
     return tokenizer, model
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4(smollm2_gguf):
+    """SmolLM2 loaded in-process by llmhost with quantization int4 (its GGUF's own
+    4-bit weights, bfloat16 compute): a `Loaded`, shared by the tests that run it
+    in this process (~20 s to load: once). Tests only read it; each builds its own
+    schedulers around it."""
+    from llmhost.config import TestConfig
+    from llmhost.models.loading import LoadSpec, load
+
+    return load(LoadSpec(model=smollm2_gguf, quantization="int4"), TestConfig())
 
 
 @pytest.fixture(scope="module")

@@ -142,14 +142,18 @@ def test_tiny_families_same_tokens_with_and_without_the_cache(tiny_models, famil
     _agent_loop_equal(load(LoadSpec(model=tiny_models[family]), TestConfig()))
 
 
+@pytest.mark.slow  # loads SmolLM2 (int4: the session's smollm2_int4)
 @pytest.mark.parametrize("options", [{"dtype": "bfloat16"}, {"quantization": "int4"}],
                          ids=["bfloat16", "int4"])
-def test_smollm2_same_tokens_with_and_without_the_cache(smollm2_gguf, options):
+def test_smollm2_same_tokens_with_and_without_the_cache(smollm2_gguf, options, request):
     """One request at a time: the decode steps of rows batched together round
     differently from a row alone (with or without the cache), so the batched
     part is left to the tiny models' test."""
-    _agent_loop_equal(load(LoadSpec(model=smollm2_gguf, **options), TestConfig()),
-                      turns=2, together=False, max_tokens=4)
+    if options.get("quantization") == "int4":
+        loaded = request.getfixturevalue("smollm2_int4")
+    else:
+        loaded = load(LoadSpec(model=smollm2_gguf, **options), TestConfig())
+    _agent_loop_equal(loaded, turns=2, together=False, max_tokens=4)
 
 
 def test_running_rows_decode_between_the_chunks_of_a_long_prompt(tiny_models):

@@ -145,12 +145,24 @@ def test_text_and_images_in_one_batch(server, vlm, expected):
 
 # -- bad images: in-process apps with small limits ------------------------------------
 
-@pytest.fixture()
-def vision_app(make_app, llava, tiny_models):
+@pytest.fixture(scope="module")
+def local_models(llava, tiny_models):
+    """The tiny VLM and the tiny Llama loaded once in this process's registry for
+    this file's in-process apps (set up before any test's make_app, which then
+    leaves them loaded), unloaded after the module."""
     from support import load_local
+
+    from llmhost.models.registry import registry
 
     load_local(llava, "local-vlm", dtype="float32")
     load_local(tiny_models["llama"], "local-text")
+    yield "local-vlm"
+    registry.unload("local-vlm")
+    registry.unload("local-text")
+
+
+@pytest.fixture()
+def vision_app(local_models, make_app):
     return make_app(MAX_IMAGE_PIXELS=64 * 64, MAX_IMAGES=2).test_client()
 
 
@@ -188,10 +200,7 @@ def test_image_limits(vision_app):
     assert_error(chat(vision_app, bad_shape), 400)
 
 
-def test_private_image_urls_refused(make_app, llava):
-    from support import load_local
-
-    load_local(llava, "local-vlm", dtype="float32")
+def test_private_image_urls_refused(local_models, make_app):
     client = make_app(IMAGE_URLS=True).test_client()
     for url in ("http://127.0.0.1:9/cat.png", "http://localhost/cat.png", "http://[::1]/x.png",
                 "http://169.254.169.254/latest/meta-data"):
