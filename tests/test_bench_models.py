@@ -69,10 +69,16 @@ def test_llmhost_loads_the_folder(built):
     assert loaded.model.config.num_hidden_layers == 2
 
 
-@pytest.mark.slow  # two GGUF loads: llmhost parses SmolLM2's 49k-token vocabulary for each
-@pytest.mark.parametrize("options", [{"dtype": "float32"}, {"quantization": "int4"}])
-def test_llmhost_loads_the_gguf_as_the_same_model(built, options):
-    """Greedy tokens from the GGUF (float32 and int4 loads) equal the folder's."""
+@pytest.mark.slow  # a folder load and two GGUF loads (each parses the 49k-token vocabulary)
+def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built, tmp_path, monkeypatch):
+    """Greedy tokens from the GGUF (float32 and int4 loads) equal the folder's.
+    The first load parses the file's metadata three times (the memory estimate
+    and the tensor list share one parse; the config; the tokenizer), the second
+    only for its tokenizer; gguf's tensor name map is built once, not once per
+    submodule."""
+    import shutil
+
+    import gguf
     import torch
 
     from llmhost.config import Config
@@ -86,24 +92,6 @@ def test_llmhost_loads_the_gguf_as_the_same_model(built, options):
         return out[0, ids.shape[1]:].tolist()
 
     reference = greedy(load(LoadSpec(model=built[0], dtype="float32"), Config()))
-    loaded = load(LoadSpec(model=built[1], **options), Config())
-    assert loaded.model.config.num_hidden_layers == 2
-    assert greedy(loaded) == reference
-
-
-@pytest.mark.slow  # two GGUF loads, each parsing SmolLM2's 49k-token vocabulary for its tokenizer
-def test_a_gguf_file_is_parsed_once_per_need(built, tmp_path, monkeypatch):
-    """A first load parses the file's metadata three times (the memory estimate
-    and the tensor list share one parse; the config; the tokenizer), a second
-    load of the same file only for its tokenizer; gguf's tensor name map is
-    built once, not once per submodule."""
-    import shutil
-
-    import gguf
-
-    from llmhost.config import Config
-    from llmhost.models.loading import LoadSpec, load
-
     path = str(tmp_path / "copy.gguf")     # a file no earlier load in this process has seen
     shutil.copyfile(built[1], path)
     parses = []
@@ -114,10 +102,12 @@ def test_a_gguf_file_is_parsed_once_per_need(built, tmp_path, monkeypatch):
         original(self, file, *args, **kwargs)
 
     monkeypatch.setattr(gguf.GGUFReader, "__init__", counted)
-    load(LoadSpec(model=path, dtype="float32"), Config())
+    loaded = load(LoadSpec(model=path, dtype="float32"), Config())
     assert parses == [os.path.realpath(path)] * 3
+    assert loaded.model.config.num_hidden_layers == 2
+    assert greedy(loaded) == reference
     maps = gguf.get_tensor_name_map.cache_info()
-    load(LoadSpec(model=path, dtype="bfloat16"), Config())
+    assert greedy(load(LoadSpec(model=path, quantization="int4"), Config())) == reference
     assert len(parses) == 4
     after = gguf.get_tensor_name_map.cache_info()
     assert after.misses == maps.misses and after.hits - maps.hits > 10

@@ -33,7 +33,7 @@ def test_schemathesis_finds_nothing(fuzz_server, tmp_path):
     exe = shutil.which("schemathesis") or shutil.which("st")
     cmd = [exe] if exe else [sys.executable, "-m", "schemathesis.cli"]
     cmd += ["run", fuzz_server.url + "/openapi.json", "--checks", CHECKS,
-            "--max-examples", os.environ.get("LLMHOST_FUZZ_EXAMPLES", "15"),
+            "--max-examples", os.environ.get("LLMHOST_FUZZ_EXAMPLES", "10"),
             "--generation-deterministic", "--request-timeout", "60",
             # DELETE would unload the models the other operations need
             "--exclude-method", "DELETE", "--no-color",
