@@ -2,7 +2,7 @@
 schemathesis generates requests from the live server's document and checks
 that none gets a 5xx, that every response matches the documented schema and
 status, and that data the schema forbids is refused. Bounded in examples and
-time (about a minute on 2 cores)."""
+time (about 30 s on 2 cores)."""
 import os
 import shutil
 import subprocess
