@@ -51,7 +51,7 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
 
     path = os.path.join(folder, gguf_file)
     # what AutoConfig.from_pretrained(gguf_file=...) does, without parsing the file again
-    config_dict = json.loads(_config_json(path, _file_key(path)))
+    config_dict = json.loads(_config_json(_file_key(path)))
     if config_dict.get("model_type") not in STREAMABLE:
         return None
     config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
@@ -161,24 +161,25 @@ def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtyp
 # again (another dtype, another id) parses only the tokenizer's copy.
 
 def _file_key(path: str) -> tuple:
+    """(real path, size, mtime): what the caches below are keyed on."""
     st = os.stat(path)
     return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
 def tensor_infos(path: str) -> tuple:
     """(name, GGML type, byte offset, numpy dtype, shape, elements) of each tensor in the file."""
-    return _tensor_infos(path, _file_key(path))
+    return _tensor_infos(_file_key(path))
 
 
 @functools.lru_cache(maxsize=8)
-def _tensor_infos(path: str, key: tuple) -> tuple:
+def _tensor_infos(key: tuple) -> tuple:
     """From gguf's reader. Any small object kept from the reader (its
     ReaderTensors) pins Python's memory arenas, and ~45 MiB of them stayed in
     the RSS for the whole load; so the list leaves through one JSON string and
     the reader goes whole."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    reader = GGUFReader(key[0])
     packed = json.dumps([[t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str,
                           list(t.data.shape), int(t.n_elements)] for t in reader.tensors])
     del reader
@@ -187,11 +188,11 @@ def _tensor_infos(path: str, key: tuple) -> tuple:
 
 
 @functools.lru_cache(maxsize=8)
-def _config_json(path: str, key: tuple) -> str:
+def _config_json(key: tuple) -> str:
     """transformers' config dict of the file, as JSON (each load gets its own copy)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    packed = json.dumps(load_gguf_checkpoint(path, return_tensors=False)["config"])
+    packed = json.dumps(load_gguf_checkpoint(key[0], return_tensors=False)["config"])
     # the tokenizer's lists parsed with it are tens of MiB of Python objects: hand them
     # back before the weights come (else they stack under the load's peak)
     _trim()
