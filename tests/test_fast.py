@@ -18,7 +18,7 @@ from support import ROOT, assert_error, validate
 
 from llmhost.models.quantize import auto_cpu_dtype, cpu_has_native_bf16
 
-PROMPTS = ["What is the capital of France?"]
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
 
 
 def recipe(gguf: str, dtype: torch.dtype, quantization: str | None, reference, request):
