@@ -22,6 +22,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+@pytest.fixture(autouse=True)
+def _close_stores(monkeypatch):
+    """Every Store a test opens is closed after it (in the parent process): an
+    open one keeps renewing its leases, and logged "could not renew the leases"
+    once the session's PostgreSQL cluster had stopped."""
+    opened: list[Store] = []
+    init = Store.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(Store, "__init__", tracked)
+    yield
+    for store in opened:
+        store.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def url(request, tmp_path):
     if request.param == "sqlite":
@@ -156,8 +174,6 @@ def test_lease_of_a_dead_server_reads_failed_and_a_restart_fails_its_own(url):
     assert again.fail_abandoned() == 1
     body = again.get("resp_alive", None, True)
     assert body["status"] == "failed" and "restarted" in body["error"]["message"]
-    other.close()
-    again.close()
 
 
 def _open_and_write(url: str, gate, n: int) -> None:   # in a child process
