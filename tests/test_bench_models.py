@@ -111,3 +111,18 @@ def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built
     assert len(parses) == 4
     after = gguf.get_tensor_name_map.cache_info()
     assert after.misses == maps.misses and after.hits - maps.hits > 10
+
+
+@pytest.mark.slow  # a GGUF load (parses the 49k-token vocabulary)
+def test_an_int4_load_reports_the_models_parameter_count(built):
+    """Model.parameters of an int4 load is the model's parameter count (each
+    Int4Linear counts in x out), as for the folder's load, not the number of
+    its packed bytes and scales."""
+    from llmhost.config import Config
+    from llmhost.models.loading import LoadSpec, load
+    from llmhost.models.quantize import Int4Linear
+
+    folder = load(LoadSpec(model=built[0], dtype="float32"), Config())
+    int4 = load(LoadSpec(model=built[1], quantization="int4"), Config())
+    assert sum(isinstance(m, Int4Linear) for m in int4.model.modules()) == 2 * 7
+    assert int4.parameters == folder.parameters

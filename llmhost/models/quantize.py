@@ -86,10 +86,13 @@ def quantize_model(model: torch.nn.Module, method: str) -> torch.nn.Module:
 
 
 def model_bytes(model: torch.nn.Module, count: bool = False) -> int:
-    """Bytes (with `count`: number of elements) of the weights; a quantized
-    weight (a torchao tensor subclass) counts its int8 data and scales, a tied
+    """Bytes (with `count`: number of parameters) of the weights; a quantized
+    weight (a torchao tensor subclass) counts its int8 data and scales, an
+    Int4Linear its packed bytes and scales (as parameters: in x out), a tied
     head counts once."""
     seen: set = set()
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)] if count else []
+    packed = {id(t) for m in int4 for t in (m.packed, m.scales_zeros)}
 
     def size(t: torch.Tensor) -> int:
         if hasattr(t, "__tensor_flatten__"):  # torchao: the inner tensors hold the data
@@ -103,7 +106,8 @@ def model_bytes(model: torch.nn.Module, count: bool = False) -> int:
         return t.numel() * (1 if count else t.element_size())
 
     return sum(size(t) for t in model.state_dict(keep_vars=True).values()
-               if isinstance(t, torch.Tensor))
+               if isinstance(t, torch.Tensor) and id(t) not in packed) + \
+        sum(m.in_features * m.out_features for m in int4)
 
 
 # Rows (tokens times sequences) from which a step dequantizes each int4 layer
