@@ -652,11 +652,13 @@ def _agent_turn(url: str, model: str, messages: list[dict], max_tokens: int, ses
 
 
 def _agent_loops(url: str, model: str, agents: int, turns: int, max_tokens: int,
-                 fresh_salt: bool) -> dict:
+                 fresh_salt: bool, trip: int = 0) -> dict:
     """`agents` concurrent agent loops of `turns` turns: each turn resends the
     conversation with the last answer, a tool result and a short user message.
     `fresh_salt`: a new cache_salt every request (no reuse on an llmhost server
-    whose cache is on)."""
+    whose cache is on). `trip` numbers the conversations: each round asks for
+    another trip (the same system prompt), so a round's turns cannot reuse the
+    previous round's, which held the same conversation and more."""
     import uuid
 
     import requests
@@ -669,7 +671,8 @@ def _agent_loops(url: str, model: str, agents: int, turns: int, max_tokens: int,
     def agent(number: int) -> None:
         city = ["Lisbon", "Oslo", "Kyoto", "Lima", "Cairo", "Quebec", "Perth", "Riga"][number % 8]
         messages = [{"role": "system", "content": system},
-                    {"role": "user", "content": f"Plan me three days in {city} next week."}]
+                    {"role": "user", "content": f"Plan me three days in {city} next week "
+                                                f"(trip {trip})."}]
         with requests.Session() as session:
             for turn in range(turns):
                 extra = {"cache_salt": uuid.uuid4().hex} if fresh_salt else {}
@@ -709,8 +712,10 @@ def bench_agent(args) -> int:
     servers = []
     try:
         if args.serve:
-            servers = [_serve(), _serve({"LLMHOST_PREFIX_CACHE_MB": "0"})]
-            on_url, off_url = servers[0].url, servers[1].url
+            servers = [_serve()]
+            if "off" not in args.skip:
+                servers.append(_serve({"LLMHOST_PREFIX_CACHE_MB": "0"}))
+            on_url, off_url = servers[0].url, servers[-1].url
         else:
             on_url = off_url = args.url
         for url in dict.fromkeys((on_url, off_url)):
@@ -719,20 +724,23 @@ def bench_agent(args) -> int:
         sides = [("on", on_url, args.model, False), ("off", off_url, args.model, not args.serve)]
         if args.serve:   # the cache's cost where nothing is reused: on, every request missing
             sides.append(("miss", on_url, args.model, True))
+        sides = [side for side in sides if side[0] not in args.skip]
         if args.compare_url:
             sides.append(("compare", args.compare_url, args.compare_model or args.model, False))
         print(machine(), flush=True)
         for _, url, model, fresh in sides:   # warm-up
-            _agent_loops(url, model, 1, 1, 4, fresh)
+            _agent_loops(url, model, 1, 1, 4, fresh, trip=-1)
         print(f"agent loops: {args.turns} turns, max_tokens {args.max_tokens}, temperature 0, "
               f"{args.rounds} alternating rounds (medians); load options {options}; "
               f"'off' = {'a server with LLMHOST_PREFIX_CACHE_MB=0' if args.serve else 'a fresh cache_salt per request'}")
+        trip = 0
         for agents in args.agents:
             runs: dict[str, list[dict]] = {name: [] for name, *_ in sides}
             for _ in range(args.rounds):
+                trip += 1
                 for name, url, model, fresh in sides:
                     runs[name].append(_agent_loops(url, model, agents, args.turns,
-                                                   args.max_tokens, fresh))
+                                                   args.max_tokens, fresh, trip))
             _print_agent_table(agents, args.turns, runs)
         print(machine() + " (at the end)", flush=True)
     finally:
@@ -754,21 +762,22 @@ def _print_agent_table(agents: int, turns: int, runs: dict[str, list[dict]]) -> 
 
     print(f"\n{agents} agent(s): per-turn TTFT p50 (ms), tokens reused / prompt tokens "
           f"({', '.join(shown)}, as the server reports them)")
-    print("turn  " + "  ".join(f"{n:>8s}" for n in names) + "   on/off   "
+    other = next((n for n in ("off", "compare") if n in runs), "on")   # what "on" is divided by
+    print("turn  " + "  ".join(f"{n:>8s}" for n in names) + f"   on/{other}   "
           + "  ".join(f"{'reused ' + n:>16s}" for n in shown))
     for t in range(turns):
         print(f"{t + 1:4d}  " + "  ".join(f"{ttft[n][t] * 1000:8.0f}" for n in names)
-              + f"   {ttft['on'][t] / ttft['off'][t]:5.2f}x   "
+              + f"   {ttft['on'][t] / ttft[other][t]:5.2f}x   "
               + "  ".join(f"{reused(n, t):>16s}" for n in shown))
     later = {n: sum(ttft[n][1:]) for n in names}
     total = {n: _median([run["total"] for run in runs[n]]) for n in names}
     errors = {n: sum(len(run["errors"]) for run in runs[n]) for n in names}
-    print(f"TTFT of turns 2-{turns} (sum of medians): on/off {later['on'] / later['off']:.2f}x")
+    print(f"TTFT of turns 2-{turns} (sum of medians): on/{other} {later['on'] / later[other]:.2f}x")
     if "miss" in total:
         print(f"no reuse (cache on, a fresh cache_salt per request): speed off/miss "
               f"{total['off'] / total['miss']:.2f}x of the cache-off server")
     print("total time p50 (s): " + ", ".join(f"{n} {total[n]:.1f}" for n in names)
-          + f"; on/off {total['on'] / total['off']:.2f}x"
+          + (f"; on/off {total['on'] / total['off']:.2f}x" if "off" in total else "")
           + (f", on/compare {total['on'] / total['compare']:.2f}x" if "compare" in total else "")
           + (f"; errors {errors}" if any(errors.values()) else ""), flush=True)
 
@@ -1427,6 +1436,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--rounds", type=int, default=2)
     agent.add_argument("--compare-url", metavar="URL", help="another server, e.g. llama-cpp-python's")
     agent.add_argument("--compare-model", help="model name to send to --compare-url")
+    agent.add_argument("--skip", nargs="+", default=[], choices=["off", "miss"],
+                       help="leave out columns: 'off' and 'miss' take 3-4x the 'on' column's time, "
+                            "so a run against --compare-url alone can skip them")
     agent.set_defaults(func=bench_agent)
 
     mem = sub.add_parser("memory", help="a worker's RSS split: imports, tokenizer, weights, caches")
