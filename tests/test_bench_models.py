@@ -71,7 +71,8 @@ def test_llmhost_loads_the_folder(built):
 
 @pytest.mark.slow  # a folder load and two GGUF loads (each parses the 49k-token vocabulary)
 def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built, tmp_path, monkeypatch):
-    """Greedy tokens from the GGUF (float32 and int4 loads) equal the folder's.
+    """Greedy tokens from the GGUF (float32 and int4 loads) equal the folder's, and
+    so does the parameter count the int4 load reports.
     The first load parses the file's metadata three times (the memory estimate
     and the tensor list share one parse; the config; the tokenizer), the second
     only for its tokenizer; gguf's tensor name map is built once, not once per
@@ -83,6 +84,7 @@ def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built
 
     from llmhost.config import Config
     from llmhost.models.loading import LoadSpec, load
+    from llmhost.models.quantize import Int4Linear
 
     def greedy(loaded) -> list[int]:
         ids = torch.tensor([loaded.tokenizer("the quick brown fox")["input_ids"]])
@@ -91,7 +93,8 @@ def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built
                                         min_new_tokens=6, do_sample=False)
         return out[0, ids.shape[1]:].tolist()
 
-    reference = greedy(load(LoadSpec(model=built[0], dtype="float32"), Config()))
+    folder = load(LoadSpec(model=built[0], dtype="float32"), Config())
+    reference = greedy(folder)
     path = str(tmp_path / "copy.gguf")     # a file no earlier load in this process has seen
     shutil.copyfile(built[1], path)
     parses = []
@@ -107,22 +110,12 @@ def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built
     assert loaded.model.config.num_hidden_layers == 2
     assert greedy(loaded) == reference
     maps = gguf.get_tensor_name_map.cache_info()
-    assert greedy(load(LoadSpec(model=path, quantization="int4"), Config())) == reference
+    int4 = load(LoadSpec(model=path, quantization="int4"), Config())
+    assert greedy(int4) == reference
     assert len(parses) == 4
-    after = gguf.get_tensor_name_map.cache_info()
-    assert after.misses == maps.misses and after.hits - maps.hits > 10
-
-
-@pytest.mark.slow  # a GGUF load (parses the 49k-token vocabulary)
-def test_an_int4_load_reports_the_models_parameter_count(built):
-    """Model.parameters of an int4 load is the model's parameter count (each
-    Int4Linear counts in x out), as for the folder's load, not the number of
-    its packed bytes and scales."""
-    from llmhost.config import Config
-    from llmhost.models.loading import LoadSpec, load
-    from llmhost.models.quantize import Int4Linear
-
-    folder = load(LoadSpec(model=built[0], dtype="float32"), Config())
-    int4 = load(LoadSpec(model=built[1], quantization="int4"), Config())
+    # Model.parameters of an int4 load is the model's parameter count (each Int4Linear
+    # counts in x out), not the number of its packed bytes and scales
     assert sum(isinstance(m, Int4Linear) for m in int4.model.modules()) == 2 * 7
     assert int4.parameters == folder.parameters
+    after = gguf.get_tensor_name_map.cache_info()
+    assert after.misses == maps.misses and after.hits - maps.hits > 10
