@@ -762,7 +762,7 @@ def _print_agent_table(agents: int, turns: int, runs: dict[str, list[dict]]) -> 
 
     print(f"\n{agents} agent(s): per-turn TTFT p50 (ms), tokens reused / prompt tokens "
           f"({', '.join(shown)}, as the server reports them)")
-    other = next((n for n in ("off", "compare") if n in runs), "on")   # what "on" is divided by
+    other = next((n for n in ("off", "compare", "miss") if n in runs), "on")   # what "on" is divided by
     print("turn  " + "  ".join(f"{n:>8s}" for n in names) + f"   on/{other}   "
           + "  ".join(f"{'reused ' + n:>16s}" for n in shown))
     for t in range(turns):
@@ -773,7 +773,7 @@ def _print_agent_table(agents: int, turns: int, runs: dict[str, list[dict]]) -> 
     total = {n: _median([run["total"] for run in runs[n]]) for n in names}
     errors = {n: sum(len(run["errors"]) for run in runs[n]) for n in names}
     print(f"TTFT of turns 2-{turns} (sum of medians): on/{other} {later['on'] / later[other]:.2f}x")
-    if "miss" in total:
+    if "miss" in total and "off" in total:
         print(f"no reuse (cache on, a fresh cache_salt per request): speed off/miss "
               f"{total['off'] / total['miss']:.2f}x of the cache-off server")
     print("total time p50 (s): " + ", ".join(f"{n} {total[n]:.1f}" for n in names)
