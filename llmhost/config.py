@@ -68,6 +68,7 @@ class Config:
         ("QUEUE_TIMEOUT", float, 600.0),
         ("MAX_BATCH", int, 32),
         ("BATCH_WAIT_MS", float, 25.0),
+        ("INT4_KERNEL", str, "auto"),    # auto: llmhost's AVX2 kernel where it runs; torch (models/q4kernel.py)
         ("LONE_ROW_THREADS", int, 0),    # 0: the scheduler's rule (engine/scheduler.py step_threads)
         ("IMAGE_URLS", _bool, False),    # fetch http(s) image_url parts (generation/images.py)
         ("MAX_IMAGES", int, 8),          # image parts per request

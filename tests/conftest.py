@@ -182,7 +182,7 @@ def smollm2_reference(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_int4(smollm2_gguf):
     """SmolLM2 loaded in-process by llmhost with quantization int4 (its GGUF's own
-    4-bit weights, bfloat16 compute): a `Loaded`, shared by the tests that run it
+    4-bit weights; llmhost's kernel where it runs, q4kernel.py): a `Loaded`, shared by the tests that run it
     in this process (~20 s to load: once). Tests only read it; each builds its own
     schedulers around it."""
     from llmhost.config import TestConfig

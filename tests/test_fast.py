@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -58,8 +59,11 @@ def test_greedy_through_the_server_equals_in_process(server, smollm2_gguf, smoll
     served = "smollm2-" + "-".join(str(v) for v in options.values())
     body = server.load(smollm2_gguf, id=served, **options)
     validate(body, "Model")
-    want_dtype = {"int8": "float32", "int4": "bfloat16"}.get(options.get("quantization"),
-                                                             options.get("dtype"))
+    from llmhost.models import q4kernel
+
+    # int4 computes in float32 with llmhost's kernel on a CPU without native bfloat16
+    int4 = "float32" if q4kernel.available()[0] and not cpu_has_native_bf16() else "bfloat16"
+    want_dtype = {"int8": "float32", "int4": int4}.get(options.get("quantization"), options.get("dtype"))
     assert body["dtype"] == want_dtype and body["quantization"] == options.get("quantization")
     model = recipe(smollm2_gguf, getattr(torch, want_dtype), options.get("quantization"), reference, request)
     try:
@@ -84,11 +88,12 @@ def test_greedy_through_the_server_equals_in_process(server, smollm2_gguf, smoll
 def test_quantization_is_validated_and_cpu_only(client, tiny_models, smollm2_gguf):
     assert_error(client.post("/v1/models", json={"model": "x", "quantization": "int3"}), 400,
                  "quantization")
-    # int4 keeps a GGUF's own 4-bit weights: not for other models; it computes in bfloat16
+    # int4 keeps a GGUF's own 4-bit weights: not for other models; it computes in float32 or
+    # bfloat16 (torch's kernel: bfloat16 only)
     assert_error(client.post("/v1/models", json={"model": tiny_models["gpt2"], "quantization": "int4"}),
                  400, "quantization")
     assert_error(client.post("/v1/models", json={"model": smollm2_gguf, "quantization": "int4",
-                                                 "dtype": "float32"}), 400, "dtype")
+                                                 "dtype": "float16"}), 400, "dtype")
     # int8 with bfloat16 activations failed the quality check: refused, naming dtype
     assert_error(client.post("/v1/models", json={"model": tiny_models["gpt2"], "quantization": "int8",
                                                  "dtype": "bfloat16"}), 400, "dtype")
@@ -98,12 +103,12 @@ def test_quantization_is_validated_and_cpu_only(client, tiny_models, smollm2_ggu
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
-def test_int4_layer_computes_the_dequantized_gguf_weights(kind):
-    """quantize.Int4Linear on a Q4_0 / Q4_1 tensor (gguf-py's own quantizer)
-    equals a float32 matmul with gguf's dequantized weights, rows reordered as
-    asked, on both of its paths: the int4 kernel (a decode step's few rows) and
-    the weights dequantized for a prefill's many rows; and the two paths agree
-    on the same rows, so a prompt reads the same whichever runs it."""
+def test_torch_int4_layer_computes_the_dequantized_gguf_weights(kind):
+    """quantize.TorchInt4Linear (torch's kernel) on a Q4_0 / Q4_1 tensor
+    (gguf-py's own quantizer) equals a float32 matmul with gguf's dequantized
+    weights, rows reordered as asked, on both of its paths: the int4 kernel (a
+    decode step's few rows) and the weights dequantized for a prefill's many
+    rows; and the two paths agree on the same rows."""
     import numpy as np
     from gguf import GGMLQuantizationType, dequantize, quantize
 
@@ -115,9 +120,9 @@ def test_int4_layer_computes_the_dequantized_gguf_weights(kind):
     blocks = quantize(rng.standard_normal((192, 96)).astype(np.float32), qtype)
     weight = torch.from_numpy(dequantize(blocks, qtype).copy())
     rows = rng.permutation(192)
-    layer = int4_from_gguf(kind, blocks, rows, torch.float32)
+    layer = int4_from_gguf(kind, blocks, rows, torch.float32, kernel="torch")
     assert layer.block, "this CPU's int4 packing was not recognised: prefill falls back to the kernel"
-    torch.testing.assert_close(layer.dequantized().T, weight[rows], rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.dequantized(), weight[rows], rtol=0, atol=1e-6)
     few, many = torch.randn(5, 96), torch.randn(q4.MULTI_ROW_MIN + 3, 96)
     torch.testing.assert_close(layer(few), few @ weight[rows].T, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(layer(many), many @ weight[rows].T, rtol=1e-5, atol=1e-4)
@@ -128,11 +133,87 @@ def test_int4_layer_computes_the_dequantized_gguf_weights(kind):
     # 48 rows are not whole 32-row (AVX2) or 64-row (AVX-512) blocks: the probe finds no
     # layout it reads back and the layer stays on the kernel, still right
     blocks = quantize(rng.standard_normal((48, 96)).astype(np.float32), qtype)
-    odd = int4_from_gguf(kind, blocks, np.arange(48), torch.float32)
+    odd = int4_from_gguf(kind, blocks, np.arange(48), torch.float32, kernel="torch")
     assert odd.block is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
     torch.testing.assert_close(odd(many), many @ torch.from_numpy(dequantize(blocks, qtype).copy()).T,
                                rtol=1e-5, atol=1e-4)
 
+
+def _llmhost_kernel():
+    """Skip where llmhost's kernel cannot run; on an x86 CPU with AVX2, FMA and
+    F16C and a C compiler (this project's machines, CI) it must."""
+    from llmhost.models import q4kernel
+
+    ok, why = q4kernel.available()
+    if not ok and set(q4kernel.CPU_FLAGS) <= q4kernel._cpu_flags() and shutil.which("cc"):
+        pytest.fail(f"llmhost's int4 kernel should build here: {why}")
+    if not ok:
+        pytest.skip(f"llmhost's int4 kernel is unavailable: {why}")
+    return q4kernel
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("width", [96, 160, 576])   # 3, 5, 18 blocks: pairs, groups, an odd block
+def test_llmhost_int4_layer_computes_the_dequantized_gguf_weights(kind, width):
+    """quantize.Q4Linear (llmhost's AVX2 kernel, q4kernel.c) on a Q4_0 / Q4_1
+    tensor keeps the file's weights exactly (dequantized: gguf's values, rows
+    reordered as asked) and computes what its 8-bit activations times those
+    weights give, on both paths (kernel for a decode step's rows, a dense
+    matmul for a prefill's); within 8-bit rounding of the float32 product; a
+    row's result is the same alone as batched with others (bitwise)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    from llmhost.models import quantize as q4
+    from llmhost.models.quantize import Q4Linear, int4_from_gguf
+
+    q4kernel = _llmhost_kernel()
+    rng = np.random.default_rng(width)
+    qtype = GGMLQuantizationType[kind]
+    blocks = quantize(rng.standard_normal((64, width)).astype(np.float32), qtype)
+    weight = torch.from_numpy(dequantize(blocks, qtype).copy())
+    rows = rng.permutation(64)
+    layer = int4_from_gguf(kind, blocks, rows, torch.float32)
+    assert isinstance(layer, Q4Linear)
+    torch.testing.assert_close(layer.dequantized(), weight[rows], rtol=0, atol=0)
+    for x in (torch.randn(5, width), torch.randn(q4.MULTI_ROW_MIN + 3, width)):
+        exact = q4kernel.requantized(x).double() @ weight[rows].double().T
+        torch.testing.assert_close(layer(x).double(), exact, rtol=1e-5, atol=1e-4)
+        plain = x @ weight[rows].T   # activations in 8 bits: about 0.5% of the product's scale
+        assert (layer(x) - plain).norm() / plain.norm() < 0.02
+    few = torch.randn(7, width)
+    together = layer(few)
+    for i in range(7):
+        assert torch.equal(layer(few[i:i + 1]), together[i:i + 1])
+    assert layer(few.unsqueeze(0).bfloat16()).dtype == torch.bfloat16
+    assert layer(few.unsqueeze(0)).shape == (1, 7, 64)
+
+
+def test_q8_embedding_and_its_head_keep_the_files_blocks():
+    """A Q8_0 token embedding kept as the file stores it: looked-up rows equal
+    gguf's dequantized ones exactly; the tied head (llmhost's kernel) computes
+    the 8-bit activations times those weights, whatever rows are batched."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    from llmhost.models.quantize import Q8Head, model_bytes, q8_embedding
+
+    q4kernel = _llmhost_kernel()
+    rng = np.random.default_rng(1)
+    qtype = GGMLQuantizationType.Q8_0
+    blocks = quantize(rng.standard_normal((40, 96)).astype(np.float32), qtype)
+    weight = torch.from_numpy(dequantize(blocks, qtype).copy())
+    embedding = q8_embedding(blocks, torch.float32)
+    ids = torch.tensor([[3, 0, 39], [1, 1, 2]])
+    assert torch.equal(embedding(ids), weight[ids])
+    head = Q8Head(embedding)
+    x = torch.randn(6, 96)
+    exact = q4kernel.requantized(x).double() @ weight.double().T
+    torch.testing.assert_close(head(x).double(), exact, rtol=1e-5, atol=1e-4)
+    assert torch.equal(head(x[2:3]), head(x)[2:3])
+    both = torch.nn.ModuleDict({"embedding": embedding, "head": head})
+    assert model_bytes(both, count=True) == 40 * 96          # tied: counted once
+    assert model_bytes(both) == 40 * 96 + 40 * 3 * 2         # int8 weights, float16 scales
 
 def test_auto_dtype_follows_the_cpu_flags():
     with open("/proc/cpuinfo") as fh:

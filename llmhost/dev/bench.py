@@ -972,19 +972,24 @@ def bench_quality(args) -> int:
 
 
 def bench_int4_prefill(args) -> int:
-    """int4 prefill: one forward over a prompt of each length, torch's int4
-    kernel against the weights dequantized per layer (quantize.MULTI_ROW_MIN
-    switched in the same process), alternated, CPU time of the process (with
-    one thread, what the machine's other load disturbs least) and wall time."""
+    """int4 prefill: one forward over a prompt of each length, the int4
+    kernel (LLMHOST_INT4_KERNEL's) against the weights dequantized per layer
+    (quantize.MULTI_ROW_MIN switched in the same process), alternated, CPU time
+    of the process (with one thread, what the machine's other load disturbs
+    least) and wall time."""
     import statistics
 
     import torch
 
+    from ..config import Config
     from ..models import quantize
     from ..models.gguf import load_causal_lm
+    from ..models.loading import int4_compute_dtype, int4_kernel
 
-    model = load_causal_lm(*os.path.split(args.model), torch.bfloat16, int4=True).eval()
-    print(f"threads {torch.get_num_threads()}; {machine()}", flush=True)
+    kernel = int4_kernel(Config())
+    dtype = int4_compute_dtype("auto", "generate", args.model, kernel)
+    model = load_causal_lm(*os.path.split(args.model), dtype, int4=kernel).eval()
+    print(f"{kernel} kernel, {dtype}, threads {torch.get_num_threads()}; {machine()}", flush=True)
     paths = {"int4 kernel": 10**9, "dequantized": 1}
     times: dict = {(p, n): [] for p in paths for n in args.tokens}
 

@@ -140,6 +140,8 @@ def vocab_size(entry) -> int:
     """Token ids the model has logits for (may exceed the tokenizer's size); of
     a registry entry or a loaded model."""
     head = entry.model.get_output_embeddings()
+    if head is not None and hasattr(head, "out_features"):   # a Linear, a PackedLinear
+        return int(head.out_features)
     if head is not None and hasattr(head, "weight"):
         return int(head.weight.shape[0])
     return len(entry.tokenizer)

@@ -37,10 +37,11 @@ STREAMABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "starcoder
 
 def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
                    quantize_module: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                   int4: bool = False):
+                   int4: str = ""):
     """The model of `folder/gguf_file` in `dtype`, Linear layers passed through
     `quantize_module` (it returns the replacement module) as they complete, or
-    with `int4` their Q4_0 / Q4_1 weights kept 4-bit (quantize.Int4Linear);
+    with `int4` (a kernel of quantize.KERNELS) their Q4_0 / Q4_1 weights kept
+    4-bit (quantize.Int4Linear);
     None for an architecture not in STREAMABLE (the MoE processors split and
     merge tensors across calls): transformers' own path loads those."""
     from accelerate import init_empty_weights
@@ -64,14 +65,21 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     key_map = get_gguf_hf_weights_map(model, processor)
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
+    tied = False
     for info in progress.counted(tensor_infos(path), "Converting and de-quantizing GGUF tensors"):
         gguf_name, qtype = info[0], GGMLQuantizationType(info[1])
         # one memory map per tensor: its file pages leave the RSS with it (a map of the
         # whole file would hold every page read, ~94 MiB for SmolLM2, until the end)
         data = np.memmap(path, dtype=np.dtype(info[3]), mode="r", offset=info[2], shape=tuple(info[4]))
         if int4 and qtype.name in ("Q4_0", "Q4_1") and \
-                _keep_int4(model, data, qtype.name, gguf_name, processor, key_map, parsed, dtype, linears):
+                _keep_int4(model, data, qtype.name, gguf_name, processor, key_map, parsed, dtype, linears,
+                           int4):
             del data
+            continue
+        if int4 == "llmhost" and qtype.name == "Q8_0" and \
+                _keep_q8_embedding(model, data, gguf_name, processor, key_map, parsed, dtype):
+            del data
+            tied = True   # the head reads the embedding's blocks: nothing left to tie
             continue
         name, value = _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtype)
         del data
@@ -82,7 +90,8 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
         # threshold once one was freed) in its heap: without this the RSS grew by each
         # Linear's float32 size and the int8 load peaked ~400 MiB above where it ended
         _trim()
-    model.tie_weights()
+    if not tied:
+        model.tie_weights()
     missing = {n for n, p in model.named_parameters() if p.is_meta}
     if missing:
         raise ValueError(f"the GGUF file has no tensor for {sorted(missing)[:5]}")
@@ -106,7 +115,7 @@ def _place(model, hf_name: str, value: torch.Tensor, gguf_name: str, linears, qu
 
 
 def _keep_int4(model, data, kind: str, gguf_name: str, processor, key_map, parsed, dtype,
-               linears) -> bool:
+               linears, kernel: str) -> bool:
     """Put a Q4_0 / Q4_1 Linear weight into the model as a quantize.Int4Linear;
     False (dequantize it as usual) for anything else. The architecture's
     processor is run on the row numbers to learn the tensor's name and the row
@@ -122,11 +131,37 @@ def _keep_int4(model, data, kind: str, gguf_name: str, processor, key_map, parse
     if attr != "weight" or module is None or _tied(model, module) or \
             np.shape(result.weights) != rows.shape:
         return False
-    new = int4_from_gguf(kind, data, np.asarray(result.weights)[:, 0].astype(np.int64), dtype)
+    new = int4_from_gguf(kind, data, np.asarray(result.weights)[:, 0].astype(np.int64), dtype, kernel)
     if module.bias is not None:
         new.bias = module.bias       # meta until its own tensor arrives (_place sets it)
     _replace(model, module_name, new)
     linears[module_name] = new
+    return True
+
+
+def _keep_q8_embedding(model, data, gguf_name: str, processor, key_map, parsed, dtype) -> bool:
+    """Keep a Q8_0 token embedding tied to the output head as the file stores
+    it (quantize.Q8Embedding), the head reading the same blocks with
+    llmhost's kernel (quantize.Q8Head): SmolLM2's head was a fifth of a decode
+    step in float32 and its embedding 113 MiB. False for anything else."""
+    from .quantize import Q8Head, q8_embedding
+
+    embedding = model.get_input_embeddings()
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False) or \
+            not isinstance(embedding, torch.nn.Embedding):
+        return False
+    rows = np.arange(data.shape[0], dtype=np.float32).reshape(-1, 1)
+    result = processor.process(weights=rows, name=gguf_name, tensor_key_mapping=key_map,
+                               parsed_parameters=parsed)
+    names = {name for name, module in model.named_modules() if module is embedding}
+    hf_name = key_map.get(result.name, "")
+    if hf_name.rpartition(".")[0] not in names or not np.array_equal(
+            np.asarray(result.weights)[:, 0], rows[:, 0]) or \
+            (data.shape[0], data.shape[1] // 34 * 32) != tuple(embedding.weight.shape):
+        return False
+    new = q8_embedding(data, dtype)
+    model.set_input_embeddings(new)
+    model.set_output_embeddings(Q8Head(new))
     return True
 
 

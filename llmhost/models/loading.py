@@ -281,17 +281,37 @@ def int8_compute_dtype(requested: str) -> torch.dtype:
     return torch.float32
 
 
-def int4_compute_dtype(requested: str, task: str, gguf_file: str | None) -> torch.dtype:
-    """int4 keeps a GGUF file's Q4_0 / Q4_1 weights and computes in bfloat16:
-    torch's int4 CPU kernel with float32 activations ran 5x slower than
-    bfloat16 here (SmolLM2, batch 1: 126 against 24 ms a step)."""
+def int4_kernel(config) -> str:
+    """The int4 kernel of this process's loads (quantize.KERNELS): llmhost's
+    where it runs (q4kernel.available: AVX2, FMA, F16C and a C compiler), unless
+    LLMHOST_INT4_KERNEL=torch; torch's otherwise."""
+    from . import q4kernel
+
+    if config.INT4_KERNEL not in ("auto", "torch"):
+        raise ValueError(f"LLMHOST_INT4_KERNEL is 'auto' or 'torch', not {config.INT4_KERNEL!r}")
+    return "llmhost" if config.INT4_KERNEL == "auto" and q4kernel.available()[0] else "torch"
+
+
+def int4_compute_dtype(requested: str, task: str, gguf_file: str | None, kernel: str) -> torch.dtype:
+    """int4 keeps a GGUF file's Q4_0 / Q4_1 weights. llmhost's kernel takes
+    activations of any dtype (it quantizes them to 8 bits), so the rest of the
+    model computes in the dtype asked for, `auto` choosing as for float loads
+    (float32 on a CPU without native bfloat16, where bfloat16 is emulated).
+    torch's kernel computes in bfloat16: with float32 activations it ran 5x
+    slower (SmolLM2, batch 1: 126 against 24 ms a step)."""
     if task != "generate" or not gguf_file:
         raise InvalidInput("quantization 'int4' keeps a GGUF file's own 4-bit (Q4_0 / Q4_1) weights; "
                            "load a .gguf generation model with it, or use 'int8'.",
                            param="quantization")
+    if kernel == "llmhost":
+        if requested not in ("auto", "float32", "bfloat16"):
+            raise InvalidInput(f"quantization 'int4' computes in float32 or bfloat16, not '{requested}'.",
+                               param="dtype")
+        return auto_cpu_dtype() if requested == "auto" else getattr(torch, requested)
     if requested not in ("auto", "bfloat16"):
-        raise InvalidInput(f"quantization 'int4' computes in bfloat16; leave dtype out (or use "
-                           f"'bfloat16') instead of '{requested}'.", param="dtype")
+        raise InvalidInput(f"quantization 'int4' computes in bfloat16 with torch's int4 kernel "
+                           f"(LLMHOST_INT4_KERNEL=torch, or a CPU without AVX2); leave dtype out "
+                           f"(or use 'bfloat16') instead of '{requested}'.", param="dtype")
     return torch.bfloat16
 
 
@@ -372,7 +392,7 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     if spec.quantization == "int8":
         dtype = int8_compute_dtype(spec.dtype)
     elif spec.quantization == "int4":
-        dtype = int4_compute_dtype(spec.dtype, task, source.gguf_file)
+        dtype = int4_compute_dtype(spec.dtype, task, source.gguf_file, int4_kernel(config))
     # a load that cannot fit is a 507, not an OOM-killed worker (int8 is estimated at its
     # float32 compute dtype: an upper bound, the weights are quantized layer by layer)
     memcheck.check(spec.model, source.folder, source.gguf_file, device, dtype, config, in_use)
@@ -388,7 +408,7 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
         return loaded
     if task == "vision":
         return _load_vision(source, spec, device, device_map, dtype)
-    return _load_causal_lm(source, spec, device, device_map, dtype)
+    return _load_causal_lm(source, spec, device, device_map, dtype, config)
 
 
 def _no_memory(device: str, spec: LoadSpec) -> Unavailable:
@@ -397,13 +417,13 @@ def _no_memory(device: str, spec: LoadSpec) -> Unavailable:
                   code="out_of_memory")
 
 
-def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dtype) -> Loaded:
+def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dtype, config) -> Loaded:
     kwargs: dict = {"local_files_only": True, "trust_remote_code": spec.trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-        model = _stream_gguf(source, spec, dtype, device)
+        model = _stream_gguf(source, spec, dtype, device, config)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
                                                          device_map=device_map, **kwargs)
@@ -460,7 +480,7 @@ def _load_vision(source: Source, spec: LoadSpec, device: str, device_map, dtype)
     return _generation(model, processor.tokenizer, source, spec, device, processor)
 
 
-def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str):
+def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str, config):
     """A GGUF model loaded on the CPU is read one tensor at a time (gguf_stream),
     so that the whole model never exists in float32 next to the result; float32
     too (transformers' loader peaked 237 MiB above its end for SmolLM2, the
@@ -471,7 +491,7 @@ def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str):
     from . import gguf
     return gguf.load_causal_lm(source.folder, source.gguf_file, dtype,
                                       quantize_linear if spec.quantization == "int8" else None,
-                                      int4=spec.quantization == "int4")
+                                      int4=int4_kernel(config) if spec.quantization == "int4" else "")
 
 
 def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loaded:

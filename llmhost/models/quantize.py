@@ -11,13 +11,17 @@ says why); the output head, tied to the input embedding in small models,
 stays in the model's dtype.
 
 int4 (GGUF files only): the file's own 4-bit Linear weights are kept as they
-are, not dequantized. A Q4_0 / Q4_1 block (32 weights, w = d*q + m with q in
-0..15) is exactly what torch's int4 CPU kernel computes (groups of 32 along
-the input, w = (q - 8)*scale + zero: scale = d, zero = m + 8d), so the weights
-equal the dequantized file's and a decode step reads a quarter of bfloat16's
-bytes: at batch 1 a step of a model this size is bound by memory bandwidth,
-not by arithmetic (docs/performance.md). Tensors of other types (Q4_K, Q6_K,
-Q8_0, ...) are dequantized as before.
+are, not dequantized. On a CPU with AVX2, FMA and F16C, llmhost's kernel
+(q4kernel.c, Q4Linear) keeps each Q4_0 / Q4_1 block as the file stores it and
+multiplies it with 8-bit activations in integer instructions, as llama.cpp
+does; a tied Q8_0 token embedding stays in its blocks too (Q8Embedding), the
+output head reading them with the same kernel (Q8Head). Elsewhere (or with
+LLMHOST_INT4_KERNEL=torch) torch's int4 CPU kernel runs (TorchInt4Linear): a
+Q4 block (32 weights, w = d*q + m with q in 0..15) is exactly what it computes
+(groups of 32 along the input, w = (q - 8)*scale + zero: scale = d, zero = m +
+8d), with bfloat16 activations. Either way a decode step reads a quarter of
+bfloat16's bytes for those layers. Tensors of other types (Q4_K, Q6_K, ...)
+are dequantized as before.
 """
 from __future__ import annotations
 
@@ -87,12 +91,12 @@ def quantize_model(model: torch.nn.Module, method: str) -> torch.nn.Module:
 
 def model_bytes(model: torch.nn.Module, count: bool = False) -> int:
     """Bytes (with `count`: number of parameters) of the weights; a quantized
-    weight (a torchao tensor subclass) counts its int8 data and scales, an
-    Int4Linear its packed bytes and scales (as parameters: in x out), a tied
-    head counts once."""
+    weight (a torchao tensor subclass) counts its int8 data and scales, a
+    weight kept in a GGUF file's blocks (PackedLinear, Q8Embedding) its bytes
+    (as parameters: in x out), a tied head counts once."""
     seen: set = set()
-    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)] if count else []
-    packed = {id(t) for m in int4 for t in (m.packed, m.scales_zeros)}
+    packed = [m for m in model.modules() if isinstance(m, (PackedLinear, Q8Embedding))] if count else []
+    skip = {id(t) for m in packed for t in m.buffers(recurse=False)}
 
     def size(t: torch.Tensor) -> int:
         if hasattr(t, "__tensor_flatten__"):  # torchao: the inner tensors hold the data
@@ -105,59 +109,165 @@ def model_bytes(model: torch.nn.Module, count: bool = False) -> int:
         seen.add(key)
         return t.numel() * (1 if count else t.element_size())
 
+    shapes = {}
+    for m in packed:   # a Q8Head and its Q8Embedding share their blocks: one count
+        k, n = (m.embedding_dim, m.num_embeddings) if isinstance(m, Q8Embedding) else \
+            (m.in_features, m.out_features)
+        shapes[next(m.buffers(recurse=False)).data_ptr()] = k * n
     return sum(size(t) for t in model.state_dict(keep_vars=True).values()
-               if isinstance(t, torch.Tensor) and id(t) not in packed) + \
-        sum(m.in_features * m.out_features for m in int4)
+               if isinstance(t, torch.Tensor) and id(t) not in skip) + sum(shapes.values())
 
 
 # Rows (tokens times sequences) from which a step dequantizes each int4 layer
-# to float32 and runs one dense matmul instead of torch's int4 kernel, whose
-# time grows with the rows (it is a decode kernel: SmolLM2's 43-token prefill
-# spent 88% of its time in it). Where the two cost the same on an AVX2 CPU
+# to float32 and runs one dense matmul instead of the int4 kernel, whose time
+# grows with the rows (it is a decode kernel: SmolLM2's 43-token prefill spent
+# 88% of its time in torch's). Where the two cost the same on an AVX2 CPU
 # (64 tokens, docs/performance.md); shorter prompts keep the kernel.
 MULTI_ROW_MIN = 64
+KERNELS = ("llmhost", "torch")
 
 
-class Int4Linear(torch.nn.Module):
-    """A Linear layer (no bias) whose weight is a GGUF Q4_0 / Q4_1 tensor, run
-    by torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``) for the
-    few rows of a decode step; a prefill (``MULTI_ROW_MIN`` rows or more)
-    dequantizes the weight to float32 for that one matmul and drops it after:
-    the same weights and the same float32 accumulation as the kernel, output
-    rounded to bfloat16 as the kernel's; only the order of the sums differs,
-    so a logit may round the other way (same error against float64 per layer;
-    greedy answers compared in docs/performance.md)."""
+class PackedLinear(torch.nn.Module):
+    """A Linear layer whose weight stays in a GGUF file's quantized blocks
+    (buffers, counted by model_bytes as in x out parameters)."""
 
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int,
-                 out_features: int) -> None:
+    kernel = ""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("packed", packed)               # uint8 [N, K / 2]
-        self.register_buffer("scales_zeros", scales_zeros)   # [K / 32, N, 2]
         self.bias = None                                       # set by the loader if any
-        self.block = int4_block_rows(out_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        dtype = self.scales_zeros.dtype
-        if x.shape[0] >= MULTI_ROW_MIN and self.block:
-            out = torch.mm(x.float(), self.dequantized()).to(dtype)
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype).contiguous(), self.packed,
-                                                             INT4_GROUP, self.scales_zeros)
+        out = self.rows(x.reshape(-1, shape[-1]))
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight, transposed ([K, N] float32): w = (q - 8) * scale + zero,
-        what the int4 kernel computes per weight (one rounding, as its fused
-        multiply-add)."""
-        return unpack_int4(self.packed, self.scales_zeros, self.block)
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group 32"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kernel} kernel"
+
+
+class Int4Linear(PackedLinear):
+    """A Linear layer whose weight is a GGUF Q4_0 / Q4_1 tensor, run by an int4
+    kernel for the few rows of a decode step; a prefill (``MULTI_ROW_MIN`` rows
+    or more) dequantizes the weight to float32 for that one matmul and drops it
+    after. Two kernels (``kernel``), each with its own weight layout:
+    ``Q4Linear``, llmhost's (8-bit activations, q4kernel.c), and
+    ``TorchInt4Linear``, torch's (bfloat16 activations)."""
+
+
+class Q4Linear(Int4Linear):
+    """The file's blocks as they are (qs: 16 bytes of nibbles per block of 32,
+    dm: its float16 d and m, w = d * q + m) and llmhost's AVX2 kernel
+    (q4kernel.c): activations quantized to 8 bits per block of 32 as
+    llama.cpp does, integer dot products. A prefill's dense matmul multiplies
+    the same 8-bit activations (back in float32) by the dequantized weights,
+    so both paths compute the same products and a prompt reads the same
+    whichever runs it (to float32 rounding). Output in the input's dtype."""
+
+    kernel = "llmhost"
+
+    def __init__(self, qs: torch.Tensor, dm: torch.Tensor, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        self.register_buffer("qs", qs)     # uint8 [N, K / 2]
+        self.register_buffer("dm", dm)     # float16 [2, N, K / 32]
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        from . import q4kernel
+
+        if x.shape[0] >= MULTI_ROW_MIN:
+            return torch.mm(q4kernel.requantized(x), self.dequantized().T).to(x.dtype)
+        return q4kernel.matmul(x, self.qs, self.dm).to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight, [N, K] float32."""
+        from . import q4kernel
+
+        return q4kernel.dequantize(self.qs, self.dm)
+
+
+class TorchInt4Linear(Int4Linear):
+    """torch's int4 CPU kernel (``aten._weight_int4pack_mm_for_cpu``, bfloat16
+    activations), for CPUs where llmhost's kernel is unavailable
+    (q4kernel.available) or when LLMHOST_INT4_KERNEL=torch. The prefill's
+    float32 matmul uses the same weights and float32 accumulation as the
+    kernel, output rounded to bfloat16 as the kernel's; only the order of the
+    sums differs, so a logit may round the other way."""
+
+    kernel = "torch"
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int,
+                 out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        self.register_buffer("packed", packed)               # uint8 [N, K / 2]
+        self.register_buffer("scales_zeros", scales_zeros)   # [K / 32, N, 2]
+        self.block = int4_block_rows(out_features, in_features)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.scales_zeros.dtype
+        if x.shape[0] >= MULTI_ROW_MIN and self.block:
+            return torch.mm(x.float(), self.dequantized().T).to(dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype).contiguous(), self.packed,
+                                                          INT4_GROUP, self.scales_zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight, [N, K] float32 (a transposed view): w = (q - 8) * scale +
+        zero, what the int4 kernel computes per weight (one rounding, as its
+        fused multiply-add)."""
+        return unpack_int4(self.packed, self.scales_zeros, self.block).T
+
+
+class Q8Embedding(torch.nn.Module):
+    """A GGUF Q8_0 token embedding kept as the file stores it (int8 per weight,
+    a float16 scale per block of 32: a quarter of float32's bytes), its rows
+    dequantized as they are looked up, to exactly the values gguf's
+    dequantization gives (q * d is exact in float32), then cast to `dtype`.
+    With llmhost's kernel the tied output head (Q8Head) reads the same blocks."""
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qs.shape
+        self.register_buffer("qs", qs)                 # int8 [V, K]
+        self.register_buffer("dm", d.unsqueeze(0))     # float16 [1, V, K / 32]
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qs[ids].view(*ids.shape, -1, INT4_GROUP).float()
+        return (rows * self.dm[0][ids].float().unsqueeze(-1)).view(*ids.shape, -1).to(self.dtype)
+
+
+class Q8Head(PackedLinear):
+    """The output head tied to a Q8Embedding: the same blocks, llmhost's kernel
+    (its Q8_0 product; the sampler asks for one row per sequence)."""
+
+    kernel = "llmhost"
+
+    def __init__(self, embedding: Q8Embedding) -> None:
+        super().__init__(embedding.embedding_dim, embedding.num_embeddings)
+        self.register_buffer("qs", embedding.qs)
+        self.register_buffer("dm", embedding.dm)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        from . import q4kernel
+
+        return q4kernel.matmul(x, self.qs, self.dm).to(x.dtype)
+
+
+def q8_embedding(blocks, dtype: torch.dtype) -> Q8Embedding:
+    """A Q8Embedding of a GGUF Q8_0 tensor's raw bytes (numpy uint8 [V, K / 32 * 34])."""
+    import numpy as np
+
+    data = np.asarray(blocks)
+    v = data.shape[0]
+    data = data.reshape(v, -1, 34)                              # [V, K / 32, d + 32 q]
+    d = data[..., :2].copy().view(np.float16)[..., 0]
+    qs = data[..., 2:].copy().view(np.int8).reshape(v, -1)
+    return Q8Embedding(torch.from_numpy(qs), torch.from_numpy(d), dtype)
 
 
 def unpack_int4(packed: torch.Tensor, scales_zeros: torch.Tensor, block: int) -> torch.Tensor:
@@ -200,22 +310,26 @@ def int4_block_rows(n: int, k: int) -> int | None:
     return None
 
 
-def int4_from_gguf(kind: str, blocks, rows, dtype: torch.dtype) -> Int4Linear:
+def int4_from_gguf(kind: str, blocks, rows, dtype: torch.dtype, kernel: str = "llmhost") -> Int4Linear:
     """An Int4Linear from a GGUF Q4_0 (`kind` "Q4_0") or Q4_1 tensor: `blocks`
     its raw bytes (numpy uint8, one row of blocks per output feature), `rows`
-    the output-row order the model wants (an architecture's q/k permutation)."""
+    the output-row order the model wants (an architecture's q/k permutation),
+    `kernel` one of KERNELS (torch's computes in `dtype`)."""
     import numpy as np
 
     head = 4 if kind == "Q4_1" else 2
     data = np.asarray(blocks)[np.asarray(rows)]
     n = data.shape[0]
     data = data.reshape(n, -1, head + 16)                    # [N, K / 32, block]
-    d = data[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = data[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if head == 4 \
-        else -8 * d                                            # Q4_0: w = d * (q - 8)
+    d = data[..., :2].copy().view(np.float16)[..., 0]
+    m = data[..., 2:4].copy().view(np.float16)[..., 0] if head == 4 \
+        else (-8 * d.astype(np.float32)).astype(np.float16)   # Q4_0: w = d * (q - 8), exact
     qs = data[..., head:]
+    if kernel == "llmhost":
+        return Q4Linear(torch.from_numpy(qs.reshape(n, -1).copy()), torch.from_numpy(np.stack([d, m])),
+                        qs.shape[1] * 32, n)
+    d, m = d.astype(np.float32), m.astype(np.float32)
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, -1)   # q of weight k in 0..15
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 1)
     scales_zeros = torch.from_numpy(np.stack([d, m + 8 * d], axis=-1)).transpose(0, 1)
-    return Int4Linear(packed, scales_zeros.contiguous().to(dtype), q.shape[1], n)
-
+    return TorchInt4Linear(packed, scales_zeros.contiguous().to(dtype), q.shape[1], n)

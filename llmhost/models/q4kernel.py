@@ -1,0 +1,120 @@
+"""llmhost's int4 CPU kernel (q4kernel.c): built with the system's C compiler at
+the first int4 load of a process, called through ctypes.
+
+Why a kernel of our own: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``)
+takes bfloat16 activations, which a CPU without AVX512-BF16 emulates, and the
+other 4-bit CPU kernels of the libraries this project could use are not there
+on such a CPU (torchao's x86 ones need AVX-512 and its PyPI wheel ships none,
+Intel's extension stopped at torch 2.8). llama.cpp's scheme (8-bit activations
+per block of 32 against the file's 4-bit blocks, integer dot products) is what
+makes it fast on these CPUs; its code lives inside ggml, not a library torch can
+call, so the few dozen lines of that arithmetic are written here
+(docs/performance.md has the figures).
+
+Why compiled at run time rather than at install: the install then needs no
+compiler (a machine without one, or a CPU without AVX2, FMA and F16C, keeps
+torch's kernel: ``available`` says why), and the library is built for the
+machine it runs on. Building takes about a second; the file is deleted once it
+is loaded. Nothing is cached between processes.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(__file__), "q4kernel.c")
+CPU_FLAGS = ("avx2", "fma", "f16c")
+COMPILE = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+_P, _N = ctypes.c_void_p, ctypes.c_int64
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=1)
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library, "") or (None, why not)."""
+    missing = [flag for flag in CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        return None, f"the CPU lacks {', '.join(missing)}"
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None, "no C compiler (cc or gcc; or set CC)"
+    with tempfile.TemporaryDirectory(prefix="llmhost-q4-") as folder:
+        target = os.path.join(folder, "q4kernel.so")
+        try:
+            done = subprocess.run([compiler, *COMPILE, SOURCE, "-o", target], capture_output=True,
+                                  text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"{compiler} failed: {exc}"
+        if done.returncode:
+            return None, f"{compiler} failed: {done.stderr.strip()[-500:]}"
+        lib = ctypes.CDLL(target)
+    lib.q4_requantize.argtypes = [_P, _N, _N, _P, ctypes.c_int]
+    lib.q4_dequantize.argtypes = [_P, _P, _P, _N, _N, _P, ctypes.c_int]
+    lib.q_linear.argtypes = [ctypes.c_int, _P, _N, _N, _P, _P, _P, _N, _P, ctypes.c_int]
+    for fn in (lib.q4_requantize, lib.q4_dequantize, lib.q_linear):
+        fn.restype = None
+    return lib, ""
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the kernel runs here, else (False, the reason), logged once."""
+    lib, reason = _build()
+    if lib is None and not getattr(_build, "logged", False):
+        _build.logged = True
+        log.info("int4 loads use torch's int4 kernel: llmhost's AVX2 kernel is unavailable (%s)", reason)
+    return lib is not None, reason
+
+
+def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """[M, N] float32: x [M, K] (any float dtype) times a weight transposed:
+    Q4 (qs uint8 [N, K / 2], dm float16 [2, N, K / 32]: d and m) or Q8_0 (qs
+    int8 [N, K], dm float16 [1, N, K / 32]: d). One call into the library
+    (it quantizes x too): ~5 us of Python per layer."""
+    lib, _ = _build()
+    x = x.float().contiguous()
+    n, m, k = qs.shape[0], x.shape[0], x.shape[1]
+    out = torch.empty(m, n)
+    lib.q_linear(8 if qs.dtype == torch.int8 else 4, x.data_ptr(), m, k, qs.data_ptr(),
+                 dm[0].data_ptr(), dm[-1].data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def dequantize(qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """[N, K] float32 weights d * q + m."""
+    lib, _ = _build()
+    n, k = qs.shape[0], qs.shape[1] * 2
+    out = torch.empty(n, k)
+    lib.q4_dequantize(qs.data_ptr(), dm[0].data_ptr(), dm[1].data_ptr(), n, k, out.data_ptr(),
+                      torch.get_num_threads())
+    return out
+
+
+def requantized(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the kernel sees it (its 8-bit blocks, back in float32): a
+    prefill's dense matmul on these rows computes what the kernel would, to
+    float32 rounding."""
+    lib, _ = _build()
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    lib.q4_requantize(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out
