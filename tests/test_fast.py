@@ -112,7 +112,6 @@ def test_torch_int4_layer_computes_the_dequantized_gguf_weights(kind):
     import numpy as np
     from gguf import GGMLQuantizationType, dequantize, quantize
 
-    from llmhost.models import quantize as q4
     from llmhost.models.quantize import int4_from_gguf
 
     rng = np.random.default_rng(0)
@@ -123,7 +122,7 @@ def test_torch_int4_layer_computes_the_dequantized_gguf_weights(kind):
     layer = int4_from_gguf(kind, blocks, rows, torch.float32, kernel="torch")
     assert layer.block, "this CPU's int4 packing was not recognised: prefill falls back to the kernel"
     torch.testing.assert_close(layer.dequantized(), weight[rows], rtol=0, atol=1e-6)
-    few, many = torch.randn(5, 96), torch.randn(q4.MULTI_ROW_MIN + 3, 96)
+    few, many = torch.randn(5, 96), torch.randn(layer.dense_rows + 3, 96)
     torch.testing.assert_close(layer(few), few @ weight[rows].T, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(layer(many), many @ weight[rows].T, rtol=1e-5, atol=1e-4)
     kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(many, layer.packed, 32, layer.scales_zeros)
@@ -164,7 +163,6 @@ def test_llmhost_int4_layer_computes_the_dequantized_gguf_weights(kind, width):
     import numpy as np
     from gguf import GGMLQuantizationType, dequantize, quantize
 
-    from llmhost.models import quantize as q4
     from llmhost.models.quantize import Q4Linear, int4_from_gguf
 
     q4kernel = _llmhost_kernel()
@@ -176,7 +174,7 @@ def test_llmhost_int4_layer_computes_the_dequantized_gguf_weights(kind, width):
     layer = int4_from_gguf(kind, blocks, rows, torch.float32)
     assert isinstance(layer, Q4Linear)
     torch.testing.assert_close(layer.dequantized(), weight[rows], rtol=0, atol=0)
-    for x in (torch.randn(5, width), torch.randn(q4.MULTI_ROW_MIN + 3, width)):
+    for x in (torch.randn(5, width), torch.randn(layer.dense_rows + 3, width)):
         exact = q4kernel.requantized(x).double() @ weight[rows].double().T
         torch.testing.assert_close(layer(x).double(), exact, rtol=1e-5, atol=1e-4)
         plain = x @ weight[rows].T   # activations in 8 bits: about 0.5% of the product's scale

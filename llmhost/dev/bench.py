@@ -974,7 +974,7 @@ def bench_quality(args) -> int:
 def bench_int4_prefill(args) -> int:
     """int4 prefill: one forward over a prompt of each length, the int4
     kernel (LLMHOST_INT4_KERNEL's) against the weights dequantized per layer
-    (quantize.MULTI_ROW_MIN switched in the same process), alternated, CPU time
+    (the layers' dense_rows switched in the same process), alternated, CPU time
     of the process (with one thread, what the machine's other load disturbs
     least) and wall time."""
     import statistics
@@ -1000,17 +1000,18 @@ def bench_int4_prefill(args) -> int:
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
             return time.process_time() - cpu, time.perf_counter() - wall
 
-    kept = quantize.MULTI_ROW_MIN
+    layer = next(m for m in model.modules() if isinstance(m, quantize.Int4Linear))
+    kept = type(layer).dense_rows
     try:
         for round_ in range(args.rounds + 1):   # round 0 warms up
             for n in args.tokens:
                 for path, rows in paths.items():
-                    quantize.MULTI_ROW_MIN = rows
+                    type(layer).dense_rows = rows
                     took = forward(n)
                     if round_:
                         times[(path, n)].append(took)
     finally:
-        quantize.MULTI_ROW_MIN = kept
+        type(layer).dense_rows = kept
     print(f"load average {os.getloadavg()[0]:.1f}\n| prompt tokens | int4 kernel ms (CPU / wall) | "
           f"dequantized ms (CPU / wall) | kernel / dequantized (CPU) |\n| --- | --- | --- | --- |")
     for n in args.tokens:

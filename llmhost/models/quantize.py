@@ -118,12 +118,6 @@ def model_bytes(model: torch.nn.Module, count: bool = False) -> int:
                if isinstance(t, torch.Tensor) and id(t) not in skip) + sum(shapes.values())
 
 
-# Rows (tokens times sequences) from which a step dequantizes each int4 layer
-# to float32 and runs one dense matmul instead of the int4 kernel, whose time
-# grows with the rows (it is a decode kernel: SmolLM2's 43-token prefill spent
-# 88% of its time in torch's). Where the two cost the same on an AVX2 CPU
-# (64 tokens, docs/performance.md); shorter prompts keep the kernel.
-MULTI_ROW_MIN = 64
 KERNELS = ("llmhost", "torch")
 
 
@@ -154,11 +148,18 @@ class PackedLinear(torch.nn.Module):
 
 class Int4Linear(PackedLinear):
     """A Linear layer whose weight is a GGUF Q4_0 / Q4_1 tensor, run by an int4
-    kernel for the few rows of a decode step; a prefill (``MULTI_ROW_MIN`` rows
+    kernel for the few rows of a decode step; a prefill (``dense_rows`` rows
     or more) dequantizes the weight to float32 for that one matmul and drops it
     after. Two kernels (``kernel``), each with its own weight layout:
     ``Q4Linear``, llmhost's (8-bit activations, q4kernel.c), and
-    ``TorchInt4Linear``, torch's (bfloat16 activations)."""
+    ``TorchInt4Linear``, torch's (bfloat16 activations).
+
+    ``dense_rows``: the rows (tokens times sequences) from which a step
+    dequantizes the weight and runs one dense matmul instead of the kernel,
+    whose time grows with the rows: where the two cost the same on an AVX2 CPU
+    (`bench int4-prefill`, docs/performance.md)."""
+
+    dense_rows = 64
 
 
 class Q4Linear(Int4Linear):
@@ -171,6 +172,7 @@ class Q4Linear(Int4Linear):
     whichever runs it (to float32 rounding). Output in the input's dtype."""
 
     kernel = "llmhost"
+    dense_rows = 256   # 128 rows: the kernel 0.74-0.79x the dense path's time, 256: 1.03x
 
     def __init__(self, qs: torch.Tensor, dm: torch.Tensor, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features)
@@ -180,7 +182,7 @@ class Q4Linear(Int4Linear):
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         from . import q4kernel
 
-        if x.shape[0] >= MULTI_ROW_MIN:
+        if x.shape[0] >= self.dense_rows:
             return torch.mm(q4kernel.requantized(x), self.dequantized().T).to(x.dtype)
         return q4kernel.matmul(x, self.qs, self.dm).to(x.dtype)
 
@@ -200,6 +202,7 @@ class TorchInt4Linear(Int4Linear):
     sums differs, so a logit may round the other way."""
 
     kernel = "torch"
+    dense_rows = 64    # SmolLM2's 43-token prefill spent 88% of its time in this kernel
 
     def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int,
                  out_features: int) -> None:
@@ -210,7 +213,7 @@ class TorchInt4Linear(Int4Linear):
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.scales_zeros.dtype
-        if x.shape[0] >= MULTI_ROW_MIN and self.block:
+        if x.shape[0] >= self.dense_rows and self.block:
             return torch.mm(x.float(), self.dequantized().T).to(dtype)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(dtype).contiguous(), self.packed,
                                                           INT4_GROUP, self.scales_zeros)
