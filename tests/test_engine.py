@@ -184,14 +184,16 @@ def test_close_fails_running_and_waiting_requests(llama, make_scheduler):
 
 
 def test_threads_per_step_follow_the_rule_and_the_override(llama, make_scheduler):
-    """A lone int4 row leaves a core to the HTTP side (one thread of two); a lone
-    float32 or bfloat16 row, batches and prefills use all; LLMHOST_LONE_ROW_THREADS
+    """A lone row on torch's int4 kernel leaves a core to the HTTP side (one
+    thread of two); a lone row of llmhost's int4 kernel, float32 or bfloat16,
+    batches and prefills use all; LLMHOST_LONE_ROW_THREADS
     overrides a lone row's count (up to torch's). The answer is the same with
     any thread count."""
     from llmhost.engine.scheduler import step_threads
 
     assert step_threads(1, "int4", 2) == 1
     assert step_threads(1, "int4", 16) == 15
+    assert step_threads(1, "int4-llmhost", 2) == 2
     assert step_threads(1, "float32", 2) == 2
     assert step_threads(1, "bfloat16", 2) == 2
     assert step_threads(1, "int8", 2) == 2

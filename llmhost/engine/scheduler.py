@@ -149,18 +149,20 @@ class _Row:
 
 
 # Kernels whose decode step of one row runs on one core fewer than torch has
-# (measured: docs/performance.md, "Threads per step"). Such a step is bound by
-# memory bandwidth and per-op overhead, so the last core adds little to it, and
-# every thread of it stalls whenever another thread of the machine (the HTTP
-# thread writing the token, the client reading it) takes its core. Steps of
-# heavier kernels (float32, bfloat16 emulated on CPUs without AVX512-BF16) gain
+# (measured: docs/performance.md, "Threads per step"). torch's int4 kernel
+# ("int4"): such a step is bound by memory bandwidth and per-op overhead, so the
+# last core adds little to it, and every thread of it stalls whenever another
+# thread of the machine (the HTTP thread writing the token, the client reading
+# it) takes its core. Steps of heavier kernels (float32, bfloat16 emulated on
+# CPUs without AVX512-BF16) and llmhost's int4 kernel ("int4-llmhost": one
+# streamed SmolLM2 row 1.15x faster with both cores, a 1B model's 1.46x) gain
 # more from the last core than they lose to that.
 SPARE_CORE_KERNELS = frozenset({"int4"})
 
 
 def step_threads(rows: int, kernel: str, threads: int, lone_row: int = 0) -> int:
     """torch's CPU threads for a decode step of `rows` rows of a model whose
-    matmuls run `kernel` ("int4", "int8", or the dtype: "float32", "bfloat16"...)
+    matmuls run `kernel` ("int4", "int4-llmhost", "int8", or the dtype: "float32"...)
     on a process given `threads`. A lone row of a SPARE_CORE_KERNELS load
     leaves one core to the HTTP side of its stream; everything else (batches,
     prefills, other kernels) uses every thread. `lone_row` > 0
@@ -202,7 +204,7 @@ class Scheduler(ModelWorker):
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
         self.threads = torch.get_num_threads()
-        self.kernel = loaded.quantization or str(loaded.dtype).replace("torch.", "")
+        self.kernel = loaded.kernel
         self.lone_row_threads = int(config.LONE_ROW_THREADS)
         # Set by models/adapters.py (on this thread, via between_steps) while LoRA
         # adapters are loaded: adapter names per row -> the context of a forward.

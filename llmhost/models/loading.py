@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import lean, memory as memcheck, progress, tasks
 from ..engine.errors import InvalidInput, NotFound, NotPermitted, Unavailable
-from .quantize import Int4Linear, auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
+from .quantize import Int4Linear, Q4Linear, auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
 
 log = logging.getLogger("llmhost")
 
@@ -105,6 +105,15 @@ class Loaded:
     @property
     def tokenizer(self):
         return self.pipeline.tokenizer
+
+    @property
+    def kernel(self) -> str:
+        """What a decode step's matmuls run, for the scheduler's thread rule:
+        the quantization ("int4" is torch's int4 kernel, "int4-llmhost"
+        llmhost's: quantize.Q4Linear) or the dtype."""
+        if self.quantization == "int4" and any(isinstance(m, Q4Linear) for m in self.model.modules()):
+            return "int4-llmhost"
+        return self.quantization or str(self.dtype).replace("torch.", "")
 
 
 # -- source ------------------------------------------------------------------
