@@ -30,6 +30,14 @@ def _aliases(value: str) -> dict[str, str]:
     return out
 
 
+def _int4_kernel(value: str) -> str:
+    """auto or torch (LLMHOST_INT4_KERNEL; models/loading.py int4_kernel)."""
+    value = value.strip().lower()
+    if value not in ("auto", "torch"):
+        raise ValueError(f"LLMHOST_INT4_KERNEL is 'auto' or 'torch', not {value!r}")
+    return value
+
+
 class Config:
     """Typed view of the environment; Flask reads the upper-case attributes."""
 
@@ -68,7 +76,7 @@ class Config:
         ("QUEUE_TIMEOUT", float, 600.0),
         ("MAX_BATCH", int, 32),
         ("BATCH_WAIT_MS", float, 25.0),
-        ("INT4_KERNEL", str, "auto"),    # auto: llmhost's AVX2 kernel where it runs; torch (models/q4kernel.py)
+        ("INT4_KERNEL", _int4_kernel, "auto"),    # auto: llmhost's AVX2 kernel where it runs; torch (models/q4kernel.py)
         ("LONE_ROW_THREADS", int, 0),    # 0: the scheduler's rule (engine/scheduler.py step_threads)
         ("IMAGE_URLS", _bool, False),    # fetch http(s) image_url parts (generation/images.py)
         ("MAX_IMAGES", int, 8),          # image parts per request

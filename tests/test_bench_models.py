@@ -58,7 +58,7 @@ def test_llama_tiny_gguf_reads_back_as_the_folders_model(built):
 def test_llmhost_loads_the_folder(built):
     import torch
 
-    from llmhost.config import Config
+    from llmhost.config import Config, TestConfig
     from llmhost.models.loading import LoadSpec, load
 
     loaded = load(LoadSpec(model=built[0], dtype="float32"), Config())
@@ -82,7 +82,7 @@ def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built
     import gguf
     import torch
 
-    from llmhost.config import Config
+    from llmhost.config import Config, TestConfig
     from llmhost.models.loading import LoadSpec, load
     from llmhost.models import q4kernel
     from llmhost.models.quantize import Int4Linear
@@ -121,5 +121,11 @@ def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built
     # the scheduler's thread rule gives every core
     assert int4.kernel == ("int4-llmhost" if q4kernel.available()[0] else "int4")
     assert int4.parameters == folder.parameters
+    # LLMHOST_INT4_KERNEL=torch: torch's int4 kernel, computing in bfloat16, the same answer
+    torch_int4 = load(LoadSpec(model=path, quantization="int4"), TestConfig(INT4_KERNEL="torch"))
+    assert torch_int4.kernel == "int4" and torch_int4.dtype == "bfloat16"
+    assert greedy(torch_int4) == reference
+    with pytest.raises(ValueError, match="LLMHOST_INT4_KERNEL"):
+        Config({"LLMHOST_INT4_KERNEL": "fast"})
     after = gguf.get_tensor_name_map.cache_info()
     assert after.misses == maps.misses and after.hits - maps.hits > 10

@@ -211,12 +211,19 @@ static inline __attribute__((always_inline)) void feature8(
 
 /* out [m, n] float32 = x [m, k] float32 (quantized here) times w^T, w [n, k]: a Q4 weight
    (bits 4: qs uint8 [n, k / 2], d and mn float16 [n, k / 32]) or a Q8_0 one (bits 8: qs int8
-   [n, k], d; mn unused). Threads split the features; a feature's rows go four at a time. */
-void q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, const uint16_t *d,
-              const uint16_t *mn, int64_t n, float *out, int nt) {
+   [n, k], d; mn unused). Threads split the features; a feature's rows go four at a time.
+   Returns 0, or -1 when the activations' scratch memory could not be allocated. */
+int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, const uint16_t *d,
+             const uint16_t *mn, int64_t n, float *out, int nt) {
     int64_t nb = k / 32;
     int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
+    if (!xq || !xd || !xs) {
+        free(xq);
+        free(xd);
+        free(xs);
+        return -1;
+    }
     quantize_rows(x, m, k, xq, xd, xs, nt);
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t f = 0; f < n; f++)
@@ -238,6 +245,7 @@ void q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, co
     free(xq);
     free(xd);
     free(xs);
+    return 0;
 }
 
 /* w [n, k] float32: a Q4 weight's values, d * q + m, for a prefill's dense matmul */

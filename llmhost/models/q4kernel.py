@@ -71,8 +71,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.q4_requantize.argtypes = [_P, _N, _N, _P, ctypes.c_int]
     lib.q4_dequantize.argtypes = [_P, _P, _P, _N, _N, _P, ctypes.c_int]
     lib.q_linear.argtypes = [ctypes.c_int, _P, _N, _N, _P, _P, _P, _N, _P, ctypes.c_int]
-    for fn in (lib.q4_requantize, lib.q4_dequantize, lib.q_linear):
+    for fn in (lib.q4_requantize, lib.q4_dequantize):
         fn.restype = None
+    lib.q_linear.restype = ctypes.c_int
     return lib, ""
 
 
@@ -94,8 +95,9 @@ def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     x = x.float().contiguous()
     n, m, k = qs.shape[0], x.shape[0], x.shape[1]
     out = torch.empty(m, n)
-    lib.q_linear(8 if qs.dtype == torch.int8 else 4, x.data_ptr(), m, k, qs.data_ptr(),
-                 dm[0].data_ptr(), dm[-1].data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+    if lib.q_linear(8 if qs.dtype == torch.int8 else 4, x.data_ptr(), m, k, qs.data_ptr(),
+                    dm[0].data_ptr(), dm[-1].data_ptr(), n, out.data_ptr(), torch.get_num_threads()):
+        raise torch.OutOfMemoryError(f"int4 kernel: no memory for {m} x {k} activations")
     return out
 
 
