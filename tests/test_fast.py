@@ -144,7 +144,7 @@ def _llmhost_kernel():
     from llmhost.models import q4kernel
 
     ok, why = q4kernel.available()
-    if not ok and set(q4kernel.CPU_FLAGS) <= q4kernel._cpu_flags() and shutil.which("cc"):
+    if not ok and set(q4kernel.CPU_FLAGS) <= q4kernel.cpu_flags() and shutil.which("cc"):
         pytest.fail(f"llmhost's int4 kernel should build here: {why}")
     if not ok:
         pytest.skip(f"llmhost's int4 kernel is unavailable: {why}")

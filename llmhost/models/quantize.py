@@ -35,19 +35,25 @@ BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (Cooper Lake, Sapphire R
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (from /proc/cpuinfo's flags;
-    torch.backends.cpu.get_cpu_capability() says only 'AVX512', which covers
-    CPUs with and without bf16)."""
+def cpu_flags() -> frozenset:
+    """This CPU's feature flags, from /proc/cpuinfo ("flags" on x86, "Features"
+    on arm64; torch.backends.cpu.get_cpu_capability() says only 'AVX2' or
+    'AVX512', which covers CPUs with and without bf16); empty when unknown."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
                 if key.strip() in ("flags", "Features"):
-                    return bool(BF16_FLAGS & set(value.split()))
+                    return frozenset(value.split())
     except OSError:
         pass
-    return False  # unknown (no /proc/cpuinfo): float32, which is right everywhere
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (unknown: no, float32 is
+    right everywhere)."""
+    return bool(BF16_FLAGS & cpu_flags())
 
 
 def auto_cpu_dtype() -> torch.dtype:
