@@ -187,6 +187,22 @@ def test_llmhost_int4_layer_computes_the_dequantized_gguf_weights(kind, width):
     assert layer(few.unsqueeze(0)).shape == (1, 7, 64)
 
 
+def test_int4_falls_back_to_torchs_kernel_where_llmhosts_cannot_build(monkeypatch):
+    """No working C compiler: the kernel says why, and int4 loads choose torch's
+    kernel (LLMHOST_INT4_KERNEL=auto) instead of failing."""
+    from llmhost.config import TestConfig
+    from llmhost.models import q4kernel
+    from llmhost.models.loading import int4_kernel
+
+    monkeypatch.setenv("CC", "false")            # a "compiler" that always fails
+    lib, why = q4kernel._build.__wrapped__()     # the build itself, not the process's cached one
+    assert lib is None and ("false failed" in why or "the CPU lacks" in why)
+    monkeypatch.setattr(q4kernel, "_build", lambda: (None, why))
+    assert q4kernel.available() == (False, why)
+    assert int4_kernel(TestConfig()) == "torch"
+    assert int4_kernel(TestConfig(INT4_KERNEL="torch")) == "torch"
+
+
 def test_q8_embedding_and_its_head_keep_the_files_blocks():
     """A Q8_0 token embedding kept as the file stores it: looked-up rows equal
     gguf's dequantized ones exactly; the tied head (llmhost's kernel) computes
