@@ -29,14 +29,29 @@ import tempfile
 
 import torch
 
-from .quantize import cpu_flags
-
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(__file__), "q4kernel.c")
 CPU_FLAGS = ("avx2", "fma", "f16c")
 COMPILE = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 _P, _N = ctypes.c_void_p, ctypes.c_int64
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """This CPU's feature flags, from /proc/cpuinfo ("flags" on x86, "Features"
+    on arm64; torch.backends.cpu.get_cpu_capability() says only 'AVX2' or
+    'AVX512', which covers CPUs with and without bf16); empty when unknown.
+    (quantize.py reads it too, for native bfloat16.)"""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 @functools.lru_cache(maxsize=1)

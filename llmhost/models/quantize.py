@@ -29,25 +29,12 @@ import functools
 
 import torch
 
+from . import q4kernel
+from .q4kernel import cpu_flags
+
 QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP = 32
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (Cooper Lake, Sapphire Rapids+), arm64
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """This CPU's feature flags, from /proc/cpuinfo ("flags" on x86, "Features"
-    on arm64; torch.backends.cpu.get_cpu_capability() says only 'AVX2' or
-    'AVX512', which covers CPUs with and without bf16); empty when unknown."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -186,16 +173,12 @@ class Q4Linear(Int4Linear):
         self.register_buffer("dm", dm)     # float16 [2, N, K / 32]
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        from . import q4kernel
-
         if x.shape[0] >= self.dense_rows:
             return torch.mm(q4kernel.requantized(x), self.dequantized().T).to(x.dtype)
         return q4kernel.matmul(x, self.qs, self.dm).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The weight, [N, K] float32."""
-        from . import q4kernel
-
         return q4kernel.dequantize(self.qs, self.dm)
 
 
@@ -262,8 +245,6 @@ class Q8Head(PackedLinear):
         self.register_buffer("dm", embedding.dm)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        from . import q4kernel
-
         return q4kernel.matmul(x, self.qs, self.dm).to(x.dtype)
 
 
