@@ -8,8 +8,8 @@ on such a CPU (torchao's x86 ones need AVX-512 and its PyPI wheel ships none,
 Intel's extension stopped at torch 2.8). llama.cpp's scheme (8-bit activations
 per block of 32 against the file's 4-bit blocks, integer dot products) is what
 makes it fast on these CPUs; its code lives inside ggml, not a library torch can
-call, so the few dozen lines of that arithmetic are written here
-(docs/performance.md has the figures).
+call, so that arithmetic (a few hundred lines of C with AVX2 intrinsics) is
+written here (docs/performance.md has the figures).
 
 Why compiled at run time rather than at install: the install then needs no
 compiler (a machine without one, or a CPU without AVX2, FMA and F16C, keeps
