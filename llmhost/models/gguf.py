@@ -114,24 +114,31 @@ def _place(model, hf_name: str, value: torch.Tensor, gguf_name: str, linears, qu
         _replace(model, module_name, quantize_module(module))
 
 
-def _keep_int4(model, data, kind: str, gguf_name: str, processor, key_map, parsed, dtype,
-               linears, kernel: str) -> bool:
-    """Put a Q4_0 / Q4_1 Linear weight into the model as a quantize.Int4Linear;
-    False (dequantize it as usual) for anything else. The architecture's
-    processor is run on the row numbers to learn the tensor's name and the row
-    order it wants (Llama's q/k permutation)."""
-    from .quantize import int4_from_gguf
-
+def _row_order(data, gguf_name: str, processor, key_map, parsed) -> tuple[str, np.ndarray | None]:
+    """(the HF name of a GGUF tensor kept in its blocks, the output-row order the
+    architecture wants: int64 [rows], or None when its processor reshapes the
+    tensor). The processor is run on the row numbers, so that its renaming and
+    row permutation (Llama's q/k) come out without dequantizing the tensor."""
     rows = np.arange(data.shape[0], dtype=np.float32).reshape(-1, 1)
     result = processor.process(weights=rows, name=gguf_name, tensor_key_mapping=key_map,
                                parsed_parameters=parsed)
-    hf_name = key_map.get(result.name, "")
+    order = np.asarray(result.weights)
+    return key_map.get(result.name, ""), \
+        order[:, 0].astype(np.int64) if order.shape == rows.shape else None
+
+
+def _keep_int4(model, data, kind: str, gguf_name: str, processor, key_map, parsed, dtype,
+               linears, kernel: str) -> bool:
+    """Put a Q4_0 / Q4_1 Linear weight into the model as a quantize.Int4Linear;
+    False (dequantize it as usual) for anything else."""
+    from .quantize import int4_from_gguf
+
+    hf_name, order = _row_order(data, gguf_name, processor, key_map, parsed)
     module_name, _, attr = hf_name.rpartition(".")
     module = linears.get(module_name)
-    if attr != "weight" or module is None or _tied(model, module) or \
-            np.shape(result.weights) != rows.shape:
+    if attr != "weight" or module is None or _tied(model, module) or order is None:
         return False
-    new = int4_from_gguf(kind, data, np.asarray(result.weights)[:, 0].astype(np.int64), dtype, kernel)
+    new = int4_from_gguf(kind, data, order, dtype, kernel)
     if module.bias is not None:
         new.bias = module.bias       # meta until its own tensor arrives (_place sets it)
     _replace(model, module_name, new)
@@ -150,13 +157,10 @@ def _keep_q8_embedding(model, data, gguf_name: str, processor, key_map, parsed, 
     if not getattr(model.config.get_text_config(), "tie_word_embeddings", False) or \
             not isinstance(embedding, torch.nn.Embedding):
         return False
-    rows = np.arange(data.shape[0], dtype=np.float32).reshape(-1, 1)
-    result = processor.process(weights=rows, name=gguf_name, tensor_key_mapping=key_map,
-                               parsed_parameters=parsed)
+    hf_name, order = _row_order(data, gguf_name, processor, key_map, parsed)
     names = {name for name, module in model.named_modules() if module is embedding}
-    hf_name = key_map.get(result.name, "")
-    if hf_name.rpartition(".")[0] not in names or not np.array_equal(
-            np.asarray(result.weights)[:, 0], rows[:, 0]) or \
+    if hf_name.rpartition(".")[0] not in names or order is None or \
+            not np.array_equal(order, np.arange(data.shape[0])) or \
             (data.shape[0], data.shape[1] // 34 * 32) != tuple(embedding.weight.shape):
         return False
     new = q8_embedding(data, dtype)

@@ -398,8 +398,9 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     dtype = choose_dtype(spec.dtype, device, task)
     if spec.quantization == "int8":
         dtype = int8_compute_dtype(spec.dtype)
-    elif spec.quantization == "int4":
-        dtype = int4_compute_dtype(spec.dtype, task, source.gguf_file, int4_kernel(config))
+    int4 = int4_kernel(config) if spec.quantization == "int4" else ""
+    if int4:
+        dtype = int4_compute_dtype(spec.dtype, task, source.gguf_file, int4)
     # a load that cannot fit is a 507, not an OOM-killed worker (int8 is estimated at its
     # float32 compute dtype: an upper bound, the weights are quantized layer by layer)
     memcheck.check(spec.model, source.folder, source.gguf_file, device, dtype, config, in_use)
@@ -415,7 +416,7 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
         return loaded
     if task == "vision":
         return _load_vision(source, spec, device, device_map, dtype)
-    return _load_causal_lm(source, spec, device, device_map, dtype, config)
+    return _load_causal_lm(source, spec, device, device_map, dtype, int4)
 
 
 def _no_memory(device: str, spec: LoadSpec) -> Unavailable:
@@ -424,13 +425,13 @@ def _no_memory(device: str, spec: LoadSpec) -> Unavailable:
                   code="out_of_memory")
 
 
-def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dtype, config) -> Loaded:
+def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dtype, int4: str) -> Loaded:
     kwargs: dict = {"local_files_only": True, "trust_remote_code": spec.trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-        model = _stream_gguf(source, spec, dtype, device, config)
+        model = _stream_gguf(source, spec, dtype, device, int4)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
                                                          device_map=device_map, **kwargs)
@@ -487,18 +488,19 @@ def _load_vision(source: Source, spec: LoadSpec, device: str, device_map, dtype)
     return _generation(model, processor.tokenizer, source, spec, device, processor)
 
 
-def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str, config):
+def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str, int4: str):
     """A GGUF model loaded on the CPU is read one tensor at a time (gguf_stream),
     so that the whole model never exists in float32 next to the result; float32
     too (transformers' loader peaked 237 MiB above its end for SmolLM2, the
     stream about 30; same weights, compared equal). None where transformers'
-    own path is used (other devices, architectures gguf_stream does not know)."""
+    own path is used (other devices, architectures gguf_stream does not know).
+    `int4`: the int4 kernel of an int4 load (int4_kernel), "" otherwise."""
     if not source.gguf_file or device != "cpu":
         return None
     from . import gguf
     return gguf.load_causal_lm(source.folder, source.gguf_file, dtype,
                                       quantize_linear if spec.quantization == "int8" else None,
-                                      int4=int4_kernel(config) if spec.quantization == "int4" else "")
+                                      int4=int4)
 
 
 def _load_embedding(source: Source, spec, device: str, device_map, dtype) -> Loaded:
