@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from . import metrics
 from .errors import EngineError, InvalidInput, failure
 from .kvcache import ROOM, growing_cache, seeded_cache, set_room
+from .llamastep import LlamaStep
 from .prefixcache import PrefixStore, budget_bytes
 from .queueing import ModelWorker
 from .sampling import RowSampler, SamplingParams, vocab_size
@@ -215,6 +216,9 @@ class Scheduler(ModelWorker):
         budget = budget_bytes(config)
         self.prefix = PrefixStore(model_id, budget) if budget and self.batchable else None
         self.chunk = max(1, int(config.PREFILL_CHUNK))
+        # Llama-architecture models: the same arithmetic without transformers' Python
+        # around it (llamastep.py); None: model(...) as is
+        self.step = LlamaStep.for_model(self.model) if self.batchable else None
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -560,6 +564,9 @@ class Scheduler(ModelWorker):
         dev = self.device
         inputs = {name: value.to(dev, self.model.dtype) if value.is_floating_point()
                   else value.to(dev) for name, value in (extra or {}).items()}
+        if self.step is not None and self.adapter_context is None and not inputs:
+            logits = self.step(ids.to(dev), mask.to(dev), positions.to(dev), cache)
+            return logits[:, -1, :].float().cpu()
         context = self.adapter_context(adapters) if self.adapter_context else nullcontext()
         with context:
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),

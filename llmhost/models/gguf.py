@@ -95,6 +95,9 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     missing = {n for n, p in model.named_parameters() if p.is_meta}
     if missing:
         raise ValueError(f"the GGUF file has no tensor for {sorted(missing)[:5]}")
+    if int4 == "llmhost":
+        from .quantize import group_q4
+        group_q4(model)   # q/k/v and gate/up: one kernel call each (quantize.Q4Group)
     _trim()
     return model
 

@@ -1,0 +1,113 @@
+"""The scheduler's forward for Llama-architecture models (SmolLM2, Llama 2/3 and
+the many fine-tunes that keep Llama's modules): transformers' own layers'
+arithmetic, without the Python around it.
+
+A decode step of a small model is mostly not arithmetic: SmolLM2 int4 on two
+cores spends ~1.5 ms of a ~11 ms step in transformers' module calls, keyword
+plumbing, output classes and decorators (``capture_outputs``,
+``deprecate_kwarg``, ``merge_with_config_defaults``), which llama.cpp does not
+have. ``LlamaStep`` runs the same tensor operations in the same order on the
+same modules' weights, with transformers' own mask builder, rotary module and
+attention function, so its logits are bit-identical to ``model(...)``'s
+(tests/test_fast.py checks it, decode and prefill, float32, bfloat16 and
+int4). Where the model's int4 layers were grouped at load (quantize.Q4Group:
+q/k/v, gate/up), one kernel call computes the group (the kernel computes each
+output feature on its own, so that is bit-identical too).
+
+Only models built exactly of transformers' Llama classes take this path
+(``LlamaStep.for_model`` returns None for anything else, and the scheduler
+keeps ``model(...)``); a forward with LoRA adapters or image inputs keeps
+``model(...)`` too (peft's hooks live in its module calls).
+"""
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama import modeling_llama as llama
+
+
+def _rms(weight: torch.Tensor, eps: float, h: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm.forward, op for op."""
+    dtype = h.dtype
+    x = h.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return weight * x.to(dtype)
+
+
+class _Layer:
+    """One decoder layer's modules and constants, looked up once."""
+
+    __slots__ = ("index", "norm1", "eps1", "qkv", "o_proj", "norm2", "eps2", "gate_up",
+                 "down", "act", "attn", "head_dim")
+
+    def __init__(self, index: int, layer) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.index, self.attn, self.head_dim = index, attn, attn.head_dim
+        self.norm1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.norm2, self.eps2 = (layer.post_attention_layernorm.weight,
+                                 layer.post_attention_layernorm.variance_epsilon)
+        # a quantize.Q4Group made at load: one kernel call for the layers reading one input
+        self.qkv = getattr(attn, "q4_group", None) or \
+            (lambda x, a=attn: (a.q_proj(x), a.k_proj(x), a.v_proj(x)))
+        self.gate_up = getattr(mlp, "q4_group", None) or \
+            (lambda x, m=mlp: (m.gate_proj(x), m.up_proj(x)))
+        self.o_proj, self.down, self.act = attn.o_proj, mlp.down_proj, mlp.act_fn
+
+
+class LlamaStep:
+    """``step(ids, mask, positions, cache)``: the last position's logits
+    [rows, 1, vocab], what ``model(..., logits_to_keep=1).logits`` is."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        base = model.model
+        self.embed, self.rotary, self.norm, self.head = base.embed_tokens, base.rotary_emb, base.norm, \
+            model.lm_head
+        self.attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            model.config._attn_implementation, llama.eager_attention_forward)
+        self.layers = [_Layer(i, layer) for i, layer in
+                       enumerate(base.layers[:model.config.num_hidden_layers])]
+
+    @classmethod
+    def for_model(cls, model) -> "LlamaStep | None":
+        """A LlamaStep when `model` is exactly transformers' Llama (classes not
+        subclassed, no hub kernel swapped into a forward, no tensor-parallel
+        split), else None."""
+        if type(model) is not llama.LlamaForCausalLM or type(model.model) is not llama.LlamaModel \
+                or getattr(model.config, "pretraining_tp", 1) != 1 \
+                or len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+            return None   # (a model spread over devices: accelerate's hooks move the states)
+        norms = [model.model.norm]
+        for layer in model.model.layers:
+            if type(layer) is not llama.LlamaDecoderLayer or type(layer.self_attn) is not llama.LlamaAttention \
+                    or type(layer.mlp) is not llama.LlamaMLP or layer.self_attn.training:
+                return None
+            norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        if any(type(n) is not llama.LlamaRMSNorm or "forward" in vars(n) for n in norms):
+            return None
+        return cls(model)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache) -> torch.Tensor:
+        """LlamaForCausalLM.forward with a cache and logits_to_keep=1, op for op."""
+        h = self.embed(ids)
+        causal = create_causal_mask(config=self.model.config, inputs_embeds=h, attention_mask=mask,
+                                    cache=cache, position_ids=positions)
+        cos, sin = self.rotary(h, position_ids=positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)         # apply_rotary_pos_emb's unsqueeze
+        rotate = llama.rotate_half
+        batch, length = ids.shape
+        for layer in self.layers:
+            x = _rms(layer.norm1, layer.eps1, h)
+            q, k, v = (t.view(batch, length, -1, layer.head_dim).transpose(1, 2) for t in layer.qkv(x))
+            q = (q * cos) + (rotate(q) * sin)
+            k = (k * cos) + (rotate(k) * sin)
+            k, v = cache.update(k, v, layer.index)
+            out, _ = self.attention(layer.attn, q, k, v, causal, dropout=0.0, scaling=layer.attn.scaling)
+            h = h + layer.o_proj(out.reshape(batch, length, -1).contiguous())
+            x = _rms(layer.norm2, layer.eps2, h)
+            gate, up = layer.gate_up(x)
+            h = h + layer.down(layer.act(gate) * up)
+        return self.head(_rms(self.norm.weight, self.norm.variance_epsilon, h)[:, -1:, :])

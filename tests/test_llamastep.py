@@ -1,0 +1,120 @@
+"""engine/llamastep.py: the scheduler's forward for Llama models computes
+exactly what transformers' forward computes (bit for bit: greedy answers and
+the prefix cache's reuse depend on it), and quantize.Q4Group's one kernel call
+exactly what its layers compute alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmhost.config import TestConfig
+from llmhost.engine.kvcache import growing_cache
+from llmhost.engine.llamastep import LlamaStep
+from llmhost.engine.scheduler import Scheduler
+from llmhost.models.loading import LoadSpec, load
+
+
+def _hf(model, ids, mask, positions, cache) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                 use_cache=True, logits_to_keep=1).logits
+
+
+@torch.inference_mode()
+def _run(model, forward) -> list[torch.Tensor]:
+    """Logits of what the scheduler does: two left-padded prompts prefilled
+    together, two decode steps; a long prompt in two chunks (the second
+    continuing the first's cache), then a decode step."""
+    out = []
+    ids = torch.tensor([[0, 0, 0, 5, 9, 13, 2], [4, 8, 15, 16, 23, 42, 7]])
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = growing_cache(model.config)
+    out.append(forward(model, ids, mask, positions, cache))
+    for step in range(2):
+        mask = torch.cat([mask, mask.new_ones((2, 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        out.append(forward(model, torch.tensor([[11 + step], [3]]), mask, positions, cache))
+    long = torch.arange(100, 140).unsqueeze(0)
+    cache = growing_cache(model.config)
+    for begin, end in ((0, 24), (24, 40)):
+        out.append(forward(model, long[:, begin:end], torch.ones((1, end), dtype=torch.long),
+                           torch.arange(begin, end).unsqueeze(0), cache))
+    out.append(forward(model, torch.tensor([[6]]), torch.ones((1, 41), dtype=torch.long),
+                       torch.tensor([[40]]), cache))
+    return out
+
+
+def _same(model) -> None:
+    step = LlamaStep.for_model(model)
+    assert step is not None
+    ours = _run(model, lambda m, *args: step(*args))
+    theirs = _run(model, _hf)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_llama_step_equals_transformers_bit_for_bit(tiny_models, dtype):
+    loaded = load(LoadSpec(model=tiny_models["llama"], dtype=dtype), TestConfig())
+    _same(loaded.model)
+    scheduler = Scheduler("tiny", loaded, TestConfig())   # not started: what it would run
+    try:
+        assert isinstance(scheduler.step, LlamaStep)
+    finally:
+        scheduler.close("test over")
+
+
+@pytest.mark.slow   # SmolLM2 int4 (the session's in-process load)
+def test_llama_step_equals_transformers_on_smollm2_int4(smollm2_int4):
+    """int4 with llmhost's kernel: q/k/v and gate/up grouped at load, one call each."""
+    model = smollm2_int4.model
+    if smollm2_int4.kernel == "int4-llmhost":
+        layer = model.model.layers[0]
+        assert layer.self_attn.q4_group.sizes == [576, 192, 192]
+        assert len(layer.mlp.q4_group.sizes) == 2
+    _same(model)
+
+
+def test_other_models_keep_transformers_forward(tiny_models):
+    gpt2 = load(LoadSpec(model=tiny_models["gpt2"]), TestConfig())
+    assert LlamaStep.for_model(gpt2.model) is None
+    scheduler = Scheduler("tiny", gpt2, TestConfig())
+    try:
+        assert scheduler.step is None
+    finally:
+        scheduler.close("test over")
+    llama = load(LoadSpec(model=tiny_models["llama"]), TestConfig()).model
+    norm = llama.model.layers[1].post_attention_layernorm
+    norm.forward = lambda h: h   # a kernel swapped into a module's forward: not ours to mirror
+    assert LlamaStep.for_model(llama) is None
+
+
+def test_q4_group_computes_what_its_layers_compute():
+    """One kernel call for q/k/v equals the three layers, on the kernel's rows
+    and on the dense path; the layers' blocks become views of the group's (no
+    second copy), and each layer alone still gives its own output."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quantize
+
+    from llmhost.models import q4kernel
+    from llmhost.models.quantize import Q4Group, int4_from_gguf, model_bytes
+
+    if not q4kernel.available()[0]:
+        pytest.skip("llmhost's int4 kernel is unavailable here")
+    rng = np.random.default_rng(0)
+    layers = []
+    for rows, kind in ((96, "Q4_1"), (32, "Q4_0"), (64, "Q4_1")):
+        blocks = quantize(rng.standard_normal((rows, 160)).astype(np.float32), GGMLQuantizationType[kind])
+        layers.append(int4_from_gguf(kind, blocks, np.arange(rows), torch.float32))
+    holder = torch.nn.ModuleList(layers)
+    before_bytes = model_bytes(holder)
+    xs = (torch.randn(1, 3, 160), torch.randn(1, layers[0].dense_rows + 1, 160))
+    alone = [[layer(x) for layer in layers] for x in xs]
+    group = Q4Group(layers)
+    assert model_bytes(holder) == before_bytes
+    for layer in layers:
+        assert group.qs.data_ptr() <= layer.qs.data_ptr() < group.qs.data_ptr() + group.qs.nbytes
+    for x, expected in zip(xs, alone):
+        for got, want, layer in zip(group(x), expected, layers):
+            assert torch.equal(got, want) and torch.equal(layer(x), want)
