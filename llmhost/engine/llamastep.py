@@ -22,9 +22,10 @@ keeps ``model(...)``); a forward with LoRA adapters or image inputs keeps
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_causal_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama import modeling_llama as llama
+
+# transformers' model code is imported by the first load (after models/lean.py
+# has kept torchao, scipy and triton out of it), never by importing the engine:
+# the imports below are inside the functions that run after a load.
 
 
 def _rms(weight: torch.Tensor, eps: float, h: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,11 @@ class LlamaStep:
     [rows, 1, vocab], what ``model(..., logits_to_keep=1).logits`` is."""
 
     def __init__(self, model) -> None:
-        self.model = model
+        from transformers.masking_utils import create_causal_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama import modeling_llama as llama
+
+        self.model, self.mask, self.rotate = model, create_causal_mask, llama.rotate_half
         base = model.model
         self.embed, self.rotary, self.norm, self.head = base.embed_tokens, base.rotary_emb, base.norm, \
             model.lm_head
@@ -75,6 +80,8 @@ class LlamaStep:
         """A LlamaStep when `model` is exactly transformers' Llama (classes not
         subclassed, no hub kernel swapped into a forward, no tensor-parallel
         split), else None."""
+        from transformers.models.llama import modeling_llama as llama
+
         if type(model) is not llama.LlamaForCausalLM or type(model.model) is not llama.LlamaModel \
                 or getattr(model.config, "pretraining_tp", 1) != 1 \
                 or len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
@@ -93,11 +100,11 @@ class LlamaStep:
                  cache) -> torch.Tensor:
         """LlamaForCausalLM.forward with a cache and logits_to_keep=1, op for op."""
         h = self.embed(ids)
-        causal = create_causal_mask(config=self.model.config, inputs_embeds=h, attention_mask=mask,
+        causal = self.mask(config=self.model.config, inputs_embeds=h, attention_mask=mask,
                                     cache=cache, position_ids=positions)
         cos, sin = self.rotary(h, position_ids=positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)         # apply_rotary_pos_emb's unsqueeze
-        rotate = llama.rotate_half
+        rotate = self.rotate
         batch, length = ids.shape
         for layer in self.layers:
             x = _rms(layer.norm1, layer.eps1, h)
