@@ -21,7 +21,7 @@ def create_app(config: Config | None = None) -> Flask:
     """Config -> extensions -> collaborators -> blueprints. Only wsgi.py (and
     tests) call this."""
     from . import api as api_modules
-    from .engine import metrics
+    from .engine import metrics, omp
     from .http import auth, cors, limits, metering, observability, pages, redact
     from .store import responses
     from .http.extensions import Api
@@ -48,6 +48,10 @@ def create_app(config: Config | None = None) -> Flask:
     for module in api_modules.MODULES:
         api.register_blueprint(module.blp)
     pages.init_app(app)  # the chat page at / and the docs' own assets (no CDN)
+    # A request thread that ran torch's parallel work (a load, an image's
+    # preprocessing) hands its OpenMP workers back: kept, they slow every
+    # decode step of the model threads (engine/omp.py).
+    app.teardown_request(lambda exc: omp.release())
     preload.start(app, config)  # LLMHOST_MODELS, in a background thread of this (worker) process
     responses.fail_abandoned_at_start(app, config)  # what this server left in_progress
     return app

@@ -1198,6 +1198,7 @@ def bench_stream(args) -> int:
     from ..config import Config
     from ..engine import start as start_engine
     from ..engine.sampling import SamplingParams
+    from ..engine import omp
     from ..engine.scheduler import GenerationRequest, step_threads
     from ..models.loading import LoadSpec, load
 
@@ -1227,8 +1228,10 @@ def bench_stream(args) -> int:
                                   max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
                                   pad_token_id=tok.eos_token_id, streamer=stamps)
         times = [t - started for t in stamps.times[1:]]
+        omp.release()   # this thread's OpenMP workers would slow the scheduler side's steps
         return {"tokens": len(times), "first": times[0], "last": times[-1]}
 
+    omp.release()   # the load's
     servers: dict[str, object] = {}
     run = {}
     session = requests.Session()

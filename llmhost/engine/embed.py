@@ -99,7 +99,7 @@ class BatchScheduler(ModelWorker):
             while True:
                 with self._cond:
                     while not self._closing and not self._waiting and not self._running:
-                        self._cond.wait()
+                        self._idle_wait()
                     if self._closing:
                         break
                     # Up to one request per batch slot runs at once; the rest wait

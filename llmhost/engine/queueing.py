@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
+from . import omp
 from .errors import ModelClosed, QueueFull, QueueTimeout
 
 
@@ -30,6 +31,13 @@ class ModelWorker:
 
     def _run(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _idle_wait(self) -> None:
+        """Wait (holding ``_cond``) for work or close, this thread's OpenMP
+        workers handed back first: an idle worker must not slow the others'
+        parallel work (omp.py)."""
+        omp.release()
+        self._cond.wait()
 
     def _enqueue(self, item) -> None:
         """Queue `item` for the thread: ModelClosed once the model is closing,

@@ -285,7 +285,7 @@ class Scheduler(ModelWorker):
             with self._cond:
                 while (not self._closing and not self._waiting and not self._rows
                        and not self._filling and not self._calls):
-                    self._cond.wait()
+                    self._idle_wait()
                 if self._closing:
                     break
                 calls = bool(self._calls)

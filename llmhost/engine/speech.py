@@ -208,7 +208,7 @@ class SpeechWorker(ModelWorker):
             while True:
                 with self._cond:
                     while not self._closing and not self._waiting:
-                        self._cond.wait()
+                        self._idle_wait()
                     if self._closing:
                         break
                     job = self._waiting.popleft()

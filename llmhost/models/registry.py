@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import engine
-from ..engine import metrics
+from ..engine import metrics, omp
 from . import adapters, journal, loading, progress
 from ..config import Config
 from ..engine.errors import Conflict, InvalidInput, NotFound, Refused, Unavailable
@@ -252,6 +252,7 @@ class ModelRegistry:
             finally:
                 with self._guard:
                     self._loading.discard(model_id)
+                omp.release()   # this thread's OpenMP workers, kept, slow the model threads
             with self._guard:
                 self._models[model_id] = entry
             progress.forget(model_id)
