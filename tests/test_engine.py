@@ -184,40 +184,28 @@ def test_close_fails_running_and_waiting_requests(llama, make_scheduler):
 
 
 def test_threads_per_step_follow_the_rule_and_the_override(llama, make_scheduler):
-    """A lone row on torch's int4 kernel leaves a core to the HTTP side (one
-    thread of two); a lone row of llmhost's int4 kernel, float32 or bfloat16,
-    batches and prefills use all; LLMHOST_LONE_ROW_THREADS
-    overrides a lone row's count (up to torch's). The answer is the same with
-    any thread count."""
+    """Every step uses all of torch's threads; LLMHOST_LONE_ROW_THREADS sets a
+    lone row's count (up to torch's). The answer is the same with any thread
+    count."""
     from llmhost.engine.scheduler import step_threads
 
-    assert step_threads(1, "int4", 2) == 1
-    assert step_threads(1, "int4", 16) == 15
-    assert step_threads(1, "int4-llmhost", 2) == 2
-    assert step_threads(1, "float32", 2) == 2
-    assert step_threads(1, "bfloat16", 2) == 2
-    assert step_threads(1, "int8", 2) == 2
-    for rows in (0, 4, 8):
-        assert step_threads(rows, "int4", 2) == 2
-    assert step_threads(1, "int4", 1) == 1
-    assert step_threads(1, "float32", 2, lone_row=1) == 1
-    assert step_threads(1, "int4", 8, lone_row=3) == 3
-    assert step_threads(1, "int4", 8, lone_row=99) == 8
-    assert step_threads(4, "float32", 8, lone_row=1) == 8
+    for rows in (0, 1, 4, 8):
+        assert step_threads(rows, 2) == 2
+    assert step_threads(1, 1) == 1
+    assert step_threads(1, 2, lone_row=1) == 1
+    assert step_threads(1, 8, lone_row=3) == 3
+    assert step_threads(1, 8, lone_row=99) == 8
+    assert step_threads(4, 8, lone_row=1) == 8
 
-    # The scheduler's own choice, from what the load is.
+    # The scheduler's own choice, applied before each step.
     before = torch.get_num_threads()
-    sched = Scheduler("tiny", llama, TestConfig())     # not started: its choice is called here
+    sched = Scheduler("tiny", llama, TestConfig(LONE_ROW_THREADS=1))   # not started: called here
     try:
-        assert sched.kernel == llama.kernel in ("float32", "bfloat16")   # auto: by the CPU
         torch.set_num_threads(2)
-        sched.threads, sched.kernel = 2, "int4"
+        sched.threads = 2
         sched._threads(1)
         assert torch.get_num_threads() == 1
         sched._threads(4)
-        assert torch.get_num_threads() == 2
-        sched.kernel = "float32"
-        sched._threads(1)
         assert torch.get_num_threads() == 2
     finally:
         sched.close("test over")

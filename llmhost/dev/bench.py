@@ -1249,7 +1249,7 @@ def bench_stream(args) -> int:
               f"{len(ids)} tokens here, {next(iter(warm.values()))['prompt']} on the server; "
               f"{args.max_tokens} new tokens, greedy, EOS banned; {args.rounds} alternating rounds; "
               f"torch threads {torch.get_num_threads()}, rule's lone-row threads "
-              f"{step_threads(1, engine.kernel, engine.threads, engine.lone_row_threads)}",
+              f"{step_threads(1, engine.threads, engine.lone_row_threads)}",
               flush=True)
         sides: dict[str, list[dict]] = {name: [] for name in run}
         for number in range(args.rounds):

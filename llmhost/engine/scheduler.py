@@ -149,30 +149,15 @@ class _Row:
         return self.done or self.gen.cancelled or self.index in self.gen.finished
 
 
-# Kernels whose decode step of one row runs on one core fewer than torch has
-# (measured: docs/performance.md, "Threads per step"). torch's int4 kernel
-# ("int4"): such a step is bound by memory bandwidth and per-op overhead, so the
-# last core adds little to it, and every thread of it stalls whenever another
-# thread of the machine (the HTTP thread writing the token, the client reading
-# it) takes its core. Steps of heavier kernels (float32, bfloat16 emulated on
-# CPUs without AVX512-BF16) and llmhost's int4 kernel ("int4-llmhost": one
-# streamed SmolLM2 row 1.15x faster with both cores, a 1B model's 1.46x) gain
-# more from the last core than they lose to that.
-SPARE_CORE_KERNELS = frozenset({"int4"})
-
-
-def step_threads(rows: int, kernel: str, threads: int, lone_row: int = 0) -> int:
-    """torch's CPU threads for a decode step of `rows` rows of a model whose
-    matmuls run `kernel` ("int4", "int4-llmhost", "int8", or the dtype: "float32"...)
-    on a process given `threads`. A lone row of a SPARE_CORE_KERNELS load
-    leaves one core to the HTTP side of its stream; everything else (batches,
-    prefills, other kernels) uses every thread. `lone_row` > 0
-    (LLMHOST_LONE_ROW_THREADS) sets a lone row's count instead of the rule."""
-    if rows != 1:
-        return threads
-    if lone_row > 0:
+def step_threads(rows: int, threads: int, lone_row: int = 0) -> int:
+    """torch's CPU threads for a decode step of `rows` rows on a process given
+    `threads`: all of them (measured: docs/performance.md, "Threads per step";
+    streamed, a lone row of every load was as fast or faster on every core once
+    idle threads stopped holding OpenMP workers, engine/omp.py). `lone_row` > 0
+    (LLMHOST_LONE_ROW_THREADS) sets a lone row's count instead."""
+    if rows == 1 and lone_row > 0:
         return max(1, min(threads, lone_row))
-    return max(1, threads - 1) if kernel in SPARE_CORE_KERNELS else threads
+    return threads
 
 
 class _Filling:
@@ -205,7 +190,6 @@ class Scheduler(ModelWorker):
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
         self.threads = torch.get_num_threads()
-        self.kernel = loaded.kernel
         self.lone_row_threads = int(config.LONE_ROW_THREADS)
         # Set by models/adapters.py (on this thread, via between_steps) while LoRA
         # adapters are loaded: adapter names per row -> the context of a forward.
@@ -378,7 +362,7 @@ class Scheduler(ModelWorker):
         prefill), by step_threads' rule."""
         if self.device.type != "cpu":
             return
-        want = step_threads(rows, self.kernel, self.threads, self.lone_row_threads)
+        want = step_threads(rows, self.threads, self.lone_row_threads)
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
 

@@ -108,7 +108,7 @@ class Loaded:
 
     @property
     def kernel(self) -> str:
-        """What a decode step's matmuls run, for the scheduler's thread rule:
+        """What a decode step's matmuls run (benchmarks and tests report it):
         the quantization ("int4" is torch's int4 kernel, "int4-llmhost"
         llmhost's: quantize.Q4Linear) or the dtype."""
         if self.quantization == "int4" and any(isinstance(m, Q4Linear) for m in self.model.modules()):
