@@ -229,6 +229,36 @@ def test_q8_embedding_and_its_head_keep_the_files_blocks():
     assert model_bytes(both, count=True) == 40 * 96          # tied: counted once
     assert model_bytes(both) == 40 * 96 + 40 * 3 * 2         # int8 weights, float16 scales
 
+
+def test_the_vnni_build_computes_what_the_avx2_build_computes():
+    """Where the CPU has VNNI the kernel is built with it (vpdpbusd); its
+    integers are vpmaddubsw + vpmaddwd's, so every product is bit-identical to
+    the plain AVX2 build's: Q4_0, Q4_1 (pairs and an odd last block) and Q8_0,
+    1 to 7 rows."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quantize
+
+    from llmhost.models.quantize import int4_from_gguf, q8_embedding
+
+    q4kernel = _llmhost_kernel()
+    flags = q4kernel.compile_flags(q4kernel.cpu_flags())
+    if flags == q4kernel.COMPILE:
+        pytest.skip("this CPU has no VNNI: the one build is the plain one")
+    assert "-mavxvnni" in flags or "-mavx512vnni" in flags
+    plain, why = q4kernel.build(q4kernel.COMPILE)
+    assert plain is not None, why
+    rng = np.random.default_rng(2)
+    for kind in ("Q4_0", "Q4_1", "Q8_0"):
+        for width in (96, 160, 576):
+            blocks = quantize(rng.standard_normal((24, width)).astype(np.float32),
+                              GGMLQuantizationType[kind])
+            layer = q8_embedding(blocks, torch.float32) if kind == "Q8_0" else \
+                int4_from_gguf(kind, blocks, np.arange(24), torch.float32)
+            for rows in (1, 4, 7):
+                x = torch.randn(rows, width)
+                assert torch.equal(q4kernel.matmul(x, layer.qs, layer.dm),
+                                   q4kernel.matmul(x, layer.qs, layer.dm, lib=plain)), (kind, width, rows)
+
 def test_auto_dtype_follows_the_cpu_flags():
     with open("/proc/cpuinfo") as fh:
         flags = set(next(line for line in fh if line.startswith(("flags", "Features"))).split(":")[1].split())

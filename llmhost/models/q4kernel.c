@@ -90,13 +90,36 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* VNNI (q4kernel.py compiles with it where the CPU has AVX-VNNI or AVX512-VNNI with VL):
+   vpdpbusd adds four unsigned x signed byte products into each int32 lane in one
+   instruction, the integers vpmaddubsw + vpmaddwd give below (no sum here saturates 16
+   bits), so both builds compute the same results bit for bit. */
+#if defined(__AVXVNNI__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#endif
+
+/* int32 sums of four adjacent products u * s (u unsigned, s signed bytes), into lanes */
+static inline __m256i dot4(__m256i u, __m256i s) {
+#ifdef DPBUSD
+    return DPBUSD(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
 /* 8 int32 partial sums of a pair of blocks (lanes 0-3: the first block, 4-7: the second) of
    unsigned weights w0 (inputs 0-15 of each) and w1 (16-31) with activations y (pair order) */
 static inline __m256 pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
+    __m256i y0 = _mm256_loadu_si256((const __m256i *)y), y1 = _mm256_loadu_si256((const __m256i *)(y + 32));
+#ifdef DPBUSD
+    return _mm256_cvtepi32_ps(DPBUSD(DPBUSD(_mm256_setzero_si256(), w0, y0), w1, y1));
+#else
     /* each 16-bit sum is at most 2 * 15 * 127 per vpmaddubsw: the two add without overflow */
-    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)y)),
-                                 _mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(y + 32))));
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, y0), _mm256_maddubs_epi16(w1, y1));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
 }
 
 /* One Q4 output feature (wq, wd, wm) against `rows` (1..4, a constant where inlined) rows of
@@ -152,8 +175,7 @@ static inline __attribute__((always_inline)) void feature(
                 acc[r][0] = _mm256_fmadd_ps(pair_dot(w0, w1, y), _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1),
                                             acc[r][0]);
             } else {
-                __m256i p = _mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)y));
-                acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1))),
+                acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(w0, _mm256_loadu_si256((const __m256i *)y))),
                                             _mm256_set1_ps(s0), acc[r][0]);
             }
         }
@@ -174,7 +196,6 @@ static inline __attribute__((always_inline)) void feature(
 static inline __attribute__((always_inline)) void feature8(
         const int8_t *wq, const uint16_t *wd, int64_t nb, const int8_t *xq, const float *xd,
         int64_t k, int rows, float *out, int64_t ostride) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4];
     for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -191,12 +212,11 @@ static inline __attribute__((always_inline)) void feature8(
         float d0 = _cvtsh_ss(wd[b]), d1 = pair ? _cvtsh_ss(wd[b + 1]) : 0.0f;
         for (int r = 0; r < rows; r++) {
             const int8_t *y = xq + r * k + b * 32;
-            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w0, w0),
-                _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y), w0)), ones);
+            __m256i p = dot4(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y), w0));
             float s0 = d0 * xd[r * nb + b];
             if (pair) {
-                p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w1, w1),
-                    _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(y + 32)), w1)), ones));
+                p = _mm256_add_epi32(p, dot4(_mm256_sign_epi8(w1, w1),
+                                             _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(y + 32)), w1)));
                 float s1 = d1 * xd[r * nb + b + 1];
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1),
                                          acc[r]);

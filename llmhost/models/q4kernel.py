@@ -34,6 +34,18 @@ log = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(__file__), "q4kernel.c")
 CPU_FLAGS = ("avx2", "fma", "f16c")
 COMPILE = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+# vpdpbusd where the CPU has it (the same integers in fewer instructions: q4kernel.c)
+VNNI = ((("avx_vnni",), ("-mavxvnni",)),
+        (("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")))
+
+
+def compile_flags(flags: frozenset) -> tuple[str, ...]:
+    """The compiler's flags for a CPU with `flags`: AVX2, FMA, F16C, and VNNI
+    when it has either kind."""
+    for needs, extra in VNNI:
+        if set(needs) <= flags:
+            return COMPILE + extra
+    return COMPILE
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -60,13 +72,18 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     missing = [flag for flag in CPU_FLAGS if flag not in cpu_flags()]
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
+    return build(compile_flags(cpu_flags()))
+
+
+def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
+    """q4kernel.c compiled with `flags` and loaded: (the library, "") or (None, why not)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None, "no C compiler (cc or gcc; or set CC)"
     with tempfile.TemporaryDirectory(prefix="llmhost-q4-") as folder:
         target = os.path.join(folder, "q4kernel.so")
         try:
-            done = subprocess.run([compiler, *COMPILE, SOURCE, "-o", target], capture_output=True,
+            done = subprocess.run([compiler, *flags, SOURCE, "-o", target], capture_output=True,
                                   text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return None, f"{compiler} failed: {exc}"
@@ -91,12 +108,13 @@ def available() -> tuple[bool, str]:
     return lib is not None, reason
 
 
-def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, lib=None) -> torch.Tensor:
     """[M, N] float32: x [M, K] (any float dtype) times a weight transposed:
     Q4 (qs uint8 [N, K / 2], dm float16 [2, N, K / 32]: d and m) or Q8_0 (qs
     int8 [N, K], dm float16 [1, N, K / 32]: d). One call into the library
-    (it quantizes x too): ~5 us of Python per layer."""
-    lib, _ = _build()
+    (it quantizes x too): ~5 us of Python per layer. `lib`: another build
+    of the library (tests), instead of this process's."""
+    lib = lib or _build()[0]
     x = x.float().contiguous()
     n, m, k = qs.shape[0], x.shape[0], x.shape[1]
     out = torch.empty(m, n)
