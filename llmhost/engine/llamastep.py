@@ -3,13 +3,13 @@ the many fine-tunes that keep Llama's modules): transformers' own layers'
 arithmetic, without the Python around it.
 
 A decode step of a small model is mostly not arithmetic: SmolLM2 int4 on two
-cores spends ~1.5 ms of a ~11 ms step in transformers' module calls, keyword
+cores spent ~3 ms of a ~13 ms step in transformers' module calls, keyword
 plumbing, output classes and decorators (``capture_outputs``,
 ``deprecate_kwarg``, ``merge_with_config_defaults``), which llama.cpp does not
 have. ``LlamaStep`` runs the same tensor operations in the same order on the
 same modules' weights, with transformers' own mask builder, rotary module and
 attention function, so its logits are bit-identical to ``model(...)``'s
-(tests/test_fast.py checks it, decode and prefill, float32, bfloat16 and
+(tests/test_llamastep.py checks it, decode and prefill, float32, bfloat16 and
 int4). Where the model's int4 layers were grouped at load (quantize.Q4Group:
 q/k/v, gate/up), one kernel call computes the group (the kernel computes each
 output feature on its own, so that is bit-identical too).

@@ -16,7 +16,7 @@ lived), and an idle embedding worker would do the same to a chat model.
 ``omp_pause_resource_all(omp_pause_soft)``; libgomp frees only the caller's
 pool); the next parallel region of that thread makes a new one (tens of
 microseconds). Called by each model worker thread when it goes idle, by the
-registry after a load, and after every HTTP request (http/app.py). Where torch
+registry after a load, and after every HTTP request (create_app's teardown). Where torch
 has no libgomp (macOS, other OpenMP runtimes) it does nothing.
 """
 from __future__ import annotations
