@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import string
@@ -210,14 +211,14 @@ def test_kill_9_of_a_worker(cluster):
             statuses.append(_chat(front, "only-a", 1, timeout=KILL_BOUND).status_code)
             time.sleep(0.2)
 
-    def timed_chat():
-        answer = _chat(front, "shared", 120, timeout=KILL_BOUND)
+    def timed_chat():   # long enough to be in flight at the kill (the tiny model's 512 positions)
+        answer = _chat(front, "shared", 400, timeout=KILL_BOUND)
         return answer, time.monotonic()
 
     with ThreadPoolExecutor(10) as pool:
         try:
             pending = [pool.submit(timed_chat) for _ in range(8)]
-            time.sleep(0.5)
+            time.sleep(0.3)
             os.kill(old_worker, signal.SIGKILL)
             killed_at = time.monotonic()
             prober = pool.submit(probe_only_a)
@@ -229,13 +230,14 @@ def test_kill_9_of_a_worker(cluster):
             assert codes == [200] * 8, (codes, [r.text[:200] for r, _ in answers], retries)
             took = [round(at - killed_at, 1) for _, at in answers]
             assert max(took) < KILL_BOUND, took
-            # Each was answered by a server that logged it: B (Envoy's retry), A before
-            # the kill, or A's new worker (a retry queued on A's listening socket).
+            # Each was answered (200) by a server that logged it: B (Envoy's retry), A
+            # before the kill, or A's new worker (a retry queued on A's listening socket).
+            # A's new worker may first have answered a retry 503 while it loaded.
             logs = {"a": a.log(), "b": b.log()}
             served = [[name for name, text in logs.items()
-                       if f"request_id={r.headers['X-Request-Id']} " in text]
+                       if re.search(f"request_id={r.headers['X-Request-Id']} .*status=200", text)]
                       for r, _ in answers]
-            assert all(served), served
+            assert all(len(names) == 1 for names in served), served
             assert ["b"] in served, (served, retries)
             assert "upstream_rq_retry_overflow: 0" in retries, retries
 
