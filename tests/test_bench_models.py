@@ -117,8 +117,7 @@ def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built
     # Model.parameters of an int4 load is the model's parameter count (each Int4Linear
     # counts in x out), not the number of its packed bytes and scales
     assert sum(isinstance(m, Int4Linear) for m in int4.model.modules()) == 2 * 7
-    # llmhost's kernel where it runs (AVX2 + a C compiler: this project's machines), which
-    # the scheduler's thread rule gives every core
+    # llmhost's kernel where it runs (AVX2 + a C compiler: this project's machines)
     assert int4.kernel == ("int4-llmhost" if q4kernel.available()[0] else "int4")
     assert int4.parameters == folder.parameters
     # LLMHOST_INT4_KERNEL=torch: torch's int4 kernel, computing in bfloat16, the same answer

@@ -197,7 +197,7 @@ def test_no_reuse_where_layers_drop_positions():
                            num_key_value_heads=2, intermediate_size=64, vocab_size=512,
                            sliding_window=4)
     loaded = SimpleNamespace(model=MistralForCausalLM(config).eval(), max_context=64,
-                             quantization=None, dtype=torch.float32, kernel="float32")
+                             quantization=None, dtype=torch.float32)
     scheduler = Scheduler("sliding", loaded, TestConfig(PREFIX_CACHE_MB=64))
     assert scheduler.prefix is None and not scheduler.batchable
 

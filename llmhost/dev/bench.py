@@ -1196,9 +1196,8 @@ def bench_stream(args) -> int:
     import torch
 
     from ..config import Config
-    from ..engine import start as start_engine
+    from ..engine import omp, start as start_engine
     from ..engine.sampling import SamplingParams
-    from ..engine import omp
     from ..engine.scheduler import GenerationRequest, step_threads
     from ..models.loading import LoadSpec, load
 

@@ -46,6 +46,8 @@ def compile_flags(flags: frozenset) -> tuple[str, ...]:
         if set(needs) <= flags:
             return COMPILE + extra
     return COMPILE
+
+
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 
 
