@@ -109,9 +109,9 @@ def test_greedy_equals_peft_in_one_batch(loaded, references):
     seen: list[list[str]] = []
     forward = scheduler._forward
 
-    def recording(ids, mask, positions, cache, adapters, extra=None):
+    def recording(ids, mask, positions, cache, adapters, extra=None, decode=False):
         seen.append(list(adapters))
-        return forward(ids, mask, positions, cache, adapters, extra)
+        return forward(ids, mask, positions, cache, adapters, extra, decode)
 
     scheduler._forward = recording
     release = threading.Event()

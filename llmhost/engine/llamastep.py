@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from . import attention
+
 HALF = (torch.bfloat16, torch.float16)
 
 # transformers' model code is imported by the first load (after models/lean.py
@@ -79,6 +81,12 @@ class LlamaStep:
             model.config.num_attention_heads != model.config.num_key_value_heads
         self.layers = [_Layer(i, layer) for i, layer in
                        enumerate(base.layers[:model.config.num_hidden_layers])]
+        # decode steps on llmhost's CPU attention (attention.py says why); prefill keeps
+        # transformers' (the prefix cache's exactness rests on it)
+        first = self.layers[0].attn if self.layers else None
+        self.own_attention = first is not None and attention.supports(
+            self.norm.weight.dtype, self.norm.weight.device, first.head_dim,
+            model.config.num_attention_heads, model.config.num_key_value_heads)
 
     @classmethod
     def for_model(cls, model) -> "LlamaStep | None":
@@ -102,13 +110,19 @@ class LlamaStep:
         return cls(model)
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                 cache) -> torch.Tensor:
-        """LlamaForCausalLM.forward with a cache and logits_to_keep=1, op for op."""
+                 cache, decode: bool = False) -> torch.Tensor:
+        """LlamaForCausalLM.forward with a cache and logits_to_keep=1, op for op;
+        a `decode` step (one position per row) on llmhost's attention where it
+        runs (then equal to it up to the order of the attention's sums)."""
         h = self.embed(ids)
         batch, length = ids.shape
-        causal = self.mask(config=self.model.config, inputs_embeds=h, attention_mask=mask,
-                           cache=cache, position_ids=positions)
-        if causal is None and length == 1 and self.packs_gqa and h.dtype in HALF:
+        own = decode and length == 1 and self.own_attention
+        if own:   # the rows' keys: all of them (None), or those the mask keeps (left padding)
+            causal = None if bool(mask.all()) else mask
+        else:
+            causal = self.mask(config=self.model.config, inputs_embeds=h, attention_mask=mask,
+                               cache=cache, position_ids=positions)
+        if not own and causal is None and length == 1 and self.packs_gqa and h.dtype in HALF:
             # a lone row's decode step: an all-true mask steers transformers' attention
             # function to its packed-GQA call instead of SDPA's enable_gqa, which on the
             # CPU ran 5.6x slower in bfloat16 at 1,700 positions (727 against 130 us a
@@ -124,7 +138,11 @@ class LlamaStep:
             q = (q * cos) + (rotate(q) * sin)
             k = (k * cos) + (rotate(k) * sin)
             k, v = cache.update(k, v, layer.index)
-            out, _ = self.attention(layer.attn, q, k, v, causal, dropout=0.0, scaling=layer.attn.scaling)
+            if own:
+                out = attention.attend(q, k, v, causal, layer.attn.scaling)
+            else:
+                out, _ = self.attention(layer.attn, q, k, v, causal, dropout=0.0,
+                                        scaling=layer.attn.scaling)
             h = h + layer.o_proj(out.reshape(batch, length, -1).contiguous())
             x = _rms(layer.norm2, layer.eps2, h)
             gate, up = layer.gate_up(x)

@@ -535,21 +535,23 @@ class Scheduler(ModelWorker):
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long)
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        logits = self._forward(ids, self._mask, positions, self._cache, [r.adapter for r in rows])
+        logits = self._forward(ids, self._mask, positions, self._cache, [r.adapter for r in rows],
+                               decode=True)
         for row in rows:
             row.position += 1
         self._sample(rows, logits)
 
     def _forward(self, ids, mask, positions, cache, adapters: list[str],
-                 extra: dict | None = None) -> torch.Tensor:
+                 extra: dict | None = None, decode: bool = False) -> torch.Tensor:
         """Last-position logits as float32 on the CPU, [rows, vocab]. `adapters`:
         each row's LoRA adapter (BASE_ADAPTER for none); `extra`: a lone
-        prompt's other model inputs (pixel values), cast to the model's dtype."""
+        prompt's other model inputs (pixel values), cast to the model's dtype;
+        `decode`: a decode step (LlamaStep's own attention may run it)."""
         dev = self.device
         inputs = {name: value.to(dev, self.model.dtype) if value.is_floating_point()
                   else value.to(dev) for name, value in (extra or {}).items()}
         if self.step is not None and self.adapter_context is None and not inputs:
-            logits = self.step(ids.to(dev), mask.to(dev), positions.to(dev), cache)
+            logits = self.step(ids.to(dev), mask.to(dev), positions.to(dev), cache, decode)
             return logits[:, -1, :].float().cpu()
         context = self.adapter_context(adapters) if self.adapter_context else nullcontext()
         with context:

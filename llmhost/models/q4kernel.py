@@ -11,11 +11,9 @@ makes it fast on these CPUs; its code lives inside ggml, not a library torch can
 call, so that arithmetic (a few hundred lines of C with AVX2 intrinsics) is
 written here (docs/performance.md has the figures).
 
-Why compiled at run time rather than at install: the install then needs no
-compiler (a machine without one, or a CPU without AVX2, FMA and F16C, keeps
-torch's kernel: ``available`` says why), and the library is built for the
-machine it runs on. Building takes about a second; the file is deleted once it
-is loaded. Nothing is cached between processes.
+Compiled at run time (engine/native.py says why): a machine without a compiler,
+or a CPU without AVX2, FMA and F16C, keeps torch's kernel (``available`` says
+why).
 """
 from __future__ import annotations
 
@@ -23,17 +21,14 @@ import ctypes
 import functools
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 
 import torch
+
+from ..engine.native import COMPILE, CPU_FLAGS, compile_library, cpu_flags, missing_flags
 
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(__file__), "q4kernel.c")
-CPU_FLAGS = ("avx2", "fma", "f16c")
-COMPILE = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 # vpdpbusd where the CPU has it (the same integers in fewer instructions: q4kernel.c)
 VNNI = ((("avx_vnni",), ("-mavxvnni",)),
         (("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")))
@@ -52,26 +47,9 @@ _P, _N = ctypes.c_void_p, ctypes.c_int64
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    """This CPU's feature flags, from /proc/cpuinfo ("flags" on x86, "Features"
-    on arm64; torch.backends.cpu.get_cpu_capability() says only 'AVX2' or
-    'AVX512', which covers CPUs with and without bf16); empty when unknown.
-    (quantize.py reads it too, for native bfloat16.)"""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.lru_cache(maxsize=1)
 def _build() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, "") or (None, why not)."""
-    missing = [flag for flag in CPU_FLAGS if flag not in cpu_flags()]
+    missing = missing_flags()
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
     return build(compile_flags(cpu_flags()))
@@ -79,19 +57,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
 
 def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
     """q4kernel.c compiled with `flags` and loaded: (the library, "") or (None, why not)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        return None, "no C compiler (cc or gcc; or set CC)"
-    with tempfile.TemporaryDirectory(prefix="llmhost-q4-") as folder:
-        target = os.path.join(folder, "q4kernel.so")
-        try:
-            done = subprocess.run([compiler, *flags, SOURCE, "-o", target], capture_output=True,
-                                  text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return None, f"{compiler} failed: {exc}"
-        if done.returncode:
-            return None, f"{compiler} failed: {done.stderr.strip()[-500:]}"
-        lib = ctypes.CDLL(target)
+    lib, why = compile_library(SOURCE, flags)
+    if lib is None:
+        return None, why
     lib.q4_requantize.argtypes = [_P, _N, _N, _P, ctypes.c_int]
     lib.q4_dequantize.argtypes = [_P, _P, _P, _N, _N, _P, ctypes.c_int]
     lib.q_linear.argtypes = [ctypes.c_int, _P, _N, _N, _P, _P, _P, _N, _P, ctypes.c_int]

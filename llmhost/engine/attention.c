@@ -1,0 +1,232 @@
+/* llmhost's CPU attention for decode steps: each query row against the cached keys and
+ * values of its own sequence, float32 arithmetic on float32 or bfloat16 tensors (AVX2, FMA).
+ *
+ * Why: for a decode step torch's CPU scaled_dot_product_attention runs its flash-attention
+ * kernel, which is built for many query rows; with one query row per head it spent 114-196 us
+ * a layer on SmolLM2 at 1,700 cached positions (two cores), two thirds of the whole decode
+ * step, where the arithmetic is a few microseconds and reading the keys and values about
+ * 65 us. attention.py says when it is used.
+ *
+ * One unit of work is one query row of one key/value head and a stretch of up to SPAN of the
+ * keys that row may see (those before and at its own position whose mask is set): the scores
+ * of every query head reading that key/value head (grouped-query attention), their softmax
+ * weights relative to the stretch's maximum, and the weighted sums of the values, all in
+ * float32, each key and value read once for the group. A second pass joins a row's stretches
+ * (flash-decoding's split: one long row keeps both cores busy). Vectors are AVX-512's where
+ * the CPU has it (attention.py compiles with -mavx512f), else AVX2's.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#ifdef __AVX512F__
+#define LANES 16
+typedef __m512 vec;
+static inline vec vload(const void *p, int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    return _mm512_loadu_ps((const float *)p);
+}
+#define vzero _mm512_setzero_ps
+#define vset1 _mm512_set1_ps
+#define vfma _mm512_fmadd_ps
+#define vfnma _mm512_fnmadd_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vmax _mm512_max_ps
+#define vloadu _mm512_loadu_ps
+#define vstoreu _mm512_storeu_ps
+#define vfloor(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+#define vpow2(fx) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23))
+#define vhsum _mm512_reduce_add_ps
+static inline __m256 half_sum(__m512 v) {   /* lanes i and i + 8 added */
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#else
+#define LANES 8
+typedef __m256 vec;
+static inline vec vload(const void *p, int bf16) {
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    return _mm256_loadu_ps((const float *)p);
+}
+#define vzero _mm256_setzero_ps
+#define vset1 _mm256_set1_ps
+#define vfma _mm256_fmadd_ps
+#define vfnma _mm256_fnmadd_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vmax _mm256_max_ps
+#define vloadu _mm256_loadu_ps
+#define vstoreu _mm256_storeu_ps
+#define vfloor _mm256_floor_ps
+#define vpow2(fx) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23))
+static inline __m256 half_sum(__m256 v) { return v; }
+static inline float vhsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* the lane sums of four vectors, in order */
+static inline __m128 sum4(vec a0, vec a1, vec a2, vec a3) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half_sum(a0), half_sum(a1)), _mm256_hadd_ps(half_sum(a2), half_sum(a3)));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* e^x per lane (Cephes' expf: range reduction by ln 2, degree-5 polynomial; relative error
+   about 1e-7; x <= 0 here, clamped at -87 where e^x is 0 to float32's eye) */
+static inline vec vexp(vec x) {
+    x = vmax(x, vset1(-87.3f));
+    vec fx = vfloor(vfma(x, vset1(1.44269504088896341f), vset1(0.5f)));
+    x = vfnma(fx, vset1(0.693359375f), x);
+    x = vfnma(fx, vset1(-2.12194440e-4f), x);
+    vec y = vset1(1.9875691500e-4f);
+    y = vfma(y, x, vset1(1.3981999507e-3f));
+    y = vfma(y, x, vset1(8.3334519073e-3f));
+    y = vfma(y, x, vset1(4.1665795894e-2f));
+    y = vfma(y, x, vset1(1.6666665459e-1f));
+    y = vfma(y, x, vset1(5.0000001201e-1f));
+    y = vfma(y, vmul(x, x), vadd(x, vset1(1.0f)));
+    return vmul(y, vpow2(fx));
+}
+
+static inline uint16_t to_bf16(float f) {   /* round to nearest even, as torch's .to(bfloat16) */
+    union { float f; uint32_t u; } c = {f};
+    if ((c.u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((c.u >> 16) | 0x40);
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+
+#define SPAN 512          /* keys per unit of work */
+#define MAXG 16           /* query heads per key/value head */
+#define MAXC (256 / LANES)
+
+/* q [batch, heads, length, dim], k and v [batch, kv_heads, keys, dim] (any strides, in
+   elements, given as three per tensor; last dimension contiguous), mask [batch, keys]
+   (nonzero: a key of the row's sequence) or NULL; query row i sees keys up to
+   keys - length + i. out [batch, length, heads, dim], contiguous, in the inputs' dtype.
+   dim: a multiple of 16, at most 256; heads / kv_heads at most MAXG. Returns 0, or -1 when
+   scratch memory could not be allocated. */
+int attend(int bf16, const void *q, const int64_t *qst, const void *k, const int64_t *kst,
+           const void *v, const int64_t *vst, int64_t batch, int64_t heads, int64_t kv_heads,
+           int64_t length, int64_t keys, int64_t dim, const uint8_t *mask, float scale, void *out,
+           int nt) {
+    const int64_t size = bf16 ? 2 : 4, group = heads / kv_heads, spans = (keys + SPAN - 1) / SPAN;
+    const int64_t rows = batch * kv_heads * length, units = rows * spans, nc = dim / LANES;
+    const int64_t part = group * (dim + 2);          /* per unit: each head's max, sum, sums */
+    float *partial = malloc(sizeof(float) * (size_t)(units * part));
+    int32_t *count = malloc(sizeof(int32_t) * (size_t)units);
+    if (!partial || !count) {
+        free(partial);
+        free(count);
+        return -1;
+    }
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        int64_t r = u / spans, span = u % spans;
+        int64_t b = r / (kv_heads * length), g = r / length % kv_heads, i = r % length;
+        int64_t first = span * SPAN, last = keys - length + i, stop = first + SPAN - 1;
+        if (stop > last) stop = last;
+        const char *kb = (const char *)k + size * (b * kst[0] + g * kst[1]);
+        const char *vb = (const char *)v + size * (b * vst[0] + g * vst[1]);
+        int32_t index[SPAN];
+        float score[MAXG][SPAN + LANES];
+        int64_t n = 0;
+        for (int64_t j = first; j <= stop; j++)
+            if (!mask || mask[b * keys + j])
+                index[n++] = (int32_t)j;
+        count[u] = (int32_t)n;
+        float *res = partial + u * part;
+        if (!n)
+            continue;
+        vec qv[MAXG][MAXC];
+        for (int64_t h = 0; h < group; h++) {
+            const char *qr = (const char *)q + size * (b * qst[0] + (g * group + h) * qst[1] + i * qst[2]);
+            for (int64_t c = 0; c < nc; c++) qv[h][c] = vload(qr + size * LANES * c, bf16);
+        }
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4) {   /* scores, four keys at a time, each read once for the group */
+            vec kv[4][MAXC];
+            for (int x = 0; x < 4; x++)
+                for (int64_t c = 0; c < nc; c++) kv[x][c] = vload(kb + size * (index[t + x] * kst[2] + LANES * c), bf16);
+            for (int64_t h = 0; h < group; h++) {
+                vec a[4];
+                for (int x = 0; x < 4; x++) {
+                    a[x] = vmul(qv[h][0], kv[x][0]);
+                    for (int64_t c = 1; c < nc; c++) a[x] = vfma(qv[h][c], kv[x][c], a[x]);
+                }
+                _mm_storeu_ps(&score[h][t], _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), _mm_set1_ps(scale)));
+            }
+        }
+        for (; t < n; t++) {   /* the last few keys */
+            const char *kr = kb + size * index[t] * kst[2];
+            for (int64_t h = 0; h < group; h++) {
+                vec a = vmul(qv[h][0], vload(kr, bf16));
+                for (int64_t c = 1; c < nc; c++) a = vfma(qv[h][c], vload(kr + size * LANES * c, bf16), a);
+                score[h][t] = vhsum(a) * scale;
+            }
+        }
+        for (int64_t h = 0; h < group; h++) {   /* weights e^(s - the span's max) */
+            float top = score[h][0];
+            for (int64_t t = 1; t < n; t++) top = score[h][t] > top ? score[h][t] : top;
+            for (int64_t t = n; t < n + LANES; t++) score[h][t] = top;   /* e^0, not counted */
+            vec total = vzero(), mx = vset1(top);
+            for (int64_t t = 0; t < n; t += LANES) {
+                vec e = vexp(vsub(vloadu(&score[h][t]), mx));
+                vstoreu(&score[h][t], e);
+                if (t + LANES <= n) total = vadd(total, e);
+            }
+            float sum = vhsum(total);
+            for (int64_t t = n - n % LANES; t < n; t++) sum += score[h][t];   /* the last few */
+            res[h * (dim + 2)] = top;
+            res[h * (dim + 2) + 1] = sum;
+        }
+        vec acc[MAXG][MAXC];
+        for (int64_t h = 0; h < group; h++)
+            for (int64_t c = 0; c < nc; c++) acc[h][c] = vzero();
+        for (int64_t t = 0; t < n; t++) {   /* weighted values: each value read once */
+            const char *vr = vb + size * index[t] * vst[2];
+            vec vv[MAXC];
+            for (int64_t c = 0; c < nc; c++) vv[c] = vload(vr + size * LANES * c, bf16);
+            for (int64_t h = 0; h < group; h++) {
+                vec p = vset1(score[h][t]);
+                for (int64_t c = 0; c < nc; c++) acc[h][c] = vfma(p, vv[c], acc[h][c]);
+            }
+        }
+        for (int64_t h = 0; h < group; h++)
+            for (int64_t c = 0; c < nc; c++) vstoreu(res + h * (dim + 2) + 2 + LANES * c, acc[h][c]);
+    }
+    #pragma omp parallel for num_threads(nt) schedule(static) if (rows * group > 8)
+    for (int64_t x = 0; x < rows * group; x++) {   /* join a row's spans, per head */
+        int64_t r = x / group, h = x % group;
+        int64_t b = r / (kv_heads * length), g = r / length % kv_heads, i = r % length;
+        float top = -INFINITY, sum = 0.0f, o[256] = {0};
+        for (int64_t s = 0; s < spans; s++)
+            if (count[r * spans + s]) {
+                float m = partial[(r * spans + s) * part + h * (dim + 2)];
+                top = m > top ? m : top;
+            }
+        for (int64_t s = 0; s < spans; s++) {
+            if (!count[r * spans + s]) continue;
+            const float *res = partial + (r * spans + s) * part + h * (dim + 2);
+            float w = expf(res[0] - top);
+            sum += w * res[1];
+            for (int64_t d = 0; d < dim; d++) o[d] += w * res[2 + d];
+        }
+        float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        char *orow = (char *)out + size * (((b * length + i) * heads + g * group + h) * dim);
+        for (int64_t d = 0; d < dim; d++) {
+            if (bf16) ((uint16_t *)orow)[d] = to_bf16(o[d] * inv);
+            else ((float *)orow)[d] = o[d] * inv;
+        }
+    }
+    free(partial);
+    free(count);
+    return 0;
+}

@@ -1,0 +1,76 @@
+"""Decode-step attention on the CPU (attention.c), for LlamaStep.
+
+torch's CPU ``scaled_dot_product_attention`` runs a flash-attention kernel
+made for many query rows; a decode step has one per head, and on SmolLM2 at
+1,700 cached positions it took two thirds of the step (attention.c says how
+much). This kernel does one query row of one head per unit of work in float32
+(the keys and values read as stored, float32 or bfloat16), with the row's mask,
+so it serves a lone row and a batch of left-padded rows alike. Its sums run in
+another order than torch's, so a decode step's logits differ from
+``model(...)``'s in the last bits (tests/test_attention.py bounds the
+difference and checks greedy answers); prefill keeps torch's attention, which
+the prefix cache's exactness rests on (only prompts' keys are cached).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+
+import torch
+
+from .native import COMPILE, compile_library, cpu_flags, missing_flags
+
+log = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(__file__), "attention.c")
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_P, _N = ctypes.c_void_p, ctypes.c_int64
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library, "") or (None, why not), logged once."""
+    missing = missing_flags()
+    wide = ("-mavx512f",) if "avx512f" in cpu_flags() else ()   # 16 lanes where the CPU has them
+    lib, why = (None, f"the CPU lacks {', '.join(missing)}") if missing else \
+        compile_library(SOURCE, COMPILE + wide)
+    if lib is None:
+        log.info("decode steps use torch's attention: llmhost's is unavailable (%s)", why)
+        return None, why
+    lib.attend.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, _P, _N, _N, _N, _N, _N, _N, _P,
+                           ctypes.c_float, _P, ctypes.c_int]
+    lib.attend.restype = ctypes.c_int
+    return lib, ""
+
+
+def supports(dtype: torch.dtype, device: torch.device, head_dim: int, heads: int,
+             kv_heads: int) -> bool:
+    """Whether `attend` runs for a model of this dtype, device and head size
+    (builds the library the first time)."""
+    return (device.type == "cpu" and dtype in DTYPES and head_dim % 16 == 0 and head_dim <= 256
+            and heads // kv_heads <= 16 and _library()[0] is not None)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v per head, as transformers' attention functions
+    return it: [batch, length, heads, dim]. q [batch, heads, length, dim], k
+    and v [batch, kv_heads, keys, dim] (views of the cache, any strides with a
+    contiguous last dimension), all one dtype; `mask` [batch, keys] (nonzero:
+    a key the row may read; None: all), query row i reading keys up to
+    keys - length + i."""
+    batch, heads, length, dim = q.shape
+    keys = k.shape[2]
+    out = torch.empty((batch, length, heads, dim), dtype=q.dtype)
+    if mask is not None:
+        mask = mask.to(torch.uint8).contiguous()
+    strides = [torch.tensor([t.stride(0), t.stride(1), t.stride(2)], dtype=torch.int64) for t in (q, k, v)]
+    if _library()[0].attend(DTYPES[q.dtype], q.data_ptr(), strides[0].data_ptr(), k.data_ptr(),
+                            strides[1].data_ptr(), v.data_ptr(), strides[2].data_ptr(), batch, heads,
+                            k.shape[1], length, keys, dim,
+                            mask.data_ptr() if mask is not None else None, scale, out.data_ptr(),
+                            torch.get_num_threads()):
+        raise torch.OutOfMemoryError("attention: no memory for its scratch rows")
+    return out

@@ -1,0 +1,96 @@
+"""engine/attention.py: llmhost's CPU attention for decode steps computes
+softmax(q k^T / sqrt(d)) v as transformers' attention does, within float32's
+(or bfloat16's) rounding, for lone rows, left-padded batches, grouped-query
+heads, keys split over several spans and cache views with spare room; the
+Llama step uses it for decode steps only, with the same greedy answers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmhost.config import TestConfig
+from llmhost.engine import attention
+from llmhost.engine.kvcache import growing_cache
+from llmhost.engine.llamastep import LlamaStep
+from llmhost.models.loading import LoadSpec, load
+
+pytestmark = pytest.mark.skipif(not attention.supports(torch.float32, torch.device("cpu"), 64, 9, 3),
+                                reason="llmhost's attention kernel does not run here")
+
+
+def _reference(q, k, v, mask, scale):
+    """float64 attention per row: the keys up to the row's place, where the mask is set."""
+    batch, heads, length, dim = q.shape
+    keys, group = k.shape[2], heads // k.shape[1]
+    out = torch.zeros(batch, length, heads, dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(length):
+                seen = torch.arange(keys) <= keys - length + i
+                if mask is not None:
+                    seen &= mask[b].bool()
+                kk, vv = k[b, h // group][seen].double(), v[b, h // group][seen].double()
+                weights = torch.softmax(kk @ q[b, h, i].double() * scale, dim=0)
+                out[b, i, h] = weights @ vv
+    return out
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("heads,kv_heads,dim,keys,length", [
+    (9, 3, 64, 1, 1), (9, 3, 64, 700, 1), (4, 2, 16, 1300, 1), (8, 8, 32, 37, 3), (2, 1, 128, 520, 2)])
+def test_attend_matches_float64(dtype, tolerance, heads, kv_heads, dim, keys, length):
+    torch.manual_seed(keys + heads)
+    batch, room = 2, 9
+    q = torch.randn(batch, length, heads, dim).to(dtype).transpose(1, 2)   # the step's layout
+    k = torch.randn(batch, kv_heads, keys + room, dim).to(dtype)[:, :, :keys]   # a cache view
+    v = torch.randn(batch, kv_heads, keys + room, dim).to(dtype)[:, :, :keys]
+    mask = torch.ones(batch, keys, dtype=torch.long)
+    mask[1, :keys // 3] = 0                                   # the second row left-padded
+    for m in (None, mask):
+        got = attention.attend(q, k, v, m, dim ** -0.5)
+        assert got.shape == (batch, length, heads, dim) and got.dtype == dtype
+        want = _reference(q, k, v, m, dim ** -0.5)
+        assert (got.double() - want).abs().max() <= tolerance * max(1.0, want.abs().max())
+
+
+def test_a_padded_row_reads_only_its_own_keys():
+    """Left padding is skipped, not weighted: garbage in the padded keys changes nothing."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
+    mask = torch.ones(1, 50, dtype=torch.long)
+    mask[0, :20] = 0
+    first = attention.attend(q, k, v, mask, 0.25)
+    k[:, :, :20], v[:, :, :20] = 1e4, -1e4
+    assert torch.equal(attention.attend(q, k, v, mask, 0.25), first)
+    alone = attention.attend(q, k[:, :, 20:], v[:, :, 20:], None, 0.25)
+    assert torch.allclose(alone, first, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_llama_decode_steps_use_it_with_the_same_greedy_tokens(tiny_models, dtype):
+    """The tiny Llama: prefill (transformers' attention, as before) then twenty
+    decode steps on llmhost's attention against the same steps on
+    transformers': logits within rounding, the same greedy tokens."""
+    model = load(LoadSpec(model=tiny_models["llama"], dtype=dtype), TestConfig()).model
+    step = LlamaStep.for_model(model)
+    assert step.own_attention
+
+    @torch.inference_mode()
+    def greedy(decode: bool):
+        ids = torch.tensor([[0, 0, 5, 9, 13, 2], [4, 8, 15, 16, 23, 42]])
+        mask = (torch.arange(6) >= torch.tensor([[2], [0]])).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = growing_cache(model.config)
+        logits = [step(ids, mask, positions, cache)]
+        for _ in range(20):
+            ids = logits[-1].argmax(-1)
+            mask = torch.cat([mask, mask.new_ones((2, 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            logits.append(step(ids, mask, positions, cache, decode))
+        return torch.cat(logits, dim=1)
+
+    ours, theirs = greedy(True), greedy(False)
+    assert torch.equal(ours[:, 0], theirs[:, 0])   # the prefill is transformers' own
+    assert not torch.equal(ours, theirs) or dtype == "bfloat16"   # float32: another order of sums
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert (ours.float() - theirs.float()).abs().max() < (2e-4 if dtype == "float32" else 0.1)
