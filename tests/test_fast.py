@@ -174,6 +174,7 @@ def test_llmhost_int4_layer_computes_the_dequantized_gguf_weights(kind, width):
     layer = int4_from_gguf(kind, blocks, rows, torch.float32)
     assert isinstance(layer, Q4Linear)
     torch.testing.assert_close(layer.dequantized(), weight[rows], rtol=0, atol=0)
+    layer.dense_rows = 64   # the dense path too (bench int4-prefill's; the default never takes it)
     for x in (torch.randn(5, width), torch.randn(layer.dense_rows + 3, width)):
         exact = q4kernel.requantized(x).double() @ weight[rows].double().T
         torch.testing.assert_close(layer(x).double(), exact, rtol=1e-5, atol=1e-4)

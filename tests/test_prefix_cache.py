@@ -106,13 +106,17 @@ def _agent_loop_equal(loaded, turns: int = 3, together: bool = True, max_tokens:
         system = tok("You are a careful assistant with tools for weather and time. " * 2,
                      add_special_tokens=False)["input_ids"]
         conversation = list(system)
+        held = 0
         for turn in range(turns):
             gen = _submit(on, conversation, max_tokens=max_tokens, logprobs=0)
             got = _scored(gen)
             assert got == _scored(_submit(off, conversation, max_tokens=max_tokens, logprobs=0)), turn
-            # whole chunks of the previous prompt are reused, never a partial one
-            assert gen.cached_tokens % CHUNK == 0
-            assert (gen.cached_tokens > len(system) // 2) == (turn > 0), (turn, gen.cached_tokens)
+            if on.exact_rows:   # any prefix: the last prompt and its answer but the last token
+                assert gen.cached_tokens == held, (turn, gen.cached_tokens, held)
+                held = len(conversation) + len(got) - 1
+            else:   # whole chunks of the previous prompt, never a partial one
+                assert gen.cached_tokens % CHUNK == 0
+                assert (gen.cached_tokens > len(system) // 2) == (turn > 0), (turn, gen.cached_tokens)
             conversation += [t for t, _ in got] + tok(f" result {turn}: sunny. next?",
                                                       add_special_tokens=False)["input_ids"]
         if not together:
@@ -140,6 +144,37 @@ def _agent_loop_equal(loaded, turns: int = 3, together: bool = True, max_tokens:
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_tiny_families_same_tokens_with_and_without_the_cache(tiny_models, family):
     _agent_loop_equal(load(LoadSpec(model=tiny_models[family]), TestConfig()))
+
+
+def test_any_prefix_where_rows_are_computed_alone(tiny_models):
+    """The tiny Llama with its linear layers on llmhost's int4 kernel (as a
+    GGUF int4 load has them): every forward runs on llmhost's attention, a
+    position's keys do not depend on how they were computed, so the cache
+    reuses any prefix, generated tokens included, and the answers (batched
+    ones too) and logprobs are the same as without it."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quantize
+
+    from llmhost.models import q4kernel
+    from llmhost.models.quantize import int4_from_gguf
+
+    if not q4kernel.available()[0]:
+        pytest.skip("llmhost's int4 kernel is unavailable here")
+    loaded = load(LoadSpec(model=tiny_models["llama"], dtype="float32"), TestConfig())
+    for layer in loaded.model.model.layers:
+        for part, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                weight = getattr(part, name).weight.detach().numpy()
+                blocks = quantize(weight.astype(np.float32), GGMLQuantizationType.Q4_1)
+                setattr(part, name, int4_from_gguf("Q4_1", blocks, np.arange(weight.shape[0]),
+                                                   torch.float32))
+    scheduler = Scheduler("probe", loaded, TestConfig(PREFIX_CACHE_MB=64))
+    try:
+        assert scheduler.exact_rows
+    finally:
+        scheduler.close("test over")
+    _agent_loop_equal(loaded)
 
 
 @pytest.mark.slow  # loads SmolLM2 (int4: the session's smollm2_int4)

@@ -12,7 +12,10 @@
  * of every query head reading that key/value head (grouped-query attention), their softmax
  * weights relative to the stretch's maximum, and the weighted sums of the values, all in
  * float32, each key and value read once for the group. A second pass joins a row's stretches
- * (flash-decoding's split: one long row keeps both cores busy). Vectors are AVX-512's where
+ * (flash-decoding's split: one long row keeps both cores busy). A stretch is counted in the
+ * row's own keys, not the cache's positions, so a row's arithmetic is the same whatever its
+ * left padding, its batch, the forward's other rows and the threads: a key's value depends only
+ * on the row's tokens up to it (attention.py says what that buys). Vectors are AVX-512's where
  * the CPU has it (attention.py compiles with -mavx512f), else AVX2's.
  */
 #include <immintrin.h>
@@ -131,16 +134,18 @@ int attend(int bf16, const void *q, const int64_t *qst, const void *k, const int
     for (int64_t u = 0; u < units; u++) {
         int64_t r = u / spans, span = u % spans;
         int64_t b = r / (kv_heads * length), g = r / length % kv_heads, i = r % length;
-        int64_t first = span * SPAN, last = keys - length + i, stop = first + SPAN - 1;
-        if (stop > last) stop = last;
+        int64_t first = span * SPAN, last = keys - length + i, n = 0;
         const char *kb = (const char *)k + size * (b * kst[0] + g * kst[1]);
         const char *vb = (const char *)v + size * (b * vst[0] + g * vst[1]);
         int32_t index[SPAN];
         float score[MAXG][SPAN + LANES];
-        int64_t n = 0;
-        for (int64_t j = first; j <= stop; j++)
-            if (!mask || mask[b * keys + j])
-                index[n++] = (int32_t)j;
+        if (!mask) {   /* the span: the row's keys ranked first .. first + SPAN - 1 */
+            for (int64_t j = first; j <= last && n < SPAN; j++) index[n++] = (int32_t)j;
+        } else {
+            const uint8_t *row = mask + b * keys;
+            for (int64_t j = 0, rank = 0; j <= last && n < SPAN; j++)
+                if (row[j] && rank++ >= first) index[n++] = (int32_t)j;
+        }
         count[u] = (int32_t)n;
         float *res = partial + u * part;
         if (!n)

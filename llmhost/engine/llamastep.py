@@ -81,12 +81,25 @@ class LlamaStep:
             model.config.num_attention_heads != model.config.num_key_value_heads
         self.layers = [_Layer(i, layer) for i, layer in
                        enumerate(base.layers[:model.config.num_hidden_layers])]
-        # decode steps on llmhost's CPU attention (attention.py says why); prefill keeps
-        # transformers' (the prefix cache's exactness rests on it)
+        # decode steps on llmhost's CPU attention (attention.py says why)
         first = self.layers[0].attn if self.layers else None
         self.own_attention = first is not None and attention.supports(
             self.norm.weight.dtype, self.norm.weight.device, first.head_dim,
             model.config.num_attention_heads, model.config.num_key_value_heads)
+        # Every forward on it too where each linear layer computes a row alone (llmhost's
+        # int4 kernel: quantize.Q4Linear.rows_alone): then nothing in a forward depends on
+        # the other rows, the padding or how a sequence is split into forwards, so a
+        # position's keys and values are the same however they were computed (prompt
+        # chunks of any size, decode steps in any batch), which lets the prefix cache
+        # reuse any token prefix (scheduler.py). Elsewhere prefill keeps transformers'
+        # attention, whose rounding depends on the shapes (the cache reuses whole chunks).
+        self.rows_alone = self.own_attention and all(
+            getattr(getattr(layer, part), name, None) is not None
+            and getattr(getattr(getattr(layer, part), name), "rows_alone", False)
+            for layer in base.layers[:model.config.num_hidden_layers]
+            for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                ("mlp", ("gate_proj", "up_proj", "down_proj")))
+            for name in names)
 
     @classmethod
     def for_model(cls, model) -> "LlamaStep | None":
@@ -112,11 +125,12 @@ class LlamaStep:
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache, decode: bool = False) -> torch.Tensor:
         """LlamaForCausalLM.forward with a cache and logits_to_keep=1, op for op;
-        a `decode` step (one position per row) on llmhost's attention where it
-        runs (then equal to it up to the order of the attention's sums)."""
+        a `decode` step (one position per row), and every forward of a
+        ``rows_alone`` model, on llmhost's attention where it runs (then equal
+        to it up to the order of the attention's sums)."""
         h = self.embed(ids)
         batch, length = ids.shape
-        own = decode and length == 1 and self.own_attention
+        own = self.own_attention and (self.rows_alone or (decode and length == 1))
         if own:   # the rows' keys: all of them (None), or those the mask keeps (left padding)
             causal = None if bool(mask.all()) else mask
         else:

@@ -97,6 +97,14 @@ class PrefixStore:
         metrics.observe_prefix_hit(self.model_id, best.length)
         return best
 
+    def match(self, partition: str, prompt: list[int]) -> int:
+        """How many of `prompt`'s tokens (all but its last) a lookup would
+        reuse, without counting it as a hit."""
+        tokens = np.asarray(prompt[:-1], dtype=np.int64)
+        with self._lock:
+            return max((common_prefix(e.tokens, tokens) for e in self._entries.values()
+                        if e.partition == partition), default=0)
+
     def holds(self, partition: str, tokens: list[int]) -> bool:
         """Whether a stored sequence already holds all of `tokens` (then
         there is nothing to copy)."""

@@ -129,7 +129,7 @@ class Generation:
 class _Row:
     """One sequence in the running batch."""
 
-    __slots__ = ("gen", "index", "sampler", "generated", "position", "last_token", "done")
+    __slots__ = ("gen", "index", "sampler", "generated", "position", "last_token", "done", "tokens")
 
     @property
     def adapter(self) -> str:
@@ -143,6 +143,7 @@ class _Row:
         self.position = 0          # tokens in the cache: the position the last token is fed at
         self.last_token = 0
         self.done = False
+        self.tokens: list[int] = []   # generated, in order (the prefix cache keeps them)
 
     @property
     def gone(self) -> bool:
@@ -203,6 +204,10 @@ class Scheduler(ModelWorker):
         # Llama-architecture models: the same arithmetic without transformers' Python
         # around it (llamastep.py); None: model(...) as is
         self.step = LlamaStep.for_model(self.model) if self.batchable else None
+        # A position's keys and values do not depend on how they were computed (LlamaStep's
+        # rows_alone: llmhost's int4 kernel and attention): the prefix cache then reuses any
+        # token prefix, short prompts and generated tokens included, not only whole chunks.
+        self.exact_rows = self.prefix is not None and self.step is not None and self.step.rows_alone
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
@@ -426,10 +431,16 @@ class Scheduler(ModelWorker):
 
     def _chunks(self, gen: Generation) -> bool:
         """Whether `gen`'s prompt is prefilled alone, in chunks: longer than one
-        chunk, on a model whose rows can share a batch, without images (their
-        pixels go with the one forward that holds their tokens)."""
-        return (self.batchable and not gen.request.model_inputs
-                and len(gen.request.prompt_ids) > self.chunk)
+        chunk (or mostly in the prefix cache, where any prefix is reused), on a
+        model whose rows can share a batch, without images (their pixels go
+        with the one forward that holds their tokens)."""
+        prompt = gen.request.prompt_ids
+        if not self.batchable or gen.request.model_inputs:
+            return False
+        # a short prompt whose most the prefix cache holds is read from there, alone
+        return len(prompt) > self.chunk or (self.exact_rows and gen.request.prefix_key is not None
+                                            and 2 * self.prefix.match(gen.request.prefix_key, prompt)
+                                            >= len(prompt))
 
     def _prefill_together(self, gens: list[Generation]):
         """One forward over short prompts, left-padded: (cache, mask, logits)."""
@@ -445,6 +456,9 @@ class Scheduler(ModelWorker):
         logits = self._forward(ids, mask, positions, cache,
                                [g.request.adapter or BASE_ADAPTER for g in gens],
                                gens[0].request.model_inputs if len(gens) == 1 else None)
+        if self.exact_rows:   # (left padding: a prompt is its row's last positions)
+            for i, gen in enumerate(gens):
+                self._keep(gen, gen.request.prompt_ids, cache, i)
         return cache, mask, logits
 
     @torch.inference_mode()
@@ -476,7 +490,8 @@ class Scheduler(ModelWorker):
         key = gen.request.prefix_key if self.prefix is not None else None
         try:
             if fill.cache is None:
-                hit = self.prefix.lookup(key, prompt, self.chunk) if key is not None else None
+                hit = self.prefix.lookup(key, prompt, 1 if self.exact_rows else self.chunk) \
+                    if key is not None else None
                 fill.next = gen.cached_tokens = hit.length if hit else 0
                 room = len(prompt) - fill.next + ROOM
                 if hit:
@@ -501,13 +516,25 @@ class Scheduler(ModelWorker):
         self._filling.popleft()
         cache = fill.cache
         set_room(cache)
-        whole = len(prompt) // self.chunk * self.chunk   # only whole chunks are ever reused
-        if key is not None and whole > gen.cached_tokens and not self.prefix.holds(key, prompt[:whole]):
-            self.prefix.insert(key, prompt[:whole], [
-                (layer.keys[0, :, :whole].clone(), layer.values[0, :, :whole].clone())
-                for layer in cache.layers])
+        # whole chunks only, unless any prefix is reused (exact_rows)
+        whole = len(prompt) if self.exact_rows else len(prompt) // self.chunk * self.chunk
+        if whole > gen.cached_tokens:
+            self._keep(gen, prompt[:whole], cache, 0, whole)
         self._join([gen], cache, torch.ones((1, len(prompt)), dtype=torch.long), logits,
                    {id(gen): fill.samplers})
+
+    def _keep(self, gen: Generation, tokens: list[int], cache: DynamicCache, row: int,
+              end: int | None = None) -> None:
+        """The prefix cache keeps `tokens`' keys and values (copied): `row` of
+        `cache`, the len(tokens) positions before `end` (default: its last
+        ones), unless it holds them already."""
+        key = gen.request.prefix_key if self.prefix is not None else None
+        if key is None or not tokens or self.prefix.holds(key, tokens):
+            return
+        end = cache.layers[0].keys.shape[2] if end is None else end
+        self.prefix.insert(key, list(tokens), [
+            (layer.keys[row, :, end - len(tokens):end].clone(),
+             layer.values[row, :, end - len(tokens):end].clone()) for layer in cache.layers])
 
     def _join(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor,
               logits: torch.Tensor, samplers: dict[int, list[RowSampler]]) -> None:
@@ -589,6 +616,7 @@ class Scheduler(ModelWorker):
                 continue
             row.generated += 1
             row.last_token = tok
+            row.tokens.append(tok)
             params = row.sampler.params
             reason = None
             if tok in params.stop_token_ids or row.sampler.grammar_done:
@@ -625,7 +653,12 @@ class Scheduler(ModelWorker):
         if not self._rows or not any(r.gone for r in self._rows):
             return
         keep = [i for i, r in enumerate(self._rows) if not r.gone]
-        for row in self._rows:
+        for i, row in enumerate(self._rows):
+            if row.done and self.exact_rows:   # its prompt and the tokens fed back after it
+                fed = int(self._mask[i].sum())
+                tokens = row.gen.request.prompt_ids + row.tokens[:-1]
+                if fed == len(tokens):
+                    self._keep(row.gen, tokens, self._cache, i)
             if row.gone:
                 gen = row.gen
                 gen.rows_left -= 1

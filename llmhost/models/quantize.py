@@ -26,6 +26,7 @@ are dequantized as before.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -165,7 +166,13 @@ class Q4Linear(Int4Linear):
     whichever runs it (to float32 rounding). Output in the input's dtype."""
 
     kernel = "llmhost"
-    dense_rows = 256   # 128 rows: the kernel 0.74-0.79x the dense path's time, 256: 1.03x
+    # Every row count runs on the kernel, whose result for a row is the same however many
+    # rows share the call (engine/llamastep.py's ``rows_alone``: the prefix cache reuses any
+    # token prefix of such a model). The dense path (bench int4-prefill forces it by setting
+    # this) was faster only from 256 rows, on an AVX2 CPU (512 rows: 1042 against 1289 ms);
+    # on the AVX-512 machine the kernel was faster at 512 rows too (664 against 799 ms).
+    dense_rows = sys.maxsize
+    rows_alone = True
 
     def __init__(self, qs: torch.Tensor, dm: torch.Tensor, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features)
@@ -188,7 +195,7 @@ class Q4Group:
     one pass over the threads instead of one per layer (SmolLM2 int4: 150
     calls a step instead of 210). The layers' blocks are stored once, end to
     end, and each layer's buffers are views of its part, so the weights take no
-    more memory and the layers still run alone (a prefill's dense path, LoRA).
+    more memory and the layers still run alone (LoRA; bench int4-prefill's dense path).
     The kernel computes each output feature on its own, so the group's outputs
     are bit-identical to the layers'. Not a Module (its tensors are not in the
     state dict twice): the attention or MLP module holds it as ``q4_group``,
