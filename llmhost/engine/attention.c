@@ -1,5 +1,6 @@
-/* llmhost's CPU attention for decode steps: each query row against the cached keys and
- * values of its own sequence, float32 arithmetic on float32 or bfloat16 tensors (AVX2, FMA).
+/* llmhost's CPU attention (decode steps; every forward of a load whose rows are computed
+ * alone): each query row against the keys and values of its own sequence, float32 arithmetic
+ * on float32 or bfloat16 tensors (AVX2 and FMA, or AVX-512).
  *
  * Why: for a decode step torch's CPU scaled_dot_product_attention runs its flash-attention
  * kernel, which is built for many query rows; with one query row per head it spent 114-196 us

@@ -1,15 +1,21 @@
-"""Decode-step attention on the CPU (attention.c), for LlamaStep.
+"""llmhost's CPU attention (attention.c), for LlamaStep.
 
 torch's CPU ``scaled_dot_product_attention`` runs a flash-attention kernel
 made for many query rows; a decode step has one per head, and on SmolLM2 at
 1,700 cached positions it took two thirds of the step (attention.c says how
-much). This kernel does one query row of one head per unit of work in float32
-(the keys and values read as stored, float32 or bfloat16), with the row's mask,
-so it serves a lone row and a batch of left-padded rows alike. Its sums run in
-another order than torch's, so a decode step's logits differ from
-``model(...)``'s in the last bits (tests/test_attention.py bounds the
-difference and checks greedy answers); prefill keeps torch's attention, which
-the prefix cache's exactness rests on (only prompts' keys are cached).
+much). This kernel does one query row of one key/value head per unit of work
+in float32 (the keys and values read as stored, float32 or bfloat16), with the
+row's mask, so it serves a lone row and a batch of left-padded rows alike.
+
+A row's result depends only on its own query and keys, never on the other rows
+of the forward, its padding or the threads. LlamaStep runs every forward on it
+where the linear layers compute rows alone too (``LlamaStep.rows_alone``): then
+a position's keys and values are the same bits however they were computed, and
+the prefix cache reuses any token prefix. Elsewhere it runs decode steps only,
+and prefill keeps torch's attention, on which the whole-chunk reuse rests. Its
+sums run in another order than torch's, so logits differ from ``model(...)``'s
+in the last bits (tests/test_attention.py bounds the difference and checks
+greedy answers).
 """
 from __future__ import annotations
 

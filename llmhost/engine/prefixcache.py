@@ -1,8 +1,9 @@
 """Automatic prefix caching (issue 19): the KV cache of recent prompts of one
 model, so that a request starting with tokens the model already read (an
 agent loop resending its conversation, a shared system prompt) prefills only
-the rest. Whole prefill chunks of prompts, not generated tokens: the
-scheduler says why (``Scheduler._fill_step``).
+the rest. Whole prefill chunks of prompts, not generated tokens, or, where a
+model's rows are computed alone, any tokens: the scheduler says why
+(``Scheduler._fill_step``, ``Scheduler.exact_rows``).
 
 A store of whole sequences, not hashed blocks or a radix tree. vLLM hashes
 fixed-size blocks because its KV lives in a paged GPU pool shared by

@@ -477,7 +477,8 @@ class Scheduler(ModelWorker):
         them, so reusing a prefix gives bit-identical keys, values and logits:
         the answer is the same with the cache on and off, in bfloat16 and int4
         too (tests/test_prefix_cache.py). Prompts are kept, not generated
-        tokens: a decode step computes a token's keys with other shapes. A
+        tokens: a decode step computes a token's keys with other shapes
+        (unless ``exact_rows``: then any tokens, in chunks of any size). A
         long prompt alone also costs no padding. A failure ends this request
         alone: the running rows are not in its forward."""
         fill = self._filling[0]
