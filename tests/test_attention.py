@@ -12,6 +12,7 @@ from llmhost.config import TestConfig
 from llmhost.engine import attention
 from llmhost.engine.kvcache import growing_cache
 from llmhost.engine.llamastep import LlamaStep
+from llmhost.engine.native import COMPILE
 from llmhost.models.loading import LoadSpec, load
 
 pytestmark = pytest.mark.skipif(not attention.supports(torch.float32, torch.device("cpu"), 64, 9, 3),
@@ -35,10 +36,22 @@ def _reference(q, k, v, mask, scale):
     return out
 
 
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def lib(request):
+    """This process's build (AVX-512's 16 lanes where the CPU has them) and the
+    AVX2 build, which CPUs without AVX-512 run."""
+    if request.param == "native":
+        return attention._library()[0]
+    built, why = attention.build(COMPILE)
+    if built is None:
+        pytest.skip(why)
+    return built
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("heads,kv_heads,dim,keys,length", [
     (9, 3, 64, 1, 1), (9, 3, 64, 700, 1), (4, 2, 16, 1300, 1), (8, 8, 32, 37, 3), (2, 1, 128, 520, 2)])
-def test_attend_matches_float64(dtype, tolerance, heads, kv_heads, dim, keys, length):
+def test_attend_matches_float64(lib, dtype, tolerance, heads, kv_heads, dim, keys, length):
     torch.manual_seed(keys + heads)
     batch, room = 2, 9
     q = torch.randn(batch, length, heads, dim).to(dtype).transpose(1, 2)   # the step's layout
@@ -47,22 +60,22 @@ def test_attend_matches_float64(dtype, tolerance, heads, kv_heads, dim, keys, le
     mask = torch.ones(batch, keys, dtype=torch.long)
     mask[1, :keys // 3] = 0                                   # the second row left-padded
     for m in (None, mask):
-        got = attention.attend(q, k, v, m, dim ** -0.5)
+        got = attention.attend(q, k, v, m, dim ** -0.5, lib)
         assert got.shape == (batch, length, heads, dim) and got.dtype == dtype
         want = _reference(q, k, v, m, dim ** -0.5)
         assert (got.double() - want).abs().max() <= tolerance * max(1.0, want.abs().max())
 
 
-def test_a_padded_row_reads_only_its_own_keys():
+def test_a_padded_row_reads_only_its_own_keys(lib):
     """Left padding is skipped, not weighted: garbage in the padded keys changes nothing."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 50, 16), torch.randn(1, 2, 50, 16)
-    mask = torch.ones(1, 50, dtype=torch.long)
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 600, 16), torch.randn(1, 2, 600, 16)
+    mask = torch.ones(1, 600, dtype=torch.long)
     mask[0, :20] = 0
-    first = attention.attend(q, k, v, mask, 0.25)
+    first = attention.attend(q, k, v, mask, 0.25, lib)
     k[:, :, :20], v[:, :, :20] = 1e4, -1e4
-    assert torch.equal(attention.attend(q, k, v, mask, 0.25), first)
-    alone = attention.attend(q, k[:, :, 20:], v[:, :, 20:], None, 0.25)
+    assert torch.equal(attention.attend(q, k, v, mask, 0.25, lib), first)
+    alone = attention.attend(q, k[:, :, 20:], v[:, :, 20:], None, 0.25, lib)
     assert torch.equal(alone, first)   # a row's arithmetic is the same with and without its padding
 
 

@@ -37,13 +37,19 @@ _P, _N = ctypes.c_void_p, ctypes.c_int64
 
 @functools.lru_cache(maxsize=1)
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, "") or (None, why not), logged once."""
+    """(this process's library, "") or (None, why not), logged once."""
     missing = missing_flags()
     wide = ("-mavx512f",) if "avx512f" in cpu_flags() else ()   # 16 lanes where the CPU has them
-    lib, why = (None, f"the CPU lacks {', '.join(missing)}") if missing else \
-        compile_library(SOURCE, COMPILE + wide)
+    lib, why = (None, f"the CPU lacks {', '.join(missing)}") if missing else build(COMPILE + wide)
     if lib is None:
         log.info("decode steps use torch's attention: llmhost's is unavailable (%s)", why)
+    return lib, why
+
+
+def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
+    """attention.c compiled with `flags` and loaded: (the library, "") or (None, why not)."""
+    lib, why = compile_library(SOURCE, flags)
+    if lib is None:
         return None, why
     lib.attend.argtypes = [ctypes.c_int, _P, _P, _P, _P, _P, _P, _N, _N, _N, _N, _N, _N, _P,
                            ctypes.c_float, _P, ctypes.c_int]
@@ -60,20 +66,22 @@ def supports(dtype: torch.dtype, device: torch.device, head_dim: int, heads: int
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           scale: float) -> torch.Tensor:
+           scale: float, lib=None) -> torch.Tensor:
     """softmax(q k^T * scale) v per head, as transformers' attention functions
     return it: [batch, length, heads, dim]. q [batch, heads, length, dim], k
     and v [batch, kv_heads, keys, dim] (views of the cache, any strides with a
     contiguous last dimension), all one dtype; `mask` [batch, keys] (nonzero:
     a key the row may read; None: all), query row i reading keys up to
-    keys - length + i."""
+    keys - length + i. `lib`: another build of the library (tests), instead of
+    this process's."""
+    lib = lib or _library()[0]
     batch, heads, length, dim = q.shape
     keys = k.shape[2]
     out = torch.empty((batch, length, heads, dim), dtype=q.dtype)
     if mask is not None:
         mask = mask.to(torch.uint8).contiguous()
     strides = [torch.tensor([t.stride(0), t.stride(1), t.stride(2)], dtype=torch.int64) for t in (q, k, v)]
-    if _library()[0].attend(DTYPES[q.dtype], q.data_ptr(), strides[0].data_ptr(), k.data_ptr(),
+    if lib.attend(DTYPES[q.dtype], q.data_ptr(), strides[0].data_ptr(), k.data_ptr(),
                             strides[1].data_ptr(), v.data_ptr(), strides[2].data_ptr(), batch, heads,
                             k.shape[1], length, keys, dim,
                             mask.data_ptr() if mask is not None else None, scale, out.data_ptr(),
