@@ -3,6 +3,7 @@ recent sequences within its budget, the scheduler reuses the longest cached
 prefix of each admitted row (several lengths in one prefill), greedy answers
 are the same with the cache on and off, and usage reports the reused tokens
 as OpenAI does."""
+import contextlib
 import os
 
 import numpy as np
@@ -172,6 +173,12 @@ def test_any_prefix_where_rows_are_computed_alone(tiny_models):
     scheduler = Scheduler("probe", loaded, TestConfig(PREFIX_CACHE_MB=64))
     try:
         assert scheduler.exact_rows
+        # LoRA adapters make forwards go through model(...): whole chunks then, and what
+        # the other forward computed is dropped, both ways
+        for context in (lambda names: contextlib.nullcontext(), None):
+            scheduler.prefix.insert("", [1, 2, 3], [(torch.zeros(1, 3, 4), torch.zeros(1, 3, 4))])
+            scheduler.adapter_context = context
+            assert scheduler.exact_rows == (context is None) and len(scheduler.prefix) == 0
     finally:
         scheduler.close("test over")
     _agent_loop_equal(loaded)

@@ -192,9 +192,7 @@ class Scheduler(ModelWorker):
         self._mask: torch.Tensor | None = None      # [rows, cache length], 1 = real token
         self.threads = torch.get_num_threads()
         self.lone_row_threads = int(config.LONE_ROW_THREADS)
-        # Set by models/adapters.py (on this thread, via between_steps) while LoRA
-        # adapters are loaded: adapter names per row -> the context of a forward.
-        self.adapter_context: Callable[[list[str]], ContextManager] | None = None
+        self._adapter_context: Callable[[list[str]], ContextManager] | None = None
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         # Reusing a prefix needs every layer to keep every position: the same
         # models whose rows can share a batch (sliding windows cannot).
@@ -204,10 +202,31 @@ class Scheduler(ModelWorker):
         # Llama-architecture models: the same arithmetic without transformers' Python
         # around it (llamastep.py); None: model(...) as is
         self.step = LlamaStep.for_model(self.model) if self.batchable else None
-        # A position's keys and values do not depend on how they were computed (LlamaStep's
-        # rows_alone: llmhost's int4 kernel and attention): the prefix cache then reuses any
-        # token prefix, short prompts and generated tokens included, not only whole chunks.
-        self.exact_rows = self.prefix is not None and self.step is not None and self.step.rows_alone
+        self._rows_alone = self.prefix is not None and self.step is not None and self.step.rows_alone
+
+    @property
+    def exact_rows(self) -> bool:
+        """A position's keys and values do not depend on how they were computed
+        (LlamaStep's rows_alone: llmhost's int4 kernel and attention, while no
+        LoRA adapter makes forwards go through model(...)): the prefix cache then
+        reuses any token prefix, short prompts and generated tokens included,
+        not only whole chunks of prompts."""
+        return self._rows_alone and self._adapter_context is None
+
+    @property
+    def adapter_context(self) -> Callable[[list[str]], ContextManager] | None:
+        """Set by models/adapters.py (on this thread, via between_steps) while
+        LoRA adapters are loaded: adapter names per row -> the context of a
+        forward."""
+        return self._adapter_context
+
+    @adapter_context.setter
+    def adapter_context(self, context: Callable[[list[str]], ContextManager] | None) -> None:
+        # the first adapter in or the last out changes which forward runs (model(...) or
+        # LlamaStep): what the prefix cache holds was computed by the other one
+        if (context is None) != (self._adapter_context is None) and self.prefix is not None:
+            self.prefix.clear()
+        self._adapter_context = context
 
     def _cache_is_batchable(self) -> bool:
         """Rows of different lengths can share a cache only when every layer keeps
