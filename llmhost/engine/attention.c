@@ -151,12 +151,46 @@ int attend(int bf16, const void *q, const int64_t *qst, const void *k, const int
         float *res = partial + u * part;
         if (!n)
             continue;
+        int64_t t = 0;
+#ifdef __AVX512BF16__
+        if (bf16 && dim % 32 == 0) {   /* bfloat16 pairs straight into float32 lanes: no widening */
+            const int64_t np = dim / 32;
+            __m512bh qb[MAXG][MAXC / 2];
+            for (int64_t h = 0; h < group; h++) {
+                const char *qr = (const char *)q + 2 * (b * qst[0] + (g * group + h) * qst[1] + i * qst[2]);
+                for (int64_t c = 0; c < np; c++) qb[h][c] = (__m512bh)_mm512_loadu_si512(qr + 64 * c);
+            }
+            for (; t + 4 <= n; t += 4) {   /* scores, four keys at a time, each read once for the group */
+                __m512bh kk[4][MAXC / 2];
+                for (int x = 0; x < 4; x++)
+                    for (int64_t c = 0; c < np; c++)
+                        kk[x][c] = (__m512bh)_mm512_loadu_si512(kb + 2 * (index[t + x] * kst[2] + 32 * c));
+                for (int64_t h = 0; h < group; h++) {
+                    vec a[4];
+                    for (int x = 0; x < 4; x++) {
+                        a[x] = _mm512_dpbf16_ps(vzero(), qb[h][0], kk[x][0]);
+                        for (int64_t c = 1; c < np; c++) a[x] = _mm512_dpbf16_ps(a[x], qb[h][c], kk[x][c]);
+                    }
+                    _mm_storeu_ps(&score[h][t], _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), _mm_set1_ps(scale)));
+                }
+            }
+            for (; t < n; t++) {   /* the last few keys */
+                const char *kr = kb + 2 * index[t] * kst[2];
+                for (int64_t h = 0; h < group; h++) {
+                    vec a = _mm512_dpbf16_ps(vzero(), qb[h][0], (__m512bh)_mm512_loadu_si512(kr));
+                    for (int64_t c = 1; c < np; c++)
+                        a = _mm512_dpbf16_ps(a, qb[h][c], (__m512bh)_mm512_loadu_si512(kr + 64 * c));
+                    score[h][t] = vhsum(a) * scale;
+                }
+            }
+        } else
+#endif
+        {
         vec qv[MAXG][MAXC];
         for (int64_t h = 0; h < group; h++) {
             const char *qr = (const char *)q + size * (b * qst[0] + (g * group + h) * qst[1] + i * qst[2]);
             for (int64_t c = 0; c < nc; c++) qv[h][c] = vload(qr + size * LANES * c, bf16);
         }
-        int64_t t = 0;
         for (; t + 4 <= n; t += 4) {   /* scores, four keys at a time, each read once for the group */
             vec kv[4][MAXC];
             for (int x = 0; x < 4; x++)
@@ -177,6 +211,7 @@ int attend(int bf16, const void *q, const int64_t *qst, const void *k, const int
                 for (int64_t c = 1; c < nc; c++) a = vfma(qv[h][c], vload(kr + size * LANES * c, bf16), a);
                 score[h][t] = vhsum(a) * scale;
             }
+        }
         }
         for (int64_t h = 0; h < group; h++) {   /* weights e^(s - the span's max) */
             float top = score[h][0];

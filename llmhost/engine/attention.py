@@ -39,7 +39,10 @@ _P, _N = ctypes.c_void_p, ctypes.c_int64
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(this process's library, "") or (None, why not), logged once."""
     missing = missing_flags()
-    wide = ("-mavx512f",) if "avx512f" in cpu_flags() else ()   # 16 lanes where the CPU has them
+    flags = cpu_flags()
+    wide = ("-mavx512f",) if "avx512f" in flags else ()   # 16 lanes where the CPU has them
+    if wide and "avx512_bf16" in flags:
+        wide += ("-mavx512bf16",)   # bfloat16 scores without widening the keys (attention.c)
     lib, why = (None, f"the CPU lacks {', '.join(missing)}") if missing else build(COMPILE + wide)
     if lib is None:
         log.info("decode steps use torch's attention: llmhost's is unavailable (%s)", why)
