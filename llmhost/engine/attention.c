@@ -113,6 +113,28 @@ static inline uint16_t to_bf16(float f) {   /* round to nearest even, as torch's
 #define MAXG 16           /* query heads per key/value head */
 #define MAXC (256 / LANES)
 
+/* res[h * rstride + 2 + d] = the sum over the span's n keys of score[h * sstride + t] times
+   value t, for `group` heads and nc vectors of dim; constant `group` and `nc` where inlined */
+static inline __attribute__((always_inline)) void weighted(
+        const char *vb, int64_t vstride, const int32_t *index, int64_t n, const float *score,
+        int64_t sstride, int bf16, int64_t size, int64_t group, int64_t nc, float *res,
+        int64_t rstride) {
+    vec acc[MAXG][MAXC];
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t c = 0; c < nc; c++) acc[h][c] = vzero();
+    for (int64_t t = 0; t < n; t++) {
+        const char *vr = vb + size * index[t] * vstride;
+        vec vv[MAXC];
+        for (int64_t c = 0; c < nc; c++) vv[c] = vload(vr + size * LANES * c, bf16);
+        for (int64_t h = 0; h < group; h++) {
+            vec p = vset1(score[h * sstride + t]);
+            for (int64_t c = 0; c < nc; c++) acc[h][c] = vfma(p, vv[c], acc[h][c]);
+        }
+    }
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t c = 0; c < nc; c++) vstoreu(res + h * rstride + 2 + LANES * c, acc[h][c]);
+}
+
 /* q [batch, heads, length, dim], k and v [batch, kv_heads, keys, dim] (any strides, in
    elements, given as three per tensor; last dimension contiguous), mask [batch, keys]
    (nonzero: a key of the row's sequence) or NULL; query row i sees keys up to
@@ -230,20 +252,20 @@ int attend(int bf16, const void *q, const int64_t *qst, const void *k, const int
             res[h * (dim + 2)] = top;
             res[h * (dim + 2) + 1] = sum;
         }
-        vec acc[MAXG][MAXC];
-        for (int64_t h = 0; h < group; h++)
-            for (int64_t c = 0; c < nc; c++) acc[h][c] = vzero();
-        for (int64_t t = 0; t < n; t++) {   /* weighted values: each value read once */
-            const char *vr = vb + size * index[t] * vst[2];
-            vec vv[MAXC];
-            for (int64_t c = 0; c < nc; c++) vv[c] = vload(vr + size * LANES * c, bf16);
-            for (int64_t h = 0; h < group; h++) {
-                vec p = vset1(score[h][t]);
-                for (int64_t c = 0; c < nc; c++) acc[h][c] = vfma(p, vv[c], acc[h][c]);
-            }
-        }
-        for (int64_t h = 0; h < group; h++)
-            for (int64_t c = 0; c < nc; c++) vstoreu(res + h * (dim + 2) + 2 + LANES * c, acc[h][c]);
+        /* the weighted values: each value read once for the group; the common shapes with
+           constant sizes, so that the sums stay in registers (the same operations either way) */
+#define PV(G, C) weighted(vb, vst[2], index, n, (float *)score, SPAN + LANES, bf16, size, G, C, \
+                          res, dim + 2)
+        if (group == 1 && nc == 4) PV(1, 4);
+        else if (group == 2 && nc == 4) PV(2, 4);
+        else if (group == 3 && nc == 4) PV(3, 4);
+        else if (group == 4 && nc == 4) PV(4, 4);
+        else if (group == 1 && nc == 8) PV(1, 8);
+        else if (group == 2 && nc == 8) PV(2, 8);
+        else if (group == 3 && nc == 8) PV(3, 8);
+        else if (group == 4 && nc == 8) PV(4, 8);
+        else PV(group, nc);
+#undef PV
     }
     #pragma omp parallel for num_threads(nt) schedule(static) if (rows * group > 8)
     for (int64_t x = 0; x < rows * group; x++) {   /* join a row's spans, per head */
