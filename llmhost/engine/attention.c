@@ -113,6 +113,77 @@ static inline uint16_t to_bf16(float f) {   /* round to nearest even, as torch's
 #define MAXG 16           /* query heads per key/value head */
 #define MAXC (256 / LANES)
 
+/* score[h * sstride + t] = scale times the dot product of head h's query (qrow, heads qhead
+   elements apart) with the span's key t, for `group` heads and nc vectors of dim; constant
+   `group` and `nc` where inlined */
+static inline __attribute__((always_inline)) void scores(
+        const char *qrow, int64_t qhead, const char *kb, int64_t kstride, const int32_t *index,
+        int64_t n, int bf16, int64_t size, int64_t group, int64_t nc, int64_t dim, float scale,
+        float *score, int64_t sstride) {
+    int64_t t = 0;
+#ifdef __AVX512BF16__
+    if (bf16 && dim % 32 == 0) {   /* bfloat16 pairs straight into float32 lanes: no widening */
+        const int64_t np = dim / 32;
+        __m512bh qb[MAXG][MAXC / 2];
+        for (int64_t h = 0; h < group; h++) {
+            const char *qr = qrow + 2 * h * qhead;
+            for (int64_t c = 0; c < np; c++) qb[h][c] = (__m512bh)_mm512_loadu_si512(qr + 64 * c);
+        }
+        for (; t + 4 <= n; t += 4) {   /* scores, four keys at a time, each read once for the group */
+            __m512bh kk[4][MAXC / 2];
+            for (int x = 0; x < 4; x++)
+                for (int64_t c = 0; c < np; c++)
+                    kk[x][c] = (__m512bh)_mm512_loadu_si512(kb + 2 * (index[t + x] * kstride + 32 * c));
+            for (int64_t h = 0; h < group; h++) {
+                vec a[4];
+                for (int x = 0; x < 4; x++) {
+                    a[x] = _mm512_dpbf16_ps(vzero(), qb[h][0], kk[x][0]);
+                    for (int64_t c = 1; c < np; c++) a[x] = _mm512_dpbf16_ps(a[x], qb[h][c], kk[x][c]);
+                }
+                _mm_storeu_ps(score + h * sstride + t, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), _mm_set1_ps(scale)));
+            }
+        }
+        for (; t < n; t++) {   /* the last few keys */
+            const char *kr = kb + 2 * index[t] * kstride;
+            for (int64_t h = 0; h < group; h++) {
+                vec a = _mm512_dpbf16_ps(vzero(), qb[h][0], (__m512bh)_mm512_loadu_si512(kr));
+                for (int64_t c = 1; c < np; c++)
+                    a = _mm512_dpbf16_ps(a, qb[h][c], (__m512bh)_mm512_loadu_si512(kr + 64 * c));
+                score[h * sstride + t] = vhsum(a) * scale;
+            }
+        }
+    } else
+#endif
+    {
+        vec qv[MAXG][MAXC];
+        for (int64_t h = 0; h < group; h++) {
+            const char *qr = qrow + size * h * qhead;
+            for (int64_t c = 0; c < nc; c++) qv[h][c] = vload(qr + size * LANES * c, bf16);
+        }
+        for (; t + 4 <= n; t += 4) {   /* scores, four keys at a time, each read once for the group */
+            vec kv[4][MAXC];
+            for (int x = 0; x < 4; x++)
+                for (int64_t c = 0; c < nc; c++) kv[x][c] = vload(kb + size * (index[t + x] * kstride + LANES * c), bf16);
+            for (int64_t h = 0; h < group; h++) {
+                vec a[4];
+                for (int x = 0; x < 4; x++) {
+                    a[x] = vmul(qv[h][0], kv[x][0]);
+                    for (int64_t c = 1; c < nc; c++) a[x] = vfma(qv[h][c], kv[x][c], a[x]);
+                }
+                _mm_storeu_ps(score + h * sstride + t, _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), _mm_set1_ps(scale)));
+            }
+        }
+        for (; t < n; t++) {   /* the last few keys */
+            const char *kr = kb + size * index[t] * kstride;
+            for (int64_t h = 0; h < group; h++) {
+                vec a = vmul(qv[h][0], vload(kr, bf16));
+                for (int64_t c = 1; c < nc; c++) a = vfma(qv[h][c], vload(kr + size * LANES * c, bf16), a);
+                score[h * sstride + t] = vhsum(a) * scale;
+            }
+        }
+    }
+}
+
 /* res[h * rstride + 2 + d] = the sum over the span's n keys of score[h * sstride + t] times
    value t, for `group` heads and nc vectors of dim; constant `group` and `nc` where inlined */
 static inline __attribute__((always_inline)) void weighted(
@@ -175,67 +246,20 @@ int attend(int bf16, const void *q, const int64_t *qst, const void *k, const int
         float *res = partial + u * part;
         if (!n)
             continue;
-        int64_t t = 0;
-#ifdef __AVX512BF16__
-        if (bf16 && dim % 32 == 0) {   /* bfloat16 pairs straight into float32 lanes: no widening */
-            const int64_t np = dim / 32;
-            __m512bh qb[MAXG][MAXC / 2];
-            for (int64_t h = 0; h < group; h++) {
-                const char *qr = (const char *)q + 2 * (b * qst[0] + (g * group + h) * qst[1] + i * qst[2]);
-                for (int64_t c = 0; c < np; c++) qb[h][c] = (__m512bh)_mm512_loadu_si512(qr + 64 * c);
-            }
-            for (; t + 4 <= n; t += 4) {   /* scores, four keys at a time, each read once for the group */
-                __m512bh kk[4][MAXC / 2];
-                for (int x = 0; x < 4; x++)
-                    for (int64_t c = 0; c < np; c++)
-                        kk[x][c] = (__m512bh)_mm512_loadu_si512(kb + 2 * (index[t + x] * kst[2] + 32 * c));
-                for (int64_t h = 0; h < group; h++) {
-                    vec a[4];
-                    for (int x = 0; x < 4; x++) {
-                        a[x] = _mm512_dpbf16_ps(vzero(), qb[h][0], kk[x][0]);
-                        for (int64_t c = 1; c < np; c++) a[x] = _mm512_dpbf16_ps(a[x], qb[h][c], kk[x][c]);
-                    }
-                    _mm_storeu_ps(&score[h][t], _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), _mm_set1_ps(scale)));
-                }
-            }
-            for (; t < n; t++) {   /* the last few keys */
-                const char *kr = kb + 2 * index[t] * kst[2];
-                for (int64_t h = 0; h < group; h++) {
-                    vec a = _mm512_dpbf16_ps(vzero(), qb[h][0], (__m512bh)_mm512_loadu_si512(kr));
-                    for (int64_t c = 1; c < np; c++)
-                        a = _mm512_dpbf16_ps(a, qb[h][c], (__m512bh)_mm512_loadu_si512(kr + 64 * c));
-                    score[h][t] = vhsum(a) * scale;
-                }
-            }
-        } else
-#endif
-        {
-        vec qv[MAXG][MAXC];
-        for (int64_t h = 0; h < group; h++) {
-            const char *qr = (const char *)q + size * (b * qst[0] + (g * group + h) * qst[1] + i * qst[2]);
-            for (int64_t c = 0; c < nc; c++) qv[h][c] = vload(qr + size * LANES * c, bf16);
-        }
-        for (; t + 4 <= n; t += 4) {   /* scores, four keys at a time, each read once for the group */
-            vec kv[4][MAXC];
-            for (int x = 0; x < 4; x++)
-                for (int64_t c = 0; c < nc; c++) kv[x][c] = vload(kb + size * (index[t + x] * kst[2] + LANES * c), bf16);
-            for (int64_t h = 0; h < group; h++) {
-                vec a[4];
-                for (int x = 0; x < 4; x++) {
-                    a[x] = vmul(qv[h][0], kv[x][0]);
-                    for (int64_t c = 1; c < nc; c++) a[x] = vfma(qv[h][c], kv[x][c], a[x]);
-                }
-                _mm_storeu_ps(&score[h][t], _mm_mul_ps(sum4(a[0], a[1], a[2], a[3]), _mm_set1_ps(scale)));
-            }
-        }
-        for (; t < n; t++) {   /* the last few keys */
-            const char *kr = kb + size * index[t] * kst[2];
-            for (int64_t h = 0; h < group; h++) {
-                vec a = vmul(qv[h][0], vload(kr, bf16));
-                for (int64_t c = 1; c < nc; c++) a = vfma(qv[h][c], vload(kr + size * LANES * c, bf16), a);
-                score[h][t] = vhsum(a) * scale;
-            }
-        }
+        {   /* the scores: the common shapes with constant sizes (the same operations either way) */
+            const char *qrow = (const char *)q + size * (b * qst[0] + g * group * qst[1] + i * qst[2]);
+#define SC(G, C) scores(qrow, qst[1], kb, kst[2], index, n, bf16, size, G, C, dim, scale, \
+                        (float *)score, SPAN + LANES)
+            if (group == 1 && nc == 4) SC(1, 4);
+            else if (group == 2 && nc == 4) SC(2, 4);
+            else if (group == 3 && nc == 4) SC(3, 4);
+            else if (group == 4 && nc == 4) SC(4, 4);
+            else if (group == 1 && nc == 8) SC(1, 8);
+            else if (group == 2 && nc == 8) SC(2, 8);
+            else if (group == 3 && nc == 8) SC(3, 8);
+            else if (group == 4 && nc == 8) SC(4, 8);
+            else SC(group, nc);
+#undef SC
         }
         for (int64_t h = 0; h < group; h++) {   /* weights e^(s - the span's max) */
             float top = score[h][0];
