@@ -110,6 +110,20 @@ static inline uint16_t to_bf16(float f) {   /* round to nearest even, as torch's
 }
 
 #define SPAN 512          /* keys per unit of work */
+/* CALL(group, nc) with constant arguments for the common shapes (1-4 query heads per KV head,
+   4 or 8 vectors a head), so that the inlined loops keep their sums in registers; the same
+   operations either way */
+#define SHAPES(CALL) do { \
+        if (nc == 4 && group == 1) CALL(1, 4); \
+        else if (nc == 4 && group == 2) CALL(2, 4); \
+        else if (nc == 4 && group == 3) CALL(3, 4); \
+        else if (nc == 4 && group == 4) CALL(4, 4); \
+        else if (nc == 8 && group == 1) CALL(1, 8); \
+        else if (nc == 8 && group == 2) CALL(2, 8); \
+        else if (nc == 8 && group == 3) CALL(3, 8); \
+        else if (nc == 8 && group == 4) CALL(4, 8); \
+        else CALL(group, nc); \
+    } while (0)
 #define MAXG 16           /* query heads per key/value head */
 #define MAXC (256 / LANES)
 
@@ -246,19 +260,11 @@ int attend(int bf16, const void *q, const int64_t *qst, const void *k, const int
         float *res = partial + u * part;
         if (!n)
             continue;
-        {   /* the scores: the common shapes with constant sizes (the same operations either way) */
+        {   /* the scores */
             const char *qrow = (const char *)q + size * (b * qst[0] + g * group * qst[1] + i * qst[2]);
 #define SC(G, C) scores(qrow, qst[1], kb, kst[2], index, n, bf16, size, G, C, dim, scale, \
                         (float *)score, SPAN + LANES)
-            if (group == 1 && nc == 4) SC(1, 4);
-            else if (group == 2 && nc == 4) SC(2, 4);
-            else if (group == 3 && nc == 4) SC(3, 4);
-            else if (group == 4 && nc == 4) SC(4, 4);
-            else if (group == 1 && nc == 8) SC(1, 8);
-            else if (group == 2 && nc == 8) SC(2, 8);
-            else if (group == 3 && nc == 8) SC(3, 8);
-            else if (group == 4 && nc == 8) SC(4, 8);
-            else SC(group, nc);
+            SHAPES(SC);
 #undef SC
         }
         for (int64_t h = 0; h < group; h++) {   /* weights e^(s - the span's max) */
@@ -276,19 +282,10 @@ int attend(int bf16, const void *q, const int64_t *qst, const void *k, const int
             res[h * (dim + 2)] = top;
             res[h * (dim + 2) + 1] = sum;
         }
-        /* the weighted values: each value read once for the group; the common shapes with
-           constant sizes, so that the sums stay in registers (the same operations either way) */
+        /* the weighted values: each value read once for the group */
 #define PV(G, C) weighted(vb, vst[2], index, n, (float *)score, SPAN + LANES, bf16, size, G, C, \
                           res, dim + 2)
-        if (group == 1 && nc == 4) PV(1, 4);
-        else if (group == 2 && nc == 4) PV(2, 4);
-        else if (group == 3 && nc == 4) PV(3, 4);
-        else if (group == 4 && nc == 4) PV(4, 4);
-        else if (group == 1 && nc == 8) PV(1, 8);
-        else if (group == 2 && nc == 8) PV(2, 8);
-        else if (group == 3 && nc == 8) PV(3, 8);
-        else if (group == 4 && nc == 8) PV(4, 8);
-        else PV(group, nc);
+        SHAPES(PV);
 #undef PV
     }
     #pragma omp parallel for num_threads(nt) schedule(static) if (rows * group > 8)
