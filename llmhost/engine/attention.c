@@ -221,15 +221,15 @@ static inline __attribute__((always_inline)) void weighted(
 }
 
 /* q [batch, heads, length, dim], k and v [batch, kv_heads, keys, dim] (any strides, in
-   elements, given as three per tensor; last dimension contiguous), mask [batch, keys]
+   elements: st holds q's first three, then k's, then v's; last dimension contiguous), mask [batch, keys]
    (nonzero: a key of the row's sequence) or NULL; query row i sees keys up to
    keys - length + i. out [batch, length, heads, dim], contiguous, in the inputs' dtype.
    dim: a multiple of 16, at most 256; heads / kv_heads at most MAXG. Returns 0, or -1 when
    scratch memory could not be allocated. */
-int attend(int bf16, const void *q, const int64_t *qst, const void *k, const int64_t *kst,
-           const void *v, const int64_t *vst, int64_t batch, int64_t heads, int64_t kv_heads,
-           int64_t length, int64_t keys, int64_t dim, const uint8_t *mask, float scale, void *out,
-           int nt) {
+int attend(int bf16, const void *q, const void *k, const void *v, const int64_t *st,
+           int64_t batch, int64_t heads, int64_t kv_heads, int64_t length, int64_t keys,
+           int64_t dim, const uint8_t *mask, float scale, void *out, int nt) {
+    const int64_t *qst = st, *kst = st + 3, *vst = st + 6;
     const int64_t size = bf16 ? 2 : 4, group = heads / kv_heads, spans = (keys + SPAN - 1) / SPAN;
     const int64_t rows = batch * kv_heads * length, units = rows * spans, nc = dim / LANES;
     const int64_t part = group * (dim + 2);          /* per unit: each head's max, sum, sums */

@@ -94,8 +94,7 @@ class LlamaStep:
         # reuse any token prefix (scheduler.py). Elsewhere prefill keeps transformers'
         # attention, whose rounding depends on the shapes (the cache reuses whole chunks).
         self.rows_alone = self.own_attention and all(
-            getattr(getattr(layer, part), name, None) is not None
-            and getattr(getattr(getattr(layer, part), name), "rows_alone", False)
+            getattr(getattr(getattr(layer, part), name, None), "rows_alone", False)
             for layer in base.layers[:model.config.num_hidden_layers]
             for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                                 ("mlp", ("gate_proj", "up_proj", "down_proj")))

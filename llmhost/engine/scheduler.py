@@ -456,7 +456,7 @@ class Scheduler(ModelWorker):
         prompt = gen.request.prompt_ids
         if not self.batchable or gen.request.model_inputs:
             return False
-        # a short prompt whose most the prefix cache holds is read from there, alone
+        # a short prompt most of which the prefix cache holds is read from there, alone
         return len(prompt) > self.chunk or (self.exact_rows and gen.request.prefix_key is not None
                                             and 2 * self.prefix.match(gen.request.prefix_key, prompt)
                                             >= len(prompt))
