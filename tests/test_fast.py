@@ -262,8 +262,8 @@ def test_q8_embedding_and_its_head_keep_the_files_blocks():
 def test_the_vnni_build_computes_what_the_avx2_build_computes():
     """Where the CPU has VNNI the kernel is built with it (vpdpbusd); its
     integers are vpmaddubsw + vpmaddwd's, so every product is bit-identical to
-    the plain AVX2 build's: Q4_0, Q4_1 (pairs and an odd last block) and Q8_0,
-    1 to 7 rows."""
+    the plain AVX2 build's: Q4_0, Q4_1 (whole groups, pairs and an odd last block)
+    and Q8_0, 1 to 130 rows."""
     import numpy as np
     from gguf import GGMLQuantizationType, quantize
 
@@ -278,15 +278,51 @@ def test_the_vnni_build_computes_what_the_avx2_build_computes():
     assert plain is not None, why
     rng = np.random.default_rng(2)
     for kind in ("Q4_0", "Q4_1", "Q8_0"):
-        for width in (96, 160, 576):
+        for width in (96, 160, 576, 1024):   # 1,024: whole groups of 8 blocks only
             blocks = quantize(rng.standard_normal((24, width)).astype(np.float32),
                               GGMLQuantizationType[kind])
             layer = q8_embedding(blocks, torch.float32) if kind == "Q8_0" else \
                 int4_from_gguf(kind, blocks, np.arange(24), torch.float32)
-            for rows in (1, 4, 7):
+            for rows in (1, 4, 7, 130):
                 x = torch.randn(rows, width)
                 assert torch.equal(q4kernel.matmul(x, layer.qs, layer.dm),
                                    q4kernel.matmul(x, layer.qs, layer.dm, lib=plain)), (kind, width, rows)
+
+def test_llmhost_kernel_computes_each_row_alone_bitwise():
+    """q4kernel.c's tiles (several rows x features, edge tiles smaller) run the same float
+    operations for every (row, feature): a row's output is the same bits alone (a decode
+    step) as in calls of 2 to 300 rows at any position, with 1 or 2 threads; Q4 and Q8_0,
+    k with whole groups of 8 blocks, a partial one, an odd last block (96, 576, 1,536 and
+    1,568 inputs), feature counts that are no multiple of a tile. Also within 8-bit rounding
+    of the float64 product."""
+    q4kernel = _llmhost_kernel()
+    g = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    try:
+        for bits, k, n in ((4, 96, 37), (4, 576, 70), (4, 1536, 45), (4, 1568, 9), (8, 96, 37), (8, 576, 70),
+                           (8, 1568, 9)):
+            if bits == 4:
+                qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+                dm = (torch.rand(2, n, k // 32, generator=g) * 0.02 - 0.01).half()
+                q = torch.cat([(qs & 15).view(n, -1, 16), (qs >> 4).view(n, -1, 16)], 2).double()
+                weight = (q * dm[0, ..., None].double() + dm[1, ..., None].double()).view(n, k)
+            else:
+                qs = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+                dm = (torch.rand(1, n, k // 32, generator=g) * 0.01).half()
+                weight = (qs.view(n, -1, 32).double() * dm[0, ..., None].double()).view(n, k)
+            x = torch.randn(300, k, generator=g)
+            exact = q4kernel.requantized(x).double() @ weight.T
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                alone = torch.cat([q4kernel.matmul(x[i:i + 1], qs, dm) for i in range(300)])
+                torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4)
+                for m in (2, 3, 5, 8, 37, 300):
+                    for start in (0, 300 - m, (300 - m) // 2):
+                        batch = q4kernel.matmul(x[start:start + m], qs, dm)
+                        assert torch.equal(batch, alone[start:start + m]), (bits, k, n, nt, m, start)
+    finally:
+        torch.set_num_threads(threads)
+
 
 def test_auto_dtype_follows_the_cpu_flags():
     with open("/proc/cpuinfo") as fh:

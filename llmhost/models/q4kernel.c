@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* One block of 32 floats -> 32 int8 in input order; *d its scale, *s scale * sum(q). */
 static inline __m256i quantize_block(const float *p, float *d, float *s) {
@@ -122,149 +123,314 @@ static inline __m256 pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
 #endif
 }
 
-/* One Q4 output feature (wq, wd, wm) against `rows` (1..4, a constant where inlined) rows of
-   quantized activations; out[r * ostride] = the row's dot product. */
-static inline __attribute__((always_inline)) void feature(
-        const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb, const int8_t *xq,
-        const float *xd, const float *xs, int64_t k, int rows, float *out, int64_t ostride) {
+/* The tiled product. Per (row, feature) ONE float accumulator (8 lanes) takes, in this order:
+   - each whole group of 8 blocks (group_dot): its 8 block sums, converted once, times the
+     scales' vector dw * dx, then the offsets' term m * s of its 8 blocks (w = d * q + m);
+   - the rest (k not a multiple of 256 inputs): unit by unit (a pair of blocks, pair_dot's
+     lanes, or a last odd block), dot * (dw * dx), then one vector of the rest's m * s;
+   and out = hsum(acc). That sequence depends only on k: a tile of R rows x F features runs
+   it for each of its R * F (row, feature), each unpacked weight group used for R rows and
+   each activation group (memory operands, from L1) for F features. Tiles of any shape, edge
+   tiles included, so give a row the same bits alone or batched, at any thread count (llamafile's
+   tinyBLAS tiles rows x features the same way; its blocks are added one at a time). */
+
+/* Tiles: up to TILE_R rows x TILE_F features (the arrays' sizes); which shapes run is
+   TILE_ROWS' and tile_features' choice (below). */
+#define TILE_R 4
+#define TILE_F 4
+
+/* [d0 x4, d1 x4]: a pair's two float16 scales in its dot product's lanes */
+static inline __m256 pair_scales(const uint16_t *d) {
+    __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t *)d));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
+/* Q4: a unit's weights as unsigned bytes in the dot's order (w[0] the low nibbles, w[1] the
+   high ones; an odd block: inputs 0-15 in w[0]'s low half, 16-31 in its high half) */
+static inline void q4_unit(const uint8_t *wq, int pair, __m256i w[2]) {
     const __m256i low = _mm256_set1_epi8(0x0F);
-    const __m256i first = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    const __m256i second = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
-    __m256 acc[4][2];
-    __m128 macc[4];
-    float tail[4];
-    for (int r = 0; r < 4; r++) {
-        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        macc[r] = _mm_setzero_ps();
-        tail[r] = 0.0f;
+    __m256i raw;
+    if (pair) {
+        raw = _mm256_loadu_si256((const __m256i *)wq);
+    } else {
+        __m128i half = _mm_loadu_si128((const __m128i *)wq);
+        raw = _mm256_set_m128i(_mm_srli_epi16(half, 4), half);
     }
-    int64_t b = 0;
-    for (; b + 4 <= nb; b += 4) {   /* two pairs */
-        __m256i wa = _mm256_loadu_si256((const __m256i *)(wq + b * 16));
-        __m256i wb = _mm256_loadu_si256((const __m256i *)(wq + b * 16 + 32));
-        __m256i a0 = _mm256_and_si256(wa, low), a1 = _mm256_and_si256(_mm256_srli_epi16(wa, 4), low);
-        __m256i b0 = _mm256_and_si256(wb, low), b1 = _mm256_and_si256(_mm256_srli_epi16(wb, 4), low);
-        __m128 dw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(wd + b)));
-        __m128 mw = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(wm + b)));
-        for (int r = 0; r < rows; r++) {
-            const int8_t *y = xq + r * k + b * 32;
-            __m256 sc = _mm256_castps128_ps256(_mm_mul_ps(dw, _mm_loadu_ps(xd + r * nb + b)));
-            macc[r] = _mm_fmadd_ps(mw, _mm_loadu_ps(xs + r * nb + b), macc[r]);
-            acc[r][0] = _mm256_fmadd_ps(pair_dot(a0, a1, y), _mm256_permutevar8x32_ps(sc, first), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(pair_dot(b0, b1, y + 64), _mm256_permutevar8x32_ps(sc, second),
-                                        acc[r][1]);
-        }
+    w[0] = _mm256_and_si256(raw, low);
+    w[1] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+}
+
+/* Q8_0: a unit's signed weights in the activations' order (a pair: inputs 0-15 of both
+   blocks, then 16-31 of both; an odd block: w[0] alone) and their magnitudes */
+static inline void q8_unit(const int8_t *wq, int pair, __m256i w[4]) {
+    __m256i a = _mm256_loadu_si256((const __m256i *)wq);
+    if (pair) {
+        __m256i c = _mm256_loadu_si256((const __m256i *)(wq + 32));
+        w[0] = _mm256_permute2x128_si256(a, c, 0x20);
+        w[1] = _mm256_permute2x128_si256(a, c, 0x31);
+    } else {
+        w[0] = a;
+        w[1] = _mm256_setzero_si256();
     }
-    for (; b < nb; b++) {   /* a last pair, a last odd block */
-        int pair = b + 1 < nb;
-        __m256i w;
-        if (pair) {
-            w = _mm256_loadu_si256((const __m256i *)(wq + b * 16));
-        } else {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(wq + b * 16));
-            w = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-        }
-        __m256i w0 = _mm256_and_si256(w, low), w1 = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-        for (int r = 0; r < rows; r++) {
-            const int8_t *y = xq + r * k + b * 32;
-            float s0 = _cvtsh_ss(wd[b]) * xd[r * nb + b];
-            tail[r] += _cvtsh_ss(wm[b]) * xs[r * nb + b];
-            if (pair) {
-                float s1 = _cvtsh_ss(wd[b + 1]) * xd[r * nb + b + 1];
-                tail[r] += _cvtsh_ss(wm[b + 1]) * xs[r * nb + b + 1];
-                acc[r][0] = _mm256_fmadd_ps(pair_dot(w0, w1, y), _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1),
-                                            acc[r][0]);
-            } else {
-                acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot4(w0, _mm256_loadu_si256((const __m256i *)y))),
-                                            _mm256_set1_ps(s0), acc[r][0]);
-            }
-        }
-        b += pair;
-    }
-    for (int r = 0; r < rows; r++) {
-        __m128 s = macc[r];
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        out[r * ostride] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) + _mm_cvtss_f32(s) + tail[r];
+    w[2] = _mm256_sign_epi8(w[0], w[0]);
+    w[3] = _mm256_sign_epi8(w[1], w[1]);
+}
+
+/* a unit's dot product with activations y, as floats in the unit's lanes */
+static inline __m256 q4_dot(const __m256i w[2], int pair, const int8_t *y) {
+    if (pair) return pair_dot(w[0], w[1], y);
+    return _mm256_cvtepi32_ps(dot4(w[0], _mm256_loadu_si256((const __m256i *)y)));
+}
+
+/* vpmaddubsw wants an unsigned operand: |w| times y with w's sign; two products of up to
+   2 * 128 * 127 do not add in 16 bits, so each half is widened alone */
+static inline __m256 q8_dot(const __m256i w[4], int pair, const int8_t *y) {
+    __m256i p = dot4(w[2], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y), w[0]));
+    if (pair)
+        p = _mm256_add_epi32(p, dot4(w[3], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(y + 32)), w[1])));
+    return _mm256_cvtepi32_ps(p);
+}
+
+/* Q4, a whole group of 8 blocks (4 pairs): the pairs' dot products (int32, lanes 0-3 a pair's
+   first block, 4-7 its second) summed within each block by horizontal adds, so that one
+   vector holds the group's 8 block sums, lanes [b0 b2 b4 b6 b1 b3 b5 b7]: a group costs one
+   conversion, one multiply and two multiply-adds per (row, feature), not four of each.
+   `w`: the group's unsigned weights (pair q: w[2q] low nibbles, w[2q + 1] high); y: the
+   group's activations (pair order). */
+static inline __m256 group_dot(const __m256i w[8], const int8_t *y) {
+    __m256i v[4];
+#ifdef DPBUSD
+    for (int q = 0; q < 4; q++)
+        v[q] = DPBUSD(DPBUSD(_mm256_setzero_si256(), w[2 * q], _mm256_loadu_si256((const __m256i *)(y + 64 * q))),
+                      w[2 * q + 1], _mm256_loadu_si256((const __m256i *)(y + 64 * q + 32)));
+    return _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3])));
+#else
+    /* the same integers, in 16 bits until the last step: a pair's lane is 4 products of at
+       most 15 * 127 (7,620), the two horizontal adds make it 16 (30,480 < 32,767) */
+    for (int q = 0; q < 4; q++)
+        v[q] = _mm256_add_epi16(_mm256_maddubs_epi16(w[2 * q], _mm256_loadu_si256((const __m256i *)(y + 64 * q))),
+                                _mm256_maddubs_epi16(w[2 * q + 1], _mm256_loadu_si256((const __m256i *)(y + 64 * q + 32))));
+    __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(v[0], v[1]), _mm256_hadd_epi16(v[2], v[3]));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(h, _mm256_set1_epi16(1)));
+#endif
+}
+
+/* 8 per-block values of a whole group (block b at vals[b]) in group_dot's lanes */
+static inline void group_lanes(const float *vals, float out[8]) {
+    for (int q = 0; q < 4; q++) {
+        out[q] = vals[2 * q];
+        out[4 + q] = vals[2 * q + 1];
     }
 }
 
-/* Q8_0 weights (a file's token embedding, tied to the output head): int8 [n, k] in input
-   order and one float16 scale per block of 32. vpmaddubsw wants an unsigned operand: |w|
-   times y with w's sign; two products of up to 2 * 128 * 127 do not add in 16 bits, so each
-   is widened alone. One feature against 1..4 rows, as feature() above. */
-static inline __attribute__((always_inline)) void feature8(
-        const int8_t *wq, const uint16_t *wd, int64_t nb, const int8_t *xq, const float *xd,
-        int64_t k, int rows, float *out, int64_t ostride) {
-    __m256 acc[4];
-    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        int pair = b + 1 < nb;
-        __m256i w0, w1 = _mm256_setzero_si256();
-        __m256i a = _mm256_loadu_si256((const __m256i *)(wq + b * 32));
-        if (pair) {   /* to pair order: inputs 0-15 of both blocks, then 16-31 of both */
-            __m256i c = _mm256_loadu_si256((const __m256i *)(wq + b * 32 + 32));
-            w0 = _mm256_permute2x128_si256(a, c, 0x20);
-            w1 = _mm256_permute2x128_si256(a, c, 0x31);
-        } else {
-            w0 = a;
+/* The activations' scales per row (xv [m, V] floats, V = scales_per_row(nb)): for each whole
+   group 16 floats in group_dot's lanes, the scales (xd) then their sums' (xs, for the offsets'
+   term); then, where k leaves a partial group, 8 floats (unit lanes: pair_scales') for each
+   of its units (a pair, a last odd block) and 8 with its blocks' xs in order, 0-padded. */
+static int64_t scales_per_row(int64_t nb) {
+    int64_t left = nb % 8;
+    return nb / 8 * 16 + (left ? (left / 2 + left % 2) * 8 + 8 : 0);
+}
+
+static void activation_scales(const float *xd, const float *xs, int64_t m, int64_t nb, float *xv) {
+    int64_t V = scales_per_row(nb), full = nb / 8;
+    for (int64_t r = 0; r < m; r++) {
+        float *v = xv + r * V;
+        for (int64_t g = 0; g < full; g++, v += 16) {
+            group_lanes(xd + r * nb + 8 * g, v);
+            group_lanes(xs + r * nb + 8 * g, v + 8);
         }
-        float d0 = _cvtsh_ss(wd[b]), d1 = pair ? _cvtsh_ss(wd[b + 1]) : 0.0f;
-        for (int r = 0; r < rows; r++) {
-            const int8_t *y = xq + r * k + b * 32;
-            __m256i p = dot4(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y), w0));
-            float s0 = d0 * xd[r * nb + b];
-            if (pair) {
-                p = _mm256_add_epi32(p, dot4(_mm256_sign_epi8(w1, w1),
-                                             _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(y + 32)), w1)));
-                float s1 = d1 * xd[r * nb + b + 1];
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1),
-                                         acc[r]);
-            } else {
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s0), acc[r]);
+        int64_t first = full * 8;
+        for (int64_t b = first; b < nb; b += 2, v += 8)
+            for (int j = 0; j < 8; j++) v[j] = xd[r * nb + b + (b + 1 < nb && j >= 4)];
+        for (int j = 0; j < 8 && first < nb; j++) v[j] = first + j < nb ? xs[r * nb + first + j] : 0.0f;
+    }
+}
+
+/* a weight plane's 8 float16s of a whole group in group_dot's lanes */
+static inline __m256 group_plane(const uint16_t *h) {
+    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)),
+                                    _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+}
+
+/* whole group g (8 blocks): for each of the tile's F features its weights unpacked once, then
+   for each of the R rows acc += dot * (dw * dx) and acc += m * s */
+static inline __attribute__((always_inline)) void q4_group(
+        int R, int F, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb, int64_t g,
+        const int8_t *xq, const float *xv, __m256 acc[TILE_R][TILE_F]) {
+    int64_t k = nb * 32, V = scales_per_row(nb);
+    for (int f = 0; f < F; f++) {
+        __m256i w[8];
+        for (int q = 0; q < 4; q++) q4_unit(wq + f * (k / 2) + g * 128 + 32 * q, 1, w + 2 * q);
+        __m256 dw = group_plane(wd + f * nb + 8 * g), mw = group_plane(wm + f * nb + 8 * g);
+        for (int r = 0; r < R; r++) {
+            const float *v = xv + r * V + g * 16;
+            __m256 dot = group_dot(w, xq + r * k + g * 256);
+            acc[r][f] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_loadu_ps(v)), acc[r][f]);
+            acc[r][f] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(v + 8), acc[r][f]);
+        }
+    }
+}
+
+/* the blocks after the whole groups (`left`, 1..7, a constant where inlined): unit by unit
+   (a pair: pair_dot's lanes; a last odd block: its halves), acc += dot * (dw * dx), then
+   acc += m * s with the blocks' offsets in lanes 0..left-1 */
+static inline __attribute__((always_inline)) void q4_rest(
+        int R, int F, int left, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
+        const int8_t *xq, const float *xv, __m256 acc[TILE_R][TILE_F]) {
+    int64_t k = nb * 32, V = scales_per_row(nb), first = nb - left;
+    for (int f = 0; f < F; f++) {
+        for (int u = 0; 2 * u < left; u++) {
+            int pair = 2 * u + 1 < left;
+            int64_t b = first + 2 * u;
+            __m256i w[2];
+            q4_unit(wq + f * (k / 2) + b * 16, pair, w);
+            __m256 dw = pair ? pair_scales(wd + f * nb + b) : _mm256_set1_ps(_cvtsh_ss(wd[f * nb + b]));
+            for (int r = 0; r < R; r++) {
+                const float *v = xv + r * V + first / 8 * 16 + 8 * u;
+                acc[r][f] = _mm256_fmadd_ps(q4_dot(w, pair, xq + r * k + b * 32),
+                                            _mm256_mul_ps(dw, _mm256_loadu_ps(v)), acc[r][f]);
             }
         }
-        b += pair;
+        uint16_t t[8] = {0};
+        memcpy(t, wm + f * nb + first, sizeof(uint16_t) * (size_t)left);
+        __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+        for (int r = 0; r < R; r++)
+            acc[r][f] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xv + r * V + V - 8), acc[r][f]);
     }
-    for (int r = 0; r < rows; r++) out[r * ostride] = hsum(acc[r]);
 }
+
+/* Q4: R rows (xq, xv: their first) x F features (wq, wd, wm: the first) of out [.., n], R and
+   F constants where inlined, so the accumulators stay in registers. Per (row, feature), group
+   after group: acc = fma(group dot, dw * dx, acc), acc = fma(m, s, acc) (the offsets' term:
+   w = d * q + m); then the rest's units and offsets (q4_rest); out = hsum(acc). */
+static inline __attribute__((always_inline)) void q4_tile(
+        int R, int F, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
+        const int8_t *xq, const float *xv, float *out, int64_t n) {
+    __m256 acc[TILE_R][TILE_F];
+    for (int r = 0; r < R; r++)
+        for (int f = 0; f < F; f++) acc[r][f] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < nb / 8; g++) q4_group(R, F, wq, wd, wm, nb, g, xq, xv, acc);
+    /* a constant count of the rest's blocks in each call: its branches and copy fold away */
+#define REST(left) case left: q4_rest(R, F, left, wq, wd, wm, nb, xq, xv, acc); break;
+    switch (nb % 8) { REST(1) REST(2) REST(3) REST(4) REST(5) REST(6) REST(7) }
+#undef REST
+    for (int r = 0; r < R; r++)
+        for (int f = 0; f < F; f++) out[r * n + f] = hsum(acc[r][f]);
+}
+
+/* Q8_0: R rows x F features, one unit (a pair of blocks, or a last odd block) at a time:
+   per (row, feature) acc = fma(unit dot, dw * dx, acc), out = hsum(acc). xv8: the
+   activations' scales in the units' lanes ([m, units, 8]). */
+static inline __attribute__((always_inline)) void q8_tile(
+        int R, int F, const int8_t *wq, const uint16_t *wd, int64_t nb, const int8_t *xq,
+        const float *xv8, float *out, int64_t n) {
+    int64_t k = nb * 32, units = nb / 2 + nb % 2;
+    __m256 acc[TILE_R][TILE_F];
+    for (int r = 0; r < R; r++)
+        for (int f = 0; f < F; f++) acc[r][f] = _mm256_setzero_ps();
+    for (int64_t u = 0; u < units; u++) {
+        int pair = 2 * u + 1 < nb;
+        __m256i w[TILE_F][4];
+        __m256 dw[TILE_F];
+        for (int f = 0; f < F; f++) {
+            q8_unit(wq + f * k + u * 64, pair, w[f]);
+            dw[f] = pair ? pair_scales(wd + f * nb + 2 * u) : _mm256_set1_ps(_cvtsh_ss(wd[f * nb + 2 * u]));
+        }
+        for (int r = 0; r < R; r++)
+            for (int f = 0; f < F; f++) {
+                __m256 scale = _mm256_mul_ps(dw[f], _mm256_loadu_ps(xv8 + (r * units + u) * 8));
+                acc[r][f] = _mm256_fmadd_ps(q8_dot(w[f], pair, xq + r * k + u * 64), scale, acc[r][f]);
+            }
+    }
+    for (int r = 0; r < R; r++)
+        for (int f = 0; f < F; f++) out[r * n + f] = hsum(acc[r][f]);
+}
+
+/* per row and unit, the activations' scales in the unit's lanes (Q8_0's xv8 [m, units, 8]) */
+static void unit_scales(const float *xd, int64_t m, int64_t nb, float *xv) {
+    int64_t units = nb / 2 + nb % 2;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t u = 0; u < units; u++)
+            for (int j = 0; j < 8; j++)
+                xv[(r * units + u) * 8 + j] = xd[r * nb + 2 * u + (2 * u + 1 < nb && j >= 4)];
+}
+
+/* Rows per tile, and features per tile for a tile of R rows. Many rows: 4 x 1 (Q4: 8 unpacked
+   weight vectors, 4 accumulators and the group's temporaries, about the 16 registers; 3 x 1
+   and 2 x 1 measured slower). Q4 with fewer rows (decode, a call's last rows) takes more
+   features, so that enough independent accumulators hide the multiply-adds' latency (1 x 1
+   decoded 2.5x slower at k = 576); Q8_0 decoded slower at 1 x 2 than 1 x 1 (the head's 28 MB
+   stream from memory either way). */
+#define TILE_ROWS 4
+static int tile_features(int bits, int R) {
+    if (bits == 4) return R == 1 ? 4 : R == 2 ? 2 : 1;
+    return 1;
+}
+
+/* one tile: the constant-size variant for its counts (tile_features' shapes only: each
+   variant is compiled code, and the build runs at a process's first int4 load) */
+static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd, const uint16_t *wm,
+                     int64_t nb, const int8_t *xq, const float *xv, float *out, int64_t n) {
+#define Q4(r, f) case (r) * 8 + (f): q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, out, n); return;
+#define Q8(r) case (r) * 8 + 1: q8_tile(r, 1, (const int8_t *)wq, wd, nb, xq, xv, out, n); return;
+    if (bits == 4)
+        switch (R * 8 + F) { Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1) }
+    else
+        switch (R * 8 + F) { Q8(4) Q8(3) Q8(2) Q8(1) }
+#undef Q4
+#undef Q8
+}
+
+/* features per chunk: a chunk's weights (64 x k / 2 bytes) stay in L2 while all rows pass
+   a tile at a time, each tile's activations (a few rows of k bytes) in L1 */
+#ifndef CHUNK
+#define CHUNK 64
+#endif
 
 /* out [m, n] float32 = x [m, k] float32 (quantized here) times w^T, w [n, k]: a Q4 weight
    (bits 4: qs uint8 [n, k / 2], d and mn float16 [n, k / 32]) or a Q8_0 one (bits 8: qs int8
-   [n, k], d; mn unused). Threads split the features; a feature's rows go four at a time.
-   Returns 0, or -1 when the activations' scratch memory could not be allocated. */
+   [n, k], d; mn unused). Threads split the features in chunks; a chunk's rows and features go
+   a tile at a time. Returns 0, or -1 when the activations' scratch memory could not be
+   allocated. */
 int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, const uint16_t *d,
              const uint16_t *mn, int64_t n, float *out, int nt) {
-    int64_t nb = k / 32;
+    int64_t nb = k / 32, wrow = bits == 4 ? k / 2 : k;
+    /* scales per row: Q4 a vector per group of 8 blocks, Q8_0 a vector per unit */
+    int64_t vectors = bits == 4 ? scales_per_row(nb) / 8 : nb / 2 + nb % 2;
+    int TR = TILE_ROWS;
     int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
-    if (!xq || !xd || !xs) {
+    float *xv = malloc(sizeof(float) * (size_t)(m * vectors * 8));
+    if (!xq || !xd || !xs || !xv) {
         free(xq);
         free(xd);
         free(xs);
+        free(xv);
         return -1;
     }
     quantize_rows(x, m, k, xq, xd, xs, nt);
+    if (bits == 4) activation_scales(xd, xs, m, nb, xv);
+    else unit_scales(xd, m, nb, xv);
+    /* chunks of about CHUNK features, as many as a multiple of the threads (even shares) */
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    chunks = (chunks + nt - 1) / nt * nt;
+    int64_t size = ((n + chunks - 1) / chunks + TILE_F - 1) / TILE_F * TILE_F;
+    chunks = (n + size - 1) / size;
     #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t f = 0; f < n; f++)
-        for (int64_t r = 0; r < m; r += 4) {
-            /* a constant row count per call: each variant keeps its sums in registers */
-#define FEATURE(rows) do { if (bits == 4) \
-                feature((const uint8_t *)qs + f * (k / 2), d + f * nb, mn + f * nb, nb, xq + r * k, \
-                        xd + r * nb, xs + r * nb, k, rows, out + r * n + f, n); \
-            else feature8((const int8_t *)qs + f * k, d + f * nb, nb, xq + r * k, xd + r * nb, k, \
-                          rows, out + r * n + f, n); } while (0)
-            switch (m - r) {
-            case 1: FEATURE(1); break;
-            case 2: FEATURE(2); break;
-            case 3: FEATURE(3); break;
-            default: FEATURE(4);
-            }
-#undef FEATURE
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t end = (c + 1) * size < n ? (c + 1) * size : n;
+        for (int64_t r = 0; r < m; r += TR) {
+            int R = m - r < TR ? (int)(m - r) : TR, TF = tile_features(bits, R);
+            for (int64_t f = c * size; f < end; f += TF)
+                tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, (const char *)qs + f * wrow, d + f * nb,
+                         mn + f * nb, nb, xq + r * k, xv + r * vectors * 8, out + r * n + f, n);
         }
+    }
     free(xq);
     free(xd);
     free(xs);
+    free(xv);
     return 0;
 }
 
