@@ -76,7 +76,7 @@ from llmhost import create_app
 from llmhost.config import TestConfig
 from llmhost.models.loading import LoadSpec, load
 seen = lambda: sorted(m for m in ("torchao", "scipy", "triton", "xgrammar", "sentence_transformers",
-                                  "peft") if m in sys.modules)
+                                  "peft", "boto3", "fastapi") if m in sys.modules)
 steps = {{}}
 create_app(TestConfig())
 steps["app"] = seen()
@@ -86,6 +86,11 @@ import transformers.quantizers.quantizer_torchao as q
 import transformers.utils.import_utils as iu
 steps["checks restored"] = q.is_torchao_available is iu.is_torchao_available and iu.is_torchao_available()
 steps["gpu"] = torch.cuda.is_available()
+from llmhost.generation import parsing
+steps["qwen3 template"] = parsing._transformers_family("qwen3") is not None  # transformers' table
+steps["template lookup"] = seen()
+import accelerate.commands.config.sagemaker as sagemaker
+steps["boto3 stand-in"] = callable(sagemaker.boto3.client) and "boto3" in sys.modules
 load(LoadSpec(model={model!r}, quantization="int8"), TestConfig())
 steps["int8 load"] = seen()
 print(json.dumps(steps))
@@ -95,7 +100,10 @@ print(json.dumps(steps))
 def test_app_and_a_plain_load_import_no_torchao_scipy_or_grammar_library(tiny_models):
     """transformers imports torchao (100-160 MiB) and scipy whenever they are
     installed, and torch's dynamo imports triton: a plain load keeps all three
-    out (models/lean.py); xgrammar waits for the first grammar. An int8 load
+    out (models/lean.py), and accelerate's boto3 and transformers serve's
+    FastAPI stay out too (the parse-template table is read without them, and
+    the SageMaker prompts' boto3 is a lazy stand-in that still imports it);
+    xgrammar waits for the first grammar. An int8 load
     still imports torchao, and transformers' own torchao check answers True
     again after the load."""
     code = LEAN.format(root=ROOT, model=tiny_models["llama"])
@@ -107,6 +115,8 @@ def test_app_and_a_plain_load_import_no_torchao_scipy_or_grammar_library(tiny_mo
     plain = ["triton"] if steps["gpu"] else []
     assert steps["float32 load"] == plain, steps
     assert steps["checks restored"] is True, steps
+    assert steps["qwen3 template"] is True and steps["template lookup"] == plain, steps
+    assert steps["boto3 stand-in"] is True, steps
     assert "torchao" in steps["int8 load"], steps
 
 

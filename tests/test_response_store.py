@@ -92,6 +92,25 @@ def test_store_from_a_newer_llmhost_is_refused(tmp_path):
         Store(url)
 
 
+def test_head_is_alembics_and_a_store_at_it_opens_without_alembic(tmp_path):
+    """HEAD (what a store at the newest schema is checked against without
+    importing Alembic) is the head of the migrations Alembic runs."""
+    import subprocess
+    import sys
+
+    from alembic.script import ScriptDirectory
+
+    from llmhost.store.responses import HEAD, _alembic
+
+    assert ScriptDirectory.from_config(_alembic(None)).get_current_head() == HEAD
+    url = f"sqlite:///{tmp_path}/s.db"
+    Store(url).close()   # created and upgraded to HEAD (imports Alembic)
+    code = ("import sys; from llmhost.store.responses import Store; "
+            f"s = Store({url!r}); print(s.found, 'alembic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == [HEAD, "False"], out.stderr[-2000:]
+
+
 def test_a_store_written_before_alembic_is_upgraded_in_place(tmp_path):
     """The layout llmhost wrote with metadata.create_all (schema version 1)."""
     import sqlite3

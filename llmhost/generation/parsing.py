@@ -38,9 +38,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 import logging
+import os
 import re
+import sys
 import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -130,6 +133,24 @@ MISTRAL_ARGS = {
 }
 
 
+def _serving_utils():
+    """transformers' ``cli/serving/utils.py`` (its parse templates), read
+    without its package: ``transformers/cli/serving/__init__.py`` imports the
+    FastAPI server of ``transformers serve``, and with it fastapi, pydantic and
+    opentelemetry, about 14 MiB of worker memory for a table of templates
+    (docs/performance.md, "Memory"). The module imports only absolute names."""
+    name = "transformers.cli.serving.utils"
+    if name in sys.modules:
+        return sys.modules[name]
+    import transformers.cli
+
+    path = os.path.join(os.path.dirname(transformers.cli.__file__), "serving", "utils.py")
+    spec = importlib.util.spec_from_file_location("llmhost._transformers_serving_utils", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.lru_cache(maxsize=None)
 def _transformers_family(model_type: str) -> dict | None:
     """transformers serve's fallback template of a model type, looked up by the
@@ -139,8 +160,8 @@ def _transformers_family(model_type: str) -> dict | None:
     type (logged if the lookup breaks again: every family it knows, Gemma 4
     and Qwen among them, would silently fall back to the Hermes format)."""
     try:
-        from transformers.cli.serving.utils import get_response_template
-    except ImportError:  # pragma: no cover - transformers without serving helpers
+        get_response_template = _serving_utils().get_response_template
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - transformers without them
         return None
     config = SimpleNamespace(model_type=model_type)
     config.config = config

@@ -27,13 +27,17 @@ for saving a torchao model, ``linear_sum_assignment`` for detection losses),
 which import their package on first call. On a machine without CUDA or XPU,
 torch's ``has_triton_package()`` answers False, which is the truth there for
 what torch uses it for (inductor's CPU backend compiles C++, not triton); on
-a GPU machine nothing changes. Nothing else is patched, and nothing at all
-when transformers' modeling code was already imported.
+a GPU machine nothing changes. boto3 looks absent while those modules import
+(``sys.modules["boto3"] = None``: ``find_spec`` answers None), and the
+SageMaker prompts get a lazy stand-in module that imports it on first use.
+Nothing else is patched, and nothing at all when transformers' modeling code
+was already imported.
 """
 from __future__ import annotations
 
 import sys
 import threading
+import types
 
 _lock = threading.Lock()
 _done = False
@@ -57,6 +61,18 @@ LAZY = {
                                   "flatten_tensor_state_dict"),
     "is_scipy_available": _lazy("scipy.optimize", "linear_sum_assignment"),
 }
+
+
+# packages that look absent while MODULES import (accelerate's SageMaker prompts: boto3)
+ABSENT = ("boto3",)
+
+
+class _LazyModule(types.ModuleType):
+    """Stands for a package a module skipped: imports it on first attribute use."""
+
+    def __getattr__(self, attr: str):
+        import importlib
+        return getattr(importlib.import_module(self.__name__), attr)
 
 
 def _no_triton_here() -> None:
@@ -89,6 +105,9 @@ def prepare() -> None:
         real = {name: getattr(iu, name) for name in HIDDEN}
         fake = {name: (lambda *a, **k: False) for name in HIDDEN}
         before = set(sys.modules)
+        absent = [name for name in ABSENT if name not in sys.modules]
+        for name in absent:
+            sys.modules[name] = None
         for name in HIDDEN:
             setattr(tu, name, fake[name])
             setattr(iu, name, fake[name])
@@ -96,6 +115,8 @@ def prepare() -> None:
             for module in MODULES:
                 importlib.import_module(module)
         finally:
+            for name in absent:
+                del sys.modules[name]
             for name in HIDDEN:
                 setattr(tu, name, real[name])
                 setattr(iu, name, real[name])
@@ -105,16 +126,19 @@ def prepare() -> None:
                     if namespace.get(name) is fake[name]:
                         namespace[name] = real[name]
                         _give_stand_in(namespace, LAZY[name])
+                for name in absent:
+                    _give_stand_in(namespace, _LazyModule(name), f"import {name}")
 
 
-def _give_stand_in(namespace: dict, stand_in) -> None:
-    """The stand-in, where the module's code names what it skipped."""
-    if stand_in.__name__ in namespace:
+def _give_stand_in(namespace: dict, stand_in, needle: str = "") -> None:
+    """The stand-in, where the module's code names what it skipped (or holds
+    `needle`)."""
+    if stand_in.__name__ in namespace or not str(namespace.get("__file__")).endswith(".py"):
         return
     try:
-        with open(namespace.get("__file__") or "", encoding="utf-8") as fh:
-            named = stand_in.__name__ in fh.read()
-    except OSError:
+        with open(namespace["__file__"], encoding="utf-8") as fh:
+            named = (needle or stand_in.__name__) in fh.read()
+    except (OSError, UnicodeDecodeError):
         return
     if named:
         namespace[stand_in.__name__] = stand_in

@@ -256,6 +256,8 @@ def install() -> None:
         _installed = True
     import importlib
 
+    from . import lean
+    lean.prepare()  # before these modules import transformers' model code (lean.py says why)
     for name in ("transformers.core_model_loading", "transformers.modeling_gguf_pytorch_utils"):
         try:
             module = importlib.import_module(name)

@@ -32,7 +32,8 @@ import uuid
 from typing import Any, Iterator
 
 from flask import current_app
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, create_engine, delete, select, text, update
+from sqlalchemy import (JSON, Float, ForeignKey, Integer, String, create_engine, delete, inspect, select,
+                        text, update)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -170,9 +171,14 @@ def _alembic(connection):
     return cfg
 
 
+# The newest migration (migrations/versions/; tests check it is Alembic's head): a store
+# already at it opens without importing Alembic, which with Mako and Pygments is about
+# 10 MiB of worker memory (docs/performance.md, "Memory").
+HEAD = "0003"
+
+
 def head_revision() -> str:
-    from alembic.script import ScriptDirectory
-    return ScriptDirectory.from_config(_alembic(None)).get_current_head()
+    return HEAD
 
 
 def _known_revisions() -> set[str]:
@@ -181,10 +187,12 @@ def _known_revisions() -> set[str]:
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
+    """The revision recorded in Alembic's version table (None: no schema yet),
+    read with plain SQL (see HEAD)."""
     with engine.connect() as conn:
-        return MigrationContext.configure(
-            conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+        if not inspect(conn).has_table(VERSION_TABLE):
+            return None
+        return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
 
 @contextlib.contextmanager
@@ -216,12 +224,12 @@ def _migration_lock(engine: Engine, conn) -> Iterator[None]:
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Bring the schema to the head revision: idempotent, and safe when several
     processes run it at once. (revision before, revision after)."""
-    from alembic import command
-
     head = head_revision()
     before = current_revision(engine)
     if before == head:
         return before, head
+    from alembic import command
+
     with engine.connect() as conn, _migration_lock(engine, conn):
         command.upgrade(_alembic(conn), "head")
         conn.commit()
@@ -256,7 +264,7 @@ class Store:
         self.dialect = self.engine.dialect.name
         self.head = head_revision()
         self.found = current_revision(self.engine)
-        if self.found is not None and self.found not in _known_revisions():
+        if self.found not in (None, self.head) and self.found not in _known_revisions():
             raise RuntimeError(f"The response store at {parsed.render_as_string()} has schema "
                                f"revision {self.found}, written by a newer llmhost (this one "
                                f"knows up to {self.head}).")
