@@ -10,11 +10,18 @@
  * d * (q - 8): m = -8 d). quantize.py builds the layout and says why this file
  * exists; q4kernel.py compiles it at the first int4 load and calls it.
  *
- * Two blocks at a time: one 32-byte load holds a pair of weight blocks, its
- * low nibbles inputs 0-15 of both, its high nibbles inputs 16-31. The
- * activations are stored in the same order (per pair of blocks: inputs 0-15 of
- * each, then 16-31 of each), so a pair costs two vpmaddubsw, one vpmaddwd and
- * one multiply-add (a last odd block is stored and computed alone).
+ * Whole groups of 8 blocks (256 inputs), the bulk of a product, in "lane order": the
+ * activations are stored so that each 4-byte lane of a vector holds 4 inputs of one block
+ * (vector i, lane l: inputs 4i..4i+3 of the group's block GROUP_LANES[l]), and a group's 4
+ * weight loads are transposed in registers into that order (8 unpacks, once per feature and
+ * reused by the tile's rows; the file's layout is kept). 8 integer dot products then
+ * accumulate into ONE int32 vector whose lanes are the 8 blocks' sums: no horizontal adds
+ * (their removal alone: ~1.08x on multi-row products), one conversion per group.
+ * The blocks after the last whole group (k not a multiple of 256) go two at a time in
+ * "pair order": one 32-byte load holds a pair of weight blocks, its low nibbles inputs 0-15
+ * of both, its high nibbles inputs 16-31; the activations are stored the same way (inputs
+ * 0-15 of each, then 16-31 of each), a last odd block alone. Q8_0 (the output head) uses
+ * pair order throughout.
  *
  * Every row of a product is computed by the same sequence of operations,
  * however many rows a call has: a row's result does not depend on what it is
@@ -51,20 +58,35 @@ static inline __m256i quantize_block(const float *p, float *d, float *s) {
     return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* x [m, k] float32 -> xq int8 [m, k] in pair order (above), xd (scale) and xs (scale * sum
-   of the block's q) float [m, k / 32]. */
-static void quantize_rows(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd, float *xs,
-                          int nt) {
-    int64_t nb = k / 32, pairs = m * (nb / 2);
-    #pragma omp parallel for num_threads(nt) schedule(static) if (pairs > 1024)
-    for (int64_t i = 0; i < pairs; i++) {
-        int64_t row = i / (nb / 2), b = row * nb + 2 * (i % (nb / 2));
+/* Lane order's blocks: lane l of a group's vectors holds block GROUP_LANES[l] of the group's 8
+   (the order the weights' transpose, group_weights, leaves them in) */
+static const int GROUP_LANES[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+/* x [m, k] float32 -> xq int8 [m, k], xd (scale) and xs (scale * sum of the block's q) float
+   [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
+   i of 32 bytes, lane l: inputs 4i..4i+3 of block GROUP_LANES[l]) and the blocks after the last
+   whole group in pair order; without it (Q8_0) pair order throughout. */
+static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
+                          float *xs, int nt) {
+    int64_t nb = k / 32, groups = grouped ? nb / 8 : 0, first = 8 * groups, pairs = (nb - first) / 2;
+    #pragma omp parallel for num_threads(nt) schedule(static) if (m * groups > 256)
+    for (int64_t i = 0; i < m * groups; i++) {
+        int64_t b = i / groups * nb + 8 * (i % groups);
+        int32_t q[8][8], *out = (int32_t *)(xq + b * 32);   /* q[block][4 inputs] */
+        for (int j = 0; j < 8; j++)
+            _mm256_storeu_si256((__m256i *)q[j], quantize_block(x + (b + j) * 32, xd + b + j, xs + b + j));
+        for (int v = 0; v < 8; v++)
+            for (int l = 0; l < 8; l++) out[8 * v + l] = q[GROUP_LANES[l]][v];
+    }
+    #pragma omp parallel for num_threads(nt) schedule(static) if (m * pairs > 1024)
+    for (int64_t i = 0; i < m * pairs; i++) {
+        int64_t b = i / pairs * nb + first + 2 * (i % pairs);
         __m256i a = quantize_block(x + b * 32, xd + b, xs + b);
         __m256i c = quantize_block(x + b * 32 + 32, xd + b + 1, xs + b + 1);
         _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permute2x128_si256(a, c, 0x20));
         _mm256_storeu_si256((__m256i *)(xq + b * 32 + 32), _mm256_permute2x128_si256(a, c, 0x31));
     }
-    if (nb % 2)
+    if ((nb - first) % 2)
         for (int64_t row = 0; row < m; row++) {
             int64_t b = row * nb + nb - 1;
             _mm256_storeu_si256((__m256i *)(xq + b * 32), quantize_block(x + b * 32, xd + b, xs + b));
@@ -135,8 +157,13 @@ static inline __m256 pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
    tinyBLAS tiles rows x features the same way; its blocks are added one at a time). */
 
 /* Tiles: up to TILE_R rows x TILE_F features (the arrays' sizes); which shapes run is
-   TILE_ROWS' and tile_features' choice (below). */
+   TILE_ROWS' and tile_features' choice (below). AVX-512VL builds (q4kernel.py's choice where
+   the CPU has AVX512-VNNI) have 32 vector registers, the others 16. */
+#if defined(__AVX512VL__)
+#define TILE_R 6
+#else
 #define TILE_R 4
+#endif
 #define TILE_F 4
 
 /* [d0 x4, d1 x4]: a pair's two float16 scales in its dot product's lanes */
@@ -191,36 +218,57 @@ static inline __m256 q8_dot(const __m256i w[4], int pair, const int8_t *y) {
     return _mm256_cvtepi32_ps(p);
 }
 
-/* Q4, a whole group of 8 blocks (4 pairs): the pairs' dot products (int32, lanes 0-3 a pair's
-   first block, 4-7 its second) summed within each block by horizontal adds, so that one
-   vector holds the group's 8 block sums, lanes [b0 b2 b4 b6 b1 b3 b5 b7]: a group costs one
-   conversion, one multiply and two multiply-adds per (row, feature), not four of each.
-   `w`: the group's unsigned weights (pair q: w[2q] low nibbles, w[2q + 1] high); y: the
-   group's activations (pair order). */
+/* Q4, a whole group of 8 blocks: its weights in lane order (w[i], lane l: the unsigned values
+   of inputs 4i..4i+3 of block GROUP_LANES[l]: group_weights) and the group's activations y (lane
+   order, the same inputs in the same places). Each of the 8 products adds 4 inputs of every
+   block into that block's lane, so the one int32 vector they accumulate into holds the group's
+   8 block sums, lanes [b0 b2 b4 b6 b1 b3 b5 b7]: one conversion per group and (row, feature). */
 static inline __m256 group_dot(const __m256i w[8], const int8_t *y) {
-    __m256i v[4];
+#define Y(i) _mm256_loadu_si256((const __m256i *)(y + 32 * (i)))
 #ifdef DPBUSD
-    for (int q = 0; q < 4; q++)
-        v[q] = DPBUSD(DPBUSD(_mm256_setzero_si256(), w[2 * q], _mm256_loadu_si256((const __m256i *)(y + 64 * q))),
-                      w[2 * q + 1], _mm256_loadu_si256((const __m256i *)(y + 64 * q + 32)));
-    return _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3])));
+    /* two chains of 4 (vpdpbusd's latency), added: integers, exact in any order */
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    for (int i = 0; i < 8; i += 2) {
+        a = DPBUSD(a, w[i], Y(i));
+        b = DPBUSD(b, w[i + 1], Y(i + 1));
+    }
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
 #else
-    /* the same integers, in 16 bits until the last step: a pair's lane is 4 products of at
-       most 15 * 127 (7,620), the two horizontal adds make it 16 (30,480 < 32,767) */
-    for (int q = 0; q < 4; q++)
-        v[q] = _mm256_add_epi16(_mm256_maddubs_epi16(w[2 * q], _mm256_loadu_si256((const __m256i *)(y + 64 * q))),
-                                _mm256_maddubs_epi16(w[2 * q + 1], _mm256_loadu_si256((const __m256i *)(y + 64 * q + 32))));
-    __m256i h = _mm256_hadd_epi16(_mm256_hadd_epi16(v[0], v[1]), _mm256_hadd_epi16(v[2], v[3]));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(h, _mm256_set1_epi16(1)));
+    /* the same integers, in 16 bits until the last step: a vpmaddubsw lane is 2 products of at
+       most 15 * 127, the 8 vectors' sum 16 (30,480 < 32,767); vpmaddwd adds a lane's two */
+    __m256i p = _mm256_maddubs_epi16(w[0], Y(0));
+    for (int i = 1; i < 8; i++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[i], Y(i)));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 #endif
+#undef Y
 }
 
-/* 8 per-block values of a whole group (block b at vals[b]) in group_dot's lanes */
-static inline void group_lanes(const float *vals, float out[8]) {
-    for (int q = 0; q < 4; q++) {
-        out[q] = vals[2 * q];
-        out[4 + q] = vals[2 * q + 1];
+/* Q4, a whole group's weights (wq: its 128 bytes, block j at 16 j) in lane order for
+   group_dot. Load q holds blocks 2q (low 128 bits) and 2q + 1 (high), 4 dwords each; two rounds
+   of unpacks (within 128-bit halves) transpose them so that vector t holds dword t of every
+   block, lanes [b0 b2 b4 b6 b1 b3 b5 b7]. Dword t's low nibbles are inputs 4t..4t+3, its high
+   ones 16 + 4t..: w[t] and w[4 + t]. */
+static inline void group_weights(const uint8_t *wq, __m256i w[8]) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256i l[4], a[4], t[4];
+    for (int q = 0; q < 4; q++) l[q] = _mm256_loadu_si256((const __m256i *)(wq + 32 * q));
+    a[0] = _mm256_unpacklo_epi32(l[0], l[1]);   /* b0.0 b2.0 b0.1 b2.1 | b1.0 b3.0 b1.1 b3.1 */
+    a[1] = _mm256_unpackhi_epi32(l[0], l[1]);   /* dwords 2, 3 */
+    a[2] = _mm256_unpacklo_epi32(l[2], l[3]);   /* blocks 4-7 */
+    a[3] = _mm256_unpackhi_epi32(l[2], l[3]);
+    t[0] = _mm256_unpacklo_epi64(a[0], a[2]);   /* b0.0 b2.0 b4.0 b6.0 | b1.0 b3.0 b5.0 b7.0 */
+    t[1] = _mm256_unpackhi_epi64(a[0], a[2]);
+    t[2] = _mm256_unpacklo_epi64(a[1], a[3]);
+    t[3] = _mm256_unpackhi_epi64(a[1], a[3]);
+    for (int i = 0; i < 4; i++) {
+        w[i] = _mm256_and_si256(t[i], low);
+        w[4 + i] = _mm256_and_si256(_mm256_srli_epi16(t[i], 4), low);
     }
+}
+
+/* 8 per-block values of a whole group (block b at vals[b]) in lane order (group_dot's lanes) */
+static inline void group_lanes(const float *vals, float out[8]) {
+    for (int l = 0; l < 8; l++) out[l] = vals[GROUP_LANES[l]];
 }
 
 /* The activations' scales per row (xv [m, V] floats, V = scales_per_row(nb)): for each whole
@@ -261,7 +309,7 @@ static inline __attribute__((always_inline)) void q4_group(
     int64_t k = nb * 32, V = scales_per_row(nb);
     for (int f = 0; f < F; f++) {
         __m256i w[8];
-        for (int q = 0; q < 4; q++) q4_unit(wq + f * (k / 2) + g * 128 + 32 * q, 1, w + 2 * q);
+        group_weights(wq + f * (k / 2) + g * 128, w);
         __m256 dw = group_plane(wd + f * nb + 8 * g), mw = group_plane(wm + f * nb + 8 * g);
         for (int r = 0; r < R; r++) {
             const float *v = xv + r * V + g * 16;
@@ -356,13 +404,14 @@ static void unit_scales(const float *xd, int64_t m, int64_t nb, float *xv) {
                 xv[(r * units + u) * 8 + j] = xd[r * nb + 2 * u + (2 * u + 1 < nb && j >= 4)];
 }
 
-/* Rows per tile, and features per tile for a tile of R rows. Many rows: 4 x 1 (Q4: 8 unpacked
-   weight vectors, 4 accumulators and the group's temporaries, about the 16 registers; 3 x 1
-   and 2 x 1 measured slower). Q4 with fewer rows (decode, a call's last rows) takes more
+/* Rows per tile, and features per tile for a tile of R rows. Many rows: 4 x 1 with 16 registers
+   (Q4: 8 weight vectors in lane order, 4 accumulators and the group's temporaries; 3 x 1 and
+   2 x 1 measured slower, 8 x 1 spilled), 6 x 1 with 32 (1.1-1.2x faster than 4 x 1 there;
+   8 x 1 about the same as 6). Q4 with fewer rows (decode, a call's last rows) takes more
    features, so that enough independent accumulators hide the multiply-adds' latency (1 x 1
    decoded 2.5x slower at k = 576); Q8_0 decoded slower at 1 x 2 than 1 x 1 (the head's 28 MB
    stream from memory either way). */
-#define TILE_ROWS 4
+#define TILE_ROWS TILE_R
 static int tile_features(int bits, int R) {
     if (bits == 4) return R == 1 ? 4 : R == 2 ? 2 : 1;
     return 1;
@@ -375,9 +424,9 @@ static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd,
 #define Q4(r, f) case (r) * 8 + (f): q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, out, n); return;
 #define Q8(r) case (r) * 8 + 1: q8_tile(r, 1, (const int8_t *)wq, wd, nb, xq, xv, out, n); return;
     if (bits == 4)
-        switch (R * 8 + F) { Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1) }
+        switch (R * 8 + F) { Q4(6, 1) Q4(5, 1) Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1) }
     else
-        switch (R * 8 + F) { Q8(4) Q8(3) Q8(2) Q8(1) }
+        switch (R * 8 + F) { Q8(6) Q8(5) Q8(4) Q8(3) Q8(2) Q8(1) }
 #undef Q4
 #undef Q8
 }
@@ -409,7 +458,7 @@ int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, con
         free(xv);
         return -1;
     }
-    quantize_rows(x, m, k, xq, xd, xs, nt);
+    quantize_rows(x, m, k, bits == 4, xq, xd, xs, nt);
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
     else unit_scales(xd, m, nb, xv);
     /* chunks of about CHUNK features, as many as a multiple of the threads (even shares) */

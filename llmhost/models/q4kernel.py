@@ -29,9 +29,10 @@ from ..engine.native import COMPILE, CPU_FLAGS, compile_library, cpu_flags, miss
 log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(__file__), "q4kernel.c")
-# vpdpbusd where the CPU has it (the same integers in fewer instructions: q4kernel.c)
-VNNI = ((("avx_vnni",), ("-mavxvnni",)),
-        (("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")))
+# vpdpbusd where the CPU has it (the same integers in fewer instructions: q4kernel.c); the
+# AVX-512 kind first: its encoding has 32 vector registers, for taller tiles (q4kernel.c)
+VNNI = ((("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")),
+        (("avx_vnni",), ("-mavxvnni",)))
 
 
 def compile_flags(flags: frozenset) -> tuple[str, ...]:
