@@ -77,6 +77,7 @@ class Config:
         ("MAX_BATCH", int, 32),
         ("BATCH_WAIT_MS", float, 25.0),
         ("INT4_KERNEL", _int4_kernel, "auto"),    # auto: llmhost's AVX2 kernel where it runs; torch (models/q4kernel.py)
+        ("CPU_FLAGS", str, ""),          # "": the CPU's; else only these (engine/native.py cpu_flags)
         ("LONE_ROW_THREADS", int, 0),    # a lone row's threads; 0: all (engine/scheduler.py step_threads)
         ("IMAGE_URLS", _bool, False),    # fetch http(s) image_url parts (generation/images.py)
         ("MAX_IMAGES", int, 8),          # image parts per request

@@ -150,3 +150,32 @@ def test_smollm2_int4_keys_do_not_depend_on_how_they_were_computed(smollm2_int4)
         assert torch.equal(got_logits, want_logits)
         for (k, v), (wk, wv) in zip(got_kv, want_kv):
             assert torch.equal(k[:, :300], wk[:, :300]) and torch.equal(v[:, :300], wv[:, :300])
+
+
+CPU_FLAGS_PROBE = """
+from llmhost.engine import native
+from llmhost.models import q4kernel, quantize
+print(sorted(native.cpu_flags()), native.missing_flags(), quantize.auto_cpu_dtype(),
+      q4kernel.compile_flags(native.cpu_flags())[-1], q4kernel.available()[0])
+"""
+
+
+@pytest.mark.parametrize("only", ["avx2 fma f16c", "avx2,fma"])
+def test_cpu_flags_setting_plans_for_fewer_flags(only):
+    """LLMHOST_CPU_FLAGS: llmhost plans as on a CPU with only those flags (of
+    this CPU's): float32 for dtype auto, no VNNI build, and no kernel at all
+    without F16C."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", CPU_FLAGS_PROBE], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "LLMHOST_CPU_FLAGS": only})
+    assert out.returncode == 0, out.stderr[-2000:]
+    named = set(only.replace(",", " ").split())
+    assert out.stdout.split("]")[0] == str(sorted(named))[:-1], out.stdout
+    assert "torch.float32" in out.stdout and "vnni" not in out.stdout, out.stdout
+    if "f16c" in named:
+        assert out.stdout.split()[-2:] == ["-fPIC", "True"], out.stdout
+    else:
+        assert "['f16c']" in out.stdout and out.stdout.split()[-1] == "False", out.stdout

@@ -24,18 +24,23 @@ COMPILE = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 
 @functools.lru_cache(maxsize=1)
 def cpu_flags() -> frozenset:
-    """This CPU's feature flags, from /proc/cpuinfo ("flags" on x86, "Features"
-    on arm64; torch.backends.cpu.get_cpu_capability() says only 'AVX2' or
-    'AVX512', which covers CPUs with and without bf16); empty when unknown."""
+    """The CPU feature flags llmhost plans for: this CPU's, from /proc/cpuinfo
+    ("flags" on x86, "Features" on arm64; torch.backends.cpu.get_cpu_capability()
+    says only 'AVX2' or 'AVX512', which covers CPUs with and without bf16),
+    empty when unknown; only those named in LLMHOST_CPU_FLAGS where it is set
+    (to run as on a CPU with fewer: docs/configuration.md)."""
+    found = frozenset()
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 key, _, value = line.partition(":")
                 if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
+                    found = frozenset(value.split())
+                    break
     except OSError:
         pass
-    return frozenset()
+    only = os.environ.get("LLMHOST_CPU_FLAGS", "").replace(",", " ").split()
+    return found & frozenset(only) if only else found
 
 
 def missing_flags() -> list[str]:
