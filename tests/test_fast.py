@@ -278,7 +278,7 @@ def test_the_vnni_build_computes_what_the_avx2_build_computes():
     assert plain is not None, why
     rng = np.random.default_rng(2)
     for kind in ("Q4_0", "Q4_1", "Q8_0"):
-        for width in (96, 160, 576, 1024):   # 1,024: whole groups of 8 blocks only
+        for width in (96, 160, 576, 1024, 4640):   # 1,024: whole groups only; 4,640: passes over k
             blocks = quantize(rng.standard_normal((24, width)).astype(np.float32),
                               GGMLQuantizationType[kind])
             layer = q8_embedding(blocks, torch.float32) if kind == "Q8_0" else \
@@ -293,14 +293,15 @@ def test_llmhost_kernel_computes_each_row_alone_bitwise():
     operations for every (row, feature): a row's output is the same bits alone (a decode
     step) as in calls of 2 to 300 rows at any position, with 1 or 2 threads; Q4 and Q8_0,
     k with whole groups of 8 blocks, a partial one, an odd last block (96, 576, 1,536 and
-    1,568 inputs), feature counts that are no multiple of a tile. Also within 8-bit rounding
-    of the float64 product."""
+    1,568 inputs), feature counts that are no multiple of a tile; k wide enough (4,640) that
+    tiles of several rows go over it in passes, a row alone in one. Also within 8-bit
+    rounding of the float64 product."""
     q4kernel = _llmhost_kernel()
     g = torch.Generator().manual_seed(5)
     threads = torch.get_num_threads()
     try:
-        for bits, k, n in ((4, 96, 37), (4, 576, 70), (4, 1536, 45), (4, 1568, 9), (8, 96, 37), (8, 576, 70),
-                           (8, 1568, 9)):
+        for bits, k, n in ((4, 96, 37), (4, 576, 70), (4, 1536, 45), (4, 1568, 9), (4, 4640, 11), (8, 96, 37),
+                           (8, 576, 70), (8, 1568, 9)):
             if bits == 4:
                 qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
                 dm = (torch.rand(2, n, k // 32, generator=g) * 0.02 - 0.01).half()

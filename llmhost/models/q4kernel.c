@@ -348,17 +348,37 @@ static inline __attribute__((always_inline)) void q4_rest(
     }
 }
 
+/* A tile's pass over a slice of k, whole groups g0..g1 - 1 (q_linear: wide k), and where its
+   accumulators wait between passes: row r's of feature f at keep[r * kept + f]. */
+struct pass {
+    int64_t g0, g1;
+    __m256 *keep;
+    int64_t kept;
+};
+
 /* Q4: R rows (xq, xv: their first) x F features (wq, wd, wm: the first) of out [.., n], R and
    F constants where inlined, so the accumulators stay in registers. Per (row, feature), group
    after group: acc = fma(group dot, dw * dx, acc), acc = fma(m, s, acc) (the offsets' term:
-   w = d * q + m); then the rest's units and offsets (q4_rest); out = hsum(acc). */
+   w = d * q + m); then the rest's units and offsets (q4_rest); out = hsum(acc).
+   p NULL (a constant where inlined, so its branches fold away: with them every tile's, narrow
+   products ran ~3% slower): all of that; else one pass p over a slice of k (q_linear): its
+   accumulators start at zero (g0 = 0) or where the previous pass left them, and stay there for
+   the next unless p reaches the last group, which adds the rest and writes out. A stored and
+   reloaded vector is the same bits: the float operations and their order are the same in one
+   pass as in several, so a row's result still does not depend on its tile. */
 static inline __attribute__((always_inline)) void q4_tile(
         int R, int F, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
-        const int8_t *xq, const float *xv, float *out, int64_t n) {
+        const int8_t *xq, const float *xv, const struct pass *p, float *out, int64_t n) {
+    int64_t g0 = p ? p->g0 : 0, g1 = p ? p->g1 : nb / 8;
     __m256 acc[TILE_R][TILE_F];
     for (int r = 0; r < R; r++)
-        for (int f = 0; f < F; f++) acc[r][f] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < nb / 8; g++) q4_group(R, F, wq, wd, wm, nb, g, xq, xv, acc);
+        for (int f = 0; f < F; f++) acc[r][f] = g0 ? p->keep[r * p->kept + f] : _mm256_setzero_ps();
+    for (int64_t g = g0; g < g1; g++) q4_group(R, F, wq, wd, wm, nb, g, xq, xv, acc);
+    if (g1 < nb / 8) {
+        for (int r = 0; r < R; r++)
+            for (int f = 0; f < F; f++) p->keep[r * p->kept + f] = acc[r][f];
+        return;
+    }
     /* a constant count of the rest's blocks in each call: its branches and copy fold away */
 #define REST(left) case left: q4_rest(R, F, left, wq, wd, wm, nb, xq, xv, acc); break;
     switch (nb % 8) { REST(1) REST(2) REST(3) REST(4) REST(5) REST(6) REST(7) }
@@ -418,12 +438,17 @@ static int tile_features(int bits, int R) {
 }
 
 /* one tile: the constant-size variant for its counts (tile_features' shapes only: each
-   variant is compiled code, and the build runs at a process's first int4 load) */
+   variant is compiled code, and the build runs at a process's first int4 load). A pass over a
+   slice of k (p, q_linear): Q4's whole tiles (TILE_ROWS x 1) only. */
 static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd, const uint16_t *wm,
-                     int64_t nb, const int8_t *xq, const float *xv, float *out, int64_t n) {
-#define Q4(r, f) case (r) * 8 + (f): q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, out, n); return;
+                     int64_t nb, const int8_t *xq, const float *xv, const struct pass *p, float *out,
+                     int64_t n) {
+#define Q4(r, f) case (r) * 8 + (f): \
+    q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, NULL, out, n); return;
 #define Q8(r) case (r) * 8 + 1: q8_tile(r, 1, (const int8_t *)wq, wd, nb, xq, xv, out, n); return;
-    if (bits == 4)
+    if (p)
+        q4_tile(TILE_ROWS, 1, (const uint8_t *)wq, wd, wm, nb, xq, xv, p, out, n);
+    else if (bits == 4)
         switch (R * 8 + F) { Q4(6, 1) Q4(5, 1) Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1) }
     else
         switch (R * 8 + F) { Q8(6) Q8(5) Q8(4) Q8(3) Q8(2) Q8(1) }
@@ -436,15 +461,34 @@ static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd,
 #ifndef CHUNK
 #define CHUNK 64
 #endif
+_Static_assert(CHUNK % TILE_F == 0, "a chunk has at most CHUNK features: q_linear's keep");
+
+/* Q4 groups per pass over k of a whole tile (TILE_ROWS rows), 0: one pass. A tile's activations
+   (k bytes a row) are read again for each of the chunk's features. At k = 8,192 (6 rows: 48 KB,
+   L1's size) they came from L2 for every feature, and those products gained nothing from the
+   tiles; the chunk's features going through the tile a slice of at most SLICE groups at a time
+   (4,096 inputs: 24 KB for 6 rows) gained 1.2-1.3x there and at 14,336 (8 groups: less; 24:
+   less). Up to k = 4,096 one pass (passes of 8 groups there ran 0.92-0.95x), wider k in passes
+   of even size (k = 14,336: 4 of 14 groups), the accumulators kept between them (q4_tile).
+   Edge tiles (a call's last rows, decode's lone row) keep one pass: few rows, and a lone row's
+   weights stream from memory in long runs. */
+#ifndef SLICE
+#define SLICE 16
+#endif
+static int64_t pass_groups(int bits, int64_t k) {
+    int64_t groups = bits == 4 ? k / 256 : 0, passes = (groups + SLICE - 1) / SLICE;
+    return passes > 1 ? (groups + passes - 1) / passes : 0;
+}
 
 /* out [m, n] float32 = x [m, k] float32 (quantized here) times w^T, w [n, k]: a Q4 weight
    (bits 4: qs uint8 [n, k / 2], d and mn float16 [n, k / 32]) or a Q8_0 one (bits 8: qs int8
    [n, k], d; mn unused). Threads split the features in chunks; a chunk's rows and features go
-   a tile at a time. Returns 0, or -1 when the activations' scratch memory could not be
-   allocated. */
+   a tile at a time, a whole tile's in passes over slices of k where k is wide (pass_groups).
+   Returns 0, or -1 when the activations' scratch memory could not be allocated. */
 int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, const uint16_t *d,
              const uint16_t *mn, int64_t n, float *out, int nt) {
-    int64_t nb = k / 32, wrow = bits == 4 ? k / 2 : k;
+    int64_t nb = k / 32, wrow = bits == 4 ? k / 2 : k, groups = bits == 4 ? nb / 8 : 0;
+    int64_t span = pass_groups(bits, k);
     /* scales per row: Q4 a vector per group of 8 blocks, Q8_0 a vector per unit */
     int64_t vectors = bits == 4 ? scales_per_row(nb) / 8 : nb / 2 + nb % 2;
     int TR = TILE_ROWS;
@@ -468,12 +512,21 @@ int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, con
     chunks = (n + size - 1) / size;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t end = (c + 1) * size < n ? (c + 1) * size : n;
+        __m256 keep[span ? TILE_ROWS * CHUNK : 1];   /* passes' accumulators: [tile row][chunk feature] */
+        int64_t start = c * size, end = (c + 1) * size < n ? (c + 1) * size : n;
         for (int64_t r = 0; r < m; r += TR) {
-            int R = m - r < TR ? (int)(m - r) : TR, TF = tile_features(bits, R);
-            for (int64_t f = c * size; f < end; f += TF)
-                tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, (const char *)qs + f * wrow, d + f * nb,
-                         mn + f * nb, nb, xq + r * k, xv + r * vectors * 8, out + r * n + f, n);
+            int R = m - r < TR ? (int)(m - r) : TR, TF = tile_features(bits, R), sliced = span && R == TR;
+            struct pass p = {.g0 = 0, .g1 = groups, .kept = size};
+            do {   /* one pass over all of k, or one per slice of span groups */
+                if (sliced) p.g1 = p.g0 + span < groups ? p.g0 + span : groups;
+                for (int64_t f = start; f < end; f += TF) {
+                    p.keep = keep + (f - start);
+                    tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, (const char *)qs + f * wrow,
+                             d + f * nb, mn + f * nb, nb, xq + r * k, xv + r * vectors * 8, sliced ? &p : NULL,
+                             out + r * n + f, n);
+                }
+                p.g0 = p.g1;
+            } while (p.g0 < groups);
         }
     }
     free(xq);
