@@ -288,6 +288,7 @@ def test_the_vnni_build_computes_what_the_avx2_build_computes():
                 assert torch.equal(q4kernel.matmul(x, layer.qs, layer.dm),
                                    q4kernel.matmul(x, layer.qs, layer.dm, lib=plain)), (kind, width, rows)
 
+
 def test_llmhost_kernel_computes_each_row_alone_bitwise():
     """q4kernel.c's tiles (several rows x features, edge tiles smaller) run the same float
     operations for every (row, feature): a row's output is the same bits alone (a decode

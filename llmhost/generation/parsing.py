@@ -133,11 +133,12 @@ MISTRAL_ARGS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _serving_utils():
-    """transformers' ``cli/serving/utils.py`` (its parse templates), read
-    without its package: ``transformers/cli/serving/__init__.py`` imports the
-    FastAPI server of ``transformers serve``, and with it fastapi, pydantic and
-    opentelemetry, about 14 MiB of worker memory for a table of templates
+    """transformers' ``cli/serving/utils.py`` (its parse templates), read once
+    and without its package: ``transformers/cli/serving/__init__.py`` imports
+    the FastAPI server of ``transformers serve``, and with it fastapi, pydantic
+    and opentelemetry, about 14 MiB of worker memory for a table of templates
     (docs/performance.md, "Memory"). The module imports only absolute names."""
     name = "transformers.cli.serving.utils"
     if name in sys.modules:

@@ -157,7 +157,7 @@ static inline __m256 pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
    tinyBLAS tiles rows x features the same way; its blocks are added one at a time). */
 
 /* Tiles: up to TILE_R rows x TILE_F features (the arrays' sizes); which shapes run is
-   TILE_ROWS' and tile_features' choice (below). AVX-512VL builds (q4kernel.py's choice where
+   TILE_R (rows) and tile_features' choice (below). AVX-512VL builds (q4kernel.py's choice where
    the CPU has AVX512-VNNI) have 32 vector registers, the others 16. */
 #if defined(__AVX512VL__)
 #define TILE_R 6
@@ -431,7 +431,6 @@ static void unit_scales(const float *xd, int64_t m, int64_t nb, float *xv) {
    features, so that enough independent accumulators hide the multiply-adds' latency (1 x 1
    decoded 2.5x slower at k = 576); Q8_0 decoded slower at 1 x 2 than 1 x 1 (the head's 28 MB
    stream from memory either way). */
-#define TILE_ROWS TILE_R
 static int tile_features(int bits, int R) {
     if (bits == 4) return R == 1 ? 4 : R == 2 ? 2 : 1;
     return 1;
@@ -439,7 +438,7 @@ static int tile_features(int bits, int R) {
 
 /* one tile: the constant-size variant for its counts (tile_features' shapes only: each
    variant is compiled code, and the build runs at a process's first int4 load). A pass over a
-   slice of k (p, q_linear): Q4's whole tiles (TILE_ROWS x 1) only. */
+   slice of k (p, q_linear): Q4's whole tiles (TILE_R x 1) only. */
 static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd, const uint16_t *wm,
                      int64_t nb, const int8_t *xq, const float *xv, const struct pass *p, float *out,
                      int64_t n) {
@@ -447,7 +446,7 @@ static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd,
     q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, NULL, out, n); return;
 #define Q8(r) case (r) * 8 + 1: q8_tile(r, 1, (const int8_t *)wq, wd, nb, xq, xv, out, n); return;
     if (p)
-        q4_tile(TILE_ROWS, 1, (const uint8_t *)wq, wd, wm, nb, xq, xv, p, out, n);
+        q4_tile(TILE_R, 1, (const uint8_t *)wq, wd, wm, nb, xq, xv, p, out, n);
     else if (bits == 4)
         switch (R * 8 + F) { Q4(6, 1) Q4(5, 1) Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1) }
     else
@@ -463,7 +462,7 @@ static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd,
 #endif
 _Static_assert(CHUNK % TILE_F == 0, "a chunk has at most CHUNK features: q_linear's keep");
 
-/* Q4 groups per pass over k of a whole tile (TILE_ROWS rows), 0: one pass. A tile's activations
+/* Q4 groups per pass over k of a whole tile (TILE_R rows), 0: one pass. A tile's activations
    (k bytes a row) are read again for each of the chunk's features. At k = 8,192 (6 rows: 48 KB,
    L1's size) they came from L2 for every feature, and those products gained nothing from the
    tiles; the chunk's features going through the tile a slice of at most SLICE groups at a time
@@ -491,7 +490,6 @@ int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, con
     int64_t span = pass_groups(bits, k);
     /* scales per row: Q4 a vector per group of 8 blocks, Q8_0 a vector per unit */
     int64_t vectors = bits == 4 ? scales_per_row(nb) / 8 : nb / 2 + nb % 2;
-    int TR = TILE_ROWS;
     int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
     float *xv = malloc(sizeof(float) * (size_t)(m * vectors * 8));
@@ -512,10 +510,10 @@ int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, con
     chunks = (n + size - 1) / size;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
-        __m256 keep[span ? TILE_ROWS * CHUNK : 1];   /* passes' accumulators: [tile row][chunk feature] */
+        __m256 keep[span ? TILE_R * CHUNK : 1];   /* passes' accumulators: [tile row][chunk feature] */
         int64_t start = c * size, end = (c + 1) * size < n ? (c + 1) * size : n;
-        for (int64_t r = 0; r < m; r += TR) {
-            int R = m - r < TR ? (int)(m - r) : TR, TF = tile_features(bits, R), sliced = span && R == TR;
+        for (int64_t r = 0; r < m; r += TILE_R) {
+            int R = m - r < TILE_R ? (int)(m - r) : TILE_R, TF = tile_features(bits, R), sliced = span && R == TILE_R;
             struct pass p = {.g0 = 0, .g1 = groups, .kept = size};
             do {   /* one pass over all of k, or one per slice of span groups */
                 if (sliced) p.g1 = p.g0 + span < groups ? p.g0 + span : groups;
