@@ -76,12 +76,28 @@ from llmhost import create_app
 from llmhost.config import TestConfig
 from llmhost.models.loading import LoadSpec, load
 seen = lambda: sorted(m for m in ("torchao", "scipy", "triton", "xgrammar", "sentence_transformers",
-                                  "peft", "boto3", "fastapi") if m in sys.modules)
+                                  "peft", "boto3", "fastapi", "torch._dynamo", "sympy", "kernels")
+                      if m in sys.modules)
 steps = {{}}
 create_app(TestConfig())
 steps["app"] = seen()
+gguf = load(LoadSpec(model={gguf!r}, quantization="int4"), TestConfig())
+with torch.no_grad():   # transformers' forward: its mask builder (padding), its attention
+    gguf.model(input_ids=torch.tensor([[1, 2, 3, 4]]), attention_mask=torch.tensor([[0, 1, 1, 1]]))
+steps["int4 gguf load and forward"] = seen()
+import torch.compiler
+steps["torch.compiler restored"] = torch.compiler.disable.__module__ == "torch.compiler"
+import transformers.masking_utils as masks
+from transformers.generation.continuous_batching import cache as paged
+steps["stand-ins"] = [f.__code__.co_filename.endswith("lean.py") for f in
+                     (masks.TransformGetItemToIndex, paged.PagedAttentionCache.update)]
 loaded = load(LoadSpec(model={model!r}, dtype="float32"), TestConfig())
 steps["float32 load"] = seen()
+import torch._dynamo   # the real one, still importable; the stand-ins then defer to it
+from torch.fx.experimental import symbolic_shapes
+steps["real dynamo"] = [hasattr(torch._dynamo, "optimize"), hasattr(symbolic_shapes, "ShapeEnv")]
+with masks.TransformGetItemToIndex():   # the real class, through the stand-in
+    pass
 import transformers.quantizers.quantizer_torchao as q
 import transformers.utils.import_utils as iu
 steps["checks restored"] = q.is_torchao_available is iu.is_torchao_available and iu.is_torchao_available()
@@ -93,38 +109,50 @@ import accelerate.commands.config.sagemaker as sagemaker
 steps["boto3 stand-in"] = callable(sagemaker.boto3.client) and "boto3" in sys.modules
 load(LoadSpec(model={model!r}, quantization="int8"), TestConfig())
 steps["int8 load"] = seen()
+steps["compiled"] = torch.compile(lambda x: x * 2, backend="eager")(torch.ones(2)).tolist()
 print(json.dumps(steps))
 """
 
 
-def test_app_and_a_plain_load_import_no_torchao_scipy_or_grammar_library(tiny_models):
+@pytest.mark.slow  # SmolLM2
+def test_app_and_a_plain_load_import_no_torchao_scipy_or_grammar_library(tiny_models, smollm2_gguf):
     """transformers imports torchao (100-160 MiB) and scipy whenever they are
-    installed, and torch's dynamo imports triton: a plain load keeps all three
-    out (models/lean.py), and accelerate's boto3 and transformers serve's
+    installed, hub kernels and torch's dynamo and sympy always (dynamo imports
+    triton): a plain load and an int4 GGUF load, and their forwards, keep them
+    out (models/lean.py: stand-ins while transformers' model code imports,
+    which give way to the real modules once those are imported), and
+    accelerate's boto3 and transformers serve's
     FastAPI stay out too (the parse-template table is read without them, and
     the SageMaker prompts' boto3 is a lazy stand-in that still imports it);
     xgrammar waits for the first grammar. An int8 load
     still imports torchao, and transformers' own torchao check answers True
     again after the load."""
-    code = LEAN.format(root=ROOT, model=tiny_models["llama"])
+    code = LEAN.format(root=ROOT, model=tiny_models["llama"], gguf=smollm2_gguf)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-3000:]
     steps = json.loads(out.stdout.strip().splitlines()[-1])
     assert steps["app"] == [], steps
     plain = ["triton"] if steps["gpu"] else []
-    assert steps["float32 load"] == plain, steps
+    assert steps["int4 gguf load and forward"] == plain, steps
+    # transformers' from_pretrained runs torch's initializers on the meta device, whose
+    # Python reference ops import torch._dynamo (docs/performance.md, "Memory")
+    assert steps["float32 load"] == sorted(plain + ["sympy", "torch._dynamo"]), steps
+    assert steps["torch.compiler restored"] is True, steps
+    assert steps["stand-ins"] == [True, True], steps
+    assert steps["real dynamo"] == [True, True] and steps["compiled"] == [2.0, 2.0], steps
     assert steps["checks restored"] is True, steps
-    assert steps["qwen3 template"] is True and steps["template lookup"] == plain, steps
+    assert steps["qwen3 template"] is True and steps["template lookup"] == steps["float32 load"], steps
     assert steps["boto3 stand-in"] is True, steps
     assert "torchao" in steps["int8 load"], steps
 
 
 # MiB. Measured here (2 cores, AVX2, torch 2.13 CPU): the worker held 746 MiB after
 # this load before models/lean.py and the lazy xgrammar, about 560 after; 508 on the AVX-512
-# machine without boto3, FastAPI and Alembic (docs/performance.md, "Memory"); the bound
-# leaves room for allocator and library noise, not for torchao or those again.
-INT4_WORKER_RSS_MIB = 600
+# machine without boto3, FastAPI and Alembic, 465-470 without torch._dynamo, sympy and hub
+# kernels (docs/performance.md, "Memory"); the bound leaves room for allocator and library
+# noise and the AVX2 machine's float32 caches, not for torchao or those again.
+INT4_WORKER_RSS_MIB = 560
 
 
 @pytest.mark.slow  # a server and SmolLM2

@@ -47,6 +47,7 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     from accelerate import init_empty_weights
     from gguf import GGMLQuantizationType, dequantize
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map)
 
@@ -57,7 +58,10 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
         return None
     config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     parsed = {"config": config_dict}
-    with init_empty_weights(include_buffers=False):  # buffers (rotary) are computed for real
+    # buffers (rotary) are computed for real; every parameter comes from the file, so
+    # torch's initializers are skipped (on the meta device they run torch's Python
+    # reference ops, whose first call imports torch._dynamo: ~100 MiB, models/lean.py)
+    with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
     processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config_dict)

@@ -1,9 +1,10 @@
 """Import what a load needs when it needs it: transformers' model code without
 the optional packages a server never uses.
 
-Importing ``transformers.modeling_utils`` (the first model load does) imports,
-whenever they are installed (MiB of worker RSS, measured here with
-``python -m llmhost.dev.bench memory``, docs/performance.md "Memory"):
+Importing ``transformers.modeling_utils`` and its generation code (the first
+model load does) imports, whenever they are installed (MiB of RSS, measured
+here with ``python -m llmhost.dev.bench memory``, docs/performance.md
+"Memory"):
 
 - torchao (100-160): ``transformers.quantizers`` imports every quantizer, and
   ``quantizer_torchao`` imports torchao at module level when it is available,
@@ -12,24 +13,58 @@ whenever they are installed (MiB of worker RSS, measured here with
 - scipy (about 37): ``transformers.loss`` imports every loss, and the
   object-detection losses import ``scipy.optimize.linear_sum_assignment`` for
   training;
-- triton (about 70): ``torch._dynamo`` (which transformers' masking code
-  imports) imports triton when the package is there. Triton compiles GPU
-  kernels only; here it is installed because xgrammar depends on it.
+- kernels (about 5): ``transformers.integrations.hub_kernels`` imports the
+  Hub-kernels package (transformers requires it) to swap layers' forwards for
+  kernels downloaded from the Hub when a load asks for ``use_kernels``, which
+  llmhost never does;
+- torch._dynamo (about 30; triton, about 70, came with it where installed):
+  transformers' masking code imports one class from it
+  (``TransformGetItemToIndex``, for masks built with ``vmap``), and a few
+  modules mark functions for ``torch.compile`` as they import
+  (``torch.compiler.disable``, ``torch._dynamo.assume_constant_result`` /
+  ``allow_in_graph``);
+- sympy (about 30): torch.distributed.tensor, which transformers' weight
+  loader imports, imports three names of torch's symbolic-shapes module, which
+  imports sympy.
 
 Why this way: transformers reads ``is_torchao_available()`` /
-``is_scipy_available()`` at the top of those modules and offers no switch, and
-uninstalling torchao would lose int8. So ``prepare()`` imports exactly those
-transformers modules once, with the two checks answering False while they
-import, then puts the real checks back into every module imported meanwhile
-(so ``TorchAoConfig`` and friends keep working) and gives the two modules lazy
-stand-ins for the names they would have imported (``flatten_tensor_state_dict``
-for saving a torchao model, ``linear_sum_assignment`` for detection losses),
-which import their package on first call. On a machine without CUDA or XPU,
-torch's ``has_triton_package()`` answers False, which is the truth there for
-what torch uses it for (inductor's CPU backend compiles C++, not triton); on
-a GPU machine nothing changes. boto3 looks absent while those modules import
-(``sys.modules["boto3"] = None``: ``find_spec`` answers None), and the
-SageMaker prompts get a lazy stand-in module that imports it on first use.
+``is_scipy_available()`` / ``is_kernels_available()`` at the top of those
+modules and offers no switch, and uninstalling torchao would lose int8. So
+``prepare()`` imports exactly those transformers modules once (MODULES), with
+the checks answering False while they import, then puts the real checks back
+into every module imported meanwhile (so ``TorchAoConfig`` and friends keep
+working) and gives the modules lazy stand-ins for the names they would have
+imported (``flatten_tensor_state_dict`` for saving a torchao model,
+``linear_sum_assignment`` for detection losses; hub_kernels defines plain
+decorators of its own), which import their package on first call.
+
+torch._dynamo, its ``_trace_wrapped_higher_order_op`` and the symbolic-shapes
+module are stand-in modules (DEFERRED) while MODULES import, and
+``torch.compiler.disable`` / ``allow_in_graph`` stand-in functions (COMPILER):
+- the classes and functions imported from them are lazy stand-ins that import
+  the real module on first use; the exception class is a plain RuntimeError of
+  the same name (raised only where torch traces symbolic shapes, which llmhost
+  never does);
+- ``disable`` wraps the function so that it calls the real
+  ``torch._dynamo.disable`` once the real torch._dynamo is loaded (only
+  torch.compile can be running then) and the function itself before;
+  ``assume_constant_result`` sets the same mark as the real one;
+  ``allow_in_graph`` returns the function as it is (a hint for torch.compile,
+  which llmhost never runs);
+- any other name asked of a stand-in module drops the stand-ins and imports
+  the real module: a newer transformers costs memory, never a failed load.
+Afterwards the real modules import as usual (tests/test_memory.py compiles a
+function). models/gguf.py skips torch's initializers, whose meta-device
+versions import torch._dynamo on first call; transformers' ``from_pretrained``
+still runs them, so a load of a model folder imports it.
+
+On a machine without CUDA or XPU, torch's ``has_triton_package()`` answers
+False, which is the truth there for what torch uses it for (inductor's CPU
+backend compiles C++, not triton); on a GPU machine nothing changes. boto3
+looks absent while those modules import (``sys.modules["boto3"] = None``:
+``find_spec`` answers None), and the SageMaker prompts get a lazy stand-in
+module that imports it on first use.
+
 Nothing else is patched, and nothing at all when transformers' modeling code
 was already imported.
 """
@@ -42,9 +77,11 @@ import types
 _lock = threading.Lock()
 _done = False
 
-HIDDEN = ("is_torchao_available", "is_scipy_available")
-# the transformers modules that import torchao / scipy at their top when available
-MODULES = ("transformers.quantizers", "transformers.loss.loss_utils")
+HIDDEN = ("is_torchao_available", "is_scipy_available", "is_kernels_available")
+# the transformers modules that import torchao / scipy / kernels / torch._dynamo at
+# their top (the last two: the model code every load imports)
+MODULES = ("transformers.quantizers", "transformers.loss.loss_utils", "transformers.modeling_utils",
+           "transformers.generation.utils")
 
 
 def _lazy(module: str, name: str):
@@ -55,7 +92,8 @@ def _lazy(module: str, name: str):
     return stand_in
 
 
-# what a module skipped by each hidden check would have imported
+# what a module skipped by a hidden check would have imported, where it uses it
+# (hub_kernels defines plain stand-ins of its own)
 LAZY = {
     "is_torchao_available": _lazy("torchao.prototype.safetensors.safetensors_support",
                                   "flatten_tensor_state_dict"),
@@ -73,6 +111,75 @@ class _LazyModule(types.ModuleType):
     def __getattr__(self, attr: str):
         import importlib
         return getattr(importlib.import_module(self.__name__), attr)
+
+
+class _Deferred(types.ModuleType):
+    """Stands for a module while MODULES import (DEFERRED): the names it was
+    given, else the real module (every stand-in dropped first)."""
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)   # (inspect and friends probe every module)
+        _drop_deferred()
+        import importlib
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def _drop_deferred() -> None:
+    for name in DEFERRED:
+        if isinstance(sys.modules.get(name), _Deferred):
+            del sys.modules[name]
+
+
+def _dynamo_loaded() -> bool:
+    module = sys.modules.get("torch._dynamo")
+    return module is not None and not isinstance(module, _Deferred)
+
+
+def _disable(fn=None, recursive=True, *, reason=None):
+    """torch.compiler.disable's stand-in: the real one once torch._dynamo is
+    loaded (torch.compile needs it), the function itself before."""
+    if fn is None:
+        return lambda f: _disable(f, recursive, reason=reason)
+    import functools
+
+    real = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not _dynamo_loaded():
+            return fn(*args, **kwargs)
+        if not real:
+            import torch
+            real.append(torch._dynamo.disable(fn, recursive, reason=reason))
+        return real[0](*args, **kwargs)
+    return call
+
+
+def _mark_constant(fn):
+    fn._dynamo_marked_constant = True   # what torch._dynamo.assume_constant_result does
+    return fn
+
+
+def _as_is(fn):
+    return fn
+
+
+# stand-in modules while MODULES import, and the names they answer
+DEFERRED = {
+    "torch._dynamo": {"assume_constant_result": _mark_constant, "allow_in_graph": _as_is,
+                      "disable": _disable},
+    "torch._dynamo._trace_wrapped_higher_order_op": {
+        "TransformGetItemToIndex": _lazy("torch._dynamo._trace_wrapped_higher_order_op",
+                                         "TransformGetItemToIndex")},
+    # sympy's module (torch.distributed.tensor's ops import three names from it)
+    "torch.fx.experimental.symbolic_shapes": {
+        "guard_or_false": _lazy("torch.fx.experimental.symbolic_shapes", "guard_or_false"),
+        "statically_known_true": _lazy("torch.fx.experimental.symbolic_shapes", "statically_known_true"),
+        "GuardOnDataDependentSymNode": type("GuardOnDataDependentSymNode", (RuntimeError,), {})},
+}
+# torch.compiler's functions that import torch._dynamo, while MODULES import
+COMPILER = {"disable": _disable, "allow_in_graph": _as_is}
 
 
 def _no_triton_here() -> None:
@@ -102,12 +209,22 @@ def prepare() -> None:
         import transformers.utils as tu
         import transformers.utils.import_utils as iu
 
+        import torch.compiler
+
         real = {name: getattr(iu, name) for name in HIDDEN}
         fake = {name: (lambda *a, **k: False) for name in HIDDEN}
+        compiler = {name: getattr(torch.compiler, name) for name in COMPILER}
         before = set(sys.modules)
         absent = [name for name in ABSENT if name not in sys.modules]
         for name in absent:
             sys.modules[name] = None
+        for module, names in DEFERRED.items():
+            if module not in sys.modules:
+                sys.modules[module] = _Deferred(module)
+                sys.modules[module].__dict__.update(names, __path__=[])
+        if isinstance(sys.modules["torch._dynamo"], _Deferred):
+            for name, stand_in in COMPILER.items():
+                setattr(torch.compiler, name, stand_in)
         for name in HIDDEN:
             setattr(tu, name, fake[name])
             setattr(iu, name, fake[name])
@@ -115,6 +232,9 @@ def prepare() -> None:
             for module in MODULES:
                 importlib.import_module(module)
         finally:
+            _drop_deferred()
+            for name, function in compiler.items():
+                setattr(torch.compiler, name, function)
             for name in absent:
                 del sys.modules[name]
             for name in HIDDEN:
@@ -125,7 +245,8 @@ def prepare() -> None:
                 for name in HIDDEN:
                     if namespace.get(name) is fake[name]:
                         namespace[name] = real[name]
-                        _give_stand_in(namespace, LAZY[name])
+                        if name in LAZY:
+                            _give_stand_in(namespace, LAZY[name])
                 for name in absent:
                     _give_stand_in(namespace, _LazyModule(name), f"import {name}")
 
