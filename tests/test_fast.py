@@ -326,6 +326,26 @@ def test_llmhost_kernel_computes_each_row_alone_bitwise():
         torch.set_num_threads(threads)
 
 
+def test_llmhost_kernel_reads_and_writes_bfloat16_as_torch_rounds():
+    """bfloat16 activations go into the library as they are and come out in bfloat16: the
+    same bits as the float32 product rounded by torch (to nearest even), Q4 and Q8_0, one
+    row (a decode step) to 130."""
+    q4kernel = _llmhost_kernel()
+    g = torch.Generator().manual_seed(3)
+    for bits, k, n in ((4, 96, 37), (4, 1536, 45), (4, 4640, 11), (8, 576, 70), (8, 1568, 9)):
+        if bits == 4:
+            qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+            dm = (torch.rand(2, n, k // 32, generator=g) * 0.02 - 0.01).half()
+        else:
+            qs = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+            dm = (torch.rand(1, n, k // 32, generator=g) * 0.01).half()
+        for m in (1, 3, 8, 130):
+            x = (torch.randn(m, k, generator=g) * 10 ** torch.randint(-3, 4, (m, 1), generator=g)).bfloat16()
+            got = q4kernel.matmul(x, qs, dm)
+            assert got.dtype == torch.bfloat16, got.dtype
+            assert torch.equal(got, q4kernel.matmul(x.float(), qs, dm).bfloat16()), (bits, k, n, m)
+
+
 def test_auto_dtype_follows_the_cpu_flags():
     with open("/proc/cpuinfo") as fh:
         flags = set(next(line for line in fh if line.startswith(("flags", "Features"))).split(":")[1].split())

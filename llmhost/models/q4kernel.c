@@ -479,13 +479,33 @@ static int64_t pass_groups(int bits, int64_t k) {
     return passes > 1 ? (groups + passes - 1) / passes : 0;
 }
 
-/* out [m, n] float32 = x [m, k] float32 (quantized here) times w^T, w [n, k]: a Q4 weight
-   (bits 4: qs uint8 [n, k / 2], d and mn float16 [n, k / 32]) or a Q8_0 one (bits 8: qs int8
-   [n, k], d; mn unused). Threads split the features in chunks; a chunk's rows and features go
-   a tile at a time, a whole tile's in passes over slices of k where k is wide (pass_groups).
-   Returns 0, or -1 when the activations' scratch memory could not be allocated. */
-int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, const uint16_t *d,
-             const uint16_t *mn, int64_t n, float *out, int nt) {
+/* float32 of a bfloat16 (exact) */
+static void widen_bf16(const uint16_t *x, int64_t count, float *out) {
+    for (int64_t i = 0; i < count; i++) {
+        uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(out + i, &u, 4);
+    }
+}
+
+/* bfloat16 of a float32 as torch rounds it: to nearest even, a NaN to 0x7fc0 */
+static void narrow_bf16(const float *x, int64_t count, uint16_t *out, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (count > 65536)
+    for (int64_t i = 0; i < count; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        out[i] = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+/* out [m, n] = x [m, k] (quantized here) times w^T, w [n, k]: a Q4 weight (bits 4: qs uint8
+   [n, k / 2], d and mn float16 [n, k / 32]) or a Q8_0 one (bits 8: qs int8 [n, k], d; mn
+   unused). x and out float32, or both bfloat16 with `bf16` (the same bits as float32's
+   product rounded by torch: a bfloat16 model's layers skip two conversions a call). Threads
+   split the features in chunks; a chunk's rows and features go a tile at a time, a whole
+   tile's in passes over slices of k where k is wide (pass_groups). Returns 0, or -1 when the
+   scratch memory could not be allocated. */
+int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const void *qs,
+             const uint16_t *d, const uint16_t *mn, int64_t n, void *out_p, int nt) {
     int64_t nb = k / 32, wrow = bits == 4 ? k / 2 : k, groups = bits == 4 ? nb / 8 : 0;
     int64_t span = pass_groups(bits, k);
     /* scales per row: Q4 a vector per group of 8 blocks, Q8_0 a vector per unit */
@@ -493,12 +513,21 @@ int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, con
     int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
     float *xv = malloc(sizeof(float) * (size_t)(m * vectors * 8));
-    if (!xq || !xd || !xs || !xv) {
+    float *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
+    float *out = bf16 ? malloc(sizeof(float) * (size_t)(m * n)) : out_p;
+    if (!xq || !xd || !xs || !xv || !out || (bf16 && !xf)) {
         free(xq);
         free(xd);
         free(xs);
         free(xv);
+        free(xf);
+        if (bf16) free(out);
         return -1;
+    }
+    const float *x = x_in;
+    if (bf16) {
+        widen_bf16(x_in, m * k, xf);
+        x = xf;
     }
     quantize_rows(x, m, k, bits == 4, xq, xd, xs, nt);
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
@@ -527,10 +556,15 @@ int q_linear(int bits, const float *x, int64_t m, int64_t k, const void *qs, con
             } while (p.g0 < groups);
         }
     }
+    if (bf16) {
+        narrow_bf16(out, m * n, out_p, nt);
+        free(out);
+    }
     free(xq);
     free(xd);
     free(xs);
     free(xv);
+    free(xf);
     return 0;
 }
 
