@@ -70,7 +70,7 @@ class LlamaStep:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama import modeling_llama as llama
 
-        self.model, self.mask, self.rotate = model, create_causal_mask, llama.rotate_half
+        self.model, self.mask = model, create_causal_mask
         base = model.model
         self.embed, self.rotary, self.norm, self.head = base.embed_tokens, base.rotary_emb, base.norm, \
             model.lm_head
@@ -144,12 +144,16 @@ class LlamaStep:
                                 device=h.device)
         cos, sin = self.rotary(h, position_ids=positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)         # apply_rotary_pos_emb's unsqueeze
-        rotate = self.rotate
+        # transformers' rotate_half(x) * sin is cat(-x2, x1) * sin; x.roll(half) * cat(-sin1,
+        # sin2) is cat(x2 * -sin1, x1 * sin2): the same bits (a sign flip is exact), one op
+        # instead of four per tensor and layer
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
         for layer in self.layers:
             x = _rms(layer.norm1, layer.eps1, h)
             q, k, v = (t.view(batch, length, -1, layer.head_dim).transpose(1, 2) for t in layer.qkv(x))
-            q = (q * cos) + (rotate(q) * sin)
-            k = (k * cos) + (rotate(k) * sin)
+            q = (q * cos) + (q.roll(half, -1) * sin)
+            k = (k * cos) + (k.roll(half, -1) * sin)
             k, v = cache.update(k, v, layer.index)
             if own:
                 out = attention.attend(q, k, v, causal, layer.attn.scaling)
