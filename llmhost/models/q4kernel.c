@@ -356,6 +356,19 @@ struct pass {
     int64_t kept;
 };
 
+/* out[i] = v: a float32, or with `bf16` a bfloat16 rounded as torch rounds (to nearest even,
+   a NaN to 0x7fc0) */
+static inline void store(void *out, int64_t i, float v, int bf16) {
+    if (bf16) {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        ((uint16_t *)out)[i] = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0
+                                                                : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    } else {
+        ((float *)out)[i] = v;
+    }
+}
+
 /* Q4: R rows (xq, xv: their first) x F features (wq, wd, wm: the first) of out [.., n], R and
    F constants where inlined, so the accumulators stay in registers. Per (row, feature), group
    after group: acc = fma(group dot, dw * dx, acc), acc = fma(m, s, acc) (the offsets' term:
@@ -368,7 +381,7 @@ struct pass {
    pass as in several, so a row's result still does not depend on its tile. */
 static inline __attribute__((always_inline)) void q4_tile(
         int R, int F, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
-        const int8_t *xq, const float *xv, const struct pass *p, float *out, int64_t n) {
+        const int8_t *xq, const float *xv, const struct pass *p, void *out, int64_t n, int bf16) {
     int64_t g0 = p ? p->g0 : 0, g1 = p ? p->g1 : nb / 8;
     __m256 acc[TILE_R][TILE_F];
     for (int r = 0; r < R; r++)
@@ -384,7 +397,7 @@ static inline __attribute__((always_inline)) void q4_tile(
     switch (nb % 8) { REST(1) REST(2) REST(3) REST(4) REST(5) REST(6) REST(7) }
 #undef REST
     for (int r = 0; r < R; r++)
-        for (int f = 0; f < F; f++) out[r * n + f] = hsum(acc[r][f]);
+        for (int f = 0; f < F; f++) store(out, r * n + f, hsum(acc[r][f]), bf16);
 }
 
 /* Q8_0: R rows x F features, one unit (a pair of blocks, or a last odd block) at a time:
@@ -392,7 +405,7 @@ static inline __attribute__((always_inline)) void q4_tile(
    activations' scales in the units' lanes ([m, units, 8]). */
 static inline __attribute__((always_inline)) void q8_tile(
         int R, int F, const int8_t *wq, const uint16_t *wd, int64_t nb, const int8_t *xq,
-        const float *xv8, float *out, int64_t n) {
+        const float *xv8, void *out, int64_t n, int bf16) {
     int64_t k = nb * 32, units = nb / 2 + nb % 2;
     __m256 acc[TILE_R][TILE_F];
     for (int r = 0; r < R; r++)
@@ -412,7 +425,7 @@ static inline __attribute__((always_inline)) void q8_tile(
             }
     }
     for (int r = 0; r < R; r++)
-        for (int f = 0; f < F; f++) out[r * n + f] = hsum(acc[r][f]);
+        for (int f = 0; f < F; f++) store(out, r * n + f, hsum(acc[r][f]), bf16);
 }
 
 /* per row and unit, the activations' scales in the unit's lanes (Q8_0's xv8 [m, units, 8]) */
@@ -440,13 +453,13 @@ static int tile_features(int bits, int R) {
    variant is compiled code, and the build runs at a process's first int4 load). A pass over a
    slice of k (p, q_linear): Q4's whole tiles (TILE_R x 1) only. */
 static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd, const uint16_t *wm,
-                     int64_t nb, const int8_t *xq, const float *xv, const struct pass *p, float *out,
-                     int64_t n) {
+                     int64_t nb, const int8_t *xq, const float *xv, const struct pass *p, void *out,
+                     int64_t n, int bf16) {
 #define Q4(r, f) case (r) * 8 + (f): \
-    q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, NULL, out, n); return;
-#define Q8(r) case (r) * 8 + 1: q8_tile(r, 1, (const int8_t *)wq, wd, nb, xq, xv, out, n); return;
+    q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, NULL, out, n, bf16); return;
+#define Q8(r) case (r) * 8 + 1: q8_tile(r, 1, (const int8_t *)wq, wd, nb, xq, xv, out, n, bf16); return;
     if (p)
-        q4_tile(TILE_R, 1, (const uint8_t *)wq, wd, wm, nb, xq, xv, p, out, n);
+        q4_tile(TILE_R, 1, (const uint8_t *)wq, wd, wm, nb, xq, xv, p, out, n, bf16);
     else if (bits == 4)
         switch (R * 8 + F) { Q4(6, 1) Q4(5, 1) Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1) }
     else
@@ -479,33 +492,20 @@ static int64_t pass_groups(int bits, int64_t k) {
     return passes > 1 ? (groups + passes - 1) / passes : 0;
 }
 
-/* float32 of a bfloat16 (exact) */
-static void widen_bf16(const uint16_t *x, int64_t count, float *out) {
-    for (int64_t i = 0; i < count; i++) {
-        uint32_t u = (uint32_t)x[i] << 16;
-        memcpy(out + i, &u, 4);
-    }
-}
-
-/* bfloat16 of a float32 as torch rounds it: to nearest even, a NaN to 0x7fc0 */
-static void narrow_bf16(const float *x, int64_t count, uint16_t *out, int nt) {
-    #pragma omp parallel for num_threads(nt) schedule(static) if (count > 65536)
-    for (int64_t i = 0; i < count; i++) {
-        uint32_t u;
-        memcpy(&u, x + i, 4);
-        out[i] = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
+/* float32 of a bfloat16 (exact): its bits shifted up (a vectorized loop) */
+static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
+    for (int64_t i = 0; i < count; i++) out[i] = (uint32_t)x[i] << 16;
 }
 
 /* out [m, n] = x [m, k] (quantized here) times w^T, w [n, k]: a Q4 weight (bits 4: qs uint8
    [n, k / 2], d and mn float16 [n, k / 32]) or a Q8_0 one (bits 8: qs int8 [n, k], d; mn
-   unused). x and out float32, or both bfloat16 with `bf16` (the same bits as float32's
-   product rounded by torch: a bfloat16 model's layers skip two conversions a call). Threads
+   unused). x and out float32, or both bfloat16 with `bf16` (each output the float32 result
+   rounded as torch rounds it: a bfloat16 model's layers skip two conversions a call). Threads
    split the features in chunks; a chunk's rows and features go a tile at a time, a whole
    tile's in passes over slices of k where k is wide (pass_groups). Returns 0, or -1 when the
    scratch memory could not be allocated. */
 int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const void *qs,
-             const uint16_t *d, const uint16_t *mn, int64_t n, void *out_p, int nt) {
+             const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
     int64_t nb = k / 32, wrow = bits == 4 ? k / 2 : k, groups = bits == 4 ? nb / 8 : 0;
     int64_t span = pass_groups(bits, k);
     /* scales per row: Q4 a vector per group of 8 blocks, Q8_0 a vector per unit */
@@ -513,21 +513,19 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
     float *xv = malloc(sizeof(float) * (size_t)(m * vectors * 8));
-    float *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
-    float *out = bf16 ? malloc(sizeof(float) * (size_t)(m * n)) : out_p;
-    if (!xq || !xd || !xs || !xv || !out || (bf16 && !xf)) {
+    uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
+    if (!xq || !xd || !xs || !xv || (bf16 && !xf)) {
         free(xq);
         free(xd);
         free(xs);
         free(xv);
         free(xf);
-        if (bf16) free(out);
         return -1;
     }
     const float *x = x_in;
     if (bf16) {
         widen_bf16(x_in, m * k, xf);
-        x = xf;
+        x = (const float *)xf;
     }
     quantize_rows(x, m, k, bits == 4, xq, xd, xs, nt);
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
@@ -550,15 +548,11 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
                     p.keep = keep + (f - start);
                     tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, (const char *)qs + f * wrow,
                              d + f * nb, mn + f * nb, nb, xq + r * k, xv + r * vectors * 8, sliced ? &p : NULL,
-                             out + r * n + f, n);
+                             (char *)out + (r * n + f) * (bf16 ? 2 : 4), n, bf16);
                 }
                 p.g0 = p.g1;
             } while (p.g0 < groups);
         }
-    }
-    if (bf16) {
-        narrow_bf16(out, m * n, out_p, nt);
-        free(out);
     }
     free(xq);
     free(xd);
