@@ -60,7 +60,7 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     parsed = {"config": config_dict}
     # buffers (rotary) are computed for real; every parameter comes from the file, so
     # torch's initializers are skipped (on the meta device they run torch's Python
-    # reference ops, whose first call imports torch._dynamo: ~100 MiB, models/lean.py)
+    # reference ops, whose first call imports torch._dynamo: about 30 MiB, models/lean.py)
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
