@@ -289,6 +289,15 @@ def test_the_vnni_build_computes_what_the_avx2_build_computes():
                                    q4kernel.matmul(x, layer.qs, layer.dm, lib=plain)), (kind, width, rows)
 
 
+def _random_blocks(bits: int, k: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qs, dm) of a random [n, k] weight as q4kernel.matmul takes it: Q4 (bits 4) or Q8_0."""
+    if bits == 4:
+        return torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g), \
+            (torch.rand(2, n, k // 32, generator=g) * 0.02 - 0.01).half()
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), \
+        (torch.rand(1, n, k // 32, generator=g) * 0.01).half()
+
+
 def test_llmhost_kernel_computes_each_row_alone_bitwise():
     """q4kernel.c's tiles (several rows x features, edge tiles smaller) run the same float
     operations for every (row, feature): a row's output is the same bits alone (a decode
@@ -303,14 +312,11 @@ def test_llmhost_kernel_computes_each_row_alone_bitwise():
     try:
         for bits, k, n in ((4, 96, 37), (4, 576, 70), (4, 1536, 45), (4, 1568, 9), (4, 4640, 11), (8, 96, 37),
                            (8, 576, 70), (8, 1568, 9)):
+            qs, dm = _random_blocks(bits, k, n, g)
             if bits == 4:
-                qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
-                dm = (torch.rand(2, n, k // 32, generator=g) * 0.02 - 0.01).half()
                 q = torch.cat([(qs & 15).view(n, -1, 16), (qs >> 4).view(n, -1, 16)], 2).double()
                 weight = (q * dm[0, ..., None].double() + dm[1, ..., None].double()).view(n, k)
             else:
-                qs = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-                dm = (torch.rand(1, n, k // 32, generator=g) * 0.01).half()
                 weight = (qs.view(n, -1, 32).double() * dm[0, ..., None].double()).view(n, k)
             x = torch.randn(300, k, generator=g)
             exact = q4kernel.requantized(x).double() @ weight.T
@@ -333,12 +339,7 @@ def test_llmhost_kernel_reads_and_writes_bfloat16_as_torch_rounds():
     q4kernel = _llmhost_kernel()
     g = torch.Generator().manual_seed(3)
     for bits, k, n in ((4, 96, 37), (4, 1536, 45), (4, 4640, 11), (8, 576, 70), (8, 1568, 9)):
-        if bits == 4:
-            qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
-            dm = (torch.rand(2, n, k // 32, generator=g) * 0.02 - 0.01).half()
-        else:
-            qs = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-            dm = (torch.rand(1, n, k // 32, generator=g) * 0.01).half()
+        qs, dm = _random_blocks(bits, k, n, g)
         for m in (1, 3, 8, 130):
             x = (torch.randn(m, k, generator=g) * 10 ** torch.randint(-3, 4, (m, 1), generator=g)).bfloat16()
             got = q4kernel.matmul(x, qs, dm)
