@@ -84,9 +84,9 @@ def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, lib=None) -> tor
     float16 [2, N, K / 32]: d and m) or Q8_0 (qs int8 [N, K], dm float16 [1,
     N, K / 32]: d). bfloat16 for bfloat16 x (the library reads and writes it:
     the same bits as the float32 product's ``.bfloat16()``, without two tensor
-    conversions a call), else float32. One call
-    into the library (it quantizes x too): ~5 us of Python per layer. `lib`:
-    another build of the library (tests), instead of this process's."""
+    conversions a call), else float32. One call into the library (it quantizes
+    x too): ~5 us of Python per layer. `lib`: another build of the library
+    (tests), instead of this process's."""
     lib = lib or _build()[0]
     bf16 = x.dtype == torch.bfloat16
     x = x.contiguous() if bf16 else x.float().contiguous()
