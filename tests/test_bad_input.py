@@ -2,6 +2,7 @@
 sections 2 and 3): hostile bodies, load requests and chat templates through
 a real gunicorn. Every case here answered 5xx (or hung) before."""
 import json
+import os
 import time
 
 import pytest
@@ -61,9 +62,14 @@ def test_deep_json_is_400(server, gen):
     assert post(server, CHAT, body).status_code == 200
 
 
-def test_bad_load_requests_are_4xx(server, gen, tiny_models):
+def test_bad_load_requests_are_4xx(server, gen, tiny_models, tmp_path):
+    truncated, garbage = tmp_path / "truncated.gguf", tmp_path / "garbage.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00")   # was a 500 (struct.error)
+    garbage.write_bytes(os.urandom(4096))
     cases = [
         ({"model": "/dev/null"}, 400, "model"),
+        ({"model": str(truncated), "id": "t6"}, 400, "model"),
+        ({"model": str(garbage), "id": "t7"}, 400, "model"),
         ({"model": tiny_models["llama"] + "\x00x"}, 400, "model"),
         ({"model": tiny_models["llama"], "id": "t1", "gguf_file": "/etc/passwd"}, 400, "gguf_file"),
         ({"model": tiny_models["llama"], "id": "t2", "gguf_file": "../x.gguf"}, 400, "gguf_file"),
@@ -84,7 +90,7 @@ def test_bad_load_requests_are_4xx(server, gen, tiny_models):
         if param == "device":
             assert "cpu" in error["message"]
     listed = {m["id"] for m in requests.get(server.url + "/v1/models", timeout=10).json()["data"]}
-    assert not listed & {"t1", "t2", "t3", "t4", "t5"}
+    assert not listed & {"t1", "t2", "t3", "t4", "t5", "t6", "t7"}
 
 
 def test_template_that_fails_on_some_messages_is_400(server, tiny_models):

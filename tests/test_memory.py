@@ -29,6 +29,61 @@ def test_estimate_matches_what_loading_takes(tiny_models, smollm2_gguf):
     assert free_cpu_bytes() > 0
 
 
+@pytest.mark.slow  # a child process reads SmolLM2's GGUF metadata (~6 s), and the test once more
+def test_a_child_process_reads_the_gguf_header(smollm2_gguf, tmp_path, monkeypatch):
+    """The worker never parses a GGUF file's metadata itself (its garbage stayed in
+    the worker's RSS, gguf.py): a child hands over the tensor list, the config and
+    the tokenizer, and these equal what gguf and transformers read in-process."""
+    import gguf as gguf_package
+    from transformers import AutoTokenizer
+    from transformers.integrations.gguf import reader as hf_reader
+
+    from llmhost.models import gguf
+
+    def parsed_here(*args, **kwargs):
+        raise AssertionError("the GGUF file was parsed in the worker's process")
+
+    gguf._header.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(gguf_package, "GGUFReader", parsed_here)
+        m.setattr(hf_reader, "read_gguf_metadata", parsed_here)
+        got = gguf.header(smollm2_gguf)
+        tokenizer = AutoTokenizer.from_pretrained(got.tokenizer_dir)
+    assert gguf.header(smollm2_gguf) is got   # cached: a second load runs no child
+
+    reader = gguf_package.GGUFReader(smollm2_gguf)
+    assert got.tensors == tuple((t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str,
+                                 list(t.data.shape), int(t.n_elements)) for t in reader.tensors)
+    config = json.loads(got.config_json)
+    assert config["num_hidden_layers"] == int(reader.fields["llama.block_count"].parts[-1][0]) == 30
+    folder, name = os.path.split(smollm2_gguf)
+    reference = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    assert type(tokenizer) is type(reference)
+    assert tokenizer.get_vocab() == reference.get_vocab()
+    assert tokenizer.special_tokens_map == reference.special_tokens_map
+    for text in ["Hello, world!", "  two  spaces\tand a tab\n", "<|im_start|>user\nhi<|im_end|>",
+                 "naïve café, 東京, 🙂", "def f(x):\n    return x ** 2"]:
+        ids = reference(text)["input_ids"]
+        assert tokenizer(text)["input_ids"] == ids, text
+        assert tokenizer.decode(ids) == reference.decode(ids), text
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        reference.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    # the tokenizer's files go with the header
+    files = got.tokenizer_dir
+    assert os.listdir(files)
+    gguf._header.cache_clear()
+    del got
+    assert not os.path.exists(files)
+
+    # what the child cannot read is an error the load reports (a 400: test_bad_input)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(ValueError, match="reading the GGUF file failed"):
+        gguf.header(str(truncated))
+
+
 @pytest.fixture(scope="module")
 def small_memory(tiny_models):
     need = estimate(tiny_models["llama"], None, auto_cpu_dtype())  # what the server's auto loads
@@ -150,9 +205,10 @@ def test_app_and_a_plain_load_import_no_torchao_scipy_or_grammar_library(tiny_mo
 # MiB. Measured here (2 cores, AVX2, torch 2.13 CPU): the worker held 746 MiB after
 # this load before models/lean.py and the lazy xgrammar, about 560 after; 508 on the AVX-512
 # machine without boto3, FastAPI and Alembic, 465-470 without torch._dynamo, sympy and hub
-# kernels (docs/performance.md, "Memory"); the bound leaves room for allocator and library
-# noise and the AVX2 machine's float32 caches, not for torchao or those again.
-INT4_WORKER_RSS_MIB = 560
+# kernels, 454-455 with the GGUF header read by a child process (docs/performance.md,
+# "Memory"); the bound leaves room for allocator and library noise and the AVX2 machine's
+# float32 caches, not for torchao or those again.
+INT4_WORKER_RSS_MIB = 540
 
 
 @pytest.mark.slow  # a server and SmolLM2

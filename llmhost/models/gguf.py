@@ -24,6 +24,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -53,7 +57,7 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
 
     path = os.path.join(folder, gguf_file)
     # what AutoConfig.from_pretrained(gguf_file=...) does, without parsing the file again
-    config_dict = json.loads(_config_json(_file_key(path)))
+    config_dict = json.loads(header(path).config_json)
     if config_dict.get("model_type") not in STREAMABLE:
         return None
     config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
@@ -198,51 +202,83 @@ def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtyp
     return result.name, torch.from_numpy(np.array(result.weights, copy=True)).to(dtype)
 
 
-# -- the file's metadata, parsed once per file -----------------------------------------
-# gguf's reader turns every metadata field into numpy views: ~3.3 s for SmolLM2's
-# 49k-token vocabulary on this project's CPU, and a load read it four times (the memory
-# estimate, the config, the tensor list, the tokenizer). The estimate and the tensor
-# list now share one parse, and what the load keeps of it (the tensor list, the
-# config) is small and cached per file (path, size, mtime), so loading the same file
-# again (another dtype, another id) parses only the tokenizer's copy.
+# -- the file's metadata, read by a child process -------------------------------------
+# Reading a GGUF's metadata makes hundreds of thousands of small Python objects (gguf's
+# reader: numpy views of every field; the tokenizer's 49k-token vocabulary and merges for
+# SmolLM2). Freed, they leave Python's memory arenas half used: a worker that read the
+# file itself (the tensor list, the config and the tokenizer: three parses, 2-3 s each)
+# held 458 MiB after an int4 SmolLM2 load, against 439 when a child read it. The child reads it
+# once (sharing one parse between the three, 6 s for SmolLM2) and hands over what the
+# load keeps: the tensor list and transformers' config as JSON on its stdout, the
+# tokenizer as transformers' own save_pretrained files, which the worker loads without
+# parsing the GGUF (0.3 s). Cached per file (path, size, mtime): loading the same file
+# again (another dtype, another id) runs no child.
 
 def _file_key(path: str) -> tuple:
-    """(real path, size, mtime): what the caches below are keyed on."""
+    """(real path, size, mtime): what the cache below is keyed on."""
     st = os.stat(path)
     return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
+@dataclass(frozen=True)
+class Header:
+    """What a load keeps of a GGUF file's metadata."""
+    config_json: str   # transformers' config dict (each load gets its own copy)
+    tensors: tuple     # (name, GGML type, byte offset, numpy dtype, shape, elements) per tensor
+    files: tempfile.TemporaryDirectory   # the tokenizer, removed with this header
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.files.name
+
+
+def header(path: str) -> Header:
+    got = _header(_file_key(path))
+    if isinstance(got, str):   # what the child could not read (kept: a failed load runs one child)
+        raise ValueError(f"reading the GGUF file failed: {got}")
+    return got
+
+
 def tensor_infos(path: str) -> tuple:
     """(name, GGML type, byte offset, numpy dtype, shape, elements) of each tensor in the file."""
-    return _tensor_infos(_file_key(path))
+    return header(path).tensors
 
 
 @functools.lru_cache(maxsize=8)
-def _tensor_infos(key: tuple) -> tuple:
-    """From gguf's reader. Any small object kept from the reader (its
-    ReaderTensors) pins Python's memory arenas, and ~45 MiB of them stayed in
-    the RSS for the whole load; so the list leaves through one JSON string and
-    the reader goes whole."""
-    from gguf import GGUFReader
+def _header(key: tuple) -> Header | str:
+    files = tempfile.TemporaryDirectory(prefix="llmhost-gguf-")
+    # the child imports llmhost from where this worker did, whatever its sys.path was
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.run([sys.executable, "-m", __name__, key[0], files.name],
+                          capture_output=True, text=True, env=env)
+    try:
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):   # it died: its last words
+        return proc.stderr.strip()[-500:] or f"exit status {proc.returncode}"
+    if "error" in out:
+        return out["error"]
+    return Header(json.dumps(out["config"]), tuple(tuple(t) for t in out["tensors"]), files)
 
-    reader = GGUFReader(key[0])
-    packed = json.dumps([[t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str,
-                          list(t.data.shape), int(t.n_elements)] for t in reader.tensors])
-    del reader
-    _trim()
-    return tuple(tuple(info) for info in json.loads(packed))
 
-
-@functools.lru_cache(maxsize=8)
-def _config_json(key: tuple) -> str:
-    """transformers' config dict of the file, as JSON (each load gets its own copy)."""
+def _read_in_child(path: str, out_dir: str) -> dict:
+    """The child's work: one gguf reader for the tensor list, transformers' config
+    and its tokenizer (transformers' GGUF functions each open the file again; here
+    they get this reader back)."""
+    import gguf
+    from transformers import AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    packed = json.dumps(load_gguf_checkpoint(key[0], return_tensors=False)["config"])
-    # the tokenizer's lists parsed with it are tens of MiB of Python objects: hand them
-    # back before the weights come (else they stack under the load's peak)
-    _trim()
-    return packed
+    reader = gguf.GGUFReader(path)
+    opened = gguf.GGUFReader
+    gguf.GGUFReader = lambda p, *a, **k: reader if p == path else opened(p, *a, **k)
+    tensors = [[t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str,
+                list(t.data.shape), int(t.n_elements)] for t in reader.tensors]
+    config = load_gguf_checkpoint(path, return_tensors=False)["config"]
+    folder, name = os.path.split(path)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True).save_pretrained(out_dir)
+    return {"config": config, "tensors": tensors}
 
 
 @functools.lru_cache(maxsize=1)
@@ -282,3 +318,11 @@ def _tied(model, module) -> bool:
 def _replace(model, name: str, new) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+if __name__ == "__main__":   # the child of _header: python -m llmhost.models.gguf FILE OUT_DIR
+    try:
+        result = _read_in_child(sys.argv[1], sys.argv[2])
+    except Exception as exc:   # noqa: BLE001  (reported to the worker, which raises it)
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(result))

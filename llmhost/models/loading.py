@@ -21,7 +21,7 @@ import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (GGUF support)
 # Not transformers' `pipeline` (about 230 MiB more per worker): see TextGeneration.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import lean, memory as memcheck, progress, tasks
+from . import gguf, lean, memory as memcheck, progress, tasks
 from ..engine.errors import InvalidInput, NotFound, NotPermitted, Unavailable
 from .quantize import Int4Linear, Q4Linear, auto_cpu_dtype, model_bytes, quantize_linear, quantize_model
 
@@ -427,10 +427,14 @@ def _no_memory(device: str, spec: LoadSpec) -> Unavailable:
 
 def _load_causal_lm(source: Source, spec: LoadSpec, device: str, device_map, dtype, int4: str) -> Loaded:
     kwargs: dict = {"local_files_only": True, "trust_remote_code": spec.trust_remote_code}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+        if source.gguf_file:
+            # the tokenizer as transformers reads it from the file, read by a child process
+            tokenizer = AutoTokenizer.from_pretrained(
+                gguf.header(os.path.join(source.folder, source.gguf_file)).tokenizer_dir, **kwargs)
+            kwargs["gguf_file"] = source.gguf_file
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
         model = _stream_gguf(source, spec, dtype, device, int4)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype,
@@ -497,7 +501,6 @@ def _stream_gguf(source: Source, spec: LoadSpec, dtype, device: str, int4: str):
     `int4`: the int4 kernel of an int4 load (int4_kernel), "" otherwise."""
     if not source.gguf_file or device != "cpu":
         return None
-    from . import gguf
     return gguf.load_causal_lm(source.folder, source.gguf_file, dtype,
                                       quantize_linear if spec.quantization == "int8" else None,
                                       int4=int4)
