@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from marshmallow import ValidationError, fields, post_load, validate, validates_schema
 
 from ..config import settings
@@ -131,6 +129,9 @@ def check_json_schema(value, what: str = "a JSON Schema", strict: bool = True) -
         raise ValidationError(f"must be {what} (an object)")
     check_size(value)
     check_structure(value, strict)
+    # imported by the first request with a schema (about 5 MiB with referencing and rpds)
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
     try:
         Draft202012Validator.check_schema(value)
     except SchemaError as exc:
