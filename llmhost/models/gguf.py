@@ -11,8 +11,8 @@ parameters; only one float32 tensor exists at any time, and its memory goes
 back to the OS before the next (glibc would keep it): the load peaks a few tens
 of MiB above where it ends (docs/performance.md), in float32 too.
 
-The reading is gguf's (the tensor list from ``gguf.GGUFReader``, each tensor
-memory-mapped on its own, ``gguf.dequantize``); the GGUF -> HF name map and the
+The reading is gguf's (the tensor list from ``gguf.GGUFReader``, in a child
+process: ``header`` below; each tensor memory-mapped on its own, ``gguf.dequantize``); the GGUF -> HF name map and the
 per-architecture tensor fix-ups (Llama's q/k permutation, ...) are
 transformers' own functions, so the weights equal those of
 ``from_pretrained`` (state dicts compared equal in float32 and bfloat16 for
