@@ -47,9 +47,11 @@ def test_a_child_process_reads_the_gguf_header(smollm2_gguf, tmp_path, monkeypat
     with monkeypatch.context() as m:
         m.setattr(gguf_package, "GGUFReader", parsed_here)
         m.setattr(hf_reader, "read_gguf_metadata", parsed_here)
-        got = gguf.header(smollm2_gguf)
+        gguf.prefetch(smollm2_gguf)   # as a load does: the child starts in a thread
+        got = gguf.header(smollm2_gguf)   # and this waits for it
         tokenizer = AutoTokenizer.from_pretrained(got.tokenizer_dir)
     assert gguf.header(smollm2_gguf) is got   # cached: a second load runs no child
+    assert gguf._header.cache_info().misses == 1   # one child for the prefetch and both calls
 
     reader = gguf_package.GGUFReader(smollm2_gguf)
     assert got.tensors == tuple((t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str,

@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -232,8 +233,23 @@ class Header:
         return self.files.name
 
 
+_reading = threading.Lock()   # one child at a time: a load waits for its prefetch, not runs another
+
+
+def prefetch(path: str) -> None:
+    """Start the child now, in a thread (a load's other work, the int4 kernel's
+    build, runs meanwhile); header() waits for it."""
+    def read() -> None:
+        try:
+            header(path)
+        except (OSError, ValueError):   # the load's own header() call reports it
+            pass
+    threading.Thread(target=read, name="llmhost-gguf-header", daemon=True).start()
+
+
 def header(path: str) -> Header:
-    got = _header(_file_key(path))
+    with _reading:
+        got = _header(_file_key(path))
     if isinstance(got, str):   # what the child could not read (kept: a failed load runs one child)
         raise ValueError(f"reading the GGUF file failed: {got}")
     return got
