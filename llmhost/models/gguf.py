@@ -12,9 +12,10 @@ back to the OS before the next (glibc would keep it): the load peaks a few tens
 of MiB above where it ends (docs/performance.md), in float32 too.
 
 The reading is gguf's (the tensor list from ``gguf.GGUFReader``, in a child
-process: ``header`` below; each tensor memory-mapped on its own, ``gguf.dequantize``); the GGUF -> HF name map and the
-per-architecture tensor fix-ups (Llama's q/k permutation, ...) are
-transformers' own functions, so the weights equal those of
+process: ``header`` below; each tensor memory-mapped on its own,
+``gguf.dequantize``); the GGUF -> HF name map and the per-architecture tensor
+fix-ups (Llama's q/k permutation, ...) are transformers' own functions, so the
+weights equal those of
 ``from_pretrained`` (state dicts compared equal in float32 and bfloat16 for
 SmolLM2; tests/test_fast.py checks that greedy answers through the server equal
 transformers' in-process ones for bfloat16 and int8).
@@ -208,12 +209,14 @@ def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtyp
 # reader: numpy views of every field; the tokenizer's 49k-token vocabulary and merges for
 # SmolLM2). Freed, they leave Python's memory arenas half used: a worker that read the
 # file itself (the tensor list, the config and the tokenizer: three parses, 2-3 s each)
-# held 458 MiB after an int4 SmolLM2 load, against 439 when a child read it. The child reads it
-# once (sharing one parse between the three, 6 s for SmolLM2) and hands over what the
+# held 458 MiB after an int4 SmolLM2 load, against 439 when a child read it. The child
+# reads it once (one parse shared by the three, 6 s for SmolLM2) and hands over what the
 # load keeps: the tensor list and transformers' config as JSON on its stdout, the
-# tokenizer as transformers' own save_pretrained files, which the worker loads without
-# parsing the GGUF (0.3 s). Cached per file (path, size, mtime): loading the same file
-# again (another dtype, another id) runs no child.
+# tokenizer as transformers' own save_pretrained files in a temporary folder, which the
+# worker loads without parsing the GGUF (0.3 s). A parser that fails or crashes on a
+# file takes the child down, not the worker. Cached per file (path, size, mtime):
+# loading the same file again (another dtype, another id) runs no child; the folder goes
+# with its cache entry (at most 8) or when the worker exits.
 
 def _file_key(path: str) -> tuple:
     """(real path, size, mtime): what the cache below is keyed on."""

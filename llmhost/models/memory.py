@@ -4,9 +4,10 @@ model with it.
 
 The estimate reads only headers: safetensors (``safe_open`` reads the JSON
 header, not the weights) and GGUF (its tensor table, from gguf.header).
-transformers dequantizes GGUF weights, so a GGUF model takes its element count times the dtype it is loaded in, not its file size. What is
-free: the smaller of the cgroup's room (v2 ``memory.max - memory.current``, or
-v1) and ``MemAvailable`` for CPU, ``torch.cuda.mem_get_info`` per GPU, and
+transformers dequantizes GGUF weights, so a GGUF model takes its element count
+times the dtype it is loaded in, not its file size. What is free: the smaller
+of the cgroup's room (v2 ``memory.max - memory.current``, or v1) and
+``MemAvailable`` for CPU, ``torch.cuda.mem_get_info`` per GPU, and
 LLMHOST_MEMORY_LIMIT (bytes for all models together) when set. The model must
 fit with LLMHOST_MEMORY_HEADROOM (a fraction of the estimate) to spare."""
 from __future__ import annotations
