@@ -134,7 +134,7 @@ from llmhost.config import TestConfig
 from llmhost.models.loading import LoadSpec, load
 seen = lambda: sorted(m for m in ("torchao", "scipy", "triton", "xgrammar", "sentence_transformers",
                                   "peft", "boto3", "fastapi", "torch._dynamo", "sympy", "kernels",
-                                  "jsonschema")
+                                  "jsonschema", "sqlalchemy.dialects.postgresql")
                       if m in sys.modules)
 steps = {{}}
 create_app(TestConfig())

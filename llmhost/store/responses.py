@@ -34,7 +34,6 @@ from typing import Any, Iterator
 from flask import current_app
 from sqlalchemy import (JSON, Float, ForeignKey, Integer, String, create_engine, delete, inspect, select,
                         text, update)
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -85,7 +84,10 @@ class Document(TypeDecorator):
     cache_ok = True
 
     def load_dialect_impl(self, dialect):
-        return dialect.type_descriptor(JSONB() if dialect.name == "postgresql" else JSON())
+        if dialect.name == "postgresql":   # its dialect imported only where it is used (2 MiB)
+            from sqlalchemy.dialects.postgresql import JSONB
+            return dialect.type_descriptor(JSONB())
+        return dialect.type_descriptor(JSON())
 
     def process_bind_param(self, value, dialect):
         return _map(value, _escape) if dialect.name == "postgresql" else value
