@@ -301,6 +301,13 @@ static inline __m256 group_plane(const uint16_t *h) {
                                     _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
 }
 
+/* How far ahead of the weights being read a tile asks for them (_mm_prefetch, a hint: an
+   address past the end of the weights does not fault). A lone row (decode) is bound by memory,
+   and the hardware prefetcher alone streamed its weights at about 23 GB/s on two cores (the
+   1B model's layers) where memory gives 40; reading 1 KB ahead of the stream, 35-45 GB/s:
+   1.5-1.9x on that row's products, 1.2x on SmolLM2's, 1.07-1.10x on eight rows, none on 40. */
+#define AHEAD 1024
+
 /* whole group g (8 blocks): for each of the tile's F features its weights unpacked once, then
    for each of the R rows acc += dot * (dw * dx) and acc += m * s */
 static inline __attribute__((always_inline)) void q4_group(
@@ -309,7 +316,10 @@ static inline __attribute__((always_inline)) void q4_group(
     int64_t k = nb * 32, V = scales_per_row(nb);
     for (int f = 0; f < F; f++) {
         __m256i w[8];
-        group_weights(wq + f * (k / 2) + g * 128, w);
+        const uint8_t *at = wq + f * (k / 2) + g * 128;
+        _mm_prefetch((const char *)(at + AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(at + AHEAD + 64), _MM_HINT_T0);
+        group_weights(at, w);
         __m256 dw = group_plane(wd + f * nb + 8 * g), mw = group_plane(wm + f * nb + 8 * g);
         for (int r = 0; r < R; r++) {
             const float *v = xv + r * V + g * 16;
@@ -415,6 +425,7 @@ static inline __attribute__((always_inline)) void q8_tile(
         __m256i w[TILE_F][4];
         __m256 dw[TILE_F];
         for (int f = 0; f < F; f++) {
+            _mm_prefetch((const char *)(wq + f * k + u * 64 + AHEAD), _MM_HINT_T0);
             q8_unit(wq + f * k + u * 64, pair, w[f]);
             dw[f] = pair ? pair_scales(wd + f * nb + 2 * u) : _mm256_set1_ps(_cvtsh_ss(wd[f * nb + 2 * u]));
         }
