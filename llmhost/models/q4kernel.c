@@ -303,9 +303,10 @@ static inline __m256 group_plane(const uint16_t *h) {
 
 /* How far ahead of the weights being read a tile asks for them (_mm_prefetch, a hint: an
    address past the end of the weights does not fault). A lone row (decode) is bound by memory,
-   and the hardware prefetcher alone streamed its weights at about 23 GB/s on two cores (the
-   1B model's layers) where memory gives 40; reading 1 KB ahead of the stream, 35-45 GB/s:
-   1.5-1.9x on that row's products, 1.2x on SmolLM2's, 1.07-1.10x on eight rows, none on 40. */
+   and the hardware prefetcher alone streamed its weights at about 24 GB/s on two cores (the
+   1B model's layers) where memory gives about 40; reading 1 KB ahead of the stream, 38 GB/s:
+   1.56x on that row's products, 1.23x on SmolLM2's, 1.04-1.08x on eight rows, none on 40
+   (docs/performance.md, eleventh session). */
 #define AHEAD 1024
 
 /* whole group g (8 blocks): for each of the tile's F features its weights unpacked once, then
