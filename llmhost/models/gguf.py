@@ -210,7 +210,7 @@ def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtyp
 # SmolLM2). Freed, they leave Python's memory arenas half used: a worker that read the
 # file itself (the tensor list, the config and the tokenizer: three parses, 2-3 s each)
 # held 458 MiB after an int4 SmolLM2 load, against 439 when a child read it. The child
-# reads it once (one parse shared by the three, 6 s for SmolLM2) and hands over what the
+# opens it with gguf's reader once (6 s for SmolLM2 in all) and hands over what the
 # load keeps: the tensor list and transformers' config as JSON on its stdout, the
 # tokenizer as transformers' own save_pretrained files in a temporary folder, which the
 # worker loads without parsing the GGUF (0.3 s). A parser that fails or crashes on a
@@ -283,8 +283,10 @@ def _header(key: tuple) -> Header | str:
 
 def _read_in_child(path: str, out_dir: str) -> dict:
     """The child's work: one gguf reader for the tensor list, transformers' config
-    and its tokenizer (transformers' GGUF functions each open the file again; here
-    they get this reader back)."""
+    and the config lookup of its tokenizer loading (transformers' GGUF functions
+    open the file with gguf's reader again each time; here they get this one
+    back). The tokenizer's vocabulary goes through transformers' own, faster
+    reader."""
     import gguf
     from transformers import AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
