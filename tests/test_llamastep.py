@@ -79,6 +79,69 @@ def test_llama_step_equals_transformers_on_smollm2_int4(smollm2_int4):
     _same(model)
 
 
+@pytest.mark.slow   # SmolLM2 int4, loaded in bfloat16 and in float32
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_int4_layers_run_in_one_native_call(smollm2_gguf, dtype):
+    """llamastep.c runs an int4 model's decoder layers (llmhost's kernel): one
+    layer computes what LlamaStep's torch loop computes (bfloat16: the same
+    bits; float32: within the noise of the kernel's 8-bit activations, which
+    a 1e-7 change of the input gives the torch loop too, as the norms' sums run
+    in another order), the greedy tokens of a chat are the torch loop's, and a
+    cache of transformers' own layers keeps the torch loop."""
+    from transformers import DynamicCache
+
+    from llmhost.engine.llamastep import _Native
+
+    loaded = load(LoadSpec(model=smollm2_gguf, quantization="int4", dtype=dtype), TestConfig())
+    if loaded.kernel != "int4-llmhost":
+        pytest.skip("llmhost's int4 kernel does not run here")
+    model = loaded.model
+    step = LlamaStep.for_model(model)
+    assert step.rows_alone and step.native is not None
+    ids = torch.randint(100, 40000, (2, 24), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :5] = 0                                   # a left-padded row
+    with torch.inference_mode():
+        h = step.embed(ids)
+        cos, sin = step.rotary(h, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        sin = torch.cat((-sin[..., :32], sin[..., 32:]), -1)   # as LlamaStep passes it
+        caches = growing_cache(model.config), growing_cache(model.config)
+        want = step._layer(step.layers[0], h, cos.unsqueeze(1), sin.unsqueeze(1), caches[0], mask, True)
+        got = _Native.build(model, step.layers[:1])(h.clone(), cos, sin, mask, caches[1])
+    assert got.dtype == want.dtype == getattr(torch, dtype) and got.shape == want.shape
+    (keys, values), (got_keys, got_values) = ((c.layers[0].keys, c.layers[0].values) for c in caches)
+    if dtype == "bfloat16":
+        assert torch.equal(got, want) and torch.equal(got_keys, keys) and torch.equal(got_values, values)
+    else:
+        for a, b in ((got, want), (got_keys, keys), (got_values, values)):
+            assert 0 < ((a - b).norm() / b.norm()).item() < 0.02
+
+    def greedy(native) -> list[int]:
+        step.native, cache, tokens = native, growing_cache(model.config), []
+        chat = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2, 198, 1, 4093, 198]])
+        with torch.inference_mode():
+            for _ in range(12):
+                begin = cache.get_seq_length()
+                new = chat[:, begin:]
+                logits = step(new, torch.ones(1, chat.shape[1], dtype=torch.long),
+                              torch.arange(begin, chat.shape[1])[None], cache, bool(tokens))
+                tokens.append(int(logits[0, -1].argmax()))
+                chat = torch.cat([chat, torch.tensor([[tokens[-1]]])], 1)
+        return tokens
+
+    native = step.native
+    ours, theirs = greedy(native), greedy(None)
+    # float32: the noise above moves a near tie later in this chat (the 10th token here)
+    assert ours == theirs if dtype == "bfloat16" else ours[:6] == theirs[:6]
+    calls = []
+    step.native, lib = native, native.lib
+    native.lib = type("Counted", (), {"llama_layers": lambda self, *a: calls.append(1) or lib.llama_layers(*a)})()
+    with torch.inference_mode():
+        for cache in (DynamicCache(config=model.config), growing_cache(model.config)):
+            step(ids[:1], torch.ones(1, 24, dtype=torch.long), torch.arange(24)[None], cache)
+    assert calls == [1]
+
+
 def test_other_models_keep_transformers_forward(tiny_models):
     gpt2 = load(LoadSpec(model=tiny_models["gpt2"]), TestConfig())
     assert LlamaStep.for_model(gpt2.model) is None

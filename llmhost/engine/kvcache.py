@@ -40,6 +40,17 @@ class GrowingLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.reserve(key_states, value_states)
+        new = key_states.shape[-2]
+        self._keys_buf[:, :, length:length + new].copy_(key_states)
+        self._values_buf[:, :, length:length + new].copy_(value_states)
+        return self.advance(new)
+
+    def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
+        """Room in the buffers for `key_states`' positions (their shape and dtype:
+        [rows, heads, new, dim]) after the filled ones, whose count it returns; the
+        caller writes them there (``update``, or engine/llamastep.c) and calls
+        ``advance``."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
@@ -47,11 +58,13 @@ class GrowingLayer(DynamicLayer):
                 and _in_room(self.values, self._values_buf, value_states, new)):
             self._keys_buf = _rebuffer(self.keys, key_states, new + self.room)
             self._values_buf = _rebuffer(self.values, value_states, new + self.room)
-        length = self.get_seq_length()
-        self._keys_buf[:, :, length:length + new].copy_(key_states)
-        self._values_buf[:, :, length:length + new].copy_(value_states)
-        self.keys = self._keys_buf[:, :, :length + new]
-        self.values = self._values_buf[:, :, :length + new]
+        return self.get_seq_length()
+
+    def advance(self, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `new` positions written after ``reserve`` join the keys and values."""
+        length = self.get_seq_length() + new
+        self.keys = self._keys_buf[:, :, :length]
+        self.values = self._values_buf[:, :, :length]
         return self.keys, self.values
 
     def reset(self) -> None:

@@ -21,11 +21,135 @@ keeps ``model(...)``); a forward with LoRA adapters or image inputs keeps
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
+import os
+
 import torch
 
 from . import attention
+from .kvcache import GrowingLayer
+from .native import COMPILE, compile_library
+
+log = logging.getLogger(__name__)
 
 HALF = (torch.bfloat16, torch.float16)
+SOURCE = os.path.join(os.path.dirname(__file__), "llamastep.c")
+_P, _N = ctypes.c_void_p, ctypes.c_int64
+
+
+class _Proj(ctypes.Structure):
+    """llamastep.c's struct proj: a projection as q_linear takes it."""
+    _fields_ = [("bits", _N), ("n", _N), ("qs", _P), ("d", _P), ("m", _P)]
+
+
+class _LayerArgs(ctypes.Structure):
+    """llamastep.c's struct layer."""
+    _fields_ = [("norm1", _P), ("norm2", _P), ("eps1", ctypes.c_double), ("eps2", ctypes.c_double),
+                ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj), ("down", _Proj),
+                ("keys", _P), ("values", _P), ("kst", _N * 3), ("vst", _N * 3)]
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """llamastep.c built and loaded: (the library, "") or (None, why not)."""
+    lib, why = compile_library(SOURCE, COMPILE + ("-ffp-contract=off",))
+    if lib is None:
+        log.info("int4 steps run their layers in torch: llamastep.c is unavailable (%s)", why)
+        return None, why
+    lib.llama_layers.argtypes = [ctypes.c_int, _N, ctypes.POINTER(_LayerArgs), _N, _N, _N, _N, _N,
+                                 _N, _N, _N, _P, _P, _P, _P, ctypes.c_double, _P, _P, ctypes.c_int]
+    lib.llama_layers.restype = ctypes.c_int
+    return lib, ""
+
+
+def _proj(qs: torch.Tensor, dm: torch.Tensor) -> _Proj:
+    """A projection's blocks as q_linear reads them (models/q4kernel.py's matmul)."""
+    d = dm.data_ptr()
+    return _Proj(8 if qs.dtype == torch.int8 else 4, qs.shape[0], qs.data_ptr(), d,
+                 d + (dm.shape[0] - 1) * dm.stride(0) * dm.element_size())
+
+
+class _Native:
+    """The decoder layers in one call into llamastep.c (it says why), for a
+    model whose every layer it can run (``build``)."""
+
+    def __init__(self, lib, linear: int, attend: int, layers: list, config,
+                 dtype: torch.dtype) -> None:
+        self.lib, self.linear, self.attend = lib, linear, attend
+        self.bf16 = int(dtype == torch.bfloat16)
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.dim, self.hidden = layers[0].head_dim, config.hidden_size
+        self.inter, self.scale = config.intermediate_size, layers[0].attn.scaling
+        self.args = (_LayerArgs * len(layers))()
+        for args, layer in zip(self.args, layers):
+            args.norm1, args.norm2 = layer.norm1.data_ptr(), layer.norm2.data_ptr()
+            args.eps1, args.eps2 = layer.eps1, layer.eps2
+            args.qkv = _proj(layer.qkv.qs, layer.qkv.dm)
+            args.gate_up = _proj(layer.gate_up.qs, layer.gate_up.dm)
+            args.o = _proj(layer.o_proj.qs, layer.o_proj.dm)
+            args.down = _proj(layer.down.qs, layer.down.dm)
+
+    @classmethod
+    def build(cls, model, layers: list) -> "_Native | None":
+        """A _Native when every layer's projections are llmhost's int4 kernel
+        (q/k/v and gate/up grouped: quantize.Q4Group, o and down Q4Linear), none
+        has a bias, the MLP's activation is SiLU, the norms hold the model's
+        dtype (bfloat16 or float32), the shapes fit the C loops and all three
+        libraries build; else None (the layers stay in torch)."""
+        from transformers.activations import SiLUActivation
+
+        from ..models import q4kernel
+        from ..models.quantize import Q4Group, Q4Linear
+
+        config = model.config
+        dtype = model.model.norm.weight.dtype
+        if not layers or dtype not in (torch.bfloat16, torch.float32) or \
+                config.hidden_act != "silu" or config.hidden_size % 8 or config.intermediate_size % 8 \
+                or config.num_attention_heads * layers[0].head_dim != config.hidden_size:
+            return None
+        for layer in layers:
+            if not (type(layer.qkv) is Q4Group and type(layer.gate_up) is Q4Group
+                    and type(layer.o_proj) is Q4Linear and type(layer.down) is Q4Linear
+                    and layer.o_proj.bias is None and layer.down.bias is None
+                    and type(layer.act) in (SiLUActivation, torch.nn.SiLU)
+                    and "forward" not in vars(layer.act) and layer.head_dim == layers[0].head_dim
+                    and layer.attn.scaling == layers[0].attn.scaling
+                    and layer.norm1.dtype == layer.norm2.dtype == dtype):
+                return None
+        lib, kernel, attend = _library()[0], q4kernel._build()[0], attention._library()[0]
+        if lib is None or kernel is None or attend is None:
+            return None
+        return cls(lib, ctypes.cast(kernel.q_linear, _P).value, ctypes.cast(attend.attend, _P).value,
+                   layers, config, dtype)
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor | None, cache) -> torch.Tensor:
+        """h [batch, length, hidden] after every layer; the cache's new positions
+        written and joined."""
+        batch, length, _ = h.shape
+        h = h.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        like = torch.empty((batch, self.kv_heads, length, self.dim), dtype=h.dtype)
+        layers = cache.layers[:len(self.args)]
+        past = 0
+        for args, layer in zip(self.args, layers):
+            past = layer.reserve(like, like)
+            keys, values = layer._keys_buf, layer._values_buf
+            args.keys, args.values = keys.data_ptr(), values.data_ptr()
+            args.kst[:], args.vst[:] = keys.stride()[:3], values.stride()[:3]
+        if mask is not None:
+            mask = mask.to(torch.uint8).contiguous()
+        if self.lib.llama_layers(self.bf16, len(self.args), self.args, batch, length, past,
+                                 self.hidden, self.heads, self.kv_heads, self.dim, self.inter,
+                                 h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                 mask.data_ptr() if mask is not None else None, self.scale,
+                                 self.linear, self.attend, torch.get_num_threads()):
+            raise torch.OutOfMemoryError("llamastep.c: no memory for a step's activations")
+        for layer in layers:
+            layer.advance(length)
+        return h
 
 # transformers' model code is imported by the first load (after models/lean.py
 # has kept torchao, scipy and triton out of it), never by importing the engine:
@@ -99,6 +223,8 @@ class LlamaStep:
             for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                                 ("mlp", ("gate_proj", "up_proj", "down_proj")))
             for name in names)
+        # a rows_alone model's layers in one call into llamastep.c, where it can run them
+        self.native = _Native.build(model, self.layers) if self.rows_alone else None
 
     @classmethod
     def for_model(cls, model) -> "LlamaStep | None":
@@ -143,25 +269,37 @@ class LlamaStep:
             causal = torch.ones((batch, 1, 1, cache.get_seq_length() + 1), dtype=torch.bool,
                                 device=h.device)
         cos, sin = self.rotary(h, position_ids=positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)         # apply_rotary_pos_emb's unsqueeze
         # transformers' rotate_half(x) * sin is cat(-x2, x1) * sin; x.roll(half) * cat(-sin1,
         # sin2) is cat(x2 * -sin1, x1 * sin2): the same bits (a sign flip is exact), one op
         # instead of four per tensor and layer
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+        if own and self.native is not None and \
+                all(type(layer) is GrowingLayer for layer in getattr(cache, "layers", ())):
+            h = self.native(h, cos, sin, causal, cache)
+            return self.head(_rms(self.norm.weight, self.norm.variance_epsilon, h[:, -1:, :]))
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)         # apply_rotary_pos_emb's unsqueeze
         for layer in self.layers:
-            x = _rms(layer.norm1, layer.eps1, h)
-            q, k, v = (t.view(batch, length, -1, layer.head_dim).transpose(1, 2) for t in layer.qkv(x))
-            q = (q * cos) + (q.roll(half, -1) * sin)
-            k = (k * cos) + (k.roll(half, -1) * sin)
-            k, v = cache.update(k, v, layer.index)
-            if own:
-                out = attention.attend(q, k, v, causal, layer.attn.scaling)
-            else:
-                out, _ = self.attention(layer.attn, q, k, v, causal, dropout=0.0,
-                                        scaling=layer.attn.scaling)
-            h = h + layer.o_proj(out.reshape(batch, length, -1).contiguous())
-            x = _rms(layer.norm2, layer.eps2, h)
-            gate, up = layer.gate_up(x)
-            h = h + layer.down(layer.act(gate) * up)
+            h = self._layer(layer, h, cos, sin, cache, causal, own)
         return self.head(_rms(self.norm.weight, self.norm.variance_epsilon, h)[:, -1:, :])
+
+    def _layer(self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
+               causal: torch.Tensor | None, own: bool) -> torch.Tensor:
+        """One decoder layer in torch (what llamastep.c computes where it runs):
+        h after it, its keys and values added to `cache`."""
+        batch, length = h.shape[:2]
+        half = sin.shape[-1] // 2
+        x = _rms(layer.norm1, layer.eps1, h)
+        q, k, v = (t.view(batch, length, -1, layer.head_dim).transpose(1, 2) for t in layer.qkv(x))
+        q = (q * cos) + (q.roll(half, -1) * sin)
+        k = (k * cos) + (k.roll(half, -1) * sin)
+        k, v = cache.update(k, v, layer.index)
+        if own:
+            out = attention.attend(q, k, v, causal, layer.attn.scaling)
+        else:
+            out, _ = self.attention(layer.attn, q, k, v, causal, dropout=0.0,
+                                    scaling=layer.attn.scaling)
+        h = h + layer.o_proj(out.reshape(batch, length, -1).contiguous())
+        x = _rms(layer.norm2, layer.eps2, h)
+        gate, up = layer.gate_up(x)
+        return h + layer.down(layer.act(gate) * up)
