@@ -37,6 +37,7 @@ class GrowingLayer(DynamicLayer):
         self.room = room
         self._keys_buf: torch.Tensor | None = None
         self._values_buf: torch.Tensor | None = None
+        self._made: tuple | None = None    # (keys, values, length) as the last advance left them
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +52,12 @@ class GrowingLayer(DynamicLayer):
         [rows, heads, new, dim]) after the filled ones, whose count it returns; the
         caller writes them there (``update``, or engine/llamastep.c) and calls
         ``advance``."""
+        new = key_states.shape[-2]
+        if self._made is not None and self.keys is self._made[0] and self.values is self._made[1] \
+                and self._made[2] + new <= self._keys_buf.shape[-2]:
+            return self._made[2]   # the views the last advance made, with room: a decode step's case
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        new = key_states.shape[-2]
         if not (_in_room(self.keys, self._keys_buf, key_states, new)
                 and _in_room(self.values, self._values_buf, value_states, new)):
             self._keys_buf = _rebuffer(self.keys, key_states, new + self.room)
@@ -65,10 +69,11 @@ class GrowingLayer(DynamicLayer):
         length = self.get_seq_length() + new
         self.keys = self._keys_buf[:, :, :length]
         self.values = self._values_buf[:, :, :length]
+        self._made = (self.keys, self.values, length)
         return self.keys, self.values
 
     def reset(self) -> None:
-        self._keys_buf = self._values_buf = None
+        self._keys_buf = self._values_buf = self._made = None
         super().reset()
 
 

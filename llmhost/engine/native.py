@@ -6,7 +6,8 @@ machine without one, or a CPU without the instructions a kernel needs, keeps
 torch's operators: the callers say which), and each library is built for the
 CPU it runs on. Building takes about a second; the file is deleted once it is
 loaded. Nothing is cached between processes. The kernels: the int4 matmul
-(models/q4kernel.c) and decode attention (engine/attention.c).
+(models/q4kernel.c), decode attention (engine/attention.c) and the Llama layers
+around them (engine/llamastep.c).
 """
 from __future__ import annotations
 
