@@ -64,44 +64,32 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
-def _proj(qs: torch.Tensor, dm: torch.Tensor) -> _Proj:
-    """A projection's blocks as q_linear reads them (models/q4kernel.py's matmul)."""
-    d = dm.data_ptr()
-    return _Proj(8 if qs.dtype == torch.int8 else 4, qs.shape[0], qs.data_ptr(), d,
-                 d + (dm.shape[0] - 1) * dm.stride(0) * dm.element_size())
-
-
 class _Native:
     """The decoder layers in one call into llamastep.c (it says why), for a
     model whose every layer it can run (``build``)."""
 
-    def __init__(self, lib, linear: int, attend: int, layers: list, config,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, lib, linear: int, attend: int, layers: list, projections: list,
+                 config, dtype: torch.dtype) -> None:
         self.lib, self.linear, self.attend = lib, linear, attend
         self.bf16 = int(dtype == torch.bfloat16)
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.dim, self.hidden = layers[0].head_dim, config.hidden_size
         self.inter, self.scale = config.intermediate_size, layers[0].attn.scaling
         self.args = (_LayerArgs * len(layers))()
-        for args, layer in zip(self.args, layers):
+        for args, layer, products in zip(self.args, layers, projections):
             args.norm1, args.norm2 = layer.norm1.data_ptr(), layer.norm2.data_ptr()
             args.eps1, args.eps2 = layer.eps1, layer.eps2
-            args.qkv = _proj(layer.qkv.qs, layer.qkv.dm)
-            args.gate_up = _proj(layer.gate_up.qs, layer.gate_up.dm)
-            args.o = _proj(layer.o_proj.qs, layer.o_proj.dm)
-            args.down = _proj(layer.down.qs, layer.down.dm)
+            args.qkv, args.o, args.gate_up, args.down = (_Proj(*p[1:]) for p in products)
 
     @classmethod
     def build(cls, model, layers: list) -> "_Native | None":
-        """A _Native when every layer's projections are llmhost's int4 kernel
-        (q/k/v and gate/up grouped: quantize.Q4Group, o and down Q4Linear), none
-        has a bias, the MLP's activation is SiLU, the norms hold the model's
-        dtype (bfloat16 or float32), the shapes fit the C loops and all three
-        libraries build; else None (the layers stay in torch)."""
+        """A _Native when every layer's products are ones llamastep.c can call
+        the kernel for (a ``native_linear()``: models/quantize.py's Q4Group for
+        q/k/v and gate/up, Q4Linear for o and down; no bias), the MLP's
+        activation is SiLU, the norms hold the model's dtype (bfloat16 or
+        float32), the shapes fit its loops, and it and the attention build;
+        else None (the layers stay in torch)."""
         from transformers.activations import SiLUActivation
-
-        from ..models import q4kernel
-        from ..models.quantize import Q4Group, Q4Linear
 
         config = model.config
         dtype = model.model.norm.weight.dtype
@@ -109,20 +97,22 @@ class _Native:
                 config.hidden_act != "silu" or config.hidden_size % 8 or config.intermediate_size % 8 \
                 or config.num_attention_heads * layers[0].head_dim != config.hidden_size:
             return None
+        projections = []
         for layer in layers:
-            if not (type(layer.qkv) is Q4Group and type(layer.gate_up) is Q4Group
-                    and type(layer.o_proj) is Q4Linear and type(layer.down) is Q4Linear
-                    and layer.o_proj.bias is None and layer.down.bias is None
-                    and type(layer.act) in (SiLUActivation, torch.nn.SiLU)
-                    and "forward" not in vars(layer.act) and layer.head_dim == layers[0].head_dim
-                    and layer.attn.scaling == layers[0].attn.scaling
+            parts = (layer.qkv, layer.o_proj, layer.gate_up, layer.down)
+            if not (all(callable(getattr(p, "native_linear", None)) and getattr(p, "bias", None) is None
+                        for p in parts)
+                    and type(layer.act) in (SiLUActivation, torch.nn.SiLU) and "forward" not in vars(layer.act)
+                    and layer.head_dim == layers[0].head_dim and layer.attn.scaling == layers[0].attn.scaling
                     and layer.norm1.dtype == layer.norm2.dtype == dtype):
                 return None
-        lib, kernel, attend = _library()[0], q4kernel._build()[0], attention._library()[0]
-        if lib is None or kernel is None or attend is None:
+            projections.append([p.native_linear() for p in parts])
+        lib, attend = _library()[0], attention._library()[0]
+        linear = {p[0] for products in projections for p in products}
+        if lib is None or attend is None or len(linear) != 1:
             return None
-        return cls(lib, ctypes.cast(kernel.q_linear, _P).value, ctypes.cast(attend.attend, _P).value,
-                   layers, config, dtype)
+        return cls(lib, linear.pop(), ctypes.cast(attend.attend, _P).value, layers, projections,
+                   config, dtype)
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  mask: torch.Tensor | None, cache) -> torch.Tensor:

@@ -92,11 +92,27 @@ def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, lib=None) -> tor
     x = x.contiguous() if bf16 else x.float().contiguous()
     n, m, k = qs.shape[0], x.shape[0], x.shape[1]
     out = torch.empty(m, n, dtype=x.dtype)
-    d = dm.data_ptr()   # the planes' addresses without indexing (a tensor op each: ~1 us)
-    if lib.q_linear(8 if qs.dtype == torch.int8 else 4, x.data_ptr(), bf16, m, k, qs.data_ptr(), d,
-                    d + (dm.shape[0] - 1) * dm.stride(0) * 2, n, out.data_ptr(), torch.get_num_threads()):
+    if lib.q_linear(_bits(qs), x.data_ptr(), bf16, m, k, qs.data_ptr(), *_planes(dm), n,
+                    out.data_ptr(), torch.get_num_threads()):
         raise torch.OutOfMemoryError(f"int4 kernel: no memory for {m} x {k} activations")
     return out
+
+
+def _bits(qs: torch.Tensor) -> int:
+    return 8 if qs.dtype == torch.int8 else 4
+
+
+def _planes(dm: torch.Tensor) -> tuple[int, int]:
+    """The addresses of d and m (Q8_0: d twice), without indexing (a tensor op each: ~1 us)."""
+    d = dm.data_ptr()
+    return d, d + (dm.shape[0] - 1) * dm.stride(0) * dm.element_size()
+
+
+def native(qs: torch.Tensor, dm: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """What engine/llamastep.c needs to compute this product itself: (q_linear's
+    address, bits, output features, the addresses of qs, d and m)."""
+    return (ctypes.cast(_build()[0].q_linear, ctypes.c_void_p).value, _bits(qs), qs.shape[0],
+            qs.data_ptr(), *_planes(dm))
 
 
 def dequantize(qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,10 @@ class Q4Linear(Int4Linear):
         """The weight, [N, K] float32."""
         return q4kernel.dequantize(self.qs, self.dm)
 
+    def native_linear(self) -> tuple[int, ...]:
+        """The product as engine/llamastep.c calls the kernel (q4kernel.native)."""
+        return q4kernel.native(self.qs, self.dm)
+
 
 class Q4Group:
     """Q4Linear layers that read the same input (a Llama layer's q/k/v, its
@@ -217,6 +221,11 @@ class Q4Group:
             return [layer(x) for layer in self.layers]
         out = q4kernel.matmul(rows, self.qs, self.dm).to(x.dtype)
         return [part.view(*x.shape[:-1], part.shape[-1]) for part in out.split(self.sizes, -1)]
+
+    def native_linear(self) -> tuple[int, ...]:
+        """The group's product as engine/llamastep.c calls the kernel: its
+        layers' outputs side by side (q4kernel.native)."""
+        return q4kernel.native(self.qs, self.dm)
 
 
 def group_q4(model: torch.nn.Module) -> int:
