@@ -134,7 +134,8 @@ from llmhost.config import TestConfig
 from llmhost.models.loading import LoadSpec, load
 seen = lambda: sorted(m for m in ("torchao", "scipy", "triton", "xgrammar", "sentence_transformers",
                                   "peft", "boto3", "fastapi", "torch._dynamo", "sympy", "kernels",
-                                  "jsonschema", "sqlalchemy.dialects.postgresql")
+                                  "jsonschema", "sqlalchemy.dialects.postgresql",
+                                  "torch.distributed.tensor", "torch.distributed.fsdp")
                       if m in sys.modules)
 steps = {{}}
 create_app(TestConfig())
@@ -149,6 +150,14 @@ import transformers.masking_utils as masks
 from transformers.generation.continuous_batching import cache as paged
 steps["stand-ins"] = [f.__code__.co_filename.endswith("lean.py") for f in
                      (masks.TransformGetItemToIndex, paged.PagedAttentionCache.update)]
+# transformers' tensor-parallel code, skipped while its model code imported: a class
+# check needs nothing imported; the first call runs the skipped code
+import transformers.distributed.sharding_utils as sharding
+from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+steps["distributed before"] = [isinstance(torch.ones(1), sharding.DTensor), "colwise" in ALL_PARALLEL_STYLES,
+                               seen()]
+steps["distributed after"] = [sharding._local_shard_size_and_offset(10, 2, 1), "colwise" in ALL_PARALLEL_STYLES,
+                              sharding.DTensor is sys.modules["torch.distributed.tensor"].DTensor]
 loaded = load(LoadSpec(model={model!r}, dtype="float32"), TestConfig())
 steps["float32 load"] = seen()
 import torch._dynamo   # the real one, still importable; the stand-ins then defer to it
@@ -193,9 +202,13 @@ def test_app_and_a_plain_load_import_no_torchao_scipy_or_grammar_library(tiny_mo
     assert steps["app"] == [], steps
     plain = ["triton"] if steps["gpu"] else []
     assert steps["int4 gguf load and forward"] == plain, steps
+    assert steps["distributed before"] == [False, False, plain], steps
+    assert steps["distributed after"] == [[5, 5], True, True], steps
     # transformers' from_pretrained runs torch's initializers on the meta device, whose
-    # Python reference ops import torch._dynamo (docs/performance.md, "Memory")
-    assert steps["float32 load"] == sorted(plain + ["sympy", "torch._dynamo"]), steps
+    # Python reference ops import torch._dynamo (docs/performance.md, "Memory"); the
+    # tensor-parallel code is real by then (and such a load runs it too)
+    assert steps["float32 load"] == sorted(plain + ["sympy", "torch._dynamo", "torch.distributed.fsdp",
+                                                    "torch.distributed.tensor"]), steps
     assert steps["torch.compiler restored"] is True, steps
     assert steps["stand-ins"] == [True, True], steps
     assert steps["real dynamo"] == [True, True] and steps["compiled"] == [2.0, 2.0], steps
@@ -208,10 +221,10 @@ def test_app_and_a_plain_load_import_no_torchao_scipy_or_grammar_library(tiny_mo
 # MiB. Measured here (2 cores, AVX2, torch 2.13 CPU): the worker held 746 MiB after
 # this load before models/lean.py and the lazy xgrammar, about 560 after; 508 on the AVX-512
 # machine without boto3, FastAPI and Alembic, 465-470 without torch._dynamo, sympy and hub
-# kernels, 454-455 with the GGUF header read by a child process (docs/performance.md,
-# "Memory"); the bound leaves room for allocator and library noise and the AVX2 machine's
+# kernels, 454-455 with the GGUF header read by a child process, 439-440 without
+# torch.distributed's tensor and FSDP packages (docs/performance.md, "Memory"); the bound leaves room for allocator and library noise and the AVX2 machine's
 # float32 caches, not for torchao or those again.
-INT4_WORKER_RSS_MIB = 540
+INT4_WORKER_RSS_MIB = 520
 
 
 @pytest.mark.slow  # a server and SmolLM2

@@ -25,18 +25,33 @@ here with ``python -m llmhost.dev.bench memory``, docs/performance.md
   ``allow_in_graph``);
 - sympy (about 30): torch.distributed.tensor, which transformers' weight
   loader imports, imports three names of torch's symbolic-shapes module, which
-  imports sympy.
+  imports sympy;
+- torch.distributed.tensor and torch.distributed.fsdp (about 11 with what they
+  import): transformers' tensor-parallel, expert-parallel and FSDP modules
+  import them in ``if is_torch_distributed_available():`` blocks at their top,
+  with the classes, functions and parallel-plan registrations that use them,
+  for models sharded over processes, which llmhost never does.
 
 Why this way: transformers reads ``is_torchao_available()`` /
-``is_scipy_available()`` / ``is_kernels_available()`` at the top of those
-modules and offers no switch, and uninstalling torchao would lose int8. So
+``is_scipy_available()`` / ``is_kernels_available()`` /
+``is_torch_distributed_available()`` at the top of those modules and offers no
+switch, and uninstalling torchao would lose int8. So
 ``prepare()`` imports exactly those transformers modules once (MODULES), with
 the checks answering False while they import, then puts the real checks back
 into every module imported meanwhile (so ``TorchAoConfig`` and friends keep
 working) and gives the modules lazy stand-ins for the names they would have
 imported (``flatten_tensor_state_dict`` for saving a torchao model,
 ``linear_sum_assignment`` for detection losses; hub_kernels defines plain
-decorators of its own), which import their package on first call.
+decorators of its own), which import their package on first call. The
+distributed check's blocks bind more (classes, functions, registrations), so
+each name they would have bound is the real object where that costs nothing (a
+module or a name of a module already imported: ``torch.distributed`` itself)
+and otherwise a ``_SkippedMeta`` stand-in: its first use runs the skipped
+blocks in their modules, as their import would have, and from then on it is
+the real object; a class check against a class of a module never imported
+(``DTensor``) answers False without importing it, since nothing can be an
+instance of it. transformers' ``from_pretrained`` uses them, so a model
+folder's load imports them as before; a GGUF load does not.
 
 torch._dynamo, its ``_trace_wrapped_higher_order_op`` and the symbolic-shapes
 module are stand-in modules (DEFERRED) while MODULES import, and
@@ -77,7 +92,10 @@ import types
 _lock = threading.Lock()
 _done = False
 
-HIDDEN = ("is_torchao_available", "is_scipy_available", "is_kernels_available")
+HIDDEN = ("is_torchao_available", "is_scipy_available", "is_kernels_available",
+          "is_torch_distributed_available")
+# the check whose skipped blocks are run on the first use of a name they bind (_Skipped)
+DISTRIBUTED = "is_torch_distributed_available"
 # the transformers modules that import torchao / scipy / kernels / torch._dynamo at
 # their top (the last two: the model code every load imports)
 MODULES = ("transformers.quantizers", "transformers.loss.loss_utils", "transformers.modeling_utils",
@@ -249,6 +267,8 @@ def prepare() -> None:
                             _give_stand_in(namespace, LAZY[name])
                 for name in absent:
                     _give_stand_in(namespace, _LazyModule(name), f"import {name}")
+                if namespace.get(DISTRIBUTED) is real[DISTRIBUTED]:
+                    _defer_blocks(namespace)
 
 
 def _give_stand_in(namespace: dict, stand_in, needle: str = "") -> None:
@@ -263,3 +283,131 @@ def _give_stand_in(namespace: dict, stand_in, needle: str = "") -> None:
         return
     if named:
         namespace[stand_in.__name__] = stand_in
+
+
+# Modules whose `if is_torch_distributed_available():` blocks were skipped, with those
+# blocks (ast), in the order _realize runs them; and whether it has.
+_skipped: dict[str, tuple[dict, list]] = {}
+_realized = threading.RLock(), []
+
+
+def _distributed_blocks(tree) -> list:
+    """The module's top-level ``if is_torch_distributed_available():`` statements."""
+    import ast
+    return [node for node in tree.body if isinstance(node, ast.If) and isinstance(node.test, ast.Call)
+            and isinstance(node.test.func, ast.Name) and node.test.func.id == DISTRIBUTED
+            and not node.test.args]
+
+
+def _bound(statements, package: str):
+    """(name, the module it comes from or None, the attribute or None) for each name
+    `statements` bind at their level (through ifs and trys, not into functions)."""
+    import ast
+    import importlib.util
+    for st in statements:
+        if isinstance(st, ast.Import):
+            for alias in st.names:
+                yield (alias.asname, alias.name, None) if alias.asname else \
+                    (alias.name.split(".")[0], alias.name.split(".")[0], None)
+        elif isinstance(st, ast.ImportFrom):
+            module = importlib.util.resolve_name("." * st.level + (st.module or ""), package) \
+                if st.level else st.module
+            for alias in st.names:
+                yield alias.asname or alias.name, module, alias.name
+        elif isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield st.name, None, None
+        elif isinstance(st, ast.Assign):
+            for target in st.targets:
+                if isinstance(target, ast.Name):
+                    yield target.id, None, None
+        elif isinstance(st, ast.If):
+            yield from _bound(st.body + st.orelse, package)
+        elif isinstance(st, ast.Try):
+            yield from _bound(st.body + st.orelse + st.finalbody
+                              + [s for h in st.handlers for s in h.body], package)
+
+
+def _defer_blocks(namespace: dict) -> None:
+    """A module imported while the distributed check answered False: each name its
+    skipped blocks bind is what they would bind where that costs nothing (a module,
+    or a name of a module, already imported), else a _Skipped stand-in."""
+    import ast
+    path = namespace.get("__file__")
+    if not str(path).endswith(".py"):
+        return
+    with open(path, encoding="utf-8") as fh:
+        blocks = _distributed_blocks(ast.parse(fh.read(), path))
+    if not blocks:
+        return
+    _skipped[namespace["__name__"]] = namespace, blocks
+    for name, module, attr in _bound([s for b in blocks for s in b.body], namespace.get("__package__") or ""):
+        if name in namespace:
+            continue
+        loaded = sys.modules.get(module) if module else None
+        if loaded is not None and (attr is None or hasattr(loaded, attr)):
+            namespace[name] = getattr(loaded, attr) if attr else loaded
+        else:
+            namespace[name] = _SkippedMeta(name, (), {"_namespace": namespace, "_source": module})
+
+
+def _realize() -> None:
+    """Run every skipped block once, in the modules' namespaces (a module's after
+    those of the modules its blocks import from): as the imports would have."""
+    import ast
+    lock, done = _realized
+    with lock:
+        if done:
+            return
+        done.append(True)
+        order, seen = [], set()
+
+        def visit(name: str) -> None:
+            if name in seen or name not in _skipped:
+                return
+            seen.add(name)
+            namespace, blocks = _skipped[name]
+            for _, module, _ in _bound([s for b in blocks for s in b.body], namespace.get("__package__") or ""):
+                if module:
+                    visit(module)
+            order.append(name)
+
+        for name in list(_skipped):
+            visit(name)
+        for name in order:
+            namespace, blocks = _skipped[name]
+            body = [ast.If(test=b.test, body=b.body, orelse=[]) for b in blocks]
+            exec(compile(ast.fix_missing_locations(ast.Module(body=body, type_ignores=[])),
+                         namespace["__file__"], "exec"), namespace)
+
+
+class _SkippedMeta(type):
+    """Stands for a name a skipped ``if is_torch_distributed_available():`` block
+    binds (a class, function or import of transformers' tensor-parallel and FSDP
+    code): its first use runs the skipped blocks (``_realize``), then it is the
+    real object. An instance check against a class of a module never imported
+    answers False without importing it: no object can be one."""
+
+    def _real(cls):
+        _realize()
+        value = cls._namespace[cls.__name__]
+        if isinstance(value, _SkippedMeta):
+            raise NameError(f"name {cls.__name__!r} is not defined (torch.distributed is unavailable)")
+        return value
+
+    def __call__(cls, *args, **kwargs):
+        return cls._real()(*args, **kwargs)
+
+    def __getattr__(cls, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(cls._real(), attr)
+
+    def __instancecheck__(cls, obj) -> bool:
+        if cls._source is not None and cls._source not in sys.modules:
+            return False
+        return isinstance(obj, cls._real())
+
+    def __subclasscheck__(cls, other) -> bool:
+        if cls._source is not None and cls._source not in sys.modules:
+            return False
+        return issubclass(other, cls._real())
