@@ -119,7 +119,7 @@ static void rms_row(const void *h, const void *w, double eps, int64_t n, void *o
     }
 }
 
-/* rows x [r, n] = h + o, and their norm: h = (h + o).to(dtype), x = norm(h) */
+/* h [rows, n] = (h + o).to(dtype), in place: a residual addition */
 static void add_rows(void *h, const void *o, int64_t rows, int64_t n, int bf16) {
     for (int64_t i = 0; i < rows * n; i += 8)
         store8(h, i, _mm256_add_ps(load8(h, i, bf16), load8(o, i, bf16)), bf16);

@@ -94,7 +94,7 @@ _done = False
 
 HIDDEN = ("is_torchao_available", "is_scipy_available", "is_kernels_available",
           "is_torch_distributed_available")
-# the check whose skipped blocks are run on the first use of a name they bind (_Skipped)
+# the check whose skipped blocks run on the first use of a name they bind (_SkippedMeta)
 DISTRIBUTED = "is_torch_distributed_available"
 # the transformers modules that import torchao / scipy / kernels / torch._dynamo at
 # their top (the last two: the model code every load imports)
@@ -285,10 +285,10 @@ def _give_stand_in(namespace: dict, stand_in, needle: str = "") -> None:
         namespace[stand_in.__name__] = stand_in
 
 
-# Modules whose `if is_torch_distributed_available():` blocks were skipped, with those
-# blocks (ast), in the order _realize runs them; and whether it has.
+# {module: (its namespace, its skipped `if is_torch_distributed_available():` blocks)}
 _skipped: dict[str, tuple[dict, list]] = {}
-_realized = threading.RLock(), []
+_realize_lock = threading.RLock()
+_realized = False
 
 
 def _distributed_blocks(tree) -> list:
@@ -330,7 +330,7 @@ def _bound(statements, package: str):
 def _defer_blocks(namespace: dict) -> None:
     """A module imported while the distributed check answered False: each name its
     skipped blocks bind is what they would bind where that costs nothing (a module,
-    or a name of a module, already imported), else a _Skipped stand-in."""
+    or a name of a module, already imported), else a _SkippedMeta stand-in."""
     import ast
     path = namespace.get("__file__")
     if not str(path).endswith(".py"):
@@ -354,11 +354,11 @@ def _realize() -> None:
     """Run every skipped block once, in the modules' namespaces (a module's after
     those of the modules its blocks import from): as the imports would have."""
     import ast
-    lock, done = _realized
-    with lock:
-        if done:
+    global _realized
+    with _realize_lock:
+        if _realized:
             return
-        done.append(True)
+        _realized = True
         order, seen = [], set()
 
         def visit(name: str) -> None:
