@@ -12,7 +12,10 @@ attention function, so its logits are bit-identical to ``model(...)``'s
 (tests/test_llamastep.py checks it, decode and prefill, float32, bfloat16 and
 int4). Where the model's int4 layers were grouped at load (quantize.Q4Group:
 q/k/v, gate/up), one kernel call computes the group (the kernel computes each
-output feature on its own, so that is bit-identical too).
+output feature on its own, so that is bit-identical too). A model whose every
+layer runs on llmhost's int4 kernel has its decoder layers run in one call into
+llamastep.c instead (``_Native``: what the torch loop computes, rounded alike;
+that file says where the last bits can differ).
 
 Only models built exactly of transformers' Llama classes take this path
 (``LlamaStep.for_model`` returns None for anything else, and the scheduler
@@ -242,7 +245,8 @@ class LlamaStep:
         """LlamaForCausalLM.forward with a cache and logits_to_keep=1, op for op;
         a `decode` step (one position per row), and every forward of a
         ``rows_alone`` model, on llmhost's attention where it runs (then equal
-        to it up to the order of the attention's sums)."""
+        to it up to the order of the attention's sums); a ``rows_alone`` model's
+        layers in llamastep.c where it runs them (``_Native``)."""
         h = self.embed(ids)
         batch, length = ids.shape
         own = self.own_attention and (self.rows_alone or (decode and length == 1))

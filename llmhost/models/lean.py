@@ -285,8 +285,9 @@ def _give_stand_in(namespace: dict, stand_in, needle: str = "") -> None:
         namespace[stand_in.__name__] = stand_in
 
 
-# {module: (its namespace, its skipped `if is_torch_distributed_available():` blocks)}
-_skipped: dict[str, tuple[dict, list]] = {}
+# {module: (its namespace, its skipped `if is_torch_distributed_available():` blocks, the
+# modules those blocks import from)}
+_skipped: dict[str, tuple[dict, list, set]] = {}
 _realize_lock = threading.RLock()
 _realized = False
 
@@ -339,8 +340,9 @@ def _defer_blocks(namespace: dict) -> None:
         blocks = _distributed_blocks(ast.parse(fh.read(), path))
     if not blocks:
         return
-    _skipped[namespace["__name__"]] = namespace, blocks
-    for name, module, attr in _bound([s for b in blocks for s in b.body], namespace.get("__package__") or ""):
+    bound = list(_bound([s for b in blocks for s in b.body], namespace.get("__package__") or ""))
+    _skipped[namespace["__name__"]] = namespace, blocks, {module for _, module, _ in bound if module}
+    for name, module, attr in bound:
         if name in namespace:
             continue
         loaded = sys.modules.get(module) if module else None
@@ -365,16 +367,14 @@ def _realize() -> None:
             if name in seen or name not in _skipped:
                 return
             seen.add(name)
-            namespace, blocks = _skipped[name]
-            for _, module, _ in _bound([s for b in blocks for s in b.body], namespace.get("__package__") or ""):
-                if module:
-                    visit(module)
+            for module in _skipped[name][2]:
+                visit(module)
             order.append(name)
 
         for name in list(_skipped):
             visit(name)
         for name in order:
-            namespace, blocks = _skipped[name]
+            namespace, blocks, _ = _skipped[name]
             body = [ast.If(test=b.test, body=b.body, orelse=[]) for b in blocks]
             exec(compile(ast.fix_missing_locations(ast.Module(body=body, type_ignores=[])),
                          namespace["__file__"], "exec"), namespace)
