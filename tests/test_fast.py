@@ -289,6 +289,38 @@ def test_the_vnni_build_computes_what_the_avx2_build_computes():
                                    q4kernel.matmul(x, layer.qs, layer.dm, lib=plain)), (kind, width, rows)
 
 
+def test_q4_0_keeps_no_m_plane():
+    """A Q4_0 weight (w = d * (q - 8)) keeps d alone, 18 bytes a block as in the file, and the
+    kernel computes m = -8 d: the same bits as with the m plane stored (lone rows, tiles of
+    several rows, passes over wide k; the product, the dequantized weight), and a Q4Group of
+    a Q4_0 and a Q4_1 layer gives each layer's own bits."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+    from llmhost.models.quantize import Q4Group, int4_from_gguf
+
+    q4kernel = _llmhost_kernel()
+    rng = np.random.default_rng(4)
+    for width in (96, 576, 1568, 4640):
+        blocks = quantize(rng.standard_normal((40, width)).astype(np.float32), GGMLQuantizationType.Q4_0)
+        layer = int4_from_gguf("Q4_0", blocks, np.arange(40), torch.bfloat16)
+        assert layer.dm.shape == (1, 40, width // 32)
+        assert layer.qs.nbytes + layer.dm.nbytes == blocks.nbytes
+        stored = torch.cat([layer.dm, (-8 * layer.dm.float()).half()])
+        for rows in (1, 2, 7, 130):
+            x = torch.randn(rows, width).bfloat16()
+            assert torch.equal(q4kernel.matmul(x, layer.qs, layer.dm), q4kernel.matmul(x, layer.qs, stored)), \
+                (width, rows)
+        assert torch.equal(layer.dequantized(), q4kernel.dequantize(layer.qs, stored))
+        other = int4_from_gguf("Q4_1", quantize(rng.standard_normal((24, width)).astype(np.float32),
+                                                GGMLQuantizationType.Q4_1), np.arange(24), torch.bfloat16)
+        x = torch.randn(3, width).bfloat16()
+        alone = [layer(x), other(x)]
+        group = Q4Group([layer, other])
+        assert all(torch.equal(a, b) for a, b in zip(group(x), alone)), width
+        assert all(torch.equal(a, b) for a, b in zip([layer(x), other(x)], alone)), width
+
+
 def _random_blocks(bits: int, k: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(qs, dm) of a random [n, k] weight as q4kernel.matmul takes it: Q4 (bits 4) or Q8_0."""
     if bits == 4:

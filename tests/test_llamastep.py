@@ -159,7 +159,8 @@ def test_other_models_keep_transformers_forward(tiny_models):
 def test_q4_group_computes_what_its_layers_compute():
     """One kernel call for q/k/v equals the three layers, for a few rows and
     for many; the layers' blocks become views of the group's (no
-    second copy), and each layer alone still gives its own output."""
+    second copy: only the Q4_0 layer among Q4_1 ones gains an m plane), and
+    each layer alone still gives its own output."""
     import numpy as np
     from gguf import GGMLQuantizationType, quantize
 
@@ -175,10 +176,11 @@ def test_q4_group_computes_what_its_layers_compute():
         layers.append(int4_from_gguf(kind, blocks, np.arange(rows), torch.float32))
     holder = torch.nn.ModuleList(layers)
     before_bytes = model_bytes(holder)
+    m_plane = layers[1].dm.nbytes   # the Q4_0 layer keeps d alone; among Q4_1 layers it gets its m
     xs = (torch.randn(1, 3, 160), torch.randn(1, 300, 160))
     alone = [[layer(x) for layer in layers] for x in xs]
     group = Q4Group(layers)
-    assert model_bytes(holder) == before_bytes
+    assert model_bytes(holder) == before_bytes + m_plane
     for layer in layers:
         assert group.qs.data_ptr() <= layer.qs.data_ptr() < group.qs.data_ptr() + group.qs.nbytes
     for x, expected in zip(xs, alone):

@@ -7,7 +7,9 @@
  * once per block. Weights stay as the file stores them: per output feature and
  * block of 32 inputs, 16 bytes of nibbles (byte j: input j in the low nibble,
  * input j + 16 in the high one) and two float16s, w = d * q + m (Q4_0 is
- * d * (q - 8): m = -8 d). quantize.py builds the layout and says why this file
+ * d * (q - 8): its m plane is left out and m = -8 d computed, exactly, from d:
+ * 2 bytes less per block to stream from memory, and a lone row is bound by
+ * memory). quantize.py builds the layout and says why this file
  * exists; q4kernel.py compiles it at the first int4 load and calls it.
  *
  * Whole groups of 8 blocks (256 inputs), the bulk of a product, in "lane order": the
@@ -321,7 +323,8 @@ static inline __attribute__((always_inline)) void q4_group(
         _mm_prefetch((const char *)(at + AHEAD), _MM_HINT_T0);
         _mm_prefetch((const char *)(at + AHEAD + 64), _MM_HINT_T0);
         group_weights(at, w);
-        __m256 dw = group_plane(wd + f * nb + 8 * g), mw = group_plane(wm + f * nb + 8 * g);
+        __m256 dw = group_plane(wd + f * nb + 8 * g);
+        __m256 mw = wm ? group_plane(wm + f * nb + 8 * g) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
         for (int r = 0; r < R; r++) {
             const float *v = xv + r * V + g * 16;
             __m256 dot = group_dot(w, xq + r * k + g * 256);
@@ -352,8 +355,9 @@ static inline __attribute__((always_inline)) void q4_rest(
             }
         }
         uint16_t t[8] = {0};
-        memcpy(t, wm + f * nb + first, sizeof(uint16_t) * (size_t)left);
+        memcpy(t, (wm ? wm : wd) + f * nb + first, sizeof(uint16_t) * (size_t)left);
         __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+        if (!wm) mw = _mm256_mul_ps(mw, _mm256_set1_ps(-8.0f));
         for (int r = 0; r < R; r++)
             acc[r][f] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xv + r * V + V - 8), acc[r][f]);
     }
@@ -510,8 +514,8 @@ static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
 }
 
 /* out [m, n] = x [m, k] (quantized here) times w^T, w [n, k]: a Q4 weight (bits 4: qs uint8
-   [n, k / 2], d and mn float16 [n, k / 32]) or a Q8_0 one (bits 8: qs int8 [n, k], d; mn
-   unused). x and out float32, or both bfloat16 with `bf16` (each output the float32 result
+   [n, k / 2], d and mn float16 [n, k / 32]; mn NULL for Q4_0, m = -8 d) or a Q8_0 one (bits 8:
+   qs int8 [n, k], d; mn unused). x and out float32, or both bfloat16 with `bf16` (each output the float32 result
    rounded as torch rounds it: a bfloat16 model's layers skip two conversions a call). Threads
    split the features in chunks; a chunk's rows and features go a tile at a time, a whole
    tile's in passes over slices of k where k is wide (pass_groups). Returns 0, or -1 when the
@@ -559,7 +563,7 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
                 for (int64_t f = start; f < end; f += TF) {
                     p.keep = keep + (f - start);
                     tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, (const char *)qs + f * wrow,
-                             d + f * nb, mn + f * nb, nb, xq + r * k, xv + r * vectors * 8, sliced ? &p : NULL,
+                             d + f * nb, mn ? mn + f * nb : NULL, nb, xq + r * k, xv + r * vectors * 8, sliced ? &p : NULL,
                              (char *)out + (r * n + f) * (bf16 ? 2 : 4), n, bf16);
                 }
                 p.g0 = p.g1;
@@ -574,13 +578,15 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     return 0;
 }
 
-/* w [n, k] float32: a Q4 weight's values, d * q + m, for a prefill's dense matmul */
+/* w [n, k] float32: a Q4 weight's values, d * q + m (mn NULL: Q4_0, m = -8 d), for a
+   prefill's dense matmul */
 void q4_dequantize(const uint8_t *qs, const uint16_t *d, const uint16_t *mn, int64_t n, int64_t k,
                    float *w, int nt) {
     int64_t blocks = n * (k / 32);
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < blocks; i++) {
-        const __m256 db = _mm256_set1_ps(_cvtsh_ss(d[i])), mb = _mm256_set1_ps(_cvtsh_ss(mn[i]));
+        const __m256 db = _mm256_set1_ps(_cvtsh_ss(d[i]));
+        const __m256 mb = mn ? _mm256_set1_ps(_cvtsh_ss(mn[i])) : _mm256_mul_ps(db, _mm256_set1_ps(-8.0f));
         __m128i raw = _mm_loadu_si128((const __m128i *)(qs + i * 16));
         __m128i halves[2] = {_mm_and_si128(raw, _mm_set1_epi8(0x0F)),
                              _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F))};

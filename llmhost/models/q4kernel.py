@@ -81,8 +81,8 @@ def available() -> tuple[bool, str]:
 
 def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, lib=None) -> torch.Tensor:
     """[M, N]: x [M, K] times a weight transposed: Q4 (qs uint8 [N, K / 2], dm
-    float16 [2, N, K / 32]: d and m) or Q8_0 (qs int8 [N, K], dm float16 [1,
-    N, K / 32]: d). bfloat16 for bfloat16 x (the library reads and writes it:
+    float16 [2, N, K / 32]: d and m; Q4_0 [1, N, K / 32]: d, m = -8 d) or Q8_0
+    (qs int8 [N, K], dm float16 [1, N, K / 32]: d). bfloat16 for bfloat16 x (the library reads and writes it:
     the same bits as the float32 product's ``.bfloat16()``, without two tensor
     conversions a call), else float32. One call into the library (it quantizes
     x too): ~5 us of Python per layer. `lib`: another build of the library
@@ -103,9 +103,10 @@ def _bits(qs: torch.Tensor) -> int:
 
 
 def _planes(dm: torch.Tensor) -> tuple[int, int]:
-    """The addresses of d and m (Q8_0: d twice), without indexing (a tensor op each: ~1 us)."""
+    """The addresses of d and m (0 without an m plane: Q4_0, whose m the kernel
+    computes, and Q8_0), without indexing (a tensor op each: ~1 us)."""
     d = dm.data_ptr()
-    return d, d + (dm.shape[0] - 1) * dm.stride(0) * dm.element_size()
+    return d, d + dm.stride(0) * dm.element_size() if dm.shape[0] == 2 else 0
 
 
 def native(qs: torch.Tensor, dm: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -120,8 +121,7 @@ def dequantize(qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     lib, _ = _build()
     n, k = qs.shape[0], qs.shape[1] * 2
     out = torch.empty(n, k)
-    lib.q4_dequantize(qs.data_ptr(), dm[0].data_ptr(), dm[1].data_ptr(), n, k, out.data_ptr(),
-                      torch.get_num_threads())
+    lib.q4_dequantize(qs.data_ptr(), *_planes(dm), n, k, out.data_ptr(), torch.get_num_threads())
     return out
 
 

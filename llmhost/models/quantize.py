@@ -158,7 +158,8 @@ class Int4Linear(PackedLinear):
 
 class Q4Linear(Int4Linear):
     """The file's blocks as they are (qs: 16 bytes of nibbles per block of 32,
-    dm: its float16 d and m, w = d * q + m) and llmhost's AVX2 kernel
+    dm: its float16 d and m, w = d * q + m; a Q4_0 block's d alone, m = -8 d,
+    which the kernel computes) and llmhost's AVX2 kernel
     (q4kernel.c): activations quantized to 8 bits per block of 32 as
     llama.cpp does, integer dot products. A prefill's dense matmul multiplies
     the same 8-bit activations (back in float32) by the dequantized weights,
@@ -177,7 +178,7 @@ class Q4Linear(Int4Linear):
     def __init__(self, qs: torch.Tensor, dm: torch.Tensor, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features)
         self.register_buffer("qs", qs)     # uint8 [N, K / 2]
-        self.register_buffer("dm", dm)     # float16 [2, N, K / 32]
+        self.register_buffer("dm", dm)     # float16 [2, N, K / 32] (Q4_0: [1, N, K / 32])
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= self.dense_rows:
@@ -209,7 +210,9 @@ class Q4Group:
         self.layers = layers
         self.sizes = [layer.out_features for layer in layers]
         self.qs = torch.cat([layer.qs for layer in layers])
-        self.dm = torch.cat([layer.dm for layer in layers], dim=1)
+        planes = max(layer.dm.shape[0] for layer in layers)   # a Q4_0 layer among Q4_1 ones: its m
+        self.dm = torch.cat([layer.dm if layer.dm.shape[0] == planes else
+                             torch.cat([layer.dm, (-8 * layer.dm.float()).half()]) for layer in layers], dim=1)
         start = 0
         for layer, size in zip(layers, self.sizes):
             layer.qs, layer.dm = self.qs[start:start + size], self.dm[:, start:start + size]
@@ -375,9 +378,9 @@ def int4_from_gguf(kind: str, blocks, rows, dtype: torch.dtype, kernel: str = "l
     m = data[..., 2:4].copy().view(np.float16)[..., 0] if head == 4 \
         else (-8 * d.astype(np.float32)).astype(np.float16)   # Q4_0: w = d * (q - 8), exact
     qs = data[..., head:]
-    if kernel == "llmhost":
-        return Q4Linear(torch.from_numpy(qs.reshape(n, -1).copy()), torch.from_numpy(np.stack([d, m])),
-                        qs.shape[1] * 32, n)
+    if kernel == "llmhost":   # Q4_0 keeps d alone: the kernel computes m (q4kernel.c)
+        return Q4Linear(torch.from_numpy(qs.reshape(n, -1).copy()),
+                        torch.from_numpy(np.stack([d, m] if head == 4 else [d])), qs.shape[1] * 32, n)
     d, m = d.astype(np.float32), m.astype(np.float32)
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, -1)   # q of weight k in 0..15
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 1)
