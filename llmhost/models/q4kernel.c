@@ -520,8 +520,9 @@ static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
 
 /* out [m, n] = x [m, k] (quantized here) times w^T, w [n, k]: a Q4 weight (bits 4: qs uint8
    [n, k / 2], d and mn float16 [n, k / 32]; mn NULL for Q4_0, m = -8 d) or a Q8_0 one (bits 8:
-   qs int8 [n, k], d; mn unused). x and out float32, or both bfloat16 with `bf16` (each output the float32 result
-   rounded as torch rounds it: a bfloat16 model's layers skip two conversions a call). Threads
+   qs int8 [n, k], d; mn unused). x and out float32, or both bfloat16 with `bf16` (each output
+   the float32 result rounded as torch rounds it: a bfloat16 model's layers skip two conversions
+   a call). Threads
    split the features in chunks; a chunk's rows and features go a tile at a time, a whole
    tile's in passes over slices of k where k is wide (pass_groups). Returns 0, or -1 when the
    scratch memory could not be allocated. */

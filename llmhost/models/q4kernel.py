@@ -82,11 +82,11 @@ def available() -> tuple[bool, str]:
 def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, lib=None) -> torch.Tensor:
     """[M, N]: x [M, K] times a weight transposed: Q4 (qs uint8 [N, K / 2], dm
     float16 [2, N, K / 32]: d and m; Q4_0 [1, N, K / 32]: d, m = -8 d) or Q8_0
-    (qs int8 [N, K], dm float16 [1, N, K / 32]: d). bfloat16 for bfloat16 x (the library reads and writes it:
-    the same bits as the float32 product's ``.bfloat16()``, without two tensor
-    conversions a call), else float32. One call into the library (it quantizes
-    x too): ~5 us of Python per layer. `lib`: another build of the library
-    (tests), instead of this process's."""
+    (qs int8 [N, K], dm float16 [1, N, K / 32]: d). bfloat16 for bfloat16 x
+    (the library reads and writes it: the same bits as the float32 product's
+    ``.bfloat16()``, without two tensor conversions a call), else float32. One
+    call into the library (it quantizes x too): ~5 us of Python per layer.
+    `lib`: another build of the library (tests), instead of this process's."""
     lib = lib or _build()[0]
     bf16 = x.dtype == torch.bfloat16
     x = x.contiguous() if bf16 else x.float().contiguous()

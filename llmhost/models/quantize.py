@@ -375,13 +375,13 @@ def int4_from_gguf(kind: str, blocks, rows, dtype: torch.dtype, kernel: str = "l
     n = data.shape[0]
     data = data.reshape(n, -1, head + 16)                    # [N, K / 32, block]
     d = data[..., :2].copy().view(np.float16)[..., 0]
-    m = data[..., 2:4].copy().view(np.float16)[..., 0] if head == 4 \
-        else (-8 * d.astype(np.float32)).astype(np.float16)   # Q4_0: w = d * (q - 8), exact
+    m = data[..., 2:4].copy().view(np.float16)[..., 0] if head == 4 else None   # Q4_0: w = d * (q - 8)
     qs = data[..., head:]
-    if kernel == "llmhost":   # Q4_0 keeps d alone: the kernel computes m (q4kernel.c)
+    if kernel == "llmhost":   # Q4_0 keeps d alone: the kernel computes m = -8 d (q4kernel.c)
         return Q4Linear(torch.from_numpy(qs.reshape(n, -1).copy()),
-                        torch.from_numpy(np.stack([d, m] if head == 4 else [d])), qs.shape[1] * 32, n)
-    d, m = d.astype(np.float32), m.astype(np.float32)
+                        torch.from_numpy(np.stack([d] if m is None else [d, m])), qs.shape[1] * 32, n)
+    d = d.astype(np.float32)
+    m = -8 * d if m is None else m.astype(np.float32)   # exact
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, -1)   # q of weight k in 0..15
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 1)
     scales_zeros = torch.from_numpy(np.stack([d, m + 8 * d], axis=-1)).transpose(0, 1)
