@@ -188,20 +188,23 @@ def test_kill_9_of_a_worker(cluster):
     hang: every request has a client timeout, and the prober stops on any failure."""
     a, b, front = cluster["a"], cluster["b"], cluster["front"]
     old_worker = a.worker_pid()
-    stream = requests.post(front + "/v1/responses", stream=True, timeout=300, json={
-        "model": "only-a", "input": "a long story", "stream": True, "temperature": 0,
-        "max_output_tokens": 400})
-    assert stream.status_code == 200
-    lines = stream.iter_lines()
-    created = None
-    for line in lines:                      # the stream is live: SSE unbuffered
-        if line.startswith(b"data: "):
-            event = json.loads(line[6:])
-            if event["type"] == "response.created":
-                created = event["response"]["id"]
-            if event["type"] == "response.output_text.delta":
-                break
-    assert created
+
+    def start_stream():
+        """A stream from A, read up to its first delta: (its lines, its response id)."""
+        stream = requests.post(front + "/v1/responses", stream=True, timeout=300, json={
+            "model": "only-a", "input": "a long story", "stream": True, "temperature": 0,
+            "max_output_tokens": 400})
+        assert stream.status_code == 200
+        lines, created = stream.iter_lines(), None
+        for line in lines:                      # the stream is live: SSE unbuffered
+            if line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                if event["type"] == "response.created":
+                    created = event["response"]["id"]
+                if event["type"] == "response.output_text.delta":
+                    break
+        assert created
+        return lines, created
 
     statuses: list[int] = []
     stop = threading.Event()
@@ -219,6 +222,9 @@ def test_kill_9_of_a_worker(cluster):
         try:
             pending = [pool.submit(timed_chat) for _ in range(8)]
             time.sleep(0.3)
+            # the stream starts last and A is killed at its first delta, so that it is cut
+            # mid-answer (started first, a busy machine let it finish its 400 tokens first)
+            lines, created = start_stream()
             os.kill(old_worker, signal.SIGKILL)
             killed_at = time.monotonic()
             prober = pool.submit(probe_only_a)
@@ -241,14 +247,14 @@ def test_kill_9_of_a_worker(cluster):
             assert ["b"] in served, (served, retries)
             assert "upstream_rq_retry_overflow: 0" in retries, retries
 
-            ended = "completed"
+            ended = "response.output_text.delta"
             try:
                 for line in lines:
                     if line.startswith(b"data: "):
                         ended = json.loads(line[6:])["type"]
             except requests.RequestException:
                 ended = "cut"
-            assert ended != "response.completed"
+            assert ended not in ("response.completed", "response.incomplete"), ended
 
             wait_for(lambda: _new_worker(a, old_worker) and _ready(a.url, "only-a"),
                      timeout=300)
@@ -262,8 +268,16 @@ def test_kill_9_of_a_worker(cluster):
     assert statuses[-1] == 200, statuses
     assert "restoring 1 models" in a.log(), a.log()[-2000:]
 
-    body = wait_for(lambda: (lambda r: r.json() if r.json()["status"] == "failed" else None)(
-        requests.get(f"{b.url}/v1/responses/{created}", timeout=10)), timeout=30)
+    seen = []   # what B read each time: the failure message shows the last
+
+    def stored_failed():
+        seen.append(requests.get(f"{b.url}/v1/responses/{created}", timeout=10).json())
+        return seen[-1] if seen[-1].get("status") == "failed" else None
+
+    try:
+        body = wait_for(stored_failed, timeout=30)
+    except AssertionError:
+        raise AssertionError(f"the cut stream's response never read failed: {seen[-1]}") from None
     assert body["error"]["code"] == "server_error", body
     print(f"in-flight answers {took} s after the kill; A back in {after:.1f} s; "
           f"only-a answers during the restart: "
