@@ -130,3 +130,37 @@ def test_llmhost_loads_the_gguf_as_the_same_model_parsing_it_once_per_need(built
     after = gguf.get_tensor_name_map.cache_info()
     assert after.misses == maps.misses and after.hits - maps.hits > 10
     assert parses == [] and header_cache.cache_info().misses == children + 1
+
+
+@pytest.mark.slow  # a GGUF load (the child parses the 49k-token vocabulary)
+def test_a_q4_0_model_runs_its_layers_in_one_native_call(built):
+    """A Q4_0 load keeps d alone (the kernel computes m = -8 d) and llamastep.c runs
+    its layers with that (q_linear gets no m plane): a prefill's logits are the torch
+    loop's (bfloat16: the same bits; float32: within the kernel's 8-bit noise)."""
+    import torch
+
+    from llmhost.config import TestConfig
+    from llmhost.engine.kvcache import growing_cache
+    from llmhost.engine.llamastep import LlamaStep
+    from llmhost.models.loading import LoadSpec, load
+
+    loaded = load(LoadSpec(model=built[1], quantization="int4"), TestConfig())
+    if loaded.kernel != "int4-llmhost":
+        pytest.skip("llmhost's int4 kernel does not run here")
+    model = loaded.model
+    assert model.model.layers[0].mlp.down_proj.dm.shape[0] == 1          # d alone
+    step = LlamaStep.for_model(model)
+    assert step.native is not None
+    ids = torch.tensor([loaded.tokenizer("the quick brown fox jumps")["input_ids"]])
+
+    def logits(native) -> torch.Tensor:
+        step.native = native
+        with torch.inference_mode():
+            return step(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None],
+                        growing_cache(model.config)).float()
+
+    ours, theirs = logits(step.native), logits(None)
+    if model.dtype == torch.bfloat16:
+        assert torch.equal(ours, theirs)
+    else:
+        assert ((ours - theirs).norm() / theirs.norm()).item() < 0.02
