@@ -309,8 +309,8 @@ def test_q4_0_keeps_no_m_plane():
         stored = torch.cat([layer.dm, (-8 * layer.dm.float()).half()])
         for rows in (1, 2, 7, 130):
             x = torch.randn(rows, width).bfloat16()
-            assert torch.equal(q4kernel.matmul(x, layer.qs, layer.dm), q4kernel.matmul(x, layer.qs, stored)), \
-                (width, rows)
+            assert torch.equal(q4kernel.matmul(x, layer.qs, layer.dm),
+                               q4kernel.matmul(x, layer.qs, stored)), (width, rows)
         assert torch.equal(layer.dequantized(), q4kernel.dequantize(layer.qs, stored))
         other = int4_from_gguf("Q4_1", quantize(rng.standard_normal((24, width)).astype(np.float32),
                                                 GGMLQuantizationType.Q4_1), np.arange(24), torch.bfloat16)

@@ -222,8 +222,9 @@ def test_app_and_a_plain_load_import_no_torchao_scipy_or_grammar_library(tiny_mo
 # this load before models/lean.py and the lazy xgrammar, about 560 after; 508 on the AVX-512
 # machine without boto3, FastAPI and Alembic, 465-470 without torch._dynamo, sympy and hub
 # kernels, 454-455 with the GGUF header read by a child process, 439-440 without
-# torch.distributed's tensor and FSDP packages (docs/performance.md, "Memory"); the bound leaves room for allocator and library noise and the AVX2 machine's
-# float32 caches, not for torchao or those again.
+# torch.distributed's tensor and FSDP packages (docs/performance.md, "Memory"); the bound
+# leaves room for allocator and library noise and the AVX2 machine's float32 caches, not
+# for torchao or those again.
 INT4_WORKER_RSS_MIB = 520
 
 

@@ -569,8 +569,8 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
                 for (int64_t f = start; f < end; f += TF) {
                     p.keep = keep + (f - start);
                     tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, (const char *)qs + f * wrow,
-                             d + f * nb, mn ? mn + f * nb : NULL, nb, xq + r * k, xv + r * vectors * 8, sliced ? &p : NULL,
-                             (char *)out + (r * n + f) * (bf16 ? 2 : 4), n, bf16);
+                             d + f * nb, mn ? mn + f * nb : NULL, nb, xq + r * k, xv + r * vectors * 8,
+                             sliced ? &p : NULL, (char *)out + (r * n + f) * (bf16 ? 2 : 4), n, bf16);
                 }
                 p.g0 = p.g1;
             } while (p.g0 < groups);

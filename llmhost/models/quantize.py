@@ -211,8 +211,9 @@ class Q4Group:
         self.sizes = [layer.out_features for layer in layers]
         self.qs = torch.cat([layer.qs for layer in layers])
         planes = max(layer.dm.shape[0] for layer in layers)   # a Q4_0 layer among Q4_1 ones: its m
-        self.dm = torch.cat([layer.dm if layer.dm.shape[0] == planes else
-                             torch.cat([layer.dm, (-8 * layer.dm.float()).half()]) for layer in layers], dim=1)
+        self.dm = torch.cat([layer.dm if layer.dm.shape[0] == planes
+                             else torch.cat([layer.dm, (-8 * layer.dm.float()).half()])
+                             for layer in layers], dim=1)
         start = 0
         for layer, size in zip(layers, self.sizes):
             layer.qs, layer.dm = self.qs[start:start + size], self.dm[:, start:start + size]
