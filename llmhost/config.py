@@ -115,6 +115,7 @@ class Config:
         ("PUBLIC_DOCS", _bool, True),
         ("CORS_ORIGINS", _list, []),
         ("STATE_DIR", str, ""),          # "": platformdirs' user data dir for llmhost
+        ("CACHE_DIR", str, ""),          # "": STATE_DIR/cache; "off": none (cache_dir below)
         ("DATABASE_URL", str, ""),       # "": sqlite file llmhost.db in STATE_DIR
         ("RESPONSES_TTL", float, 0.0),   # seconds a stored response is kept; 0: forever
         ("RESPONSES_LEASE", float, 60.0),  # s: an in_progress response whose server is gone reads failed after
@@ -149,6 +150,28 @@ class Config:
         for name, value in overrides.items():
             setattr(self, name, value)
         self.MAX_CONTENT_LENGTH = self.MAX_BODY_BYTES
+
+
+def state_dir(config) -> str:
+    """LLMHOST_STATE_DIR, else the per-user data folder each OS expects
+    (platformdirs: ~/.local/share/llmhost on Linux), rather than guessing paths."""
+    if config.STATE_DIR:
+        return os.path.abspath(os.path.expanduser(config.STATE_DIR))
+    import platformdirs
+    return platformdirs.user_data_dir("llmhost", appauthor=False)
+
+
+def cache_dir(config=None) -> str:
+    """Where what a process builds or reads once is kept for the next one
+    (engine/native.py's compiled kernels, models/gguf.py's GGUF headers):
+    LLMHOST_CACHE_DIR, else the folder cache in the state folder; "" with
+    LLMHOST_CACHE_DIR=off. Without `config`, the environment's: those callers
+    keep one copy per process, whichever app asks."""
+    config = config or Config()
+    if config.CACHE_DIR.strip().lower() == "off":
+        return ""
+    return os.path.abspath(os.path.expanduser(config.CACHE_DIR)) if config.CACHE_DIR else \
+        os.path.join(state_dir(config), "cache")
 
 
 def server_id(config: Config) -> str:

@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # Model journals (llmhost/models/journal.py) and stored responses go to a private
 # folder, never the user's data dir.
 os.environ["LLMHOST_STATE_DIR"] = tempfile.mkdtemp(prefix="llmhost-state-")
+# Compiled kernels and read GGUF headers (config.cache_dir): one folder for the run, so
+# every server, whatever its state folder, builds and reads each once.
+os.environ["LLMHOST_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmhost-cache-")
 # Server logs (tests/support.py Server, the quickstart fixture): a folder of this run.
 os.environ.setdefault("LLMHOST_TEST_LOGS", tempfile.mkdtemp(prefix="llmhost-logs-"))
 

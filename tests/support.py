@@ -19,7 +19,7 @@ SCHEMAS = os.path.join(ROOT, "tests", "data", "openai_schemas.json")
 
 # What tests/conftest.py points at temporary folders for the whole run; a user's
 # shell, as `user_env` builds it for the command line, keeps them.
-PRIVATE = ("LLMHOST_STATE_DIR", "LLMHOST_TEST_LOGS")
+PRIVATE = ("LLMHOST_STATE_DIR", "LLMHOST_CACHE_DIR", "LLMHOST_TEST_LOGS")
 
 
 def user_env(**extra: str) -> dict:

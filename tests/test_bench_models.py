@@ -164,3 +164,27 @@ def test_a_q4_0_model_runs_its_layers_in_one_native_call(built):
         assert torch.equal(ours, theirs)
     else:
         assert ((ours - theirs).norm() / theirs.norm()).item() < 0.02
+
+
+@pytest.mark.slow  # two servers, each an int4 load
+def test_bench_load_a_restarted_server_builds_nothing(built, tmp_path, monkeypatch, capsys):
+    """`bench load`: a new server with an empty LLMHOST_CACHE_DIR builds the int4
+    load's three kernels; the restarted one, given that folder, builds none (the
+    compiler, through a wrapper that logs each call, is asked only its version)."""
+    import shutil
+
+    from llmhost.models import q4kernel
+
+    if not q4kernel.available()[0]:
+        pytest.skip("llmhost's int4 kernel does not build here")
+    log = tmp_path / "cc.log"
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert bench.main(["load", "--model", built[1], "--load-options", '{"quantization": "int4"}',
+                       "--rounds", "1"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| llama-tiny")]
+    assert len(row) == 1 and row[0].count(" s |") == 2, row
+    sources = sorted(line.split()[-3] for line in log.read_text().splitlines() if "-o" in line.split())
+    assert [os.path.basename(s) for s in sources] == ["attention.c", "llamastep.c", "q4kernel.c"]

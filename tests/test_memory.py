@@ -3,6 +3,8 @@
 LLMHOST_MEMORY_LIMIT, not by filling the machine."""
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 
@@ -33,12 +35,15 @@ def test_estimate_matches_what_loading_takes(tiny_models, smollm2_gguf):
 def test_a_child_process_reads_the_gguf_header(smollm2_gguf, tmp_path, monkeypatch):
     """The worker never parses a GGUF file's metadata itself (its garbage stayed in
     the worker's RSS, gguf.py): a child hands over the tensor list, the config and
-    the tokenizer, and these equal what gguf and transformers read in-process."""
+    the tokenizer, and these equal what gguf and transformers read in-process.
+    Without a cache folder (the next test has one) the tokenizer's files are temporary."""
     import gguf as gguf_package
     from transformers import AutoTokenizer
     from transformers.integrations.gguf import reader as hf_reader
 
     from llmhost.models import gguf
+
+    monkeypatch.setenv("LLMHOST_CACHE_DIR", "off")
 
     def parsed_here(*args, **kwargs):
         raise AssertionError("the GGUF file was parsed in the worker's process")
@@ -84,6 +89,65 @@ def test_a_child_process_reads_the_gguf_header(smollm2_gguf, tmp_path, monkeypat
     truncated.write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(ValueError, match="reading the GGUF file failed"):
         gguf.header(str(truncated))
+
+
+@pytest.mark.slow  # a child reads SmolLM2's GGUF metadata three times (~4 s each)
+def test_a_gguf_header_read_once_is_kept_for_the_next_process(smollm2_gguf, tmp_path, monkeypatch):
+    """What the child read of a GGUF file is kept in the cache folder: a process
+    that has not read the file (here this one, its in-process cache cleared) gets
+    the same header back without a child; a changed file (its mtime) and a damaged
+    entry are read again; a failure is not kept."""
+    from llmhost.models import gguf
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LLMHOST_CACHE_DIR", str(cache))
+    path = tmp_path / "model.gguf"   # a file no earlier test has read
+    shutil.copyfile(smollm2_gguf, path)
+    children = []
+    run = subprocess.run
+
+    def counted(*args, **kwargs):
+        children.append(args[0])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(gguf.subprocess, "run", counted)
+    gguf._header.cache_clear()
+    first = gguf.header(str(path))
+    kept = first.tokenizer_dir
+    assert len(children) == 1 and first.files is None
+    assert os.path.dirname(kept) == str(cache / "gguf")
+    assert {"header.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(kept))
+    assert stat.S_IMODE(os.stat(cache / "gguf").st_mode) == 0o700
+    assert not [n for n in os.listdir(cache / "gguf") if n.startswith("llmhost-")]   # no temporary left
+
+    gguf._header.cache_clear()
+    again = gguf.header(str(path))
+    assert len(children) == 1 and again == first   # config, tensors, tokenizer folder
+    assert json.loads(again.config_json)["num_hidden_layers"] == 30
+
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # the file changed
+    gguf._header.cache_clear()
+    changed = gguf.header(str(path))
+    assert len(children) == 2 and changed.tokenizer_dir != kept
+    assert (changed.config_json, changed.tensors) == (first.config_json, first.tensors)
+
+    with open(os.path.join(changed.tokenizer_dir, "header.json"), "w") as fh:
+        fh.write("{damaged")
+    gguf._header.cache_clear()
+    repaired = gguf.header(str(path))
+    assert len(children) == 3 and repaired == changed
+    with open(os.path.join(changed.tokenizer_dir, "header.json")) as fh:
+        assert json.load(fh)["tensors"]
+
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="reading the GGUF file failed"):
+            gguf.header(str(truncated))
+        gguf._header.cache_clear()
+    assert len(children) == 5   # not kept: read again, and still an error
+    assert sorted(os.listdir(cache / "gguf")) == sorted({os.path.basename(kept), os.path.basename(changed.tokenizer_dir)})
 
 
 @pytest.fixture(scope="module")

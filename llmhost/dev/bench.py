@@ -492,6 +492,63 @@ def _load_model(url: str, model: str, options: dict | None = None) -> None:
         raise SystemExit(f"could not load {model}: {r.text}")
 
 
+# -- load time: what LLMHOST_CACHE_DIR keeps ------------------------------------------
+
+def bench_load(args) -> int:
+    """Each --model's load (POST /v1/models, a new server each time) with an empty
+    cache folder, then in a restarted server with what the first kept
+    (config.cache_dir: compiled kernels, GGUF headers); with --llama-server, that
+    binary's time from its start to ready on the same file."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    import requests
+
+    from ..server.process import free_port
+
+    options = json.loads(args.load_options or "{}")
+    print(f"load {options}; {machine()}")
+    print("| model | empty cache | restarted | llama-server start to ready |\n| --- | --- | --- | --- |")
+    for model in args.model:
+        times: dict = {"empty": [], "restarted": [], "llama": []}
+        for _ in range(args.rounds):
+            cache = tempfile.mkdtemp(prefix="llmhost-bench-cache-")
+            try:
+                for column in ("empty", "restarted"):
+                    srv = _serve({"LLMHOST_CACHE_DIR": cache, "LLMHOST_MODELS": ""})
+                    try:
+                        start = time.perf_counter()
+                        _load_model(srv.url, model, options)
+                        times[column].append(time.perf_counter() - start)
+                    finally:
+                        srv.stop()
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+            if args.llama_server:
+                port = free_port()
+                start = time.perf_counter()
+                proc = subprocess.Popen([args.llama_server, "-m", model, "--port", str(port), "--threads",
+                                         str(os.cpu_count()), "--no-webui"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+                try:
+                    while proc.poll() is None:
+                        try:
+                            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                                times["llama"].append(time.perf_counter() - start)
+                                break
+                        except requests.ConnectionError:
+                            time.sleep(0.02)
+                finally:
+                    proc.terminate()
+                    proc.wait()
+        cells = [", ".join(f"{t:.2f}" for t in times[c]) + " s" if times[c] else "-"
+                 for c in ("empty", "restarted", "llama")]
+        print(f"| {os.path.basename(model)} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
 # -- memory (issue 20): where a worker's RSS goes -------------------------------
 
 # Runs in a fresh interpreter, so that each step's RSS is what that step adds.
@@ -1448,6 +1505,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="leave out columns: 'off' and 'miss' take 3-4x the 'on' column's time, "
                             "so a run against --compare-url alone can skip them")
     agent.set_defaults(func=bench_agent)
+
+    ld = sub.add_parser("load", help="a model's load in a new server: an empty cache, then restarted")
+    ld.add_argument("--model", nargs="+", required=True, help="model folders or .gguf files")
+    ld.add_argument("--load-options", metavar="JSON", help='e.g. \'{"quantization": "int4"}\'')
+    ld.add_argument("--rounds", type=int, default=2)
+    ld.add_argument("--llama-server", metavar="BIN", help="also time this llama-server's start on each file")
+    ld.set_defaults(func=bench_load)
 
     mem = sub.add_parser("memory", help="a worker's RSS split: imports, tokenizer, weights, caches")
     mem.add_argument("--model", required=True, help="a model folder or .gguf file")

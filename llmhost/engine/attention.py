@@ -20,13 +20,12 @@ greedy answers).
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 
 import torch
 
-from .native import COMPILE, compile_library, cpu_flags, missing_flags
+from .native import COMPILE, compile_library, cpu_flags, missing_flags, once
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 
 
-@functools.lru_cache(maxsize=1)
+@once
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(this process's library, "") or (None, why not), logged once."""
     missing = missing_flags()

@@ -25,7 +25,6 @@ keeps ``model(...)``); a forward with LoRA adapters or image inputs keeps
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 
@@ -33,7 +32,7 @@ import torch
 
 from . import attention
 from .kvcache import GrowingLayer
-from .native import COMPILE, compile_library
+from .native import COMPILE, compile_library, once
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class _LayerArgs(ctypes.Structure):
                 ("keys", _P), ("values", _P), ("kst", _N * 3), ("vst", _N * 3)]
 
 
-@functools.lru_cache(maxsize=1)
+@once
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """llamastep.c built and loaded: (the library, "") or (None, why not)."""
     lib, why = compile_library(SOURCE, COMPILE + ("-ffp-contract=off",))

@@ -4,8 +4,11 @@ C file built with the system's compiler and loaded through ctypes.
 Why at run time rather than at install: the install then needs no compiler (a
 machine without one, or a CPU without the instructions a kernel needs, keeps
 torch's operators: the callers say which), and each library is built for the
-CPU it runs on. Building takes about a second; the file is deleted once it is
-loaded. Nothing is cached between processes. The kernels: the int4 matmul
+CPU it runs on. Building one takes 0.3-3 s, and a process's first int4 load
+builds all three (about 6 s here, the first load's critical path): so a built
+library is kept in LLMHOST_CACHE_DIR (config.cache_dir), named after what went
+into it (the source, the flags, the compiler's name and version), and the next
+process loads it from there (library_cache). The kernels: the int4 matmul
 (models/q4kernel.c), decode attention (engine/attention.c) and the Llama layers
 around them (engine/llamastep.c).
 """
@@ -13,10 +16,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
+
+from ..config import cache_dir
 
 # every kernel's baseline: AVX2 with FMA and F16C, OpenMP threads (torch's libgomp)
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -49,12 +56,50 @@ def missing_flags() -> list[str]:
     return [flag for flag in CPU_FLAGS if flag not in cpu_flags()]
 
 
+KEPT = 16   # built libraries kept in the cache, the least recently used removed first
+
+
+def once(build):
+    """`build` (a library's, no arguments) run once per process, its result kept:
+    a thread that asks while another builds waits for that build (so that
+    prebuild's thread and a load never compile the same library twice)."""
+    lock = threading.Lock()
+    cached = functools.lru_cache(maxsize=1)(build)
+
+    @functools.wraps(build)
+    def built():
+        with lock:
+            return cached()
+    built.cache_clear = cached.cache_clear
+    return built
+
+
+def prebuild(*builds) -> None:
+    """Start `builds` (once-functions), a thread each: an int4 load asks for its
+    three libraries one after the other, and with nothing kept they took about
+    6 s of its first 8 (SmolLM2), one compiler at a time; started together at
+    the load's start they build beside each other and beside the GGUF header's
+    child (docs/performance.md)."""
+    for build in builds:
+        threading.Thread(target=build, name="llmhost-prebuild", daemon=True).start()
+
+
 def compile_library(source: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
-    """`source` compiled with `flags` and loaded: (the library, "") or (None, why not)."""
+    """`source` compiled with `flags` and loaded: (the library, "") or (None, why not).
+    From the cache when it was built there before (library_cache)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None, "no C compiler (cc or gcc; or set CC)"
-    with tempfile.TemporaryDirectory(prefix="llmhost-native-") as folder:
+    kept = library_cache(compiler, source, flags)
+    if kept and os.path.exists(kept):
+        try:
+            lib = ctypes.CDLL(kept)
+            os.utime(kept)   # recently used
+            return lib, ""
+        except OSError:   # a damaged file: built again below
+            pass
+    # built next to where it is kept (os.replace within one file system), else in /tmp
+    with tempfile.TemporaryDirectory(prefix="llmhost-native-", dir=os.path.dirname(kept) or None) as folder:
         target = os.path.join(folder, "kernel.so")
         try:
             done = subprocess.run([compiler, *flags, source, "-o", target], capture_output=True,
@@ -63,4 +108,59 @@ def compile_library(source: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | 
             return None, f"{compiler} failed: {exc}"
         if done.returncode:
             return None, f"{compiler} failed: {done.stderr.strip()[-500:]}"
+        if kept:
+            os.replace(target, kept)
+            prune(os.path.dirname(kept), KEPT)
+            target = kept
         return ctypes.CDLL(target), ""
+
+
+def library_cache(compiler: str, source: str, flags: tuple[str, ...]) -> str:
+    """Where the library built from `source` with `flags` by `compiler` is kept:
+    a file of the cache's folder native named by a hash of all three (the
+    compiler by its path and ``--version``), so an edited source, other flags
+    (LLMHOST_CPU_FLAGS) or another compiler build anew; "" without a cache (off,
+    or a folder that cannot be made: built in /tmp as before)."""
+    folder = cache_folder("native")
+    if not folder:
+        return ""
+    try:
+        with open(source, "rb") as fh:
+            code = fh.read()
+        version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    key = hashlib.sha256(b"\0".join([code, *(f.encode() for f in flags),
+                                      os.path.realpath(compiler).encode(), version])).hexdigest()
+    name = os.path.splitext(os.path.basename(source))[0]
+    return os.path.join(folder, f"{name}-{key[:24]}.so")
+
+
+def cache_folder(kind: str) -> str:
+    """The folder `kind` of the cache (config.cache_dir, from the environment:
+    one per process, as LLMHOST_CPU_FLAGS), made only its owner can write to
+    (what it holds is loaded as code); "" without one."""
+    root = cache_dir()
+    if not root:
+        return ""
+    folder = os.path.join(root, kind)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        return ""
+    return folder
+
+
+def prune(folder: str, keep: int) -> None:
+    """Remove all but the `keep` most recently used entries of a cache folder
+    (files or folders; a build or read in progress, a hidden temporary one, stays)."""
+    try:
+        entries = [e for e in os.scandir(folder) if not e.name.startswith((".", "llmhost-"))]
+        entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for entry in entries[keep:]:
+        try:
+            shutil.rmtree(entry.path) if entry.is_dir() else os.remove(entry.path)
+        except OSError:
+            pass

@@ -23,8 +23,10 @@ transformers' in-process ones for bfloat16 and int8).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -214,9 +216,11 @@ def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtyp
 # load keeps: the tensor list and transformers' config as JSON on its stdout, the
 # tokenizer as transformers' own save_pretrained files in a temporary folder, which the
 # worker loads without parsing the GGUF (0.3 s). A parser that fails or crashes on a
-# file takes the child down, not the worker. Cached per file (path, size, mtime):
-# loading the same file again (another dtype, another id) runs no child; the folder goes
-# with its cache entry (at most 8) or when the worker exits.
+# file takes the child down, not the worker. Cached per file (path, size, mtime): in the
+# process (loading the same file again, another dtype, another id, runs no child) and on
+# disk, in the cache folder gguf (config.cache_dir), so that the next process (a restart,
+# another replica on the machine) runs none either; without a cache the folder is a
+# temporary one, which goes with its entry (at most 8) or when the worker exits.
 
 def _file_key(path: str) -> tuple:
     """(real path, size, mtime): what the cache below is keyed on."""
@@ -227,13 +231,10 @@ def _file_key(path: str) -> tuple:
 @dataclass(frozen=True)
 class Header:
     """What a load keeps of a GGUF file's metadata."""
-    config_json: str   # transformers' config dict (each load gets its own copy)
-    tensors: tuple     # (name, GGML type, byte offset, numpy dtype, shape, elements) per tensor
-    files: tempfile.TemporaryDirectory   # the tokenizer, removed with this header
-
-    @property
-    def tokenizer_dir(self) -> str:
-        return self.files.name
+    config_json: str     # transformers' config dict (each load gets its own copy)
+    tensors: tuple       # (name, GGML type, byte offset, numpy dtype, shape, elements) per tensor
+    tokenizer_dir: str   # the tokenizer's files: in the cache, or in `files`
+    files: tempfile.TemporaryDirectory | None = None   # removed with this header
 
 
 _reading = threading.Lock()   # one child at a time: a load waits for its prefetch, not runs another
@@ -263,9 +264,20 @@ def tensor_infos(path: str) -> tuple:
     return header(path).tensors
 
 
+KEPT = 32   # files' headers kept in the cache, the least recently used removed first
+
+
 @functools.lru_cache(maxsize=8)
 def _header(key: tuple) -> Header | str:
-    files = tempfile.TemporaryDirectory(prefix="llmhost-gguf-")
+    from ..engine.native import cache_folder, prune
+
+    folder = cache_folder("gguf")
+    # a folder per file, named by its key; header.json, written last, says it is whole
+    kept = os.path.join(folder, hashlib.sha256(repr(key).encode()).hexdigest()[:24]) if folder else ""
+    got = _kept_header(kept) if kept else None
+    if got:
+        return got
+    files = tempfile.TemporaryDirectory(prefix="llmhost-gguf-", dir=folder or None)
     # the child imports llmhost from where this worker did, whatever its sys.path was
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -275,10 +287,44 @@ def _header(key: tuple) -> Header | str:
     try:
         out = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):   # it died: its last words
-        return proc.stderr.strip()[-500:] or f"exit status {proc.returncode}"
-    if "error" in out:
+        out = {"error": proc.stderr.strip()[-500:] or f"exit status {proc.returncode}"}
+    if "error" in out:   # not kept: a file that fails is read again, and fails again
+        files.cleanup()
         return out["error"]
-    return Header(json.dumps(out["config"]), tuple(tuple(t) for t in out["tensors"]), files)
+    header = Header(json.dumps(out["config"]), tuple(tuple(t) for t in out["tensors"]), files.name, files)
+    if not kept:
+        return header
+    try:
+        with open(os.path.join(files.name, "header.json"), "w") as fh:
+            json.dump(out, fh)
+        for _ in range(2):
+            try:
+                os.replace(files.name, kept)   # where nothing is, or an empty folder
+                break
+            except OSError:
+                got = _kept_header(kept)
+                if got:   # another process kept the same file's meanwhile
+                    files.cleanup()
+                    return got
+                shutil.rmtree(kept, ignore_errors=True)   # a damaged entry
+        else:
+            return header
+    except OSError:   # a full disk: this copy stays temporary
+        return header
+    files.cleanup()   # moved: nothing left to remove
+    prune(folder, KEPT)
+    return Header(header.config_json, header.tensors, kept)
+
+
+def _kept_header(kept: str) -> Header | None:
+    """The header kept in the cache folder `kept`, or None (not there, or damaged)."""
+    try:
+        with open(os.path.join(kept, "header.json")) as fh:
+            out = json.load(fh)
+        os.utime(kept)   # recently used
+        return Header(json.dumps(out["config"]), tuple(tuple(t) for t in out["tensors"]), kept)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class _ArrayReader:

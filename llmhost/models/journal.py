@@ -22,19 +22,12 @@ import re
 import tempfile
 import threading
 
-from ..config import server_id
+from ..config import server_id, state_dir
 
 log = logging.getLogger("llmhost")
 
 _lock = threading.Lock()
 _path: str | None = None          # set by init() in a server process; None: journal off
-
-
-def state_dir(config) -> str:
-    if getattr(config, "STATE_DIR", ""):
-        return os.path.expanduser(config.STATE_DIR)
-    import platformdirs   # the same folder as the response store (llmhost/store/responses.py)
-    return platformdirs.user_data_dir("llmhost", appauthor=False)
 
 
 def _read() -> dict:

@@ -18,13 +18,12 @@ why).
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 
 import torch
 
-from ..engine.native import COMPILE, CPU_FLAGS, compile_library, cpu_flags, missing_flags
+from ..engine.native import COMPILE, CPU_FLAGS, compile_library, cpu_flags, missing_flags, once
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def compile_flags(flags: frozenset) -> tuple[str, ...]:
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 
 
-@functools.lru_cache(maxsize=1)
+@once
 def _build() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, "") or (None, why not)."""
     missing = missing_flags()

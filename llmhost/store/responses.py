@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from ..config import server_id, settings
+from ..config import server_id, settings, state_dir
 from ..engine.errors import InvalidInput, Refused, ServerFailure, Unavailable
 
 log = logging.getLogger("llmhost")
@@ -126,17 +126,8 @@ class StoredItem(Base):
     data: Mapped[dict] = mapped_column(Document)
 
 
-def default_url(state_dir: str) -> str:
-    if not state_dir:
-        # platformdirs: the per-user data folder each OS expects
-        # (~/.local/share/llmhost on Linux), rather than guessing paths here.
-        import platformdirs
-        state_dir = platformdirs.user_data_dir("llmhost", appauthor=False)
-    return "sqlite:///" + os.path.join(os.path.abspath(state_dir), "llmhost.db")
-
-
 def database_url(config) -> str:
-    return config.DATABASE_URL or default_url(os.path.expanduser(config.STATE_DIR))
+    return config.DATABASE_URL or "sqlite:///" + os.path.join(state_dir(config), "llmhost.db")
 
 
 class StoreError(ServerFailure):
