@@ -4,7 +4,6 @@ JSON is compact, and a call whose closing tag max_tokens cut is still a call
 (finish_reason `length`), on chat, Responses and the Messages API."""
 import json
 
-import pytest
 import requests
 
 from llmhost.generation.parsing import HERMES, OutputParser

@@ -5,7 +5,6 @@ format, streamed or not, through the official OpenAI SDK too; long audio goes
 window by window; bad input is a 4xx naming the field."""
 import io
 import json
-import math
 import os
 
 import numpy as np

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from support import Server, assert_error
+from support import assert_error
 
 CHAT = "/v1/chat/completions"
 LOOP = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"

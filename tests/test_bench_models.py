@@ -58,7 +58,7 @@ def test_llama_tiny_gguf_reads_back_as_the_folders_model(built):
 def test_llmhost_loads_the_folder(built):
     import torch
 
-    from llmhost.config import Config, TestConfig
+    from llmhost.config import Config
     from llmhost.models.loading import LoadSpec, load
 
     loaded = load(LoadSpec(model=built[0], dtype="float32"), Config())

@@ -1,8 +1,6 @@
 """Usage per key: GET /v1/usage (store/usage.py counts it)."""
 from __future__ import annotations
 
-from flask import request
-
 from ..http import auth, metering
 from ..http.errors import APIError, invalid
 from ..http.extensions import Blueprint

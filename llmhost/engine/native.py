@@ -109,9 +109,12 @@ def compile_library(source: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL | 
         if done.returncode:
             return None, f"{compiler} failed: {done.stderr.strip()[-500:]}"
         if kept:
-            os.replace(target, kept)
-            prune(os.path.dirname(kept), KEPT)
-            target = kept
+            try:
+                os.replace(target, kept)
+                target = kept
+                prune(os.path.dirname(kept), KEPT)
+            except OSError:   # not kept (a full disk): loaded from the build folder
+                pass
         return ctypes.CDLL(target), ""
 
 

@@ -16,7 +16,6 @@ import io
 import logging
 import queue
 import threading
-import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator

@@ -356,7 +356,10 @@ def _read_in_child(path: str, out_dir: str) -> dict:
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoTokenizer
 
-    reader = type("Reader", (_ArrayReader, gguf.GGUFReader), {})(path)
+    class Reader(_ArrayReader, gguf.GGUFReader):
+        pass
+
+    reader = Reader(path)
     opened = gguf.GGUFReader
     gguf.GGUFReader = lambda p, *a, **k: reader if p == path else opened(p, *a, **k)
     gguf_utils.load_gguf_checkpoint = functools.lru_cache(maxsize=1)(gguf_utils.load_gguf_checkpoint)
