@@ -75,11 +75,11 @@ def once(build):
 
 
 def prebuild(*builds) -> None:
-    """Start `builds` (once-functions), a thread each: an int4 load asks for its
-    three libraries one after the other, and with nothing kept they took about
-    6 s of its first 8 (SmolLM2), one compiler at a time; started together at
-    the load's start they build beside each other and beside the GGUF header's
-    child (docs/performance.md)."""
+    """Start `builds` (once-functions), a thread each: a load asks for its
+    libraries one after the other (a CPU Llama's attention, an int4 load's two
+    more), and with nothing kept they took about 6 s of an int4 SmolLM2's first 8,
+    one compiler at a time; started together at the load's start they build
+    beside each other and beside the GGUF header's child (docs/performance.md)."""
     for build in builds:
         threading.Thread(target=build, name="llmhost-prebuild", daemon=True).start()
 

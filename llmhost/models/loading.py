@@ -400,11 +400,13 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
         dtype = int8_compute_dtype(spec.dtype)
     if source.gguf_file:   # its header (a child process, 4 s for SmolLM2) meanwhile
         gguf.prefetch(os.path.join(source.folder, source.gguf_file))
-    if spec.quantization == "int4" and config.INT4_KERNEL == "auto":   # and its kernels
+    if device == "cpu" and task == "generate":   # and the kernels its steps will ask for
         from ..engine import attention, llamastep, native
         from . import q4kernel
 
-        native.prebuild(q4kernel._build, attention._library, llamastep._library)
+        int4_builds = [q4kernel._build, llamastep._library] if spec.quantization == "int4" and \
+            config.INT4_KERNEL == "auto" else []
+        native.prebuild(attention._library, *int4_builds)
     int4 = int4_kernel(config) if spec.quantization == "int4" else ""
     if int4:
         dtype = int4_compute_dtype(spec.dtype, task, source.gguf_file, int4)
