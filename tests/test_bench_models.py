@@ -45,7 +45,8 @@ def test_llama_tiny_gguf_reads_back_as_the_folders_model(built):
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["output_norm.weight"] == "F32"
 
     hf = load_file(os.path.join(folder, "model.safetensors"))
-    assert json.load(open(os.path.join(folder, "config.json")))["vocab_size"] == 49152
+    with open(os.path.join(folder, "config.json")) as fh:
+        assert json.load(fh)["vocab_size"] == 49152
     for name, hf_name, heads in (("attn_q", "q_proj", 4), ("attn_k", "k_proj", 2), ("attn_v", "v_proj", 0)):
         t = tensors[f"blk.1.{name}.weight"]
         rows = dequantize(t.data, t.tensor_type)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -233,8 +234,7 @@ class Header:
     """What a load keeps of a GGUF file's metadata."""
     config_json: str     # transformers' config dict (each load gets its own copy)
     tensors: tuple       # (name, GGML type, byte offset, numpy dtype, shape, elements) per tensor
-    tokenizer_dir: str   # the tokenizer's files: in the cache, or in `files`
-    files: tempfile.TemporaryDirectory | None = None   # removed with this header
+    tokenizer_dir: str   # the tokenizer's files: in the cache, or a temporary folder (_temporary)
 
 
 _reading = threading.Lock()   # one child at a time: a load waits for its prefetch, not runs another
@@ -277,43 +277,47 @@ def _header(key: tuple) -> Header | str:
     got = _kept_header(kept) if kept else None
     if got:
         return got
-    files = tempfile.TemporaryDirectory(prefix="llmhost-gguf-", dir=folder or None)
+    files = tempfile.mkdtemp(prefix="llmhost-gguf-", dir=folder or None)
     # the child imports llmhost from where this worker did, whatever its sys.path was
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-m", __name__, key[0], files.name],
+    proc = subprocess.run([sys.executable, "-m", __name__, key[0], files],
                           capture_output=True, text=True, env=env)
     try:
         out = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):   # it died: its last words
         out = {"error": proc.stderr.strip()[-500:] or f"exit status {proc.returncode}"}
     if "error" in out:   # not kept: a file that fails is read again, and fails again
-        files.cleanup()
+        shutil.rmtree(files, ignore_errors=True)
         return out["error"]
-    header = Header(json.dumps(out["config"]), tuple(tuple(t) for t in out["tensors"]), files.name, files)
-    if not kept:
-        return header
-    try:
-        with open(os.path.join(files.name, "header.json"), "w") as fh:
-            json.dump(out, fh)
-        for _ in range(2):
-            try:
-                os.replace(files.name, kept)   # where nothing is, or an empty folder
-                break
-            except OSError:
-                got = _kept_header(kept)
-                if got:   # another process kept the same file's meanwhile
-                    files.cleanup()
-                    return got
-                shutil.rmtree(kept, ignore_errors=True)   # a damaged entry
-        else:
-            return header
-    except OSError:   # a full disk: this copy stays temporary
-        return header
-    files.cleanup()   # moved: nothing left to remove
-    prune(folder, KEPT)
-    return Header(header.config_json, header.tensors, kept)
+    header = Header(json.dumps(out["config"]), tuple(tuple(t) for t in out["tensors"]), kept or files)
+    if kept:
+        try:
+            with open(os.path.join(files, "header.json"), "w") as fh:
+                json.dump(out, fh)
+            for _ in range(2):
+                try:
+                    os.replace(files, kept)   # where nothing is, or an empty folder
+                    prune(folder, KEPT)
+                    return header
+                except OSError:
+                    got = _kept_header(kept)
+                    if got:   # another process kept the same file's meanwhile
+                        shutil.rmtree(files, ignore_errors=True)
+                        return got
+                    shutil.rmtree(kept, ignore_errors=True)   # a damaged entry
+        except OSError:   # a full disk
+            pass
+        header = Header(header.config_json, header.tensors, files)   # not kept: temporary
+    return _temporary(header)
+
+
+def _temporary(header: Header) -> Header:
+    """`header`, its tokenizer's folder removed with it (when its entry above goes, or
+    at exit)."""
+    weakref.finalize(header, shutil.rmtree, header.tokenizer_dir, True)
+    return header
 
 
 def _kept_header(kept: str) -> Header | None:
