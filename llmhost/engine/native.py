@@ -123,7 +123,9 @@ def library_cache(compiler: str, source: str, flags: tuple[str, ...]) -> str:
     a file of the cache's folder native named by a hash of all three (the
     compiler by its path and ``--version``), so an edited source, other flags
     (LLMHOST_CPU_FLAGS) or another compiler build anew; "" without a cache (off,
-    or a folder that cannot be made: built in /tmp as before)."""
+    or a folder that cannot be made: built in /tmp as before). Only the source
+    file itself is hashed: a kernel stays one file (system headers aside), or
+    what it includes must join the key."""
     folder = cache_folder("native")
     if not folder:
         return ""
