@@ -234,7 +234,7 @@ class Header:
     """What a load keeps of a GGUF file's metadata."""
     config_json: str     # transformers' config dict (each load gets its own copy)
     tensors: tuple       # (name, GGML type, byte offset, numpy dtype, shape, elements) per tensor
-    tokenizer_dir: str   # the tokenizer's files: in the cache, or a temporary folder (_temporary)
+    tokenizer_dir: str   # the tokenizer's files: in the cache, or a temporary folder
 
 
 _reading = threading.Lock()   # one child at a time: a load waits for its prefetch, not runs another
@@ -291,7 +291,6 @@ def _header(key: tuple) -> Header | str:
     if "error" in out:   # not kept: a file that fails is read again, and fails again
         shutil.rmtree(files, ignore_errors=True)
         return out["error"]
-    header = Header(json.dumps(out["config"]), tuple(tuple(t) for t in out["tensors"]), kept or files)
     if kept:
         try:
             with open(os.path.join(files, "header.json"), "w") as fh:
@@ -300,7 +299,7 @@ def _header(key: tuple) -> Header | str:
                 try:
                     os.replace(files, kept)   # where nothing is, or an empty folder
                     prune(folder, KEPT)
-                    return header
+                    return _from(out, kept)
                 except OSError:
                     got = _kept_header(kept)
                     if got:   # another process kept the same file's meanwhile
@@ -309,15 +308,15 @@ def _header(key: tuple) -> Header | str:
                     shutil.rmtree(kept, ignore_errors=True)   # a damaged entry
         except OSError:   # a full disk
             pass
-        header = Header(header.config_json, header.tensors, files)   # not kept: temporary
-    return _temporary(header)
-
-
-def _temporary(header: Header) -> Header:
-    """`header`, its tokenizer's folder removed with it (when its entry above goes, or
-    at exit)."""
-    weakref.finalize(header, shutil.rmtree, header.tokenizer_dir, True)
+    # not kept: the tokenizer's folder goes with the header (its entry above, or at exit)
+    header = _from(out, files)
+    weakref.finalize(header, shutil.rmtree, files, True)
     return header
+
+
+def _from(out: dict, folder: str) -> Header:
+    """The Header of the child's result `out`, its tokenizer's files in `folder`."""
+    return Header(json.dumps(out["config"]), tuple(tuple(t) for t in out["tensors"]), folder)
 
 
 def _kept_header(kept: str) -> Header | None:
@@ -326,7 +325,7 @@ def _kept_header(kept: str) -> Header | None:
         with open(os.path.join(kept, "header.json")) as fh:
             out = json.load(fh)
         os.utime(kept)   # recently used
-        return Header(json.dumps(out["config"]), tuple(tuple(t) for t in out["tensors"]), kept)
+        return _from(out, kept)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
