@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import logging
 import os
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -93,6 +94,44 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+MADV_DONTNEED = 4
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
+
+
+def release_code_pages() -> int:
+    """Unmap the worker's resident pages of library code and read-only data
+    (Linux; the KiB released). Importing torch runs the static initialisers
+    of its 500 MB of libraries, and a load runs model code once: about 75 MiB
+    of code pages (libtorch_cpu's 55 among them) that a CPU worker serving
+    SmolLM2 then counts in its RSS, of which answers use about a fifth
+    (docs/performance.md, Memory). madvise(MADV_DONTNEED) on a file's private
+    map drops them from this process only: they stay in the page cache, and a
+    page run again faults back in from it (a minor fault), which is what the
+    kernel does itself when memory is short. Only maps with no page of their
+    own (smaps' Anonymous: 0) are released: a page the process wrote (code
+    patched, relocated read-only data) would otherwise go back to the file's
+    bytes."""
+    try:
+        with open("/proc/self/smaps") as fh:
+            text = fh.read()
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:   # not Linux
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
+        head, _, fields = block.partition("\n")
+        found = _MAPPING.match(head)
+        if not found or found[3] not in ("r-xp", "r--p") or not found[4].startswith("/"):
+            continue
+        sizes = dict(re.findall(r"^(\w+):\s+(\d+) kB", fields, re.M))
+        if int(sizes.get("Rss", 0)) and sizes.get("Anonymous") == "0":
+            start, end = int(found[1], 16), int(found[2], 16)
+            if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
+                released += int(sizes["Rss"])
+    return released
 
 
 class ModelRegistry:
@@ -248,6 +287,7 @@ class ModelRegistry:
                         entry = ModelEntry(id=model_id, spec=spec, loaded=loaded,
                                            load_seconds=0.0)
                         entry.engine = engine.start(model_id, loaded, config)
+                    release_code_pages()   # the code only the load ran
                     entry.load_seconds = time.perf_counter() - started
             finally:
                 with self._guard:

@@ -46,3 +46,11 @@ errorlog = _config.ERROR_LOG or "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
 if _config.LOG_FORMAT == "json":  # gunicorn's own lines as JSON too
     logger_class = "llmhost.http.observability.GunicornLogger"
+
+
+def post_worker_init(worker) -> None:
+    """The worker has imported the app (torch among it): hand back the code
+    pages only start-up ran (models/registry.py, release_code_pages), so an
+    idle worker's RSS counts what it uses."""
+    from llmhost.models.registry import release_code_pages
+    release_code_pages()

@@ -73,11 +73,15 @@ class Server:
         return int(out.split()[0])
 
     def worker_rss(self) -> int:
+        return int(sum(self.worker_rss_split()) * 2**20)
+
+    def worker_rss_split(self) -> tuple[float, float]:
+        """The worker's resident memory, MiB: (its own pages, file pages: the
+        libraries' code and data it maps)."""
         with open(f"/proc/{self.worker_pid()}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+            kib = {key: int(value.split()[0]) for key, _, value in
+                   (line.partition(":") for line in fh) if key in ("RssAnon", "RssFile", "RssShmem")}
+        return kib["RssAnon"] / 1024, (kib["RssFile"] + kib["RssShmem"]) / 1024
 
     def stop(self) -> None:
         """SIGTERM (gunicorn's graceful stop), then SIGKILL to whatever of its
