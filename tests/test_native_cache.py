@@ -116,3 +116,29 @@ def test_a_prebuilt_library_is_built_once_however_many_threads_ask(built, tmp_pa
     lib, why = library()
     assert lib.answer() == 9 and library() == (lib, why)
     assert calls == [1] and compiles() == 1
+
+
+def test_a_folder_others_can_write_to_keeps_nothing(built, tmp_path, monkeypatch, caplog):
+    """What the cache holds is loaded as code: a cache others could write to (a
+    world-writable root that is not sticky, a kind folder group or others can
+    write to) is not used, with one warning; a sticky world-writable root (as
+    /tmp) is, its kind folder made this user's alone."""
+    build, compiles, _ = built
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("LLMHOST_CACHE_DIR", str(shared))
+    build(3)
+    build(3)
+    assert compiles() == 2 and not os.listdir(shared)   # built each time, nothing kept
+    assert [r.message for r in caplog.records].count(
+        f"LLMHOST_CACHE_DIR: nothing is kept in {shared}: other users can write to it; "
+        "use a folder only this user can write to") == 1
+    shared.chmod(0o1777)   # sticky, as /tmp
+    build(3)
+    build(3)
+    assert compiles() == 3 and stat.S_IMODE(os.stat(shared / "native").st_mode) == 0o700
+    (shared / "native").chmod(0o770)   # its entries' folder, writable by the group
+    build(4)
+    build(4)
+    assert compiles() == 5 and len(os.listdir(shared / "native")) == 1

@@ -17,13 +17,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
 
 from ..config import cache_dir
+
+log = logging.getLogger(__name__)
 
 # every kernel's baseline: AVX2 with FMA and F16C, OpenMP threads (torch's libgomp)
 CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -144,16 +148,44 @@ def library_cache(compiler: str, source: str, flags: tuple[str, ...]) -> str:
 def cache_folder(kind: str) -> str:
     """The folder `kind` of the cache (config.cache_dir, from the environment:
     one per process, as LLMHOST_CPU_FLAGS), made only its owner can write to
-    (what it holds is loaded as code); "" without one."""
+    (what it holds is loaded as code); "" without one, or where other users
+    could write into it or swap it (private: a warning, once)."""
     root = cache_dir()
     if not root:
         return ""
-    folder = os.path.join(root, kind)
+    for path, held in ((root, False), (os.path.join(root, kind), True)):
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError:
+            return ""
+        if not private(path, held):
+            if path not in _warned:
+                _warned.add(path)
+                log.warning("LLMHOST_CACHE_DIR: nothing is kept in %s: other users can write to "
+                            "it; use a folder only this user can write to", path)
+            return ""
+    return path
+
+
+_warned: set = set()
+
+
+def private(path: str, held: bool) -> bool:
+    """Whether other users cannot change what the cache folder `path` holds: it
+    is this user's (or root's) and, for the folder that holds the entries
+    (`held`), not writable by its group or others; for the cache's root, not
+    writable by others unless sticky (as /tmp: no one renames another's entry).
+    A kept library is loaded as code, and a kept header's config and tokenizer
+    are read as the model's."""
     try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
+        st = os.stat(path)
     except OSError:
-        return ""
-    return folder
+        return False
+    if st.st_uid not in (os.geteuid(), 0):
+        return False
+    if held:
+        return not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return not st.st_mode & stat.S_IWOTH or bool(st.st_mode & stat.S_ISVTX)
 
 
 def prune(folder: str, keep: int) -> None:
