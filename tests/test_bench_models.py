@@ -189,3 +189,34 @@ def test_bench_load_a_restarted_server_builds_nothing(built, tmp_path, monkeypat
     assert len(row) == 1 and row[0].count(" s |") == 2, row
     sources = sorted(line.split()[-3] for line in log.read_text().splitlines() if "-o" in line.split())
     assert [os.path.basename(s) for s in sources] == ["attention.c", "llamastep.c", "q4kernel.c"]
+
+
+@pytest.mark.slow  # two servers
+def test_bench_generate_against_another_server_prints_ratios_and_memory(built, capsys):
+    """`bench generate --compare-url`, issue 20's comparison (there against
+    llama.cpp's servers; here against a second llmhost): alternated rounds, the
+    ratios, both workers' RSS with their file pages (code; llama.cpp's mapped
+    weights) and the table row."""
+    import re
+
+    from support import Server
+
+    folder, path = built
+    other = Server(env={"LLMHOST_MODELS": ""}).start()
+    try:
+        other.load(path, id="other", quantization="int4")
+        assert bench.main(["generate", "--serve", "--model", path, "--tokenizer", folder,
+                           "--load-options", '{"quantization": "int4"}', "--compare-url", other.url,
+                           "--compare-model", "other", "--compare-pid", str(other.worker_pid()),
+                           "--concurrency", "1", "--requests", "1", "--rounds", "1",
+                           "--max-tokens", "8", "--label", "tiny vs tiny"]) == 0
+    finally:
+        other.stop()
+    out = capsys.readouterr().out
+    assert re.search(r"  1 clients: tok/s \d+\.\d\dx   TTFT p50 \d+\.\d\dx", out), out
+    memory = re.search(r"worker RSS: llmhost (\d+) MiB, compare (\d+) MiB \(pid \d+\): \d+\.\d\dx; of "
+                       r"them file pages \(code, mapped weights\) (\d+) and (\d+) MiB", out)
+    assert memory, out
+    ours, theirs, ours_file, theirs_file = map(int, memory.groups())
+    assert 100 < ours and 100 < theirs and ours_file < ours and theirs_file < theirs, memory[0]
+    assert [line for line in out.splitlines() if line.startswith("| tiny vs tiny | ")], out

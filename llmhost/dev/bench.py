@@ -326,9 +326,10 @@ def _print_mask_cost(tokenizer, model: str, response_format: dict) -> None:
           f"vocab {vocab}, {steps} tokens)")
 
 
-def _rss_mib(pid: int | None, children: bool = False) -> float:
+def _rss_mib(pid: int | None, children: bool = False, part: str = "rss") -> float:
     """Resident memory of `pid` (with `children`: of its largest child, the
-    gunicorn worker), MiB; nan when unknown."""
+    gunicorn worker), MiB; nan when unknown. `part` "shared": of it, the file
+    pages (libraries' code; llama.cpp's mapped weights)."""
     if not pid:
         return float("nan")
     import psutil
@@ -337,8 +338,8 @@ def _rss_mib(pid: int | None, children: bool = False) -> float:
         proc = psutil.Process(pid)
         if children:
             kids = proc.children(recursive=True)
-            return max(k.memory_info().rss for k in kids) / 2**20 if kids else float("nan")
-        return proc.memory_info().rss / 2**20
+            proc = max(kids, key=lambda k: k.memory_info().rss) if kids else None
+        return getattr(proc.memory_info(), part) / 2**20 if proc else float("nan")
     except psutil.Error:
         return float("nan")
 
@@ -445,6 +446,8 @@ def bench_compare(args) -> int:
                       + (f"  {failed} failed, first error: {err}" if err else ""), flush=True)
         ours_rss = _rss_mib(ours_pid, children=server is not None)
         theirs_rss = _rss_mib(theirs_pid)
+        files = (_rss_mib(ours_pid, children=server is not None, part="shared"),
+                 _rss_mib(theirs_pid, part="shared"))
     finally:
         if server is not None:
             server.stop()
@@ -455,7 +458,8 @@ def bench_compare(args) -> int:
         print(f"  {clients:3d} clients: tok/s {a['tok_s'] / b['tok_s']:.2f}x   "
               f"TTFT p50 {a['ttft_p50'] / b['ttft_p50']:.2f}x")
     print(f"  worker RSS: llmhost {ours_rss:.0f} MiB, compare {theirs_rss:.0f} MiB "
-          f"(pid {theirs_pid or 'unknown: --compare-pid'}): {ours_rss / theirs_rss:.2f}x")
+          f"(pid {theirs_pid or 'unknown: --compare-pid'}): {ours_rss / theirs_rss:.2f}x; of them file "
+          f"pages (code, mapped weights) {files[0]:.0f} and {files[1]:.0f} MiB")
     print(f"  llmhost worker RSS split: {empty:.0f} MiB before the load (imports), "
           f"+{loaded_rss - empty:.0f} the load (model code, tokenizer, weights), "
           f"+{ours_rss - loaded_rss:.0f} the runs (caches); `bench memory` splits it finer")
@@ -1013,8 +1017,8 @@ def bench_quality(args) -> int:
             if loaded is not None:
                 for j, batch in enumerate((1, 8)):
                     speeds[i][j].append(speed(loaded.model, loaded.tokenizer, batch))
-    print(f"| load options | agree with float32 (first 8 tokens) | degenerate | tok/s batch 1 | "
-          f"tok/s batch 8 | weights MiB |\n| --- | --- | --- | --- | --- | --- |")
+    print("| load options | agree with float32 (first 8 tokens) | degenerate | tok/s batch 1 | "
+          "tok/s batch 8 | weights MiB |\n| --- | --- | --- | --- | --- | --- |")
     for i, (options, loaded, agreement) in enumerate(loaded_all):
         if loaded is None:
             print(f"| {json.dumps(options)} | refused: {agreement} | | | | |")
@@ -1346,7 +1350,7 @@ def bench_threads(args) -> int:
     from ..models.loading import LoadSpec, load
 
     counts = args.threads or sorted({1, torch.get_num_threads()})
-    print(f"| load options | rows | " + " | ".join(f"{t} thread{'s' * (t > 1)} tok/s" for t in counts)
+    print("| load options | rows | " + " | ".join(f"{t} thread{'s' * (t > 1)} tok/s" for t in counts)
           + f" | {counts[0]} / {counts[-1]} |\n|" + " --- |" * (len(counts) + 3), flush=True)
     for options in [json.loads(o) for o in args.options]:
         loaded = load(LoadSpec(model=args.model, **options), Config())
