@@ -103,10 +103,12 @@ _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 def release_code_pages() -> int:
     """Unmap the worker's resident pages of library code and read-only data
     (Linux; the KiB released). Importing torch runs the static initialisers
-    of its 500 MB of libraries, and a load runs model code once: about 75 MiB
+    of its 500 MB of libraries, and a load runs model code once: about 80 MiB
     of code pages (libtorch_cpu's 55 among them) that a CPU worker serving
-    SmolLM2 then counts in its RSS, of which answers use about a fifth
-    (docs/performance.md, Memory). madvise(MADV_DONTNEED) on a file's private
+    SmolLM2 then counts in its RSS, of which two answers use a third, a mixed
+    workload half (docs/performance.md, fifteenth session). Run after each
+    load and at the worker's start (gunicorn_conf.post_worker_init).
+    madvise(MADV_DONTNEED) on a file's private
     map drops them from this process only: they stay in the page cache, and a
     page run again faults back in from it (a minor fault), which is what the
     kernel does itself when memory is short. Only maps with no page of their
