@@ -119,9 +119,9 @@ def release_code_pages() -> int:
         with open("/proc/self/smaps") as fh:
             text = fh.read()
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:   # not Linux
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):   # not Linux, or not glibc: a hint only, never a failure
         return 0
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     released = 0
     for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
         head, _, fields = block.partition("\n")
