@@ -142,3 +142,25 @@ def test_a_folder_others_can_write_to_keeps_nothing(built, tmp_path, monkeypatch
     build(4)
     build(4)
     assert compiles() == 5 and len(os.listdir(shared / "native")) == 1
+
+
+def test_a_load_prebuilds_the_kernels_its_model_runs(tiny_models, smollm2_gguf, tmp_path, monkeypatch):
+    """A CPU load starts the builds its steps will ask for: a Llama's attention
+    (engine/llamastep.py runs Llama only), not another architecture's; an int4
+    load q4kernel too. The architecture comes from config.json, or from a GGUF
+    file's first metadata entries (gguf.architecture), without its header's child."""
+    from llmhost.config import TestConfig
+    from llmhost.models import gguf
+    from llmhost.models.loading import LoadSpec, load
+
+    asked = []
+    monkeypatch.setattr(native, "prebuild", lambda *builds: asked.append(
+        sorted(b.__module__.rsplit(".", 1)[1] for b in builds)))
+    for name in ("gpt2", "llama"):
+        load(LoadSpec(model=tiny_models[name], device="cpu"), TestConfig())
+    assert asked == [[], ["attention"]]
+    assert gguf.architecture(smollm2_gguf) == "llama"
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16) + (2**40).to_bytes(8, "little"))
+    assert gguf.architecture(str(fake)) is None   # a key "2**40 bytes long": not read
+    assert gguf.architecture(str(tmp_path / "absent.gguf")) is None

@@ -223,6 +223,33 @@ def _tensor(dequantize, gguf_name, qtype, data, processor, key_map, parsed, dtyp
 # another replica on the machine) runs none either; without a cache the folder is a
 # temporary one, which goes with its entry (at most 8) or when the worker exits.
 
+def architecture(path: str) -> str | None:
+    """The file's ``general.architecture`` ("llama", "qwen2", ...) from its first
+    metadata entries, where llama.cpp's writers put it, without the child (a
+    load's start wants it before the header is read); None when it is not
+    among the first few string entries, or the file is no GGUF."""
+    import struct
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF" or struct.unpack("<I", fh.read(4))[0] < 2:
+                return None
+            fh.read(16)   # the tensor and metadata counts
+            for _ in range(4):
+                (size,) = struct.unpack("<Q", fh.read(8))
+                key = fh.read(min(size, 256)).decode()
+                (kind,) = struct.unpack("<I", fh.read(4))
+                if size > 256 or kind != 8:   # gguf's type 8: a string
+                    return None
+                (size,) = struct.unpack("<Q", fh.read(8))
+                value = fh.read(min(size, 256)).decode()
+                if key == "general.architecture":
+                    return value if size <= 256 else None
+    except (OSError, struct.error, UnicodeDecodeError):
+        pass
+    return None
+
+
 def _file_key(path: str) -> tuple:
     """(real path, size, mtime): what the cache below is keyed on."""
     st = os.stat(path)

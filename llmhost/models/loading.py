@@ -363,6 +363,19 @@ def detect_task(source: Source) -> str:
     return "generate"
 
 
+def _architecture(source: Source) -> str | None:
+    """The model's architecture as its config or GGUF file names it ("llama"),
+    read without loading anything; None when unknown."""
+    if source.gguf_file:
+        return gguf.architecture(os.path.join(source.folder, source.gguf_file))
+    try:
+        with open(os.path.join(source.folder, "config.json")) as fh:
+            model_type = json.load(fh).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
 # -- loading ------------------------------------------------------------------
 
 def _memory_bytes(model) -> int:
@@ -404,9 +417,13 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
         from ..engine import attention, llamastep, native
         from . import q4kernel
 
-        int4_builds = [q4kernel._build, llamastep._library] if spec.quantization == "int4" and \
-            config.INT4_KERNEL == "auto" else []
-        native.prebuild(attention._library, *int4_builds)
+        # engine/llamastep.py's step (its attention and layers) runs Llama models only; any
+        # int4 model runs q4kernel. An architecture not known yet (None) is built for.
+        llama = _architecture(source) in ("llama", None)
+        builds = [attention._library] if llama else []
+        if spec.quantization == "int4" and config.INT4_KERNEL == "auto":
+            builds += [q4kernel._build] + ([llamastep._library] if llama else [])
+        native.prebuild(*builds)
     int4 = int4_kernel(config) if spec.quantization == "int4" else ""
     if int4:
         dtype = int4_compute_dtype(spec.dtype, task, source.gguf_file, int4)
