@@ -108,13 +108,12 @@ def release_code_pages() -> int:
     SmolLM2 then counts in its RSS, of which two answers use a third, a mixed
     workload half (docs/performance.md, fifteenth session). Run after each
     load and at the worker's start (gunicorn_conf.post_worker_init).
-    madvise(MADV_DONTNEED) on a file's private
-    map drops them from this process only: they stay in the page cache, and a
-    page run again faults back in from it (a minor fault), which is what the
-    kernel does itself when memory is short. Only maps with no page of their
-    own (smaps' Anonymous: 0) are released: a page the process wrote (code
-    patched, relocated read-only data) would otherwise go back to the file's
-    bytes."""
+    madvise(MADV_DONTNEED) on a file's private map drops them from this
+    process only: they stay in the page cache, and a page run again faults back
+    in from it (a minor fault), which is what the kernel does itself when
+    memory is short. Only maps with no page of their own (smaps' Anonymous: 0)
+    are released: a page the process wrote (code patched, relocated read-only
+    data) would otherwise go back to the file's bytes."""
     try:
         with open("/proc/self/smaps") as fh:
             text = fh.read()
