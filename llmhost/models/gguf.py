@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from . import progress
+from .memory import trim
 
 # Architectures whose tensor processor maps one GGUF tensor to one HF tensor.
 STREAMABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "starcoder2", "stablelm"}
@@ -102,7 +103,7 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
         # glibc keeps the freed float32 copies (a few MiB each, above its dynamic mmap
         # threshold once one was freed) in its heap: without this the RSS grew by each
         # Linear's float32 size and the int8 load peaked ~400 MiB above where it ended
-        _trim()
+        trim()
     if not tied:
         model.tie_weights()
     missing = {n for n, p in model.named_parameters() if p.is_meta}
@@ -111,7 +112,7 @@ def load_causal_lm(folder: str, gguf_file: str, dtype: torch.dtype,
     if int4 == "llmhost":
         from .quantize import group_q4
         group_q4(model)   # q/k/v and gate/up: one kernel call each (quantize.Q4Group)
-    _trim()
+    trim()
     return model
 
 
@@ -412,22 +413,6 @@ def _memoize_name_maps() -> None:
     import gguf
 
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(gguf.get_tensor_name_map)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    try:
-        import ctypes
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, macOS): nothing to trim
-        return None
-
-
-def _trim() -> None:
-    """Hand the freed float32 temporaries back to the OS (glibc keeps them)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def _tied(model, module) -> bool:

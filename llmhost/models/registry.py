@@ -7,12 +7,10 @@ the guard for a dictionary lookup).
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import logging
 import os
-import re
 import threading
 import time
 from contextlib import contextmanager
@@ -27,6 +25,7 @@ from . import adapters, journal, loading, progress
 from ..config import Config
 from ..engine.errors import Conflict, InvalidInput, NotFound, Refused, Unavailable
 from .checks import precheck
+from .memory import release_code_pages, trim
 from .ondisk import is_path
 
 log = logging.getLogger("llmhost")
@@ -90,49 +89,7 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-MADV_DONTNEED = 4
-_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
-
-
-def release_code_pages() -> int:
-    """Unmap the worker's resident pages of library code and read-only data
-    (Linux; the KiB released). Importing torch runs the static initialisers
-    of its 500 MB of libraries, and a load runs model code once: about 80 MiB
-    of code pages (libtorch_cpu's 55 among them) that a CPU worker serving
-    SmolLM2 then counts in its RSS, of which two answers use a third, a mixed
-    workload half (docs/performance.md, fifteenth session). Run after each
-    load and at the worker's start (gunicorn_conf.post_worker_init).
-    madvise(MADV_DONTNEED) on a file's private map drops them from this
-    process only: they stay in the page cache, and a page run again faults back
-    in from it (a minor fault), which is what the kernel does itself when
-    memory is short. Only maps with no page of their own (smaps' Anonymous: 0)
-    are released: a page the process wrote (code patched, relocated read-only
-    data) would otherwise go back to the file's bytes."""
-    try:
-        with open("/proc/self/smaps") as fh:
-            text = fh.read()
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    except (OSError, AttributeError):   # not Linux, or not glibc: a hint only, never a failure
-        return 0
-    released = 0
-    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
-        head, _, fields = block.partition("\n")
-        found = _MAPPING.match(head)
-        if not found or found[3] not in ("r-xp", "r--p") or not found[4].startswith("/"):
-            continue
-        sizes = dict(re.findall(r"^(\w+):\s+(\d+) kB", fields, re.M))
-        if int(sizes.get("Rss", 0)) and sizes.get("Anonymous") == "0":
-            start, end = int(found[1], 16), int(found[2], 16)
-            if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
-                released += int(sizes["Rss"])
-    return released
+    trim()
 
 
 class ModelRegistry:
