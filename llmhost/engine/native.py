@@ -136,13 +136,19 @@ def library_cache(compiler: str, source: str, flags: tuple[str, ...]) -> str:
     try:
         with open(source, "rb") as fh:
             code = fh.read()
-        version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+        version = _version(compiler)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     key = hashlib.sha256(b"\0".join([code, *(f.encode() for f in flags),
                                       os.path.realpath(compiler).encode(), version])).hexdigest()
     name = os.path.splitext(os.path.basename(source))[0]
     return os.path.join(folder, f"{name}-{key[:24]}.so")
+
+
+@functools.lru_cache(maxsize=4)
+def _version(compiler: str) -> bytes:
+    """`compiler --version`, asked once per process (each library's key has it)."""
+    return subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
 
 
 def cache_folder(kind: str) -> str:
