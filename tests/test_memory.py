@@ -288,7 +288,7 @@ CODE_PAGES = """
 import ctypes, json, mmap, os, sys
 sys.path.insert(0, {root!r})
 import torch
-from llmhost.models.memory import release_code_pages
+from llmhost.models.reclaim import release_code_pages
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import progress
-from .memory import trim
+from .reclaim import trim
 
 # Architectures whose tensor processor maps one GGUF tensor to one HF tensor.
 STREAMABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "starcoder2", "stablelm"}

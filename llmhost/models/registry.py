@@ -25,7 +25,7 @@ from . import adapters, journal, loading, progress
 from ..config import Config
 from ..engine.errors import Conflict, InvalidInput, NotFound, Refused, Unavailable
 from .checks import precheck
-from .memory import release_code_pages, trim
+from .reclaim import release_code_pages, trim
 from .ondisk import is_path
 
 log = logging.getLogger("llmhost")

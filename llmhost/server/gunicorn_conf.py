@@ -50,7 +50,7 @@ if _config.LOG_FORMAT == "json":  # gunicorn's own lines as JSON too
 
 def post_worker_init(worker) -> None:
     """The worker has imported the app (torch among it): hand back the code
-    pages only start-up ran (models/memory.py, release_code_pages), so an
+    pages only start-up ran (models/reclaim.py, release_code_pages), so an
     idle worker's RSS counts what it uses."""
-    from llmhost.models.memory import release_code_pages
+    from llmhost.models.reclaim import release_code_pages
     release_code_pages()
