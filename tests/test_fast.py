@@ -86,23 +86,31 @@ def test_greedy_through_the_server_equals_in_process(server, smollm2_gguf, smoll
     want_dtype = {"int8": "float32", "int4": int4}.get(options.get("quantization"), options.get("dtype"))
     assert body["dtype"] == want_dtype and body["quantization"] == options.get("quantization")
     model = recipe(smollm2_gguf, getattr(torch, want_dtype), options.get("quantization"), reference, request)
-    # a load whose rows are computed alone runs llmhost's attention in every forward
-    # (engine/attention.py), which rounds otherwise than transformers': in-process means
-    # the engine's Llama step there
+    # The engine runs llmhost's attention in decode steps (and, where the rows are computed
+    # alone, in every forward: engine/attention.py), which rounds otherwise than
+    # transformers': in-process means the engine's Llama step there. Where only the decode
+    # steps' attention differs, transformers' generate must agree with it up to a near
+    # tie (bfloat16 logits one rounding apart: on an AMX CPU "that" and "steeped" tie to
+    # the bit in the first prompt's 12th token). The int4 step's layers (llamastep.c)
+    # round in float32 where transformers rounds each op to bfloat16: not compared.
     step = LlamaStep.for_model(model)
-    step = step if step is not None and step.rows_alone else None
+    step = step if step is not None and step.own_attention else None
     try:
         for text in PROMPTS:
             ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                           tokenize=True, return_dict=True)["input_ids"]
+            with torch.inference_mode():
+                out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                     pad_token_id=tok.eos_token_id, output_scores=True,
+                                     return_dict_in_generate=True)
+            expected = generated = out.sequences[0, len(ids):].tolist()
             if step is not None:
                 expected = _greedy_steps(step, model, ids, 12, tok.eos_token_id)
-            else:
-                with torch.inference_mode():
-                    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                         max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                                         pad_token_id=tok.eos_token_id)
-                expected = out[0, len(ids):].tolist()
+                differ = next((i for i, (a, b) in enumerate(zip(expected, generated)) if a != b), None)
+                if differ is not None and not step.rows_alone:
+                    top = out.scores[differ][0].float().topk(2).values
+                    assert top[0] - top[1] <= 0.125, (text, differ, expected, generated)
             r = post(server, "/v1/completions", {"model": served, "prompt": ids, "max_tokens": 12,
                                                  "temperature": 0, "logprobs": 0,
                                                  "logit_bias": {str(tok.eos_token_id): -100}})
