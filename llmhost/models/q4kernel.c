@@ -64,12 +64,20 @@ static inline __m256i quantize_block(const float *p, float *d, float *s) {
    (the order the weights' transpose, group_weights, leaves them in) */
 static const int GROUP_LANES[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
+/* The AMX path's copy of the activations (q_linear_amx): per 16 rows and block, 8 x 16 dwords,
+   dword t of row r (inputs 4t..4t+3 of the block, input order) at [t][r]: a tile's layout, and
+   16 rows' same 4 inputs in one vector. `q`: the block's 8 dwords. */
+static inline void tile_block(int32_t *tiled, int64_t nb, int64_t row, int64_t block, const int32_t q[8]) {
+    int32_t *at = tiled + ((row / 16) * nb + block) * 128 + row % 16;
+    for (int t = 0; t < 8; t++) at[16 * t] = q[t];
+}
+
 /* x [m, k] float32 -> xq int8 [m, k], xd (scale) and xs (scale * sum of the block's q) float
    [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
    i of 32 bytes, lane l: inputs 4i..4i+3 of block GROUP_LANES[l]) and the blocks after the last
    whole group in pair order; without it (Q8_0) pair order throughout. */
 static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
-                          float *xs, int nt) {
+                          float *xs, int32_t *tiled, int nt) {
     int64_t nb = k / 32, groups = grouped ? nb / 8 : 0, first = 8 * groups, pairs = (nb - first) / 2;
     #pragma omp parallel for num_threads(nt) schedule(static) if (m * groups > 256)
     for (int64_t i = 0; i < m * groups; i++) {
@@ -79,6 +87,7 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int
             _mm256_storeu_si256((__m256i *)q[j], quantize_block(x + (b + j) * 32, xd + b + j, xs + b + j));
         for (int v = 0; v < 8; v++)
             for (int l = 0; l < 8; l++) out[8 * v + l] = q[GROUP_LANES[l]][v];
+        for (int j = 0; tiled && j < 8; j++) tile_block(tiled, nb, i / groups, 8 * (i % groups) + j, q[j]);
     }
     #pragma omp parallel for num_threads(nt) schedule(static) if (m * pairs > 1024)
     for (int64_t i = 0; i < m * pairs; i++) {
@@ -87,11 +96,21 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int
         __m256i c = quantize_block(x + b * 32 + 32, xd + b + 1, xs + b + 1);
         _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permute2x128_si256(a, c, 0x20));
         _mm256_storeu_si256((__m256i *)(xq + b * 32 + 32), _mm256_permute2x128_si256(a, c, 0x31));
+        if (tiled) {
+            int32_t q[2][8];
+            _mm256_storeu_si256((__m256i *)q[0], a);
+            _mm256_storeu_si256((__m256i *)q[1], c);
+            tile_block(tiled, nb, i / pairs, first + 2 * (i % pairs), q[0]);
+            tile_block(tiled, nb, i / pairs, first + 2 * (i % pairs) + 1, q[1]);
+        }
     }
     if ((nb - first) % 2)
         for (int64_t row = 0; row < m; row++) {
             int64_t b = row * nb + nb - 1;
-            _mm256_storeu_si256((__m256i *)(xq + b * 32), quantize_block(x + b * 32, xd + b, xs + b));
+            int32_t q[8];
+            _mm256_storeu_si256((__m256i *)q, quantize_block(x + b * 32, xd + b, xs + b));
+            memcpy(xq + b * 32, q, 32);
+            if (tiled) tile_block(tiled, nb, row, nb - 1, q);
         }
 }
 
@@ -518,6 +537,230 @@ static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
     for (int64_t i = 0; i < count; i++) out[i] = (uint32_t)x[i] << 16;
 }
 
+/* AMX (Sapphire Rapids and later; q4kernel.py compiles this part where the CPU has amx_int8,
+   amx_tile and AVX-512 VNNI): a Q4 product of many rows (a prefill) 16 features x 16 rows at a
+   time. One tdpbusd multiplies a block's unsigned weights of 16 features (16 x 32 bytes) by its
+   8-bit activations of 16 rows (tile_block's layout) into 16 x 16 int32 block sums, the
+   integers group_dot's lanes hold; the blocks after the whole groups (k not a multiple of 256)
+   take AVX-512 VNNI over the 16 rows, the partial sums of their units' lanes, the integers
+   q4_dot's lanes hold. Each is converted, scaled and added with the same float operations, in
+   the same order, into the same 8 lanes of its (row, feature)'s accumulator as q4_tile does,
+   and the lanes are added in hsum's order, so a row's result is the same bits as on the other
+   tiles (rows_alone). The weights are unpacked once per call and 16 features, and read by all
+   row tiles. */
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__)
+#include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static int amx_ready;
+
+/* Linux gives a process the tiles' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM,
+   XFEATURE_XTILEDATA); 1 when granted */
+int q4_amx_enable(void) {
+    amx_ready = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return amx_ready;
+}
+
+struct tile_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+/* tiles 0, 1: block sums (16 features x 16 rows of int32); 2, 3: weights (16 features x 32
+   bytes, one block); 4, 5: activations (8 x 64 bytes: tile_block's). Two blocks at a time. */
+static void amx_configure(void) {
+    struct tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) {
+        c.rows[t] = t >= 4 ? 8 : 16;
+        c.colsb[t] = t == 2 || t == 3 ? 32 : 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* lane of block j of a group in group_dot's lanes (GROUP_LANES inverted) */
+static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+
+/* F (<= 16) features' blocks (wq: the first's, rows of k / 2 bytes) unpacked: wb [nb][16][32]
+   unsigned, input order, features past F zero; their d and m (Q4_0: d * -8, as q4_group
+   computes it) as floats, fd / fm [16][nb] */
+static void amx_weights(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
+                        int F, uint8_t *wb, float *fd, float *fm) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int f = 0; f < 16; f++) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *at = wb + (b * 16 + f) * 32;
+            if (f < F) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)(wq + f * (nb * 16) + b * 16));
+                _mm_storeu_si128((__m128i *)at, _mm_and_si128(raw, low));
+                _mm_storeu_si128((__m128i *)(at + 16), _mm_and_si128(_mm_srli_epi16(raw, 4), low));
+            } else {
+                memset(at, 0, 32);
+            }
+        }
+        int64_t b = 0;
+        for (; f < F && b + 16 <= nb; b += 16) {
+            __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + f * nb + b)));
+            _mm512_storeu_ps(fd + f * nb + b, dv);
+            _mm512_storeu_ps(fm + f * nb + b, wm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + f * nb + b)))
+                                                 : _mm512_mul_ps(dv, _mm512_set1_ps(-8.0f)));
+        }
+        for (; b < nb; b++) {
+            fd[f * nb + b] = f < F ? _cvtsh_ss(wd[f * nb + b]) : 0.0f;
+            fm[f * nb + b] = f < F ? (wm ? _cvtsh_ss(wm[f * nb + b]) : fd[f * nb + b] * -8.0f) : 0.0f;
+        }
+    }
+}
+
+/* dword t of feature f's block b (unpacked) times 16 rows' (xt: the block's tiled activations) */
+static inline __m512i amx_vnni(__m512i sum, const uint8_t *wb, int64_t b, int f, int t, const int32_t *xt) {
+    return _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(*(const int32_t *)(wb + (b * 16 + f) * 32 + 4 * t)),
+                               _mm512_loadu_si512(xt + b * 128 + t * 16));
+}
+
+/* group g's 8 block sums of the 16 features of wb and the row tile xt, into out [block][f][r] */
+static inline void amx_group_sums(int64_t g, const uint8_t *wb, const int32_t *xt, int32_t out[8][16][16]) {
+    for (int j = 0; j < 8; j += 2) {
+        int64_t b = 8 * g + j;
+        _tile_loadd(2, wb + b * 512, 32);
+        _tile_loadd(4, xt + b * 128, 64);
+        _tile_loadd(3, wb + b * 512 + 512, 32);
+        _tile_loadd(5, xt + b * 128 + 128, 64);
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_dpbusd(0, 2, 4);
+        _tile_dpbusd(1, 3, 5);
+        _tile_stored(0, out[j], 64);
+        _tile_stored(1, out[j + 1], 64);
+    }
+}
+
+/* the row tile's (xt: its tiled activations; xd, xs: its scales, [nb][16]) accumulators for the
+   16 features of wb, fd, fm: acc [f][l][r], from zero through the whole groups, per lane
+   acc = fma(dot, d * dx, acc), acc = fma(m, s, acc) group after group, as q4_group adds them */
+static void amx_tile(int64_t nb, const int32_t *xt, const uint8_t *wb, const float *fd,
+                     const float *fm, const float *xd, const float *xs, float acc[16][8][16]) {
+    int64_t groups = nb / 8;
+    int32_t sums[2][8][16][16];   /* a group's block sums, [block][feature][row]; two groups */
+    memset(acc, 0, sizeof(float) * 16 * 8 * 16);
+    /* the tiles compute the next group's sums while the vector units scale this one's */
+    if (groups) amx_group_sums(0, wb, xt, sums[0]);
+    for (int64_t g = 0; g < groups; g++) {
+        if (g + 1 < groups) amx_group_sums(g + 1, wb, xt, sums[(g + 1) % 2]);
+        __m512 dx[8], sx[8];   /* the group's row scales, read by all 16 features */
+        for (int j = 0; j < 8; j++) {
+            dx[j] = _mm512_loadu_ps(xd + (8 * g + j) * 16);
+            sx[j] = _mm512_loadu_ps(xs + (8 * g + j) * 16);
+        }
+        for (int f = 0; f < 16; f++) {
+            const float *d = fd + f * nb + 8 * g, *m = fm + f * nb + 8 * g;
+            __m512 a[8];
+            for (int l = 0; l < 8; l++) a[l] = _mm512_loadu_ps(acc[f][l]);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                __m512 dot = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums[g % 2][j][f]));
+                a[BLOCK_LANE[j]] = _mm512_fmadd_ps(dot, _mm512_mul_ps(_mm512_set1_ps(d[j]), dx[j]), a[BLOCK_LANE[j]]);
+                a[BLOCK_LANE[j]] = _mm512_fmadd_ps(_mm512_set1_ps(m[j]), sx[j], a[BLOCK_LANE[j]]);
+            }
+            for (int l = 0; l < 8; l++) _mm512_storeu_ps(acc[f][l], a[l]);
+        }
+    }
+}
+
+/* Feature f's lanes after the whole groups (a[8], from amx_tile) through the rest as q4_rest adds
+   it, unit by unit (a pair: lane j < 4 the first block's inputs 4j..4j+3 and 16+4j..16+4j+3,
+   lane 4 + j the second's; a last odd block: lane l its inputs 4l..4l+3), then lane l < left
+   gets m s of block blocks + l and the others m 0 (0, or -0 for Q4_0, as q4_rest's vector has
+   them); returns the 16 rows' sums of the lanes in hsum's order,
+   ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). */
+static inline __m512 amx_finish(__m512 a[8], int64_t nb, int Q40, int f, const int32_t *xt, const uint8_t *wb,
+                                const float *fd, const float *fm, const float *xd, const float *xs) {
+    int64_t blocks = nb / 8 * 8, left = nb - blocks;
+    for (int64_t u = blocks; u < nb; u += 2) {
+        for (int l = 0; l < 8; l++) {
+            int pair = u + 1 < nb;
+            int64_t blk = pair ? u + l / 4 : u;
+            __m512i dot = amx_vnni(_mm512_setzero_si512(), wb, blk, f, pair ? l % 4 : l, xt);
+            if (pair) dot = amx_vnni(dot, wb, blk, f, 4 + l % 4, xt);
+            a[l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                   _mm512_mul_ps(_mm512_set1_ps(fd[f * nb + blk]), _mm512_loadu_ps(xd + blk * 16)), a[l]);
+        }
+    }
+    if (left)
+        for (int l = 0; l < 8; l++)
+            a[l] = _mm512_fmadd_ps(_mm512_set1_ps(l < left ? fm[f * nb + blocks + l] : (Q40 ? -0.0f : 0.0f)),
+                                   l < left ? _mm512_loadu_ps(xs + (blocks + l) * 16) : _mm512_setzero_ps(), a[l]);
+    return _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                         _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])));
+}
+
+/* Q4 product of m rows on the tiles, after quantize_rows with `tiled`: each thread's features
+   16 at a time, unpacked once, then every row tile (amx_tile), its lanes added in hsum's order
+   (((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))). -1 when out of memory. */
+static int q_linear_amx(int64_t m, int64_t k, const int32_t *tiled, const float *xd, const float *xs,
+                        const uint8_t *qs, const uint16_t *d, const uint16_t *mn, int64_t n, void *out,
+                        int bf16, int nt) {
+    int64_t nb = k / 32, tiles = (n + 15) / 16, rowtiles = (m + 15) / 16;
+    size_t wsize = (size_t)(nb * 512), ssize = (size_t)(nb * 16);
+    uint8_t *wball = malloc(wsize * (size_t)nt);
+    float *sall = malloc(sizeof(float) * ssize * 2 * (size_t)nt);
+    float *td = calloc((size_t)(rowtiles * nb * 16), sizeof(float)), *ts = calloc((size_t)(rowtiles * nb * 16), sizeof(float));
+    if (!wball || !sall || !td || !ts) {
+        free(wball);
+        free(sall);
+        free(td);
+        free(ts);
+        return -1;
+    }
+    for (int64_t r = 0; r < m; r++)   /* the rows' scales as tiles: [row tile][block][16] */
+        for (int64_t b = 0; b < nb; b++) {
+            td[((r / 16) * nb + b) * 16 + r % 16] = xd[r * nb + b];
+            ts[((r / 16) * nb + b) * 16 + r % 16] = xs[r * nb + b];
+        }
+    #pragma omp parallel num_threads(nt)
+    {
+        int me = omp_get_thread_num();
+        uint8_t *wb = wball + wsize * (size_t)me;
+        float *fd = sall + ssize * 2 * (size_t)me, *fm = fd + ssize;
+        amx_configure();
+        #pragma omp for schedule(static)
+        for (int64_t tile = 0; tile < tiles; tile++) {
+            int64_t f0 = tile * 16;
+            int F = n - f0 < 16 ? (int)(n - f0) : 16;
+            float acc[16][8][16];
+            amx_weights(qs + f0 * (k / 2), d + f0 * nb, mn ? mn + f0 * nb : NULL, nb, F, wb, fd, fm);
+            for (int64_t rt = 0; rt < rowtiles; rt++) {
+                int R = m - rt * 16 < 16 ? (int)(m - rt * 16) : 16;
+                amx_tile(nb, tiled + rt * nb * 128, wb, fd, fm, td + rt * nb * 16,
+                         ts + rt * nb * 16, acc);
+                for (int f = 0; f < F; f++) {
+                    __m512 a[8];
+                    float sum[16];
+                    for (int l = 0; l < 8; l++) a[l] = _mm512_loadu_ps(acc[f][l]);
+                    _mm512_storeu_ps(sum, amx_finish(a, nb, mn == NULL, f, tiled + rt * nb * 128, wb, fd, fm,
+                                                     td + rt * nb * 16, ts + rt * nb * 16));
+                    for (int r = 0; r < R; r++) store(out, (rt * 16 + r) * n + f0 + f, sum[r], bf16);
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(wball);
+    free(sall);
+    free(td);
+    free(ts);
+    return 0;
+}
+
+/* rows from which a Q4 product runs on the tiles */
+#define AMX_ROWS 16
+#else
+int q4_amx_enable(void) { return 0; }
+#endif
+
 /* out [m, n] = x [m, k] (quantized here) times w^T, w [n, k]: a Q4 weight (bits 4: qs uint8
    [n, k / 2], d and mn float16 [n, k / 32]; mn NULL for Q4_0, m = -8 d) or a Q8_0 one (bits 8:
    qs int8 [n, k], d; mn unused). x and out float32, or both bfloat16 with `bf16` (each output
@@ -533,10 +776,18 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     /* scales per row: Q4 a vector per group of 8 blocks, Q8_0 a vector per unit */
     int64_t vectors = bits == 4 ? scales_per_row(nb) / 8 : nb / 2 + nb % 2;
     int8_t *xq = malloc((size_t)(m * k));
+    int32_t *tiled = NULL;   /* the AMX path's activations (tile_block), rows padded to 16 */
+#ifdef AMX_ROWS
+    int amx = bits == 4 && amx_ready && m >= AMX_ROWS && groups > 0;
+#else
+    int amx = 0;
+#endif
     float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
     float *xv = malloc(sizeof(float) * (size_t)(m * vectors * 8));
     uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
-    if (!xq || !xd || !xs || !xv || (bf16 && !xf)) {
+    if (amx) tiled = calloc((size_t)((m + 15) / 16 * 16), (size_t)k);
+    if (!xq || !xd || !xs || !xv || (bf16 && !xf) || (amx && !tiled)) {
+        free(tiled);
         free(xq);
         free(xd);
         free(xs);
@@ -549,9 +800,21 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
         widen_bf16(x_in, m * k, xf);
         x = (const float *)xf;
     }
-    quantize_rows(x, m, k, bits == 4, xq, xd, xs, nt);
+    quantize_rows(x, m, k, bits == 4, xq, xd, xs, tiled, nt);
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
     else unit_scales(xd, m, nb, xv);
+#ifdef AMX_ROWS
+    if (tiled) {
+        int failed = q_linear_amx(m, k, tiled, xd, xs, qs, d, mn, n, out, bf16, nt);
+        free(tiled);
+        free(xq);
+        free(xd);
+        free(xs);
+        free(xv);
+        free(xf);
+        return failed;
+    }
+#endif
     /* chunks of about CHUNK features, as many as a multiple of the threads (even shares) */
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
     chunks = (chunks + nt - 1) / nt * nt;

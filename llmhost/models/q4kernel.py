@@ -34,13 +34,16 @@ VNNI = ((("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")),
         (("avx_vnni",), ("-mavxvnni",)))
 
 
+# AMX's 8-bit tile products for the whole groups of many rows (a prefill), where the CPU has
+# them (Sapphire Rapids and later, which all have AVX-512): q4kernel.c's q_linear_amx
+AMX = (("amx_tile", "amx_int8", "avx512_vnni"), ("-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512vnni"))
+
+
 def compile_flags(flags: frozenset) -> tuple[str, ...]:
-    """The compiler's flags for a CPU with `flags`: AVX2, FMA, F16C, and VNNI
-    when it has either kind."""
-    for needs, extra in VNNI:
-        if set(needs) <= flags:
-            return COMPILE + extra
-    return COMPILE
+    """The compiler's flags for a CPU with `flags`: AVX2, FMA, F16C, VNNI
+    when it has either kind, and AMX where it has it."""
+    extra = next((extra for needs, extra in VNNI if set(needs) <= flags), ())
+    return COMPILE + extra + (AMX[1] if set(AMX[0]) <= flags else ())
 
 
 _P, _N = ctypes.c_void_p, ctypes.c_int64
@@ -66,7 +69,13 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
     for fn in (lib.q4_requantize, lib.q4_dequantize):
         fn.restype = None
     lib.q_linear.restype = ctypes.c_int
+    # the tiles, where the build has them and Linux grants this process their state
+    if lib.q4_amx_enable():
+        log.info("int4 products of %d rows or more run on AMX tiles", AMX_ROWS)
     return lib, ""
+
+
+AMX_ROWS = 16   # q4kernel.c's AMX_ROWS
 
 
 def available() -> tuple[bool, str]:
