@@ -786,14 +786,10 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     float *xv = malloc(sizeof(float) * (size_t)(m * vectors * 8));
     uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
     if (amx) tiled = calloc((size_t)((m + 15) / 16 * 16), (size_t)k);
+    int failed = 0;
     if (!xq || !xd || !xs || !xv || (bf16 && !xf) || (amx && !tiled)) {
-        free(tiled);
-        free(xq);
-        free(xd);
-        free(xs);
-        free(xv);
-        free(xf);
-        return -1;
+        failed = -1;
+        goto done;
     }
     const float *x = x_in;
     if (bf16) {
@@ -805,14 +801,8 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     else unit_scales(xd, m, nb, xv);
 #ifdef AMX_ROWS
     if (tiled) {
-        int failed = q_linear_amx(m, k, tiled, xd, xs, qs, d, mn, n, out, bf16, nt);
-        free(tiled);
-        free(xq);
-        free(xd);
-        free(xs);
-        free(xv);
-        free(xf);
-        return failed;
+        failed = q_linear_amx(m, k, tiled, xd, xs, qs, d, mn, n, out, bf16, nt);
+        goto done;
     }
 #endif
     /* chunks of about CHUNK features, as many as a multiple of the threads (even shares) */
@@ -839,12 +829,14 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
             } while (p.g0 < groups);
         }
     }
+done:
+    free(tiled);
     free(xq);
     free(xd);
     free(xs);
     free(xv);
     free(xf);
-    return 0;
+    return failed;
 }
 
 /* w [n, k] float32: a Q4 weight's values, d * q + m (mn NULL: Q4_0, m = -8 d), for a
