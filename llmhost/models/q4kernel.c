@@ -64,20 +64,12 @@ static inline __m256i quantize_block(const float *p, float *d, float *s) {
    (the order the weights' transpose, group_weights, leaves them in) */
 static const int GROUP_LANES[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 
-/* The AMX path's copy of the activations (q_linear_amx): per 16 rows and block, 8 x 16 dwords,
-   dword t of row r (inputs 4t..4t+3 of the block, input order) at [t][r]: a tile's layout, and
-   16 rows' same 4 inputs in one vector. `q`: the block's 8 dwords. */
-static inline void tile_block(int32_t *tiled, int64_t nb, int64_t row, int64_t block, const int32_t q[8]) {
-    int32_t *at = tiled + ((row / 16) * nb + block) * 128 + row % 16;
-    for (int t = 0; t < 8; t++) at[16 * t] = q[t];
-}
-
 /* x [m, k] float32 -> xq int8 [m, k], xd (scale) and xs (scale * sum of the block's q) float
    [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
    i of 32 bytes, lane l: inputs 4i..4i+3 of block GROUP_LANES[l]) and the blocks after the last
    whole group in pair order; without it (Q8_0) pair order throughout. */
 static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
-                          float *xs, int32_t *tiled, int nt) {
+                          float *xs, int nt) {
     int64_t nb = k / 32, groups = grouped ? nb / 8 : 0, first = 8 * groups, pairs = (nb - first) / 2;
     #pragma omp parallel for num_threads(nt) schedule(static) if (m * groups > 256)
     for (int64_t i = 0; i < m * groups; i++) {
@@ -87,7 +79,6 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int
             _mm256_storeu_si256((__m256i *)q[j], quantize_block(x + (b + j) * 32, xd + b + j, xs + b + j));
         for (int v = 0; v < 8; v++)
             for (int l = 0; l < 8; l++) out[8 * v + l] = q[GROUP_LANES[l]][v];
-        for (int j = 0; tiled && j < 8; j++) tile_block(tiled, nb, i / groups, 8 * (i % groups) + j, q[j]);
     }
     #pragma omp parallel for num_threads(nt) schedule(static) if (m * pairs > 1024)
     for (int64_t i = 0; i < m * pairs; i++) {
@@ -96,21 +87,11 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int
         __m256i c = quantize_block(x + b * 32 + 32, xd + b + 1, xs + b + 1);
         _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permute2x128_si256(a, c, 0x20));
         _mm256_storeu_si256((__m256i *)(xq + b * 32 + 32), _mm256_permute2x128_si256(a, c, 0x31));
-        if (tiled) {
-            int32_t q[2][8];
-            _mm256_storeu_si256((__m256i *)q[0], a);
-            _mm256_storeu_si256((__m256i *)q[1], c);
-            tile_block(tiled, nb, i / pairs, first + 2 * (i % pairs), q[0]);
-            tile_block(tiled, nb, i / pairs, first + 2 * (i % pairs) + 1, q[1]);
-        }
     }
     if ((nb - first) % 2)
         for (int64_t row = 0; row < m; row++) {
             int64_t b = row * nb + nb - 1;
-            int32_t q[8];
-            _mm256_storeu_si256((__m256i *)q, quantize_block(x + b * 32, xd + b, xs + b));
-            memcpy(xq + b * 32, q, 32);
-            if (tiled) tile_block(tiled, nb, row, nb - 1, q);
+            _mm256_storeu_si256((__m256i *)(xq + b * 32), quantize_block(x + b * 32, xd + b, xs + b));
         }
 }
 
@@ -697,62 +678,71 @@ static inline __m512 amx_finish(__m512 a[8], int64_t nb, int Q40, int f, const i
                          _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])));
 }
 
-/* Q4 product of m rows on the tiles, after quantize_rows with `tiled`: each thread's features
-   16 at a time, unpacked once, then every row tile (amx_tile), its lanes added in hsum's order
-   (((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))). -1 when out of memory. */
-static int q_linear_amx(int64_t m, int64_t k, const int32_t *tiled, const float *xd, const float *xs,
-                        const uint8_t *qs, const uint16_t *d, const uint16_t *mn, int64_t n, void *out,
-                        int bf16, int nt) {
+/* Q4 product of m rows on the tiles (q_linear's, where it runs): the rows quantized as
+   quantize_block does (the same 8-bit values and scales as the other tiles'), each block's
+   dwords written in the tiles' layout (per 16 rows and block, dword t of row r, inputs
+   4t..4t+3, at [t][r]: 16 rows' same 4 inputs are one vector) and their scales likewise, by
+   both threads; then each thread's features 16 at a time, unpacked once, through every row tile
+   (amx_tile, amx_finish). -1 when out of memory. */
+static int q_linear_amx(const void *x, int bf16, int64_t m, int64_t k, const uint8_t *qs,
+                        const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
     int64_t nb = k / 32, tiles = (n + 15) / 16, rowtiles = (m + 15) / 16;
     size_t wsize = (size_t)(nb * 512), ssize = (size_t)(nb * 16);
+    int32_t *tiled = calloc((size_t)(rowtiles * 16), (size_t)k);
     uint8_t *wball = malloc(wsize * (size_t)nt);
     float *sall = malloc(sizeof(float) * ssize * 2 * (size_t)nt);
     float *td = calloc((size_t)(rowtiles * nb * 16), sizeof(float)), *ts = calloc((size_t)(rowtiles * nb * 16), sizeof(float));
-    if (!wball || !sall || !td || !ts) {
-        free(wball);
-        free(sall);
-        free(td);
-        free(ts);
-        return -1;
-    }
-    for (int64_t r = 0; r < m; r++)   /* the rows' scales as tiles: [row tile][block][16] */
-        for (int64_t b = 0; b < nb; b++) {
-            td[((r / 16) * nb + b) * 16 + r % 16] = xd[r * nb + b];
-            ts[((r / 16) * nb + b) * 16 + r % 16] = xs[r * nb + b];
-        }
-    #pragma omp parallel num_threads(nt)
-    {
-        int me = omp_get_thread_num();
-        uint8_t *wb = wball + wsize * (size_t)me;
-        float *fd = sall + ssize * 2 * (size_t)me, *fm = fd + ssize;
-        amx_configure();
-        #pragma omp for schedule(static)
-        for (int64_t tile = 0; tile < tiles; tile++) {
-            int64_t f0 = tile * 16;
-            int F = n - f0 < 16 ? (int)(n - f0) : 16;
-            float acc[16][8][16];
-            amx_weights(qs + f0 * (k / 2), d + f0 * nb, mn ? mn + f0 * nb : NULL, nb, F, wb, fd, fm);
-            for (int64_t rt = 0; rt < rowtiles; rt++) {
-                int R = m - rt * 16 < 16 ? (int)(m - rt * 16) : 16;
-                amx_tile(nb, tiled + rt * nb * 128, wb, fd, fm, td + rt * nb * 16,
-                         ts + rt * nb * 16, acc);
-                for (int f = 0; f < F; f++) {
-                    __m512 a[8];
-                    float sum[16];
-                    for (int l = 0; l < 8; l++) a[l] = _mm512_loadu_ps(acc[f][l]);
-                    _mm512_storeu_ps(sum, amx_finish(a, nb, mn == NULL, f, tiled + rt * nb * 128, wb, fd, fm,
-                                                     td + rt * nb * 16, ts + rt * nb * 16));
-                    for (int r = 0; r < R; r++) store(out, (rt * 16 + r) * n + f0 + f, sum[r], bf16);
+    int failed = !tiled || !wball || !sall || !td || !ts;
+    if (!failed) {
+        #pragma omp parallel num_threads(nt)
+        {
+            int me = omp_get_thread_num();
+            uint8_t *wb = wball + wsize * (size_t)me;
+            float *fd = sall + ssize * 2 * (size_t)me, *fm = fd + ssize;
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < m * nb; i++) {
+                int64_t r = i / nb, b = i % nb, at = ((r / 16) * nb + b) * 16 + r % 16;
+                float wide[32], sd, ss;
+                const float *p = (const float *)x + i * 32;
+                if (bf16) {
+                    widen_bf16((const uint16_t *)x + i * 32, 32, (uint32_t *)wide);
+                    p = wide;
+                }
+                int32_t q[8];
+                _mm256_storeu_si256((__m256i *)q, quantize_block(p, &sd, &ss));
+                for (int t = 0; t < 8; t++) tiled[at / 16 * 128 + 16 * t + r % 16] = q[t];
+                td[at] = sd;
+                ts[at] = ss;
+            }
+            amx_configure();
+            #pragma omp for schedule(static)
+            for (int64_t tile = 0; tile < tiles; tile++) {
+                int64_t f0 = tile * 16;
+                int F = n - f0 < 16 ? (int)(n - f0) : 16;
+                float acc[16][8][16];
+                amx_weights(qs + f0 * (k / 2), d + f0 * nb, mn ? mn + f0 * nb : NULL, nb, F, wb, fd, fm);
+                for (int64_t rt = 0; rt < rowtiles; rt++) {
+                    int R = m - rt * 16 < 16 ? (int)(m - rt * 16) : 16;
+                    amx_tile(nb, tiled + rt * nb * 128, wb, fd, fm, td + rt * nb * 16, ts + rt * nb * 16, acc);
+                    for (int f = 0; f < F; f++) {
+                        __m512 a[8];
+                        float sum[16];
+                        for (int l = 0; l < 8; l++) a[l] = _mm512_loadu_ps(acc[f][l]);
+                        _mm512_storeu_ps(sum, amx_finish(a, nb, mn == NULL, f, tiled + rt * nb * 128, wb, fd, fm,
+                                                         td + rt * nb * 16, ts + rt * nb * 16));
+                        for (int r = 0; r < R; r++) store(out, (rt * 16 + r) * n + f0 + f, sum[r], bf16);
+                    }
                 }
             }
+            _tile_release();
         }
-        _tile_release();
     }
+    free(tiled);
     free(wball);
     free(sall);
     free(td);
     free(ts);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* rows from which a Q4 product runs on the tiles */
@@ -775,19 +765,16 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     int64_t span = pass_groups(bits, k);
     /* scales per row: Q4 a vector per group of 8 blocks, Q8_0 a vector per unit */
     int64_t vectors = bits == 4 ? scales_per_row(nb) / 8 : nb / 2 + nb % 2;
-    int8_t *xq = malloc((size_t)(m * k));
-    int32_t *tiled = NULL;   /* the AMX path's activations (tile_block), rows padded to 16 */
 #ifdef AMX_ROWS
-    int amx = bits == 4 && amx_ready && m >= AMX_ROWS && groups > 0;
-#else
-    int amx = 0;
+    if (bits == 4 && amx_ready && m >= AMX_ROWS && groups > 0)
+        return q_linear_amx(x_in, bf16, m, k, qs, d, mn, n, out, nt);
 #endif
+    int8_t *xq = malloc((size_t)(m * k));
     float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
     float *xv = malloc(sizeof(float) * (size_t)(m * vectors * 8));
     uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
-    if (amx) tiled = calloc((size_t)((m + 15) / 16 * 16), (size_t)k);
     int failed = 0;
-    if (!xq || !xd || !xs || !xv || (bf16 && !xf) || (amx && !tiled)) {
+    if (!xq || !xd || !xs || !xv || (bf16 && !xf)) {
         failed = -1;
         goto done;
     }
@@ -796,15 +783,9 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
         widen_bf16(x_in, m * k, xf);
         x = (const float *)xf;
     }
-    quantize_rows(x, m, k, bits == 4, xq, xd, xs, tiled, nt);
+    quantize_rows(x, m, k, bits == 4, xq, xd, xs, nt);
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
     else unit_scales(xd, m, nb, xv);
-#ifdef AMX_ROWS
-    if (tiled) {
-        failed = q_linear_amx(m, k, tiled, xd, xs, qs, d, mn, n, out, bf16, nt);
-        goto done;
-    }
-#endif
     /* chunks of about CHUNK features, as many as a multiple of the threads (even shares) */
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
     chunks = (chunks + nt - 1) / nt * nt;
@@ -830,7 +811,6 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
         }
     }
 done:
-    free(tiled);
     free(xq);
     free(xd);
     free(xs);
