@@ -529,7 +529,7 @@ static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
    and the lanes are added in hsum's order, so a row's result is the same bits as on the other
    tiles (rows_alone). The weights are unpacked once per call and 16 features, and read by all
    row tiles. */
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__)
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -565,21 +565,48 @@ static void amx_configure(void) {
 /* lane of block j of a group in group_dot's lanes (GROUP_LANES inverted) */
 static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
-/* F (<= 16) features' blocks (wq: the first's, rows of k / 2 bytes) unpacked: wb [nb][16][32]
-   unsigned, input order, features past F zero; their d and m (Q4_0: d * -8, as q4_group
-   computes it) as floats, fd / fm [16][nb] */
+/* out[i..i + count) = the first count of v, as store() writes each: float32, or bfloat16
+   rounded to nearest even with a NaN as 0x7fc0 */
+static inline void store16(void *out, int64_t i, __m512 v, int count, int bf16) {
+    __mmask16 keep = (__mmask16)((1u << count) - 1);
+    if (!bf16) {
+        _mm512_mask_storeu_ps((float *)out + i, keep, v);
+        return;
+    }
+    __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                                     _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+    r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), nan, _mm512_set1_epi32(0x7fc0));
+    _mm256_mask_storeu_epi16((uint16_t *)out + i, keep, _mm512_cvtepi32_epi16(r));
+}
+
+/* F (<= 16) features' blocks (wq: the first's, rows of k / 2 bytes) unpacked: wb [16][nb][32]
+   unsigned, input order (a tile's row of a block: 32 bytes, features nb * 32 bytes apart),
+   features past F zero; their d and m (Q4_0: d * -8, as q4_group computes it) as floats,
+   fd / fm [16][nb] */
 static void amx_weights(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
                         int F, uint8_t *wb, float *fd, float *fm) {
-    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m256i low = _mm256_set1_epi8(0x0F);
     for (int f = 0; f < 16; f++) {
-        for (int64_t b = 0; b < nb; b++) {
-            uint8_t *at = wb + (b * 16 + f) * 32;
-            if (f < F) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)(wq + f * (nb * 16) + b * 16));
-                _mm_storeu_si128((__m128i *)at, _mm_and_si128(raw, low));
-                _mm_storeu_si128((__m128i *)(at + 16), _mm_and_si128(_mm_srli_epi16(raw, 4), low));
-            } else {
-                memset(at, 0, 32);
+        uint8_t *row = wb + f * nb * 32;
+        const uint8_t *raw = wq + f * (nb * 16);
+        if (f >= F) {
+            memset(row, 0, (size_t)(nb * 32));
+        } else {
+            int64_t b = 0;
+            for (; b + 2 <= nb; b += 2) {   /* two blocks: [lo 0, lo 1 | hi 0, hi 1] -> [lo 0, hi 0, lo 1, hi 1] */
+                __m256i two = _mm256_loadu_si256((const __m256i *)(raw + b * 16));
+                __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(two, low)),
+                                                  _mm256_and_si256(_mm256_srli_epi16(two, 4), low), 1);
+                _mm512_storeu_si512(row + b * 32, _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0)));
+            }
+            if (b < nb) {
+                __m128i one = _mm_loadu_si128((const __m128i *)(raw + b * 16));
+                _mm_storeu_si128((__m128i *)(row + b * 32), _mm_and_si128(one, _mm256_castsi256_si128(low)));
+                _mm_storeu_si128((__m128i *)(row + b * 32 + 16),
+                                 _mm_and_si128(_mm_srli_epi16(one, 4), _mm256_castsi256_si128(low)));
             }
         }
         int64_t b = 0;
@@ -597,18 +624,20 @@ static void amx_weights(const uint8_t *wq, const uint16_t *wd, const uint16_t *w
 }
 
 /* dword t of feature f's block b (unpacked) times 16 rows' (xt: the block's tiled activations) */
-static inline __m512i amx_vnni(__m512i sum, const uint8_t *wb, int64_t b, int f, int t, const int32_t *xt) {
-    return _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(*(const int32_t *)(wb + (b * 16 + f) * 32 + 4 * t)),
+static inline __m512i amx_vnni(__m512i sum, const uint8_t *wb, int64_t nb, int64_t b, int f, int t,
+                               const int32_t *xt) {
+    return _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(*(const int32_t *)(wb + (f * nb + b) * 32 + 4 * t)),
                                _mm512_loadu_si512(xt + b * 128 + t * 16));
 }
 
 /* group g's 8 block sums of the 16 features of wb and the row tile xt, into out [block][f][r] */
-static inline void amx_group_sums(int64_t g, const uint8_t *wb, const int32_t *xt, int32_t out[8][16][16]) {
+static inline void amx_group_sums(int64_t g, int64_t nb, const uint8_t *wb, const int32_t *xt,
+                                  int32_t out[8][16][16]) {
     for (int j = 0; j < 8; j += 2) {
         int64_t b = 8 * g + j;
-        _tile_loadd(2, wb + b * 512, 32);
+        _tile_loadd(2, wb + b * 32, nb * 32);
         _tile_loadd(4, xt + b * 128, 64);
-        _tile_loadd(3, wb + b * 512 + 512, 32);
+        _tile_loadd(3, wb + b * 32 + 32, nb * 32);
         _tile_loadd(5, xt + b * 128 + 128, 64);
         _tile_zero(0);
         _tile_zero(1);
@@ -628,9 +657,9 @@ static void amx_tile(int64_t nb, const int32_t *xt, const uint8_t *wb, const flo
     int32_t sums[2][8][16][16];   /* a group's block sums, [block][feature][row]; two groups */
     memset(acc, 0, sizeof(float) * 16 * 8 * 16);
     /* the tiles compute the next group's sums while the vector units scale this one's */
-    if (groups) amx_group_sums(0, wb, xt, sums[0]);
+    if (groups) amx_group_sums(0, nb, wb, xt, sums[0]);
     for (int64_t g = 0; g < groups; g++) {
-        if (g + 1 < groups) amx_group_sums(g + 1, wb, xt, sums[(g + 1) % 2]);
+        if (g + 1 < groups) amx_group_sums(g + 1, nb, wb, xt, sums[(g + 1) % 2]);
         __m512 dx[8], sx[8];   /* the group's row scales, read by all 16 features */
         for (int j = 0; j < 8; j++) {
             dx[j] = _mm512_loadu_ps(xd + (8 * g + j) * 16);
@@ -664,8 +693,8 @@ static inline __m512 amx_finish(__m512 a[8], int64_t nb, int Q40, int f, const i
         for (int l = 0; l < 8; l++) {
             int pair = u + 1 < nb;
             int64_t blk = pair ? u + l / 4 : u;
-            __m512i dot = amx_vnni(_mm512_setzero_si512(), wb, blk, f, pair ? l % 4 : l, xt);
-            if (pair) dot = amx_vnni(dot, wb, blk, f, 4 + l % 4, xt);
+            __m512i dot = amx_vnni(_mm512_setzero_si512(), wb, nb, blk, f, pair ? l % 4 : l, xt);
+            if (pair) dot = amx_vnni(dot, wb, nb, blk, f, 4 + l % 4, xt);
             a[l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
                                    _mm512_mul_ps(_mm512_set1_ps(fd[f * nb + blk]), _mm512_loadu_ps(xd + blk * 16)), a[l]);
         }
@@ -724,14 +753,17 @@ static int q_linear_amx(const void *x, int bf16, int64_t m, int64_t k, const uin
                 for (int64_t rt = 0; rt < rowtiles; rt++) {
                     int R = m - rt * 16 < 16 ? (int)(m - rt * 16) : 16;
                     amx_tile(nb, tiled + rt * nb * 128, wb, fd, fm, td + rt * nb * 16, ts + rt * nb * 16, acc);
+                    float sums[16][16];   /* [feature][row] */
                     for (int f = 0; f < F; f++) {
                         __m512 a[8];
-                        float sum[16];
                         for (int l = 0; l < 8; l++) a[l] = _mm512_loadu_ps(acc[f][l]);
-                        _mm512_storeu_ps(sum, amx_finish(a, nb, mn == NULL, f, tiled + rt * nb * 128, wb, fd, fm,
-                                                         td + rt * nb * 16, ts + rt * nb * 16));
-                        for (int r = 0; r < R; r++) store(out, (rt * 16 + r) * n + f0 + f, sum[r], bf16);
+                        _mm512_storeu_ps(sums[f], amx_finish(a, nb, mn == NULL, f, tiled + rt * nb * 128, wb, fd,
+                                                             fm, td + rt * nb * 16, ts + rt * nb * 16));
                     }
+                    const __m512i across = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                                                12, 13, 14, 15), _mm512_set1_epi32(16));
+                    for (int r = 0; r < R; r++)   /* row r's F results, stored as store() does */
+                        store16(out, (rt * 16 + r) * n + f0, _mm512_i32gather_ps(across, &sums[0][r], 4), F, bf16);
                 }
             }
             _tile_release();

@@ -36,7 +36,8 @@ VNNI = ((("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")),
 
 # AMX's 8-bit tile products for the whole groups of many rows (a prefill), where the CPU has
 # them (Sapphire Rapids and later, which all have AVX-512): q4kernel.c's q_linear_amx
-AMX = (("amx_tile", "amx_int8", "avx512_vnni"), ("-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512vnni"))
+AMX = (("amx_tile", "amx_int8", "avx512_vnni", "avx512bw", "avx512vl"),
+       ("-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512vnni", "-mavx512bw", "-mavx512vl"))
 
 
 def compile_flags(flags: frozenset) -> tuple[str, ...]:
