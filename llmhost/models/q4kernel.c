@@ -519,9 +519,9 @@ static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
 }
 
 /* AMX (Sapphire Rapids and later; q4kernel.py compiles this part where the CPU has amx_int8,
-   amx_tile and AVX-512 VNNI): a Q4 product of many rows (a prefill) 16 features x 16 rows at a
+   amx_tile and AVX-512 VNNI, BW and VL): a Q4 product of many rows (a prefill) 16 features x 16 rows at a
    time. One tdpbusd multiplies a block's unsigned weights of 16 features (16 x 32 bytes) by its
-   8-bit activations of 16 rows (tile_block's layout) into 16 x 16 int32 block sums, the
+   8-bit activations of 16 rows (q_linear_amx's layout) into 16 x 16 int32 block sums, the
    integers group_dot's lanes hold; the blocks after the whole groups (k not a multiple of 256)
    take AVX-512 VNNI over the 16 rows, the partial sums of their units' lanes, the integers
    q4_dot's lanes hold. Each is converted, scaled and added with the same float operations, in
@@ -550,7 +550,7 @@ struct tile_config {
 };
 
 /* tiles 0, 1: block sums (16 features x 16 rows of int32); 2, 3: weights (16 features x 32
-   bytes, one block); 4, 5: activations (8 x 64 bytes: tile_block's). Two blocks at a time. */
+   bytes, one block); 4, 5: activations (8 x 64 bytes: q_linear_amx's). Two blocks at a time. */
 static void amx_configure(void) {
     struct tile_config c;
     memset(&c, 0, sizeof c);

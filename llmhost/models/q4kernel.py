@@ -34,8 +34,9 @@ VNNI = ((("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")),
         (("avx_vnni",), ("-mavxvnni",)))
 
 
-# AMX's 8-bit tile products for the whole groups of many rows (a prefill), where the CPU has
-# them (Sapphire Rapids and later, which all have AVX-512): q4kernel.c's q_linear_amx
+# AMX's 8-bit tile products for the Q4 products of many rows (a prefill), where the CPU has
+# them (Sapphire Rapids and later, which all have the AVX-512 parts it also uses):
+# q4kernel.c's q_linear_amx
 AMX = (("amx_tile", "amx_int8", "avx512_vnni", "avx512bw", "avx512vl"),
        ("-mamx-tile", "-mamx-int8", "-mavx512f", "-mavx512vnni", "-mavx512bw", "-mavx512vl"))
 
