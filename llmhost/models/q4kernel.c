@@ -534,13 +534,17 @@ static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
 #include <sys/syscall.h>
 #include <unistd.h>
 
+/* rows from which a Q4 product runs on the tiles (below about 12, unpacking the weights cost
+   more than the tiles saved) */
+#define AMX_ROWS 16
+
 static int amx_ready;
 
 /* Linux gives a process the tiles' state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM,
-   XFEATURE_XTILEDATA); 1 when granted */
+   XFEATURE_XTILEDATA): AMX_ROWS when granted, else 0 */
 int q4_amx_enable(void) {
     amx_ready = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-    return amx_ready;
+    return amx_ready ? AMX_ROWS : 0;
 }
 
 struct tile_config {
@@ -753,17 +757,17 @@ static int q_linear_amx(const void *x, int bf16, int64_t m, int64_t k, const uin
                 for (int64_t rt = 0; rt < rowtiles; rt++) {
                     int R = m - rt * 16 < 16 ? (int)(m - rt * 16) : 16;
                     amx_tile(nb, tiled + rt * nb * 128, wb, fd, fm, td + rt * nb * 16, ts + rt * nb * 16, acc);
-                    float sums[16][16];   /* [feature][row] */
-                    for (int f = 0; f < F; f++) {
+                    float results[16][16];   /* [feature][row]; features past F (zero weights) too */
+                    for (int f = 0; f < 16; f++) {
                         __m512 a[8];
                         for (int l = 0; l < 8; l++) a[l] = _mm512_loadu_ps(acc[f][l]);
-                        _mm512_storeu_ps(sums[f], amx_finish(a, nb, mn == NULL, f, tiled + rt * nb * 128, wb, fd,
-                                                             fm, td + rt * nb * 16, ts + rt * nb * 16));
+                        _mm512_storeu_ps(results[f], amx_finish(a, nb, mn == NULL, f, tiled + rt * nb * 128, wb,
+                                                                fd, fm, td + rt * nb * 16, ts + rt * nb * 16));
                     }
-                    const __m512i across = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                                                                12, 13, 14, 15), _mm512_set1_epi32(16));
+                    const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176,
+                                                             192, 208, 224, 240);
                     for (int r = 0; r < R; r++)   /* row r's F results, stored as store() does */
-                        store16(out, (rt * 16 + r) * n + f0, _mm512_i32gather_ps(across, &sums[0][r], 4), F, bf16);
+                        store16(out, (rt * 16 + r) * n + f0, _mm512_i32gather_ps(column, &results[0][r], 4), F, bf16);
                 }
             }
             _tile_release();
@@ -777,8 +781,6 @@ static int q_linear_amx(const void *x, int bf16, int64_t m, int64_t k, const uin
     return failed ? -1 : 0;
 }
 
-/* rows from which a Q4 product runs on the tiles */
-#define AMX_ROWS 16
 #else
 int q4_amx_enable(void) { return 0; }
 #endif

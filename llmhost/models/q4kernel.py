@@ -72,12 +72,10 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
         fn.restype = None
     lib.q_linear.restype = ctypes.c_int
     # the tiles, where the build has them and Linux grants this process their state
-    if lib.q4_amx_enable():
-        log.info("int4 products of %d rows or more run on AMX tiles", AMX_ROWS)
+    rows = lib.q4_amx_enable()
+    if rows:
+        log.info("int4 products of %d rows or more run on AMX tiles", rows)
     return lib, ""
-
-
-AMX_ROWS = 16   # q4kernel.c's AMX_ROWS
 
 
 def available() -> tuple[bool, str]:
