@@ -63,6 +63,8 @@ static inline __m256i quantize_block(const float *p, float *d, float *s) {
 /* Lane order's blocks: lane l of a group's vectors holds block GROUP_LANES[l] of the group's 8
    (the order the weights' transpose, group_weights, leaves them in) */
 static const int GROUP_LANES[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+/* lane of block j of a group (GROUP_LANES inverted) */
+static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
 /* x [m, k] float32 -> xq int8 [m, k], xd (scale) and xs (scale * sum of the block's q) float
    [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
@@ -136,23 +138,25 @@ static inline __m256i dot4(__m256i u, __m256i s) {
 
 /* 8 int32 partial sums of a pair of blocks (lanes 0-3: the first block, 4-7: the second) of
    unsigned weights w0 (inputs 0-15 of each) and w1 (16-31) with activations y (pair order) */
-static inline __m256 pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
+static inline __m256i pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
     __m256i y0 = _mm256_loadu_si256((const __m256i *)y), y1 = _mm256_loadu_si256((const __m256i *)(y + 32));
 #ifdef DPBUSD
-    return _mm256_cvtepi32_ps(DPBUSD(DPBUSD(_mm256_setzero_si256(), w0, y0), w1, y1));
+    return DPBUSD(DPBUSD(_mm256_setzero_si256(), w0, y0), w1, y1);
 #else
     /* each 16-bit sum is at most 2 * 15 * 127 per vpmaddubsw: the two add without overflow */
     __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, y0), _mm256_maddubs_epi16(w1, y1));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 #endif
 }
 
 /* The tiled product. Per (row, feature) ONE float accumulator (8 lanes) takes, in this order:
    - each whole group of 8 blocks (group_dot): its 8 block sums, converted once, times the
      scales' vector dw * dx, then the offsets' term m * s of its 8 blocks (w = d * q + m);
-   - the rest (k not a multiple of 256 inputs): unit by unit (a pair of blocks, pair_dot's
-     lanes, or a last odd block), dot * (dw * dx), then one vector of the rest's m * s;
-   and out = hsum(acc). That sequence depends only on k: a tile of R rows x F features runs
+   - the rest (k not a multiple of 256 inputs), a partial group: the same two steps, each of
+     its blocks' sums in that block's lane of a group (unit_sums), the lanes without a block 0;
+   and out = hsum(acc). (Before the seventeenth session the rest's blocks added 4 partial sums
+   each, in llama.cpp's lanes: other bits. One sum per block lets the AMX tiles compute the rest
+   as they compute a group.) That sequence depends only on k: a tile of R rows x F features runs
    it for each of its R * F (row, feature), each unpacked weight group used for R rows and
    each activation group (memory operands, from L1) for F features. Tiles of any shape, edge
    tiles included, so give a row the same bits alone or batched, at any thread count (llamafile's
@@ -205,10 +209,21 @@ static inline void q8_unit(const int8_t *wq, int pair, __m256i w[4]) {
     w[3] = _mm256_sign_epi8(w[1], w[1]);
 }
 
-/* a unit's dot product with activations y, as floats in the unit's lanes */
-static inline __m256 q4_dot(const __m256i w[2], int pair, const int8_t *y) {
-    if (pair) return pair_dot(w[0], w[1], y);
-    return _mm256_cvtepi32_ps(dot4(w[0], _mm256_loadu_si256((const __m256i *)y)));
+/* Lanes that pick a unit's block sums (after unit_sums' adds: lanes 0 and 4, lane 1 a zero)
+   into a partial group's lanes: unit u's first block (block 2u) at lane u, its second at 4 + u */
+static const int32_t UNIT_LANES[4][8] = {{0, 1, 1, 1, 4, 1, 1, 1}, {1, 0, 1, 1, 1, 4, 1, 1},
+                                        {1, 1, 0, 1, 1, 1, 4, 1}, {1, 1, 1, 0, 1, 1, 1, 4}};
+
+/* unit u's exact int32 block sums with activations y (a pair: pair order; a last odd block: input
+   order) in a partial group's lanes (BLOCK_LANE: block 2u at lane u, 2u + 1 at 4 + u), the
+   other lanes 0 */
+static inline __m256i unit_sums(const __m256i w[2], int pair, int u, const int8_t *y) {
+    const __m256i z = _mm256_setzero_si256();
+    __m256i p = pair ? pair_dot(w[0], w[1], y) : dot4(w[0], _mm256_loadu_si256((const __m256i *)y));
+    p = _mm256_hadd_epi32(_mm256_hadd_epi32(p, z), z);   /* lanes 0 and 4: each half's sum */
+    if (!pair)   /* one block in both halves: their sum in lane 0, the high half 0 */
+        p = _mm256_zextsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+    return u ? _mm256_permutevar8x32_epi32(p, _mm256_loadu_si256((const __m256i *)UNIT_LANES[u])) : p;
 }
 
 /* vpmaddubsw wants an unsigned operand: |w| times y with w's sign; two products of up to
@@ -273,34 +288,34 @@ static inline void group_lanes(const float *vals, float out[8]) {
     for (int l = 0; l < 8; l++) out[l] = vals[GROUP_LANES[l]];
 }
 
-/* The activations' scales per row (xv [m, V] floats, V = scales_per_row(nb)): for each whole
-   group 16 floats in group_dot's lanes, the scales (xd) then their sums' (xs, for the offsets'
-   term); then, where k leaves a partial group, 8 floats (unit lanes: pair_scales') for each
-   of its units (a pair, a last odd block) and 8 with its blocks' xs in order, 0-padded. */
+/* The activations' scales per row (xv [m, V] floats, V = scales_per_row(nb)): for each group,
+   the partial one included, 16 floats in group_dot's lanes, the scales (xd) then their sums'
+   (xs, for the offsets' term); a partial group's lanes without a block 0. */
 static int64_t scales_per_row(int64_t nb) {
-    int64_t left = nb % 8;
-    return nb / 8 * 16 + (left ? (left / 2 + left % 2) * 8 + 8 : 0);
+    return (nb + 7) / 8 * 16;
 }
 
 static void activation_scales(const float *xd, const float *xs, int64_t m, int64_t nb, float *xv) {
-    int64_t V = scales_per_row(nb), full = nb / 8;
-    for (int64_t r = 0; r < m; r++) {
-        float *v = xv + r * V;
-        for (int64_t g = 0; g < full; g++, v += 16) {
-            group_lanes(xd + r * nb + 8 * g, v);
-            group_lanes(xs + r * nb + 8 * g, v + 8);
+    int64_t V = scales_per_row(nb);
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; 8 * g < nb; g++) {
+            float d[8] = {0}, s[8] = {0};
+            int64_t count = nb - 8 * g < 8 ? nb - 8 * g : 8;
+            memcpy(d, xd + r * nb + 8 * g, sizeof(float) * (size_t)count);
+            memcpy(s, xs + r * nb + 8 * g, sizeof(float) * (size_t)count);
+            group_lanes(d, xv + r * V + 16 * g);
+            group_lanes(s, xv + r * V + 16 * g + 8);
         }
-        int64_t first = full * 8;
-        for (int64_t b = first; b < nb; b += 2, v += 8)
-            for (int j = 0; j < 8; j++) v[j] = xd[r * nb + b + (b + 1 < nb && j >= 4)];
-        for (int j = 0; j < 8 && first < nb; j++) v[j] = first + j < nb ? xs[r * nb + first + j] : 0.0f;
-    }
+}
+
+/* 8 float16s of a group (block j at j) as floats in group_dot's lanes */
+static inline __m256 plane_lanes(__m128i h) {
+    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
 }
 
 /* a weight plane's 8 float16s of a whole group in group_dot's lanes */
 static inline __m256 group_plane(const uint16_t *h) {
-    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)),
-                                    _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+    return plane_lanes(_mm_loadu_si128((const __m128i *)h));
 }
 
 /* How far ahead of the weights being read a tile asks for them (_mm_prefetch, a hint: an
@@ -339,32 +354,42 @@ static inline __attribute__((always_inline)) void q4_group(
     }
 }
 
-/* the blocks after the whole groups (`left`, 1..7, a constant where inlined): unit by unit
-   (a pair: pair_dot's lanes; a last odd block: its halves), acc += dot * (dw * dx), then
-   acc += m * s with the blocks' offsets in lanes 0..left-1 */
+/* a weight plane's first `left` float16s (a partial group's) in group_dot's lanes, 0 in the
+   others */
+static inline __m256 rest_plane(const uint16_t *h, int left) {
+    /* the dwords holding them (a masked load reads nothing past them), a last odd one's high
+       float16 (the next plane's) cleared */
+    __m128i v = _mm_maskload_epi32((const int *)h, _mm_cmpgt_epi32(_mm_set1_epi32((left + 1) / 2),
+                                                                  _mm_setr_epi32(0, 1, 2, 3)));
+    if (left % 2) v = _mm_and_si128(v, _mm_cmpgt_epi16(_mm_set1_epi16((short)left), _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7)));
+    return plane_lanes(v);
+}
+
+/* the blocks after the whole groups (`left`, 1..7, a constant where inlined), a partial group:
+   unit by unit (a pair in pair order, a last odd block) their block sums into the group's lanes
+   (unit_sums), then acc += dot * (dw * dx) and acc += m * s as q4_group adds a group */
 static inline __attribute__((always_inline)) void q4_rest(
         int R, int F, int left, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
         const int8_t *xq, const float *xv, __m256 acc[TILE_R][TILE_F]) {
     int64_t k = nb * 32, V = scales_per_row(nb), first = nb - left;
     for (int f = 0; f < F; f++) {
+        __m256i sums[TILE_R];
+        for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
         for (int u = 0; 2 * u < left; u++) {
             int pair = 2 * u + 1 < left;
             int64_t b = first + 2 * u;
             __m256i w[2];
             q4_unit(wq + f * (k / 2) + b * 16, pair, w);
-            __m256 dw = pair ? pair_scales(wd + f * nb + b) : _mm256_set1_ps(_cvtsh_ss(wd[f * nb + b]));
-            for (int r = 0; r < R; r++) {
-                const float *v = xv + r * V + first / 8 * 16 + 8 * u;
-                acc[r][f] = _mm256_fmadd_ps(q4_dot(w, pair, xq + r * k + b * 32),
-                                            _mm256_mul_ps(dw, _mm256_loadu_ps(v)), acc[r][f]);
-            }
+            for (int r = 0; r < R; r++)
+                sums[r] = _mm256_add_epi32(sums[r], unit_sums(w, pair, u, xq + r * k + b * 32));
         }
-        uint16_t t[8] = {0};
-        memcpy(t, (wm ? wm : wd) + f * nb + first, sizeof(uint16_t) * (size_t)left);
-        __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
-        if (!wm) mw = _mm256_mul_ps(mw, _mm256_set1_ps(-8.0f));
-        for (int r = 0; r < R; r++)
-            acc[r][f] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xv + r * V + V - 8), acc[r][f]);
+        __m256 dw = rest_plane(wd + f * nb + first, left);
+        __m256 mw = wm ? rest_plane(wm + f * nb + first, left) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        for (int r = 0; r < R; r++) {
+            const float *v = xv + r * V + V - 16;
+            acc[r][f] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(dw, _mm256_loadu_ps(v)), acc[r][f]);
+            acc[r][f] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(v + 8), acc[r][f]);
+        }
     }
 }
 
@@ -519,16 +544,15 @@ static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
 }
 
 /* AMX (Sapphire Rapids and later; q4kernel.py compiles this part where the CPU has amx_int8,
-   amx_tile and AVX-512 VNNI, BW and VL): a Q4 product of many rows (a prefill) 16 features x 16 rows at a
-   time. One tdpbusd multiplies a block's unsigned weights of 16 features (16 x 32 bytes) by its
-   8-bit activations of 16 rows (q_linear_amx's layout) into 16 x 16 int32 block sums, the
-   integers group_dot's lanes hold; the blocks after the whole groups (k not a multiple of 256)
-   take AVX-512 VNNI over the 16 rows, the partial sums of their units' lanes, the integers
-   q4_dot's lanes hold. Each is converted, scaled and added with the same float operations, in
-   the same order, into the same 8 lanes of its (row, feature)'s accumulator as q4_tile does,
-   and the lanes are added in hsum's order, so a row's result is the same bits as on the other
-   tiles (rows_alone). The weights are unpacked once per call and 16 features, and read by all
-   row tiles. */
+   amx_tile and AVX-512 VNNI, BW and VL): a Q4 product of many rows (a prefill) 16 features x 16
+   rows at a time. One tdpbusd multiplies a block's unsigned weights of 16 features (16 x 32
+   bytes) by its 8-bit activations of 16 rows (q_linear_amx's layout) into 16 x 16 int32 block
+   sums, the integers group_dot's and unit_sums' lanes hold, a partial group's blocks as a whole
+   group's. Each is converted, scaled and added with the same float operations, in the same
+   order, into the same lane of its (row, feature)'s accumulator as q4_tile does, and the lanes
+   are added in hsum's order, so a row's result is the same bits as on the other tiles
+   (rows_alone). The weights are unpacked once per call and 16 features, and read by all row
+   tiles. */
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <omp.h>
 #include <sys/syscall.h>
@@ -565,9 +589,6 @@ static void amx_configure(void) {
     }
     _tile_loadconfig(&c);
 }
-
-/* lane of block j of a group in group_dot's lanes (GROUP_LANES inverted) */
-static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
 /* out[i..i + count) = the first count of v, as store() writes each: float32, or bfloat16
    rounded to nearest even with a NaN as 0x7fc0 */
@@ -627,88 +648,75 @@ static void amx_weights(const uint8_t *wq, const uint16_t *wd, const uint16_t *w
     }
 }
 
-/* dword t of feature f's block b (unpacked) times 16 rows' (xt: the block's tiled activations) */
-static inline __m512i amx_vnni(__m512i sum, const uint8_t *wb, int64_t nb, int64_t b, int f, int t,
-                               const int32_t *xt) {
-    return _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(*(const int32_t *)(wb + (f * nb + b) * 32 + 4 * t)),
-                               _mm512_loadu_si512(xt + b * 128 + t * 16));
-}
-
-/* group g's 8 block sums of the 16 features of wb and the row tile xt, into out [block][f][r] */
-static inline void amx_group_sums(int64_t g, int64_t nb, const uint8_t *wb, const int32_t *xt,
+/* group g's block sums (its `count` blocks: 8, or fewer in a partial group) of the 16 features
+   of wb and the row tile xt, into out [block][f][r] */
+static inline void amx_group_sums(int64_t g, int count, int64_t nb, const uint8_t *wb, const int32_t *xt,
                                   int32_t out[8][16][16]) {
-    for (int j = 0; j < 8; j += 2) {
+    for (int j = 0; j < count; j += 2) {
         int64_t b = 8 * g + j;
         _tile_loadd(2, wb + b * 32, nb * 32);
         _tile_loadd(4, xt + b * 128, 64);
-        _tile_loadd(3, wb + b * 32 + 32, nb * 32);
-        _tile_loadd(5, xt + b * 128 + 128, 64);
         _tile_zero(0);
-        _tile_zero(1);
         _tile_dpbusd(0, 2, 4);
-        _tile_dpbusd(1, 3, 5);
+        if (j + 1 < count) {
+            _tile_loadd(3, wb + b * 32 + 32, nb * 32);
+            _tile_loadd(5, xt + b * 128 + 128, 64);
+            _tile_zero(1);
+            _tile_dpbusd(1, 3, 5);
+        }
         _tile_stored(0, out[j], 64);
-        _tile_stored(1, out[j + 1], 64);
+        if (j + 1 < count) _tile_stored(1, out[j + 1], 64);
     }
 }
 
-/* the row tile's (xt: its tiled activations; xd, xs: its scales, [nb][16]) accumulators for the
-   16 features of wb, fd, fm: acc [f][l][r], from zero through the whole groups, per lane
-   acc = fma(dot, d * dx, acc), acc = fma(m, s, acc) group after group, as q4_group adds them */
+/* feature f's lanes a[8] (16 rows each) through a group's `count` blocks (sums [block][f][r];
+   its d, m: d[j], m[j]; the rows' scales dx[j], sx[j]) as q4_group adds a group: lane
+   BLOCK_LANE[j] = fma(dot, d * dx, lane), then fma(m, s, lane). A partial group's lanes
+   without a block are left as they are: q4_rest adds 0 * 0 to them, which leaves an
+   accumulator as it is (it is never -0: it starts at +0, and a sum that is exactly 0 is +0). */
+static inline __attribute__((always_inline)) void amx_scale(int count, __m512 a[8], const int32_t sums[8][16][16],
+                                                            int f, const float *d, const float *m,
+                                                            const __m512 dx[8], const __m512 sx[8]) {
+#pragma GCC unroll 8
+    for (int j = 0; j < count; j++) {
+        __m512 dot = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums[j][f]));
+        a[BLOCK_LANE[j]] = _mm512_fmadd_ps(dot, _mm512_mul_ps(_mm512_set1_ps(d[j]), dx[j]), a[BLOCK_LANE[j]]);
+        a[BLOCK_LANE[j]] = _mm512_fmadd_ps(_mm512_set1_ps(m[j]), sx[j], a[BLOCK_LANE[j]]);
+    }
+}
+
+/* the row tile's (xt: its tiled activations; xd, xs: its scales, [nb][16]) results for the 16
+   features of wb, fd, fm: results [f][r]. Per lane from zero group after group (the partial
+   one last) as q4_tile adds them; then the lanes added in hsum's order,
+   ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). */
 static void amx_tile(int64_t nb, const int32_t *xt, const uint8_t *wb, const float *fd,
-                     const float *fm, const float *xd, const float *xs, float acc[16][8][16]) {
-    int64_t groups = nb / 8;
+                     const float *fm, const float *xd, const float *xs, float results[16][16]) {
+    int64_t groups = (nb + 7) / 8;
     int32_t sums[2][8][16][16];   /* a group's block sums, [block][feature][row]; two groups */
-    memset(acc, 0, sizeof(float) * 16 * 8 * 16);
+    float acc[16][8][16];         /* the lanes between groups, [feature][lane][row] */
     /* the tiles compute the next group's sums while the vector units scale this one's */
-    if (groups) amx_group_sums(0, nb, wb, xt, sums[0]);
+    amx_group_sums(0, nb < 8 ? (int)nb : 8, nb, wb, xt, sums[0]);
     for (int64_t g = 0; g < groups; g++) {
-        if (g + 1 < groups) amx_group_sums(g + 1, nb, wb, xt, sums[(g + 1) % 2]);
+        int count = nb - 8 * g < 8 ? (int)(nb - 8 * g) : 8, last = g + 1 == groups;
+        if (!last) amx_group_sums(g + 1, nb - 8 * g - 8 < 8 ? (int)(nb - 8 * g - 8) : 8, nb, wb, xt, sums[(g + 1) % 2]);
         __m512 dx[8], sx[8];   /* the group's row scales, read by all 16 features */
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < count; j++) {
             dx[j] = _mm512_loadu_ps(xd + (8 * g + j) * 16);
             sx[j] = _mm512_loadu_ps(xs + (8 * g + j) * 16);
         }
         for (int f = 0; f < 16; f++) {
             const float *d = fd + f * nb + 8 * g, *m = fm + f * nb + 8 * g;
             __m512 a[8];
-            for (int l = 0; l < 8; l++) a[l] = _mm512_loadu_ps(acc[f][l]);
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) {
-                __m512 dot = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums[g % 2][j][f]));
-                a[BLOCK_LANE[j]] = _mm512_fmadd_ps(dot, _mm512_mul_ps(_mm512_set1_ps(d[j]), dx[j]), a[BLOCK_LANE[j]]);
-                a[BLOCK_LANE[j]] = _mm512_fmadd_ps(_mm512_set1_ps(m[j]), sx[j], a[BLOCK_LANE[j]]);
-            }
-            for (int l = 0; l < 8; l++) _mm512_storeu_ps(acc[f][l], a[l]);
+            for (int l = 0; l < 8; l++) a[l] = g ? _mm512_loadu_ps(acc[f][l]) : _mm512_setzero_ps();
+            if (count == 8) amx_scale(8, a, sums[g % 2], f, d, m, dx, sx);
+            else amx_scale(count, a, sums[g % 2], f, d, m, dx, sx);
+            if (!last)
+                for (int l = 0; l < 8; l++) _mm512_storeu_ps(acc[f][l], a[l]);
+            else
+                _mm512_storeu_ps(results[f], _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
+                                                           _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]))));
         }
     }
-}
-
-/* Feature f's lanes after the whole groups (a[8], from amx_tile) through the rest as q4_rest adds
-   it, unit by unit (a pair: lane j < 4 the first block's inputs 4j..4j+3 and 16+4j..16+4j+3,
-   lane 4 + j the second's; a last odd block: lane l its inputs 4l..4l+3), then lane l < left
-   gets m s of block blocks + l and the others m 0 (0, or -0 for Q4_0, as q4_rest's vector has
-   them); returns the 16 rows' sums of the lanes in hsum's order,
-   ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). */
-static inline __m512 amx_finish(__m512 a[8], int64_t nb, int Q40, int f, const int32_t *xt, const uint8_t *wb,
-                                const float *fd, const float *fm, const float *xd, const float *xs) {
-    int64_t blocks = nb / 8 * 8, left = nb - blocks;
-    for (int64_t u = blocks; u < nb; u += 2) {
-        for (int l = 0; l < 8; l++) {
-            int pair = u + 1 < nb;
-            int64_t blk = pair ? u + l / 4 : u;
-            __m512i dot = amx_vnni(_mm512_setzero_si512(), wb, nb, blk, f, pair ? l % 4 : l, xt);
-            if (pair) dot = amx_vnni(dot, wb, nb, blk, f, 4 + l % 4, xt);
-            a[l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                   _mm512_mul_ps(_mm512_set1_ps(fd[f * nb + blk]), _mm512_loadu_ps(xd + blk * 16)), a[l]);
-        }
-    }
-    if (left)
-        for (int l = 0; l < 8; l++)
-            a[l] = _mm512_fmadd_ps(_mm512_set1_ps(l < left ? fm[f * nb + blocks + l] : (Q40 ? -0.0f : 0.0f)),
-                                   l < left ? _mm512_loadu_ps(xs + (blocks + l) * 16) : _mm512_setzero_ps(), a[l]);
-    return _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6])),
-                         _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7])));
 }
 
 /* Q4 product of m rows on the tiles (q_linear's, where it runs): the rows quantized as
@@ -716,7 +724,7 @@ static inline __m512 amx_finish(__m512 a[8], int64_t nb, int Q40, int f, const i
    dwords written in the tiles' layout (per 16 rows and block, dword t of row r, inputs
    4t..4t+3, at [t][r]: 16 rows' same 4 inputs are one vector) and their scales likewise, by
    both threads; then each thread's features 16 at a time, unpacked once, through every row tile
-   (amx_tile, amx_finish). -1 when out of memory. */
+   (amx_tile). -1 when out of memory. */
 static int q_linear_amx(const void *x, int bf16, int64_t m, int64_t k, const uint8_t *qs,
                         const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
     int64_t nb = k / 32, tiles = (n + 15) / 16, rowtiles = (m + 15) / 16;
@@ -752,18 +760,11 @@ static int q_linear_amx(const void *x, int bf16, int64_t m, int64_t k, const uin
             for (int64_t tile = 0; tile < tiles; tile++) {
                 int64_t f0 = tile * 16;
                 int F = n - f0 < 16 ? (int)(n - f0) : 16;
-                float acc[16][8][16];
                 amx_weights(qs + f0 * (k / 2), d + f0 * nb, mn ? mn + f0 * nb : NULL, nb, F, wb, fd, fm);
                 for (int64_t rt = 0; rt < rowtiles; rt++) {
                     int R = m - rt * 16 < 16 ? (int)(m - rt * 16) : 16;
-                    amx_tile(nb, tiled + rt * nb * 128, wb, fd, fm, td + rt * nb * 16, ts + rt * nb * 16, acc);
                     float results[16][16];   /* [feature][row]; features past F (zero weights) too */
-                    for (int f = 0; f < 16; f++) {
-                        __m512 a[8];
-                        for (int l = 0; l < 8; l++) a[l] = _mm512_loadu_ps(acc[f][l]);
-                        _mm512_storeu_ps(results[f], amx_finish(a, nb, mn == NULL, f, tiled + rt * nb * 128, wb,
-                                                                fd, fm, td + rt * nb * 16, ts + rt * nb * 16));
-                    }
+                    amx_tile(nb, tiled + rt * nb * 128, wb, fd, fm, td + rt * nb * 16, ts + rt * nb * 16, results);
                     const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176,
                                                              192, 208, 224, 240);
                     for (int r = 0; r < R; r++)   /* row r's F results, stored as store() does */
@@ -800,7 +801,7 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     /* scales per row: Q4 a vector per group of 8 blocks, Q8_0 a vector per unit */
     int64_t vectors = bits == 4 ? scales_per_row(nb) / 8 : nb / 2 + nb % 2;
 #ifdef AMX_ROWS
-    if (bits == 4 && amx_ready && m >= AMX_ROWS && groups > 0)
+    if (bits == 4 && amx_ready && m >= AMX_ROWS)
         return q_linear_amx(x_in, bf16, m, k, qs, d, mn, n, out, nt);
 #endif
     int8_t *xq = malloc((size_t)(m * k));
