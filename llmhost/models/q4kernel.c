@@ -699,8 +699,9 @@ static void amx_tile(int64_t nb, const int32_t *xt, const uint8_t *wb, const flo
     for (int64_t g = 0; g < groups; g++) {
         int count = nb - 8 * g < 8 ? (int)(nb - 8 * g) : 8, last = g + 1 == groups;
         if (!last) amx_group_sums(g + 1, nb - 8 * g - 8 < 8 ? (int)(nb - 8 * g - 8) : 8, nb, wb, xt, sums[(g + 1) % 2]);
-        __m512 dx[8], sx[8];   /* the group's row scales, read by all 16 features */
-        for (int j = 0; j < count; j++) {
+        __m512 dx[8], sx[8];   /* the group's row scales, read by all 16 features (a partial
+                                  group's 8: xd and xs are padded) */
+        for (int j = 0; j < 8; j++) {
             dx[j] = _mm512_loadu_ps(xd + (8 * g + j) * 16);
             sx[j] = _mm512_loadu_ps(xs + (8 * g + j) * 16);
         }
@@ -732,7 +733,9 @@ static int q_linear_amx(const void *x, int bf16, int64_t m, int64_t k, const uin
     int32_t *tiled = calloc((size_t)(rowtiles * 16), (size_t)k);
     uint8_t *wball = malloc(wsize * (size_t)nt);
     float *sall = malloc(sizeof(float) * ssize * 2 * (size_t)nt);
-    float *td = calloc((size_t)(rowtiles * nb * 16), sizeof(float)), *ts = calloc((size_t)(rowtiles * nb * 16), sizeof(float));
+    /* the rows' scales, padded by a group: amx_tile reads a partial group's 8 */
+    float *td = calloc((size_t)((rowtiles * nb + 8) * 16), sizeof(float));
+    float *ts = calloc((size_t)((rowtiles * nb + 8) * 16), sizeof(float));
     int failed = !tiled || !wball || !sall || !td || !ts;
     if (!failed) {
         #pragma omp parallel num_threads(nt)
