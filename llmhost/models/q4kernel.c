@@ -590,6 +590,26 @@ static void amx_configure(void) {
     _tile_loadconfig(&c);
 }
 
+/* quantize_block with 16-lane vectors, on the block of 32 floats or bfloat16s at x: the same
+   int8 values (32 bytes in input order) and scales, every step the same per-lane operation (the
+   max and the integer sum are exact in any order) */
+static inline __m256i quantize_block16(const void *x, int bf16, float *d, float *s) {
+    __m512 v[2];
+    for (int h = 0; h < 2; h++)
+        v[h] = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                          _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + 16 * h))), 16))
+                    : _mm512_loadu_ps((const float *)x + 16 * h);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_setzero_ps(),
+                                                    _mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1]))));
+    __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    __m512i q[2];
+    for (int h = 0; h < 2; h++)
+        q[h] = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v[h], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    *d = amax / 127.0f;
+    *s = *d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+    return _mm256_set_m128i(_mm512_cvtsepi32_epi8(q[1]), _mm512_cvtsepi32_epi8(q[0]));
+}
+
 /* out[i..i + count) = the first count of v, as store() writes each: float32, or bfloat16
    rounded to nearest even with a NaN as 0x7fc0 */
 static inline void store16(void *out, int64_t i, __m512 v, int count, int bf16) {
@@ -746,15 +766,9 @@ static int q_linear_amx(const void *x, int bf16, int64_t m, int64_t k, const uin
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < m * nb; i++) {
                 int64_t r = i / nb, b = i % nb, at = ((r / 16) * nb + b) * 16 + r % 16;
-                float wide[32], sd, ss;
-                const float *p = (const float *)x + i * 32;
-                if (bf16) {
-                    widen_bf16((const uint16_t *)x + i * 32, 32, (uint32_t *)wide);
-                    p = wide;
-                }
-                int32_t q[8];
-                _mm256_storeu_si256((__m256i *)q, quantize_block(p, &sd, &ss));
-                for (int t = 0; t < 8; t++) tiled[at / 16 * 128 + 16 * t + r % 16] = q[t];
+                float sd, ss;
+                __m256i q = quantize_block16((const char *)x + i * 32 * (bf16 ? 2 : 4), bf16, &sd, &ss);
+                _mm256_i32scatter_epi32(tiled + at / 16 * 128 + r % 16, _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112), q, 4);
                 td[at] = sd;
                 ts[at] = ss;
             }
