@@ -116,8 +116,9 @@ def test_int4_layers_run_in_one_native_call(smollm2_gguf, dtype):
         for a, b in ((got, want), (got_keys, keys), (got_values, values)):
             assert 0 < ((a - b).norm() / b.norm()).item() < 0.02
 
-    def greedy(native) -> list[int]:
-        step.native, cache, tokens = native, growing_cache(model.config), []
+    def greedy(native) -> tuple[list[int], list[float]]:
+        """12 greedy tokens, and each step's gap between its top two logits"""
+        step.native, cache, tokens, gaps = native, growing_cache(model.config), [], []
         chat = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 30, 2, 198, 1, 4093, 198]])
         with torch.inference_mode():
             for _ in range(12):
@@ -125,14 +126,20 @@ def test_int4_layers_run_in_one_native_call(smollm2_gguf, dtype):
                 new = chat[:, begin:]
                 logits = step(new, torch.ones(1, chat.shape[1], dtype=torch.long),
                               torch.arange(begin, chat.shape[1])[None], cache, bool(tokens))
-                tokens.append(int(logits[0, -1].argmax()))
+                top = logits[0, -1].float().topk(2).values
+                tokens.append(int(logits[0, -1].argmax()))   # the first of equal logits, as generate takes
+                gaps.append(float(top[0] - top[1]))
                 chat = torch.cat([chat, torch.tensor([[tokens[-1]]])], 1)
-        return tokens
+        return tokens, gaps
 
     native = step.native
-    ours, theirs = greedy(native), greedy(None)
-    # float32: the noise above moves a near tie later in this chat (the 10th token here)
-    assert ours == theirs if dtype == "bfloat16" else ours[:6] == theirs[:6]
+    (ours, our_gaps), (theirs, their_gaps) = greedy(native), greedy(None)
+    if dtype == "bfloat16":
+        assert ours == theirs
+    else:   # float32: the noise above may tip a near tie (which token it reaches depends on the CPU's
+        # vector width: 8-lane attention tipped the 3rd token at a gap of 0.05), never a clear choice
+        split = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+        assert split == len(ours) or min(our_gaps[split], their_gaps[split]) < 0.125, (ours, theirs)
     calls = []
     step.native, lib = native, native.lib
     native.lib = type("Counted", (), {"llama_layers": lambda self, *a: calls.append(1) or lib.llama_layers(*a)})()

@@ -104,6 +104,55 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+#ifdef __AVX512F__
+/* The element-wise steps (SiLU, the residual additions) 16 lanes at a time where the CPU has
+   AVX-512 (llamastep.py compiles with it there): load8, bf16_bits, held, store8 and exp8 at twice
+   the width, the same operation on each lane, so the same bits (a 128-token prefill of
+   SmolLM2 int4 66 -> 60 ms, seventeenth session). */
+static inline __m512 load16(const void *p, int64_t i, int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
+static inline __m512i bf16_bits16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    return _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
+}
+
+static inline __m512 held16(__m512 v, int bf16) {
+    return bf16 ? _mm512_castsi512_ps(bf16_bits16(v)) : v;
+}
+
+static inline void store16(void *p, int64_t i, __m512 v, int bf16) {
+    if (bf16)
+        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits16(v), 16)));
+    else
+        _mm512_storeu_ps((float *)p + i, v);
+}
+
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                                   _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_sub_ps(x, _mm512_mul_ps(fx, _mm512_set1_ps(0.693359375f)));
+    x = _mm512_sub_ps(x, _mm512_mul_ps(fx, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_mul_ps(x, x)), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#endif
+
 /* out = LlamaRMSNorm(h) for one row of n: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) */
 static void rms_row(const void *h, const void *w, double eps, int64_t n, void *out, int bf16) {
     __m256 acc = _mm256_setzero_ps();
@@ -120,9 +169,17 @@ static void rms_row(const void *h, const void *w, double eps, int64_t n, void *o
 }
 
 /* h [rows, n] = (h + o).to(dtype), in place: a residual addition */
-static void add_rows(void *h, const void *o, int64_t rows, int64_t n, int bf16) {
-    for (int64_t i = 0; i < rows * n; i += 8)
-        store8(h, i, _mm256_add_ps(load8(h, i, bf16), load8(o, i, bf16)), bf16);
+static void add_rows(void *h, const void *o, int64_t rows, int64_t n, int bf16, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (rows * n > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t i = r * n, end = i + n;
+#ifdef __AVX512F__
+        for (; i + 16 <= end; i += 16)
+            store16(h, i, _mm512_add_ps(load16(h, i, bf16), load16(o, i, bf16)), bf16);
+#endif
+        for (; i < end; i += 8)
+            store8(h, i, _mm256_add_ps(load8(h, i, bf16), load8(o, i, bf16)), bf16);
+    }
 }
 
 /* transformers' apply_rotary_pos_emb on one head of `dim` in place:
@@ -141,7 +198,16 @@ static void rope_head(void *t, const void *c, const void *s, int64_t dim, int bf
 
 /* act = silu(gate) * up for one row: gu [gate (n) | up (n)] */
 static void silu_mul_row(const void *gu, int64_t n, void *act, int bf16) {
-    for (int64_t j = 0; j < n; j += 8) {
+    int64_t j = 0;
+#ifdef __AVX512F__
+    for (; j + 16 <= n; j += 16) {
+        __m512 g = load16(gu, j, bf16);
+        __m512 a = held16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                         exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))), bf16);
+        store16(act, j, _mm512_mul_ps(a, load16(gu, n + j, bf16)), bf16);
+    }
+#endif
+    for (; j < n; j += 8) {
         __m256 g = load8(gu, j, bf16);
         __m256 a = held(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f),
                                                        exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)))), bf16);
@@ -193,7 +259,7 @@ int llama_layers(int bf16, int64_t count, const struct layer *layers, int64_t ba
                       dim, mask, (float)scale, att_out, nt);
         failed |= linear(lin, &L->o, att_out, bf16, rows, hidden, big, nt);
         if (failed) break;
-        add_rows(h, big, rows, hidden, bf16);
+        add_rows(h, big, rows, hidden, bf16, nt);
         #pragma omp parallel for num_threads(nt) schedule(static) if (rows * hidden > 65536)
         for (int64_t r = 0; r < rows; r++)
             rms_row((char *)h + r * hidden * size, L->norm2, L->eps2, hidden, x + r * hidden * size, bf16);
@@ -203,7 +269,7 @@ int llama_layers(int bf16, int64_t count, const struct layer *layers, int64_t ba
         for (int64_t r = 0; r < rows; r++)
             silu_mul_row(big + r * 2 * inter * size, inter, act + r * inter * size, bf16);
         failed |= linear(lin, &L->down, act, bf16, rows, inter, big, nt);
-        if (!failed) add_rows(h, big, rows, hidden, bf16);
+        if (!failed) add_rows(h, big, rows, hidden, bf16, nt);
     }
     free(x);
     free(big);
