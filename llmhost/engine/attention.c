@@ -144,7 +144,7 @@ static inline __attribute__((always_inline)) void scores(
     int64_t t = 0;
 #ifdef __AVX512BF16__
     if (bf16 && dim % 32 == 0) {   /* bfloat16 pairs straight into float32 lanes: no widening */
-        const int64_t np = dim / 32;
+        const int64_t np = nc * LANES / 32;   /* a constant where inlined: the pairs stay in registers */
         __m512bh qb[MAXG][MAXC / 2];
         for (int64_t h = 0; h < group; h++) {
             const char *qr = qrow + 2 * h * qhead;
