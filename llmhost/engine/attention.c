@@ -92,6 +92,29 @@ static inline __m128 sum4(vec a0, vec a1, vec a2, vec a3) {
     return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+#ifdef __AVX512BF16__
+/* the lane sums of 16 vectors (one key's each), in key order: each key's halves added (lanes l
+   and l + 8), then its quarters (l and l + 4), then within them (l and l + 2, then l and l + 1)
+   by shuffles that put four keys' partial sums side by side: 3 instructions a key, where sum4
+   takes 5 */
+static inline __m512 sum16(const __m512 a[16]) {
+    __m512 b[8], c[4];
+    for (int i = 0; i < 8; i++)   /* keys 2i and 2i + 1: quarters [0 + 2, 1 + 3] of each */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 4; i++)   /* keys 4i .. 4i + 3: a quarter each, 4 partial sums */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    /* quarter q: elements 0 + 2 and 1 + 3 of keys q, 4 + q (c[0], c[1]), then of 8 + q, 12 + q */
+    __m512 lo = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+    __m512 hi = _mm512_add_ps(_mm512_unpacklo_ps(c[2], c[3]), _mm512_unpackhi_ps(c[2], c[3]));
+    __m512 r = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(lo), _mm512_castps_pd(hi))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(lo), _mm512_castps_pd(hi))));
+    /* lane 4q + j holds key 4j + q */
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+#endif
+
 /* e^x per lane (Cephes' expf: range reduction by ln 2, degree-5 polynomial; relative error
    about 1e-7; x <= 0 here, clamped at -87 where e^x is 0 to float32's eye) */
 static inline vec vexp(vec x) {
@@ -150,6 +173,17 @@ static inline __attribute__((always_inline)) void scores(
             const char *qr = qrow + 2 * h * qhead;
             for (int64_t c = 0; c < np; c++) qb[h][c] = (__m512bh)_mm512_loadu_si512(qr + 64 * c);
         }
+        for (; t + 16 <= n; t += 16)   /* 16 keys at a time, a head at a time (sum16) */
+            for (int64_t h = 0; h < group; h++) {
+                __m512 a[16];
+                for (int x = 0; x < 16; x++) {
+                    const char *kr = kb + 2 * index[t + x] * kstride;
+                    a[x] = _mm512_dpbf16_ps(vzero(), qb[h][0], (__m512bh)_mm512_loadu_si512(kr));
+                    for (int64_t c = 1; c < np; c++)
+                        a[x] = _mm512_dpbf16_ps(a[x], qb[h][c], (__m512bh)_mm512_loadu_si512(kr + 64 * c));
+                }
+                _mm512_storeu_ps(score + h * sstride + t, _mm512_mul_ps(sum16(a), _mm512_set1_ps(scale)));
+            }
         for (; t + 4 <= n; t += 4) {   /* scores, four keys at a time, each read once for the group */
             __m512bh kk[4][MAXC / 2];
             for (int x = 0; x < 4; x++)
