@@ -22,8 +22,9 @@
  * The blocks after the last whole group (k not a multiple of 256) go two at a time in
  * "pair order": one 32-byte load holds a pair of weight blocks, its low nibbles inputs 0-15
  * of both, its high nibbles inputs 16-31; the activations are stored the same way (inputs
- * 0-15 of each, then 16-31 of each), a last odd block alone. Q8_0 (the output head) uses
- * pair order throughout.
+ * 0-15 of each, then 16-31 of each), a last odd block alone; each block's sum is then moved
+ * into its lane of a group, so the rest is scaled as a partial group. Q8_0 (the output head)
+ * uses pair order throughout.
  *
  * Every row of a product is computed by the same sequence of operations,
  * however many rows a call has: a row's result does not depend on what it is
