@@ -220,3 +220,23 @@ def test_bench_generate_against_another_server_prints_ratios_and_memory(built, c
     ours, theirs, ours_file, theirs_file = map(int, memory.groups())
     assert 100 < ours and 100 < theirs and ours_file < ours and theirs_file < theirs, memory[0]
     assert [line for line in out.splitlines() if line.startswith("| tiny vs tiny | ")], out
+
+
+@pytest.mark.slow  # four processes, each loading the model
+def test_bench_prefill_against_another_checkout_alternates_and_prints_ratios(built, tmp_path, capsys):
+    """`bench prefill-against`, issue 20's prefill figure (there against the
+    issue's commit in a worktree; here against this checkout itself): one
+    process per checkout and round, a row per prompt length with the ranges and
+    the ratio; a checkout that cannot run says which and why."""
+    import re
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert bench.main(["prefill-against", here, "--model", built[1], "--tokens", "8", "24",
+                       "--repeat", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\| (\d+) \| [\d.]+-[\d.]+ ms \| [\d.]+-[\d.]+ ms \| [\d.]+-[\d.]+x \|$", out, re.M)
+    assert rows == ["8", "24"], out
+    assert f"other: {here}" in out and "flags" in out, out
+    with pytest.raises(SystemExit, match=r"other \(.*nowhere\) failed"):
+        bench.main(["prefill-against", str(tmp_path / "nowhere"), "--model", built[1], "--tokens", "8",
+                    "--rounds", "1"])

@@ -7,6 +7,7 @@ running at --url, or one it starts itself with --serve).
     python -m llmhost.dev.bench embed --url http://127.0.0.1:8000 --model M ...
     python -m llmhost.dev.bench agent --serve --model SmolLM2.gguf --agents 1 4
     python -m llmhost.dev.bench memory --model SmolLM2.gguf --options '{"quantization": "int4"}'
+    python -m llmhost.dev.bench prefill-against /tmp/old --model SmolLM2.gguf
 
 Each prints throughput and latency, and with --compare-inprocess the same
 workload run in-process with transformers (or sentence-transformers) on this
@@ -1194,6 +1195,74 @@ def bench_prefill(args) -> int:
     return 0
 
 
+# -- a prompt's prefill in this checkout against another's (issue 20) ------------------
+
+# One process per checkout (its own imports): the Llama step where the checkout has one, else
+# the model's forward, on a fresh cache; prints {tokens: best seconds} as its last line.
+_FORWARD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import llmhost
+assert llmhost.__file__.startswith(sys.argv[1] + "/"), f"llmhost came from {llmhost.__file__}"
+import torch
+from llmhost.config import TestConfig
+from llmhost.engine.kvcache import growing_cache
+from llmhost.models.loading import LoadSpec, load
+model = load(LoadSpec(model=sys.argv[2], **json.loads(sys.argv[3])), TestConfig()).model
+try:
+    from llmhost.engine.llamastep import LlamaStep
+    step = LlamaStep.for_model(model)
+except ImportError:
+    step = None
+if step is None:
+    def step(ids, mask, positions, cache):
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                     past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+best = {}
+for n in map(int, sys.argv[5:]):
+    ids = torch.randint(100, 40000, (1, n), generator=torch.Generator().manual_seed(n))
+    for _ in range(int(sys.argv[4])):
+        cache = growing_cache(model.config)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            step(ids, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], cache)
+        best[n] = min(best.get(n, 1e9), time.perf_counter() - started)
+print(json.dumps(best))
+"""
+
+
+def bench_prefill_against(args) -> int:
+    """One forward over a prompt of each length on a fresh cache (the best of
+    --repeat), in this checkout and in another (an older commit's worktree:
+    `git worktree add /tmp/old COMMIT`), each in its own process, the two
+    alternated in rounds; the ranges over the rounds and other / this."""
+    import json
+    import subprocess
+
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    checkouts = {"this checkout": here, "other": os.path.abspath(args.checkout)}
+    if not os.path.isfile(os.path.join(checkouts["other"], "llmhost", "__init__.py")):
+        raise SystemExit(f"other ({checkouts['other']}) failed: no llmhost package in it")
+    times: dict = {(c, n): [] for c in checkouts for n in args.tokens}
+    for _ in range(args.rounds):
+        for name, path in checkouts.items():
+            done = subprocess.run([sys.executable, "-c", _FORWARD, path, args.model, args.load_options,
+                                   str(args.repeat), *map(str, args.tokens)], capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{name} ({path}) failed:\n{done.stderr[-2000:]}")
+            for n, took in json.loads(done.stdout.strip().splitlines()[-1]).items():
+                times[(name, int(n))].append(took * 1000)
+    print(f"{machine()}\nload options {args.load_options}; best of {args.repeat} forwards, "
+          f"{args.rounds} alternated rounds; other: {checkouts['other']}\n"
+          f"| prompt tokens | this checkout | other | other / this |\n| --- | --- | --- | --- |")
+    for n in args.tokens:
+        this, other = times[("this checkout", n)], times[("other", n)]
+        ratios = [o / t for t, o in zip(this, other)]
+        print(f"| {n} | {min(this):.1f}-{max(this):.1f} ms | {min(other):.1f}-{max(other):.1f} ms | "
+              f"{min(ratios):.2f}-{max(ratios):.2f}x |")
+    return 0
+
+
 # -- one streamed client against the same load in-process (issue 20) ----------------
 
 def _stream_chat_times(url: str, model: str, messages: list[dict], max_tokens: int, bias: dict,
@@ -1469,6 +1538,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chunk sizes; 0: one forward (the ratios are to the last)")
     fill.add_argument("--rounds", type=int, default=3)
     fill.set_defaults(func=bench_prefill)
+    vs = sub.add_parser("prefill-against", help="a prompt's prefill in this checkout against another's")
+    vs.add_argument("checkout", help="the other checkout (e.g. git worktree add /tmp/old COMMIT)")
+    vs.add_argument("--model", required=True, help="a model folder or .gguf file")
+    vs.add_argument("--load-options", metavar="JSON", default='{"quantization": "int4"}')
+    vs.add_argument("--tokens", type=int, nargs="+", default=[40, 128, 512])
+    vs.add_argument("--repeat", type=int, default=5, help="forwards per length, the best kept")
+    vs.add_argument("--rounds", type=int, default=3)
+    vs.set_defaults(func=bench_prefill_against)
     strm = sub.add_parser("stream", help="one streamed chat client vs the same load decoding in-process")
     strm.add_argument("--model", required=True, help="a model folder or .gguf file")
     strm.add_argument("--load-options", metavar="JSON", help='e.g. \'{"quantization": "int4"}\'')
