@@ -730,7 +730,7 @@ static void amx_tile(int64_t nb, const int32_t *xt, const uint8_t *wb, const flo
             const float *d = fd + f * nb + 8 * g, *m = fm + f * nb + 8 * g;
             __m512 a[8];
             for (int l = 0; l < 8; l++) a[l] = g ? _mm512_loadu_ps(acc[f][l]) : _mm512_setzero_ps();
-            if (count == 8) amx_scale(8, a, sums[g % 2], f, d, m, dx, sx);
+            if (count == 8) amx_scale(8, a, sums[g % 2], f, d, m, dx, sx);   /* a constant: unrolled */
             else amx_scale(count, a, sums[g % 2], f, d, m, dx, sx);
             if (!last)
                 for (int l = 0; l < 8; l++) _mm512_storeu_ps(acc[f][l], a[l]);
