@@ -252,8 +252,6 @@ static inline __attribute__((always_inline)) void weighted(
        each dim takes the same multiply-adds in the same order, so the same bits (a prompt's
        attention ~5% faster) */
     const int pairs = bf16 && nc % 2 == 0;
-#else
-    const int pairs = 0;
 #endif
     for (int64_t h = 0; h < group; h++)
         for (int64_t c = 0; c < nc; c++) acc[h][c] = vzero();
