@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmhost.config import TestConfig
-from llmhost.engine import attention
+from llmhost.engine import attention, native
 from llmhost.engine.kvcache import growing_cache
 from llmhost.engine.llamastep import LlamaStep
 from llmhost.engine.native import COMPILE
@@ -36,13 +36,19 @@ def _reference(q, k, v, mask, scale):
     return out
 
 
-@pytest.fixture(scope="module", params=["native", "avx2"])
+@pytest.fixture(scope="module", params=["native", "avx512", "avx2"])
 def lib(request):
-    """This process's build (AVX-512's 16 lanes where the CPU has them) and the
-    AVX2 build, which CPUs without AVX-512 run."""
+    """This process's build (AVX-512's 16 lanes where the CPU has them, and
+    bfloat16 on AMX tiles where it has those), the AVX-512 build without AMX
+    (where the CPU has AVX-512) and the AVX2 build, which CPUs without AVX-512
+    run."""
     if request.param == "native":
         return attention._library()[0]
-    built, why = attention.build(COMPILE)
+    flags = native.cpu_flags()
+    if request.param == "avx512" and "avx512f" not in flags:
+        pytest.skip("the CPU lacks avx512f")
+    wide = ("-mavx512f",) + (("-mavx512bf16",) if "avx512_bf16" in flags else ())
+    built, why = attention.build(COMPILE + (wide if request.param == "avx512" else ()))
     if built is None:
         pytest.skip(why)
     return built
@@ -77,6 +83,27 @@ def test_a_padded_row_reads_only_its_own_keys(lib):
     assert torch.equal(attention.attend(q, k, v, mask, 0.25, lib), first)
     alone = attention.attend(q, k[:, :, 20:], v[:, :, 20:], None, 0.25, lib)
     assert torch.equal(alone, first)   # a row's arithmetic is the same with and without its padding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding", [0, 50])
+def test_each_row_of_a_prompt_has_the_bits_it_has_alone(lib, dtype, padding):
+    """A 530-row prompt over 700 keys (rows in blocks on AMX tiles; the last
+    rows' keys in two spans), in a batch whose second sequence is left-padded:
+    every row equals the same row computed alone on its own keys."""
+    torch.manual_seed(3)
+    heads, kv_heads, dim, keys, length = 9, 3, 64, 700, 530
+    q = torch.randn(2, length, heads, dim).to(dtype).transpose(1, 2)
+    k, v = torch.randn(2, kv_heads, keys, dim).to(dtype), torch.randn(2, kv_heads, keys, dim).to(dtype)
+    mask = torch.ones(2, keys, dtype=torch.long)
+    mask[1, :padding] = 0
+    whole = attention.attend(q, k, v, mask if padding else None, 0.125, lib)
+    for b in range(2):
+        for i in range(length):
+            end = keys - length + i + 1
+            alone = attention.attend(q[b:b + 1, :, i:i + 1], k[b:b + 1, :, padding * b:end],
+                                     v[b:b + 1, :, padding * b:end], None, 0.125, lib)
+            assert torch.equal(alone[0, 0], whole[b, i]), (b, i)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(__file__), "attention.c")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+AMX = ("-mamx-tile", "-mamx-bf16")
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -42,9 +43,13 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     wide = ("-mavx512f",) if "avx512f" in flags else ()   # 16 lanes where the CPU has them
     if wide and "avx512_bf16" in flags:
         wide += ("-mavx512bf16",)   # bfloat16 scores without widening the keys (attention.c)
+        if {"amx_tile", "amx_bf16"} <= flags:
+            wide += AMX   # bfloat16 attention on the tiles
     lib, why = (None, f"the CPU lacks {', '.join(missing)}") if missing else build(COMPILE + wide)
     if lib is None:
         log.info("decode steps use torch's attention: llmhost's is unavailable (%s)", why)
+    elif AMX[0] in wide and lib.attention_amx():
+        log.info("bfloat16 attention runs on AMX tiles")
     return lib, why
 
 
@@ -56,6 +61,8 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
     lib.attend.argtypes = [ctypes.c_int, _P, _P, _P, _P, _N, _N, _N, _N, _N, _N, _P,
                            ctypes.c_float, _P, ctypes.c_int]
     lib.attend.restype = ctypes.c_int
+    if AMX[0] in flags:
+        lib.attention_amx.restype = ctypes.c_int
     return lib, ""
 
 
