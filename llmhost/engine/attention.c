@@ -45,7 +45,9 @@ static inline vec vload(const void *p, int bf16) {
 #define vloadu _mm512_loadu_ps
 #define vstoreu _mm512_storeu_ps
 #define vfloor(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
-#define vpow2(fx) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23))
+/* y * 2^fx (fx integral, 2^fx a normal float): one vscalefps, the same single rounding of the
+   same exact product as a multiply by 2^fx built from its bits (the AVX2 build's) */
+#define vscale2(y, fx) _mm512_scalef_ps(y, fx)
 #define vhsum _mm512_reduce_add_ps
 #define vhmax _mm512_reduce_max_ps
 static inline __m256 half_sum(__m512 v) {   /* lanes i and i + 8 added */
@@ -70,7 +72,8 @@ static inline vec vload(const void *p, int bf16) {
 #define vloadu _mm256_loadu_ps
 #define vstoreu _mm256_storeu_ps
 #define vfloor _mm256_floor_ps
-#define vpow2(fx) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23))
+#define vscale2(y, fx) _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32( \
+    _mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23)))
 static inline __m256 half_sum(__m256 v) { return v; }
 static inline float vhmax(__m256 v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -129,7 +132,7 @@ static inline vec vexp(vec x) {
     y = vfma(y, x, vset1(1.6666665459e-1f));
     y = vfma(y, x, vset1(5.0000001201e-1f));
     y = vfma(y, vmul(x, x), vadd(x, vset1(1.0f)));
-    return vmul(y, vpow2(fx));
+    return vscale2(y, fx);
 }
 
 /* p[0 .. LANES) = x rounded to bfloat16 as torch's .to(bfloat16) rounds (to nearest even; a NaN
