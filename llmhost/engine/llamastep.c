@@ -148,8 +148,9 @@ static inline __m512 exp16(__m512 x) {
     y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(1.6666665459e-1f));
     y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(5.0000001201e-1f));
     y = _mm512_add_ps(_mm512_mul_ps(y, _mm512_mul_ps(x, x)), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+    /* y * 2^fx by one vscalefps: the same single rounding of the same product as exp8's multiply
+       by 2^fx built from its bits (fx in -126 .. 127: 2^fx normal, the product finite) */
+    return _mm512_scalef_ps(y, fx);
 }
 #endif
 
