@@ -106,6 +106,24 @@ def test_each_row_of_a_prompt_has_the_bits_it_has_alone(lib, dtype, padding):
             assert torch.equal(alone[0, 0], whole[b, i]), (b, i)
 
 
+def test_amx_tiles_keep_the_vector_paths_bits_but_for_rounding_order():
+    """On a CPU with AMX, bfloat16 attention runs on the tiles with each weight
+    as two bfloat16s: its outputs are the AVX-512 build's but for a few last
+    bits (rounding the weights to one bfloat16, as torch does, changes a
+    fifth or more of them, and greedy answers with them)."""
+    flags = native.cpu_flags()
+    if not {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags or not attention._library()[0].attention_amx():
+        pytest.skip("the CPU has no AMX bfloat16 tiles")
+    vectors, why = attention.build(COMPILE + ("-mavx512f", "-mavx512bf16"))
+    assert vectors is not None, why
+    torch.manual_seed(5)
+    q = torch.randn(2, 9, 300, 64).bfloat16()
+    k, v = torch.randn(2, 3, 300, 64).bfloat16(), torch.randn(2, 3, 300, 64).bfloat16()
+    tiles, vector = (attention.attend(q, k, v, None, 0.125, lib) for lib in (attention._library()[0], vectors))
+    differ = (tiles != vector).float().mean().item()
+    assert 0 < differ < 0.01, differ   # the tiles ran (other bits), the weights kept 16 bits
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_llama_decode_steps_use_it_with_the_same_greedy_tokens(tiny_models, dtype):
     """The tiny Llama: prefill (transformers' attention, as before) then twenty

@@ -13,13 +13,16 @@
  * of every query head reading that key/value head (grouped-query attention), their softmax
  * weights relative to the stretch's maximum, and the weighted sums of the values, all in
  * float32, each key and value read once for the group. A second pass joins a row's stretches
- * (flash-decoding's split: one long row keeps both cores busy). A stretch is counted in the
+ * (flash-decoding's split: one long row keeps both cores busy; a row whose keys are one stretch
+ * is joined by its unit). A stretch is counted in the
  * row's own keys, not the cache's positions, so a row's arithmetic is the same whatever its
  * left padding, its batch, the forward's other rows and the threads: a key's value depends only
  * on the row's tokens up to it (attention.py says what that buys). Vectors are AVX-512's where
  * the CPU has it (attention.py compiles with -mavx512f), else AVX2's; with AVX512-BF16 a
  * bfloat16 query's scores are vdpbf16ps on the keys as stored (pairs of products into float32
  * lanes: a prompt's attention 1.4x faster), the weighted sums of the values staying float32.
+ * With AMX (amx_bf16) bfloat16 attention runs on the tiles instead, a block of query rows per
+ * unit (amx_units, below): other bits than the vectors', the same for a row alone or batched.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -363,14 +366,18 @@ static inline __attribute__((always_inline)) void weighted(
  *   unit's queries (transposed once per unit), 32 dims at a time, into float32; then
  *   transposed, so that each (row, head) has its scores in a row, times the scale;
  * - each (row, head)'s softmax over its own keys (softmax(), as on the vector path);
- * - the weighted values: the weights rounded to bfloat16 (as transformers' eager attention
- *   rounds them for a bfloat16 model) by tdpbf16ps on the values, 32 keys at a time, two keys'
- *   values interleaved per dim, into float32 sums per (row, head) and 16 dims.
+ * - the weighted values: each weight as two bfloat16s, its rounding and what that left out (16 of
+ *   its 24 bits: with the first alone, as torch's bfloat16 attention rounds them, SmolLM2's
+ *   greedy answers changed where the vector path's had held, e.g. "The capital of France is
+ *   Paris" became "L'Etoile..." on a near tie; the second costs the attention ~12% at 512
+ *   tokens), each by tdpbf16ps on the values, 32 keys at a time, two keys' values interleaved
+ *   per dim, into float32 sums per (row, head) and 16 dims.
  * Every product of a tile's element depends only on its row and column, so a row's bits are the
  * same alone or in a block with others (keys another row reads and it does not weigh exactly 0:
  * adding 0 leaves a sum as it is, and a sum that starts at +0 is never -0). The order of the
- * sums is the tiles', not the vector path's: other bits (the same for every call here). A
- * prompt's attention ran ~4x faster than on the vector path at 512 tokens. */
+ * sums is the tiles', not the vector path's: other bits (the same for every call here; 0.1-0.2% of
+ * the bfloat16 outputs differ from the vector path's, against 20-40% with the weights' first
+ * bfloat16 alone). A 512-token prompt's attention ran ~2.3x faster than on the vectors. */
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -454,9 +461,8 @@ static void amx_units(const void *q, const void *k, const void *v, const int64_t
         _tile_loadconfig(&c);
         int32_t index[SPAN], n_of[16];
         float score[16][SPAN + LANES], sums[4][16][16];
-        uint16_t weights[16][SPAN], kbuf[2][16][128], pairs[4][16][32];
+        uint16_t weights[16][SPAN], rest[16][SPAN], kbuf[2][16][128], pairs[4][16][32];
         uint32_t qt[4][16][16];   /* the queries, 32 dims at a time: [dim pair][tile row] */
-        memset(weights, 0, sizeof weights);
         /* words 0-15 of two keys' values interleaved (dim d of the first, then of the second) */
         const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                             39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
@@ -536,16 +542,21 @@ static void amx_units(const void *q, const void *k, const void *v, const int64_t
                 }
             }
             int64_t padded = (n + 31) / 32 * 32;
-            for (int64_t m = 0; m < m_used; m++) {   /* each (row, head)'s weights, as bfloat16 */
+            for (int64_t m = 0; m < m_used; m++) {   /* each (row, head)'s weights, as two bfloat16s */
                 int64_t own = n_of[m / group];
                 float *res = partial + ((bg * length + i0 + m / group) * spans + span) * part + m % group * (dim + 2);
                 if (own) softmax(score[m], own, res);
                 for (int64_t t = 0; t < padded; t += 32) {
                     __mmask16 k0 = (__mmask16)(own - t >= 16 ? 0xffff : own > t ? (1u << (own - t)) - 1 : 0);
                     __mmask16 k1 = (__mmask16)(own - t >= 32 ? 0xffff : own > t + 16 ? (1u << (own - t - 16)) - 1 : 0);
-                    __m512bh w = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(k1, &score[m][t + 16]),
-                                                     _mm512_maskz_loadu_ps(k0, &score[m][t]));
+                    __m512 x0 = _mm512_maskz_loadu_ps(k0, &score[m][t]), x1 = _mm512_maskz_loadu_ps(k1, &score[m][t + 16]);
+                    __m512bh w = _mm512_cvtne2ps_pbh(x1, x0);
+                    /* what bfloat16 left out: a second bfloat16 (the two hold 16 of the weight's 24 bits) */
+                    __m512bh r = _mm512_cvtne2ps_pbh(
+                        _mm512_sub_ps(x1, _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64((__m512i)w, 1))),
+                        _mm512_sub_ps(x0, _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256((__m512i)w))));
                     _mm512_storeu_si512(&weights[m][t], (__m512i)w);
+                    _mm512_storeu_si512(&rest[m][t], (__m512i)r);
                 }
             }
             for (int64_t d0 = 0; d0 < dim; d0 += 64) {   /* the weighted values, 64 dims at a time */
@@ -564,15 +575,20 @@ static void amx_units(const void *q, const void *k, const void *v, const int64_t
                             _mm512_storeu_si512(pairs[2 * x + 1][kp], _mm512_permutex2var_epi16(a, hi, e));
                         }
                     _tile_loadd(4, &weights[0][t], sizeof weights[0]);
-                    _tile_loadd(5, pairs[0], 64);
-                    _tile_dpbf16ps(0, 4, 5);
-                    _tile_loadd(6, pairs[1], 64);
-                    _tile_dpbf16ps(1, 4, 6);
+                    _tile_loadd(5, &rest[0][t], sizeof rest[0]);
+                    _tile_loadd(6, pairs[0], 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(0, 5, 6);
+                    _tile_loadd(7, pairs[1], 64);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(1, 5, 7);
                     if (wide) {
-                        _tile_loadd(7, pairs[2], 64);
-                        _tile_dpbf16ps(2, 4, 7);
-                        _tile_loadd(5, pairs[3], 64);
-                        _tile_dpbf16ps(3, 4, 5);
+                        _tile_loadd(6, pairs[2], 64);
+                        _tile_dpbf16ps(2, 4, 6);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_loadd(7, pairs[3], 64);
+                        _tile_dpbf16ps(3, 4, 7);
+                        _tile_dpbf16ps(3, 5, 7);
                     }
                 }
                 _tile_stored(0, sums[0], 64);

@@ -6,6 +6,10 @@ made for many query rows; a decode step has one per head, and on SmolLM2 at
 much). This kernel does one query row of one key/value head per unit of work
 in float32 (the keys and values read as stored, float32 or bfloat16), with the
 row's mask, so it serves a lone row and a batch of left-padded rows alike.
+Where the CPU has AMX (``amx_tile``, ``amx_bf16``) bfloat16 attention runs on
+its tiles, a block of query rows per unit, each weight as two bfloat16s for the
+values' products (16 of its 24 bits): a 512-token prompt's attention ~2.3x
+faster than on the vectors, ~3.5x at 1,024 (docs/performance.md).
 
 A row's result depends only on its own query and keys, never on the other rows
 of the forward, its padding or the threads. LlamaStep runs every forward on it
