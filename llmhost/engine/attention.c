@@ -576,20 +576,15 @@ static void amx_units(const void *q, const void *k, const void *v, const int64_t
                         }
                     _tile_loadd(4, &weights[0][t], sizeof weights[0]);
                     _tile_loadd(5, &rest[0][t], sizeof rest[0]);
-                    _tile_loadd(6, pairs[0], 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(0, 5, 6);
-                    _tile_loadd(7, pairs[1], 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(1, 5, 7);
+                    /* sums tile c (dims d0 + 16c ..) += both weights' tiles times pairs[c] in tile b */
+#define VALUES(c, b) do { _tile_loadd(b, pairs[c], 64); _tile_dpbf16ps(c, 4, b); _tile_dpbf16ps(c, 5, b); } while (0)
+                    VALUES(0, 6);
+                    VALUES(1, 7);
                     if (wide) {
-                        _tile_loadd(6, pairs[2], 64);
-                        _tile_dpbf16ps(2, 4, 6);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_loadd(7, pairs[3], 64);
-                        _tile_dpbf16ps(3, 4, 7);
-                        _tile_dpbf16ps(3, 5, 7);
+                        VALUES(2, 6);
+                        VALUES(3, 7);
                     }
+#undef VALUES
                 }
                 _tile_stored(0, sums[0], 64);
                 _tile_stored(1, sums[1], 64);
