@@ -164,3 +164,23 @@ def test_a_load_prebuilds_the_kernels_its_model_runs(tiny_models, smollm2_gguf, 
     fake.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16) + (2**40).to_bytes(8, "little"))
     assert gguf.architecture(str(fake)) is None   # a key "2**40 bytes long": not read
     assert gguf.architecture(str(tmp_path / "absent.gguf")) is None
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """`pip install .` (README's quick start) installs the C sources the kernels
+    are built from at run time: setup.cfg's package data names each of them
+    (engine/llamastep.c was missing, so an installed llmhost ran a Llama's layers
+    in Python)."""
+    import configparser
+    import fnmatch
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(root, "setup.cfg"))
+    patterns = [p.strip() for p in setup["options.package_data"]["llmhost"].split(",")]
+    sources = [os.path.relpath(path, os.path.join(root, "llmhost"))
+               for path in glob.glob(os.path.join(root, "llmhost", "**", "*.c"), recursive=True)]
+    assert len(sources) >= 3, sources
+    for source in sources:
+        assert any(fnmatch.fnmatch(source, pattern) for pattern in patterns), source
