@@ -87,12 +87,14 @@ def test_a_padded_row_reads_only_its_own_keys(lib):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("padding", [0, 50])
-def test_each_row_of_a_prompt_has_the_bits_it_has_alone(lib, dtype, padding):
-    """A 530-row prompt over 700 keys (rows in blocks on AMX tiles; the last
-    rows' keys in two spans), in a batch whose second sequence is left-padded:
-    every row equals the same row computed alone on its own keys."""
+@pytest.mark.parametrize("heads,kv_heads,dim,keys,length", [(9, 3, 64, 700, 530), (8, 2, 128, 600, 45)])
+def test_each_row_of_a_prompt_has_the_bits_it_has_alone(lib, dtype, padding, heads, kv_heads, dim, keys,
+                                                        length):
+    """A prompt over keys of its own and before it (rows in blocks on AMX tiles;
+    SmolLM2's shape with the last rows' keys in two spans, and 128 dims in two
+    passes), in a batch whose second sequence is left-padded: every row equals
+    the same row computed alone on its own keys."""
     torch.manual_seed(3)
-    heads, kv_heads, dim, keys, length = 9, 3, 64, 700, 530
     q = torch.randn(2, length, heads, dim).to(dtype).transpose(1, 2)
     k, v = torch.randn(2, kv_heads, keys, dim).to(dtype), torch.randn(2, kv_heads, keys, dim).to(dtype)
     mask = torch.ones(2, keys, dtype=torch.long)
