@@ -356,7 +356,6 @@ static inline __attribute__((always_inline)) void weighted(
         }
 }
 
-
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 /* AMX (Sapphire Rapids and later; attention.py compiles this part where the CPU has amx_tile,
  * amx_bf16 and AVX512-BF16): bfloat16 attention on the tiles, for a prompt's rows and a lone row
