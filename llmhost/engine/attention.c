@@ -475,6 +475,9 @@ static void amx_units(const void *q, const void *k, const void *v, const int64_t
             int64_t first = span * SPAN, last = keys - length + i0 + rows - 1, n = 0;
             const char *kb = (const char *)k + 2 * (b * kst[0] + g * kst[1]);
             const char *vb = (const char *)v + 2 * (b * vst[0] + g * vst[1]);
+            /* tile row m's partial result for this span: its row's (bg * length + i0 + m / group),
+               its head's (m % group) max, sum and weighted values */
+#define RES(m) (partial + ((bg * length + i0 + (m) / group) * spans + span) * part + (m) % group * (dim + 2))
             /* the span of the block's last row (which sees the most keys); row j's: its first n_of[j] */
             if (!mask) {
                 n = last + 1 - first < SPAN ? last + 1 - first : SPAN;
@@ -543,8 +546,7 @@ static void amx_units(const void *q, const void *k, const void *v, const int64_t
             int64_t padded = (n + 31) / 32 * 32;
             for (int64_t m = 0; m < m_used; m++) {   /* each (row, head)'s weights, as two bfloat16s */
                 int64_t own = n_of[m / group];
-                float *res = partial + ((bg * length + i0 + m / group) * spans + span) * part + m % group * (dim + 2);
-                if (own) softmax(score[m], own, res);
+                if (own) softmax(score[m], own, RES(m));
                 for (int64_t t = 0; t < padded; t += 32) {
                     __mmask16 k0 = (__mmask16)(own - t >= 16 ? 0xffff : own > t ? (1u << (own - t)) - 1 : 0);
                     __mmask16 k1 = (__mmask16)(own - t >= 32 ? 0xffff : own > t + 16 ? (1u << (own - t - 16)) - 1 : 0);
@@ -592,14 +594,14 @@ static void amx_units(const void *q, const void *k, const void *v, const int64_t
                     _tile_stored(3, sums[3], 64);
                 }
                 for (int64_t m = 0; m < m_used; m++) {
-                    float *res = partial + ((bg * length + i0 + m / group) * spans + span) * part + m % group * (dim + 2) + 2 + d0;
+                    float *res = RES(m) + 2 + d0;
                     for (int64_t x = 0; x < 2 + 2 * wide; x++) _mm512_storeu_ps(res + 16 * x, _mm512_loadu_ps(sums[x][m]));
                 }
             }
             for (int64_t m = 0; spans == 1 && m < m_used; m++)   /* a row's only span: joined here */
-                join(partial + (bg * length + i0 + m / group) * part + m % group * (dim + 2),
-                     count + bg * length + i0 + m / group, 1, part, dim, 1,
+                join(RES(m), count + bg * length + i0 + m / group, 1, part, dim, 1,
                      (uint16_t *)out + ((b * length + i0 + m / group) * kv_heads * group + g * group + m % group) * dim);
+#undef RES
         }
         _tile_release();
     }
