@@ -47,8 +47,8 @@ def lib(request):
     flags = native.cpu_flags()
     if request.param == "avx512" and "avx512f" not in flags:
         pytest.skip("the CPU lacks avx512f")
-    wide = ("-mavx512f",) + (("-mavx512bf16",) if "avx512_bf16" in flags else ())
-    built, why = attention.build(COMPILE + (wide if request.param == "avx512" else ()))
+    built, why = attention.build(attention.compile_flags(flags, tiles=False) if request.param == "avx512"
+                                 else COMPILE)
     if built is None:
         pytest.skip(why)
     return built
@@ -114,9 +114,9 @@ def test_amx_tiles_keep_the_vector_paths_bits_but_for_rounding_order():
     bits (rounding the weights to one bfloat16, as torch does, changes a
     fifth or more of them, and greedy answers with them)."""
     flags = native.cpu_flags()
-    if not {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags or not attention._library()[0].attention_amx():
+    if attention.AMX[0] not in attention.compile_flags(flags) or not attention._library()[0].attention_amx():
         pytest.skip("the CPU has no AMX bfloat16 tiles")
-    vectors, why = attention.build(COMPILE + ("-mavx512f", "-mavx512bf16"))
+    vectors, why = attention.build(attention.compile_flags(flags, tiles=False))
     assert vectors is not None, why
     torch.manual_seed(5)
     q = torch.randn(2, 9, 300, 64).bfloat16()

@@ -43,18 +43,25 @@ _P, _N = ctypes.c_void_p, ctypes.c_int64
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(this process's library, "") or (None, why not), logged once."""
     missing = missing_flags()
-    flags = cpu_flags()
+    flags = compile_flags(cpu_flags())
+    lib, why = (None, f"the CPU lacks {', '.join(missing)}") if missing else build(flags)
+    if lib is None:
+        log.info("decode steps use torch's attention: llmhost's is unavailable (%s)", why)
+    elif AMX[0] in flags and lib.attention_amx():
+        log.info("bfloat16 attention runs on AMX tiles")
+    return lib, why
+
+
+def compile_flags(flags: frozenset, tiles: bool = True) -> tuple[str, ...]:
+    """The compiler's flags for a CPU with `flags`: AVX2, AVX-512's 16 lanes
+    and bfloat16 scores where it has them, and AMX tiles where it has those
+    (and `tiles`)."""
     wide = ("-mavx512f",) if "avx512f" in flags else ()   # 16 lanes where the CPU has them
     if wide and "avx512_bf16" in flags:
         wide += ("-mavx512bf16",)   # bfloat16 scores without widening the keys (attention.c)
-        if {"amx_tile", "amx_bf16"} <= flags:
+        if tiles and {"amx_tile", "amx_bf16"} <= flags:
             wide += AMX   # bfloat16 attention on the tiles
-    lib, why = (None, f"the CPU lacks {', '.join(missing)}") if missing else build(COMPILE + wide)
-    if lib is None:
-        log.info("decode steps use torch's attention: llmhost's is unavailable (%s)", why)
-    elif AMX[0] in wide and lib.attention_amx():
-        log.info("bfloat16 attention runs on AMX tiles")
-    return lib, why
+    return COMPILE + wide
 
 
 def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
