@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import pydantic
 import pytest
+import requests
 
 from genutil import post, sse
 from support import assert_error, validate
@@ -53,8 +54,8 @@ SCHEMAS = {
 }
 
 
-def body(schema: dict, **extra) -> dict:
-    return {"model": "smollm2", "messages": ASK, "temperature": 0, "max_tokens": 64,
+def body(schema: dict, model: str = "smollm2", **extra) -> dict:
+    return {"model": model, "messages": ASK, "temperature": 0, "max_tokens": 64,
             "response_format": {"type": "json_schema",
                                 "json_schema": {"name": "answer", "schema": schema, "strict": True}},
             **extra}
@@ -65,21 +66,33 @@ def _check(schema: dict, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def answers(server, smollm2):
+def rows_alone(server, smollm2_gguf):
+    """SmolLM2 loaded int4, where every row is computed alone (llmhost's int4
+    kernel and attention): a request's greedy answer does not depend on the
+    rows beside it (docs/prefix-caching.md). A bfloat16 or float32 load's
+    products round a row differently in a batch of 25 than alone (torch's
+    matrix products take other paths), which flips near ties."""
+    server.load(smollm2_gguf, id="smollm2-int4", quantization="int4")
+    yield "smollm2-int4"
+    requests.delete(server.url + "/v1/models/smollm2-int4", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def answers(server, rows_alone):
     """Every schema asked at once with n=2 (one batch, with one free request
     among them), every other one streamed, "object" both ways:
     {name: [texts]}, the non-streamed and streamed "object" bodies, and the
     free answer batched and alone."""
-    free = {"model": "smollm2", "messages": ASK, "temperature": 0, "max_tokens": 24}
+    free = {"model": rows_alone, "messages": ASK, "temperature": 0, "max_tokens": 24}
 
     def plain(name):
-        r = post(server, "/v1/chat/completions", body(SCHEMAS[name], n=2))
+        r = post(server, "/v1/chat/completions", body(SCHEMAS[name], rows_alone, n=2))
         assert r.status_code == 200, r.text
         full = validate(r.json(), "CreateChatCompletionResponse")
         return [(c["message"]["content"], c["finish_reason"]) for c in full["choices"]]
 
     def streamed(name):
-        chunks = sse(server, "/v1/chat/completions", body(SCHEMAS[name], n=2),
+        chunks = sse(server, "/v1/chat/completions", body(SCHEMAS[name], rows_alone, n=2),
                      "CreateChatCompletionStreamResponse")[1]
         texts, reasons = ["", ""], [None, None]
         for chunk in chunks:
