@@ -949,12 +949,13 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
                            rows on Zen 4 against one at a time) */
                         int64_t j = (f - start) % 8;
                         q4_tile(TILE_R, 1, wf, d + f * nb, mf, nb, xq + r * k, xv + r * vectors * 8, NULL, at, n, bf16, hold + j);
-                        for (int t = 0; t < TILE_R && (j == 7 || f + 1 == end); t++)
-                            if (j == 7)
-                                store8(out, (r + t) * n + f - 7, hsum8(hold + 8 * t), bf16);
-                            else
-                                for (int64_t i = 0; i <= j; i++)
-                                    store(out, (r + t) * n + f - j + i, hsum(hold[8 * t + i]), bf16);
+                        if (j == 7 || f + 1 == end)   /* 8 features held, or the chunk's last few */
+                            for (int t = 0; t < TILE_R; t++)
+                                if (j == 7)
+                                    store8(out, (r + t) * n + f - 7, hsum8(hold + 8 * t), bf16);
+                                else
+                                    for (int64_t i = 0; i <= j; i++)
+                                        store(out, (r + t) * n + f - j + i, hsum(hold[8 * t + i]), bf16);
                     }
                     else
                         tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, wf, d + f * nb, mf, nb,
