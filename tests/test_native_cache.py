@@ -184,3 +184,28 @@ def test_every_kernel_source_ships_in_the_package():
     assert len(sources) >= 3, sources
     for source in sources:
         assert any(fnmatch.fnmatch(source, pattern) for pattern in patterns), source
+
+
+def test_an_edited_header_the_source_includes_builds_anew(built, tmp_path):
+    """A kernel's quoted includes (engine/simd.h) join its cache key: an edit
+    there builds it again; an edit to a header it does not include does not."""
+    build, compiles, folder = built
+    (tmp_path / "inc").mkdir()
+    header, other = tmp_path / "inc" / "value.h", tmp_path / "inc" / "other.h"
+    header.write_text("#define VALUE 40\n")
+    other.write_text("#define OTHER 1\n")
+    source = tmp_path / "answer.c"
+    source.write_text('#include "inc/value.h"\nint answer(void) { return VALUE + 2; }\n')
+
+    def answer() -> int:
+        lib, why = native.compile_library(str(source), FLAGS)
+        assert lib is not None, why
+        return lib.answer()
+
+    assert answer() == 42 and compiles() == 1
+    assert answer() == 42 and compiles() == 1   # from the cache
+    other.write_text("#define OTHER 2\n")
+    assert answer() == 42 and compiles() == 1   # not included: the same key
+    header.write_text("#define VALUE 50\n")
+    assert answer() == 52 and compiles() == 2
+    assert {path for path, _ in native.local_sources(str(source))} == {str(source.resolve()), str(header.resolve())}

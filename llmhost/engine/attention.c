@@ -29,6 +29,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 #ifdef __AVX512F__
 #define LANES 16
 typedef __m512 vec;
@@ -395,32 +397,6 @@ struct tile_config {
     uint16_t colsb[16];
     uint8_t rows[16];
 };
-
-/* 16 x 16 floats transposed in registers: rows a[0..16) in, columns out (a[c] = column c) */
-static inline void transpose16(__m512 a[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {   /* a[4i + e], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + e */
-        __m512d x0 = _mm512_castps_pd(t[4 * i]), x1 = _mm512_castps_pd(t[4 * i + 1]);
-        __m512d x2 = _mm512_castps_pd(t[4 * i + 2]), x3 = _mm512_castps_pd(t[4 * i + 3]);
-        a[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(x0, x2));
-        a[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x0, x2));
-        a[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(x1, x3));
-        a[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(x1, x3));
-    }
-    for (int e = 0; e < 4; e++) {   /* the 4 x 4 lanes of a[e], a[4 + e], a[8 + e], a[12 + e] */
-        __m512 v0 = _mm512_shuffle_f32x4(a[e], a[4 + e], 0x44), v1 = _mm512_shuffle_f32x4(a[8 + e], a[12 + e], 0x44);
-        __m512 v2 = _mm512_shuffle_f32x4(a[e], a[4 + e], 0xEE), v3 = _mm512_shuffle_f32x4(a[8 + e], a[12 + e], 0xEE);
-        t[e] = _mm512_shuffle_f32x4(v0, v1, 0x88);
-        t[4 + e] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
-        t[8 + e] = _mm512_shuffle_f32x4(v2, v3, 0x88);
-        t[12 + e] = _mm512_shuffle_f32x4(v2, v3, 0xDD);
-    }
-    for (int i = 0; i < 16; i++) a[i] = t[i];
-}
 
 /* A block of 16 keys for the tiles (the ranks' positions in index[t .. t + 16), n in all): in
    place in the cache where they are 16 consecutive positions, else copied into buf (the keys

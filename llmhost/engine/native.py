@@ -19,6 +19,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -127,22 +128,42 @@ def library_cache(compiler: str, source: str, flags: tuple[str, ...]) -> str:
     a file of the cache's folder native named by a hash of all three (the
     compiler by its path and ``--version``), so an edited source, other flags
     (LLMHOST_CPU_FLAGS) or another compiler build anew; "" without a cache (off,
-    or a folder that cannot be made: built in /tmp as before). Only the source
-    file itself is hashed: a kernel stays one file (system headers aside), or
-    what it includes must join the key."""
+    or a folder that cannot be made: built in /tmp as before). The source's own
+    headers (``#include "..."``, kernels' shared code: simd.h) join the key with
+    it (local_sources); system headers are the compiler's, whose version is in
+    the key."""
     folder = cache_folder("native")
     if not folder:
         return ""
     try:
-        with open(source, "rb") as fh:
-            code = fh.read()
+        code = [text for _, text in local_sources(source)]
         version = _version(compiler)
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    key = hashlib.sha256(b"\0".join([code, *(f.encode() for f in flags),
+    key = hashlib.sha256(b"\0".join([*code, *(f.encode() for f in flags),
                                       os.path.realpath(compiler).encode(), version])).hexdigest()
     name = os.path.splitext(os.path.basename(source))[0]
     return os.path.join(folder, f"{name}-{key[:24]}.so")
+
+
+_LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def local_sources(source: str) -> list[tuple[str, bytes]]:
+    """(path, text) of `source` and of every header it includes with quotes,
+    theirs too, each once, relative to the file that names it (as the compiler
+    finds them)."""
+    found: dict[str, bytes] = {}
+    waiting = [os.path.realpath(source)]
+    while waiting:
+        path = waiting.pop()
+        if path in found:
+            continue
+        with open(path, "rb") as fh:
+            found[path] = fh.read()
+        waiting += [os.path.realpath(os.path.join(os.path.dirname(path), name.decode()))
+                    for name in _LOCAL_INCLUDE.findall(found[path])]
+    return list(found.items())
 
 
 @functools.lru_cache(maxsize=4)

@@ -35,6 +35,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../engine/simd.h"
+
 /* One block of 32 floats -> 32 int8 in input order; *d its scale, *s scale * sum(q). */
 static inline __m256i quantize_block(const float *p, float *d, float *s) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -542,12 +544,21 @@ static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd,
 #define Q4(r, f) case (r) * 8 + (f): \
     q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, NULL, out, n, bf16, NULL); return;
 #define Q8(r) case (r) * 8 + 1: q8_tile(r, 1, (const int8_t *)wq, wd, nb, xq, xv, out, n, bf16); return;
+/* the taller tiles only where TILE_R has them (compiled for 4 rows, gcc saw their arrays overrun) */
+#if TILE_R == 6
+#define TALL(tile) tile(6) tile(5)
+#else
+#define TALL(tile)
+#endif
+#define Q4R(r) Q4(r, 1)
     if (p)
         q4_tile(TILE_R, 1, (const uint8_t *)wq, wd, wm, nb, xq, xv, p, out, n, bf16, NULL);
     else if (bits == 4)
-        switch (R * 8 + F) { Q4(6, 1) Q4(5, 1) Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1) }
+        switch (R * 8 + F) { TALL(Q4R) Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1) }
     else
-        switch (R * 8 + F) { Q8(6) Q8(5) Q8(4) Q8(3) Q8(2) Q8(1) }
+        switch (R * 8 + F) { TALL(Q8) Q8(4) Q8(3) Q8(2) Q8(1) }
+#undef TALL
+#undef Q4R
 #undef Q4
 #undef Q8
 }
@@ -626,33 +637,6 @@ static void amx_configure(void) {
         c.colsb[t] = t == 2 || t == 3 ? 32 : 64;
     }
     _tile_loadconfig(&c);
-}
-
-/* 16 x 16 floats transposed in registers: rows a[0..16) in, columns out (a[c] = column c); the
-   same as attention.c's (a kernel stays one file: native.py's library_cache) */
-static inline void transpose16(__m512 a[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {   /* a[4i + e], 128-bit lane L: rows 4i .. 4i + 3 of column 4L + e */
-        __m512d x0 = _mm512_castps_pd(t[4 * i]), x1 = _mm512_castps_pd(t[4 * i + 1]);
-        __m512d x2 = _mm512_castps_pd(t[4 * i + 2]), x3 = _mm512_castps_pd(t[4 * i + 3]);
-        a[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(x0, x2));
-        a[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x0, x2));
-        a[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(x1, x3));
-        a[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(x1, x3));
-    }
-    for (int e = 0; e < 4; e++) {   /* the 4 x 4 lanes of a[e], a[4 + e], a[8 + e], a[12 + e] */
-        __m512 v0 = _mm512_shuffle_f32x4(a[e], a[4 + e], 0x44), v1 = _mm512_shuffle_f32x4(a[8 + e], a[12 + e], 0x44);
-        __m512 v2 = _mm512_shuffle_f32x4(a[e], a[4 + e], 0xEE), v3 = _mm512_shuffle_f32x4(a[8 + e], a[12 + e], 0xEE);
-        t[e] = _mm512_shuffle_f32x4(v0, v1, 0x88);
-        t[4 + e] = _mm512_shuffle_f32x4(v0, v1, 0xDD);
-        t[8 + e] = _mm512_shuffle_f32x4(v2, v3, 0x88);
-        t[12 + e] = _mm512_shuffle_f32x4(v2, v3, 0xDD);
-    }
-    for (int i = 0; i < 16; i++) a[i] = t[i];
 }
 
 /* quantize_block on one block of 16 rows at once, a row per lane (R rows at x, `stride` floats
@@ -952,13 +936,15 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
                            rows on Zen 4 against one at a time) */
                         int64_t j = (f - start) % 8;
                         q4_tile(TILE_R, 1, wf, d + f * nb, mf, nb, xq + r * k, xv + r * vectors * 8, NULL, at, n, bf16, hold + j);
-                        if (j == 7 || f + 1 == end)   /* 8 features held, or the chunk's last few */
-                            for (int t = 0; t < TILE_R; t++)
+                        if (j == 7 || f + 1 == end) {   /* 8 features held, or the chunk's last few */
+                            for (int t = 0; t < TILE_R; t++) {
                                 if (j == 7)
                                     store8(out, (r + t) * n + f - 7, hsum8(hold + 8 * t), bf16);
                                 else
                                     for (int64_t i = 0; i <= j; i++)
                                         store(out, (r + t) * n + f - j + i, hsum(hold[8 * t + i]), bf16);
+                            }
+                        }
                     }
                     else
                         tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, wf, d + f * nb, mf, nb,
