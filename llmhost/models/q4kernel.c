@@ -73,10 +73,14 @@ static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
    [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
    i of 32 bytes, lane l: inputs 4i..4i+3 of block GROUP_LANES[l]) and the blocks after the last
    whole group in pair order; without it (Q8_0) pair order throughout. */
+/* Both threads from 256 blocks (8,192 inputs, ~10 us here): a prompt's products then wait for
+   one thread less (a 40-token prompt's quantizing, one thread while the other spun, was 3% of
+   its prefill; twentieth session); a decode step's few rows stay on one. */
+#define QUANTIZE_SPLIT_FROM 256
 static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
                           float *xs, int nt) {
     int64_t nb = k / 32, groups = grouped ? nb / 8 : 0, first = 8 * groups, pairs = (nb - first) / 2;
-    #pragma omp parallel for num_threads(nt) schedule(static) if (m * groups > 256)
+    #pragma omp parallel for num_threads(nt) schedule(static) if (m * groups * 8 >= QUANTIZE_SPLIT_FROM)
     for (int64_t i = 0; i < m * groups; i++) {
         int64_t b = i / groups * nb + 8 * (i % groups);
         int32_t q[8][8], *out = (int32_t *)(xq + b * 32);   /* q[block][4 inputs] */
@@ -85,7 +89,7 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int
         for (int v = 0; v < 8; v++)
             for (int l = 0; l < 8; l++) out[8 * v + l] = q[GROUP_LANES[l]][v];
     }
-    #pragma omp parallel for num_threads(nt) schedule(static) if (m * pairs > 1024)
+    #pragma omp parallel for num_threads(nt) schedule(static) if (m * pairs * 2 >= QUANTIZE_SPLIT_FROM)
     for (int64_t i = 0; i < m * pairs; i++) {
         int64_t b = i / pairs * nb + first + 2 * (i % pairs);
         __m256i a = quantize_block(x + b * 32, xd + b, xs + b);
