@@ -168,7 +168,7 @@ def test_a_load_prebuilds_the_kernels_its_model_runs(tiny_models, smollm2_gguf, 
 
 def test_every_kernel_source_ships_in_the_package():
     """`pip install .` (README's quick start) installs the C sources the kernels
-    are built from at run time: setup.cfg's package data names each of them
+    are built from at run time, their headers too: setup.cfg's package data names each of them
     (engine/llamastep.c was missing, so an installed llmhost ran a Llama's layers
     in Python)."""
     import configparser
@@ -180,8 +180,9 @@ def test_every_kernel_source_ships_in_the_package():
     setup.read(os.path.join(root, "setup.cfg"))
     patterns = [p.strip() for p in setup["options.package_data"]["llmhost"].split(",")]
     sources = [os.path.relpath(path, os.path.join(root, "llmhost"))
-               for path in glob.glob(os.path.join(root, "llmhost", "**", "*.c"), recursive=True)]
-    assert len(sources) >= 3, sources
+               for kind in ("*.c", "*.h")   # the kernels and the headers they include
+               for path in glob.glob(os.path.join(root, "llmhost", "**", kind), recursive=True)]
+    assert len(sources) >= 4 and any(s.endswith(".h") for s in sources), sources
     for source in sources:
         assert any(fnmatch.fnmatch(source, pattern) for pattern in patterns), source
 

@@ -69,14 +69,15 @@ static const int GROUP_LANES[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 /* lane of block j of a group (GROUP_LANES inverted) */
 static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
+/* blocks from which quantize_rows splits its rows between the threads: a 40-token prompt's
+   quantizing (2,048 blocks was the bound) ran on one thread while the other spun, 3% of its
+   prefill (twentieth session); a decode step's few rows stay on one */
+#define QUANTIZE_SPLIT_FROM 256
+
 /* x [m, k] float32 -> xq int8 [m, k], xd (scale) and xs (scale * sum of the block's q) float
    [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
    i of 32 bytes, lane l: inputs 4i..4i+3 of block GROUP_LANES[l]) and the blocks after the last
    whole group in pair order; without it (Q8_0) pair order throughout. */
-/* Both threads from 256 blocks (8,192 inputs, ~10 us here): a prompt's products then wait for
-   one thread less (a 40-token prompt's quantizing, one thread while the other spun, was 3% of
-   its prefill; twentieth session); a decode step's few rows stay on one. */
-#define QUANTIZE_SPLIT_FROM 256
 static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
                           float *xs, int nt) {
     int64_t nb = k / 32, groups = grouped ? nb / 8 : 0, first = 8 * groups, pairs = (nb - first) / 2;
