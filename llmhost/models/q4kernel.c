@@ -549,21 +549,24 @@ static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd,
 #define Q4(r, f) case (r) * 8 + (f): \
     q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, NULL, out, n, bf16, NULL); return;
 #define Q8(r) case (r) * 8 + 1: q8_tile(r, 1, (const int8_t *)wq, wd, nb, xq, xv, out, n, bf16); return;
-/* the taller tiles only where TILE_R has them (compiled for 4 rows, gcc saw their arrays overrun) */
-#if TILE_R == 6
-#define TALL(tile) tile(6) tile(5)
-#else
-#define TALL(tile)
-#endif
-#define Q4R(r) Q4(r, 1)
+    /* the taller tiles only where TILE_R has them (compiled for 4 rows, gcc saw their arrays
+       overrun) */
     if (p)
         q4_tile(TILE_R, 1, (const uint8_t *)wq, wd, wm, nb, xq, xv, p, out, n, bf16, NULL);
     else if (bits == 4)
-        switch (R * 8 + F) { TALL(Q4R) Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1) }
+        switch (R * 8 + F) {
+#if TILE_R == 6
+            Q4(6, 1) Q4(5, 1)
+#endif
+            Q4(4, 1) Q4(3, 1) Q4(2, 2) Q4(2, 1) Q4(1, 4) Q4(1, 3) Q4(1, 2) Q4(1, 1)
+        }
     else
-        switch (R * 8 + F) { TALL(Q8) Q8(4) Q8(3) Q8(2) Q8(1) }
-#undef TALL
-#undef Q4R
+        switch (R * 8 + F) {
+#if TILE_R == 6
+            Q8(6) Q8(5)
+#endif
+            Q8(4) Q8(3) Q8(2) Q8(1)
+        }
 #undef Q4
 #undef Q8
 }
