@@ -286,7 +286,8 @@ def test_the_vnni_build_computes_what_the_avx2_build_computes():
     assert plain is not None, why
     rng = np.random.default_rng(2)
     for kind in ("Q4_0", "Q4_1", "Q8_0"):
-        for width in (96, 160, 576, 1024, 4640):   # 1,024: whole groups only; 4,640: passes over k
+        # 1,024: whole groups only; 960: 6 blocks after them; 4,640: passes over k
+        for width in (96, 160, 576, 960, 1024, 4640):
             blocks = quantize(rng.standard_normal((24, width)).astype(np.float32),
                               GGMLQuantizationType[kind])
             layer = q8_embedding(blocks, torch.float32) if kind == "Q8_0" else \
@@ -342,16 +343,16 @@ def test_llmhost_kernel_computes_each_row_alone_bitwise():
     """q4kernel.c's tiles (several rows x features, edge tiles smaller) run the same float
     operations for every (row, feature): a row's output is the same bits alone (a decode
     step) as in calls of 2 to 300 rows at any position, with 1 or 2 threads; Q4 and Q8_0,
-    k with whole groups of 8 blocks, a partial one, an odd last block (96, 576, 1,536 and
-    1,568 inputs), feature counts that are no multiple of a tile; k wide enough (4,640) that
-    tiles of several rows go over it in passes, a row alone in one. Also within 8-bit
-    rounding of the float64 product."""
+    k with whole groups of 8 blocks, a partial one of 2 to 7 blocks (576, 960; 96 and 224
+    alone), an odd last block (1,568), feature counts that are no multiple of a tile; k wide
+    enough (4,640) that tiles of several rows go over it in passes, a row alone in one. Also
+    within 8-bit rounding of the float64 product."""
     q4kernel = _llmhost_kernel()
     g = torch.Generator().manual_seed(5)
     threads = torch.get_num_threads()
     try:
-        for bits, k, n in ((4, 96, 37), (4, 576, 70), (4, 1536, 45), (4, 1568, 9), (4, 4640, 11), (8, 96, 37),
-                           (8, 576, 70), (8, 1568, 9)):
+        for bits, k, n in ((4, 96, 37), (4, 224, 13), (4, 576, 70), (4, 960, 21), (4, 1536, 45), (4, 1568, 9),
+                           (4, 4640, 11), (8, 96, 37), (8, 576, 70), (8, 1568, 9)):
             qs, dm = _random_blocks(bits, k, n, g)
             if bits == 4:
                 q = torch.cat([(qs & 15).view(n, -1, 16), (qs >> 4).view(n, -1, 16)], 2).double()

@@ -31,8 +31,9 @@ def test_amx_products_are_the_bits_of_the_other_tiles():
     assert other is not None, why
     assert other.q4_amx_enable() == 0
     generator = torch.Generator().manual_seed(0)
-    # k: whole groups only (1536), a pair after them (576: SmolLM2), an odd block (352, 800)
-    for k in (1536, 576, 352, 800):
+    # k: whole groups only (1536), a pair after them (576: SmolLM2), three (960), an odd block
+    # (352, 800)
+    for k in (1536, 576, 960, 352, 800):
         for planes in (1, 2):          # Q4_0 (d alone, m = -8 d) and Q4_1 (d and m)
             n = 33                     # two whole 16-feature tiles and one of a single feature
             qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)

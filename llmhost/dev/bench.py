@@ -1499,6 +1499,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shape", default="gpt2-small", choices=["gpt2-small", *LLAMA_SHAPES],
                        help="gpt2-small: 12 x 768, vocabulary 8192; llama-1b: 16 x 2048, MLP "
                             "8192, 32/8 heads, SmolLM2's tokenizer (1.07B parameters); "
+                            "smollm2-360m: 32 x 960, MLP 2560, 15/5 heads (SmolLM2-360M's shape); "
                             "llama-tiny: the same code path, 2 x 64 (for tests)")
     build.add_argument("--gguf", default="q4_0", choices=["q4_0", "q8_0"],
                        help="the Llama shapes' GGUF type (Linear weights; the embedding is Q8_0)")

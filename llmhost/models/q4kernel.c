@@ -176,7 +176,7 @@ static inline __m256i pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
    - each whole group of 8 blocks (group_dot): its 8 block sums, converted once, times the
      scales' vector dw * dx, then the offsets' term m * s of its 8 blocks (w = d * q + m);
    - the rest (k not a multiple of 256 inputs), a partial group: the same two steps, each of
-     its blocks' sums in that block's lane of a group (unit_sums), the lanes without a block 0;
+     its blocks' sums in that block's lane of a group (rest_sums), the lanes without a block 0;
    and out = hsum(acc). (Before the seventeenth session the rest's blocks added 4 partial sums
    each, in llama.cpp's lanes: other bits. One sum per block lets the AMX tiles compute the rest
    as they compute a group.) That sequence depends only on k: a tile of R rows x F features runs
@@ -232,21 +232,27 @@ static inline void q8_unit(const int8_t *wq, int pair, __m256i w[4]) {
     w[3] = _mm256_sign_epi8(w[1], w[1]);
 }
 
-/* Lanes that pick a unit's block sums (after unit_sums' adds: lanes 0 and 4, lane 1 a zero)
-   into a partial group's lanes: unit u's first block (block 2u) at lane u, its second at 4 + u */
-static const int32_t UNIT_LANES[4][8] = {{0, 1, 1, 1, 4, 1, 1, 1}, {1, 0, 1, 1, 1, 4, 1, 1},
-                                        {1, 1, 0, 1, 1, 1, 4, 1}, {1, 1, 1, 0, 1, 1, 1, 4}};
-
-/* unit u's exact int32 block sums with activations y (a pair: pair order; a last odd block: input
-   order) in a partial group's lanes (BLOCK_LANE: block 2u at lane u, 2u + 1 at 4 + u), the
-   other lanes 0 */
-static inline __m256i unit_sums(const __m256i w[2], int pair, int u, const int8_t *y) {
-    const __m256i z = _mm256_setzero_si256();
-    __m256i p = pair ? pair_dot(w[0], w[1], y) : dot4(w[0], _mm256_loadu_si256((const __m256i *)y));
-    p = _mm256_hadd_epi32(_mm256_hadd_epi32(p, z), z);   /* lanes 0 and 4: each half's sum */
-    if (!pair)   /* one block in both halves: their sum in lane 0, the high half 0 */
-        p = _mm256_zextsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
-    return u ? _mm256_permutevar8x32_epi32(p, _mm256_loadu_si256((const __m256i *)UNIT_LANES[u])) : p;
+/* The rest's exact int32 block sums with a row's activations y (pair order, a last odd block in
+   input order) in a partial group's lanes (BLOCK_LANE: block 2u at lane u, 2u + 1 at 4 + u), the
+   other lanes 0. Each unit's dot leaves a pair's first block in lanes 0-3 and its second in 4-7
+   (a lone block: its halves added into lanes 0-3); one tree of horizontal adds then sums all the
+   units' lanes at once, unit u's into lane u of each half. (A tree per unit and a permute into
+   its lanes, before, gave the same integers; the products ran 1.12x as long at k = 896, 4 blocks
+   left, 1.17x at 960, 6 left, and the same at 576, 2 left: twenty-first session.) */
+static inline __m256i rest_sums(const __m256i w[4][2], int left, const int8_t *y) {
+    __m256i p[4];
+    for (int u = 0; u < 4; u++) {
+        int pair = 2 * u + 1 < left;
+        if (2 * u >= left) {
+            p[u] = _mm256_setzero_si256();
+        } else if (pair) {
+            p[u] = pair_dot(w[u][0], w[u][1], y + 64 * u);
+        } else {
+            __m256i q = dot4(w[u][0], _mm256_loadu_si256((const __m256i *)(y + 64 * u)));
+            p[u] = _mm256_zextsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+        }
+    }
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
 }
 
 /* vpmaddubsw wants an unsigned operand: |w| times y with w's sign; two products of up to
@@ -390,27 +396,21 @@ static inline __m256 rest_plane(const uint16_t *h, int left) {
 
 /* the blocks after the whole groups (`left`, 1..7, a constant where inlined), a partial group:
    unit by unit (a pair in pair order, a last odd block) their block sums into the group's lanes
-   (unit_sums), then acc += dot * (dw * dx) and acc += m * s as q4_group adds a group */
+   (rest_sums: each feature's units unpacked once for the tile's rows), then acc += dot * (dw * dx) and acc += m * s as q4_group adds a group */
 static inline __attribute__((always_inline)) void q4_rest(
         int R, int F, int left, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
         const int8_t *xq, const float *xv, __m256 acc[TILE_R][TILE_F]) {
     int64_t k = nb * 32, V = scales_per_row(nb), first = nb - left;
     for (int f = 0; f < F; f++) {
-        __m256i sums[TILE_R];
-        for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
-        for (int u = 0; 2 * u < left; u++) {
-            int pair = 2 * u + 1 < left;
-            int64_t b = first + 2 * u;
-            __m256i w[2];
-            q4_unit(wq + f * (k / 2) + b * 16, pair, w);
-            for (int r = 0; r < R; r++)
-                sums[r] = _mm256_add_epi32(sums[r], unit_sums(w, pair, u, xq + r * k + b * 32));
-        }
+        __m256i w[4][2];
+        for (int u = 0; 2 * u < left; u++)
+            q4_unit(wq + f * (k / 2) + (first + 2 * u) * 16, 2 * u + 1 < left, w[u]);
         __m256 dw = rest_plane(wd + f * nb + first, left);
         __m256 mw = wm ? rest_plane(wm + f * nb + first, left) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
         for (int r = 0; r < R; r++) {
             const float *v = xv + r * V + V - 16;
-            acc[r][f] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(dw, _mm256_loadu_ps(v)), acc[r][f]);
+            __m256i sums = rest_sums(w, left, xq + r * k + first * 32);
+            acc[r][f] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, _mm256_loadu_ps(v)), acc[r][f]);
             acc[r][f] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(v + 8), acc[r][f]);
         }
     }
@@ -604,7 +604,7 @@ static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
    amx_tile and AVX-512 VNNI, BW and VL): a Q4 product of many rows (a prefill) 16 features x 16
    rows at a time. One tdpbusd multiplies a block's unsigned weights of 16 features (16 x 32
    bytes) by its 8-bit activations of 16 rows (q_linear_amx's layout) into 16 x 16 int32 block
-   sums, the integers group_dot's and unit_sums' lanes hold, a partial group's blocks as a whole
+   sums, the integers group_dot's and rest_sums' lanes hold, a partial group's blocks as a whole
    group's. Each is converted, scaled and added with the same float operations, in the same
    order, into the same lane of its (row, feature)'s accumulator as q4_tile does, and the lanes
    are added in hsum's order, so a row's result is the same bits as on the other tiles
