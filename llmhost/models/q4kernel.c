@@ -395,8 +395,9 @@ static inline __m256 rest_plane(const uint16_t *h, int left) {
 }
 
 /* the blocks after the whole groups (`left`, 1..7, a constant where inlined), a partial group:
-   unit by unit (a pair in pair order, a last odd block) their block sums into the group's lanes
-   (rest_sums: each feature's units unpacked once for the tile's rows), then acc += dot * (dw * dx) and acc += m * s as q4_group adds a group */
+   their block sums in the group's lanes (rest_sums; each feature's units, a pair in pair order
+   or a last odd block, unpacked once for the tile's rows), then acc += dot * (dw * dx) and
+   acc += m * s as q4_group adds a group */
 static inline __attribute__((always_inline)) void q4_rest(
         int R, int F, int left, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
         const int8_t *xq, const float *xv, __m256 acc[TILE_R][TILE_F]) {
