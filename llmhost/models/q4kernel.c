@@ -185,14 +185,24 @@ static inline __m256i pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
    tiles included, so give a row the same bits alone or batched, at any thread count (llamafile's
    tinyBLAS tiles rows x features the same way; its blocks are added one at a time). */
 
-/* Tiles: up to TILE_R rows x TILE_F features (the arrays' sizes); which shapes run is
-   TILE_R (rows) and tile_features' choice (below). AVX-512VL builds (q4kernel.py's choice where
-   the CPU has AVX512-VNNI) have 32 vector registers, the others 16. */
+/* Tiles: up to TILE_R rows x TILE_F features; which shapes run is TILE_R (rows) and
+   tile_features' choice (below). AVX-512VL builds (q4kernel.py's choice where the CPU has
+   AVX512-VNNI) have 32 vector registers, the others 16. There q_linear's whole Q4 tiles have
+   TALL_R rows where k is at most TALL_K: a group's weights are unpacked once for more rows, and
+   16 rows of activations (k bytes each) still fit in L1 beside the weights' stream. SmolLM2's
+   products (k = 576 and 1,536; one thread) ran 1.13-1.16x faster at 512 rows, 1.10x at 128 and
+   1.07-1.08x at 40 (12 rows: 1.05-1.08x, 10: 1.05x, 8: 0.93x); the 1B model's (k = 2,048) in
+   16-row tiles 0.83-0.93x at 40 and 128 rows, hence TALL_K (twenty-first session, Ice Lake). */
 #if defined(__AVX512VL__)
 #define TILE_R 6
+#ifndef TALL_R
+#define TALL_R 16
+#endif
 #else
 #define TILE_R 4
+#define TALL_R 4
 #endif
+#define TALL_K 1536
 #define TILE_F 4
 
 /* [d0 x4, d1 x4]: a pair's two float16 scales in its dot product's lanes */
@@ -364,7 +374,7 @@ static inline __m256 group_plane(const uint16_t *h) {
    for each of the R rows acc += dot * (dw * dx) and acc += m * s */
 static inline __attribute__((always_inline)) void q4_group(
         int R, int F, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb, int64_t g,
-        const int8_t *xq, const float *xv, __m256 acc[TILE_R][TILE_F]) {
+        const int8_t *xq, const float *xv, __m256 acc[TALL_R][TILE_F]) {
     int64_t k = nb * 32, V = scales_per_row(nb);
     for (int f = 0; f < F; f++) {
         __m256i w[8];
@@ -400,7 +410,7 @@ static inline __m256 rest_plane(const uint16_t *h, int left) {
    acc += m * s as q4_group adds a group */
 static inline __attribute__((always_inline)) void q4_rest(
         int R, int F, int left, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
-        const int8_t *xq, const float *xv, __m256 acc[TILE_R][TILE_F]) {
+        const int8_t *xq, const float *xv, __m256 acc[TALL_R][TILE_F]) {
     int64_t k = nb * 32, V = scales_per_row(nb), first = nb - left;
     for (int f = 0; f < F; f++) {
         __m256i w[4][2];
@@ -470,7 +480,7 @@ static inline __attribute__((always_inline)) void q4_tile(
         int R, int F, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
         const int8_t *xq, const float *xv, const struct pass *p, void *out, int64_t n, int bf16, __m256 *hold) {
     int64_t g0 = p ? p->g0 : 0, g1 = p ? p->g1 : nb / 8;
-    __m256 acc[TILE_R][TILE_F];
+    __m256 acc[TALL_R][TILE_F];
     for (int r = 0; r < R; r++)
         for (int f = 0; f < F; f++) acc[r][f] = g0 ? p->keep[r * p->kept + f] : _mm256_setzero_ps();
     for (int64_t g = g0; g < g1; g++) q4_group(R, F, wq, wd, wm, nb, g, xq, xv, acc);
@@ -532,7 +542,7 @@ static void unit_scales(const float *xd, int64_t m, int64_t nb, float *xv) {
 /* Rows per tile, and features per tile for a tile of R rows. Many rows: 4 x 1 with 16 registers
    (Q4: 8 weight vectors in lane order, 4 accumulators and the group's temporaries; 3 x 1 and
    2 x 1 measured slower, 8 x 1 spilled), 6 x 1 with 32 (1.1-1.2x faster than 4 x 1 there;
-   8 x 1 about the same as 6). Q4 with fewer rows (decode, a call's last rows) takes more
+   8 x 1 about the same as 6; TALL_R x 1 where k is narrow, above). Q4 with fewer rows (decode, a call's last rows) takes more
    features, so that enough independent accumulators hide the multiply-adds' latency (1 x 1
    decoded 2.5x slower at k = 576); Q8_0 decoded slower at 1 x 2 than 1 x 1 (the head's 28 MB
    stream from memory either way). */
@@ -594,6 +604,45 @@ _Static_assert(CHUNK % TILE_F == 0, "a chunk has at most CHUNK features: q_linea
 static int64_t pass_groups(int bits, int64_t k) {
     int64_t groups = bits == 4 ? k / 256 : 0, passes = (groups + SLICE - 1) / SLICE;
     return passes > 1 ? (groups + passes - 1) / passes : 0;
+}
+
+/* A chunk's `count` features (wq, wd, wm, out: the first's) through whole Q4 tiles of R rows
+   (xq, xv: the first row's), one pass over k. Each tile's results wait in hold until 8 features
+   have them, then are added and stored 8 at a time (6% of SmolLM2's products at 512 rows on Zen
+   4 against one at a time). The tile is compiled into this loop: through tile_any, a call per
+   tile, SmolLM2's products of 40 and 512 rows took 12-15% longer on Zen 4 (nineteenth session).
+   A function of its own for each R (whole, whole_tall), a call per chunk and tile row: with both
+   tiles inlined into q_linear's loop the 6-row one ran 0.72-0.94x as fast (twenty-first). */
+static inline __attribute__((always_inline)) void whole_tiles(
+        int R, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb, const int8_t *xq,
+        const float *xv, int64_t count, void *out, int64_t n, int bf16) {
+    int64_t k = nb * 32;
+    __m256 hold[TALL_R * 8];
+    for (int64_t f = 0; f < count; f++) {
+        int64_t j = f % 8;
+        q4_tile(R, 1, wq + f * (k / 2), wd + f * nb, wm ? wm + f * nb : NULL, nb, xq, xv, NULL, NULL, n, bf16,
+                hold + j);
+        if (j == 7 || f + 1 == count)   /* 8 features held, or the chunk's last few */
+            for (int t = 0; t < R; t++) {
+                if (j == 7)
+                    store8(out, t * n + f - 7, hsum8(hold + 8 * t), bf16);
+                else
+                    for (int64_t i = 0; i <= j; i++)
+                        store(out, t * n + f - j + i, hsum(hold[8 * t + i]), bf16);
+            }
+    }
+}
+
+static __attribute__((noinline)) void whole(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
+                                            const int8_t *xq, const float *xv, int64_t count, void *out,
+                                            int64_t n, int bf16) {
+    whole_tiles(TILE_R, wq, wd, wm, nb, xq, xv, count, out, n, bf16);
+}
+
+static __attribute__((noinline)) void whole_tall(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm,
+                                                 int64_t nb, const int8_t *xq, const float *xv, int64_t count,
+                                                 void *out, int64_t n, int bf16) {
+    whole_tiles(TALL_R, wq, wd, wm, nb, xq, xv, count, out, n, bf16);
 }
 
 /* float32 of a bfloat16 (exact): its bits shifted up (a vectorized loop) */
@@ -924,9 +973,17 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     for (int64_t c = 0; c < chunks; c++) {
         __m256 keep[span ? TILE_R * CHUNK : 1];   /* passes' accumulators: [tile row][chunk feature] */
         int64_t start = c * size, end = (c + 1) * size < n ? (c + 1) * size : n;
-        __m256 hold[TILE_R * 8];
-        for (int64_t r = 0; r < m; r += TILE_R) {
-            int R = m - r < TILE_R ? (int)(m - r) : TILE_R, TF = tile_features(bits, R), sliced = span && R == TILE_R;
+        for (int64_t r = 0, step; r < m; r += step) {
+            int R = bits == 4 && k <= TALL_K && m - r >= TALL_R ? TALL_R : m - r < TILE_R ? (int)(m - r) : TILE_R;
+            int TF = tile_features(bits, R), sliced = span && R == TILE_R;
+            step = R;
+            if (bits == 4 && !sliced && (R == TILE_R || R == TALL_R)) {   /* whole tiles */
+                (TALL_R != TILE_R && R == TALL_R ? whole_tall : whole)(
+                    (const uint8_t *)qs + start * wrow, d + start * nb, mn ? mn + start * nb : NULL, nb,
+                    xq + r * k, xv + r * vectors * 8, end - start, (char *)out + (r * n + start) * (bf16 ? 2 : 4),
+                    n, bf16);
+                continue;
+            }
             struct pass p = {.g0 = 0, .g1 = groups, .kept = size};
             do {   /* one pass over all of k, or one per slice of span groups */
                 if (sliced) p.g1 = p.g0 + span < groups ? p.g0 + span : groups;
@@ -935,29 +992,8 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
                     const uint16_t *mf = mn ? mn + f * nb : NULL;
                     void *at = (char *)out + (r * n + f) * (bf16 ? 2 : 4);
                     p.keep = keep + (f - start);
-                    /* A whole Q4 tile in one pass, the bulk of a prefill, is compiled into this
-                       loop: through tile_any, a call per tile, SmolLM2's products of 40 and
-                       512 rows took 12-15% longer on Zen 4 (nineteenth session; all of
-                       tile_any's variants inlined: half that, and twice the build time) */
-                    if (bits == 4 && R == TILE_R && !sliced) {
-                        /* its rows' results wait in hold until 8 features have them, then
-                           are added and stored 8 at a time (6% of SmolLM2's products at 512
-                           rows on Zen 4 against one at a time) */
-                        int64_t j = (f - start) % 8;
-                        q4_tile(TILE_R, 1, wf, d + f * nb, mf, nb, xq + r * k, xv + r * vectors * 8, NULL, at, n, bf16, hold + j);
-                        if (j == 7 || f + 1 == end) {   /* 8 features held, or the chunk's last few */
-                            for (int t = 0; t < TILE_R; t++) {
-                                if (j == 7)
-                                    store8(out, (r + t) * n + f - 7, hsum8(hold + 8 * t), bf16);
-                                else
-                                    for (int64_t i = 0; i <= j; i++)
-                                        store(out, (r + t) * n + f - j + i, hsum(hold[8 * t + i]), bf16);
-                            }
-                        }
-                    }
-                    else
-                        tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, wf, d + f * nb, mf, nb,
-                                 xq + r * k, xv + r * vectors * 8, sliced ? &p : NULL, at, n, bf16);
+                    tile_any(bits, R, end - f < TF ? (int)(end - f) : TF, wf, d + f * nb, mf, nb,
+                             xq + r * k, xv + r * vectors * 8, sliced ? &p : NULL, at, n, bf16);
                 }
                 p.g0 = p.g1;
             } while (p.g0 < groups);
