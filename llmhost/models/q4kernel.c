@@ -187,23 +187,28 @@ static inline __m256i pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
 
 /* Tiles: up to TILE_R rows x TILE_F features; which shapes run is TILE_R (rows) and
    tile_features' choice (below). AVX-512VL builds (q4kernel.py's choice where the CPU has
-   AVX512-VNNI) have 32 vector registers, the others 16. There q_linear's whole Q4 tiles have
-   TALL_R rows where k is at most TALL_K: a group's weights are unpacked once for more rows, and
-   16 rows of activations (k bytes each) still fit in L1 beside the weights' stream. SmolLM2's
-   products (k = 576 and 1,536; one thread) ran 1.13-1.16x faster at 512 rows, 1.10x at 128 and
-   1.07-1.08x at 40 (12 rows: 1.05-1.08x, 10: 1.05x, 8: 0.93x); the 1B model's (k = 2,048) in
-   16-row tiles 0.83-0.93x at 40 and 128 rows, hence TALL_K (twenty-first session, Ice Lake). */
+   AVX512-VNNI) have 32 vector registers, the others 16. There q_linear's whole Q4 tiles take up
+   to TALL_R rows (whole_rows), a group's weights unpacked once for more of them. */
 #if defined(__AVX512VL__)
 #define TILE_R 6
-#ifndef TALL_R
 #define TALL_R 16
-#endif
 #else
 #define TILE_R 4
 #define TALL_R 4
 #endif
-#define TALL_K 1536
 #define TILE_F 4
+
+/* Rows of q_linear's whole Q4 tiles for k inputs: 16 or 12 where their activations (k bytes a
+   row) stay within 24 KB, half of L1, beside the weights' stream (the bound SLICE keeps); else
+   TILE_R. One thread, 16 rows against 6: SmolLM2's products (k = 576 and 1,536) ran 1.13-1.16x
+   faster at 512 rows, 1.10x at 128, 1.07-1.08x at 40 (12 rows there: 1.05-1.08x, 10: 1.05x, 8:
+   0.93x); the 1B model's (k = 2,048) 0.83-0.93x at 40 and 128 rows in 16-row tiles, and in 12-row
+   ones 1.20x, 1.03x and 1.02x at 512, 128 and 40 (twenty-first session, Ice Lake). */
+static int whole_rows(int64_t k) {
+    if (TALL_R >= 16 && 16 * k <= 24576) return 16;
+    if (TALL_R >= 12 && 12 * k <= 24576) return 12;
+    return TILE_R;
+}
 
 /* [d0 x4, d1 x4]: a pair's two float16 scales in its dot product's lanes */
 static inline __m256 pair_scales(const uint16_t *d) {
@@ -542,7 +547,7 @@ static void unit_scales(const float *xd, int64_t m, int64_t nb, float *xv) {
 /* Rows per tile, and features per tile for a tile of R rows. Many rows: 4 x 1 with 16 registers
    (Q4: 8 weight vectors in lane order, 4 accumulators and the group's temporaries; 3 x 1 and
    2 x 1 measured slower, 8 x 1 spilled), 6 x 1 with 32 (1.1-1.2x faster than 4 x 1 there;
-   8 x 1 about the same as 6; TALL_R x 1 where k is narrow, above). Q4 with fewer rows (decode, a call's last rows) takes more
+   8 x 1 about the same as 6; up to TALL_R x 1 where k is narrow, above). Q4 with fewer rows (decode, a call's last rows) takes more
    features, so that enough independent accumulators hide the multiply-adds' latency (1 x 1
    decoded 2.5x slower at k = 576); Q8_0 decoded slower at 1 x 2 than 1 x 1 (the head's 28 MB
    stream from memory either way). */
@@ -611,8 +616,8 @@ static int64_t pass_groups(int bits, int64_t k) {
    have them, then are added and stored 8 at a time (6% of SmolLM2's products at 512 rows on Zen
    4 against one at a time). The tile is compiled into this loop: through tile_any, a call per
    tile, SmolLM2's products of 40 and 512 rows took 12-15% longer on Zen 4 (nineteenth session).
-   A function of its own for each R (whole, whole_tall), a call per chunk and tile row: with both
-   tiles inlined into q_linear's loop the 6-row one ran 0.72-0.94x as fast (twenty-first). */
+   A function of its own for each R, a call per chunk and tile row: with a 16-row and a 6-row
+   tile both inlined into q_linear's loop the 6-row one ran 0.72-0.94x as fast (twenty-first). */
 static inline __attribute__((always_inline)) void whole_tiles(
         int R, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb, const int8_t *xq,
         const float *xv, int64_t count, void *out, int64_t n, int bf16) {
@@ -633,17 +638,19 @@ static inline __attribute__((always_inline)) void whole_tiles(
     }
 }
 
-static __attribute__((noinline)) void whole(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
-                                            const int8_t *xq, const float *xv, int64_t count, void *out,
-                                            int64_t n, int bf16) {
-    whole_tiles(TILE_R, wq, wd, wm, nb, xq, xv, count, out, n, bf16);
-}
-
-static __attribute__((noinline)) void whole_tall(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm,
-                                                 int64_t nb, const int8_t *xq, const float *xv, int64_t count,
-                                                 void *out, int64_t n, int bf16) {
-    whole_tiles(TALL_R, wq, wd, wm, nb, xq, xv, count, out, n, bf16);
-}
+/* whole_tiles for each count of rows whole_rows gives, a function of its own */
+#define WHOLE(name, rows) \
+    static __attribute__((noinline)) void name(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb, \
+                                               const int8_t *xq, const float *xv, int64_t count, void *out, \
+                                               int64_t n, int bf16) { \
+        whole_tiles(rows, wq, wd, wm, nb, xq, xv, count, out, n, bf16); \
+    }
+WHOLE(whole_tile, TILE_R)
+#if TALL_R >= 16
+WHOLE(whole_12, 12)
+WHOLE(whole_16, 16)
+#endif
+#undef WHOLE
 
 /* float32 of a bfloat16 (exact): its bits shifted up (a vectorized loop) */
 static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
@@ -969,16 +976,21 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     chunks = (chunks + nt - 1) / nt * nt;
     int64_t size = ((n + chunks - 1) / chunks + TILE_F - 1) / TILE_F * TILE_F;
     chunks = (n + size - 1) / size;
+    int whole = whole_rows(k);   /* rows of a whole Q4 tile */
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
         __m256 keep[span ? TILE_R * CHUNK : 1];   /* passes' accumulators: [tile row][chunk feature] */
         int64_t start = c * size, end = (c + 1) * size < n ? (c + 1) * size : n;
         for (int64_t r = 0, step; r < m; r += step) {
-            int R = bits == 4 && k <= TALL_K && m - r >= TALL_R ? TALL_R : m - r < TILE_R ? (int)(m - r) : TILE_R;
+            int R = bits == 4 && m - r >= whole ? whole : m - r < TILE_R ? (int)(m - r) : TILE_R;
             int TF = tile_features(bits, R), sliced = span && R == TILE_R;
             step = R;
-            if (bits == 4 && !sliced && (R == TILE_R || R == TALL_R)) {   /* whole tiles */
-                (TALL_R != TILE_R && R == TALL_R ? whole_tall : whole)(
+            if (bits == 4 && !sliced && (R == TILE_R || R == whole)) {   /* whole tiles */
+#if TALL_R >= 16
+                (R == 16 ? whole_16 : R == 12 ? whole_12 : whole_tile)(
+#else
+                whole_tile(
+#endif
                     (const uint8_t *)qs + start * wrow, d + start * nb, mn ? mn + start * nb : NULL, nb,
                     xq + r * k, xv + r * vectors * 8, end - start, (char *)out + (r * n + start) * (bf16 ? 2 : 4),
                     n, bf16);
