@@ -547,10 +547,10 @@ static void unit_scales(const float *xd, int64_t m, int64_t nb, float *xv) {
 /* Rows per tile, and features per tile for a tile of R rows. Many rows: 4 x 1 with 16 registers
    (Q4: 8 weight vectors in lane order, 4 accumulators and the group's temporaries; 3 x 1 and
    2 x 1 measured slower, 8 x 1 spilled), 6 x 1 with 32 (1.1-1.2x faster than 4 x 1 there;
-   8 x 1 about the same as 6; up to TALL_R x 1 where k is narrow, above). Q4 with fewer rows (decode, a call's last rows) takes more
-   features, so that enough independent accumulators hide the multiply-adds' latency (1 x 1
-   decoded 2.5x slower at k = 576); Q8_0 decoded slower at 1 x 2 than 1 x 1 (the head's 28 MB
-   stream from memory either way). */
+   8 x 1 about the same as 6), and whole tiles of whole_rows' 12 or 16 where k is narrow. Q4
+   with fewer rows (decode, a call's last rows) takes more features, so that enough independent
+   accumulators hide the multiply-adds' latency (1 x 1 decoded 2.5x slower at k = 576); Q8_0
+   decoded slower at 1 x 2 than 1 x 1 (the head's 28 MB stream from memory either way). */
 static int tile_features(int bits, int R) {
     if (bits == 4) return R == 1 ? 4 : R == 2 ? 2 : 1;
     return 1;
