@@ -565,8 +565,8 @@ static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd,
 #define Q4(r, f) case (r) * 8 + (f): \
     q4_tile(r, f, (const uint8_t *)wq, wd, wm, nb, xq, xv, NULL, out, n, bf16, NULL); return;
 #define Q8(r) case (r) * 8 + 1: q8_tile(r, 1, (const int8_t *)wq, wd, nb, xq, xv, out, n, bf16); return;
-    /* the taller tiles only where TILE_R has them (compiled for 4 rows, gcc saw their arrays
-       overrun) */
+    /* the 6- and 5-row cases only where TILE_R has them (compiled for 4 rows, gcc saw their
+       arrays overrun) */
     if (p)
         q4_tile(TILE_R, 1, (const uint8_t *)wq, wd, wm, nb, xq, xv, p, out, n, bf16, NULL);
     else if (bits == 4)
