@@ -20,8 +20,11 @@ os.environ["LLMHOST_STATE_DIR"] = tempfile.mkdtemp(prefix="llmhost-state-")
 # Compiled kernels and read GGUF headers (config.cache_dir): one folder for the run, so
 # every server, whatever its state folder, builds and reads each once.
 os.environ["LLMHOST_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmhost-cache-")
-# Server logs (tests/support.py Server, the quickstart fixture): a folder of this run.
-os.environ.setdefault("LLMHOST_TEST_LOGS", tempfile.mkdtemp(prefix="llmhost-logs-"))
+# Server logs (tests/support.py Server, the quickstart fixture): a folder of this run,
+# removed at its end unless a test failed (pytest_sessionfinish below).
+_LOGS = None if "LLMHOST_TEST_LOGS" in os.environ else tempfile.mkdtemp(prefix="llmhost-logs-")
+if _LOGS:
+    os.environ["LLMHOST_TEST_LOGS"] = _LOGS
 
 # No test writes into the user's folders: for the whole run (servers and commands
 # inherit it) HOME is an empty temporary folder, which must stay empty, and the XDG
@@ -39,6 +42,7 @@ for _var in ("XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HO
 # folders of this run too, not the empty HOME.
 os.environ["CUDA_CACHE_PATH"] = os.path.join(_XDG, "cuda-compute-cache")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_XDG, "triton-cache")
+_RUN_FOLDERS = (_HF_HOME, os.environ["LLMHOST_STATE_DIR"], os.environ["LLMHOST_CACHE_DIR"], _HOME, _XDG)
 
 import pytest  # noqa: E402
 
@@ -106,6 +110,13 @@ def _package_dir(name: str) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
+@pytest.hookimpl(trylast=True)   # after the session's fixtures (servers) are torn down
+def pytest_sessionfinish(session, exitstatus):
+    """The run's temporary folders go; its server logs stay where a test failed."""
+    for folder in _RUN_FOLDERS + ((_LOGS,) if _LOGS and exitstatus == 0 else ()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _home_stays_empty():
     """At the end of the run (after every server stopped): nothing in HOME, and no
@@ -117,8 +128,6 @@ def _home_stays_empty():
     llmhost = [os.path.join(root, name) for root, dirs, _files in os.walk(_XDG)
                for name in dirs if name == "llmhost"]
     assert not llmhost, f"tests wrote llmhost's files into the user's XDG folders: {llmhost}"
-    shutil.rmtree(_HOME, ignore_errors=True)
-    shutil.rmtree(_XDG, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -168,18 +177,26 @@ def smollm2(server, smollm2_gguf) -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm2_reference(smollm2_gguf):
+def smollm2_tokenizer(smollm2_gguf):
+    """SmolLM2's tokenizer as transformers reads it from the GGUF file (~5 s: once)."""
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(smollm2_gguf)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf, smollm2_tokenizer):
     """(tokenizer, model): SmolLM2 loaded in-process with plain transformers, the
     reference the server's greedy output must equal (~30 s to load: once), in
     the dtype the server's `auto` picks on this CPU."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from llmhost.models.quantize import auto_cpu_dtype
 
     folder, name = os.path.split(smollm2_gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=auto_cpu_dtype()).eval()
-    return tokenizer, model
+    return smollm2_tokenizer, model
 
 
 @pytest.fixture(scope="session")

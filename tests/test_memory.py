@@ -32,7 +32,7 @@ def test_estimate_matches_what_loading_takes(tiny_models, smollm2_gguf):
 
 
 @pytest.mark.slow  # a child process reads SmolLM2's GGUF metadata (~6 s), and the test once more
-def test_a_child_process_reads_the_gguf_header(smollm2_gguf, tmp_path, monkeypatch):
+def test_a_child_process_reads_the_gguf_header(smollm2_gguf, smollm2_tokenizer, tmp_path, monkeypatch):
     """The worker never parses a GGUF file's metadata itself (its garbage stayed in
     the worker's RSS, gguf.py): a child hands over the tensor list, the config and
     the tokenizer, and these equal what gguf and transformers read in-process.
@@ -63,8 +63,7 @@ def test_a_child_process_reads_the_gguf_header(smollm2_gguf, tmp_path, monkeypat
                                  list(t.data.shape), int(t.n_elements)) for t in reader.tensors)
     config = json.loads(got.config_json)
     assert config["num_hidden_layers"] == int(reader.fields["llama.block_count"].parts[-1][0]) == 30
-    folder, name = os.path.split(smollm2_gguf)
-    reference = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    reference = smollm2_tokenizer
     assert type(tokenizer) is type(reference)
     assert tokenizer.get_vocab() == reference.get_vocab()
     assert tokenizer.special_tokens_map == reference.special_tokens_map
