@@ -1,7 +1,7 @@
 """Stored responses: the SQLAlchemy store itself (expiry, many writers, a
-store that cannot be written), and through real gunicorn processes: a
-restart on the same SQLite file, parallel requests, a read-only store, and
-API keys that each see their own responses."""
+store that cannot be written, a read-only database), and through real gunicorn
+processes: a restart on the same SQLite file after parallel requests, and API keys
+that each see their own responses."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -154,7 +154,7 @@ def _create(url: str, model: str, text: str, headers=None, **extra) -> requests.
 
 
 @pytest.mark.slow  # starts its own server
-def test_restart_parallel_requests_and_a_readonly_store(tmp_path, tiny_models):
+def test_restart_keeps_what_parallel_requests_stored(tmp_path, tiny_models):
     env = {"LLMHOST_STATE_DIR": str(tmp_path)}
     first = Server(env=env).start()
     try:
@@ -183,19 +183,28 @@ def test_restart_parallel_requests_and_a_readonly_store(tmp_path, tiny_models):
     finally:
         second.stop()
 
+
+def test_a_readonly_store_serves_reads_and_refuses_writes(tmp_path, tiny_models, make_app):
+    """An app whose database cannot be written (here SQLite opened read-only) answers
+    the responses stored before, refuses to store a new one with a 500 naming the
+    store, and still answers `store: false` (the Flask test client: gunicorn adds
+    nothing to what the store does)."""
+    from support import load_local
+
     db = tmp_path / "llmhost.db"
-    readonly = Server(env={"LLMHOST_DATABASE_URL": f"sqlite:///file:{db}?mode=ro&uri=true"}).start()
-    try:
-        readonly.load(tiny_models["llama"], id="llama")
-        error = assert_error(_create(readonly.url, "llama", "store me"), 500)
-        assert error["code"] == "store_unavailable" and error["type"] == "server_error"
-        assert "store" in error["message"]
-        for response_id, body in bodies.items():
-            assert requests.get(f"{readonly.url}/v1/responses/{response_id}",
-                                timeout=30).json() == body
-        assert _create(readonly.url, "llama", "no store", store=False).status_code == 200
-    finally:
-        readonly.stop()
+    load_local(tiny_models["llama"], "ro-llama")
+    writer = make_app(DATABASE_URL=f"sqlite:///{db}").test_client()
+    request = {"model": "ro-llama", "input": "store me", "max_output_tokens": 2}
+    bodies = [validate(writer.post("/v1/responses", json=request).get_json(), "Response")
+              for _ in range(3)]
+
+    readonly = make_app(DATABASE_URL=f"sqlite:///file:{db}?mode=ro&uri=true").test_client()
+    error = assert_error(readonly.post("/v1/responses", json=request), 500)
+    assert error["code"] == "store_unavailable" and error["type"] == "server_error"
+    assert "store" in error["message"]
+    for body in bodies:
+        assert readonly.get(f"/v1/responses/{body['id']}").get_json() == body
+    assert readonly.post("/v1/responses", json={**request, "store": False}).status_code == 200
 
 
 @pytest.mark.slow  # starts its own server
