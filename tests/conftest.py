@@ -188,7 +188,7 @@ def smollm2_tokenizer(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_reference(smollm2_gguf, smollm2_tokenizer):
     """(tokenizer, model): SmolLM2 loaded in-process with plain transformers, the
-    reference the server's greedy output must equal (~30 s to load: once), in
+    reference the server's greedy output must equal (13-20 s to load: once), in
     the dtype the server's `auto` picks on this CPU."""
     from transformers import AutoModelForCausalLM
 
