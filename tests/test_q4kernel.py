@@ -1,7 +1,9 @@
 """models/q4kernel.c's AMX path (a prefill's Q4 products on the tiles of a CPU with
 AMX) gives the bits of its other tiles: every row the same alone as batched, the
 same as the library built without AMX, so rows_alone holds (the prefix cache's
-any-prefix reuse rests on it). Runs where the CPU has AMX; the flag choice anywhere."""
+any-prefix reuse rests on it). Runs where the CPU has AMX; the flag choice anywhere.
+Its feature lanes (AVX-512 VNNI without AMX: a packed Q4 weight) hold the same
+promise; they run where the CPU has AVX-512 VNNI."""
 from __future__ import annotations
 
 import pytest
@@ -51,3 +53,96 @@ def test_amx_products_are_the_bits_of_the_other_tiles():
                 # and the float32 product it stands for, to the 8-bit activations' rounding
                 want = torch.mm(q4kernel.requantized(x), q4kernel.dequantize(qs, dm).T)
                 assert torch.allclose(batched.float(), want, rtol=0.02, atol=0.05 * want.abs().max().item())
+
+
+LANES_FLAGS = {"avx512_vnni", "avx512bw", "avx512vl"}
+lanes_here = pytest.mark.skipif(not q4kernel.available()[0] or not q4kernel.lanes(),
+                                reason="this process's kernel has no feature lanes (AVX-512 VNNI without AMX)")
+
+
+def test_feature_lanes_are_built_for_avx512_vnni_without_amx():
+    base = frozenset({"avx2", "fma", "f16c"})
+    assert "-mavx512bw" in q4kernel.compile_flags(base | LANES_FLAGS)
+    assert "-mavx512vnni" not in q4kernel.compile_flags(base | {"avx512_vnni", "avx512vl"})   # no BW: AVX2's
+    if not q4kernel.available()[0]:
+        pytest.skip("llmhost's int4 kernel is unavailable here")
+    plain, why = q4kernel.build(q4kernel.COMPILE)
+    assert plain is not None, why
+    assert plain.q4_lanes() == 0
+    if LANES_FLAGS <= native.cpu_flags() and not AMX_FLAGS <= native.cpu_flags():
+        assert q4kernel.lanes() == 16
+
+
+def _q4_weight(n: int, k: int, planes: int, generator: torch.Generator):
+    qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
+    return qs, (torch.rand(planes, n, k // 32, generator=generator) * 0.02 - 0.005).half()
+
+
+@lanes_here
+def test_packed_products_give_each_row_its_bits_alone():
+    """A packed weight's product (q_linear_lanes): every row the same bits alone as in calls of
+    2 to 300 rows at any position, on 1 or 2 threads; Q4_0 and Q4_1; k of whole groups, a
+    partial one, an odd last block and wide (4,640); 16 features (one pack), 48 (a pack pair
+    and a lone pack) and 80; bfloat16 in and out as torch rounds the float32 result; within
+    8-bit rounding of the float64 product; the packing undone gives the file's layout back."""
+    generator = torch.Generator().manual_seed(6)
+    threads = torch.get_num_threads()
+    try:
+        for k, n in ((96, 48), (576, 80), (1568, 16), (4640, 48)):
+            for planes in (1, 2):
+                qs, dm = _q4_weight(n, k, planes, generator)
+                packed = q4kernel.to_lanes(qs, dm)
+                assert all(torch.equal(a, b) for a, b in zip(q4kernel.from_lanes(*packed), (qs, dm)))
+                assert not torch.equal(packed[0], qs)
+                weight = q4kernel.dequantize(qs, dm)
+                assert torch.equal(q4kernel.dequantize(*packed, lanes=True), weight)
+                x = torch.randn(300, k, generator=generator) * 3
+                x[5] = 0
+                exact = q4kernel.requantized(x).double() @ weight.double().T
+                for nt in (1, 2):
+                    torch.set_num_threads(nt)
+                    alone = torch.cat([q4kernel.matmul(x[i:i + 1], *packed, lanes=True) for i in range(300)])
+                    torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4)
+                    for m in (2, 3, 5, 8, 37, 300):
+                        for start in (0, 300 - m, (300 - m) // 2):
+                            batch = q4kernel.matmul(x[start:start + m], *packed, lanes=True)
+                            assert torch.equal(batch, alone[start:start + m]), (k, n, planes, nt, m, start)
+                half = x[:9].bfloat16()
+                got = q4kernel.matmul(half, *packed, lanes=True)
+                assert got.dtype == torch.bfloat16
+                assert torch.equal(got, q4kernel.matmul(half.float(), *packed, lanes=True).bfloat16()), (k, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@lanes_here
+def test_q4_layers_are_packed_where_their_features_fill_packs():
+    """quantize.Q4Linear packs its weight where the features are a multiple of 16 and keeps
+    the file's layout otherwise, computing the same product either way (to float32
+    rounding); a Q4Group of packed layers gives each layer's own bits, and group_q4 groups
+    only layers that agree."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, quantize
+
+    from llmhost.models.quantize import Q4Group, group_q4, int4_from_gguf
+
+    rng = np.random.default_rng(7)
+
+    def layer(kind: str, n: int):
+        blocks = quantize(rng.standard_normal((n, 576)).astype(np.float32), GGMLQuantizationType[kind])
+        return int4_from_gguf(kind, blocks, np.arange(n), torch.float32), blocks
+
+    (q, blocks), (k, _), (v, _) = layer("Q4_1", 64), layer("Q4_0", 32), layer("Q4_1", 32)
+    assert q.lanes and k.lanes and v.lanes
+    x = torch.randn(7, 576)
+    odd = int4_from_gguf("Q4_1", blocks[:40], np.arange(40), torch.float32)   # q's first 40 features
+    assert not odd.lanes
+    torch.testing.assert_close(odd(x), q(x)[:, :40], rtol=1e-5, atol=1e-5)
+    assert torch.equal(q.dequantized()[:40], odd.dequantized())
+    alone = [part(x) for part in (q, k, v)]
+    group = Q4Group([q, k, v])
+    assert group.lanes
+    assert all(torch.equal(a, b) for a, b in zip(group(x), alone))
+    attention = torch.nn.Module()
+    attention.q_proj, attention.k_proj, attention.v_proj = odd, k, v
+    assert group_q4(attention) == 0 and not hasattr(attention, "q4_group")

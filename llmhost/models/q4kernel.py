@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(__file__), "q4kernel.c")
 # vpdpbusd where the CPU has it (the same integers in fewer instructions: q4kernel.c); the
 # AVX-512 kind first: its encoding has 32 vector registers, for taller tiles (q4kernel.c)
-VNNI = ((("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")),
+# (AVX-512 BW too: the feature lanes' nibble shifts, q4kernel.c)
+VNNI = ((("avx512_vnni", "avx512vl", "avx512bw"), ("-mavx512vnni", "-mavx512vl", "-mavx512bw")),
         (("avx_vnni",), ("-mavxvnni",)))
 
 
@@ -67,10 +68,11 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
         return None, why
     lib.q4_requantize.argtypes = [_P, _N, _N, _P, ctypes.c_int]
     lib.q4_dequantize.argtypes = [_P, _P, _P, _N, _N, _P, ctypes.c_int]
-    lib.q_linear.argtypes = [ctypes.c_int, _P, ctypes.c_int, _N, _N, _P, _P, _P, _N, _P, ctypes.c_int]
+    for fn in [lib.q_linear] + ([lib.q_linear_lanes] if lib.q4_lanes() else []):   # a build with them
+        fn.argtypes = [ctypes.c_int, _P, ctypes.c_int, _N, _N, _P, _P, _P, _N, _P, ctypes.c_int]
+        fn.restype = ctypes.c_int
     for fn in (lib.q4_requantize, lib.q4_dequantize):
         fn.restype = None
-    lib.q_linear.restype = ctypes.c_int
     # the tiles, where the build has them and Linux grants this process their state
     rows = lib.q4_amx_enable()
     if rows:
@@ -87,21 +89,50 @@ def available() -> tuple[bool, str]:
     return lib is not None, reason
 
 
-def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, lib=None) -> torch.Tensor:
+def lanes() -> int:
+    """Features per pack where this process's build computes packed Q4 weights
+    (q4kernel.c's feature lanes: AVX-512 VNNI without AMX), else 0."""
+    lib, _ = _build()
+    return lib.q4_lanes() if lib is not None else 0
+
+
+def to_lanes(qs: torch.Tensor, dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q4 weight (matmul's qs, dm; N a multiple of 16) packed for the feature
+    lanes, the same shapes: per 16 features and block, dword j of each feature's
+    nibbles side by side (j = 0..3), and each plane's 16 values of the block."""
+    n, half = qs.shape
+    nb = half // 16
+    qs = qs.view(n // 16, 16, nb, 4, 4).permute(0, 2, 3, 1, 4).contiguous().view(n, half)
+    dm = dm.view(dm.shape[0], n // 16, 16, nb).transpose(2, 3).contiguous().view(dm.shape)
+    return qs, dm
+
+
+def from_lanes(qs: torch.Tensor, dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """to_lanes undone: the file's layout."""
+    n, half = qs.shape
+    nb = half // 16
+    qs = qs.view(n // 16, nb, 4, 16, 4).permute(0, 3, 1, 2, 4).contiguous().view(n, half)
+    dm = dm.view(dm.shape[0], n // 16, nb, 16).transpose(2, 3).contiguous().view(dm.shape)
+    return qs, dm
+
+
+def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, lib=None, lanes: bool = False) -> torch.Tensor:
     """[M, N]: x [M, K] times a weight transposed: Q4 (qs uint8 [N, K / 2], dm
     float16 [2, N, K / 32]: d and m; Q4_0 [1, N, K / 32]: d, m = -8 d) or Q8_0
     (qs int8 [N, K], dm float16 [1, N, K / 32]: d). bfloat16 for bfloat16 x
     (the library reads and writes it: the same bits as the float32 product's
     ``.bfloat16()``, without two tensor conversions a call), else float32. One
     call into the library (it quantizes x too): ~5 us of Python per layer.
-    `lib`: another build of the library (tests), instead of this process's."""
+    `lib`: another build of the library (tests), instead of this process's;
+    `lanes`: a Q4 weight packed by to_lanes (lanes() > 0)."""
     lib = lib or _build()[0]
     bf16 = x.dtype == torch.bfloat16
     x = x.contiguous() if bf16 else x.float().contiguous()
     n, m, k = qs.shape[0], x.shape[0], x.shape[1]
     out = torch.empty(m, n, dtype=x.dtype)
-    if lib.q_linear(_bits(qs), x.data_ptr(), bf16, m, k, qs.data_ptr(), *_planes(dm), n,
-                    out.data_ptr(), torch.get_num_threads()):
+    product = lib.q_linear_lanes if lanes else lib.q_linear
+    if product(_bits(qs), x.data_ptr(), bf16, m, k, qs.data_ptr(), *_planes(dm), n, out.data_ptr(),
+               torch.get_num_threads()):
         raise torch.OutOfMemoryError(f"int4 kernel: no memory for {m} x {k} activations")
     return out
 
@@ -117,16 +148,20 @@ def _planes(dm: torch.Tensor) -> tuple[int, int]:
     return d, d + dm.stride(0) * dm.element_size() if dm.shape[0] == 2 else 0
 
 
-def native(qs: torch.Tensor, dm: torch.Tensor) -> tuple[int, int, int, int, int, int]:
-    """What engine/llamastep.c needs to compute this product itself: (q_linear's
-    address, bits, output features, the addresses of qs, d and m)."""
-    return (ctypes.cast(_build()[0].q_linear, ctypes.c_void_p).value, _bits(qs), qs.shape[0],
-            qs.data_ptr(), *_planes(dm))
+def native(qs: torch.Tensor, dm: torch.Tensor, lanes: bool = False) -> tuple[int, int, int, int, int, int]:
+    """What engine/llamastep.c needs to compute this product itself: (the
+    address of q_linear, or of q_linear_lanes for a packed weight, bits, output
+    features, the addresses of qs, d and m)."""
+    lib = _build()[0]
+    return (ctypes.cast(lib.q_linear_lanes if lanes else lib.q_linear, ctypes.c_void_p).value, _bits(qs),
+            qs.shape[0], qs.data_ptr(), *_planes(dm))
 
 
-def dequantize(qs: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
-    """[N, K] float32 weights d * q + m."""
+def dequantize(qs: torch.Tensor, dm: torch.Tensor, lanes: bool = False) -> torch.Tensor:
+    """[N, K] float32 weights d * q + m (`lanes`: packed by to_lanes)."""
     lib, _ = _build()
+    if lanes:
+        qs, dm = from_lanes(qs, dm)
     n, k = qs.shape[0], qs.shape[1] * 2
     out = torch.empty(n, k)
     lib.q4_dequantize(qs.data_ptr(), *_planes(dm), n, k, out.data_ptr(), torch.get_num_threads())

@@ -177,21 +177,27 @@ class Q4Linear(Int4Linear):
 
     def __init__(self, qs: torch.Tensor, dm: torch.Tensor, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features)
+        # packed for the kernel's feature lanes where this CPU's build has them (AVX-512 VNNI
+        # without AMX: ~1.9x faster products at any row count, q4kernel.c), the same bytes
+        pack = q4kernel.lanes()
+        self.lanes = bool(pack) and out_features % pack == 0
+        if self.lanes:
+            qs, dm = q4kernel.to_lanes(qs, dm)
         self.register_buffer("qs", qs)     # uint8 [N, K / 2]
         self.register_buffer("dm", dm)     # float16 [2, N, K / 32] (Q4_0: [1, N, K / 32])
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= self.dense_rows:
             return torch.mm(q4kernel.requantized(x), self.dequantized().T).to(x.dtype)
-        return q4kernel.matmul(x, self.qs, self.dm).to(x.dtype)
+        return q4kernel.matmul(x, self.qs, self.dm, lanes=self.lanes).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         """The weight, [N, K] float32."""
-        return q4kernel.dequantize(self.qs, self.dm)
+        return q4kernel.dequantize(self.qs, self.dm, lanes=self.lanes)
 
     def native_linear(self) -> tuple[int, ...]:
         """The product as engine/llamastep.c calls the kernel (q4kernel.native)."""
-        return q4kernel.native(self.qs, self.dm)
+        return q4kernel.native(self.qs, self.dm, lanes=self.lanes)
 
 
 class Q4Group:
@@ -208,6 +214,7 @@ class Q4Group:
 
     def __init__(self, layers: list[Q4Linear]) -> None:
         self.layers = layers
+        self.lanes = layers[0].lanes   # all or none: packs of 16 features end to end are packs
         self.sizes = [layer.out_features for layer in layers]
         self.qs = torch.cat([layer.qs for layer in layers])
         planes = max(layer.dm.shape[0] for layer in layers)   # a Q4_0 layer among Q4_1 ones: its m
@@ -223,13 +230,13 @@ class Q4Group:
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] >= Q4Linear.dense_rows:
             return [layer(x) for layer in self.layers]
-        out = q4kernel.matmul(rows, self.qs, self.dm).to(x.dtype)
+        out = q4kernel.matmul(rows, self.qs, self.dm, lanes=self.lanes).to(x.dtype)
         return [part.view(*x.shape[:-1], part.shape[-1]) for part in out.split(self.sizes, -1)]
 
     def native_linear(self) -> tuple[int, ...]:
         """The group's product as engine/llamastep.c calls the kernel: its
         layers' outputs side by side (q4kernel.native)."""
-        return q4kernel.native(self.qs, self.dm)
+        return q4kernel.native(self.qs, self.dm, lanes=self.lanes)
 
 
 def group_q4(model: torch.nn.Module) -> int:
@@ -240,7 +247,7 @@ def group_q4(model: torch.nn.Module) -> int:
         for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             layers = [getattr(module, name, None) for name in names]
             if all(type(layer) is Q4Linear and layer.bias is None for layer in layers) and \
-                    len({layer.in_features for layer in layers}) == 1:
+                    len({(layer.in_features, layer.lanes) for layer in layers}) == 1:
                 module.q4_group = Q4Group(layers)
                 made += 1
     return made
