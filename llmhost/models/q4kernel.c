@@ -29,6 +29,10 @@
  * Every row of a product is computed by the same sequence of operations,
  * however many rows a call has: a row's result does not depend on what it is
  * batched with. Threads: OpenMP's, shared with torch's (the same libgomp).
+ *
+ * Three paths, one per kind of CPU: the tiles below (AVX2, AVX-VNNI); on AVX-512 VNNI without
+ * AMX the feature lanes (q_linear_lanes: the weight packed at load, 16 features to a vector);
+ * with AMX the tiles below plus AMX tiles for a prefill's rows (q_linear_amx), the same bits.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -948,8 +952,11 @@ int q4_amx_enable(void) { return 0; }
    no horizontal step), then acc = fma(sum, d * dx, acc) and acc = fma(m, s, acc): ~2.2x fewer
    instructions per product than the tiles above, the weight vectors unpacked once per block
    for the tile's rows (4 rows x 32 features: 16 weight vectors, 8 accumulators). SmolLM2's 30
-   layers of products at 512 rows on two threads, Ice Lake: 198 ms against 424 on the tiles
-   above (twenty-third session).
+   layers of products (random weights of its shapes, two threads, Ice Lake, alternated): 1.87x
+   as fast as the tiles above at 512 rows, 1.82x at 128, 1.90x at 40, 1.65x for a lone row;
+   its 512-token prefill 3.1-3.3x the issue's code against 2.3-2.7x (twenty-third session,
+   docs/performance.md). The weights keep their bytes (the same memory); a decode step reads
+   them in 640-byte runs per block and pack pair.
    Every (row, feature) runs the same float operations in the same order, block after block,
    in any tile: a row's result does not depend on what it is batched with. They are not the
    tiles' above (those add 8 block lanes at the end), so a packed weight has other last bits

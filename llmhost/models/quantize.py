@@ -12,9 +12,10 @@ stays in the model's dtype.
 
 int4 (GGUF files only): the file's own 4-bit Linear weights are kept as they
 are, not dequantized. On a CPU with AVX2, FMA and F16C, llmhost's kernel
-(q4kernel.c, Q4Linear) keeps each Q4_0 / Q4_1 block as the file stores it and
-multiplies it with 8-bit activations in integer instructions, as llama.cpp
-does; a tied Q8_0 token embedding stays in its blocks too (Q8Embedding), the
+(q4kernel.c, Q4Linear) keeps each Q4_0 / Q4_1 block's bytes (in the file's
+order, or on AVX-512 VNNI without AMX packed 16 output features side by side:
+q4kernel.to_lanes) and multiplies them with 8-bit activations in integer
+instructions, as llama.cpp does; a tied Q8_0 token embedding stays in its blocks too (Q8Embedding), the
 output head reading them with the same kernel (Q8Head). Elsewhere (or with
 LLMHOST_INT4_KERNEL=torch) torch's int4 CPU kernel runs (TorchInt4Linear): a
 Q4 block (32 weights, w = d*q + m with q in 0..15) is exactly what it computes
@@ -157,9 +158,10 @@ class Int4Linear(PackedLinear):
 
 
 class Q4Linear(Int4Linear):
-    """The file's blocks as they are (qs: 16 bytes of nibbles per block of 32,
-    dm: its float16 d and m, w = d * q + m; a Q4_0 block's d alone, m = -8 d,
-    which the kernel computes) and llmhost's AVX2 kernel
+    """The file's blocks (qs: 16 bytes of nibbles per block of 32, dm: its
+    float16 d and m, w = d * q + m; a Q4_0 block's d alone, m = -8 d, which the
+    kernel computes; ``lanes``: packed for the kernel's feature lanes, the same
+    bytes in another order) and llmhost's AVX2 kernel
     (q4kernel.c): activations quantized to 8 bits per block of 32 as
     llama.cpp does, integer dot products. A prefill's dense matmul multiplies
     the same 8-bit activations (back in float32) by the dequantized weights,
