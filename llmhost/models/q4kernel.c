@@ -949,14 +949,14 @@ int q4_amx_enable(void) { return 0; }
    pack's 16 d and 16 m of the block, each in its plane), and a row's 4 activations that a
    lane's bytes meet are one broadcast 32-bit value. So a block of a row is 8 vpdpbusd for 16
    features (one per weight vector, each the whole block's integer sum in its feature's lane:
-   no horizontal step), then acc = fma(sum, d * dx, acc) and acc = fma(m, s, acc): ~2.2x fewer
+   no horizontal step), then acc = fma(sum, d * dx, acc) and acc = fma(m, s, acc): ~1.8x fewer
    instructions per product than the tiles above, the weight vectors unpacked once per block
    for the tile's rows (4 rows x 32 features: 16 weight vectors, 8 accumulators). SmolLM2's 30
    layers of products (random weights of its shapes, two threads, Ice Lake, alternated): 1.87x
    as fast as the tiles above at 512 rows, 1.82x at 128, 1.90x at 40, 1.65x for a lone row;
    its 512-token prefill 3.1-3.3x the issue's code against 2.3-2.7x (twenty-third session,
-   docs/performance.md). The weights keep their bytes (the same memory); a decode step reads
-   them in 640-byte runs per block and pack pair.
+   docs/performance.md). The weights keep their bytes (the same memory); a decode step streams
+   each pack's nibbles, d and m as three runs.
    Every (row, feature) runs the same float operations in the same order, block after block,
    in any tile: a row's result does not depend on what it is batched with. They are not the
    tiles' above (those add 8 block lanes at the end), so a packed weight has other last bits
@@ -968,11 +968,9 @@ int q4_amx_enable(void) { return 0; }
 int q4_lanes(void) { return LANES; }
 
 /* rows of a lanes tile (32 features: two packs): 4 rows' 8 accumulators and 16 weight vectors
-   fill 24 of the 32 registers (prototype, one thread, SmolLM2's shapes: 4 x 32 287 GOP/s,
-   16 rows x 16 features 207, 8 x 16 235) */
-#ifndef LANE_ROWS
+   fill 24 of the 32 registers (tiles of 16 features x 6, 8 or 12 rows ran 0.85-0.88x,
+   0.85-0.93x and 0.73-0.76x as fast on SmolLM2's products: twenty-third session) */
 #define LANE_ROWS 4
-#endif
 
 /* bytes ahead of the block being read that a tile asks for (a lone row streams its weights
    from memory) */
