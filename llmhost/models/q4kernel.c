@@ -954,7 +954,7 @@ int q4_amx_enable(void) { return 0; }
    for the tile's rows (4 rows x 32 features: 16 weight vectors, 8 accumulators). SmolLM2's 30
    layers of products (random weights of its shapes, two threads, Ice Lake, alternated): 1.87x
    as fast as the tiles above at 512 rows, 1.82x at 128, 1.90x at 40, 1.65x for a lone row;
-   its 512-token prefill 3.1-3.3x the issue's code against 2.3-2.7x (twenty-third session,
+   its 512-token prefill 2.8-3.6x the issue's code against 2.3-2.7x (twenty-third session,
    docs/performance.md). The weights keep their bytes (the same memory); a decode step streams
    each pack's nibbles, d and m as three runs.
    Every (row, feature) runs the same float operations in the same order, block after block,
