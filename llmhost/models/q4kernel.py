@@ -77,6 +77,9 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
     rows = lib.q4_amx_enable()
     if rows:
         log.info("int4 products of %d rows or more run on AMX tiles", rows)
+    elif lib.q4_lanes():
+        log.info("int4 products run on AVX-512 feature lanes (weights of %d-feature multiples packed at load)",
+                 lib.q4_lanes())
     return lib, ""
 
 
