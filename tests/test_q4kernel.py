@@ -15,6 +15,12 @@ from llmhost.models import q4kernel
 AMX_FLAGS = {"amx_tile", "amx_int8", "avx512_vnni", "avx512bw", "avx512vl"}
 
 
+def _q4_weight(n: int, k: int, planes: int, generator: torch.Generator):
+    """(qs, dm) of a random [n, k] Q4 weight in the file's layout: Q4_0 (planes 1) or Q4_1."""
+    qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
+    return qs, (torch.rand(planes, n, k // 32, generator=generator) * 0.02 - 0.005).half()
+
+
 def test_amx_is_compiled_in_only_where_the_cpu_has_it():
     without = frozenset({"avx2", "fma", "f16c", "avx512_vnni", "avx512vl"})
     assert "-mamx-int8" not in q4kernel.compile_flags(without)
@@ -38,8 +44,7 @@ def test_amx_products_are_the_bits_of_the_other_tiles():
     for k in (1536, 576, 960, 352, 800):
         for planes in (1, 2):          # Q4_0 (d alone, m = -8 d) and Q4_1 (d and m)
             n = 33                     # two whole 16-feature tiles and one of a single feature
-            qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
-            dm = (torch.rand(planes, n, k // 32, generator=generator) * 0.02 - 0.005).half()
+            qs, dm = _q4_weight(n, k, planes, generator)
             for dtype in (torch.float32, torch.bfloat16):
                 x = (torch.randn(40, k, generator=generator) * 3).to(dtype)
                 x[7] = 0                # a row of zeros: its scales are 0
@@ -75,11 +80,6 @@ def test_feature_lanes_are_built_for_avx512_vnni_without_amx():
     assert plain.q4_lanes() == 0
     if LANES_FLAGS <= native.cpu_flags() and not AMX_FLAGS <= native.cpu_flags():
         assert q4kernel.lanes() == 16
-
-
-def _q4_weight(n: int, k: int, planes: int, generator: torch.Generator):
-    qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
-    return qs, (torch.rand(planes, n, k // 32, generator=generator) * 0.02 - 0.005).half()
 
 
 def test_packed_products_give_each_row_its_bits_alone():

@@ -656,9 +656,12 @@ WHOLE(whole_16, 16)
 #endif
 #undef WHOLE
 
-/* float32 of a bfloat16 (exact): its bits shifted up (a vectorized loop) */
-static void widen_bf16(const uint16_t *x, int64_t count, uint32_t *out) {
-    for (int64_t i = 0; i < count; i++) out[i] = (uint32_t)x[i] << 16;
+/* x's `count` values as float32: x itself, or with `bf16` its bfloat16s widened into out (exact:
+   their bits shifted up, a vectorized loop) */
+static const float *as_float32(const void *x, int bf16, int64_t count, uint32_t *out) {
+    if (!bf16) return x;
+    for (int64_t i = 0; i < count; i++) out[i] = (uint32_t)((const uint16_t *)x)[i] << 16;
+    return (const float *)out;
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -974,9 +977,7 @@ int q4_lanes(void) { return LANES; }
 
 /* bytes ahead of the block being read that a tile asks for (a lone row streams its weights
    from memory) */
-#ifndef LANES_AHEAD
 #define LANES_AHEAD 1024
-#endif
 
 /* R rows (xq: the first's 8-bit activations, input order; xd, xs: its blocks' scales and
    scale * sum) x P packs (wq, wd, wm: the first's, the next nb blocks further) into out [.., n];
@@ -995,7 +996,7 @@ static inline __attribute__((always_inline)) void lanes_tile(
         for (int p = 0; p < P; p++) {
             const uint8_t *at = wq + (p * nb + b) * 256;
             for (int j = 0; j < 4; j++) {
-                if (LANES_AHEAD) _mm_prefetch((const char *)(at + LANES_AHEAD + 64 * j), _MM_HINT_T0);
+                _mm_prefetch((const char *)(at + LANES_AHEAD + 64 * j), _MM_HINT_T0);
                 __m512i raw = _mm512_loadu_si512(at + 64 * j);
                 w[p][j] = _mm512_and_si512(raw, low);
                 w[p][4 + j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
@@ -1055,11 +1056,7 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
     int failed = !xq || !xd || !xs || (bf16 && !xf);
     if (!failed) {
-        const float *x = x_in;
-        if (bf16) {
-            widen_bf16(x_in, m * k, xf);
-            x = (const float *)xf;
-        }
+        const float *x = as_float32(x_in, bf16, m * k, xf);
         #pragma omp parallel for num_threads(nt) schedule(static) if (m * nb >= QUANTIZE_SPLIT_FROM)
         for (int64_t i = 0; i < m * nb; i++)
             _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x + i * 32, xd + i, xs + i));
@@ -1123,11 +1120,7 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
         failed = -1;
         goto done;
     }
-    const float *x = x_in;
-    if (bf16) {
-        widen_bf16(x_in, m * k, xf);
-        x = (const float *)xf;
-    }
+    const float *x = as_float32(x_in, bf16, m * k, xf);
     quantize_rows(x, m, k, bits == 4, xq, xd, xs, nt);
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
     else unit_scales(xd, m, nb, xv);

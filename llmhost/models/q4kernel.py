@@ -68,7 +68,7 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
         return None, why
     lib.q4_requantize.argtypes = [_P, _N, _N, _P, ctypes.c_int]
     lib.q4_dequantize.argtypes = [_P, _P, _P, _N, _N, _P, ctypes.c_int]
-    for fn in [lib.q_linear] + ([lib.q_linear_lanes] if lib.q4_lanes() else []):   # a build with them
+    for fn in [lib.q_linear] + ([lib.q_linear_lanes] if lib.q4_lanes() else []):   # lanes: where built
         fn.argtypes = [ctypes.c_int, _P, ctypes.c_int, _N, _N, _P, _P, _P, _N, _P, ctypes.c_int]
         fn.restype = ctypes.c_int
     for fn in (lib.q4_requantize, lib.q4_dequantize):
