@@ -53,8 +53,15 @@ static inline vec vload(const void *p, int bf16) {
 /* y * 2^fx (fx integral, 2^fx a normal float): one vscalefps, the same single rounding of the
    same exact product as a multiply by 2^fx built from its bits (the AVX2 build's) */
 #define vscale2(y, fx) _mm512_scalef_ps(y, fx)
-#define vhsum _mm512_reduce_add_ps
 #define vhmax _mm512_reduce_max_ps
+/* the lane sum: lanes l + 8 and l, then j + 4 and j, then (0 + 2) + (1 + 3) (GCC's
+   _mm512_reduce_add_ps, written out: block_scores and block_softmax add in this order too) */
+static inline float vhsum(__m512 v) {
+    __m256 h = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), _mm512_castps512_ps256(v));
+    __m128 c = _mm_add_ps(_mm256_extractf128_ps(h, 1), _mm256_castps256_ps128(h));
+    __m128 d = _mm_add_ps(c, _mm_shuffle_ps(c, c, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, _MM_SHUFFLE(1, 1, 1, 1))));
+}
 static inline __m256 half_sum(__m512 v) {   /* lanes i and i + 8 added */
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
@@ -309,11 +316,11 @@ static inline __attribute__((always_inline)) void scores(
     }
 }
 
-/* res[h * rstride + 2 + d] = the sum over the span's n keys of score[h * sstride + t] times
+/* res[h * rstride + 2 + d] = the sum over the span's n keys of score[h * sstride + t * tstride] times
    value t, for `group` heads and nc vectors of dim; constant `group` and `nc` where inlined */
 static inline __attribute__((always_inline)) void weighted(
         const char *vb, int64_t vstride, const int32_t *index, int64_t n, const float *score,
-        int64_t sstride, int bf16, int64_t size, int64_t group, int64_t nc, float *res,
+        int64_t sstride, int64_t tstride, int bf16, int64_t size, int64_t group, int64_t nc, float *res,
         int64_t rstride) {
     vec acc[MAXG][MAXC];
 #ifdef __AVX512F__
@@ -339,7 +346,7 @@ static inline __attribute__((always_inline)) void weighted(
 #endif
             for (int64_t c = 0; c < nc; c++) vv[c] = vload(vr + size * LANES * c, bf16);
         for (int64_t h = 0; h < group; h++) {
-            vec p = vset1(score[h * sstride + t]);
+            vec p = vset1(score[h * sstride + t * tstride]);
             for (int64_t c = 0; c < nc; c++) acc[h][c] = vfma(p, vv[c], acc[h][c]);
         }
     }
@@ -357,6 +364,277 @@ static inline __attribute__((always_inline)) void weighted(
             vstoreu(res + h * rstride + 2 + LANES * c, acc[h][c]);
         }
 }
+
+#ifdef __AVX512F__
+/* Rows in lanes: a prompt's rows 16 to a unit (block_units), each row's arithmetic the row
+ * path's above, operation for operation, so a row has the same bits alone (a decode step, the
+ * row path) or in a prompt. The row path spends most of a prompt's attention on each key's
+ * horizontal sums (sum4) and on its latency chains; here lane j of every vector is the block's
+ * row j, and nothing is added across lanes:
+ * - the scores (block_scores): for each key, lane l's chain of products (dims l, 16 + l, ...: a
+ *   vector of 16 rows each, the key's dim broadcast), then the 16 chains added in sum4's tree
+ *   (a row's keys in whole fours) or vhsum's (its last n % 4), times the scale;
+ * - the softmax (block_softmax): each row's max, e^(s - max) and the sum of its weights in
+ *   softmax()'s order (16 running sums by key mod 16 over the row's whole sixteens, vhsum's
+ *   tree, then its last n % 16 one at a time);
+ * - the weighted values: weighted() for each row, its weights 16 floats apart.
+ * A 512-token prompt's attention ran ~Nx as fast as on the row path (SmolLM2's shape, Ice Lake;
+ * docs/performance.md). */
+#define BLOCK 16          /* rows a unit: the lanes */
+#define KEYS 16           /* keys whose dims a unit copies (float32) for a pass of the scores */
+#define VALUES 64         /* keys a pass of the weighted values */
+
+/* the 16 chains' sums of a key in sum4's tree, or in vhsum's in the lanes of `tail` */
+static inline __m512 tree(const float *b, __mmask16 tail) {   /* b: the chains l and l + 8 added, l < 8 */
+    __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16 * KEYS), b2 = _mm512_load_ps(b + 32 * KEYS),
+           b3 = _mm512_load_ps(b + 48 * KEYS), b4 = _mm512_load_ps(b + 64 * KEYS), b5 = _mm512_load_ps(b + 80 * KEYS),
+           b6 = _mm512_load_ps(b + 96 * KEYS), b7 = _mm512_load_ps(b + 112 * KEYS);
+    __m512 s = vadd(vadd(vadd(b0, b1), vadd(b2, b3)), vadd(vadd(b4, b5), vadd(b6, b7)));
+    if (tail)
+        s = _mm512_mask_mov_ps(s, tail, vadd(vadd(vadd(b0, b4), vadd(b2, b6)), vadd(vadd(b1, b5), vadd(b3, b7))));
+    return s;
+}
+
+/* st[h * SPAN * BLOCK + t * BLOCK + j] (t0 <= t < t0 + nk, h < G) = scale times the dot product
+   of row j's query for head h (qt: the block's queries transposed, [h][dim][BLOCK]) with key t
+   (kf: its dims, float32, t0's first); f4: lane j the end of row j's whole fours of keys.
+   b: scratch [G][8][KEYS][BLOCK]. Each key dim is broadcast once for the G heads; G and nc
+   constants where inlined (the queries' vectors of a lane l in registers). */
+static inline __attribute__((always_inline)) void block_scores(
+        const float *qt, const float *kf, int64_t nk, int64_t t0, int64_t G, int64_t nc, float scale,
+        __m512i f4, float *st, float *b) {
+    const int64_t dim = nc * LANES;
+    for (int l = 0; l < 8; l++) {   /* chains l and l + 8 (dims l, 16 + l, ... and 8 + l, 24 + l, ...), added */
+        vec lo[3][MAXC], hi[3][MAXC];
+        for (int64_t h = 0; h < G; h++)
+            for (int64_t c = 0; c < nc; c++) {
+                lo[h][c] = _mm512_load_ps(qt + (h * dim + LANES * c + l) * BLOCK);
+                hi[h][c] = _mm512_load_ps(qt + (h * dim + LANES * c + l + 8) * BLOCK);
+            }
+        for (int64_t x = 0; x < nk; x++) {
+            const float *kr = kf + x * dim;
+            vec a[3], e[3], kl = vset1(kr[l]), kh = vset1(kr[l + 8]);
+            for (int64_t h = 0; h < G; h++) {
+                a[h] = vmul(lo[h][0], kl);
+                e[h] = vmul(hi[h][0], kh);
+            }
+            for (int64_t c = 1; c < nc; c++) {
+                kl = vset1(kr[LANES * c + l]);
+                kh = vset1(kr[LANES * c + l + 8]);
+                for (int64_t h = 0; h < G; h++) {
+                    a[h] = vfma(lo[h][c], kl, a[h]);
+                    e[h] = vfma(hi[h][c], kh, e[h]);
+                }
+            }
+            for (int64_t h = 0; h < G; h++) _mm512_store_ps(b + ((h * 8 + l) * KEYS + x) * BLOCK, vadd(a[h], e[h]));
+        }
+    }
+    for (int64_t h = 0; h < G; h++)
+        for (int64_t x = 0; x < nk; x++) {
+            __mmask16 tail = _mm512_cmple_epi32_mask(f4, _mm512_set1_epi32((int)(t0 + x)));
+            _mm512_storeu_ps(st + h * SPAN * BLOCK + (t0 + x) * BLOCK,
+                             vmul(tree(b + (h * 8 * KEYS + x) * BLOCK, tail), vset1(scale)));
+        }
+}
+
+/* each row's n[j] scores (st[t * BLOCK + j], t < n[j]; the longest: len) -> their weights
+   e^(s - the row's max) in place; top, sum: lane j the row's max and weights' sum */
+static inline void block_softmax(float *st, int64_t len, __m512i n, __m512 *top, __m512 *sum) {
+    __m512 most = vset1(-INFINITY);
+    for (int64_t t = 0; t < len; t++)
+        most = _mm512_mask_max_ps(most, _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32((int)t)),
+                                  vloadu(st + t * BLOCK), most);
+    /* the row's whole sixteens of keys into 16 running sums (key t into t % 16's), as
+       softmax()'s vector of sums; then its last ones, one at a time */
+    __m512i whole = _mm512_andnot_si512(_mm512_set1_epi32(15), n);
+    __m512 run[LANES];
+    for (int l = 0; l < LANES; l++) run[l] = vzero();
+    for (int64_t t0 = 0; t0 < len; t0 += LANES)
+        for (int l = 0; l < LANES && t0 + l < len; l++) {
+            int64_t t = t0 + l;
+            __m512 e = vexp(vsub(vloadu(st + t * BLOCK), most));
+            vstoreu(st + t * BLOCK, e);
+            run[l] = _mm512_mask_add_ps(run[l], _mm512_cmpgt_epi32_mask(whole, _mm512_set1_epi32((int)t)), run[l], e);
+        }
+    __m512 h[8], c[4];
+    for (int l = 0; l < 8; l++) h[l] = vadd(run[l + 8], run[l]);
+    for (int j = 0; j < 4; j++) c[j] = vadd(h[j + 4], h[j]);
+    __m512 total = vadd(vadd(c[0], c[2]), vadd(c[1], c[3]));
+    int64_t from = len;
+    for (int j = 0; j < BLOCK; j++) {
+        int64_t w = ((const int32_t *)&whole)[j];
+        from = w < from ? w : from;
+    }
+    for (int64_t t = from; t < len; t++) {
+        __mmask16 last = _mm512_cmple_epi32_mask(whole, _mm512_set1_epi32((int)t)) &
+                         _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32((int)t));
+        total = _mm512_mask_add_ps(total, last, total, vloadu(st + t * BLOCK));
+    }
+    *top = most;
+    *sum = total;
+}
+
+/* the weighted values of rows j and j + 1 of a block (R = 2; R = 1: row j alone) for G heads,
+   keys from .. to - 1 of them: res[r] + h * (dim + 2) + 2 + d (0 first where `first`) += the sum
+   over row j + r's keys t < n[r] (n[0] <= n[1]) of its weight st[h * SPAN * BLOCK + t * BLOCK + r]
+   times value t's dim d, key after key as weighted() adds them (a dim a lane: each value read once
+   for the rows and heads); R, G and nc constants where inlined */
+static inline __attribute__((always_inline)) void block_values(
+        const char *vb, int64_t vstride, const int32_t *index, int64_t from, int64_t to, int first,
+        const int64_t n[2], const float *st, int bf16, int64_t size, int64_t R, int64_t G, int64_t nc,
+        float *const res[2]) {
+    vec acc[2][3][MAXC];
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t h = 0; h < G; h++)
+            for (int64_t c = 0; c < nc; c++)
+                acc[r][h][c] = first ? vzero() : vloadu(res[r] + h * (nc * LANES + 2) + 2 + LANES * c);
+    for (int64_t t = from; t < to && t < n[0]; t++) {   /* keys both rows see */
+        const char *vr = vb + size * index[t] * vstride;
+        vec vv[MAXC];
+        for (int64_t c = 0; c < nc; c++) vv[c] = vload(vr + size * LANES * c, bf16);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t h = 0; h < G; h++) {
+                vec p = vset1(st[h * SPAN * BLOCK + t * BLOCK + r]);
+                for (int64_t c = 0; c < nc; c++) acc[r][h][c] = vfma(p, vv[c], acc[r][h][c]);
+            }
+    }
+    for (int64_t t = from > n[0] ? from : n[0]; R > 1 && t < to && t < n[1]; t++) {   /* the second row's others */
+        const char *vr = vb + size * index[t] * vstride;
+        for (int64_t c = 0; c < nc; c++) {
+            vec v1 = vload(vr + size * LANES * c, bf16);
+            for (int64_t h = 0; h < G; h++) acc[1][h][c] = vfma(vset1(st[h * SPAN * BLOCK + t * BLOCK + 1]), v1, acc[1][h][c]);
+        }
+    }
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t h = 0; h < G; h++)
+            for (int64_t c = 0; c < nc; c++) vstoreu(res[r] + h * (nc * LANES + 2) + 2 + LANES * c, acc[r][h][c]);
+}
+
+/* the units of attend() for a prompt's rows in blocks of BLOCK (see block_scores): partial and
+   count per (row, span) as attend's loop writes them, and out for a row whose keys are one span.
+   Returns -1 when a thread's scratch memory could not be allocated. */
+static int block_units(int bf16, const void *q, const void *k, const void *v, const int64_t *st, int64_t batch,
+                       int64_t kv_heads, int64_t group, int64_t length, int64_t keys, int64_t dim,
+                       const uint8_t *mask, float scale, int64_t spans, float *partial, int32_t *count,
+                       void *out, int nt) {
+    const int64_t *qst = st, *kst = st + 3, *vst = st + 6;
+    const int64_t size = bf16 ? 2 : 4, nc = dim / LANES, blocks = (length + BLOCK - 1) / BLOCK;
+    const int64_t part = group * (dim + 2), units = batch * kv_heads * blocks * spans;
+    int failed = 0;
+    #pragma omp parallel num_threads(nt) reduction(|:failed)
+    {
+        /* per thread: the scores (per head, [key][row]), the queries transposed, a pass's keys
+           and the chains' sums */
+        float *sc = aligned_alloc(64, sizeof(float) * (size_t)(group * SPAN * BLOCK));
+        float *qt = aligned_alloc(64, sizeof(float) * (size_t)(group * dim * BLOCK));
+        float *kf = aligned_alloc(64, sizeof(float) * (size_t)(KEYS * dim));
+        float *b = aligned_alloc(64, sizeof(float) * 3 * 8 * KEYS * BLOCK);
+        int32_t index[SPAN];
+        failed = !sc || !qt || !kf || !b;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            if (failed)
+                continue;
+            int64_t blk = u / spans, span = u % spans;
+            int64_t bg = blk / blocks, bb = bg / kv_heads, g = bg % kv_heads, i0 = blk % blocks * BLOCK;
+            int64_t rows = length - i0 < BLOCK ? length - i0 : BLOCK;
+            int64_t first = span * SPAN, last = keys - length + i0 + rows - 1, n = 0;
+            const char *kb = (const char *)k + size * (bb * kst[0] + g * kst[1]);
+            const char *vb = (const char *)v + size * (bb * vst[0] + g * vst[1]);
+            /* the span of the block's last row (it sees the most keys); row j's: its first n_of[j] */
+            if (!mask) {
+                for (int64_t j = first; j <= last && n < SPAN; j++) index[n++] = (int32_t)j;
+            } else {
+                const uint8_t *row = mask + bb * keys;
+                for (int64_t j = 0, rank = 0; j <= last && n < SPAN; j++)
+                    if (row[j] && rank++ >= first) index[n++] = (int32_t)j;
+            }
+            /* row j's partial result for this span: each head's max, sum and weighted values */
+#define RES(j) (partial + ((bg * length + i0 + (j)) * spans + span) * part)
+            int32_t n_of[BLOCK] = {0};
+            for (int64_t j = 0, seen = 0; j < rows; j++) {
+                int64_t own = keys - length + i0 + j;
+                while (seen < n && index[seen] <= own) seen++;
+                n_of[j] = (int32_t)seen;
+                count[(bg * length + i0 + j) * spans + span] = (int32_t)seen;
+            }
+            if (!n)
+                continue;
+            __m512i nv = _mm512_loadu_si512(n_of), f4 = _mm512_andnot_si512(_mm512_set1_epi32(3), nv);
+            for (int64_t h = 0; h < group; h++)   /* the queries, [dim][row] per head (rows past `rows` 0) */
+                for (int64_t c = 0; c < nc; c++) {
+                    __m512 col[BLOCK];
+                    for (int64_t j = 0; j < BLOCK; j++)
+                        col[j] = j < rows ? vload((const char *)q + size * (bb * qst[0] + (g * group + h) * qst[1]
+                                                                          + (i0 + j) * qst[2] + LANES * c), bf16)
+                                          : vzero();
+                    transpose16(col);
+                    for (int x = 0; x < LANES; x++) _mm512_store_ps(qt + (h * dim + LANES * c + x) * BLOCK, col[x]);
+                }
+            for (int64_t t0 = 0; t0 < n; t0 += KEYS) {   /* the scores, KEYS keys a pass */
+                int64_t nk = n - t0 < KEYS ? n - t0 : KEYS;
+                for (int64_t x = 0; x < nk; x++)
+                    for (int64_t c = 0; c < nc; c++)
+                        vstoreu(kf + x * dim + LANES * c, vload(kb + size * (index[t0 + x] * kst[2] + LANES * c), bf16));
+                for (int64_t h = 0; h < group; h += 3) {   /* up to 3 heads a pass */
+                    int64_t G = group - h < 3 ? group - h : 3;
+#define SC(G_, C_) block_scores(qt + h * dim * BLOCK, kf, nk, t0, G_, C_, scale, f4, sc + h * SPAN * BLOCK, b)
+                    if (nc == 4 && G == 3) SC(3, 4);
+                    else if (nc == 4 && G == 2) SC(2, 4);
+                    else if (nc == 4) SC(1, 4);
+                    else for (int64_t x = 0; x < G; x++) block_scores(qt + (h + x) * dim * BLOCK, kf, nk, t0, 1, nc,
+                                                                      scale, f4, sc + (h + x) * SPAN * BLOCK, b);
+#undef SC
+                }
+            }
+            for (int64_t h = 0; h < group; h++) {
+                __m512 top, sum;
+                block_softmax(sc + h * SPAN * BLOCK, n, nv, &top, &sum);
+                for (int64_t j = 0; j < rows; j++) {
+                    RES(j)[h * (dim + 2)] = ((const float *)&top)[j];
+                    RES(j)[h * (dim + 2) + 1] = ((const float *)&sum)[j];
+                }
+            }
+            /* the weighted values, two rows at a time, VALUES keys a pass (they stay in L1 while
+               the block's rows pass) */
+            for (int64_t t0 = 0; t0 < n; t0 += VALUES)
+                for (int64_t j = 0; j < rows; j += 2) {
+                    int64_t R = rows - j < 2 ? rows - j : 2, own[2] = {n_of[j], R > 1 ? n_of[j + 1] : 0};
+                    int64_t to = t0 + VALUES < n ? t0 + VALUES : n;
+                    if (own[R - 1] <= t0)
+                        continue;
+                    for (int64_t h = 0; h < group; h += 3) {
+                        int64_t G = group - h < 3 ? group - h : 3;
+                        float *at[2] = {RES(j) + h * (dim + 2), R > 1 ? RES(j + 1) + h * (dim + 2) : NULL};
+#define PV(R_, G_, C_) block_values(vb, vst[2], index, t0, to, !t0, own, sc + h * SPAN * BLOCK + j, bf16, size, \
+                                    R_, G_, C_, at)
+                        if (nc == 4 && R == 2 && G == 3) PV(2, 3, 4);
+                        else if (nc == 4 && R == 2 && G == 2) PV(2, 2, 4);
+                        else if (nc == 4 && R == 2) PV(2, 1, 4);
+                        else for (int64_t x = 0; x < G; x++)   /* other shapes: a row and head at a time */
+                            for (int64_t r = 0; r < R; r++) {
+                                float *one[2] = {at[r] + x * (dim + 2), NULL};
+                                int64_t only[2] = {own[r], 0};
+                                block_values(vb, vst[2], index, t0, to, !t0, only, sc + (h + x) * SPAN * BLOCK + j + r,
+                                             bf16, size, 1, 1, nc, one);
+                            }
+#undef PV
+                    }
+                }
+            for (int64_t j = 0; spans == 1 && j < rows; j++)   /* a row's only span: joined here */
+                for (int64_t h = 0; n_of[j] && h < group; h++)
+                    join(RES(j) + h * (dim + 2), n_of + j, 1, part, dim, bf16,
+                         (char *)out + size * (((bb * length + i0 + j) * kv_heads * group + g * group + h) * dim));
+#undef RES
+        }
+        free(sc);
+        free(qt);
+        free(kf);
+        free(b);
+    }
+    return failed ? -1 : 0;
+}
+#endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 /* AMX (Sapphire Rapids and later; attention.py compiles this part where the CPU has amx_tile,
@@ -610,6 +888,20 @@ int attend(int bf16, const void *q, const void *k, const void *v, const int64_t 
                   count, out, nt);
     } else
 #endif
+#ifdef __AVX512F__
+    if (length >= BLOCK
+#ifdef __AVX512BF16__
+        && !(bf16 && dim % 32 == 0)   /* bfloat16 scores by vdpbf16ps: the row path's other sums */
+#endif
+        ) {
+        if (block_units(bf16, q, k, v, st, batch, kv_heads, group, length, keys, dim, mask, scale, spans,
+                        partial, count, out, nt)) {
+            free(partial);
+            free(count);
+            return -1;
+        }
+    } else
+#endif
     /* round robin: a prompt's rows see more keys the later they are, and contiguous shares gave
        one thread the long ones (prefill of 512 tokens 4% faster) */
     #pragma omp parallel for num_threads(nt) schedule(static, 1)
@@ -641,7 +933,7 @@ int attend(int bf16, const void *q, const void *k, const void *v, const int64_t 
         }
         for (int64_t h = 0; h < group; h++) softmax(score[h], n, res + h * (dim + 2));
         /* the weighted values: each value read once for the group */
-#define PV(G, C) weighted(vb, vst[2], index, n, (float *)score, SPAN + LANES, bf16, size, G, C, \
+#define PV(G, C) weighted(vb, vst[2], index, n, (float *)score, SPAN + LANES, 1, bf16, size, G, C, \
                           res, dim + 2)
         SHAPES(PV);
 #undef PV
