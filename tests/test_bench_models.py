@@ -227,15 +227,18 @@ def test_bench_prefill_against_another_checkout_alternates_and_prints_ratios(bui
     """`bench prefill-against`, issue 20's prefill figure (there against the
     issue's commit in a worktree; here against this checkout itself): one
     process per checkout and round, a row per prompt length with the ranges and
-    the ratio; a checkout that cannot run says which and why."""
+    the ratio's range and median; a checkout that cannot run says which and
+    why."""
     import re
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert bench.main(["prefill-against", here, "--model", built[1], "--tokens", "8", "24",
                        "--repeat", "2", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^\| (\d+) \| [\d.]+-[\d.]+ ms \| [\d.]+-[\d.]+ ms \| [\d.]+-[\d.]+x \|$", out, re.M)
-    assert rows == ["8", "24"], out
+    rows = re.findall(r"^\| (\d+) \| [\d.]+-[\d.]+ ms \| [\d.]+-[\d.]+ ms \| ([\d.]+)-([\d.]+)x \| ([\d.]+)x \|$",
+                      out, re.M)
+    assert [row[0] for row in rows] == ["8", "24"], out
+    assert all(float(low) <= float(median) <= float(high) for _, low, high, median in rows), out
     assert f"other: {here}" in out and "flags" in out, out
     with pytest.raises(SystemExit, match=r"other \(.*nowhere\) failed"):
         bench.main(["prefill-against", str(tmp_path / "nowhere"), "--model", built[1], "--tokens", "8",

@@ -1235,7 +1235,9 @@ def bench_prefill_against(args) -> int:
     """One forward over a prompt of each length on a fresh cache (the best of
     --repeat), in this checkout and in another (an older commit's worktree:
     `git worktree add /tmp/old COMMIT`), each in its own process, the two
-    alternated in rounds; the ranges over the rounds and other / this."""
+    alternated in rounds; the ranges over the rounds and other / this, its
+    range over the rounds and median (on a noisy machine the median says more
+    than either end)."""
     import json
     import subprocess
 
@@ -1254,12 +1256,12 @@ def bench_prefill_against(args) -> int:
                 times[(name, int(n))].append(took * 1000)
     print(f"{machine()}\nload options {args.load_options}; best of {args.repeat} forwards, "
           f"{args.rounds} alternated rounds; other: {checkouts['other']}\n"
-          f"| prompt tokens | this checkout | other | other / this |\n| --- | --- | --- | --- |")
+          f"| prompt tokens | this checkout | other | other / this | median |\n| --- | --- | --- | --- | --- |")
     for n in args.tokens:
         this, other = times[("this checkout", n)], times[("other", n)]
         ratios = [o / t for t, o in zip(this, other)]
         print(f"| {n} | {min(this):.1f}-{max(this):.1f} ms | {min(other):.1f}-{max(other):.1f} ms | "
-              f"{min(ratios):.2f}-{max(ratios):.2f}x |")
+              f"{min(ratios):.2f}-{max(ratios):.2f}x | {_median(ratios):.2f}x |")
     return 0
 
 
