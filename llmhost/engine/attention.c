@@ -23,6 +23,8 @@
  * lanes: a prompt's attention 1.4x faster), the weighted sums of the values staying float32.
  * With AMX (amx_bf16) bfloat16 attention runs on the tiles instead, a block of query rows per
  * unit (amx_units, below): other bits than the vectors', the same for a row alone or batched.
+ * On AVX-512 a prompt's rows go 16 to a unit, a row a lane (block_units, below), with the row
+ * path's operations in the row path's order: the same bits as a row alone.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -378,8 +380,9 @@ static inline __attribute__((always_inline)) void weighted(
  *   softmax()'s order (16 running sums by key mod 16 over the row's whole sixteens, vhsum's
  *   tree, then its last n % 16 one at a time);
  * - the weighted values: weighted() for each row, its weights 16 floats apart.
- * A 512-token prompt's attention ran ~Nx as fast as on the row path (SmolLM2's shape, Ice Lake;
- * docs/performance.md). */
+ * A 512-token prompt's attention ran 1.4-1.9x as fast as on the row path (SmolLM2's shape,
+ * float32, Ice Lake; 1.4-1.6x at 128 tokens; docs/performance.md), its prefill ~1.1x. Not where
+ * the CPU scores bfloat16 pairs (AVX512-BF16: other sums) or has AMX tiles for them. */
 #define BLOCK 16          /* rows a unit: the lanes */
 #define KEYS 16           /* keys whose dims a unit copies (float32) for a pass of the scores */
 #define VALUES 64         /* keys a pass of the weighted values */
