@@ -318,11 +318,11 @@ static inline __attribute__((always_inline)) void scores(
     }
 }
 
-/* res[h * rstride + 2 + d] = the sum over the span's n keys of score[h * sstride + t * tstride] times
+/* res[h * rstride + 2 + d] = the sum over the span's n keys of score[h * sstride + t] times
    value t, for `group` heads and nc vectors of dim; constant `group` and `nc` where inlined */
 static inline __attribute__((always_inline)) void weighted(
         const char *vb, int64_t vstride, const int32_t *index, int64_t n, const float *score,
-        int64_t sstride, int64_t tstride, int bf16, int64_t size, int64_t group, int64_t nc, float *res,
+        int64_t sstride, int bf16, int64_t size, int64_t group, int64_t nc, float *res,
         int64_t rstride) {
     vec acc[MAXG][MAXC];
 #ifdef __AVX512F__
@@ -348,7 +348,7 @@ static inline __attribute__((always_inline)) void weighted(
 #endif
             for (int64_t c = 0; c < nc; c++) vv[c] = vload(vr + size * LANES * c, bf16);
         for (int64_t h = 0; h < group; h++) {
-            vec p = vset1(score[h * sstride + t * tstride]);
+            vec p = vset1(score[h * sstride + t]);
             for (int64_t c = 0; c < nc; c++) acc[h][c] = vfma(p, vv[c], acc[h][c]);
         }
     }
@@ -936,7 +936,7 @@ int attend(int bf16, const void *q, const void *k, const void *v, const int64_t 
         }
         for (int64_t h = 0; h < group; h++) softmax(score[h], n, res + h * (dim + 2));
         /* the weighted values: each value read once for the group */
-#define PV(G, C) weighted(vb, vst[2], index, n, (float *)score, SPAN + LANES, 1, bf16, size, G, C, \
+#define PV(G, C) weighted(vb, vst[2], index, n, (float *)score, SPAN + LANES, bf16, size, G, C, \
                           res, dim + 2)
         SHAPES(PV);
 #undef PV
