@@ -384,24 +384,24 @@ static inline __attribute__((always_inline)) void weighted(
  * float32, Ice Lake; 1.4-1.6x at 128 tokens; docs/performance.md), its prefill ~1.1x. Not where
  * the CPU scores bfloat16 pairs (AVX512-BF16: other sums) or has AMX tiles for them. */
 #define BLOCK 16          /* rows a unit: the lanes */
-#define KEYS 16           /* keys whose dims a unit copies (float32) for a pass of the scores */
-#define VALUES 64         /* keys a pass of the weighted values */
+#define SCORE_KEYS 16     /* keys whose dims a unit copies (float32) for a pass of the scores */
+#define VALUE_KEYS 64     /* keys a pass of the weighted values */
 
 /* the 16 chains' sums of a key in sum4's tree, or in vhsum's in the lanes of `tail` */
-static inline __m512 tree(const float *b, __mmask16 tail) {   /* b: the chains l and l + 8 added, l < 8 */
-    __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16 * KEYS), b2 = _mm512_load_ps(b + 32 * KEYS),
-           b3 = _mm512_load_ps(b + 48 * KEYS), b4 = _mm512_load_ps(b + 64 * KEYS), b5 = _mm512_load_ps(b + 80 * KEYS),
-           b6 = _mm512_load_ps(b + 96 * KEYS), b7 = _mm512_load_ps(b + 112 * KEYS);
-    __m512 s = vadd(vadd(vadd(b0, b1), vadd(b2, b3)), vadd(vadd(b4, b5), vadd(b6, b7)));
+static inline __m512 tree(const float *at, __mmask16 tail) {   /* at: the chains l and l + 8 added, l < 8 */
+    __m512 b[8];
+    for (int l = 0; l < 8; l++) b[l] = _mm512_load_ps(at + l * SCORE_KEYS * BLOCK);
+    __m512 s = vadd(vadd(vadd(b[0], b[1]), vadd(b[2], b[3])), vadd(vadd(b[4], b[5]), vadd(b[6], b[7])));
     if (tail)
-        s = _mm512_mask_mov_ps(s, tail, vadd(vadd(vadd(b0, b4), vadd(b2, b6)), vadd(vadd(b1, b5), vadd(b3, b7))));
+        s = _mm512_mask_mov_ps(s, tail, vadd(vadd(vadd(b[0], b[4]), vadd(b[2], b[6])),
+                                             vadd(vadd(b[1], b[5]), vadd(b[3], b[7]))));
     return s;
 }
 
 /* st[h * SPAN * BLOCK + t * BLOCK + j] (t0 <= t < t0 + nk, h < G) = scale times the dot product
    of row j's query for head h (qt: the block's queries transposed, [h][dim][BLOCK]) with key t
    (kf: its dims, float32, t0's first); f4: lane j the end of row j's whole fours of keys.
-   b: scratch [G][8][KEYS][BLOCK]. Each key dim is broadcast once for the G heads; G and nc
+   b: scratch [G][8][SCORE_KEYS][BLOCK]. Each key dim is broadcast once for the G heads; G and nc
    constants where inlined (the queries' vectors of a lane l in registers). */
 static inline __attribute__((always_inline)) void block_scores(
         const float *qt, const float *kf, int64_t nk, int64_t t0, int64_t G, int64_t nc, float scale,
@@ -429,14 +429,14 @@ static inline __attribute__((always_inline)) void block_scores(
                     e[h] = vfma(hi[h][c], kh, e[h]);
                 }
             }
-            for (int64_t h = 0; h < G; h++) _mm512_store_ps(b + ((h * 8 + l) * KEYS + x) * BLOCK, vadd(a[h], e[h]));
+            for (int64_t h = 0; h < G; h++) _mm512_store_ps(b + ((h * 8 + l) * SCORE_KEYS + x) * BLOCK, vadd(a[h], e[h]));
         }
     }
     for (int64_t h = 0; h < G; h++)
         for (int64_t x = 0; x < nk; x++) {
             __mmask16 tail = _mm512_cmple_epi32_mask(f4, _mm512_set1_epi32((int)(t0 + x)));
             _mm512_storeu_ps(st + h * SPAN * BLOCK + (t0 + x) * BLOCK,
-                             vmul(tree(b + (h * 8 * KEYS + x) * BLOCK, tail), vset1(scale)));
+                             vmul(tree(b + (h * 8 * SCORE_KEYS + x) * BLOCK, tail), vset1(scale)));
         }
 }
 
@@ -530,8 +530,8 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
            and the chains' sums */
         float *sc = aligned_alloc(64, sizeof(float) * (size_t)(group * SPAN * BLOCK));
         float *qt = aligned_alloc(64, sizeof(float) * (size_t)(group * dim * BLOCK));
-        float *kf = aligned_alloc(64, sizeof(float) * (size_t)(KEYS * dim));
-        float *b = aligned_alloc(64, sizeof(float) * 3 * 8 * KEYS * BLOCK);
+        float *kf = aligned_alloc(64, sizeof(float) * (size_t)(SCORE_KEYS * dim));
+        float *b = aligned_alloc(64, sizeof(float) * 3 * 8 * SCORE_KEYS * BLOCK);
         int32_t index[SPAN];
         failed = !sc || !qt || !kf || !b;
         #pragma omp for schedule(dynamic, 1)
@@ -574,8 +574,8 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
                     transpose16(col);
                     for (int x = 0; x < LANES; x++) _mm512_store_ps(qt + (h * dim + LANES * c + x) * BLOCK, col[x]);
                 }
-            for (int64_t t0 = 0; t0 < n; t0 += KEYS) {   /* the scores, KEYS keys a pass */
-                int64_t nk = n - t0 < KEYS ? n - t0 : KEYS;
+            for (int64_t t0 = 0; t0 < n; t0 += SCORE_KEYS) {   /* the scores, SCORE_KEYS keys a pass */
+                int64_t nk = n - t0 < SCORE_KEYS ? n - t0 : SCORE_KEYS;
                 for (int64_t x = 0; x < nk; x++)
                     for (int64_t c = 0; c < nc; c++)
                         vstoreu(kf + x * dim + LANES * c, vload(kb + size * (index[t0 + x] * kst[2] + LANES * c), bf16));
@@ -598,12 +598,12 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
                     RES(j)[h * (dim + 2) + 1] = ((const float *)&sum)[j];
                 }
             }
-            /* the weighted values, two rows at a time, VALUES keys a pass (they stay in L1 while
+            /* the weighted values, two rows at a time, VALUE_KEYS keys a pass (they stay in L1 while
                the block's rows pass) */
-            for (int64_t t0 = 0; t0 < n; t0 += VALUES)
+            for (int64_t t0 = 0; t0 < n; t0 += VALUE_KEYS)
                 for (int64_t j = 0; j < rows; j += 2) {
                     int64_t R = rows - j < 2 ? rows - j : 2, own[2] = {n_of[j], R > 1 ? n_of[j + 1] : 0};
-                    int64_t to = t0 + VALUES < n ? t0 + VALUES : n;
+                    int64_t to = t0 + VALUE_KEYS < n ? t0 + VALUE_KEYS : n;
                     if (own[R - 1] <= t0)
                         continue;
                     for (int64_t h = 0; h < group; h += 3) {
