@@ -367,6 +367,27 @@ static inline __attribute__((always_inline)) void weighted(
         }
 }
 
+/* The keys of a unit of `rows` consecutive query rows (the first at position own0 of the keys)
+   and span: index[0 .. n) the span of the last row's keys (which sees the most: positions up to
+   own0 + rows - 1 whose mask is set, ranked span * SPAN on), and each row j's count of them, the
+   first n_of[j] (its own span: a prefix), also into count[j * spans]. Returns n. */
+static inline int64_t unit_keys(const uint8_t *mask, int64_t own0, int64_t rows, int64_t span,
+                                int32_t *index, int32_t *n_of, int32_t *count, int64_t spans) {
+    int64_t first = span * SPAN, last = own0 + rows - 1, n = 0;
+    if (!mask) {
+        for (int64_t j = first; j <= last && n < SPAN; j++) index[n++] = (int32_t)j;
+    } else {
+        for (int64_t j = 0, rank = 0; j <= last && n < SPAN; j++)
+            if (mask[j] && rank++ >= first) index[n++] = (int32_t)j;
+    }
+    for (int64_t j = 0, seen = 0; j < rows; j++) {
+        while (seen < n && index[seen] <= own0 + j) seen++;
+        n_of[j] = (int32_t)seen;
+        count[j * spans] = (int32_t)seen;
+    }
+    return n;
+}
+
 #ifdef __AVX512F__
 /* Rows in lanes: a prompt's rows 16 to a unit (block_units), each row's arithmetic the row
  * path's above, operation for operation, so a row has the same bits alone (a decode step, the
@@ -541,26 +562,13 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
             int64_t blk = u / spans, span = u % spans;
             int64_t bg = blk / blocks, bb = bg / kv_heads, g = bg % kv_heads, i0 = blk % blocks * BLOCK;
             int64_t rows = length - i0 < BLOCK ? length - i0 : BLOCK;
-            int64_t first = span * SPAN, last = keys - length + i0 + rows - 1, n = 0;
             const char *kb = (const char *)k + size * (bb * kst[0] + g * kst[1]);
             const char *vb = (const char *)v + size * (bb * vst[0] + g * vst[1]);
-            /* the span of the block's last row (it sees the most keys); row j's: its first n_of[j] */
-            if (!mask) {
-                for (int64_t j = first; j <= last && n < SPAN; j++) index[n++] = (int32_t)j;
-            } else {
-                const uint8_t *row = mask + bb * keys;
-                for (int64_t j = 0, rank = 0; j <= last && n < SPAN; j++)
-                    if (row[j] && rank++ >= first) index[n++] = (int32_t)j;
-            }
+            int32_t n_of[BLOCK] = {0};
+            int64_t n = unit_keys(mask ? mask + bb * keys : NULL, keys - length + i0, rows, span, index, n_of,
+                                  count + (bg * length + i0) * spans + span, spans);
             /* row j's partial result for this span: each head's max, sum and weighted values */
 #define RES(j) (partial + ((bg * length + i0 + (j)) * spans + span) * part)
-            int32_t n_of[BLOCK] = {0};
-            for (int64_t j = 0, seen = 0; j < rows; j++) {
-                int64_t own = keys - length + i0 + j;
-                while (seen < n && index[seen] <= own) seen++;
-                n_of[j] = (int32_t)seen;
-                count[(bg * length + i0 + j) * spans + span] = (int32_t)seen;
-            }
             if (!n)
                 continue;
             __m512i nv = _mm512_loadu_si512(n_of), f4 = _mm512_andnot_si512(_mm512_set1_epi32(3), nv);
@@ -729,28 +737,13 @@ static void amx_units(const void *q, const void *k, const void *v, const int64_t
             int64_t blk = u / spans, span = u % spans;
             int64_t bg = blk / blocks, b = bg / kv_heads, g = bg % kv_heads, i0 = blk % blocks * per;
             int64_t rows = length - i0 < per ? length - i0 : per, m_used = rows * group;
-            int64_t first = span * SPAN, last = keys - length + i0 + rows - 1, n = 0;
             const char *kb = (const char *)k + 2 * (b * kst[0] + g * kst[1]);
             const char *vb = (const char *)v + 2 * (b * vst[0] + g * vst[1]);
             /* tile row m's partial result for this span: its row's (bg * length + i0 + m / group),
                its head's (m % group) max, sum and weighted values */
 #define RES(m) (partial + ((bg * length + i0 + (m) / group) * spans + span) * part + (m) % group * (dim + 2))
-            /* the span of the block's last row (which sees the most keys); row j's: its first n_of[j] */
-            if (!mask) {
-                n = last + 1 - first < SPAN ? last + 1 - first : SPAN;
-                n = n > 0 ? n : 0;
-                for (int64_t t = 0; t < n; t++) index[t] = (int32_t)(first + t);
-            } else {
-                const uint8_t *row = mask + b * keys;
-                for (int64_t j = 0, rank = 0; j <= last && n < SPAN; j++)
-                    if (row[j] && rank++ >= first) index[n++] = (int32_t)j;
-            }
-            for (int64_t j = 0, seen = 0; j < rows; j++) {
-                int64_t own = keys - length + i0 + j;
-                while (seen < n && index[seen] <= own) seen++;
-                n_of[j] = (int32_t)seen;
-                count[(bg * length + i0 + j) * spans + span] = (int32_t)seen;
-            }
+            int64_t n = unit_keys(mask ? mask + b * keys : NULL, keys - length + i0, rows, span, index, n_of,
+                                  count + (bg * length + i0) * spans + span, spans);
             if (!n)
                 continue;
             for (int64_t x = 0; x < chunks; x++) {   /* tile row m: row m / group, head m % group */
