@@ -1,8 +1,9 @@
-"""engine/attention.py: llmhost's CPU attention for decode steps computes
-softmax(q k^T / sqrt(d)) v as transformers' attention does, within float32's
-(or bfloat16's) rounding, for lone rows, left-padded batches, grouped-query
-heads, keys split over several spans and cache views with spare room; the
-Llama step uses it for decode steps only, with the same greedy answers."""
+"""engine/attention.py: llmhost's CPU attention computes softmax(q k^T /
+sqrt(d)) v as transformers' attention does, within float32's (or bfloat16's)
+rounding, for lone rows, prompts, left-padded batches, grouped-query heads,
+keys split over several spans and cache views with spare room, each row with
+the bits it has alone; the Llama step's decode steps keep their greedy
+answers on it."""
 from __future__ import annotations
 
 import pytest

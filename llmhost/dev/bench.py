@@ -1235,9 +1235,9 @@ def bench_prefill_against(args) -> int:
     """One forward over a prompt of each length on a fresh cache (the best of
     --repeat), in this checkout and in another (an older commit's worktree:
     `git worktree add /tmp/old COMMIT`), each in its own process, the two
-    alternated in rounds; the ranges over the rounds and other / this, its
-    range over the rounds and median (on a noisy machine the median says more
-    than either end)."""
+    alternated in rounds; the times' ranges over the rounds, and other / this:
+    its range and median over the rounds (on a noisy machine the median says
+    more than either end)."""
     import json
     import subprocess
 
