@@ -401,8 +401,8 @@ static inline int64_t unit_keys(const uint8_t *mask, int64_t own0, int64_t rows,
  *   softmax()'s order (16 running sums by key mod 16 over the row's whole sixteens, vhsum's
  *   tree, then its last n % 16 one at a time);
  * - the weighted values: weighted() for each row, its weights 16 floats apart.
- * A 512-token prompt's attention ran 1.4-1.9x as fast as on the row path (SmolLM2's shape,
- * float32, Ice Lake; 1.4-1.6x at 128 tokens; docs/performance.md), its prefill ~1.1x. Not where
+ * A 512-token prompt's attention ran 1.5-2.0x as fast as on the row path (SmolLM2's shape,
+ * float32, Ice Lake; 1.35-1.8x at 128 tokens; docs/performance.md), its prefill ~1.1x. Not where
  * the CPU scores bfloat16 pairs (AVX512-BF16: other sums) or has AMX tiles for them. */
 #define BLOCK 16          /* rows a unit: the lanes */
 #define SCORE_KEYS 16     /* keys whose dims a unit copies (float32) for a pass of the scores */

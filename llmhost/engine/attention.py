@@ -11,7 +11,7 @@ its tiles, a block of query rows per unit, each weight as two bfloat16s for the
 values' products (16 of its 24 bits): a 512-token prompt's attention ~2.3x
 faster than on the vectors, ~3.5x at 1,024 (docs/performance.md). Elsewhere
 with AVX-512 a prompt's rows run 16 to a unit, a row a lane, with a row's
-own operations in its order (1.4-1.9x a 512-token prompt's attention).
+own operations in its order (1.5-2.0x a 512-token prompt's attention).
 
 A row's result depends only on its own query and keys, never on the other rows
 of the forward, its padding or the threads. LlamaStep runs every forward on it
