@@ -395,12 +395,17 @@ static inline int64_t unit_keys(const uint8_t *mask, int64_t own0, int64_t rows,
  * horizontal sums (sum4) and on its latency chains; here lane j of every vector is the block's
  * row j, and nothing is added across lanes:
  * - the scores (block_scores): for each key, lane l's chain of products (dims l, 16 + l, ...: a
- *   vector of 16 rows each, the key's dim broadcast), then the 16 chains added in sum4's tree
- *   (a row's keys in whole fours) or vhsum's (its last n % 4), times the scale;
+ *   vector of 16 rows each, the key's dim broadcast once for up to 3 heads), then the 16 chains
+ *   added in sum4's tree (a row's keys in whole fours) or vhsum's (its last n % 4), times the
+ *   scale;
  * - the softmax (block_softmax): each row's max, e^(s - max) and the sum of its weights in
  *   softmax()'s order (16 running sums by key mod 16 over the row's whole sixteens, vhsum's
  *   tree, then its last n % 16 one at a time);
- * - the weighted values: weighted() for each row, its weights 16 floats apart.
+ * - the weighted values (block_values): as weighted() adds them, a dim a lane, two rows and up
+ *   to 3 heads at a time (each value read once for them), VALUE_KEYS keys a pass.
+ * The Ice Lake cores measured here load ~1.1-1.2 vectors a cycle from L1 where they issue two
+ * multiply-adds, so each loop keeps ~0.3-0.4 loads per multiply-add: a first version that
+ * broadcast a key dim per multiply-add ran no faster than the row path.
  * A 512-token prompt's attention ran 1.5-2.0x as fast as on the row path (SmolLM2's shape,
  * float32, Ice Lake; 1.35-1.8x at 128 tokens; docs/performance.md), its prefill ~1.1x. Not where
  * the CPU scores bfloat16 pairs (AVX512-BF16: other sums) or has AMX tiles for them. */
