@@ -236,6 +236,18 @@ static inline void join(const float *res, const int32_t *count, int64_t spans, i
     }
 }
 
+/* whether the row path scores a bfloat16 row by vdpbf16ps (AVX512-BF16: the keys' pairs straight
+   into float32 lanes, other sums than the widened keys'): the block path does not repeat it */
+static inline int pair_scores(int bf16, int64_t dim) {
+#ifdef __AVX512BF16__
+    return bf16 && dim % 32 == 0;
+#else
+    (void)bf16;
+    (void)dim;
+    return 0;
+#endif
+}
+
 /* score[h * sstride + t] = scale times the dot product of head h's query (qrow, heads qhead
    elements apart) with the span's key t, for `group` heads and nc vectors of dim; constant
    `group` and `nc` where inlined */
@@ -245,7 +257,7 @@ static inline __attribute__((always_inline)) void scores(
         float *score, int64_t sstride) {
     int64_t t = 0;
 #ifdef __AVX512BF16__
-    if (bf16 && dim % 32 == 0) {   /* bfloat16 pairs straight into float32 lanes: no widening */
+    if (pair_scores(bf16, dim)) {   /* bfloat16 pairs straight into float32 lanes: no widening */
         const int64_t np = nc * LANES / 32;   /* a constant where inlined: the pairs stay in registers */
         __m512bh qb[MAXG][MAXC / 2];
         for (int64_t h = 0; h < group; h++) {
@@ -414,14 +426,16 @@ static inline int64_t unit_keys(const uint8_t *mask, int64_t own0, int64_t rows,
 #define VALUE_KEYS 64     /* keys a pass of the weighted values */
 
 /* the 16 chains' sums of a key in sum4's tree, or in vhsum's in the lanes of `tail` */
+/* vhsum's order lane by lane, over 16 vectors already added in pairs (b[l]: vectors l and l + 8) */
+static inline __m512 vhsum_lanes(const __m512 b[8]) {
+    return vadd(vadd(vadd(b[0], b[4]), vadd(b[2], b[6])), vadd(vadd(b[1], b[5]), vadd(b[3], b[7])));
+}
+
 static inline __m512 tree(const float *at, __mmask16 tail) {   /* at: the chains l and l + 8 added, l < 8 */
     __m512 b[8];
     for (int l = 0; l < 8; l++) b[l] = _mm512_load_ps(at + l * SCORE_KEYS * BLOCK);
     __m512 s = vadd(vadd(vadd(b[0], b[1]), vadd(b[2], b[3])), vadd(vadd(b[4], b[5]), vadd(b[6], b[7])));
-    if (tail)
-        s = _mm512_mask_mov_ps(s, tail, vadd(vadd(vadd(b[0], b[4]), vadd(b[2], b[6])),
-                                             vadd(vadd(b[1], b[5]), vadd(b[3], b[7]))));
-    return s;
+    return tail ? _mm512_mask_mov_ps(s, tail, vhsum_lanes(b)) : s;
 }
 
 /* st[h * SPAN * BLOCK + t * BLOCK + j] (t0 <= t < t0 + nk, h < G) = scale times the dot product
@@ -485,15 +499,12 @@ static inline void block_softmax(float *st, int64_t len, __m512i n, __m512 *top,
             vstoreu(st + t * BLOCK, e);
             run[l] = _mm512_mask_add_ps(run[l], _mm512_cmpgt_epi32_mask(whole, _mm512_set1_epi32((int)t)), run[l], e);
         }
-    __m512 h[8], c[4];
+    __m512 h[8];
     for (int l = 0; l < 8; l++) h[l] = vadd(run[l + 8], run[l]);
-    for (int j = 0; j < 4; j++) c[j] = vadd(h[j + 4], h[j]);
-    __m512 total = vadd(vadd(c[0], c[2]), vadd(c[1], c[3]));
-    int64_t from = len;
-    for (int j = 0; j < BLOCK; j++) {
-        int64_t w = ((const int32_t *)&whole)[j];
-        from = w < from ? w : from;
-    }
+    __m512 total = vhsum_lanes(h);
+    /* the first key past some row's whole sixteens (rows with keys only: a partial block's others
+       have none) */
+    int64_t from = _mm512_mask_reduce_min_epi32(_mm512_cmpgt_epi32_mask(n, _mm512_setzero_si512()), whole);
     for (int64_t t = from; t < len; t++) {
         __mmask16 last = _mm512_cmple_epi32_mask(whole, _mm512_set1_epi32((int)t)) &
                          _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32((int)t));
@@ -890,11 +901,7 @@ int attend(int bf16, const void *q, const void *k, const void *v, const int64_t 
     } else
 #endif
 #ifdef __AVX512F__
-    if (length >= BLOCK
-#ifdef __AVX512BF16__
-        && !(bf16 && dim % 32 == 0)   /* bfloat16 scores by vdpbf16ps: the row path's other sums */
-#endif
-        ) {
+    if (length >= BLOCK && !pair_scores(bf16, dim)) {
         if (block_units(bf16, q, k, v, st, batch, kv_heads, group, length, keys, dim, mask, scale, spans,
                         partial, count, out, nt)) {
             free(partial);
