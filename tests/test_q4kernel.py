@@ -87,7 +87,9 @@ def test_packed_products_give_each_row_its_bits_alone():
     2 to 300 rows at any position, on 1 or 2 threads; Q4_0 and Q4_1; k of whole groups, a
     partial one, an odd last block and wide (4,640); 16 features (one pack), 48 (a pack pair
     and a lone pack) and 80; bfloat16 in and out as torch rounds the float32 result; within
-    8-bit rounding of the float64 product; the packing undone gives the file's layout back."""
+    8-bit rounding of the float64 product; the packing undone gives the file's layout back.
+    From 16 rows the wide tiles run (unpacked slices: k of 1 to 7 slices; each thread's packs
+    in threes, a last one or two), below them lanes_tile: the same bits."""
     _lanes_or_skip()
     generator = torch.Generator().manual_seed(6)
     threads = torch.get_num_threads()
@@ -107,11 +109,11 @@ def test_packed_products_give_each_row_its_bits_alone():
                     torch.set_num_threads(nt)
                     alone = torch.cat([q4kernel.matmul(x[i:i + 1], *packed, lanes=True) for i in range(300)])
                     torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4)
-                    for m in (2, 3, 5, 8, 37, 300):
+                    for m in (2, 3, 5, 8, 16, 18, 19, 37, 300):   # from 16 rows the wide tiles (4 rows and 1-3 more)
                         for start in (0, 300 - m, (300 - m) // 2):
                             batch = q4kernel.matmul(x[start:start + m], *packed, lanes=True)
                             assert torch.equal(batch, alone[start:start + m]), (k, n, planes, nt, m, start)
-                half = x[:9].bfloat16()
+                half = x[:21].bfloat16()
                 got = q4kernel.matmul(half, *packed, lanes=True)
                 assert got.dtype == torch.bfloat16
                 assert torch.equal(got, q4kernel.matmul(half.float(), *packed, lanes=True).bfloat16()), (k, n)

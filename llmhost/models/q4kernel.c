@@ -35,6 +35,7 @@
  * with AMX the tiles below plus AMX tiles for a prefill's rows (q_linear_amx), the same bits.
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -694,7 +695,6 @@ static inline void store16(void *out, int64_t i, __m512 v, int count, int bf16) 
    (rows_alone). The weights are unpacked once per call and 16 features, and read by all row
    tiles. */
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -1038,6 +1038,141 @@ LANES_TILE(1, 2) LANES_TILE(2, 2) LANES_TILE(3, 2) LANES_TILE(4, 2)
 static const lanes_fn LANES_TILES[2][LANE_ROWS] = {{lanes_1x1, lanes_2x1, lanes_3x1, lanes_4x1},
                                                    {lanes_1x2, lanes_2x2, lanes_3x2, lanes_4x2}};
 
+/* A prompt's rows (WIDE_ROWS or more: at 8 rows unpacking a whole weight took longer than it
+   gave, 0.89x; at 12 1.00x, 16 1.03x, 24 1.10-1.17x) go through wide tiles: 4 rows x 3 packs (48 features) on
+   the weights unpacked once per call. lanes_tile unpacks a pack's block in registers for each
+   tile of rows (12 operations per 32 vpdpbusd) and holds its 16 weight vectors there, which
+   leaves room for two packs: per block and 4 x 32 tile 64 vpdpbusd, ~64 other vector operations
+   and ~57 loads. Here a thread first unpacks a slice of its packs (SLICE_BLOCKS blocks: per pack
+   and block the 8 vectors lanes_tile's w[p] holds, 512 bytes, ~36 KB a slice: it stays in L1)
+   and its tiles then read each weight vector as their multiply-adds need it (j outer: the packs'
+   vector j, then each row's 4 activations broadcast and its 3 vpdpbusd), so 12 integer sums and
+   12 accumulators fit in the registers: per block 96 vpdpbusd, 60 other vector operations, 70
+   loads. A one-thread microbenchmark on the Ice Lake Xeon (SmolLM2's k, 480 rows): 0.83-0.89
+   time-stamp cycles per vpdpbusd against lanes_tile's 1.22-1.25; tiles of 4 x 2 and 3 x 4 packs
+   0.92-0.95 (twenty-fifth session, docs/performance.md).
+   Each (row, feature) runs lanes_tile's operations in lanes_tile's order (its block's integer sum,
+   then the same two multiply-adds, block after block; between slices its accumulator waits in
+   `keep`, unchanged): a row has the bits it has alone, where lanes_tile runs it. */
+#define WIDE_ROWS 16
+#define WIDE_PACKS 3
+#define SLICE_BLOCKS 24
+
+/* a pack's `blocks` blocks (wq: the first's 256 bytes) unpacked into wu (block b's vector j at
+   (8 b + j) * 64: lanes_tile's w[p][j]) */
+static void unpack_blocks(const uint8_t *wq, int64_t blocks, uint8_t *wu) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t b = 0; b < blocks; b++)
+        for (int j = 0; j < 4; j++) {
+            __m512i raw = _mm512_loadu_si512(wq + b * 256 + 64 * j);
+            _mm512_store_si512(wu + b * 512 + 64 * j, _mm512_and_si512(raw, low));
+            _mm512_store_si512(wu + b * 512 + 64 * (4 + j), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
+        }
+}
+
+/* R rows x P packs over a slice of `blocks` blocks: wu its unpacked packs (pack p's block b at
+   (p * blocks + b) * 512), wd, wm the first pack's planes at the slice's first block (a pack's nb
+   blocks further), xq, xd, xs the first row's at the slice (a row k, nb further); the accumulators
+   start from 0 (`first`) or from keep ([R][WIDE_PACKS][16]) and go to out (`last`) or back to keep.
+   R and P constants where inlined */
+static inline __attribute__((always_inline)) void wide_tile(
+        int R, int P, const uint8_t *wu, const uint16_t *wd, const uint16_t *wm, int64_t blocks, int64_t nb,
+        const int8_t *xq, const float *xd, const float *xs, float *keep, int first, int last, void *out,
+        int64_t n, int bf16) {
+    int64_t k = nb * 32;
+    __m512 acc[4][WIDE_PACKS];
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++)
+            acc[r][p] = first ? _mm512_setzero_ps() : _mm512_load_ps(keep + (r * WIDE_PACKS + p) * 16);
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i sum[4][WIDE_PACKS];
+        for (int r = 0; r < R; r++)
+            for (int p = 0; p < P; p++) sum[r][p] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            __m512i w[WIDE_PACKS];
+            for (int p = 0; p < P; p++) w[p] = _mm512_load_si512(wu + ((p * blocks + b) * 8 + j) * 64);
+            for (int r = 0; r < R; r++) {
+                __m512i yj = _mm512_set1_epi32(((const int32_t *)(xq + r * k + b * 32))[j]);
+                for (int p = 0; p < P; p++) sum[r][p] = _mm512_dpbusd_epi32(sum[r][p], w[p], yj);
+            }
+        }
+        for (int p = 0; p < P; p++) {
+            __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + p * nb * 16 + b * 16)));
+            __m512 mw = wm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + p * nb * 16 + b * 16)))
+                           : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+            for (int r = 0; r < R; r++) {
+                __m512 dx = _mm512_set1_ps(xd[r * nb + b]), sx = _mm512_set1_ps(xs[r * nb + b]);
+                acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][p]), _mm512_mul_ps(dw, dx), acc[r][p]);
+                acc[r][p] = _mm512_fmadd_ps(mw, sx, acc[r][p]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++) {
+            if (last) store16(out, r * n + 16 * p, acc[r][p], 16, bf16);
+            else _mm512_store_ps(keep + (r * WIDE_PACKS + p) * 16, acc[r][p]);
+        }
+}
+
+/* wide_tile for each shape, a function of its own (a call per tile and slice) */
+typedef void (*wide_fn)(const uint8_t *, const uint16_t *, const uint16_t *, int64_t, int64_t, const int8_t *,
+                        const float *, const float *, float *, int, int, void *, int64_t, int);
+#define WIDE_TILE(R, P) \
+    static __attribute__((noinline)) void wide_##R##x##P( \
+            const uint8_t *wu, const uint16_t *wd, const uint16_t *wm, int64_t blocks, int64_t nb, const int8_t *xq, \
+            const float *xd, const float *xs, float *keep, int first, int last, void *out, int64_t n, int bf16) { \
+        wide_tile(R, P, wu, wd, wm, blocks, nb, xq, xd, xs, keep, first, last, out, n, bf16); \
+    }
+WIDE_TILE(1, 1) WIDE_TILE(2, 1) WIDE_TILE(3, 1) WIDE_TILE(4, 1)
+WIDE_TILE(1, 2) WIDE_TILE(2, 2) WIDE_TILE(3, 2) WIDE_TILE(4, 2)
+WIDE_TILE(1, 3) WIDE_TILE(2, 3) WIDE_TILE(3, 3) WIDE_TILE(4, 3)
+#undef WIDE_TILE
+static const wide_fn WIDE_TILES[WIDE_PACKS][4] = {{wide_1x1, wide_2x1, wide_3x1, wide_4x1},
+                                                  {wide_1x2, wide_2x2, wide_3x2, wide_4x2},
+                                                  {wide_1x3, wide_2x3, wide_3x3, wide_4x3}};
+
+/* the wide tiles' product of m rows (xq, xd, xs: quantized) with a packed Q4 weight: each thread
+   takes an even share of the packs (within one), WIDE_PACKS at a time, and slice by slice
+   unpacks them into its scratch and runs all the rows over them. Returns 0, or -1 when the
+   scratch memory could not be allocated. */
+static int wide_product(int64_t m, int64_t nb, const uint8_t *qs, const uint16_t *d, const uint16_t *mn,
+                        int64_t n, const int8_t *xq, const float *xd, const float *xs, void *out, int bf16, int nt) {
+    int64_t k = nb * 32, packs = n / LANES, slices = (nb + SLICE_BLOCKS - 1) / SLICE_BLOCKS;
+    int64_t span = (nb + slices - 1) / slices;   /* blocks per slice: slices of even sizes */
+    size_t wsize = (size_t)(WIDE_PACKS * span * 512), ksize = (size_t)(m * WIDE_PACKS * 16);
+    uint8_t *scratch = aligned_alloc(64, wsize * (size_t)nt);
+    float *keeps = aligned_alloc(64, sizeof(float) * ksize * (size_t)nt);
+    if (!scratch || !keeps) {
+        free(scratch);
+        free(keeps);
+        return -1;
+    }
+    #pragma omp parallel num_threads(nt)
+    {
+        int me = omp_get_thread_num(), team = omp_get_num_threads();
+        uint8_t *wu = scratch + wsize * (size_t)me;
+        float *keep = keeps + ksize * (size_t)me;
+        int64_t end = (me + 1) * packs / team;
+        for (int64_t p0 = me * packs / team; p0 < end; p0 += WIDE_PACKS) {
+            int P = end - p0 < WIDE_PACKS ? (int)(end - p0) : WIDE_PACKS;
+            for (int64_t b0 = 0; b0 < nb; b0 += span) {
+                int64_t blocks = nb - b0 < span ? nb - b0 : span;
+                for (int p = 0; p < P; p++) unpack_blocks(qs + ((p0 + p) * nb + b0) * 256, blocks, wu + p * blocks * 512);
+                for (int64_t r = 0; r < m; r += 4) {
+                    int R = m - r < 4 ? (int)(m - r) : 4;
+                    WIDE_TILES[P - 1][R - 1](wu, d + (p0 * nb + b0) * 16, mn ? mn + (p0 * nb + b0) * 16 : NULL, blocks,
+                                             nb, xq + r * k + b0 * 32, xd + r * nb + b0, xs + r * nb + b0,
+                                             keep + r * WIDE_PACKS * 16, b0 == 0, b0 + blocks == nb,
+                                             (char *)out + (r * n + p0 * 16) * (bf16 ? 2 : 4), n, bf16);
+                }
+            }
+        }
+    }
+    free(scratch);
+    free(keeps);
+    return 0;
+}
+
 /* packs per chunk: a chunk's weights stay in L2 while all its rows pass */
 #ifndef LANES_CHUNK
 #define LANES_CHUNK 4
@@ -1060,23 +1195,27 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
         #pragma omp parallel for num_threads(nt) schedule(static) if (m * nb >= QUANTIZE_SPLIT_FROM)
         for (int64_t i = 0; i < m * nb; i++)
             _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x + i * 32, xd + i, xs + i));
-        /* chunks of about LANES_CHUNK packs, as many as a multiple of the threads, each a run of
-           pack pairs (the last pack alone where they are odd) and their sizes within a pair of
-           each other: with chunks of 4 packs, SmolLM2's 36-pack products gave one thread 20 and
-           the other 16 (the threads waited at the barrier: ~8% of a 512-token prefill) */
-        int64_t pairs = (packs + 1) / 2, chunks = (pairs + LANES_CHUNK / 2 - 1) / (LANES_CHUNK / 2);
-        chunks = (chunks + nt - 1) / nt * nt;
-        int width = bf16 ? 2 : 4;
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t start = 2 * (c * pairs / chunks), end = 2 * ((c + 1) * pairs / chunks);
-            end = end < packs ? end : packs;
-            for (int64_t r = 0; r < m; r += LANE_ROWS) {
-                int R = m - r < LANE_ROWS ? (int)(m - r) : LANE_ROWS;
-                for (int64_t p = start; p < end; p += 2)
-                    LANES_TILES[end - p > 1][R - 1]((const uint8_t *)qs + p * nb * 256, d + p * nb * 16,
-                                                    mn ? mn + p * nb * 16 : NULL, nb, xq + r * k, xd + r * nb,
-                                                    xs + r * nb, (char *)out + (r * n + p * 16) * width, n, bf16);
+        if (m >= WIDE_ROWS)
+            failed = wide_product(m, nb, (const uint8_t *)qs, d, mn, n, xq, xd, xs, out, bf16, nt);
+        else {
+            /* chunks of about LANES_CHUNK packs, as many as a multiple of the threads, each a run of
+               pack pairs (the last pack alone where they are odd) and their sizes within a pair of
+               each other: with chunks of 4 packs, SmolLM2's 36-pack products gave one thread 20 and
+               the other 16 (the threads waited at the barrier: ~8% of a 512-token prefill) */
+            int64_t pairs = (packs + 1) / 2, chunks = (pairs + LANES_CHUNK / 2 - 1) / (LANES_CHUNK / 2);
+            chunks = (chunks + nt - 1) / nt * nt;
+            int width = bf16 ? 2 : 4;
+            #pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t c = 0; c < chunks; c++) {
+                int64_t start = 2 * (c * pairs / chunks), end = 2 * ((c + 1) * pairs / chunks);
+                end = end < packs ? end : packs;
+                for (int64_t r = 0; r < m; r += LANE_ROWS) {
+                    int R = m - r < LANE_ROWS ? (int)(m - r) : LANE_ROWS;
+                    for (int64_t p = start; p < end; p += 2)
+                        LANES_TILES[end - p > 1][R - 1]((const uint8_t *)qs + p * nb * 256, d + p * nb * 16,
+                                                        mn ? mn + p * nb * 16 : NULL, nb, xq + r * k, xd + r * nb,
+                                                        xs + r * nb, (char *)out + (r * n + p * 16) * width, n, bf16);
+                }
             }
         }
     }
