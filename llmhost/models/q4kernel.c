@@ -1038,6 +1038,41 @@ LANES_TILE(1, 2) LANES_TILE(2, 2) LANES_TILE(3, 2) LANES_TILE(4, 2)
 static const lanes_fn LANES_TILES[2][LANE_ROWS] = {{lanes_1x1, lanes_2x1, lanes_3x1, lanes_4x1},
                                                    {lanes_1x2, lanes_2x2, lanes_3x2, lanes_4x2}};
 
+/* quantize_block on 16 consecutive blocks (x: the first's 32 floats; xq, xd, xs: its), the same
+   bits: each block's absolute maximum and its integer sum are the same exact values whatever the
+   order of their maxima and adds (here 16 blocks' partial ones transposed, a block a lane), the
+   scales the same IEEE divisions, then the same products, rounded to nearest even, and the same
+   int8s (vpmovsdb: in order, and |q| <= 127 needs no saturation). quantize_block does a block's
+   horizontal steps and its two divisions alone (SmolLM2's 512-token prefill: 4% in it). */
+static inline void quantize16(const float *x, int8_t *xq, float *xd, float *xs) {
+    __m512 mx[16], q[16][2];
+    for (int b = 0; b < 16; b++)
+        mx[b] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 32 * b)), _mm512_abs_ps(_mm512_loadu_ps(x + 32 * b + 16)));
+    transpose16(mx);
+    __m512 amax = mx[0];
+    for (int i = 1; i < 16; i++) amax = _mm512_max_ps(amax, mx[i]);
+    __m512 d = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
+    __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                     _mm512_set1_ps(127.0f), amax);
+    float invs[16];
+    _mm512_storeu_ps(invs, inv);
+    for (int b = 0; b < 16; b++) {
+        __m512 ib = _mm512_set1_ps(invs[b]);
+        for (int h = 0; h < 2; h++) {
+            __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * b + 16 * h), ib),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_store_si128((__m128i *)(xq + 32 * b + 16 * h), _mm512_cvtsepi32_epi8(v));
+            q[b][h] = _mm512_castsi512_ps(v);
+        }
+        mx[b] = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(q[b][0]), _mm512_castps_si512(q[b][1])));
+    }
+    transpose16(mx);
+    __m512i sum = _mm512_castps_si512(mx[0]);
+    for (int i = 1; i < 16; i++) sum = _mm512_add_epi32(sum, _mm512_castps_si512(mx[i]));
+    _mm512_storeu_ps(xd, d);
+    _mm512_storeu_ps(xs, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sum)));
+}
+
 /* A prompt's rows (WIDE_ROWS or more: at 8 rows unpacking a whole weight took longer than it
    gave, 0.89x; at 12 1.00x, 16 1.03x, 24 1.10-1.17x) go through wide tiles: 4 rows x 3 packs (48 features) on
    the weights unpacked once per call. lanes_tile unpacks a pack's block in registers for each
@@ -1192,8 +1227,11 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     int failed = !xq || !xd || !xs || (bf16 && !xf);
     if (!failed) {
         const float *x = as_float32(x_in, bf16, m * k, xf);
+        int64_t sixteens = m * nb / 16;
         #pragma omp parallel for num_threads(nt) schedule(static) if (m * nb >= QUANTIZE_SPLIT_FROM)
-        for (int64_t i = 0; i < m * nb; i++)
+        for (int64_t i = 0; i < sixteens; i++)
+            quantize16(x + i * 512, xq + i * 512, xd + i * 16, xs + i * 16);
+        for (int64_t i = sixteens * 16; i < m * nb; i++)
             _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x + i * 32, xd + i, xs + i));
         if (m >= WIDE_ROWS)
             failed = wide_product(m, nb, (const uint8_t *)qs, d, mn, n, xq, xd, xs, out, bf16, nt);
