@@ -1038,13 +1038,14 @@ LANES_TILE(1, 2) LANES_TILE(2, 2) LANES_TILE(3, 2) LANES_TILE(4, 2)
 static const lanes_fn LANES_TILES[2][LANE_ROWS] = {{lanes_1x1, lanes_2x1, lanes_3x1, lanes_4x1},
                                                    {lanes_1x2, lanes_2x2, lanes_3x2, lanes_4x2}};
 
-/* quantize_block on 16 consecutive blocks (x: the first's 32 floats; xq, xd, xs: its), the same
+/* quantize_block on 16 consecutive blocks (x: the first's 32 floats; block b's int8s to
+   xq + 32 at[b], its scale and scale * sum to xds[2 at[b]] and the next float), the same
    bits: each block's absolute maximum and its integer sum are the same exact values whatever the
    order of their maxima and adds (here 16 blocks' partial ones transposed, a block a lane), the
    scales the same IEEE divisions, then the same products, rounded to nearest even, and the same
    int8s (vpmovsdb: in order, and |q| <= 127 needs no saturation). quantize_block does a block's
    horizontal steps and its two divisions alone (SmolLM2's 512-token prefill: 4% in it). */
-static inline void quantize16(const float *x, int8_t *xq, float *xd, float *xs) {
+static inline void quantize16(const float *x, const int64_t at[16], int8_t *xq, float *xds) {
     __m512 mx[16], q[16][2];
     for (int b = 0; b < 16; b++)
         mx[b] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 32 * b)), _mm512_abs_ps(_mm512_loadu_ps(x + 32 * b + 16)));
@@ -1061,7 +1062,7 @@ static inline void quantize16(const float *x, int8_t *xq, float *xd, float *xs) 
         for (int h = 0; h < 2; h++) {
             __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * b + 16 * h), ib),
                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            _mm_store_si128((__m128i *)(xq + 32 * b + 16 * h), _mm512_cvtsepi32_epi8(v));
+            _mm_store_si128((__m128i *)(xq + 32 * at[b] + 16 * h), _mm512_cvtsepi32_epi8(v));
             q[b][h] = _mm512_castsi512_ps(v);
         }
         mx[b] = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(q[b][0]), _mm512_castps_si512(q[b][1])));
@@ -1069,8 +1070,38 @@ static inline void quantize16(const float *x, int8_t *xq, float *xd, float *xs) 
     transpose16(mx);
     __m512i sum = _mm512_castps_si512(mx[0]);
     for (int i = 1; i < 16; i++) sum = _mm512_add_epi32(sum, _mm512_castps_si512(mx[i]));
-    _mm512_storeu_ps(xd, d);
-    _mm512_storeu_ps(xs, _mm512_mul_ps(d, _mm512_cvtepi32_ps(sum)));
+    float ds[2][16];
+    _mm512_storeu_ps(ds[0], d);
+    _mm512_storeu_ps(ds[1], _mm512_mul_ps(d, _mm512_cvtepi32_ps(sum)));
+    for (int b = 0; b < 16; b++) {
+        xds[2 * at[b]] = ds[0][b];
+        xds[2 * at[b] + 1] = ds[1][b];
+    }
+}
+
+/* x [m, k] (nb blocks a row) quantized in the wide tiles' order: a tile of 4 rows' blocks side
+   by side, block b of row r at index ((r / 4) * nb + b) * 4 + r % 4 of xq (32 bytes each) and
+   xds (the scale and scale * sum, 2 floats each). For a few rows (lanes_tile's) quantize_block
+   alone took less time: 1.07x a lone row's products (twenty-fifth session) */
+static void quantize_tiled(const float *x, int64_t m, int64_t nb, int8_t *xq, float *xds, int nt) {
+    int64_t total = m * nb;
+    #pragma omp parallel for num_threads(nt) schedule(static) if (total >= QUANTIZE_SPLIT_FROM)
+    for (int64_t i0 = 0; i0 < total; i0 += 16) {
+        int64_t at[16], count = total - i0 < 16 ? total - i0 : 16, r = i0 / nb, c = i0 % nb;
+        for (int64_t b = 0; b < count; b++) {   /* block i0 + b: row r's block c */
+            at[b] = ((r / 4) * nb + c) * 4 + r % 4;
+            if (++c == nb) {
+                c = 0;
+                r++;
+            }
+        }
+        if (count == 16)
+            quantize16(x + i0 * 32, at, xq, xds);
+        else
+            for (int64_t b = 0; b < count; b++)
+                _mm256_store_si256((__m256i *)(xq + 32 * at[b]),
+                                   quantize_block(x + (i0 + b) * 32, xds + 2 * at[b], xds + 2 * at[b] + 1));
+    }
 }
 
 /* A prompt's rows (WIDE_ROWS or more: at 8 rows unpacking a whole weight took longer than it
@@ -1091,52 +1122,65 @@ static inline void quantize16(const float *x, int8_t *xq, float *xd, float *xs) 
    `keep`, unchanged): a row has the bits it has alone, where lanes_tile runs it. */
 #define WIDE_ROWS 16
 #define WIDE_PACKS 3
-#define SLICE_BLOCKS 24
+#define SLICE_BLOCKS 18
 
-/* a pack's `blocks` blocks (wq: the first's 256 bytes) unpacked into wu (block b's vector j at
-   (8 b + j) * 64: lanes_tile's w[p][j]) */
-static void unpack_blocks(const uint8_t *wq, int64_t blocks, uint8_t *wu) {
+/* a slice's block in a thread's scratch, P packs: their 8 weight vectors each (lanes_tile's w[p][j]
+   at (8 p + j) * 64), then their d and their m as float32 (Q4_0's m = -8 d), 16 each: a tile's
+   loads of a block all at constant offsets of one pointer, and no float16 conversions */
+#define SLICE_BLOCK(P) ((P) * 640)
+
+/* P packs' `blocks` blocks (wq, wd, wm: the first pack's first, a pack nb blocks further) into
+   wu, SLICE_BLOCK(P) bytes a block */
+static void unpack_blocks(int P, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t blocks,
+                          int64_t nb, uint8_t *wu) {
     const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int64_t b = 0; b < blocks; b++)
-        for (int j = 0; j < 4; j++) {
-            __m512i raw = _mm512_loadu_si512(wq + b * 256 + 64 * j);
-            _mm512_store_si512(wu + b * 512 + 64 * j, _mm512_and_si512(raw, low));
-            _mm512_store_si512(wu + b * 512 + 64 * (4 + j), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
+    for (int64_t b = 0; b < blocks; b++) {
+        uint8_t *at = wu + b * SLICE_BLOCK(P);
+        float *planes = (float *)(at + P * 512);
+        for (int p = 0; p < P; p++) {
+            for (int j = 0; j < 4; j++) {
+                __m512i raw = _mm512_loadu_si512(wq + (p * nb + b) * 256 + 64 * j);
+                _mm512_store_si512(at + p * 512 + 64 * j, _mm512_and_si512(raw, low));
+                _mm512_store_si512(at + p * 512 + 64 * (4 + j), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
+            }
+            __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + (p * nb + b) * 16)));
+            _mm512_store_ps(planes + 16 * p, dw);
+            _mm512_store_ps(planes + 16 * (P + p), wm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + (p * nb + b) * 16)))
+                                                      : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f)));
         }
+    }
 }
 
-/* R rows x P packs over a slice of `blocks` blocks: wu its unpacked packs (pack p's block b at
-   (p * blocks + b) * 512), wd, wm the first pack's planes at the slice's first block (a pack's nb
-   blocks further), xq, xd, xs the first row's at the slice (a row k, nb further); the accumulators
-   start from 0 (`first`) or from keep ([R][WIDE_PACKS][16]) and go to out (`last`) or back to keep.
-   R and P constants where inlined */
+/* R rows (a tile's: their activations in quantize_into's tiled order, xq at the slice's first
+   block, 128 bytes a block, xds its scale pairs, 8 floats a block) x P packs over a slice of
+   `blocks` blocks (wu: unpack_blocks'); the accumulators start from 0 (`first`) or from keep
+   ([R][WIDE_PACKS][16]) and go to out (`last`) or back to keep. R and P constants where inlined */
 static inline __attribute__((always_inline)) void wide_tile(
-        int R, int P, const uint8_t *wu, const uint16_t *wd, const uint16_t *wm, int64_t blocks, int64_t nb,
-        const int8_t *xq, const float *xd, const float *xs, float *keep, int first, int last, void *out,
-        int64_t n, int bf16) {
-    int64_t k = nb * 32;
+        int R, int P, const uint8_t *wu, int64_t blocks, const int8_t *xq, const float *xds, float *keep,
+        int first, int last, void *out, int64_t n, int bf16) {
     __m512 acc[4][WIDE_PACKS];
     for (int r = 0; r < R; r++)
         for (int p = 0; p < P; p++)
             acc[r][p] = first ? _mm512_setzero_ps() : _mm512_load_ps(keep + (r * WIDE_PACKS + p) * 16);
     for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *wb = wu + b * SLICE_BLOCK(P);
+        const float *planes = (const float *)(wb + P * 512), *sc = xds + 8 * b;
+        const int32_t *y = (const int32_t *)(xq + 128 * b);   /* row r's dword j: y[8 r + j] */
         __m512i sum[4][WIDE_PACKS];
         for (int r = 0; r < R; r++)
             for (int p = 0; p < P; p++) sum[r][p] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
             __m512i w[WIDE_PACKS];
-            for (int p = 0; p < P; p++) w[p] = _mm512_load_si512(wu + ((p * blocks + b) * 8 + j) * 64);
+            for (int p = 0; p < P; p++) w[p] = _mm512_load_si512(wb + p * 512 + j * 64);
             for (int r = 0; r < R; r++) {
-                __m512i yj = _mm512_set1_epi32(((const int32_t *)(xq + r * k + b * 32))[j]);
+                __m512i yj = _mm512_set1_epi32(y[8 * r + j]);
                 for (int p = 0; p < P; p++) sum[r][p] = _mm512_dpbusd_epi32(sum[r][p], w[p], yj);
             }
         }
         for (int p = 0; p < P; p++) {
-            __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + p * nb * 16 + b * 16)));
-            __m512 mw = wm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + p * nb * 16 + b * 16)))
-                           : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+            __m512 dw = _mm512_load_ps(planes + 16 * p), mw = _mm512_load_ps(planes + 16 * (P + p));
             for (int r = 0; r < R; r++) {
-                __m512 dx = _mm512_set1_ps(xd[r * nb + b]), sx = _mm512_set1_ps(xs[r * nb + b]);
+                __m512 dx = _mm512_set1_ps(sc[2 * r]), sx = _mm512_set1_ps(sc[2 * r + 1]);
                 acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][p]), _mm512_mul_ps(dw, dx), acc[r][p]);
                 acc[r][p] = _mm512_fmadd_ps(mw, sx, acc[r][p]);
             }
@@ -1150,13 +1194,13 @@ static inline __attribute__((always_inline)) void wide_tile(
 }
 
 /* wide_tile for each shape, a function of its own (a call per tile and slice) */
-typedef void (*wide_fn)(const uint8_t *, const uint16_t *, const uint16_t *, int64_t, int64_t, const int8_t *,
-                        const float *, const float *, float *, int, int, void *, int64_t, int);
+typedef void (*wide_fn)(const uint8_t *, int64_t, const int8_t *, const float *, float *, int, int, void *,
+                        int64_t, int);
 #define WIDE_TILE(R, P) \
-    static __attribute__((noinline)) void wide_##R##x##P( \
-            const uint8_t *wu, const uint16_t *wd, const uint16_t *wm, int64_t blocks, int64_t nb, const int8_t *xq, \
-            const float *xd, const float *xs, float *keep, int first, int last, void *out, int64_t n, int bf16) { \
-        wide_tile(R, P, wu, wd, wm, blocks, nb, xq, xd, xs, keep, first, last, out, n, bf16); \
+    static __attribute__((noinline)) void wide_##R##x##P(const uint8_t *wu, int64_t blocks, const int8_t *xq, \
+                                                         const float *xds, float *keep, int first, int last, \
+                                                         void *out, int64_t n, int bf16) { \
+        wide_tile(R, P, wu, blocks, xq, xds, keep, first, last, out, n, bf16); \
     }
 WIDE_TILE(1, 1) WIDE_TILE(2, 1) WIDE_TILE(3, 1) WIDE_TILE(4, 1)
 WIDE_TILE(1, 2) WIDE_TILE(2, 2) WIDE_TILE(3, 2) WIDE_TILE(4, 2)
@@ -1166,15 +1210,15 @@ static const wide_fn WIDE_TILES[WIDE_PACKS][4] = {{wide_1x1, wide_2x1, wide_3x1,
                                                   {wide_1x2, wide_2x2, wide_3x2, wide_4x2},
                                                   {wide_1x3, wide_2x3, wide_3x3, wide_4x3}};
 
-/* the wide tiles' product of m rows (xq, xd, xs: quantized) with a packed Q4 weight: each thread
-   takes an even share of the packs (within one), WIDE_PACKS at a time, and slice by slice
-   unpacks them into its scratch and runs all the rows over them. Returns 0, or -1 when the
-   scratch memory could not be allocated. */
+/* the wide tiles' product of m rows (xq, xds: quantize_into's tiled order, scale pairs) with a
+   packed Q4 weight: each thread takes an even share of the packs (within one), WIDE_PACKS at a
+   time, and slice by slice unpacks them into its scratch and runs all the rows over them.
+   Returns 0, or -1 when the scratch memory could not be allocated. */
 static int wide_product(int64_t m, int64_t nb, const uint8_t *qs, const uint16_t *d, const uint16_t *mn,
-                        int64_t n, const int8_t *xq, const float *xd, const float *xs, void *out, int bf16, int nt) {
-    int64_t k = nb * 32, packs = n / LANES, slices = (nb + SLICE_BLOCKS - 1) / SLICE_BLOCKS;
+                        int64_t n, const int8_t *xq, const float *xds, void *out, int bf16, int nt) {
+    int64_t packs = n / LANES, slices = (nb + SLICE_BLOCKS - 1) / SLICE_BLOCKS;
     int64_t span = (nb + slices - 1) / slices;   /* blocks per slice: slices of even sizes */
-    size_t wsize = (size_t)(WIDE_PACKS * span * 512), ksize = (size_t)(m * WIDE_PACKS * 16);
+    size_t wsize = (size_t)(span * SLICE_BLOCK(WIDE_PACKS)), ksize = (size_t)(m * WIDE_PACKS * 16);
     uint8_t *scratch = aligned_alloc(64, wsize * (size_t)nt);
     float *keeps = aligned_alloc(64, sizeof(float) * ksize * (size_t)nt);
     if (!scratch || !keeps) {
@@ -1192,13 +1236,14 @@ static int wide_product(int64_t m, int64_t nb, const uint8_t *qs, const uint16_t
             int P = end - p0 < WIDE_PACKS ? (int)(end - p0) : WIDE_PACKS;
             for (int64_t b0 = 0; b0 < nb; b0 += span) {
                 int64_t blocks = nb - b0 < span ? nb - b0 : span;
-                for (int p = 0; p < P; p++) unpack_blocks(qs + ((p0 + p) * nb + b0) * 256, blocks, wu + p * blocks * 512);
+                unpack_blocks(P, qs + (p0 * nb + b0) * 256, d + (p0 * nb + b0) * 16, mn ? mn + (p0 * nb + b0) * 16 : NULL,
+                              blocks, nb, wu);
                 for (int64_t r = 0; r < m; r += 4) {
                     int R = m - r < 4 ? (int)(m - r) : 4;
-                    WIDE_TILES[P - 1][R - 1](wu, d + (p0 * nb + b0) * 16, mn ? mn + (p0 * nb + b0) * 16 : NULL, blocks,
-                                             nb, xq + r * k + b0 * 32, xd + r * nb + b0, xs + r * nb + b0,
-                                             keep + r * WIDE_PACKS * 16, b0 == 0, b0 + blocks == nb,
-                                             (char *)out + (r * n + p0 * 16) * (bf16 ? 2 : 4), n, bf16);
+                    int64_t at = (r / 4 * nb + b0) * 4;   /* the tile's first block of the slice */
+                    WIDE_TILES[P - 1][R - 1](wu, blocks, xq + 32 * at, xds + 2 * at, keep + r * WIDE_PACKS * 16,
+                                             b0 == 0, b0 + blocks == nb, (char *)out + (r * n + p0 * 16) * (bf16 ? 2 : 4),
+                                             n, bf16);
                 }
             }
         }
@@ -1221,21 +1266,22 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
                    const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
     (void)bits;
     int64_t nb = k / 32, packs = n / LANES;
-    int8_t *xq = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
-    float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
+    /* the activations' scales: two planes, xd and xs, or (the wide tiles) their pairs side by side in
+       quantize_into's tiled order, which pads the last tile to 4 rows */
+    int64_t padded = (m + 3) / 4 * 4;
+    int8_t *xq = aligned_alloc(64, (size_t)((padded * k + 63) / 64 * 64));
+    float *xd = malloc(sizeof(float) * (size_t)(2 * padded * nb)), *xs = xd + m * nb;
     uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
-    int failed = !xq || !xd || !xs || (bf16 && !xf);
+    int failed = !xq || !xd || (bf16 && !xf);
     if (!failed) {
         const float *x = as_float32(x_in, bf16, m * k, xf);
-        int64_t sixteens = m * nb / 16;
-        #pragma omp parallel for num_threads(nt) schedule(static) if (m * nb >= QUANTIZE_SPLIT_FROM)
-        for (int64_t i = 0; i < sixteens; i++)
-            quantize16(x + i * 512, xq + i * 512, xd + i * 16, xs + i * 16);
-        for (int64_t i = sixteens * 16; i < m * nb; i++)
-            _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x + i * 32, xd + i, xs + i));
-        if (m >= WIDE_ROWS)
-            failed = wide_product(m, nb, (const uint8_t *)qs, d, mn, n, xq, xd, xs, out, bf16, nt);
-        else {
+        if (m >= WIDE_ROWS) {
+            quantize_tiled(x, m, nb, xq, xd, nt);
+            failed = wide_product(m, nb, (const uint8_t *)qs, d, mn, n, xq, xd, out, bf16, nt);
+        } else {
+            #pragma omp parallel for num_threads(nt) schedule(static) if (m * nb >= QUANTIZE_SPLIT_FROM)
+            for (int64_t i = 0; i < m * nb; i++)
+                _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x + i * 32, xd + i, xs + i));
             /* chunks of about LANES_CHUNK packs, as many as a multiple of the threads, each a run of
                pack pairs (the last pack alone where they are odd) and their sizes within a pair of
                each other: with chunks of 4 packs, SmolLM2's 36-pack products gave one thread 20 and
@@ -1259,7 +1305,6 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     }
     free(xq);
     free(xd);
-    free(xs);
     free(xf);
     return failed ? -1 : 0;
 }
