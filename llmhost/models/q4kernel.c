@@ -31,7 +31,8 @@
  * batched with. Threads: OpenMP's, shared with torch's (the same libgomp).
  *
  * Three paths, one per kind of CPU: the tiles below (AVX2, AVX-VNNI); on AVX-512 VNNI without
- * AMX the feature lanes (q_linear_lanes: the weight packed at load, 16 features to a vector);
+ * AMX the feature lanes (q_linear_lanes: the weight packed at load, 16 features to a vector;
+ * a prompt's rows on wide tiles over the weight unpacked per call, the same bits);
  * with AMX the tiles below plus AMX tiles for a prefill's rows (q_linear_amx), the same bits.
  */
 #include <immintrin.h>
@@ -1044,7 +1045,8 @@ static const lanes_fn LANES_TILES[2][LANE_ROWS] = {{lanes_1x1, lanes_2x1, lanes_
    order of their maxima and adds (here 16 blocks' partial ones transposed, a block a lane), the
    scales the same IEEE divisions, then the same products, rounded to nearest even, and the same
    int8s (vpmovsdb: in order, and |q| <= 127 needs no saturation). quantize_block does a block's
-   horizontal steps and its two divisions alone (SmolLM2's 512-token prefill: 4% in it). */
+   horizontal steps and its two divisions alone (SmolLM2's 512-token prefill: 4% in it; with
+   quantize16 2.6%). */
 static inline void quantize16(const float *x, const int64_t at[16], int8_t *xq, float *xds) {
     __m512 mx[16], q[16][2];
     for (int b = 0; b < 16; b++)
@@ -1104,22 +1106,24 @@ static void quantize_tiled(const float *x, int64_t m, int64_t nb, int8_t *xq, fl
     }
 }
 
-/* A prompt's rows (WIDE_ROWS or more: at 8 rows unpacking a whole weight took longer than it
-   gave, 0.89x; at 12 1.00x, 16 1.03x, 24 1.10-1.17x) go through wide tiles: 4 rows x 3 packs (48 features) on
+/* A prompt's rows (WIDE_ROWS or more) go through wide tiles: 4 rows x 3 packs (48 features) on
    the weights unpacked once per call. lanes_tile unpacks a pack's block in registers for each
    tile of rows (12 operations per 32 vpdpbusd) and holds its 16 weight vectors there, which
    leaves room for two packs: per block and 4 x 32 tile 64 vpdpbusd, ~64 other vector operations
-   and ~57 loads. Here a thread first unpacks a slice of its packs (SLICE_BLOCKS blocks: per pack
-   and block the 8 vectors lanes_tile's w[p] holds, 512 bytes, ~36 KB a slice: it stays in L1)
-   and its tiles then read each weight vector as their multiply-adds need it (j outer: the packs'
-   vector j, then each row's 4 activations broadcast and its 3 vpdpbusd), so 12 integer sums and
-   12 accumulators fit in the registers: per block 96 vpdpbusd, 60 other vector operations, 70
-   loads. A one-thread microbenchmark on the Ice Lake Xeon (SmolLM2's k, 480 rows): 0.83-0.89
-   time-stamp cycles per vpdpbusd against lanes_tile's 1.22-1.25; tiles of 4 x 2 and 3 x 4 packs
-   0.92-0.95 (twenty-fifth session, docs/performance.md).
+   and ~57 loads. Here a thread first unpacks a slice of its packs (unpack_blocks: SLICE_BLOCKS
+   blocks, per pack and block the 8 vectors lanes_tile's w[p] holds and its d and m as float32,
+   ~35 KB: it stays in L1) and its tiles then read each weight vector as their multiply-adds need
+   it (j outer: the packs' vector j, then each row's 4 activations broadcast and its 3
+   vpdpbusd), so 12 integer sums and 12 accumulators fit in the registers: per block 96
+   vpdpbusd, 48 float operations and 70 loads, all at constant offsets of two pointers (the
+   tile's rows' activations side by side: quantize_tiled). A one-thread microbenchmark on the Ice
+   Lake Xeon (SmolLM2's k, 480 rows): 0.79-0.82 time-stamp cycles per vpdpbusd against
+   lanes_tile's 1.22-1.25 (tiles of 4 x 2 and 3 x 4 packs: 0.92-0.95). Below 16 rows unpacking a
+   whole weight gives less than it costs (8 rows: 0.89x; 12: 1.00x; 16: 1.03x; 24: 1.10-1.17x).
    Each (row, feature) runs lanes_tile's operations in lanes_tile's order (its block's integer sum,
    then the same two multiply-adds, block after block; between slices its accumulator waits in
-   `keep`, unchanged): a row has the bits it has alone, where lanes_tile runs it. */
+   `keep`, unchanged): a row has the bits it has alone, where lanes_tile runs it (twenty-fifth
+   session, docs/performance.md). */
 #define WIDE_ROWS 16
 #define WIDE_PACKS 3
 #define SLICE_BLOCKS 18
@@ -1151,7 +1155,7 @@ static void unpack_blocks(int P, const uint8_t *wq, const uint16_t *wd, const ui
     }
 }
 
-/* R rows (a tile's: their activations in quantize_into's tiled order, xq at the slice's first
+/* R rows (a tile's: their activations in quantize_tiled's order, xq at the slice's first
    block, 128 bytes a block, xds its scale pairs, 8 floats a block) x P packs over a slice of
    `blocks` blocks (wu: unpack_blocks'); the accumulators start from 0 (`first`) or from keep
    ([R][WIDE_PACKS][16]) and go to out (`last`) or back to keep. R and P constants where inlined */
@@ -1210,7 +1214,7 @@ static const wide_fn WIDE_TILES[WIDE_PACKS][4] = {{wide_1x1, wide_2x1, wide_3x1,
                                                   {wide_1x2, wide_2x2, wide_3x2, wide_4x2},
                                                   {wide_1x3, wide_2x3, wide_3x3, wide_4x3}};
 
-/* the wide tiles' product of m rows (xq, xds: quantize_into's tiled order, scale pairs) with a
+/* the wide tiles' product of m rows (xq, xds: quantize_tiled's order, scale pairs) with a
    packed Q4 weight: each thread takes an even share of the packs (within one), WIDE_PACKS at a
    time, and slice by slice unpacks them into its scratch and runs all the rows over them.
    Returns 0, or -1 when the scratch memory could not be allocated. */
@@ -1267,7 +1271,7 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     (void)bits;
     int64_t nb = k / 32, packs = n / LANES;
     /* the activations' scales: two planes, xd and xs, or (the wide tiles) their pairs side by side in
-       quantize_into's tiled order, which pads the last tile to 4 rows */
+       quantize_tiled's order, which pads the last tile to 4 rows */
     int64_t padded = (m + 3) / 4 * 4;
     int8_t *xq = aligned_alloc(64, (size_t)((padded * k + 63) / 64 * 64));
     float *xd = malloc(sizeof(float) * (size_t)(2 * padded * nb)), *xs = xd + m * nb;
