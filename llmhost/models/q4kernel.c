@@ -980,13 +980,37 @@ int q4_lanes(void) { return LANES; }
    from memory) */
 #define LANES_AHEAD 1024
 
+/* a pack's block (at: its 256 bytes) as the 8 vectors of unsigned 4-bit values that vpdpbusd
+   meets with a row's activation dwords 0..7 */
+static inline void unpack_block(const uint8_t *at, __m512i w[8]) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 4; j++) {
+        __m512i raw = _mm512_loadu_si512(at + 64 * j);
+        w[j] = _mm512_and_si512(raw, low);
+        w[4 + j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+    }
+}
+
+/* a pack's block's d and m (planes' index i) as float32 (wm NULL, Q4_0: m = -8 d, exact) */
+static inline void block_scales(const uint16_t *wd, const uint16_t *wm, int64_t i, __m512 *dw, __m512 *mw) {
+    *dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + i)));
+    *mw = wm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + i))) : _mm512_mul_ps(*dw, _mm512_set1_ps(-8.0f));
+}
+
+/* a row's block added to its accumulator: the exact integer sum times d * dx, then m times
+   dx * sum(q): the operations, in this order, of every (row, feature) on the lanes, whichever
+   tile runs it (its bits) */
+static inline __m512 add_block(__m512 acc, __m512i sum, __m512 dw, __m512 mw, float dx, float sx) {
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc);
+    return _mm512_fmadd_ps(mw, _mm512_set1_ps(sx), acc);
+}
+
 /* R rows (xq: the first's 8-bit activations, input order; xd, xs: its blocks' scales and
    scale * sum) x P packs (wq, wd, wm: the first's, the next nb blocks further) into out [.., n];
    R and P constants where inlined */
 static inline __attribute__((always_inline)) void lanes_tile(
         int R, int P, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
         const int8_t *xq, const float *xd, const float *xs, void *out, int64_t n, int bf16) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
     int64_t k = nb * 32;
     __m512 acc[LANE_ROWS][2];
     for (int r = 0; r < R; r++)
@@ -996,15 +1020,9 @@ static inline __attribute__((always_inline)) void lanes_tile(
         __m512 dw[2], mw[2];
         for (int p = 0; p < P; p++) {
             const uint8_t *at = wq + (p * nb + b) * 256;
-            for (int j = 0; j < 4; j++) {
-                _mm_prefetch((const char *)(at + LANES_AHEAD + 64 * j), _MM_HINT_T0);
-                __m512i raw = _mm512_loadu_si512(at + 64 * j);
-                w[p][j] = _mm512_and_si512(raw, low);
-                w[p][4 + j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-            }
-            dw[p] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + (p * nb + b) * 16)));
-            mw[p] = wm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + (p * nb + b) * 16)))
-                       : _mm512_mul_ps(dw[p], _mm512_set1_ps(-8.0f));
+            for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(at + LANES_AHEAD + 64 * j), _MM_HINT_T0);
+            unpack_block(at, w[p]);
+            block_scales(wd, wm, (p * nb + b) * 16, &dw[p], &mw[p]);
         }
         for (int r = 0; r < R; r++) {
             const int32_t *y = (const int32_t *)(xq + r * k + b * 32);   /* dword j: inputs 4j..4j+3 */
@@ -1013,11 +1031,7 @@ static inline __attribute__((always_inline)) void lanes_tile(
                 __m512i yj = _mm512_set1_epi32(y[j]);
                 for (int p = 0; p < P; p++) sum[p] = _mm512_dpbusd_epi32(sum[p], w[p][j], yj);
             }
-            __m512 dx = _mm512_set1_ps(xd[r * nb + b]), sx = _mm512_set1_ps(xs[r * nb + b]);
-            for (int p = 0; p < P; p++) {
-                acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[p]), _mm512_mul_ps(dw[p], dx), acc[r][p]);
-                acc[r][p] = _mm512_fmadd_ps(mw[p], sx, acc[r][p]);
-            }
+            for (int p = 0; p < P; p++) acc[r][p] = add_block(acc[r][p], sum[p], dw[p], mw[p], xd[r * nb + b], xs[r * nb + b]);
         }
     }
     for (int r = 0; r < R; r++)
@@ -1137,20 +1151,17 @@ static void quantize_tiled(const float *x, int64_t m, int64_t nb, int8_t *xq, fl
    wu, SLICE_BLOCK(P) bytes a block */
 static void unpack_blocks(int P, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t blocks,
                           int64_t nb, uint8_t *wu) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
     for (int64_t b = 0; b < blocks; b++) {
         uint8_t *at = wu + b * SLICE_BLOCK(P);
         float *planes = (float *)(at + P * 512);
         for (int p = 0; p < P; p++) {
-            for (int j = 0; j < 4; j++) {
-                __m512i raw = _mm512_loadu_si512(wq + (p * nb + b) * 256 + 64 * j);
-                _mm512_store_si512(at + p * 512 + 64 * j, _mm512_and_si512(raw, low));
-                _mm512_store_si512(at + p * 512 + 64 * (4 + j), _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
-            }
-            __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + (p * nb + b) * 16)));
+            __m512i w[8];
+            __m512 dw, mw;
+            unpack_block(wq + (p * nb + b) * 256, w);
+            for (int j = 0; j < 8; j++) _mm512_store_si512(at + p * 512 + 64 * j, w[j]);
+            block_scales(wd, wm, (p * nb + b) * 16, &dw, &mw);
             _mm512_store_ps(planes + 16 * p, dw);
-            _mm512_store_ps(planes + 16 * (P + p), wm ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + (p * nb + b) * 16)))
-                                                      : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f)));
+            _mm512_store_ps(planes + 16 * (P + p), mw);
         }
     }
 }
@@ -1183,11 +1194,7 @@ static inline __attribute__((always_inline)) void wide_tile(
         }
         for (int p = 0; p < P; p++) {
             __m512 dw = _mm512_load_ps(planes + 16 * p), mw = _mm512_load_ps(planes + 16 * (P + p));
-            for (int r = 0; r < R; r++) {
-                __m512 dx = _mm512_set1_ps(sc[2 * r]), sx = _mm512_set1_ps(sc[2 * r + 1]);
-                acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][p]), _mm512_mul_ps(dw, dx), acc[r][p]);
-                acc[r][p] = _mm512_fmadd_ps(mw, sx, acc[r][p]);
-            }
+            for (int r = 0; r < R; r++) acc[r][p] = add_block(acc[r][p], sum[r][p], dw, mw, sc[2 * r], sc[2 * r + 1]);
         }
     }
     for (int r = 0; r < R; r++)
