@@ -65,7 +65,10 @@ def _in_thread(release: bool) -> tuple[int, int]:
 def test_release_hands_back_the_threads_workers():
     before, kept = _in_thread(release=False)
     assert kept >= before + 2          # the thread itself and its OpenMP worker
-    before, released = _in_thread(release=True)
+    for _ in range(3):   # in a whole run another test's leftover thread may start meanwhile (seen once)
+        before, released = _in_thread(release=True)
+        if released == before + 1:
+            break
     assert released == before + 1      # the thread alone
     _parallel_work()                   # a released thread (here: this one) works again
     omp.release()
