@@ -88,7 +88,7 @@ def test_packed_products_give_each_row_its_bits_alone():
     partial one, an odd last block and wide (4,640); 16 features (one pack), 48 (a pack pair
     and a lone pack) and 80; bfloat16 in and out as torch rounds the float32 result; within
     8-bit rounding of the float64 product; the packing undone gives the file's layout back.
-    From 16 rows the wide tiles run (unpacked slices: k of 1 to 7 slices; each thread's packs
+    From 16 rows the wide tiles run (unpacked slices: k of 1, 3 and 9 slices; each thread's packs
     in threes, a last one or two), below them lanes_tile: the same bits."""
     _lanes_or_skip()
     generator = torch.Generator().manual_seed(6)
