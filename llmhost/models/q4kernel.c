@@ -1053,6 +1053,29 @@ LANES_TILE(1, 2) LANES_TILE(2, 2) LANES_TILE(3, 2) LANES_TILE(4, 2)
 static const lanes_fn LANES_TILES[2][LANE_ROWS] = {{lanes_1x1, lanes_2x1, lanes_3x1, lanes_4x1},
                                                    {lanes_1x2, lanes_2x2, lanes_3x2, lanes_4x2}};
 
+/* A prompt's rows (WIDE_ROWS or more) go through wide tiles: 4 rows x 3 packs (48 features) on
+   the weights unpacked once per call. lanes_tile unpacks a pack's block in registers for each
+   tile of rows (12 operations per 32 vpdpbusd) and holds its 16 weight vectors there, which
+   leaves room for two packs: per block and 4 x 32 tile 64 vpdpbusd, ~64 other vector operations
+   and ~57 loads. Here a thread first unpacks a slice of its packs (unpack_blocks: SLICE_BLOCKS
+   blocks, per pack and block the 8 vectors lanes_tile's w[p] holds and its d and m as float32,
+   ~35 KB: it stays in L1) and its tiles then read each weight vector as their multiply-adds need
+   it (j outer: the packs' vector j, then each row's 4 activations broadcast and its 3
+   vpdpbusd), so 12 integer sums and 12 accumulators fit in the registers: per block 96
+   vpdpbusd, 48 float operations and 70 loads, all at constant offsets of two pointers (the
+   tile's rows' activations side by side: quantize_tiled). A one-thread microbenchmark on the Ice
+   Lake Xeon (SmolLM2's k, 480 rows): 0.79-0.82 time-stamp cycles per vpdpbusd against
+   lanes_tile's 1.22-1.25 (tiles of 4 x 2 and 3 x 4 packs: 0.92-0.95). Below 16 rows unpacking a
+   whole weight gives less than it costs (8 rows: 0.89x; 12: 1.00x; 16: 1.03x; 24: 1.10-1.17x).
+   Each (row, feature) runs lanes_tile's operations in lanes_tile's order (its block's integer sum,
+   then the same two multiply-adds, block after block; between slices its accumulator waits in
+   `keep`, unchanged): a row has the bits it has alone, where lanes_tile runs it (twenty-fifth
+   session, docs/performance.md). */
+#define WIDE_ROWS 16
+#define WIDE_TILE_ROWS 4   /* a wide tile's rows */
+#define WIDE_PACKS 3
+#define SLICE_BLOCKS 18
+
 /* quantize_block on 16 consecutive blocks (x: the first's 32 floats; block b's int8s to
    xq + 32 at[b], its scale and scale * sum to xds[2 at[b]] and the next float), the same
    bits: each block's absolute maximum and its integer sum are the same exact values whatever the
@@ -1096,7 +1119,8 @@ static inline void quantize16(const float *x, const int64_t at[16], int8_t *xq, 
 }
 
 /* x [m, k] (nb blocks a row) quantized in the wide tiles' order: a tile of 4 rows' blocks side
-   by side, block b of row r at index ((r / 4) * nb + b) * 4 + r % 4 of xq (32 bytes each) and
+   by side, block b of row r at index ((r / T) * nb + b) * T + r % T of xq (32 bytes each; T:
+   WIDE_TILE_ROWS) and
    xds (the scale and scale * sum, 2 floats each). For a few rows (lanes_tile's) quantize_block
    alone took less time: 1.07x a lone row's products (twenty-fifth session) */
 static void quantize_tiled(const float *x, int64_t m, int64_t nb, int8_t *xq, float *xds, int nt) {
@@ -1105,7 +1129,7 @@ static void quantize_tiled(const float *x, int64_t m, int64_t nb, int8_t *xq, fl
     for (int64_t i0 = 0; i0 < total; i0 += 16) {
         int64_t at[16], count = total - i0 < 16 ? total - i0 : 16, r = i0 / nb, c = i0 % nb;
         for (int64_t b = 0; b < count; b++) {   /* block i0 + b: row r's block c */
-            at[b] = ((r / 4) * nb + c) * 4 + r % 4;
+            at[b] = ((r / WIDE_TILE_ROWS) * nb + c) * WIDE_TILE_ROWS + r % WIDE_TILE_ROWS;
             if (++c == nb) {
                 c = 0;
                 r++;
@@ -1119,28 +1143,6 @@ static void quantize_tiled(const float *x, int64_t m, int64_t nb, int8_t *xq, fl
                                    quantize_block(x + (i0 + b) * 32, xds + 2 * at[b], xds + 2 * at[b] + 1));
     }
 }
-
-/* A prompt's rows (WIDE_ROWS or more) go through wide tiles: 4 rows x 3 packs (48 features) on
-   the weights unpacked once per call. lanes_tile unpacks a pack's block in registers for each
-   tile of rows (12 operations per 32 vpdpbusd) and holds its 16 weight vectors there, which
-   leaves room for two packs: per block and 4 x 32 tile 64 vpdpbusd, ~64 other vector operations
-   and ~57 loads. Here a thread first unpacks a slice of its packs (unpack_blocks: SLICE_BLOCKS
-   blocks, per pack and block the 8 vectors lanes_tile's w[p] holds and its d and m as float32,
-   ~35 KB: it stays in L1) and its tiles then read each weight vector as their multiply-adds need
-   it (j outer: the packs' vector j, then each row's 4 activations broadcast and its 3
-   vpdpbusd), so 12 integer sums and 12 accumulators fit in the registers: per block 96
-   vpdpbusd, 48 float operations and 70 loads, all at constant offsets of two pointers (the
-   tile's rows' activations side by side: quantize_tiled). A one-thread microbenchmark on the Ice
-   Lake Xeon (SmolLM2's k, 480 rows): 0.79-0.82 time-stamp cycles per vpdpbusd against
-   lanes_tile's 1.22-1.25 (tiles of 4 x 2 and 3 x 4 packs: 0.92-0.95). Below 16 rows unpacking a
-   whole weight gives less than it costs (8 rows: 0.89x; 12: 1.00x; 16: 1.03x; 24: 1.10-1.17x).
-   Each (row, feature) runs lanes_tile's operations in lanes_tile's order (its block's integer sum,
-   then the same two multiply-adds, block after block; between slices its accumulator waits in
-   `keep`, unchanged): a row has the bits it has alone, where lanes_tile runs it (twenty-fifth
-   session, docs/performance.md). */
-#define WIDE_ROWS 16
-#define WIDE_PACKS 3
-#define SLICE_BLOCKS 18
 
 /* a slice's block in a thread's scratch, P packs: their 8 weight vectors each (lanes_tile's w[p][j]
    at (8 p + j) * 64), then their d and their m as float32 (Q4_0's m = -8 d), 16 each: a tile's
@@ -1173,15 +1175,15 @@ static void unpack_blocks(int P, const uint8_t *wq, const uint16_t *wd, const ui
 static inline __attribute__((always_inline)) void wide_tile(
         int R, int P, const uint8_t *wu, int64_t blocks, const int8_t *xq, const float *xds, float *keep,
         int first, int last, void *out, int64_t n, int bf16) {
-    __m512 acc[4][WIDE_PACKS];
+    __m512 acc[WIDE_TILE_ROWS][WIDE_PACKS];
     for (int r = 0; r < R; r++)
         for (int p = 0; p < P; p++)
             acc[r][p] = first ? _mm512_setzero_ps() : _mm512_load_ps(keep + (r * WIDE_PACKS + p) * 16);
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *wb = wu + b * SLICE_BLOCK(P);
-        const float *planes = (const float *)(wb + P * 512), *sc = xds + 8 * b;
-        const int32_t *y = (const int32_t *)(xq + 128 * b);   /* row r's dword j: y[8 r + j] */
-        __m512i sum[4][WIDE_PACKS];
+        const float *planes = (const float *)(wb + P * 512), *sc = xds + 2 * WIDE_TILE_ROWS * b;
+        const int32_t *y = (const int32_t *)(xq + 32 * WIDE_TILE_ROWS * b);   /* row r's dword j: y[8 r + j] */
+        __m512i sum[WIDE_TILE_ROWS][WIDE_PACKS];
         for (int r = 0; r < R; r++)
             for (int p = 0; p < P; p++) sum[r][p] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
@@ -1217,7 +1219,7 @@ WIDE_TILE(1, 1) WIDE_TILE(2, 1) WIDE_TILE(3, 1) WIDE_TILE(4, 1)
 WIDE_TILE(1, 2) WIDE_TILE(2, 2) WIDE_TILE(3, 2) WIDE_TILE(4, 2)
 WIDE_TILE(1, 3) WIDE_TILE(2, 3) WIDE_TILE(3, 3) WIDE_TILE(4, 3)
 #undef WIDE_TILE
-static const wide_fn WIDE_TILES[WIDE_PACKS][4] = {{wide_1x1, wide_2x1, wide_3x1, wide_4x1},
+static const wide_fn WIDE_TILES[WIDE_PACKS][WIDE_TILE_ROWS] = {{wide_1x1, wide_2x1, wide_3x1, wide_4x1},
                                                   {wide_1x2, wide_2x2, wide_3x2, wide_4x2},
                                                   {wide_1x3, wide_2x3, wide_3x3, wide_4x3}};
 
@@ -1249,9 +1251,9 @@ static int wide_product(int64_t m, int64_t nb, const uint8_t *qs, const uint16_t
                 int64_t blocks = nb - b0 < span ? nb - b0 : span;
                 unpack_blocks(P, qs + (p0 * nb + b0) * 256, d + (p0 * nb + b0) * 16, mn ? mn + (p0 * nb + b0) * 16 : NULL,
                               blocks, nb, wu);
-                for (int64_t r = 0; r < m; r += 4) {
-                    int R = m - r < 4 ? (int)(m - r) : 4;
-                    int64_t at = (r / 4 * nb + b0) * 4;   /* the tile's first block of the slice */
+                for (int64_t r = 0; r < m; r += WIDE_TILE_ROWS) {
+                    int R = m - r < WIDE_TILE_ROWS ? (int)(m - r) : WIDE_TILE_ROWS;
+                    int64_t at = (r / WIDE_TILE_ROWS * nb + b0) * WIDE_TILE_ROWS;   /* the tile's first block of the slice */
                     WIDE_TILES[P - 1][R - 1](wu, blocks, xq + 32 * at, xds + 2 * at, keep + r * WIDE_PACKS * 16,
                                              b0 == 0, b0 + blocks == nb, (char *)out + (r * n + p0 * 16) * (bf16 ? 2 : 4),
                                              n, bf16);
@@ -1278,8 +1280,8 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     (void)bits;
     int64_t nb = k / 32, packs = n / LANES;
     /* the activations' scales: two planes, xd and xs, or (the wide tiles) their pairs side by side in
-       quantize_tiled's order, which pads the last tile to 4 rows */
-    int64_t padded = (m + 3) / 4 * 4;
+       quantize_tiled's order, which pads the last tile to WIDE_TILE_ROWS rows */
+    int64_t padded = (m + WIDE_TILE_ROWS - 1) / WIDE_TILE_ROWS * WIDE_TILE_ROWS;
     int8_t *xq = aligned_alloc(64, (size_t)((padded * k + 63) / 64 * 64));
     float *xd = malloc(sizeof(float) * (size_t)(2 * padded * nb)), *xs = xd + m * nb;
     uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
