@@ -30,6 +30,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
@@ -400,19 +401,18 @@ static inline int64_t unit_keys(const uint8_t *mask, int64_t own0, int64_t rows,
     return n;
 }
 
-#ifdef __AVX512F__
-/* Rows in lanes: a prompt's rows 16 to a unit (block_units), each row's arithmetic the row
+/* Rows in lanes: a prompt's rows LANES (16 or 8) to a unit (block_units), each row's arithmetic the row
  * path's above, operation for operation, so a row has the same bits alone (a decode step, the
  * row path) or in a prompt. The row path spends most of a prompt's attention on each key's
  * horizontal sums (sum4) and on its latency chains; here lane j of every vector is the block's
  * row j, and nothing is added across lanes:
- * - the scores (block_scores): for each key, lane l's chain of products (dims l, 16 + l, ...: a
- *   vector of 16 rows each, the key's dim broadcast once for up to 3 heads), then the 16 chains
- *   added in sum4's tree (a row's keys in whole fours) or vhsum's (its last n % 4), times the
- *   scale;
+ * - the scores (block_scores): for each key, lane l's chain of products (dims l, LANES + l, ...:
+ *   a vector of LANES rows each, the key's dim broadcast once for up to 3 heads), then the LANES
+ *   chains added in sum4's tree (a row's keys in whole fours) or vhsum's (its last n % 4), times
+ *   the scale;
  * - the softmax (block_softmax): each row's max, e^(s - max) and the sum of its weights in
- *   softmax()'s order (16 running sums by key mod 16 over the row's whole sixteens, vhsum's
- *   tree, then its last n % 16 one at a time);
+ *   softmax()'s order (LANES running sums by key mod LANES over the row's whole LANES-key runs,
+ *   vhsum's tree, then its last ones one at a time);
  * - the weighted values (block_values): as weighted() adds them, a dim a lane, two rows and up
  *   to 3 heads at a time (each value read once for them), VALUE_KEYS keys a pass.
  * The Ice Lake cores measured here load ~1.1-1.2 vectors a cycle from L1 where they issue two
@@ -420,22 +420,57 @@ static inline int64_t unit_keys(const uint8_t *mask, int64_t own0, int64_t rows,
  * broadcast a key dim per multiply-add ran no faster than the row path.
  * A 512-token prompt's attention ran 1.5-2.0x as fast as on the row path (SmolLM2's shape,
  * float32, Ice Lake; 1.35-1.8x at 128 tokens; docs/performance.md), its prefill ~1.1x. Not where
- * the CPU scores bfloat16 pairs (AVX512-BF16: other sums) or has AMX tiles for them. */
-#define BLOCK 16          /* rows a unit: the lanes */
+ * the CPU scores bfloat16 pairs (AVX512-BF16: other sums) or has AMX tiles for them.
+ * With AVX2's 8 lanes (twenty-sixth session) the row path read a row's keys and values from L2
+ * for every row, and at 1,024 tokens (two spans a row) a layer's attention took 4.6x the
+ * AVX-512 blocks' time; a block of 8 rows reads each key once. */
+#define BLOCK LANES       /* rows a unit: the lanes */
 #define SCORE_KEYS 16     /* keys whose dims a unit copies (float32) for a pass of the scores */
 #define VALUE_KEYS 64     /* keys a pass of the weighted values */
 
-/* the 16 chains' sums of a key in sum4's tree, or in vhsum's in the lanes of `tail` */
-/* vhsum's order lane by lane, over 16 vectors already added in pairs (b[l]: vectors l and l + 8) */
-static inline __m512 vhsum_lanes(const __m512 b[8]) {
+/* A set of lanes (rows): AVX-512's mask register, or AVX2's vector of all-ones lanes; the masked
+   operations give those lanes the unmasked operation's result, the others keep theirs. */
+#ifdef __AVX512F__
+typedef __m512i ivec;
+typedef __mmask16 lanes;
+#define iload(p) _mm512_loadu_si512(p)
+#define iset1 _mm512_set1_epi32
+#define iandnot _mm512_andnot_si512
+#define lanes_gt(a, b) _mm512_cmpgt_epi32_mask(a, b)   /* lanes where a > b */
+#define lanes_le(a, b) _mm512_cmple_epi32_mask(a, b)
+#define lanes_and(a, b) ((a) & (b))
+#define lanes_any(m) (m)
+#define mask_mov(a, m, b) _mm512_mask_mov_ps(a, m, b)
+#define mask_max(a, m, x) _mm512_mask_max_ps(a, m, x, a)
+#define mask_add(a, m, x) _mm512_mask_add_ps(a, m, a, x)
+#define transpose_block transpose16
+#else
+typedef __m256i ivec;
+typedef __m256 lanes;
+#define iload(p) _mm256_loadu_si256((const __m256i *)(p))
+#define iset1 _mm256_set1_epi32
+#define iandnot _mm256_andnot_si256
+#define lanes_gt(a, b) _mm256_castsi256_ps(_mm256_cmpgt_epi32(a, b))
+#define lanes_le(a, b) _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpgt_epi32(a, b), _mm256_set1_epi32(-1)))
+#define lanes_and _mm256_and_ps
+#define lanes_any(m) _mm256_movemask_ps(m)
+#define mask_mov(a, m, b) _mm256_blendv_ps(a, b, m)
+#define mask_max(a, m, x) _mm256_blendv_ps(a, _mm256_max_ps(x, a), m)
+#define mask_add(a, m, x) _mm256_blendv_ps(a, _mm256_add_ps(a, x), m)
+#define transpose_block transpose8
+#endif
+
+/* A key's LANES chains (b[l], l < 8: with 16 lanes chains l and l + 8 already added, as
+   half_sum adds them) summed in sum4's tree, or in the lanes of `tail` in vhsum's */
+static inline vec vhsum_lanes(const vec b[8]) {
     return vadd(vadd(vadd(b[0], b[4]), vadd(b[2], b[6])), vadd(vadd(b[1], b[5]), vadd(b[3], b[7])));
 }
 
-static inline __m512 tree(const float *at, __mmask16 tail) {   /* at: the chains l and l + 8 added, l < 8 */
-    __m512 b[8];
-    for (int l = 0; l < 8; l++) b[l] = _mm512_load_ps(at + l * SCORE_KEYS * BLOCK);
-    __m512 s = vadd(vadd(vadd(b[0], b[1]), vadd(b[2], b[3])), vadd(vadd(b[4], b[5]), vadd(b[6], b[7])));
-    return tail ? _mm512_mask_mov_ps(s, tail, vhsum_lanes(b)) : s;
+static inline vec tree(const float *at, lanes tail) {
+    vec b[8];
+    for (int l = 0; l < 8; l++) b[l] = vloadu(at + l * SCORE_KEYS * BLOCK);
+    vec s = vadd(vadd(vadd(b[0], b[1]), vadd(b[2], b[3])), vadd(vadd(b[4], b[5]), vadd(b[6], b[7])));
+    return lanes_any(tail) ? mask_mov(s, tail, vhsum_lanes(b)) : s;
 }
 
 /* st[h * SPAN * BLOCK + t * BLOCK + j] (t0 <= t < t0 + nk, h < G) = scale times the dot product
@@ -445,89 +480,95 @@ static inline __m512 tree(const float *at, __mmask16 tail) {   /* at: the chains
    constants where inlined (the queries' vectors of a lane l in registers). */
 static inline __attribute__((always_inline)) void block_scores(
         const float *qt, const float *kf, int64_t nk, int64_t t0, int64_t G, int64_t nc, float scale,
-        __m512i f4, float *st, float *b) {
+        ivec f4, float *st, float *b) {
     const int64_t dim = nc * LANES;
-    for (int l = 0; l < 8; l++) {   /* chains l and l + 8 (dims l, 16 + l, ... and 8 + l, 24 + l, ...), added */
+    /* lane l's chain (dims l, LANES + l, ...); with 16 lanes chain l + 8 too (dims 8 + l, 24 + l,
+       ...), added to it as half_sum adds them */
+    for (int l = 0; l < 8; l++) {
         vec lo[3][MAXC], hi[3][MAXC];
         for (int64_t h = 0; h < G; h++)
             for (int64_t c = 0; c < nc; c++) {
-                lo[h][c] = _mm512_load_ps(qt + (h * dim + LANES * c + l) * BLOCK);
-                hi[h][c] = _mm512_load_ps(qt + (h * dim + LANES * c + l + 8) * BLOCK);
+                lo[h][c] = vloadu(qt + (h * dim + LANES * c + l) * BLOCK);
+                if (LANES == 16) hi[h][c] = vloadu(qt + (h * dim + LANES * c + l + 8) * BLOCK);
             }
         for (int64_t x = 0; x < nk; x++) {
             const float *kr = kf + x * dim;
-            vec a[3], e[3], kl = vset1(kr[l]), kh = vset1(kr[l + 8]);
+            vec a[3], e[3], kl = vset1(kr[l]), kh = vset1(kr[(l + 8) % LANES]);
             for (int64_t h = 0; h < G; h++) {
                 a[h] = vmul(lo[h][0], kl);
-                e[h] = vmul(hi[h][0], kh);
+                if (LANES == 16) e[h] = vmul(hi[h][0], kh);
             }
             for (int64_t c = 1; c < nc; c++) {
                 kl = vset1(kr[LANES * c + l]);
-                kh = vset1(kr[LANES * c + l + 8]);
+                if (LANES == 16) kh = vset1(kr[LANES * c + l + 8]);
                 for (int64_t h = 0; h < G; h++) {
                     a[h] = vfma(lo[h][c], kl, a[h]);
-                    e[h] = vfma(hi[h][c], kh, e[h]);
+                    if (LANES == 16) e[h] = vfma(hi[h][c], kh, e[h]);
                 }
             }
-            for (int64_t h = 0; h < G; h++) _mm512_store_ps(b + ((h * 8 + l) * SCORE_KEYS + x) * BLOCK, vadd(a[h], e[h]));
+            for (int64_t h = 0; h < G; h++)
+                vstoreu(b + ((h * 8 + l) * SCORE_KEYS + x) * BLOCK, LANES == 16 ? vadd(a[h], e[h]) : a[h]);
         }
     }
     for (int64_t h = 0; h < G; h++)
         for (int64_t x = 0; x < nk; x++) {
-            __mmask16 tail = _mm512_cmple_epi32_mask(f4, _mm512_set1_epi32((int)(t0 + x)));
-            _mm512_storeu_ps(st + h * SPAN * BLOCK + (t0 + x) * BLOCK,
-                             vmul(tree(b + (h * 8 * SCORE_KEYS + x) * BLOCK, tail), vset1(scale)));
+            lanes tail = lanes_le(f4, iset1((int)(t0 + x)));
+            vstoreu(st + h * SPAN * BLOCK + (t0 + x) * BLOCK,
+                    vmul(tree(b + (h * 8 * SCORE_KEYS + x) * BLOCK, tail), vset1(scale)));
         }
 }
 
 /* each row's n[j] scores (st[t * BLOCK + j], t < n[j]; the longest: len) -> their weights
    e^(s - the row's max) in place; top, sum: lane j the row's max and weights' sum */
-static inline void block_softmax(float *st, int64_t len, __m512i n, __m512 *top, __m512 *sum) {
-    __m512 most = vset1(-INFINITY);
-    for (int64_t t = 0; t < len; t++)
-        most = _mm512_mask_max_ps(most, _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32((int)t)),
-                                  vloadu(st + t * BLOCK), most);
-    /* the row's whole sixteens of keys into 16 running sums (key t into t % 16's), as
+static inline void block_softmax(float *st, int64_t len, ivec n, vec *top, vec *sum) {
+    vec most = vset1(-INFINITY);
+    for (int64_t t = 0; t < len; t++) most = mask_max(most, lanes_gt(n, iset1((int)t)), vloadu(st + t * BLOCK));
+    /* the row's whole runs of LANES keys into LANES running sums (key t into t % LANES's), as
        softmax()'s vector of sums; then its last ones, one at a time */
-    __m512i whole = _mm512_andnot_si512(_mm512_set1_epi32(15), n);
-    __m512 run[LANES];
+    ivec whole = iandnot(iset1(LANES - 1), n);
+    vec run[LANES];
     for (int l = 0; l < LANES; l++) run[l] = vzero();
     for (int64_t t0 = 0; t0 < len; t0 += LANES)
         for (int l = 0; l < LANES && t0 + l < len; l++) {
             int64_t t = t0 + l;
-            __m512 e = vexp(vsub(vloadu(st + t * BLOCK), most));
+            vec e = vexp(vsub(vloadu(st + t * BLOCK), most));
             vstoreu(st + t * BLOCK, e);
-            run[l] = _mm512_mask_add_ps(run[l], _mm512_cmpgt_epi32_mask(whole, _mm512_set1_epi32((int)t)), run[l], e);
+            run[l] = mask_add(run[l], lanes_gt(whole, iset1((int)t)), e);
         }
-    __m512 h[8];
-    for (int l = 0; l < 8; l++) h[l] = vadd(run[l + 8], run[l]);
-    __m512 total = vhsum_lanes(h);
-    /* the first key past some row's whole sixteens (rows with keys only: a partial block's others
+    vec h[8];   /* vhsum's first step (16 lanes: halves added) */
+    for (int l = 0; l < 8; l++) h[l] = LANES == 16 ? vadd(run[(l + 8) % LANES], run[l]) : run[l];
+    vec total = vhsum_lanes(h);
+    /* the first key past some row's whole runs (rows with keys only: a partial block's others
        have none) */
-    int64_t from = _mm512_mask_reduce_min_epi32(_mm512_cmpgt_epi32_mask(n, _mm512_setzero_si512()), whole);
+    int32_t nn[LANES], ww[LANES];
+    memcpy(nn, &n, sizeof nn);
+    memcpy(ww, &whole, sizeof ww);
+    int64_t from = len;
+    for (int j = 0; j < LANES; j++)
+        if (nn[j] > 0 && ww[j] < from) from = ww[j];
     for (int64_t t = from; t < len; t++) {
-        __mmask16 last = _mm512_cmple_epi32_mask(whole, _mm512_set1_epi32((int)t)) &
-                         _mm512_cmpgt_epi32_mask(n, _mm512_set1_epi32((int)t));
-        total = _mm512_mask_add_ps(total, last, total, vloadu(st + t * BLOCK));
+        lanes last = lanes_and(lanes_le(whole, iset1((int)t)), lanes_gt(n, iset1((int)t)));
+        total = mask_add(total, last, vloadu(st + t * BLOCK));
     }
     *top = most;
     *sum = total;
 }
 
 /* the weighted values of rows j and j + 1 of a block (R = 2; R = 1: row j alone) for G heads,
-   keys from .. to - 1 of them: res[r] + h * (dim + 2) + 2 + d (0 first where `first`) += the sum
+   keys from .. to - 1 of them: res[r] + h * rh + 2 + d (0 first where `first`) += the sum
    over row j + r's keys t < n[r] (n[0] <= n[1]) of its weight st[h * SPAN * BLOCK + t * BLOCK + r]
-   times value t's dim d, key after key as weighted() adds them (a dim a lane: each value read once
-   for the rows and heads); R, G and nc constants where inlined */
+   times value t's dim d (d < nc * LANES: all of a head's or, vb and res moved on, a stretch of
+   them), key after key as weighted() adds them (a dim a lane: each value read once for the rows
+   and heads); R, G and nc constants where inlined */
 static inline __attribute__((always_inline)) void block_values(
         const char *vb, int64_t vstride, const int32_t *index, int64_t from, int64_t to, int first,
         const int64_t n[2], const float *st, int bf16, int64_t size, int64_t R, int64_t G, int64_t nc,
-        float *const res[2]) {
+        float *const res[2], int64_t rh) {
     vec acc[2][3][MAXC];
     for (int64_t r = 0; r < R; r++)
         for (int64_t h = 0; h < G; h++)
             for (int64_t c = 0; c < nc; c++)
-                acc[r][h][c] = first ? vzero() : vloadu(res[r] + h * (nc * LANES + 2) + 2 + LANES * c);
+                acc[r][h][c] = first ? vzero() : vloadu(res[r] + h * rh + 2 + LANES * c);
     for (int64_t t = from; t < to && t < n[0]; t++) {   /* keys both rows see */
         const char *vr = vb + size * index[t] * vstride;
         vec vv[MAXC];
@@ -547,7 +588,7 @@ static inline __attribute__((always_inline)) void block_values(
     }
     for (int64_t r = 0; r < R; r++)
         for (int64_t h = 0; h < G; h++)
-            for (int64_t c = 0; c < nc; c++) vstoreu(res[r] + h * (nc * LANES + 2) + 2 + LANES * c, acc[r][h][c]);
+            for (int64_t c = 0; c < nc; c++) vstoreu(res[r] + h * rh + 2 + LANES * c, acc[r][h][c]);
 }
 
 /* the units of attend() for a prompt's rows in blocks of BLOCK (see block_scores): partial and
@@ -587,16 +628,16 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
 #define RES(j) (partial + ((bg * length + i0 + (j)) * spans + span) * part)
             if (!n)
                 continue;
-            __m512i nv = _mm512_loadu_si512(n_of), f4 = _mm512_andnot_si512(_mm512_set1_epi32(3), nv);
+            ivec nv = iload(n_of), f4 = iandnot(iset1(3), nv);
             for (int64_t h = 0; h < group; h++)   /* the queries, [dim][row] per head (rows past `rows` 0) */
                 for (int64_t c = 0; c < nc; c++) {
-                    __m512 col[BLOCK];
+                    vec col[BLOCK];
                     for (int64_t j = 0; j < BLOCK; j++)
                         col[j] = j < rows ? vload((const char *)q + size * (bb * qst[0] + (g * group + h) * qst[1]
                                                                           + (i0 + j) * qst[2] + LANES * c), bf16)
                                           : vzero();
-                    transpose16(col);
-                    for (int x = 0; x < LANES; x++) _mm512_store_ps(qt + (h * dim + LANES * c + x) * BLOCK, col[x]);
+                    transpose_block(col);
+                    for (int x = 0; x < LANES; x++) vstoreu(qt + (h * dim + LANES * c + x) * BLOCK, col[x]);
                 }
             for (int64_t t0 = 0; t0 < n; t0 += SCORE_KEYS) {   /* the scores, SCORE_KEYS keys a pass */
                 int64_t nk = n - t0 < SCORE_KEYS ? n - t0 : SCORE_KEYS;
@@ -609,13 +650,15 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
                     if (nc == 4 && G == 3) SC(3, 4);
                     else if (nc == 4 && G == 2) SC(2, 4);
                     else if (nc == 4) SC(1, 4);
+                    else if (nc == 8 && LANES == 8) for (int64_t x = 0; x < G; x++)   /* AVX2's 64 dims: a head at a time */
+                        block_scores(qt + (h + x) * dim * BLOCK, kf, nk, t0, 1, 8, scale, f4, sc + (h + x) * SPAN * BLOCK, b);
                     else for (int64_t x = 0; x < G; x++) block_scores(qt + (h + x) * dim * BLOCK, kf, nk, t0, 1, nc,
                                                                       scale, f4, sc + (h + x) * SPAN * BLOCK, b);
 #undef SC
                 }
             }
             for (int64_t h = 0; h < group; h++) {
-                __m512 top, sum;
+                vec top, sum;
                 block_softmax(sc + h * SPAN * BLOCK, n, nv, &top, &sum);
                 for (int64_t j = 0; j < rows; j++) {
                     RES(j)[h * (dim + 2)] = ((const float *)&top)[j];
@@ -634,16 +677,28 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
                         int64_t G = group - h < 3 ? group - h : 3;
                         float *at[2] = {RES(j) + h * (dim + 2), R > 1 ? RES(j + 1) + h * (dim + 2) : NULL};
 #define PV(R_, G_, C_) block_values(vb, vst[2], index, t0, to, !t0, own, sc + h * SPAN * BLOCK + j, bf16, size, \
-                                    R_, G_, C_, at)
+                                    R_, G_, C_, at, dim + 2)
                         if (nc == 4 && R == 2 && G == 3) PV(2, 3, 4);
                         else if (nc == 4 && R == 2 && G == 2) PV(2, 2, 4);
                         else if (nc == 4 && R == 2) PV(2, 1, 4);
+                        else if (nc == 8 && LANES == 8)   /* AVX2's 64 dims: a row, up to 3 heads and 32 dims at a time */
+                            for (int64_t r = 0; r < R; r++)
+                                for (int64_t d0 = 0; d0 < dim; d0 += 32) {
+                                    float *one[2] = {at[r] + d0, NULL};
+                                    int64_t only[2] = {own[r], 0};
+#define HALF(G_) block_values(vb + size * d0, vst[2], index, t0, to, !t0, only, sc + h * SPAN * BLOCK + j + r, bf16, \
+                              size, 1, G_, 4, one, dim + 2)
+                                    if (G == 3) HALF(3);
+                                    else if (G == 2) HALF(2);
+                                    else HALF(1);
+#undef HALF
+                                }
                         else for (int64_t x = 0; x < G; x++)   /* other shapes: a row and head at a time */
                             for (int64_t r = 0; r < R; r++) {
                                 float *one[2] = {at[r] + x * (dim + 2), NULL};
                                 int64_t only[2] = {own[r], 0};
-                                block_values(vb, vst[2], index, t0, to, !t0, only, sc + (h + x) * SPAN * BLOCK + j + r,
-                                             bf16, size, 1, 1, nc, one);
+                                block_values(vb, vst[2], index, t0, to, !t0, only, sc + (h + x) * SPAN * BLOCK + j + r, bf16,
+                                             size, 1, 1, nc, one, dim + 2);
                             }
 #undef PV
                     }
@@ -661,7 +716,6 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
     }
     return failed ? -1 : 0;
 }
-#endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 /* AMX (Sapphire Rapids and later; attention.py compiles this part where the CPU has amx_tile,
@@ -684,7 +738,6 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
  * sums is the tiles', not the vector path's: other bits (the same for every call here; 0.1-0.2% of
  * the bfloat16 outputs differ from the vector path's, against 20-40% with the weights' first
  * bfloat16 alone). A 512-token prompt's attention ran ~2.3x faster than on the vectors. */
-#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -900,7 +953,6 @@ int attend(int bf16, const void *q, const void *k, const void *v, const int64_t 
                   count, out, nt);
     } else
 #endif
-#ifdef __AVX512F__
     if (length >= BLOCK && !pair_scores(bf16, dim)) {
         if (block_units(bf16, q, k, v, st, batch, kv_heads, group, length, keys, dim, mask, scale, spans,
                         partial, count, out, nt)) {
@@ -909,7 +961,6 @@ int attend(int bf16, const void *q, const void *k, const void *v, const int64_t 
             return -1;
         }
     } else
-#endif
     /* round robin: a prompt's rows see more keys the later they are, and contiguous shares gave
        one thread the long ones (prefill of 512 tokens 4% faster) */
     #pragma omp parallel for num_threads(nt) schedule(static, 1)

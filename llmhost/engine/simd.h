@@ -30,6 +30,27 @@ static inline void transpose16(__m512 a[16]) {
     }
     for (int i = 0; i < 16; i++) a[i] = t[i];
 }
+#else
+/* 8 x 8 floats transposed in registers: rows a[0..8) in, columns out (a[c] = column c) */
+static inline void transpose8(__m256 a[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {   /* u[4i + e], 128-bit half H: rows 4i .. 4i + 3 of column 4H + e */
+        __m256d x0 = _mm256_castps_pd(t[4 * i]), x1 = _mm256_castps_pd(t[4 * i + 1]);
+        __m256d x2 = _mm256_castps_pd(t[4 * i + 2]), x3 = _mm256_castps_pd(t[4 * i + 3]);
+        u[4 * i] = _mm256_castpd_ps(_mm256_unpacklo_pd(x0, x2));
+        u[4 * i + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(x0, x2));
+        u[4 * i + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(x1, x3));
+        u[4 * i + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(x1, x3));
+    }
+    for (int e = 0; e < 4; e++) {   /* columns e (low halves) and 4 + e (high halves) */
+        a[e] = _mm256_permute2f128_ps(u[e], u[4 + e], 0x20);
+        a[4 + e] = _mm256_permute2f128_ps(u[e], u[4 + e], 0x31);
+    }
+}
 #endif
 
 #endif
