@@ -483,33 +483,39 @@ static inline __attribute__((always_inline)) void block_scores(
         ivec f4, float *st, float *b) {
     const int64_t dim = nc * LANES;
     /* lane l's chain (dims l, LANES + l, ...); with 16 lanes chain l + 8 too (dims 8 + l, 24 + l,
-       ...), added to it as half_sum adds them */
-    for (int l = 0; l < 8; l++) {
-        vec lo[3][MAXC], hi[3][MAXC];
-        for (int64_t h = 0; h < G; h++)
-            for (int64_t c = 0; c < nc; c++) {
-                lo[h][c] = vloadu(qt + (h * dim + LANES * c + l) * BLOCK);
-                if (LANES == 16) hi[h][c] = vloadu(qt + (h * dim + LANES * c + l + 8) * BLOCK);
-            }
-        for (int64_t x = 0; x < nk; x++) {
-            const float *kr = kf + x * dim;
-            vec a[3], e[3], kl = vset1(kr[l]), kh = vset1(kr[(l + 8) % LANES]);
-            for (int64_t h = 0; h < G; h++) {
-                a[h] = vmul(lo[h][0], kl);
-                if (LANES == 16) e[h] = vmul(hi[h][0], kh);
-            }
-            for (int64_t c = 1; c < nc; c++) {
-                kl = vset1(kr[LANES * c + l]);
-                if (LANES == 16) kh = vset1(kr[LANES * c + l + 8]);
-                for (int64_t h = 0; h < G; h++) {
-                    a[h] = vfma(lo[h][c], kl, a[h]);
-                    if (LANES == 16) e[h] = vfma(hi[h][c], kh, e[h]);
-                }
-            }
+       ...), added to it as half_sum adds them. With 8 lanes the chains go in passes of 4 of the
+       head's vectors (a chain's sum waits in b between them), so that the queries of 3 heads fit
+       the 16 registers and each broadcast key dim feeds 3 multiply-adds */
+    const int64_t cp = LANES == 16 ? nc : 4;
+    for (int l = 0; l < 8; l++)
+        for (int64_t c0 = 0; c0 < nc; c0 += cp) {
+            const int64_t cn = nc - c0 < cp ? nc - c0 : cp;   /* this pass's vectors */
+            vec lo[3][MAXC], hi[3][MAXC];
             for (int64_t h = 0; h < G; h++)
-                vstoreu(b + ((h * 8 + l) * SCORE_KEYS + x) * BLOCK, LANES == 16 ? vadd(a[h], e[h]) : a[h]);
+                for (int64_t c = 0; c < cn; c++) {
+                    lo[h][c] = vloadu(qt + (h * dim + LANES * (c0 + c) + l) * BLOCK);
+                    if (LANES == 16) hi[h][c] = vloadu(qt + (h * dim + LANES * (c0 + c) + l + 8) * BLOCK);
+                }
+            for (int64_t x = 0; x < nk; x++) {
+                const float *kr = kf + x * dim + LANES * c0;
+                float *at = b + (l * SCORE_KEYS + x) * BLOCK;   /* head h's: at + h * 8 * SCORE_KEYS * BLOCK */
+                vec a[3], e[3], kl = vset1(kr[l]), kh = vset1(kr[(l + 8) % LANES]);
+                for (int64_t h = 0; h < G; h++) {
+                    a[h] = c0 ? vfma(lo[h][0], kl, vloadu(at + h * 8 * SCORE_KEYS * BLOCK)) : vmul(lo[h][0], kl);
+                    if (LANES == 16) e[h] = vmul(hi[h][0], kh);
+                }
+                for (int64_t c = 1; c < cn; c++) {
+                    kl = vset1(kr[LANES * c + l]);
+                    if (LANES == 16) kh = vset1(kr[LANES * c + l + 8]);
+                    for (int64_t h = 0; h < G; h++) {
+                        a[h] = vfma(lo[h][c], kl, a[h]);
+                        if (LANES == 16) e[h] = vfma(hi[h][c], kh, e[h]);
+                    }
+                }
+                for (int64_t h = 0; h < G; h++)
+                    vstoreu(at + h * 8 * SCORE_KEYS * BLOCK, LANES == 16 ? vadd(a[h], e[h]) : a[h]);
+            }
         }
-    }
     for (int64_t h = 0; h < G; h++)
         for (int64_t x = 0; x < nk; x++) {
             lanes tail = lanes_le(f4, iset1((int)(t0 + x)));
@@ -650,8 +656,9 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
                     if (nc == 4 && G == 3) SC(3, 4);
                     else if (nc == 4 && G == 2) SC(2, 4);
                     else if (nc == 4) SC(1, 4);
-                    else if (nc == 8 && LANES == 8) for (int64_t x = 0; x < G; x++)   /* AVX2's 64 dims: a head at a time */
-                        block_scores(qt + (h + x) * dim * BLOCK, kf, nk, t0, 1, 8, scale, f4, sc + (h + x) * SPAN * BLOCK, b);
+                    else if (nc == 8 && LANES == 8 && G == 3) SC(3, 8);   /* AVX2's 64 dims */
+                    else if (nc == 8 && LANES == 8 && G == 2) SC(2, 8);
+                    else if (nc == 8 && LANES == 8) SC(1, 8);
                     else for (int64_t x = 0; x < G; x++) block_scores(qt + (h + x) * dim * BLOCK, kf, nk, t0, 1, nc,
                                                                       scale, f4, sc + (h + x) * SPAN * BLOCK, b);
 #undef SC
