@@ -23,8 +23,8 @@
  * lanes: a prompt's attention 1.4x faster), the weighted sums of the values staying float32.
  * With AMX (amx_bf16) bfloat16 attention runs on the tiles instead, a block of query rows per
  * unit (amx_units, below): other bits than the vectors', the same for a row alone or batched.
- * On AVX-512 a prompt's rows go 16 to a unit, a row a lane (block_units, below), with the row
- * path's operations in the row path's order: the same bits as a row alone.
+ * A prompt's rows go 16 (AVX-512) or 8 (AVX2) to a unit, a row a lane (block_units, below), with
+ * the row path's operations in the row path's order: the same bits as a row alone.
  */
 #include <immintrin.h>
 #include <math.h>

@@ -10,8 +10,9 @@ Where the CPU has AMX (``amx_tile``, ``amx_bf16``) bfloat16 attention runs on
 its tiles, a block of query rows per unit, each weight as two bfloat16s for the
 values' products (16 of its 24 bits): a 512-token prompt's attention ~2.3x
 faster than on the vectors, ~3.5x at 1,024 (docs/performance.md). Elsewhere
-with AVX-512 a prompt's rows run 16 to a unit, a row a lane, with a row's
-own operations in its order (1.5-2.0x a 512-token prompt's attention).
+a prompt's rows run 16 (AVX-512) or 8 (AVX2) to a unit, a row a lane, with a
+row's own operations in its order (1.5-2.0x a 512-token prompt's attention on
+AVX-512; on AVX2 1.8x at 512 tokens, 2.2x at 1,024).
 
 A row's result depends only on its own query and keys, never on the other rows
 of the forward, its padding or the threads. LlamaStep runs every forward on it
