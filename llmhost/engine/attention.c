@@ -414,7 +414,8 @@ static inline int64_t unit_keys(const uint8_t *mask, int64_t own0, int64_t rows,
  *   softmax()'s order (LANES running sums by key mod LANES over the row's whole LANES-key runs,
  *   vhsum's tree, then its last ones one at a time);
  * - the weighted values (block_values): as weighted() adds them, a dim a lane, two rows and up
- *   to 3 heads at a time (each value read once for them), VALUE_KEYS keys a pass.
+ *   to 3 heads at a time (with 8 lanes a row, up to 3 heads and 32 dims; each value read once
+ *   for them), VALUE_KEYS keys a pass.
  * The Ice Lake cores measured here load ~1.1-1.2 vectors a cycle from L1 where they issue two
  * multiply-adds, so each loop keeps ~0.3-0.4 loads per multiply-add: a first version that
  * broadcast a key dim per multiply-add ran no faster than the row path.
