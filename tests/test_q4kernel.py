@@ -3,7 +3,8 @@ AMX) gives the bits of its other tiles: every row the same alone as batched, the
 same as the library built without AMX, so rows_alone holds (the prefix cache's
 any-prefix reuse rests on it). Runs where the CPU has AMX; the flag choice anywhere.
 Its feature lanes (AVX-512 VNNI without AMX: a packed Q4 weight) hold the same
-promise; they run where the CPU has AVX-512 VNNI."""
+promise; they run where the CPU has AVX-512 VNNI. So do the plain AVX2 build's tiles,
+built and run on any x86 CPU with AVX2."""
 from __future__ import annotations
 
 import pytest
@@ -80,6 +81,36 @@ def test_feature_lanes_are_built_for_avx512_vnni_without_amx():
     assert plain.q4_lanes() == 0
     if LANES_FLAGS <= native.cpu_flags() and not AMX_FLAGS <= native.cpu_flags():
         assert q4kernel.lanes() == 16
+
+
+def test_the_avx2_build_gives_each_row_its_bits_alone():
+    """The plain AVX2 build (an AVX2-only CPU's tiles, 16 registers: 4-row whole tiles, no
+    VNNI), which test_fast's kernel test does not run on an AVX-512 CPU: a row the same bits
+    alone (one thread) as in calls of 2 to 150 rows on 1 and 2 threads, with feature counts that split
+    unevenly into chunks (70, 45, 576: each thread's share of chunks within a tile of the
+    other's) and k of whole groups, a partial group and passes over k (4,640)."""
+    if not q4kernel.available()[0]:
+        pytest.skip("llmhost's int4 kernel is unavailable here")
+    plain, why = q4kernel.build(q4kernel.COMPILE)
+    assert plain is not None, why
+    generator = torch.Generator().manual_seed(7)
+    threads = torch.get_num_threads()
+    try:
+        for k, n in ((576, 70), (1536, 45), (4640, 11), (576, 576)):
+            qs, dm = _q4_weight(n, k, 2, generator)
+            x = torch.randn(150, k, generator=generator)
+            torch.set_num_threads(1)
+            alone = torch.cat([q4kernel.matmul(x[i:i + 1], qs, dm, lib=plain) for i in range(150)])
+            exact = q4kernel.requantized(x).double() @ q4kernel.dequantize(qs, dm).double().T
+            torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4)
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                for m in (2, 5, 37, 150):
+                    for start in (0, 150 - m):
+                        batch = q4kernel.matmul(x[start:start + m], qs, dm, lib=plain)
+                        assert torch.equal(batch, alone[start:start + m]), (k, n, nt, m, start)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_packed_products_give_each_row_its_bits_alone():

@@ -1359,16 +1359,18 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     quantize_rows(x, m, k, bits == 4, xq, xd, xs, nt);
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
     else unit_scales(xd, m, nb, xv);
-    /* chunks of about CHUNK features, as many as a multiple of the threads (even shares) */
+    /* chunks of at most CHUNK features, as many as a multiple of the threads, bounded at multiples
+       of TILE_F nearest below even shares of n, so that the threads' shares differ by less than
+       TILE_F features (chunks of one size, the last smaller, gave SmolLM2's 576-feature products
+       one thread 300 features and the other 276: twenty-sixth session) */
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
     chunks = (chunks + nt - 1) / nt * nt;
-    int64_t size = ((n + chunks - 1) / chunks + TILE_F - 1) / TILE_F * TILE_F;
-    chunks = (n + size - 1) / size;
+#define CHUNK_START(c) ((c) * n / chunks / TILE_F * TILE_F)
     int whole = whole_rows(k);   /* rows of a whole Q4 tile */
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
         __m256 keep[span ? TILE_R * CHUNK : 1];   /* passes' accumulators: [tile row][chunk feature] */
-        int64_t start = c * size, end = (c + 1) * size < n ? (c + 1) * size : n;
+        int64_t start = CHUNK_START(c), end = c + 1 == chunks ? n : CHUNK_START(c + 1);
         for (int64_t r = 0, step; r < m; r += step) {
             int R = bits == 4 && m - r >= whole ? whole : m - r < TILE_R ? (int)(m - r) : TILE_R;
             int TF = tile_features(bits, R), sliced = span && R == TILE_R;
@@ -1384,7 +1386,7 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
                     n, bf16);
                 continue;
             }
-            struct pass p = {.g0 = 0, .g1 = groups, .kept = size};
+            struct pass p = {.g0 = 0, .g1 = groups, .kept = CHUNK};
             do {   /* one pass over all of k, or one per slice of span groups */
                 if (sliced) p.g1 = p.g0 + span < groups ? p.g0 + span : groups;
                 for (int64_t f = start; f < end; f += TF) {
@@ -1399,6 +1401,7 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
             } while (p.g0 < groups);
         }
     }
+#undef CHUNK_START
 done:
     free(xq);
     free(xd);
