@@ -600,6 +600,14 @@ static void tile_any(int bits, int R, int F, const void *wq, const uint16_t *wd,
 #endif
 _Static_assert(CHUNK % TILE_F == 0, "a chunk has at most CHUNK features: q_linear's keep");
 
+/* The first feature of chunk c of n features in `chunks`: the multiple of TILE_F nearest below
+   an even share, so that the threads' shares differ by less than TILE_F features (chunks of one
+   size, the last smaller, gave SmolLM2's 576-feature products one thread 300 features and the
+   other 276: twenty-sixth session); a chunk has at most CHUNK features where chunks >= n / CHUNK */
+static int64_t chunk_start(int64_t c, int64_t n, int64_t chunks) {
+    return c * n / chunks / TILE_F * TILE_F;
+}
+
 /* Q4 groups per pass over k of a whole tile (TILE_R rows), 0: one pass. A tile's activations
    (k bytes a row) are read again for each of the chunk's features. At k = 8,192 (6 rows: 48 KB,
    L1's size) they came from L2 for every feature, and those products gained nothing from the
@@ -1118,11 +1126,10 @@ static inline void quantize16(const float *x, const int64_t at[16], int8_t *xq, 
     }
 }
 
-/* x [m, k] (nb blocks a row) quantized in the wide tiles' order: a tile of 4 rows' blocks side
-   by side, block b of row r at index ((r / T) * nb + b) * T + r % T of xq (32 bytes each; T:
-   WIDE_TILE_ROWS) and
-   xds (the scale and scale * sum, 2 floats each). For a few rows (lanes_tile's) quantize_block
-   alone took less time: 1.07x a lone row's products (twenty-fifth session) */
+/* x [m, k] (nb blocks a row) quantized in the wide tiles' order: a tile of T = WIDE_TILE_ROWS
+   rows' blocks side by side, block b of row r at index ((r / T) * nb + b) * T + r % T of xq (32
+   bytes each) and xds (the scale and scale * sum, 2 floats each). For a few rows (lanes_tile's)
+   quantize_block alone took less time: 1.07x a lone row's products (twenty-fifth session) */
 static void quantize_tiled(const float *x, int64_t m, int64_t nb, int8_t *xq, float *xds, int nt) {
     int64_t total = m * nb;
     #pragma omp parallel for num_threads(nt) schedule(static) if (total >= QUANTIZE_SPLIT_FROM)
@@ -1359,18 +1366,14 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     quantize_rows(x, m, k, bits == 4, xq, xd, xs, nt);
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
     else unit_scales(xd, m, nb, xv);
-    /* chunks of at most CHUNK features, as many as a multiple of the threads, bounded at multiples
-       of TILE_F nearest below even shares of n, so that the threads' shares differ by less than
-       TILE_F features (chunks of one size, the last smaller, gave SmolLM2's 576-feature products
-       one thread 300 features and the other 276: twenty-sixth session) */
+    /* chunks of at most CHUNK features, as many as a multiple of the threads (chunk_start) */
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
     chunks = (chunks + nt - 1) / nt * nt;
-#define CHUNK_START(c) ((c) * n / chunks / TILE_F * TILE_F)
     int whole = whole_rows(k);   /* rows of a whole Q4 tile */
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
         __m256 keep[span ? TILE_R * CHUNK : 1];   /* passes' accumulators: [tile row][chunk feature] */
-        int64_t start = CHUNK_START(c), end = c + 1 == chunks ? n : CHUNK_START(c + 1);
+        int64_t start = chunk_start(c, n, chunks), end = c + 1 == chunks ? n : chunk_start(c + 1, n, chunks);
         for (int64_t r = 0, step; r < m; r += step) {
             int R = bits == 4 && m - r >= whole ? whole : m - r < TILE_R ? (int)(m - r) : TILE_R;
             int TF = tile_features(bits, R), sliced = span && R == TILE_R;
@@ -1401,7 +1404,6 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
             } while (p.g0 < groups);
         }
     }
-#undef CHUNK_START
 done:
     free(xq);
     free(xd);
