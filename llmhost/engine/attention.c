@@ -686,21 +686,21 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
                         float *at[2] = {RES(j) + h * (dim + 2), R > 1 ? RES(j + 1) + h * (dim + 2) : NULL};
 #define PV(R_, G_, C_) block_values(vb, vst[2], index, t0, to, !t0, own, sc + h * SPAN * BLOCK + j, bf16, size, \
                                     R_, G_, C_, at, dim + 2)
-                        if (nc == 4 && R == 2 && G == 3) PV(2, 3, 4);
-                        else if (nc == 4 && R == 2 && G == 2) PV(2, 2, 4);
-                        else if (nc == 4 && R == 2) PV(2, 1, 4);
-                        else if (nc == 8 && LANES == 8)   /* AVX2's 64 dims: a row, up to 3 heads and 32 dims at a time */
+                        if (LANES == 8 && nc % 4 == 0)   /* AVX2: a row, up to 3 heads and 32 dims at a time */
                             for (int64_t r = 0; r < R; r++)
                                 for (int64_t d0 = 0; d0 < dim; d0 += 32) {
                                     float *one[2] = {at[r] + d0, NULL};
                                     int64_t only[2] = {own[r], 0};
-#define HALF(G_) block_values(vb + size * d0, vst[2], index, t0, to, !t0, only, sc + h * SPAN * BLOCK + j + r, bf16, \
-                              size, 1, G_, 4, one, dim + 2)
-                                    if (G == 3) HALF(3);
-                                    else if (G == 2) HALF(2);
-                                    else HALF(1);
-#undef HALF
+#define STRETCH(G_) block_values(vb + size * d0, vst[2], index, t0, to, !t0, only, sc + h * SPAN * BLOCK + j + r, \
+                                 bf16, size, 1, G_, 4, one, dim + 2)
+                                    if (G == 3) STRETCH(3);
+                                    else if (G == 2) STRETCH(2);
+                                    else STRETCH(1);
+#undef STRETCH
                                 }
+                        else if (nc == 4 && R == 2 && G == 3) PV(2, 3, 4);
+                        else if (nc == 4 && R == 2 && G == 2) PV(2, 2, 4);
+                        else if (nc == 4 && R == 2) PV(2, 1, 4);
                         else for (int64_t x = 0; x < G; x++)   /* other shapes: a row and head at a time */
                             for (int64_t r = 0; r < R; r++) {
                                 float *one[2] = {at[r] + x * (dim + 2), NULL};
