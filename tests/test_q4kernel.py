@@ -84,11 +84,11 @@ def test_feature_lanes_are_built_for_avx512_vnni_without_amx():
 
 
 def test_the_avx2_build_gives_each_row_its_bits_alone():
-    """The plain AVX2 build (an AVX2-only CPU's tiles, 16 registers: 4-row whole tiles, no
-    VNNI), which test_fast's kernel test does not run on an AVX-512 CPU: a row the same bits
-    alone (one thread) as in calls of 2 to 150 rows on 1 and 2 threads, with feature counts
-    that split unevenly into chunks (70, 45, 576: chunks bounded at even shares of them) and k
-    of whole groups, a partial group and passes over k (4,640)."""
+    """The plain AVX2 build (an AVX2-only CPU's tiles, 16 registers: 8-row whole tiles where k
+    is narrow, else 4, no VNNI), which test_fast's kernel test does not run on an AVX-512 CPU:
+    a row the same bits alone (one thread) as in calls of 2 to 150 rows on 1 and 2 threads,
+    with feature counts that split unevenly into chunks (70, 45, 576: chunks bounded at even
+    shares of them) and k of whole groups, a partial group and passes over k (4,640)."""
     if not q4kernel.available()[0]:
         pytest.skip("llmhost's int4 kernel is unavailable here")
     plain, why = q4kernel.build(q4kernel.COMPILE)

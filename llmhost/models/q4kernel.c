@@ -193,14 +193,19 @@ static inline __m256i pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
 
 /* Tiles: up to TILE_R rows x TILE_F features; which shapes run is TILE_R (rows) and
    tile_features' choice (below). AVX-512VL builds (q4kernel.py's choice where the CPU has
-   AVX512-VNNI) have 32 vector registers, the others 16. There q_linear's whole Q4 tiles take up
-   to TALL_R rows (whole_rows), a group's weights unpacked once for more of them. */
+   AVX512-VNNI) have 32 vector registers, the others 16. q_linear's whole Q4 tiles take up to
+   TALL_R rows (whole_rows), a group's weights unpacked once for more of them: 16 with 32
+   registers; 8 in the AVX2 build without VNNI, whose groups go a weight vector at a time
+   (q4_group), so that 8 rows' sums fit in its 16 registers. */
 #if defined(__AVX512VL__)
 #define TILE_R 6
 #define TALL_R 16
-#else
+#elif defined(DPBUSD)
 #define TILE_R 4
 #define TALL_R 4
+#else
+#define TILE_R 4
+#define TALL_R 8
 #endif
 #define TILE_F 4
 
@@ -209,10 +214,13 @@ static inline __m256i pair_dot(__m256i w0, __m256i w1, const int8_t *y) {
    TILE_R. One thread, 16 rows against 6: SmolLM2's products (k = 576 and 1,536) ran 1.13-1.16x
    faster at 512 rows, 1.10x at 128, 1.07-1.08x at 40 (12 rows there: 1.05-1.08x, 10: 1.05x, 8:
    0.93x); the 1B model's (k = 2,048) 0.83-0.93x at 40 and 128 rows in 16-row tiles, and in 12-row
-   ones 1.20x, 1.03x and 1.02x at 512, 128 and 40 (twenty-first session, Ice Lake). */
+   ones 1.20x, 1.03x and 1.02x at 512, 128 and 40 (twenty-first session, Ice Lake). The AVX2
+   build: 8 rows against 4, SmolLM2's k ran 1.2x as fast at 512 rows (10 and 12: no faster; 12
+   slower at k = 1,536: twenty-seventh). */
 static int whole_rows(int64_t k) {
     if (TALL_R >= 16 && 16 * k <= 24576) return 16;
     if (TALL_R >= 12 && 12 * k <= 24576) return 12;
+    if (TALL_R == 8 && 8 * k <= 24576) return 8;
     return TILE_R;
 }
 
@@ -273,7 +281,10 @@ static inline __m256i rest_sums(const __m256i w[4][2], int left, const int8_t *y
             p[u] = _mm256_zextsi128_si256(_mm_add_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
         }
     }
-    return _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    /* a partial group of up to 2 units (`left` a constant where inlined): one horizontal add
+       less (its other operand's units are zero) */
+    __m256i high = left > 4 ? _mm256_hadd_epi32(p[2], p[3]) : _mm256_setzero_si256();
+    return _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), high);
 }
 
 /* vpmaddubsw wants an unsigned operand: |w| times y with w's sign; two products of up to
@@ -285,39 +296,12 @@ static inline __m256 q8_dot(const __m256i w[4], int pair, const int8_t *y) {
     return _mm256_cvtepi32_ps(p);
 }
 
-/* Q4, a whole group of 8 blocks: its weights in lane order (w[i], lane l: the unsigned values
-   of inputs 4i..4i+3 of block GROUP_LANES[l]: group_weights) and the group's activations y (lane
-   order, the same inputs in the same places). Each of the 8 products adds 4 inputs of every
-   block into that block's lane, so the one int32 vector they accumulate into holds the group's
-   8 block sums, lanes [b0 b2 b4 b6 b1 b3 b5 b7]: one conversion per group and (row, feature). */
-static inline __m256 group_dot(const __m256i w[8], const int8_t *y) {
-#define Y(i) _mm256_loadu_si256((const __m256i *)(y + 32 * (i)))
-#ifdef DPBUSD
-    /* two chains of 4 (vpdpbusd's latency), added: integers, exact in any order */
-    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
-    for (int i = 0; i < 8; i += 2) {
-        a = DPBUSD(a, w[i], Y(i));
-        b = DPBUSD(b, w[i + 1], Y(i + 1));
-    }
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
-#else
-    /* the same integers, in 16 bits until the last step: a vpmaddubsw lane is 2 products of at
-       most 15 * 127, the 8 vectors' sum 16 (30,480 < 32,767); vpmaddwd adds a lane's two */
-    __m256i p = _mm256_maddubs_epi16(w[0], Y(0));
-    for (int i = 1; i < 8; i++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[i], Y(i)));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-#endif
-#undef Y
-}
-
-/* Q4, a whole group's weights (wq: its 128 bytes, block j at 16 j) in lane order for
-   group_dot. Load q holds blocks 2q (low 128 bits) and 2q + 1 (high), 4 dwords each; two rounds
-   of unpacks (within 128-bit halves) transpose them so that vector t holds dword t of every
-   block, lanes [b0 b2 b4 b6 b1 b3 b5 b7]. Dword t's low nibbles are inputs 4t..4t+3, its high
-   ones 16 + 4t..: w[t] and w[4 + t]. */
-static inline void group_weights(const uint8_t *wq, __m256i w[8]) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    __m256i l[4], a[4], t[4];
+/* Q4, a whole group's weights (wq: its 128 bytes, block j at 16 j) transposed: load q holds
+   blocks 2q (low 128 bits) and 2q + 1 (high), 4 dwords each; two rounds of unpacks (within
+   128-bit halves) leave in t[i] dword i of every block, lanes [b0 b2 b4 b6 b1 b3 b5 b7]. Dword
+   i's low nibbles are inputs 4i..4i+3, its high ones 16 + 4i.. (group_nibbles). */
+static inline void group_raw(const uint8_t *wq, __m256i t[4]) {
+    __m256i l[4], a[4];
     for (int q = 0; q < 4; q++) l[q] = _mm256_loadu_si256((const __m256i *)(wq + 32 * q));
     a[0] = _mm256_unpacklo_epi32(l[0], l[1]);   /* b0.0 b2.0 b0.1 b2.1 | b1.0 b3.0 b1.1 b3.1 */
     a[1] = _mm256_unpackhi_epi32(l[0], l[1]);   /* dwords 2, 3 */
@@ -327,11 +311,41 @@ static inline void group_weights(const uint8_t *wq, __m256i w[8]) {
     t[1] = _mm256_unpackhi_epi64(a[0], a[2]);
     t[2] = _mm256_unpacklo_epi64(a[1], a[3]);
     t[3] = _mm256_unpackhi_epi64(a[1], a[3]);
-    for (int i = 0; i < 4; i++) {
-        w[i] = _mm256_and_si256(t[i], low);
-        w[4 + i] = _mm256_and_si256(_mm256_srli_epi16(t[i], 4), low);
-    }
 }
+
+/* weight vector i (0..7) of a group in lane order, from group_raw's t: lane l holds the unsigned
+   values of inputs 4i..4i+3 of block GROUP_LANES[l] */
+static inline __m256i group_nibbles(const __m256i t[4], int i) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    return i < 4 ? _mm256_and_si256(t[i], low) : _mm256_and_si256(_mm256_srli_epi16(t[i - 4], 4), low);
+}
+
+#ifdef DPBUSD
+/* a whole group's 8 weight vectors in lane order (group_dot's w) */
+static inline void group_weights(const uint8_t *wq, __m256i w[8]) {
+    __m256i t[4];
+    group_raw(wq, t);
+    for (int i = 0; i < 8; i++) w[i] = group_nibbles(t, i);
+}
+
+/* Q4, a whole group of 8 blocks: its weights in lane order (w[i], lane l: the unsigned values
+   of inputs 4i..4i+3 of block GROUP_LANES[l]: group_weights) and the group's activations y (lane
+   order, the same inputs in the same places). Each of the 8 products adds 4 inputs of every
+   block into that block's lane, so the one int32 vector they accumulate into holds the group's
+   8 block sums, lanes [b0 b2 b4 b6 b1 b3 b5 b7]: one conversion per group and (row, feature).
+   (The AVX2 build computes the same integers in q4_group.) */
+static inline __m256 group_dot(const __m256i w[8], const int8_t *y) {
+#define Y(i) _mm256_loadu_si256((const __m256i *)(y + 32 * (i)))
+    /* two chains of 4 (vpdpbusd's latency), added: integers, exact in any order */
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    for (int i = 0; i < 8; i += 2) {
+        a = DPBUSD(a, w[i], Y(i));
+        b = DPBUSD(b, w[i + 1], Y(i + 1));
+    }
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
+#undef Y
+}
+#endif
 
 /* 8 per-block values of a whole group (block b at vals[b]) in lane order (group_dot's lanes) */
 static inline void group_lanes(const float *vals, float out[8]) {
@@ -382,23 +396,45 @@ static inline __m256 group_plane(const uint16_t *h) {
 #define Q8_AHEAD 8192
 
 /* whole group g (8 blocks): for each of the tile's F features its weights unpacked once, then
-   for each of the R rows acc += dot * (dw * dx) and acc += m * s */
+   for each of the R rows acc += dot * (dw * dx) and acc += m * s, dot the group's 8 block sums
+   (group_dot's lanes) converted once */
 static inline __attribute__((always_inline)) void q4_group(
         int R, int F, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb, int64_t g,
         const int8_t *xq, const float *xv, __m256 acc[TALL_R][TILE_F]) {
     int64_t k = nb * 32, V = scales_per_row(nb);
     for (int f = 0; f < F; f++) {
-        __m256i w[8];
         const uint8_t *at = wq + f * (k / 2) + g * 128;
         _mm_prefetch((const char *)(at + Q4_AHEAD(F, k)), _MM_HINT_T0);
         _mm_prefetch((const char *)(at + Q4_AHEAD(F, k) + 64), _MM_HINT_T0);
-        group_weights(at, w);
-        __m256 dw = group_plane(wd + f * nb + 8 * g);
+        __m256 dw = group_plane(wd + f * nb + 8 * g), dot[TALL_R];
         __m256 mw = wm ? group_plane(wm + f * nb + 8 * g) : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+#ifdef DPBUSD
+        __m256i w[8];
+        group_weights(at, w);
+        for (int r = 0; r < R; r++) dot[r] = group_dot(w, xq + r * k + g * 256);
+#else
+        /* The same integers in 16 bits until the last step: a vpmaddubsw lane is 2 products of at
+           most 15 * 127, a group's 8 vectors' sum 16 (30,480 < 32,767, in any order); vpmaddwd
+           adds a lane's two. A weight vector at a time for all R rows (its 8 as group_dot takes
+           them left 8 rows' sums no registers, and gcc kept 2 of 4 rows' accumulators in memory:
+           1.0-1.1x at 4 rows, and 8 rows fit). The empty asm keeps each row's sum one chain in a
+           register: without it gcc summed each row's 8 products as a tree, all of them spilled. */
+        __m256i t[4], p[TALL_R];
+        group_raw(at, t);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            __m256i u = group_nibbles(t, i);
+            for (int r = 0; r < R; r++) {
+                __m256i q = _mm256_maddubs_epi16(u, _mm256_loadu_si256((const __m256i *)(xq + r * k + g * 256 + 32 * i)));
+                p[r] = i ? _mm256_add_epi16(p[r], q) : q;
+                __asm__("" : "+x"(p[r]));
+            }
+        }
+        for (int r = 0; r < R; r++) dot[r] = _mm256_cvtepi32_ps(_mm256_madd_epi16(p[r], _mm256_set1_epi16(1)));
+#endif
         for (int r = 0; r < R; r++) {
             const float *v = xv + r * V + g * 16;
-            __m256 dot = group_dot(w, xq + r * k + g * 256);
-            acc[r][f] = _mm256_fmadd_ps(dot, _mm256_mul_ps(dw, _mm256_loadu_ps(v)), acc[r][f]);
+            acc[r][f] = _mm256_fmadd_ps(dot[r], _mm256_mul_ps(dw, _mm256_loadu_ps(v)), acc[r][f]);
             acc[r][f] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(v + 8), acc[r][f]);
         }
     }
@@ -660,6 +696,9 @@ static inline __attribute__((always_inline)) void whole_tiles(
         whole_tiles(rows, wq, wd, wm, nb, xq, xv, count, out, n, bf16); \
     }
 WHOLE(whole_tile, TILE_R)
+#if TALL_R == 8
+WHOLE(whole_8, 8)
+#endif
 #if TALL_R >= 16
 WHOLE(whole_12, 12)
 WHOLE(whole_16, 16)
@@ -1381,6 +1420,8 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
             if (bits == 4 && !sliced && (R == TILE_R || R == whole)) {   /* whole tiles */
 #if TALL_R >= 16
                 (R == 16 ? whole_16 : R == 12 ? whole_12 : whole_tile)(
+#elif TALL_R == 8
+                (R == 8 ? whole_8 : whole_tile)(
 #else
                 whole_tile(
 #endif
