@@ -301,7 +301,8 @@ def test_the_vnni_build_computes_what_the_avx2_build_computes():
 def test_q4_0_keeps_no_m_plane():
     """A Q4_0 weight (w = d * (q - 8)) keeps d alone, 18 bytes a block as in the file, and the
     kernel computes m = -8 d: the same bits as with the m plane stored (lone rows, tiles of
-    several rows, passes over wide k; the product, the dequantized weight), and a Q4Group of
+    several rows, passes over wide k; the product, the dequantized weight; packed in the AVX2
+    build's 8-feature lanes, the file's layout with AVX-512's 16), and a Q4Group of
     a Q4_0 and a Q4_1 layer gives each layer's own bits."""
     import numpy as np
     from gguf import GGMLQuantizationType
@@ -318,9 +319,9 @@ def test_q4_0_keeps_no_m_plane():
         stored = torch.cat([layer.dm, (-8 * layer.dm.float()).half()])
         for rows in (1, 2, 7, 130):
             x = torch.randn(rows, width).bfloat16()
-            assert torch.equal(q4kernel.matmul(x, layer.qs, layer.dm),
-                               q4kernel.matmul(x, layer.qs, stored)), (width, rows)
-        assert torch.equal(layer.dequantized(), q4kernel.dequantize(layer.qs, stored))
+            assert torch.equal(q4kernel.matmul(x, layer.qs, layer.dm, lanes=layer.lanes),
+                               q4kernel.matmul(x, layer.qs, stored, lanes=layer.lanes)), (width, rows)
+        assert torch.equal(layer.dequantized(), q4kernel.dequantize(layer.qs, stored, lanes=layer.lanes))
         other = int4_from_gguf("Q4_1", quantize(rng.standard_normal((24, width)).astype(np.float32),
                                                 GGMLQuantizationType.Q4_1), np.arange(24), torch.bfloat16)
         x = torch.randn(3, width).bfloat16()

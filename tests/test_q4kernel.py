@@ -2,9 +2,10 @@
 AMX) gives the bits of its other tiles: every row the same alone as batched, the
 same as the library built without AMX, so rows_alone holds (the prefix cache's
 any-prefix reuse rests on it). Runs where the CPU has AMX; the flag choice anywhere.
-Its feature lanes (AVX-512 VNNI without AMX: a packed Q4 weight) hold the same
-promise; they run where the CPU has AVX-512 VNNI. So do the plain AVX2 build's tiles,
-built and run on any x86 CPU with AVX2."""
+Its feature lanes (a packed Q4 weight: packs of 16 features with AVX-512 VNNI without
+AMX, of 8 in the plain AVX2 build) hold the same promise, with the same bits on either
+build; the AVX-512 ones run where the CPU has AVX-512 VNNI. So do the plain AVX2 build's
+tiles and lanes, built and run on any x86 CPU with AVX2."""
 from __future__ import annotations
 
 import pytest
@@ -67,10 +68,10 @@ LANES_FLAGS = {"avx512_vnni", "avx512bw", "avx512vl"}
 def _lanes_or_skip() -> None:
     """In the test, not at collection: asking builds the kernel."""
     if not q4kernel.available()[0] or not q4kernel.lanes():
-        pytest.skip("this process's kernel has no feature lanes (AVX-512 VNNI without AMX)")
+        pytest.skip("this process's kernel has no feature lanes (AVX-512 VNNI without AMX, or AVX2 without VNNI)")
 
 
-def test_feature_lanes_are_built_for_avx512_vnni_without_amx():
+def test_feature_lanes_are_built_for_avx512_vnni_without_amx_and_plain_avx2():
     base = frozenset({"avx2", "fma", "f16c"})
     assert "-mavx512bw" in q4kernel.compile_flags(base | LANES_FLAGS)
     assert "-mavx512vnni" not in q4kernel.compile_flags(base | {"avx512_vnni", "avx512vl"})   # no BW: AVX2's
@@ -78,7 +79,7 @@ def test_feature_lanes_are_built_for_avx512_vnni_without_amx():
         pytest.skip("llmhost's int4 kernel is unavailable here")
     plain, why = q4kernel.build(q4kernel.COMPILE)
     assert plain is not None, why
-    assert plain.q4_lanes() == 0
+    assert plain.q4_lanes() == 8
     if LANES_FLAGS <= native.cpu_flags() and not AMX_FLAGS <= native.cpu_flags():
         assert q4kernel.lanes() == 16
 
@@ -113,48 +114,80 @@ def test_the_avx2_build_gives_each_row_its_bits_alone():
         torch.set_num_threads(threads)
 
 
-def test_packed_products_give_each_row_its_bits_alone():
+def _lanes_build(which: str):
+    """(library, features per pack): this process's build (AVX-512 VNNI lanes: skipped
+    elsewhere) or the plain AVX2 one (8-feature lanes, on any CPU the kernel runs on)."""
+    if which == "native":
+        _lanes_or_skip()
+        return q4kernel._build()[0], q4kernel.lanes()
+    if not q4kernel.available()[0]:
+        pytest.skip("llmhost's int4 kernel is unavailable here")
+    plain, why = q4kernel.build(q4kernel.COMPILE)
+    assert plain is not None, why
+    return plain, plain.q4_lanes()
+
+
+@pytest.mark.parametrize("which", ["native", "avx2"])
+def test_packed_products_give_each_row_its_bits_alone(which):
     """A packed weight's product (q_linear_lanes): every row the same bits alone as in calls of
     2 to 300 rows at any position, on 1 or 2 threads; Q4_0 and Q4_1; k of whole groups, a
-    partial one, an odd last block and wide (4,640); 16 features (one pack), 48 (a pack pair
-    and a lone pack) and 80; bfloat16 in and out as torch rounds the float32 result; within
-    8-bit rounding of the float64 product; the packing undone gives the file's layout back.
-    From 16 rows the wide tiles run (unpacked slices: k of 1, 3 and 9 slices; each thread's packs
-    in threes, a last one or two), below them lanes_tile: the same bits."""
-    _lanes_or_skip()
+    partial one, an odd last block and wide (4,640); 16 features (one AVX-512 pack, two AVX2
+    ones), 48 and 80 (a pack pair and a lone pack); bfloat16 in and out as torch rounds the
+    float32 result; within 8-bit rounding of the float64 product; the packing undone gives the
+    file's layout back. AVX-512: from 16 rows the wide tiles run (unpacked slices: k of 1, 3 and
+    9 slices; each thread's packs in threes, a last one or two), below them lanes_tile; AVX2:
+    tiles of 8, 4, 2 and 1 rows (1 to 4 packs): the same bits."""
+    lib, pack = _lanes_build(which)
     generator = torch.Generator().manual_seed(6)
     threads = torch.get_num_threads()
     try:
         for k, n in ((96, 48), (576, 80), (1568, 16), (4640, 48)):
             for planes in (1, 2):
                 qs, dm = _q4_weight(n, k, planes, generator)
-                packed = q4kernel.to_lanes(qs, dm)
-                assert all(torch.equal(a, b) for a, b in zip(q4kernel.from_lanes(*packed), (qs, dm)))
+                packed = q4kernel.to_lanes(qs, dm, pack)
+                assert all(torch.equal(a, b) for a, b in zip(q4kernel.from_lanes(*packed, pack), (qs, dm)))
                 assert not torch.equal(packed[0], qs)
                 weight = q4kernel.dequantize(qs, dm)
-                assert torch.equal(q4kernel.dequantize(*packed, lanes=True), weight)
                 x = torch.randn(300, k, generator=generator) * 3
                 x[5] = 0
                 exact = q4kernel.requantized(x).double() @ weight.double().T
                 for nt in (1, 2):
                     torch.set_num_threads(nt)
-                    alone = torch.cat([q4kernel.matmul(x[i:i + 1], *packed, lanes=True) for i in range(300)])
+                    alone = torch.cat([q4kernel.matmul(x[i:i + 1], *packed, lib=lib, lanes=True) for i in range(300)])
                     torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4)
                     for m in (2, 3, 5, 8, 16, 18, 19, 37, 300):   # from 16 rows the wide tiles (4 rows and 1-3 more)
                         for start in (0, 300 - m, (300 - m) // 2):
-                            batch = q4kernel.matmul(x[start:start + m], *packed, lanes=True)
+                            batch = q4kernel.matmul(x[start:start + m], *packed, lib=lib, lanes=True)
                             assert torch.equal(batch, alone[start:start + m]), (k, n, planes, nt, m, start)
                 half = x[:21].bfloat16()
-                got = q4kernel.matmul(half, *packed, lanes=True)
+                got = q4kernel.matmul(half, *packed, lib=lib, lanes=True)
                 assert got.dtype == torch.bfloat16
-                assert torch.equal(got, q4kernel.matmul(half.float(), *packed, lanes=True).bfloat16()), (k, n)
+                assert torch.equal(got, q4kernel.matmul(half.float(), *packed, lib=lib, lanes=True).bfloat16()), (k, n)
     finally:
         torch.set_num_threads(threads)
 
 
+def test_avx2_lanes_give_the_avx512_lanes_bits():
+    """The two builds' feature lanes run the same float operations in the same order for every
+    (row, feature), block after block: the same results bit for bit, float32 and bfloat16, from
+    a lone row to a prompt's 40 (the AVX-512 wide tiles) and Q4_0 and Q4_1 alike."""
+    native_lib, pack = _lanes_build("native")
+    if pack != 16:
+        pytest.skip("this process's build is the AVX2 one (LLMHOST_CPU_FLAGS or the CPU)")
+    plain, eight = _lanes_build("avx2")
+    generator = torch.Generator().manual_seed(9)
+    for k, n, planes in ((576, 64, 2), (1568, 48, 1)):
+        qs, dm = _q4_weight(n, k, planes, generator)
+        x = torch.randn(40, k, generator=generator)
+        for rows in (x[:1], x[:7], x, x.bfloat16()):
+            wide = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, pack), lib=native_lib, lanes=True)
+            assert torch.equal(wide, q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, eight), lib=plain, lanes=True)), \
+                (k, rows.shape, rows.dtype)
+
+
 def test_q4_layers_are_packed_where_their_features_fill_packs():
-    """quantize.Q4Linear packs its weight where the features are a multiple of 16 and keeps
-    the file's layout otherwise, computing the same product either way (to float32
+    """quantize.Q4Linear packs its weight where the features are a multiple of the pack (16
+    features, or 8 on an AVX2-only CPU) and keeps the file's layout otherwise, computing the same product either way (to float32
     rounding); a Q4Group of packed layers gives each layer's own bits, and group_q4 groups
     only layers that agree."""
     _lanes_or_skip()
@@ -172,10 +205,11 @@ def test_q4_layers_are_packed_where_their_features_fill_packs():
     (q, blocks), (k, _), (v, _) = layer("Q4_1", 64), layer("Q4_0", 32), layer("Q4_1", 32)
     assert q.lanes and k.lanes and v.lanes
     x = torch.randn(7, 576)
-    odd = int4_from_gguf("Q4_1", blocks[:40], np.arange(40), torch.float32)   # q's first 40 features
+    some = 2 * q4kernel.lanes() + q4kernel.lanes() // 2   # q's first 2.5 packs of features
+    odd = int4_from_gguf("Q4_1", blocks[:some], np.arange(some), torch.float32)
     assert not odd.lanes
-    torch.testing.assert_close(odd(x), q(x)[:, :40], rtol=1e-5, atol=1e-5)
-    assert torch.equal(q.dequantized()[:40], odd.dequantized())
+    torch.testing.assert_close(odd(x), q(x)[:, :some], rtol=1e-5, atol=1e-5)
+    assert torch.equal(q.dequantized()[:some], odd.dequantized())
     alone = [part(x) for part in (q, k, v)]
     group = Q4Group([q, k, v])
     assert group.lanes

@@ -111,6 +111,14 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int
         }
 }
 
+/* `blocks` blocks of 32 floats quantized in input order (xq: 32-byte aligned), their scales
+   and scale * sum (the feature lanes' activations) */
+static inline void quantize_blocks(const float *x, int64_t blocks, int8_t *xq, float *xd, float *xs, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static) if (blocks >= QUANTIZE_SPLIT_FROM)
+    for (int64_t i = 0; i < blocks; i++)
+        _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x + i * 32, xd + i, xs + i));
+}
+
 /* x [m, k] as the kernel sees it (its 8-bit blocks, back in float32, input order), for a
    prefill's dense matmul: the same products as the kernel's, to float32 rounding. */
 void q4_requantize(const float *x, int64_t m, int64_t k, float *out, int nt) {
@@ -1338,9 +1346,7 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
             quantize_tiled(x, m, nb, xq, xd, nt);
             failed = wide_product(m, nb, (const uint8_t *)qs, d, mn, n, xq, xd, out, bf16, nt);
         } else {
-            #pragma omp parallel for num_threads(nt) schedule(static) if (m * nb >= QUANTIZE_SPLIT_FROM)
-            for (int64_t i = 0; i < m * nb; i++)
-                _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x + i * 32, xd + i, xs + i));
+            quantize_blocks(x, m * nb, xq, xd, xs, nt);
             /* chunks of about LANES_CHUNK packs, as many as a multiple of the threads, each a run of
                pack pairs (the last pack alone where they are odd) and their sizes within a pair of
                each other: with chunks of 4 packs, SmolLM2's 36-pack products gave one thread 20 and
@@ -1358,6 +1364,124 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
                         LANES_TILES[end - p > 1][R - 1]((const uint8_t *)qs + p * nb * 256, d + p * nb * 16,
                                                         mn ? mn + p * nb * 16 : NULL, nb, xq + r * k, xd + r * nb,
                                                         xs + r * nb, (char *)out + (r * n + p * 16) * width, n, bf16);
+                }
+            }
+        }
+    }
+    free(xq);
+    free(xd);
+    free(xf);
+    return failed ? -1 : 0;
+}
+#elif !defined(__AVX512VL__) && !defined(DPBUSD)
+/* Feature lanes on AVX2 without VNNI: the packs above at 8 features (a 256-bit lane each; a
+   pack's block: vector j, 32 bytes, holds the 4 bytes j of each feature's nibbles), so a block
+   of a row is the tiles' group turned around: per weight vector one vpmaddubsw for 8 features
+   (its unsigned nibbles times the row's 4 activations, broadcast), the 8 added in 16 bits (at
+   most 16 products of 15 * 127 a lane, as q4_group's), vpmaddwd, then add_block's two
+   multiply-adds. As many integer operations per product as the tiles, but no horizontal sums
+   (a feature's lanes, a partial group's units) and no transposes: SmolLM2's products (k = 576:
+   2 groups and 2 blocks) ran 1.2-1.4x as fast as the tiles at 40 to 512 rows (twenty-seventh
+   session, docs/performance.md). The same operations in the same order as the AVX-512 lanes
+   for every (row, feature), block after block: the same bits on either CPU. */
+#define LANES 8
+
+int q4_lanes(void) { return LANES; }
+
+/* a prompt's tiles: 8 rows x a pack (8 integer sums, 4 weight vectors and their temporaries
+   in the 16 registers, the accumulators in L1); fewer rows take more packs, so that a lone row
+   has 4 accumulators in flight */
+#define LANE_ROWS 8
+#define LANE_PACKS 4
+#define LANES_AHEAD 1024
+
+/* a row's block added to its accumulator (the AVX-512 lanes' add_block at 8 lanes) */
+static inline __m256 add_block(__m256 acc, __m256i sum, __m256 dw, __m256 mw, float dx, float sx) {
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc);
+    return _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc);
+}
+
+/* R rows (xq: the first's activations, input order; xd, xs: its blocks' scales and scale *
+   sum) x P packs (wq, wd, wm: the first's, the next nb blocks further) into out [.., n]; R and
+   P constants where inlined. A pack's block is read a weight vector at a time for all R rows
+   (q4_group's order, and its empty asm: one chain of 16-bit sums per row in a register). */
+static inline __attribute__((always_inline)) void lanes_tile(
+        int R, int P, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
+        const int8_t *xq, const float *xd, const float *xs, void *out, int64_t n, int bf16) {
+    int64_t k = nb * 32;
+    __m256 acc[LANE_ROWS][LANE_PACKS];
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++) acc[r][p] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++)
+        for (int p = 0; p < P; p++) {
+            const uint8_t *at = wq + (p * nb + b) * 128;
+            _mm_prefetch((const char *)(at + LANES_AHEAD), _MM_HINT_T0);
+            _mm_prefetch((const char *)(at + LANES_AHEAD + 64), _MM_HINT_T0);
+            __m256i raw[4], sum[LANE_ROWS];
+            for (int j = 0; j < 4; j++) raw[j] = _mm256_loadu_si256((const __m256i *)(at + 32 * j));
+            __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + (p * nb + b) * 8)));
+            __m256 mw = wm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + (p * nb + b) * 8)))
+                           : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++) {
+                __m256i u = group_nibbles(raw, i);
+                for (int r = 0; r < R; r++) {
+                    __m256i q = _mm256_maddubs_epi16(u, _mm256_set1_epi32(*(const int32_t *)(xq + r * k + b * 32 + 4 * i)));
+                    sum[r] = i ? _mm256_add_epi16(sum[r], q) : q;
+                    __asm__("" : "+x"(sum[r]));
+                }
+            }
+            for (int r = 0; r < R; r++)
+                acc[r][p] = add_block(acc[r][p], _mm256_madd_epi16(sum[r], _mm256_set1_epi16(1)), dw, mw,
+                                      xd[r * nb + b], xs[r * nb + b]);
+        }
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++) store8(out, r * n + 8 * p, acc[r][p], bf16);
+}
+
+/* lanes_tile for each shape, a function of its own */
+#define LANES_TILE(R, P) \
+    static __attribute__((noinline)) void lanes_##R##x##P(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, \
+                                                          int64_t nb, const int8_t *xq, const float *xd, \
+                                                          const float *xs, void *out, int64_t n, int bf16) { \
+        lanes_tile(R, P, wq, wd, wm, nb, xq, xd, xs, out, n, bf16); \
+    }
+LANES_TILE(8, 1) LANES_TILE(4, 1) LANES_TILE(2, 2) LANES_TILE(2, 1) LANES_TILE(1, 4) LANES_TILE(1, 1)
+#undef LANES_TILE
+
+/* q_linear for a packed Q4 weight (n a multiple of LANES): the rows quantized per block (input
+   order), then the threads split the packs in chunks of about CHUNK features (chunk_start's
+   even shares), and a chunk's rows go 8, 4, 2 or 1 at a time through its packs. Returns 0, or
+   -1 when the scratch memory could not be allocated. */
+int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const void *qs,
+                   const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
+    (void)bits;
+    int64_t nb = k / 32, packs = n / LANES;
+    int8_t *xq = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
+    float *xd = malloc(sizeof(float) * (size_t)(2 * m * nb)), *xs = xd + m * nb;
+    uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
+    int failed = !xq || !xd || (bf16 && !xf);
+    if (!failed) {
+        quantize_blocks(as_float32(x_in, bf16, m * k, xf), m * nb, xq, xd, xs, nt);
+        int64_t chunks = (packs + CHUNK / LANES - 1) / (CHUNK / LANES);
+        chunks = (chunks + nt - 1) / nt * nt;
+        int width = bf16 ? 2 : 4;
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t start = c * packs / chunks, end = (c + 1) * packs / chunks;
+            for (int64_t r = 0, R; r < m; r += R) {
+                R = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;
+                for (int64_t p = start, P; p < end; p += P) {
+                    P = R == 1 && end - p >= 4 ? 4 : R == 2 && end - p >= 2 ? 2 : 1;
+                    const uint8_t *wq = (const uint8_t *)qs + p * nb * 128;
+                    const uint16_t *wd = d + p * nb * 8, *wm = mn ? mn + p * nb * 8 : NULL;
+                    void *at = (char *)out + (r * n + p * LANES) * width;
+                    const int8_t *x = xq + r * k;
+                    const float *dx = xd + r * nb, *sx = xs + r * nb;
+                    if (R == 8) lanes_8x1(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
+                    else if (R == 4) lanes_4x1(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
+                    else if (R == 2) (P == 2 ? lanes_2x2 : lanes_2x1)(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
+                    else (P == 4 ? lanes_1x4 : lanes_1x1)(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
                 }
             }
         }

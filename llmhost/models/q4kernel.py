@@ -78,7 +78,7 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
     if rows:
         log.info("int4 products of %d rows or more run on AMX tiles", rows)
     elif lib.q4_lanes():
-        log.info("int4 products run on AVX-512 feature lanes (weights of %d-feature multiples packed at load)",
+        log.info("int4 products run on feature lanes (weights of %d-feature multiples packed at load)",
                  lib.q4_lanes())
     return lib, ""
 
@@ -94,28 +94,32 @@ def available() -> tuple[bool, str]:
 
 def lanes() -> int:
     """Features per pack where this process's build computes packed Q4 weights
-    (q4kernel.c's feature lanes: AVX-512 VNNI without AMX), else 0."""
+    (q4kernel.c's feature lanes: 16 with AVX-512 VNNI without AMX, 8 with AVX2
+    without VNNI), else 0."""
     lib, _ = _build()
     return lib.q4_lanes() if lib is not None else 0
 
 
-def to_lanes(qs: torch.Tensor, dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Q4 weight (matmul's qs, dm; N a multiple of 16) packed for the feature
-    lanes, the same shapes: per 16 features and block, dword j of each feature's
-    nibbles side by side (j = 0..3), and each plane's 16 values of the block."""
+def to_lanes(qs: torch.Tensor, dm: torch.Tensor, pack: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q4 weight (matmul's qs, dm; N a multiple of the pack) packed for the
+    feature lanes, the same shapes: per `pack` features (default: lanes()) and
+    block, dword j of each feature's nibbles side by side (j = 0..3), and each
+    plane's `pack` values of the block."""
+    pack = pack or lanes()
     n, half = qs.shape
     nb = half // 16
-    qs = qs.view(n // 16, 16, nb, 4, 4).permute(0, 2, 3, 1, 4).contiguous().view(n, half)
-    dm = dm.view(dm.shape[0], n // 16, 16, nb).transpose(2, 3).contiguous().view(dm.shape)
+    qs = qs.view(n // pack, pack, nb, 4, 4).permute(0, 2, 3, 1, 4).contiguous().view(n, half)
+    dm = dm.view(dm.shape[0], n // pack, pack, nb).transpose(2, 3).contiguous().view(dm.shape)
     return qs, dm
 
 
-def from_lanes(qs: torch.Tensor, dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def from_lanes(qs: torch.Tensor, dm: torch.Tensor, pack: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """to_lanes undone: the file's layout."""
+    pack = pack or lanes()
     n, half = qs.shape
     nb = half // 16
-    qs = qs.view(n // 16, nb, 4, 16, 4).permute(0, 3, 1, 2, 4).contiguous().view(n, half)
-    dm = dm.view(dm.shape[0], n // 16, nb, 16).transpose(2, 3).contiguous().view(dm.shape)
+    qs = qs.view(n // pack, nb, 4, pack, 4).permute(0, 3, 1, 2, 4).contiguous().view(n, half)
+    dm = dm.view(dm.shape[0], n // pack, nb, pack).transpose(2, 3).contiguous().view(dm.shape)
     return qs, dm
 
 

@@ -13,8 +13,8 @@ stays in the model's dtype.
 int4 (GGUF files only): the file's own 4-bit Linear weights are kept as they
 are, not dequantized. On a CPU with AVX2, FMA and F16C, llmhost's kernel
 (q4kernel.c, Q4Linear) keeps each Q4_0 / Q4_1 block's bytes (in the file's
-order, or on AVX-512 VNNI without AMX packed 16 output features side by side:
-q4kernel.to_lanes) and multiplies them with 8-bit activations in integer
+order, or packed 16 output features side by side on AVX-512 VNNI without AMX,
+8 with AVX2 alone: q4kernel.to_lanes) and multiplies them with 8-bit activations in integer
 instructions, as llama.cpp does; a tied Q8_0 token embedding stays in its
 blocks too (Q8Embedding), the output head reading them with the same kernel
 (Q8Head). Elsewhere (or with
@@ -181,7 +181,8 @@ class Q4Linear(Int4Linear):
     def __init__(self, qs: torch.Tensor, dm: torch.Tensor, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features)
         # packed for the kernel's feature lanes where this CPU's build has them (AVX-512 VNNI
-        # without AMX: ~1.9x faster products at any row count, q4kernel.c), the same bytes
+        # without AMX: ~1.9x faster products at any row count; AVX2 without VNNI: 1.1-1.4x,
+        # q4kernel.c), the same bytes
         pack = q4kernel.lanes()
         self.lanes = bool(pack) and out_features % pack == 0
         if self.lanes:
@@ -217,7 +218,7 @@ class Q4Group:
 
     def __init__(self, layers: list[Q4Linear]) -> None:
         self.layers = layers
-        self.lanes = layers[0].lanes   # all or none: packs of 16 features end to end are packs
+        self.lanes = layers[0].lanes   # all or none: a pack's features end to end are packs
         self.sizes = [layer.out_features for layer in layers]
         self.qs = torch.cat([layer.qs for layer in layers])
         planes = max(layer.dm.shape[0] for layer in layers)   # a Q4_0 layer among Q4_1 ones: its m
