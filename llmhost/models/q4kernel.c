@@ -1449,10 +1449,42 @@ static inline __attribute__((always_inline)) void lanes_tile(
 LANES_TILE(8, 1) LANES_TILE(4, 1) LANES_TILE(2, 2) LANES_TILE(2, 1) LANES_TILE(1, 4) LANES_TILE(1, 1)
 #undef LANES_TILE
 
+/* a chunk's packs (start..end) for all m rows: 8, 4, 2 or 1 at a time through 1 to 4 packs */
+static void lanes_chunk(int64_t start, int64_t end, int64_t m, int64_t nb, const uint8_t *qs, const uint16_t *d,
+                        const uint16_t *mn, const int8_t *xq, const float *xd, const float *xs, void *out,
+                        int64_t n, int bf16) {
+    int64_t k = nb * 32;
+    int width = bf16 ? 2 : 4;
+    for (int64_t r = 0, R; r < m; r += R) {
+        R = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;
+        for (int64_t p = start, P; p < end; p += P) {
+            P = R == 1 && end - p >= 4 ? 4 : R == 2 && end - p >= 2 ? 2 : 1;
+            const uint8_t *wq = qs + p * nb * 128;
+            const uint16_t *wd = d + p * nb * 8, *wm = mn ? mn + p * nb * 8 : NULL;
+            void *at = (char *)out + (r * n + p * LANES) * width;
+            const int8_t *x = xq + r * k;
+            const float *dx = xd + r * nb, *sx = xs + r * nb;
+            if (R == 8) lanes_8x1(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
+            else if (R == 4) lanes_4x1(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
+            else if (R == 2) (P == 2 ? lanes_2x2 : lanes_2x1)(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
+            else (P == 4 ? lanes_1x4 : lanes_1x1)(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
+        }
+    }
+}
+
+/* rows from which a product's chunks go to whichever thread is free (4 packs a chunk), not in
+   even shares of about CHUNK features: on this project's noisy 2-core VM a thread often ran
+   its share slower than the other, which then waited (OpenMP's waits were 14% of a 40-token
+   prefill). SmolLM2's products, medians of alternated rounds (twenty-seventh session): in a
+   noisy hour 1.34x at 40 rows, 1.11-1.19x at 128, 1.03-1.06x at 512; in a quiet one 0.98-1.01x
+   at 40, 0.97x at 32 (the best rounds alike either way); 0.80x for a lone row (its weights
+   stream from memory), 0.89x at 2 rows, 0.94x at 4, 0.97-1.01x at 8 and 16: below 32 rows
+   the even shares stay. */
+#define LANES_DYNAMIC_ROWS 32
+
 /* q_linear for a packed Q4 weight (n a multiple of LANES): the rows quantized per block (input
-   order), then the threads split the packs in chunks of about CHUNK features (chunk_start's
-   even shares), and a chunk's rows go 8, 4, 2 or 1 at a time through its packs. Returns 0, or
-   -1 when the scratch memory could not be allocated. */
+   order), then the threads take the packs in chunks (lanes_chunk). Returns 0, or -1 when the
+   scratch memory could not be allocated. */
 int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const void *qs,
                    const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
     (void)bits;
@@ -1463,27 +1495,18 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     int failed = !xq || !xd || (bf16 && !xf);
     if (!failed) {
         quantize_blocks(as_float32(x_in, bf16, m * k, xf), m * nb, xq, xd, xs, nt);
-        int64_t chunks = (packs + CHUNK / LANES - 1) / (CHUNK / LANES);
-        chunks = (chunks + nt - 1) / nt * nt;
-        int width = bf16 ? 2 : 4;
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t start = c * packs / chunks, end = (c + 1) * packs / chunks;
-            for (int64_t r = 0, R; r < m; r += R) {
-                R = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;
-                for (int64_t p = start, P; p < end; p += P) {
-                    P = R == 1 && end - p >= 4 ? 4 : R == 2 && end - p >= 2 ? 2 : 1;
-                    const uint8_t *wq = (const uint8_t *)qs + p * nb * 128;
-                    const uint16_t *wd = d + p * nb * 8, *wm = mn ? mn + p * nb * 8 : NULL;
-                    void *at = (char *)out + (r * n + p * LANES) * width;
-                    const int8_t *x = xq + r * k;
-                    const float *dx = xd + r * nb, *sx = xs + r * nb;
-                    if (R == 8) lanes_8x1(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
-                    else if (R == 4) lanes_4x1(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
-                    else if (R == 2) (P == 2 ? lanes_2x2 : lanes_2x1)(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
-                    else (P == 4 ? lanes_1x4 : lanes_1x1)(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
-                }
-            }
+        if (m >= LANES_DYNAMIC_ROWS) {
+            #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+            for (int64_t p = 0; p < packs; p += 4)
+                lanes_chunk(p, p + 4 < packs ? p + 4 : packs, m, nb, qs, d, mn, xq, xd, xs, out, n, bf16);
+        } else {
+            /* chunks of about CHUNK features, as many as a multiple of the threads, even shares */
+            int64_t chunks = (packs + CHUNK / LANES - 1) / (CHUNK / LANES);
+            chunks = (chunks + nt - 1) / nt * nt;
+            #pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t c = 0; c < chunks; c++)
+                lanes_chunk(c * packs / chunks, (c + 1) * packs / chunks, m, nb, qs, d, mn, xq, xd, xs, out, n,
+                            bf16);
         }
     }
     free(xq);
