@@ -30,10 +30,12 @@
  * however many rows a call has: a row's result does not depend on what it is
  * batched with. Threads: OpenMP's, shared with torch's (the same libgomp).
  *
- * Three paths, one per kind of CPU: the tiles below (AVX2, AVX-VNNI); on AVX-512 VNNI without
- * AMX the feature lanes (q_linear_lanes: the weight packed at load, 16 features to a vector;
- * a prompt's rows on wide tiles over the weight unpacked per call, the same bits);
- * with AMX the tiles below plus AMX tiles for a prefill's rows (q_linear_amx), the same bits.
+ * Paths by kind of CPU: on AVX2 without VNNI the feature lanes (q_linear_lanes: the weight
+ * packed at load, 8 features to a vector); on AVX-512 VNNI without AMX the same feature lanes
+ * at 16 features (a prompt's rows on wide tiles over the weight unpacked per call), the same
+ * bits as the AVX2 ones; with AVX-VNNI the tiles below; with AMX the tiles below plus AMX
+ * tiles for a prefill's rows (q_linear_amx), the same bits. The tiles also run where a
+ * weight's features are not a multiple of the pack, and the Q8_0 head everywhere.
  */
 #include <immintrin.h>
 #include <omp.h>
