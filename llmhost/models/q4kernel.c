@@ -425,10 +425,10 @@ static inline __attribute__((always_inline)) void q4_group(
 #else
         /* The same integers in 16 bits until the last step: a vpmaddubsw lane is 2 products of at
            most 15 * 127, a group's 8 vectors' sum 16 (30,480 < 32,767, in any order); vpmaddwd
-           adds a lane's two. A weight vector at a time for all R rows (its 8 as group_dot takes
-           them left 8 rows' sums no registers, and gcc kept 2 of 4 rows' accumulators in memory:
-           1.0-1.1x at 4 rows, and 8 rows fit). The empty asm keeps each row's sum one chain in a
-           register: without it gcc summed each row's 8 products as a tree, all of them spilled. */
+           adds a lane's two. A weight vector at a time for all R rows: holding all 8 (group_dot's
+           way) left no registers for 8 rows' sums, and at 4 rows gcc kept 2 rows' accumulators
+           in memory (this order: 1.0-1.1x there). The empty asm keeps each row's sum one chain in
+           a register: without it gcc summed each row's 8 products as a tree, all of them spilled. */
         __m256i t[4], p[TALL_R];
         group_raw(at, t);
 #pragma GCC unroll 8
