@@ -115,8 +115,9 @@ def test_the_avx2_build_gives_each_row_its_bits_alone():
 
 
 def _lanes_build(which: str):
-    """(library, features per pack): this process's build (AVX-512 VNNI lanes: skipped
-    elsewhere) or the plain AVX2 one (8-feature lanes, on any CPU the kernel runs on)."""
+    """(library, features per pack): this process's build (16-feature lanes with AVX-512 VNNI,
+    8 with AVX2 alone; skipped where it has none) or the plain AVX2 one (8-feature lanes, on any
+    CPU the kernel runs on)."""
     if which == "native":
         _lanes_or_skip()
         return q4kernel._build()[0], q4kernel.lanes()
@@ -181,15 +182,15 @@ def test_avx2_lanes_give_the_avx512_lanes_bits():
         x = torch.randn(40, k, generator=generator)
         for rows in (x[:1], x[:7], x, x.bfloat16()):
             wide = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, pack), lib=native_lib, lanes=True)
-            assert torch.equal(wide, q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, eight), lib=plain, lanes=True)), \
-                (k, rows.shape, rows.dtype)
+            narrow = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, eight), lib=plain, lanes=True)
+            assert torch.equal(wide, narrow), (k, rows.shape, rows.dtype)
 
 
 def test_q4_layers_are_packed_where_their_features_fill_packs():
     """quantize.Q4Linear packs its weight where the features are a multiple of the pack (16
-    features, or 8 on an AVX2-only CPU) and keeps the file's layout otherwise, computing the same product either way (to float32
-    rounding); a Q4Group of packed layers gives each layer's own bits, and group_q4 groups
-    only layers that agree."""
+    features, or 8 on an AVX2-only CPU) and keeps the file's layout otherwise, computing the
+    same product either way (to float32 rounding); a Q4Group of packed layers gives each
+    layer's own bits, and group_q4 groups only layers that agree."""
     _lanes_or_skip()
     import numpy as np
     from gguf import GGMLQuantizationType, quantize
