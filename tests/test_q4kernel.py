@@ -71,14 +71,21 @@ def _lanes_or_skip() -> None:
         pytest.skip("this process's kernel has no feature lanes (AVX-512 VNNI without AMX, or AVX2 without VNNI)")
 
 
-def test_feature_lanes_are_built_for_avx512_vnni_without_amx_and_plain_avx2():
-    base = frozenset({"avx2", "fma", "f16c"})
-    assert "-mavx512bw" in q4kernel.compile_flags(base | LANES_FLAGS)
-    assert "-mavx512vnni" not in q4kernel.compile_flags(base | {"avx512_vnni", "avx512vl"})   # no BW: AVX2's
+def _plain_build():
+    """The plain AVX2 build of the kernel (no VNNI, no AVX-512), on any CPU the kernel runs on;
+    the test is skipped where it does not."""
     if not q4kernel.available()[0]:
         pytest.skip("llmhost's int4 kernel is unavailable here")
     plain, why = q4kernel.build(q4kernel.COMPILE)
     assert plain is not None, why
+    return plain
+
+
+def test_feature_lanes_are_built_for_avx512_vnni_without_amx_and_plain_avx2():
+    base = frozenset({"avx2", "fma", "f16c"})
+    assert "-mavx512bw" in q4kernel.compile_flags(base | LANES_FLAGS)
+    assert "-mavx512vnni" not in q4kernel.compile_flags(base | {"avx512_vnni", "avx512vl"})   # no BW: AVX2's
+    plain = _plain_build()
     assert plain.q4_lanes() == 8
     if LANES_FLAGS <= native.cpu_flags() and not AMX_FLAGS <= native.cpu_flags():
         assert q4kernel.lanes() == 16
@@ -90,10 +97,7 @@ def test_the_avx2_build_gives_each_row_its_bits_alone():
     a row the same bits alone (one thread) as in calls of 2 to 150 rows on 1 and 2 threads,
     with feature counts that split unevenly into chunks (70, 45, 576: chunks bounded at even
     shares of them) and k of whole groups, a partial group and passes over k (4,640)."""
-    if not q4kernel.available()[0]:
-        pytest.skip("llmhost's int4 kernel is unavailable here")
-    plain, why = q4kernel.build(q4kernel.COMPILE)
-    assert plain is not None, why
+    plain = _plain_build()
     generator = torch.Generator().manual_seed(7)
     threads = torch.get_num_threads()
     try:
@@ -121,10 +125,7 @@ def _lanes_build(which: str):
     if which == "native":
         _lanes_or_skip()
         return q4kernel._build()[0], q4kernel.lanes()
-    if not q4kernel.available()[0]:
-        pytest.skip("llmhost's int4 kernel is unavailable here")
-    plain, why = q4kernel.build(q4kernel.COMPILE)
-    assert plain is not None, why
+    plain = _plain_build()
     return plain, plain.q4_lanes()
 
 
