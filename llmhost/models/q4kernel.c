@@ -654,6 +654,13 @@ static int64_t chunk_start(int64_t c, int64_t n, int64_t chunks) {
     return c * n / chunks / TILE_F * TILE_F;
 }
 
+/* How many chunks `count` units (features, packs or pack pairs) go in: about `per` each, as many
+   as a multiple of the threads, so that a static split gives each thread as many */
+static int64_t thread_chunks(int64_t count, int64_t per, int nt) {
+    int64_t chunks = (count + per - 1) / per;
+    return (chunks + nt - 1) / nt * nt;
+}
+
 /* Q4 groups per pass over k of a whole tile (TILE_R rows), 0: one pass. A tile's activations
    (k bytes a row) are read again for each of the chunk's features. At k = 8,192 (6 rows: 48 KB,
    L1's size) they came from L2 for every feature, and those products gained nothing from the
@@ -1353,8 +1360,7 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
                pack pairs (the last pack alone where they are odd) and their sizes within a pair of
                each other: with chunks of 4 packs, SmolLM2's 36-pack products gave one thread 20 and
                the other 16 (the threads waited at the barrier: ~8% of a 512-token prefill) */
-            int64_t pairs = (packs + 1) / 2, chunks = (pairs + LANES_CHUNK / 2 - 1) / (LANES_CHUNK / 2);
-            chunks = (chunks + nt - 1) / nt * nt;
+            int64_t pairs = (packs + 1) / 2, chunks = thread_chunks(pairs, LANES_CHUNK / 2, nt);
             int width = bf16 ? 2 : 4;
             #pragma omp parallel for num_threads(nt) schedule(static)
             for (int64_t c = 0; c < chunks; c++) {
@@ -1483,6 +1489,7 @@ static void lanes_chunk(int64_t start, int64_t end, int64_t m, int64_t nb, const
    stream from memory), 0.89x at 2 rows, 0.94x at 4, 0.97-1.01x at 8 and 16: below 32 rows
    the even shares stay. */
 #define LANES_DYNAMIC_ROWS 32
+#define DYNAMIC_PACKS 4   /* packs a chunk taken by whichever thread is free */
 
 /* q_linear for a packed Q4 weight (n a multiple of LANES): the rows quantized per block (input
    order), then the threads take the packs in chunks (lanes_chunk). Returns 0, or -1 when the
@@ -1499,12 +1506,12 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
         quantize_blocks(as_float32(x_in, bf16, m * k, xf), m * nb, xq, xd, xs, nt);
         if (m >= LANES_DYNAMIC_ROWS) {
             #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-            for (int64_t p = 0; p < packs; p += 4)
-                lanes_chunk(p, p + 4 < packs ? p + 4 : packs, m, nb, qs, d, mn, xq, xd, xs, out, n, bf16);
+            for (int64_t p = 0; p < packs; p += DYNAMIC_PACKS)
+                lanes_chunk(p, p + DYNAMIC_PACKS < packs ? p + DYNAMIC_PACKS : packs, m, nb, qs, d, mn, xq, xd, xs,
+                            out, n, bf16);
         } else {
             /* chunks of about CHUNK features, as many as a multiple of the threads, even shares */
-            int64_t chunks = (packs + CHUNK / LANES - 1) / (CHUNK / LANES);
-            chunks = (chunks + nt - 1) / nt * nt;
+            int64_t chunks = thread_chunks(packs, CHUNK / LANES, nt);
             #pragma omp parallel for num_threads(nt) schedule(static)
             for (int64_t c = 0; c < chunks; c++)
                 lanes_chunk(c * packs / chunks, (c + 1) * packs / chunks, m, nb, qs, d, mn, xq, xd, xs, out, n,
@@ -1555,8 +1562,7 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
     else unit_scales(xd, m, nb, xv);
     /* chunks of at most CHUNK features, as many as a multiple of the threads (chunk_start) */
-    int64_t chunks = (n + CHUNK - 1) / CHUNK;
-    chunks = (chunks + nt - 1) / nt * nt;
+    int64_t chunks = thread_chunks(n, CHUNK, nt);
     int whole = whole_rows(k);   /* rows of a whole Q4 tile */
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
