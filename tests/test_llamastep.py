@@ -82,11 +82,12 @@ def test_llama_step_equals_transformers_on_smollm2_int4(smollm2_int4):
 @pytest.mark.slow   # SmolLM2 int4, loaded in bfloat16 and in float32
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_int4_layers_run_in_one_native_call(smollm2_gguf, dtype):
-    """llamastep.c runs an int4 model's decoder layers (llmhost's kernel): one
-    layer computes what LlamaStep's torch loop computes (bfloat16: the same
-    bits; float32: within the noise of the kernel's 8-bit activations, which
-    a 1e-7 change of the input gives the torch loop too, as the norms' sums run
-    in another order), the greedy tokens of a chat are the torch loop's, and a
+    """llamastep.c runs an int4 model's decoder layers (llmhost's kernel): two
+    layers compute what LlamaStep's torch loop computes, the last one past its
+    keys and values for each sequence's last row only (bfloat16: the same bits;
+    float32: within the noise of the kernel's 8-bit activations, which a 1e-7
+    change of the input gives the torch loop too, as the norms' sums run in
+    another order), the greedy tokens of a chat are the torch loop's, and a
     cache of transformers' own layers keeps the torch loop."""
     from transformers import DynamicCache
 
@@ -106,14 +107,19 @@ def test_int4_layers_run_in_one_native_call(smollm2_gguf, dtype):
         cos, sin = step.rotary(h, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
         sin = torch.cat((-sin[..., :32], sin[..., 32:]), -1)   # as LlamaStep passes it
         caches = growing_cache(model.config), growing_cache(model.config)
-        want = step._layer(step.layers[0], h, cos.unsqueeze(1), sin.unsqueeze(1), caches[0], mask, True)
-        got = _Native.build(model, step.layers[:1])(h.clone(), cos, sin, mask, caches[1])
+        first = step._layer(step.layers[0], h, cos.unsqueeze(1), sin.unsqueeze(1), caches[0], mask, True)
+        second = step._layer(step.layers[1], first, cos.unsqueeze(1), sin.unsqueeze(1), caches[0], mask, True)
+        got = _Native.build(model, step.layers[:2])(h.clone(), cos, sin, mask, caches[1])
+    # the last layer takes each sequence's last row alone on from its keys and values: the
+    # other rows keep the first layer's states
+    want = torch.cat([first[:, :-1], second[:, -1:]], 1)
     assert got.dtype == want.dtype == getattr(torch, dtype) and got.shape == want.shape
-    (keys, values), (got_keys, got_values) = ((c.layers[0].keys, c.layers[0].values) for c in caches)
+    pairs = [(got, want)] + [(getattr(c.layers[i], part) for c in caches[::-1])
+                             for i in range(2) for part in ("keys", "values")]
     if dtype == "bfloat16":
-        assert torch.equal(got, want) and torch.equal(got_keys, keys) and torch.equal(got_values, values)
+        assert all(torch.equal(a, b) for a, b in pairs)
     else:
-        for a, b in ((got, want), (got_keys, keys), (got_values, values)):
+        for a, b in pairs:
             assert 0 < ((a - b).norm() / b.norm()).item() < 0.02
 
     def greedy(native) -> tuple[list[int], list[float]]:

@@ -221,22 +221,53 @@ static int linear(linear_fn f, const struct proj *p, const void *x, int bf16, in
     return f((int)p->bits, x, bf16, rows, k, p->qs, p->d, p->m, p->n, out, nt);
 }
 
+/* A layer from its attention's output on: rows rows of h [rows, hidden] (in place) and of att_out
+   [rows, hidden]; x [rows, hidden], big [rows, max(hidden, 2 * inter)] and act [rows, inter]
+   scratch. 0, or -1 when out of memory. */
+static int after_attention(const struct layer *L, int bf16, int64_t rows, int64_t hidden, int64_t inter, void *h,
+                           const void *att_out, char *x, char *big, char *act, linear_fn lin, int nt) {
+    const int64_t size = bf16 ? 2 : 4;
+    if (linear(lin, &L->o, att_out, bf16, rows, hidden, big, nt))
+        return -1;
+    add_rows(h, big, rows, hidden, bf16, nt);
+    #pragma omp parallel for num_threads(nt) schedule(static) if (rows * hidden > 65536)
+    for (int64_t r = 0; r < rows; r++)
+        rms_row((char *)h + r * hidden * size, L->norm2, L->eps2, hidden, x + r * hidden * size, bf16);
+    if (linear(lin, &L->gate_up, x, bf16, rows, hidden, big, nt))
+        return -1;
+    /* an exp per element: both threads from 8,192 (a 40-token prompt's, 61,440 a layer, ran
+       on one thread while the other spun: 2.5% of its prefill; twentieth session) */
+    #pragma omp parallel for num_threads(nt) schedule(static) if (rows * inter > 8192)
+    for (int64_t r = 0; r < rows; r++)
+        silu_mul_row(big + r * 2 * inter * size, inter, act + r * inter * size, bf16);
+    if (linear(lin, &L->down, act, bf16, rows, inter, big, nt))
+        return -1;
+    add_rows(h, big, rows, hidden, bf16, nt);
+    return 0;
+}
+
 /* The decoder layers on h [batch * length, hidden] (updated in place): rows b * length + i,
    position past + i of sequence b. cos / sin [batch * length, dim] (sin with its first half
    negated); mask [batch, past + length] or NULL; the cache buffers have room for the new
-   positions, which are written at past .. past + length - 1. 0, or -1 when out of memory. */
+   positions, which are written at past .. past + length - 1. With `last_only` (a step that
+   keeps the last position's logits) the last layer takes every row's keys and values into the
+   cache but only each sequence's last row on from there (its attention, MLP and residuals: what
+   llama.cpp's last layer does too); the other rows of h keep the layer before's. A row's
+   arithmetic is the same either way (every row is computed alone). 0, or -1 when out of memory. */
 int llama_layers(int bf16, int64_t count, const struct layer *layers, int64_t batch, int64_t length,
                  int64_t past, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t dim,
                  int64_t inter, void *h, const void *cos, const void *sin, const uint8_t *mask,
-                 double scale, linear_fn lin, attend_fn att, int nt) {
+                 double scale, int last_only, linear_fn lin, attend_fn att, int nt) {
     const int64_t rows = batch * length, size = bf16 ? 2 : 4, nq = heads * dim, nk = kv_heads * dim;
     const int64_t nqkv = nq + 2 * nk, wide = 2 * inter > nqkv ? 2 * inter : nqkv;
     char *x = malloc((size_t)(rows * hidden * size)), *big = malloc((size_t)(rows * wide * size));
     char *att_out = malloc((size_t)(rows * hidden * size)), *act = malloc((size_t)(rows * inter * size));
-    int failed = !x || !big || !att_out || !act;
+    char *last = malloc((size_t)(batch * hidden * size));   /* the sequences' last rows */
+    int failed = !x || !big || !att_out || !act || !last;
     const int64_t qst[3] = {length * nqkv, dim, nqkv};
     for (int64_t l = 0; l < count && !failed; l++) {
         const struct layer *L = layers + l;
+        const int cut = last_only && l == count - 1 && length > 1;
         #pragma omp parallel for num_threads(nt) schedule(static) if (rows * hidden > 65536)
         for (int64_t r = 0; r < rows; r++)
             rms_row((char *)h + r * hidden * size, L->norm1, L->eps1, hidden, x + r * hidden * size, bf16);
@@ -256,27 +287,25 @@ int llama_layers(int bf16, int64_t count, const struct layer *layers, int64_t ba
         }
         const int64_t st[9] = {qst[0], qst[1], qst[2], L->kst[0], L->kst[1], L->kst[2],
                                L->vst[0], L->vst[1], L->vst[2]};
-        failed |= att(bf16, big, L->keys, L->values, st, batch, heads, kv_heads, length, past + length,
-                      dim, mask, (float)scale, att_out, nt);
-        failed |= linear(lin, &L->o, att_out, bf16, rows, hidden, big, nt);
-        if (failed) break;
-        add_rows(h, big, rows, hidden, bf16, nt);
-        #pragma omp parallel for num_threads(nt) schedule(static) if (rows * hidden > 65536)
-        for (int64_t r = 0; r < rows; r++)
-            rms_row((char *)h + r * hidden * size, L->norm2, L->eps2, hidden, x + r * hidden * size, bf16);
-        failed |= linear(lin, &L->gate_up, x, bf16, rows, hidden, big, nt);
-        if (failed) break;
-        /* an exp per element: both threads from 8,192 (a 40-token prompt's, 61,440 a layer, ran
-           on one thread while the other spun: 2.5% of its prefill; twentieth session) */
-        #pragma omp parallel for num_threads(nt) schedule(static) if (rows * inter > 8192)
-        for (int64_t r = 0; r < rows; r++)
-            silu_mul_row(big + r * 2 * inter * size, inter, act + r * inter * size, bf16);
-        failed |= linear(lin, &L->down, act, bf16, rows, inter, big, nt);
-        if (!failed) add_rows(h, big, rows, hidden, bf16, nt);
+        if (!cut) {
+            failed |= att(bf16, big, L->keys, L->values, st, batch, heads, kv_heads, length, past + length,
+                          dim, mask, (float)scale, att_out, nt);
+            if (!failed) failed = after_attention(L, bf16, rows, hidden, inter, h, att_out, x, big, act, lin, nt);
+            continue;
+        }
+        /* the last rows' queries (row length - 1 of each sequence) against all their keys */
+        failed |= att(bf16, big + (length - 1) * nqkv * size, L->keys, L->values, st, batch, heads, kv_heads, 1,
+                      past + length, dim, mask, (float)scale, att_out, nt);
+        for (int64_t b = 0; b < batch; b++)
+            memcpy(last + b * hidden * size, (char *)h + ((b + 1) * length - 1) * hidden * size, (size_t)(hidden * size));
+        if (!failed) failed = after_attention(L, bf16, batch, hidden, inter, last, att_out, x, big, act, lin, nt);
+        for (int64_t b = 0; b < batch; b++)
+            memcpy((char *)h + ((b + 1) * length - 1) * hidden * size, last + b * hidden * size, (size_t)(hidden * size));
     }
     free(x);
     free(big);
     free(att_out);
     free(act);
+    free(last);
     return failed ? -1 : 0;
 }
