@@ -3,9 +3,10 @@ AMX) gives the bits of its other tiles: every row the same alone as batched, the
 same as the library built without AMX, so rows_alone holds (the prefix cache's
 any-prefix reuse rests on it). Runs where the CPU has AMX; the flag choice anywhere.
 Its feature lanes (a packed Q4 weight: packs of 16 features with AVX-512 VNNI without
-AMX, of 8 in the plain AVX2 build) hold the same promise, with the same bits on either
-build; the AVX-512 ones run where the CPU has AVX-512 VNNI. So do the plain AVX2 build's
-tiles and lanes, built and run on any x86 CPU with AVX2."""
+AMX, of 8 in the plain AVX2 build and with AVX-VNNI) hold the same promise, with the same
+bits on every build; the AVX-512 ones run where the CPU has AVX-512 VNNI, the AVX-VNNI ones
+there too (the same instruction EVEX-encoded) or where it has AVX-VNNI. So do the plain AVX2
+build's tiles and lanes, built and run on any x86 CPU with AVX2."""
 from __future__ import annotations
 
 import pytest
@@ -118,18 +119,33 @@ def test_the_avx2_build_gives_each_row_its_bits_alone():
         torch.set_num_threads(threads)
 
 
+def _avx_vnni_build():
+    """The kernel as an AVX-VNNI CPU (AVX2 with vpdpbusd on 256-bit vectors, no AVX-512) builds
+    it: with -mavxvnni where the CPU has AVX-VNNI, else, where it has AVX-512 VNNI, with the same
+    instruction EVEX-encoded (-mavx512vnni -mavx512vl without -mavx512bw: the same integers, and
+    no AVX-512 lanes); skipped elsewhere."""
+    flags = native.cpu_flags()
+    extra = ("-mavxvnni",) if "avx_vnni" in flags else \
+        ("-mavx512vnni", "-mavx512vl") if {"avx512_vnni", "avx512vl"} <= flags else None
+    if extra is None or not q4kernel.available()[0]:
+        pytest.skip("this CPU runs neither AVX-VNNI nor AVX-512 VNNI")
+    lib, why = q4kernel.build(q4kernel.COMPILE + extra)
+    assert lib is not None, why
+    return lib
+
+
 def _lanes_build(which: str):
     """(library, features per pack): this process's build (16-feature lanes with AVX-512 VNNI,
-    8 with AVX2 alone; skipped where it has none) or the plain AVX2 one (8-feature lanes, on any
-    CPU the kernel runs on)."""
+    8 with AVX2 alone or AVX-VNNI; skipped where it has none), the plain AVX2 one (8-feature
+    lanes, on any CPU the kernel runs on) or an AVX-VNNI CPU's (8-feature lanes on vpdpbusd)."""
     if which == "native":
         _lanes_or_skip()
         return q4kernel._build()[0], q4kernel.lanes()
-    plain = _plain_build()
-    return plain, plain.q4_lanes()
+    lib = _plain_build() if which == "avx2" else _avx_vnni_build()
+    return lib, lib.q4_lanes()
 
 
-@pytest.mark.parametrize("which", ["native", "avx2"])
+@pytest.mark.parametrize("which", ["native", "avx2", "avx-vnni"])
 def test_packed_products_give_each_row_its_bits_alone(which):
     """A packed weight's product (q_linear_lanes): every row the same bits alone as in calls of
     2 to 300 rows at any position, on 1 or 2 threads; Q4_0 and Q4_1; k of whole groups, a
@@ -169,20 +185,24 @@ def test_packed_products_give_each_row_its_bits_alone(which):
         torch.set_num_threads(threads)
 
 
-def test_avx2_lanes_give_the_avx512_lanes_bits():
-    """The two builds' feature lanes run the same float operations in the same order for every
-    (row, feature), block after block: the same results bit for bit, float32 and bfloat16, from
-    a lone row to a prompt's 40 (the AVX-512 wide tiles) and Q4_0 and Q4_1 alike."""
-    native_lib, pack = _lanes_build("native")
-    if pack != 16:
-        pytest.skip("this process's build is the AVX2 one (LLMHOST_CPU_FLAGS or the CPU)")
+@pytest.mark.parametrize("which", ["native", "avx-vnni"])
+def test_lanes_give_the_plain_avx2_lanes_bits(which):
+    """Every build's feature lanes run the same float operations in the same order for every
+    (row, feature), block after block, on the same integers (vpdpbusd's, or vpmaddubsw and
+    vpmaddwd's): this process's (AVX-512's 16 features) and an AVX-VNNI CPU's (8) give the plain
+    AVX2 build's results bit for bit, float32 and bfloat16, from a lone row to a prompt's 40 (the
+    AVX-512 wide tiles) and Q4_0 and Q4_1 alike."""
+    lib, pack = _lanes_build(which)
+    if which == "native" and q4kernel.compile_flags(q4kernel.cpu_flags()) == q4kernel.COMPILE:
+        pytest.skip("this process's build is the plain AVX2 one (LLMHOST_CPU_FLAGS or the CPU)")
+    assert which == "native" or pack == 8   # AVX-VNNI: packed too (it ran the tiles before)
     plain, eight = _lanes_build("avx2")
     generator = torch.Generator().manual_seed(9)
     for k, n, planes in ((576, 64, 2), (1568, 48, 1)):
         qs, dm = _q4_weight(n, k, planes, generator)
         x = torch.randn(40, k, generator=generator)
         for rows in (x[:1], x[:7], x, x.bfloat16()):
-            wide = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, pack), lib=native_lib, lanes=True)
+            wide = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, pack), lib=lib, lanes=True)
             narrow = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, eight), lib=plain, lanes=True)
             assert torch.equal(wide, narrow), (k, rows.shape, rows.dtype)
 

@@ -30,12 +30,12 @@
  * however many rows a call has: a row's result does not depend on what it is
  * batched with. Threads: OpenMP's, shared with torch's (the same libgomp).
  *
- * Paths by kind of CPU: on AVX2 without VNNI the feature lanes (q_linear_lanes: the weight
- * packed at load, 8 features to a vector); on AVX-512 VNNI without AMX the same feature lanes
- * at 16 features (a prompt's rows on wide tiles over the weight unpacked per call), the same
- * bits as the AVX2 ones; with AVX-VNNI the tiles below; with AMX the tiles below plus AMX
- * tiles for a prefill's rows (q_linear_amx), the same bits. The tiles also run where a
- * weight's features are not a multiple of the pack, and the Q8_0 head everywhere.
+ * Paths by kind of CPU: on AVX2 (without VNNI, or with AVX-VNNI) the feature lanes
+ * (q_linear_lanes: the weight packed at load, 8 features to a vector); on AVX-512 VNNI without
+ * AMX the same feature lanes at 16 features (a prompt's rows on wide tiles over the weight
+ * unpacked per call), the same bits as the AVX2 ones; with AMX the tiles below plus AMX tiles
+ * for a prefill's rows (q_linear_amx), the same bits. The tiles also run where a weight's
+ * features are not a multiple of the pack, and the Q8_0 head everywhere.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -1381,17 +1381,19 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     free(xf);
     return failed ? -1 : 0;
 }
-#elif !defined(__AVX512VL__) && !defined(DPBUSD)
-/* Feature lanes on AVX2 without VNNI: the packs above at 8 features (a 256-bit lane each; a
-   pack's block: vector j, 32 bytes, holds the 4 bytes j of each feature's nibbles), so a block
-   of a row is the tiles' group turned around: per weight vector one vpmaddubsw for 8 features
-   (its unsigned nibbles times the row's 4 activations, broadcast), the 8 added in 16 bits (at
-   most 16 products of 15 * 127 a lane, as q4_group's), vpmaddwd, then add_block's two
-   multiply-adds. As many integer operations per product as the tiles, but no horizontal sums
-   (a feature's lanes, a partial group's units) and no transposes: SmolLM2's products (k = 576:
-   2 groups and 2 blocks) ran 1.2-1.4x as fast as the tiles at 40 to 512 rows (twenty-seventh
+#elif !defined(__AMX_INT8__)
+/* Feature lanes on AVX2, without VNNI or with AVX-VNNI (no AVX-512): the packs above at 8
+   features (a 256-bit lane each; a pack's block: vector j, 32 bytes, holds the 4 bytes j of each
+   feature's nibbles), so a block of a row is the tiles' group turned around: per weight vector
+   one vpmaddubsw for 8 features (its unsigned nibbles times the row's 4 activations,
+   broadcast), the 8 added in 16 bits (at most 16 products of 15 * 127 a lane, as q4_group's),
+   vpmaddwd, then add_block's two multiply-adds; with VNNI one vpdpbusd per weight vector into
+   the block's int32 sums instead (the same integers: half the integer operations). Without
+   VNNI as many integer operations per product as the tiles, but no horizontal sums (a
+   feature's lanes, a partial group's units) and no transposes: SmolLM2's products (k = 576: 2
+   groups and 2 blocks) ran 1.2-1.4x as fast as the tiles at 40 to 512 rows (twenty-seventh
    session, docs/performance.md). The same operations in the same order as the AVX-512 lanes
-   for every (row, feature), block after block: the same bits on either CPU. */
+   for every (row, feature), block after block: the same bits on any of these CPUs. */
 #define LANES 8
 
 int q4_lanes(void) { return LANES; }
@@ -1430,18 +1432,31 @@ static inline __attribute__((always_inline)) void lanes_tile(
             __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + (p * nb + b) * 8)));
             __m256 mw = wm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + (p * nb + b) * 8)))
                            : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+#ifdef DPBUSD
+            for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+#endif
 #pragma GCC unroll 8
             for (int i = 0; i < 8; i++) {
                 __m256i u = group_nibbles(raw, i);
                 for (int r = 0; r < R; r++) {
-                    __m256i q = _mm256_maddubs_epi16(u, _mm256_set1_epi32(*(const int32_t *)(xq + r * k + b * 32 + 4 * i)));
+                    __m256i x = _mm256_set1_epi32(*(const int32_t *)(xq + r * k + b * 32 + 4 * i));
+#ifdef DPBUSD
+                    sum[r] = DPBUSD(sum[r], u, x);
+#else
+                    __m256i q = _mm256_maddubs_epi16(u, x);
                     sum[r] = i ? _mm256_add_epi16(sum[r], q) : q;
                     __asm__("" : "+x"(sum[r]));
+#endif
                 }
             }
-            for (int r = 0; r < R; r++)
-                acc[r][p] = add_block(acc[r][p], _mm256_madd_epi16(sum[r], _mm256_set1_epi16(1)), dw, mw,
-                                      xd[r * nb + b], xs[r * nb + b]);
+            for (int r = 0; r < R; r++) {
+#ifdef DPBUSD
+                __m256i block = sum[r];
+#else
+                __m256i block = _mm256_madd_epi16(sum[r], _mm256_set1_epi16(1));
+#endif
+                acc[r][p] = add_block(acc[r][p], block, dw, mw, xd[r * nb + b], xs[r * nb + b]);
+            }
         }
     for (int r = 0; r < R; r++)
         for (int p = 0; p < P; p++) store8(out, r * n + 8 * p, acc[r][p], bf16);

@@ -181,8 +181,8 @@ class Q4Linear(Int4Linear):
     def __init__(self, qs: torch.Tensor, dm: torch.Tensor, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features)
         # packed for the kernel's feature lanes where this CPU's build has them (AVX-512 VNNI
-        # without AMX: ~1.9x faster products at any row count; AVX2 without VNNI: 1.1-1.4x,
-        # q4kernel.c), the same bytes
+        # without AMX: ~1.9x faster products at any row count; AVX2 without VNNI: 1.1-1.4x;
+        # AVX-VNNI: 1.3-1.6x, q4kernel.c), the same bytes
         pack = q4kernel.lanes()
         self.lanes = bool(pack) and out_features % pack == 0
         if self.lanes:
