@@ -85,7 +85,9 @@ def _plain_build():
 def test_feature_lanes_are_built_for_avx512_vnni_without_amx_and_plain_avx2():
     base = frozenset({"avx2", "fma", "f16c"})
     assert "-mavx512bw" in q4kernel.compile_flags(base | LANES_FLAGS)
-    assert "-mavx512vnni" not in q4kernel.compile_flags(base | {"avx512_vnni", "avx512vl"})   # no BW: AVX2's
+    # no BW: an AVX-VNNI CPU's build (the same vpdpbusd on 256-bit vectors, EVEX-encoded)
+    assert q4kernel.compile_flags(base | {"avx512_vnni", "avx512vl"}) == \
+        q4kernel.COMPILE + ("-mavx512vnni", "-mavx512vl") != q4kernel.compile_flags(base | {"avx_vnni"})
     plain = _plain_build()
     assert plain.q4_lanes() == 8
     if LANES_FLAGS <= native.cpu_flags() and not AMX_FLAGS <= native.cpu_flags():
@@ -122,14 +124,13 @@ def test_the_avx2_build_gives_each_row_its_bits_alone():
 def _avx_vnni_build():
     """The kernel as an AVX-VNNI CPU (AVX2 with vpdpbusd on 256-bit vectors, no AVX-512) builds
     it: with -mavxvnni where the CPU has AVX-VNNI, else, where it has AVX-512 VNNI, with the same
-    instruction EVEX-encoded (-mavx512vnni -mavx512vl without -mavx512bw: the same integers, and
-    no AVX-512 lanes); skipped elsewhere."""
-    flags = native.cpu_flags()
-    extra = ("-mavxvnni",) if "avx_vnni" in flags else \
-        ("-mavx512vnni", "-mavx512vl") if {"avx512_vnni", "avx512vl"} <= flags else None
-    if extra is None or not q4kernel.available()[0]:
+    instruction EVEX-encoded (compile_flags' AVX-512 VNNI without BW: -mavx512vnni -mavx512vl,
+    the same integers and no AVX-512 lanes); skipped elsewhere."""
+    have = native.cpu_flags()
+    if not q4kernel.available()[0] or not ("avx_vnni" in have or {"avx512_vnni", "avx512vl"} <= have):
         pytest.skip("this CPU runs neither AVX-VNNI nor AVX-512 VNNI")
-    lib, why = q4kernel.build(q4kernel.COMPILE + extra)
+    vnni = {"avx_vnni"} if "avx_vnni" in have else {"avx512_vnni", "avx512vl"}
+    lib, why = q4kernel.build(q4kernel.compile_flags(frozenset({"avx2", "fma", "f16c"} | vnni)))
     assert lib is not None, why
     return lib
 

@@ -30,9 +30,13 @@ log = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(__file__), "q4kernel.c")
 # vpdpbusd where the CPU has it (the same integers in fewer instructions: q4kernel.c); the
 # AVX-512 kind first: its encoding has 32 vector registers, for taller tiles (q4kernel.c)
-# (AVX-512 BW too: the feature lanes' nibble shifts, q4kernel.c)
+# (AVX-512 BW too: the feature lanes' nibble shifts, q4kernel.c). AVX-512 VNNI without BW
+# (no CPU ships it; LLMHOST_CPU_FLAGS="avx2 fma f16c avx512_vnni avx512vl" names it) builds
+# what an AVX-VNNI CPU builds, vpdpbusd on 256-bit vectors and the 8-feature lanes, with the
+# EVEX encoding of the same instruction: an AVX-512 VNNI CPU runs llmhost as an AVX-VNNI one.
 VNNI = ((("avx512_vnni", "avx512vl", "avx512bw"), ("-mavx512vnni", "-mavx512vl", "-mavx512bw")),
-        (("avx_vnni",), ("-mavxvnni",)))
+        (("avx_vnni",), ("-mavxvnni",)),
+        (("avx512_vnni", "avx512vl"), ("-mavx512vnni", "-mavx512vl")))
 
 
 # AMX's 8-bit tile products for the Q4 products of many rows (a prefill), where the CPU has
