@@ -98,8 +98,8 @@ def available() -> tuple[bool, str]:
 
 def lanes() -> int:
     """Features per pack where this process's build computes packed Q4 weights
-    (q4kernel.c's feature lanes: 16 with AVX-512 VNNI without AMX, 8 with AVX2
-    without VNNI), else 0."""
+    (q4kernel.c's feature lanes: 16 with AVX-512 VNNI without AMX, 8 with AVX2,
+    without VNNI or with AVX-VNNI), else 0 (AMX builds, or no kernel)."""
     lib, _ = _build()
     return lib.q4_lanes() if lib is not None else 0
 

@@ -14,10 +14,10 @@ int4 (GGUF files only): the file's own 4-bit Linear weights are kept as they
 are, not dequantized. On a CPU with AVX2, FMA and F16C, llmhost's kernel
 (q4kernel.c, Q4Linear) keeps each Q4_0 / Q4_1 block's bytes (in the file's
 order, or packed 16 output features side by side on AVX-512 VNNI without AMX,
-8 with AVX2 alone: q4kernel.to_lanes) and multiplies them with 8-bit activations in integer
-instructions, as llama.cpp does; a tied Q8_0 token embedding stays in its
-blocks too (Q8Embedding), the output head reading them with the same kernel
-(Q8Head). Elsewhere (or with
+8 with AVX2 alone or with AVX-VNNI: q4kernel.to_lanes) and multiplies them with
+8-bit activations in integer instructions, as llama.cpp does; a tied Q8_0 token
+embedding stays in its blocks too (Q8Embedding), the output head reading them
+with the same kernel (Q8Head). Elsewhere (or with
 LLMHOST_INT4_KERNEL=torch) torch's int4 CPU kernel runs (TorchInt4Linear): a
 Q4 block (32 weights, w = d*q + m with q in 0..15) is exactly what it computes
 (groups of 32 along the input, w = (q - 8)*scale + zero: scale = d, zero = m +
