@@ -1411,6 +1411,29 @@ static inline __m256 add_block(__m256 acc, __m256i sum, __m256 dw, __m256 mw, fl
     return _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc);
 }
 
+/* a row's sums of a block so far plus one weight vector's products with the row's 4 activations
+   x (i: the vector, 0 starts the block): 16-bit sums (the empty asm: q4_group's, one chain in a
+   register), or with VNNI the block's int32 ones */
+static inline __m256i lane_step(__m256i sum, __m256i u, __m256i x, int i) {
+#ifdef DPBUSD
+    return DPBUSD(i ? sum : _mm256_setzero_si256(), u, x);
+#else
+    __m256i q = _mm256_maddubs_epi16(u, x);
+    sum = i ? _mm256_add_epi16(sum, q) : q;
+    __asm__("" : "+x"(sum));
+    return sum;
+#endif
+}
+
+/* a block's int32 sums from lane_step's */
+static inline __m256i lane_sums(__m256i sum) {
+#ifdef DPBUSD
+    return sum;
+#else
+    return _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
+#endif
+}
+
 /* R rows (xq: the first's activations, input order; xd, xs: its blocks' scales and scale *
    sum) x P packs (wq, wd, wm: the first's, the next nb blocks further) into out [.., n]; R and
    P constants where inlined. A pack's block is read a weight vector at a time for all R rows
@@ -1427,36 +1450,19 @@ static inline __attribute__((always_inline)) void lanes_tile(
             const uint8_t *at = wq + (p * nb + b) * 128;
             _mm_prefetch((const char *)(at + LANES_AHEAD), _MM_HINT_T0);
             _mm_prefetch((const char *)(at + LANES_AHEAD + 64), _MM_HINT_T0);
-            __m256i raw[4], sum[LANE_ROWS];
+            __m256i raw[4], sum[LANE_ROWS] = {0};   /* (lane_step's i = 0 reads none of them) */
             for (int j = 0; j < 4; j++) raw[j] = _mm256_loadu_si256((const __m256i *)(at + 32 * j));
             __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + (p * nb + b) * 8)));
             __m256 mw = wm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + (p * nb + b) * 8)))
                            : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-#ifdef DPBUSD
-            for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
-#endif
 #pragma GCC unroll 8
             for (int i = 0; i < 8; i++) {
                 __m256i u = group_nibbles(raw, i);
-                for (int r = 0; r < R; r++) {
-                    __m256i x = _mm256_set1_epi32(*(const int32_t *)(xq + r * k + b * 32 + 4 * i));
-#ifdef DPBUSD
-                    sum[r] = DPBUSD(sum[r], u, x);
-#else
-                    __m256i q = _mm256_maddubs_epi16(u, x);
-                    sum[r] = i ? _mm256_add_epi16(sum[r], q) : q;
-                    __asm__("" : "+x"(sum[r]));
-#endif
-                }
+                for (int r = 0; r < R; r++)
+                    sum[r] = lane_step(sum[r], u, _mm256_set1_epi32(*(const int32_t *)(xq + r * k + b * 32 + 4 * i)), i);
             }
-            for (int r = 0; r < R; r++) {
-#ifdef DPBUSD
-                __m256i block = sum[r];
-#else
-                __m256i block = _mm256_madd_epi16(sum[r], _mm256_set1_epi16(1));
-#endif
-                acc[r][p] = add_block(acc[r][p], block, dw, mw, xd[r * nb + b], xs[r * nb + b]);
-            }
+            for (int r = 0; r < R; r++)
+                acc[r][p] = add_block(acc[r][p], lane_sums(sum[r]), dw, mw, xd[r * nb + b], xs[r * nb + b]);
         }
     for (int r = 0; r < R; r++)
         for (int p = 0; p < P; p++) store8(out, r * n + 8 * p, acc[r][p], bf16);
