@@ -249,15 +249,15 @@ static int after_attention(const struct layer *L, int bf16, int64_t rows, int64_
 /* The decoder layers on h [batch * length, hidden] (updated in place): rows b * length + i,
    position past + i of sequence b. cos / sin [batch * length, dim] (sin with its first half
    negated); mask [batch, past + length] or NULL; the cache buffers have room for the new
-   positions, which are written at past .. past + length - 1. With `last_only` (a step that
-   keeps the last position's logits) the last layer takes every row's keys and values into the
-   cache but only each sequence's last row on from there (its attention, MLP and residuals: what
-   llama.cpp's last layer does too); the other rows of h keep the layer before's. A row's
-   arithmetic is the same either way (every row is computed alone). 0, or -1 when out of memory. */
+   positions, which are written at past .. past + length - 1. A step keeps the last position's
+   logits alone, so the last layer takes every row's keys and values into the cache but only
+   each sequence's last row on from there (its attention, MLP and residuals: what llama.cpp's
+   last layer does too); the other rows of h keep the layer before's. A row's arithmetic is the
+   same either way (every row is computed alone). 0, or -1 when out of memory. */
 int llama_layers(int bf16, int64_t count, const struct layer *layers, int64_t batch, int64_t length,
                  int64_t past, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t dim,
                  int64_t inter, void *h, const void *cos, const void *sin, const uint8_t *mask,
-                 double scale, int last_only, linear_fn lin, attend_fn att, int nt) {
+                 double scale, linear_fn lin, attend_fn att, int nt) {
     const int64_t rows = batch * length, size = bf16 ? 2 : 4, nq = heads * dim, nk = kv_heads * dim;
     const int64_t nqkv = nq + 2 * nk, wide = 2 * inter > nqkv ? 2 * inter : nqkv;
     char *x = malloc((size_t)(rows * hidden * size)), *big = malloc((size_t)(rows * wide * size));
@@ -267,7 +267,7 @@ int llama_layers(int bf16, int64_t count, const struct layer *layers, int64_t ba
     const int64_t qst[3] = {length * nqkv, dim, nqkv};
     for (int64_t l = 0; l < count && !failed; l++) {
         const struct layer *L = layers + l;
-        const int cut = last_only && l == count - 1 && length > 1;
+        const int cut = l == count - 1 && length > 1;
         #pragma omp parallel for num_threads(nt) schedule(static) if (rows * hidden > 65536)
         for (int64_t r = 0; r < rows; r++)
             rms_row((char *)h + r * hidden * size, L->norm1, L->eps1, hidden, x + r * hidden * size, bf16);

@@ -63,8 +63,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         log.info("int4 steps run their layers in torch: llamastep.c is unavailable (%s)", why)
         return None, why
     lib.llama_layers.argtypes = [ctypes.c_int, _N, ctypes.POINTER(_LayerArgs), _N, _N, _N, _N, _N,
-                                 _N, _N, _N, _P, _P, _P, _P, ctypes.c_double, ctypes.c_int, _P, _P,
-                                 ctypes.c_int]
+                                 _N, _N, _N, _P, _P, _P, _P, ctypes.c_double, _P, _P, ctypes.c_int]
     lib.llama_layers.restype = ctypes.c_int
     return lib, ""
 
@@ -122,9 +121,8 @@ class _Native:
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  mask: torch.Tensor | None, cache) -> torch.Tensor:
         """h [batch, length, hidden]: each sequence's last row after every layer,
-        the others after all but the last (llamastep.c's ``last_only``: a step
-        keeps the last position's logits); the cache's new positions written and
-        joined."""
+        the others after all but the last (a step keeps the last position's
+        logits: llama_layers); the cache's new positions written and joined."""
         batch, length, _ = h.shape
         h = h.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
@@ -141,7 +139,7 @@ class _Native:
         if self.lib.llama_layers(self.bf16, len(self.args), self.args, batch, length, past,
                                  self.hidden, self.heads, self.kv_heads, self.dim, self.inter,
                                  h.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                 mask.data_ptr() if mask is not None else None, self.scale, 1,
+                                 mask.data_ptr() if mask is not None else None, self.scale,
                                  self.linear, self.attend, torch.get_num_threads()):
             raise torch.OutOfMemoryError("llamastep.c: no memory for a step's activations")
         for layer in layers:
