@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 typedef int (*linear_fn)(int bits, const void *x, int bf16, int64_t m, int64_t k, const void *qs,
                          const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt);
 typedef int (*attend_fn)(int bf16, const void *q, const void *k, const void *v, const int64_t *st,
@@ -46,15 +48,8 @@ struct layer {
     int64_t kst[3], vst[3];
 };
 
-/* 8 numbers of the model's dtype as float32, and back (bfloat16: round to nearest even, a NaN
-   stays a NaN, as torch's .to(bfloat16)) */
-static inline __m256 load8(const void *p, int64_t i, int bf16) {
-    if (bf16)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
-    return _mm256_loadu_ps((const float *)p + i);
-}
-
+/* 8 numbers of the model's dtype as float32 (simd.h's load8), and back (bfloat16: round to
+   nearest even, a NaN stays a NaN, as torch's .to(bfloat16)) */
 static inline __m256i bf16_bits(__m256 v) {   /* the rounded bfloat16 in each lane's high half */
     __m256i u = _mm256_castps_si256(v);
     __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -109,13 +104,6 @@ static inline __m256 exp8(__m256 x) {
    AVX-512 (llamastep.py compiles with it there): load8, bf16_bits, held, store8 and exp8 at twice
    the width, the same operation on each lane, so the same bits (a 128-token prefill of
    SmolLM2 int4 66 -> 60 ms, seventeenth session). */
-static inline __m512 load16(const void *p, int64_t i, int bf16) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
-    return _mm512_loadu_ps((const float *)p + i);
-}
-
 static inline __m512i bf16_bits16(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));

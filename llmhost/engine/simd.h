@@ -3,8 +3,26 @@
 #ifndef LLMHOST_SIMD_H
 #define LLMHOST_SIMD_H
 #include <immintrin.h>
+#include <stdint.h>
+
+/* values i .. i + 7 of p as float32: p float32, or with `bf16` bfloat16 widened (exact: the bits
+   shifted up) */
+static inline __m256 load8(const void *p, int64_t i, int bf16) {
+    if (bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    return _mm256_loadu_ps((const float *)p + i);
+}
 
 #ifdef __AVX512F__
+/* values i .. i + 15 of p as float32 (load8's 16) */
+static inline __m512 load16(const void *p, int64_t i, int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
 /* 16 x 16 floats transposed in registers: rows a[0..16) in, columns out (a[c] = column c) */
 static inline void transpose16(__m512 a[16]) {
     __m512 t[16];

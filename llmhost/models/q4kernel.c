@@ -45,12 +45,15 @@
 
 #include "../engine/simd.h"
 
-/* One block of 32 floats -> 32 int8 in input order; *d its scale, *s scale * sum(q). */
-static inline __m256i quantize_block(const float *p, float *d, float *s) {
+/* Block b of x (32 values, float32 or with `bf16` bfloat16: a bfloat16 model's activations read
+   as they are, simd.h's load8; widened into a float32 copy first, a prompt's copy, 6 MB for
+   SmolLM2's down projection at 1,024 rows, went through memory: 4% of its prefill) -> 32 int8
+   in input order; *d its scale, *s scale * sum(q). */
+static inline __m256i quantize_block(const void *x, int64_t b, int bf16, float *d, float *s) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 mx = _mm256_setzero_ps();
     for (int j = 0; j < 32; j += 8)
-        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(p + j)));
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, load8(x, 32 * b + j, bf16)));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
@@ -58,7 +61,7 @@ static inline __m256i quantize_block(const float *p, float *d, float *s) {
     __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     __m256i q[4];
     for (int j = 0; j < 4; j++)
-        q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p + 8 * j), inv),
+        q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(load8(x, 32 * b + 8 * j, bf16), inv),
                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
@@ -82,11 +85,11 @@ static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
    prefill (twentieth session); a decode step's few rows stay on one */
 #define QUANTIZE_SPLIT_FROM 256
 
-/* x [m, k] float32 -> xq int8 [m, k], xd (scale) and xs (scale * sum of the block's q) float
+/* x [m, k] (float32, or bfloat16 with `bf16`) -> xq int8 [m, k], xd (scale) and xs (scale * sum of the block's q) float
    [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
    i of 32 bytes, lane l: inputs 4i..4i+3 of block GROUP_LANES[l]) and the blocks after the last
    whole group in pair order; without it (Q8_0) pair order throughout. */
-static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
+static void quantize_rows(const void *x, int bf16, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
                           float *xs, int nt) {
     int64_t nb = k / 32, groups = grouped ? nb / 8 : 0, first = 8 * groups, pairs = (nb - first) / 2;
     #pragma omp parallel for num_threads(nt) schedule(static) if (m * groups * 8 >= QUANTIZE_SPLIT_FROM)
@@ -94,31 +97,32 @@ static void quantize_rows(const float *x, int64_t m, int64_t k, int grouped, int
         int64_t b = i / groups * nb + 8 * (i % groups);
         int32_t q[8][8], *out = (int32_t *)(xq + b * 32);   /* q[block][4 inputs] */
         for (int j = 0; j < 8; j++)
-            _mm256_storeu_si256((__m256i *)q[j], quantize_block(x + (b + j) * 32, xd + b + j, xs + b + j));
+            _mm256_storeu_si256((__m256i *)q[j], quantize_block(x, b + j, bf16, xd + b + j, xs + b + j));
         for (int v = 0; v < 8; v++)
             for (int l = 0; l < 8; l++) out[8 * v + l] = q[GROUP_LANES[l]][v];
     }
     #pragma omp parallel for num_threads(nt) schedule(static) if (m * pairs * 2 >= QUANTIZE_SPLIT_FROM)
     for (int64_t i = 0; i < m * pairs; i++) {
         int64_t b = i / pairs * nb + first + 2 * (i % pairs);
-        __m256i a = quantize_block(x + b * 32, xd + b, xs + b);
-        __m256i c = quantize_block(x + b * 32 + 32, xd + b + 1, xs + b + 1);
+        __m256i a = quantize_block(x, b, bf16, xd + b, xs + b);
+        __m256i c = quantize_block(x, b + 1, bf16, xd + b + 1, xs + b + 1);
         _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permute2x128_si256(a, c, 0x20));
         _mm256_storeu_si256((__m256i *)(xq + b * 32 + 32), _mm256_permute2x128_si256(a, c, 0x31));
     }
     if ((nb - first) % 2)
         for (int64_t row = 0; row < m; row++) {
             int64_t b = row * nb + nb - 1;
-            _mm256_storeu_si256((__m256i *)(xq + b * 32), quantize_block(x + b * 32, xd + b, xs + b));
+            _mm256_storeu_si256((__m256i *)(xq + b * 32), quantize_block(x, b, bf16, xd + b, xs + b));
         }
 }
 
-/* `blocks` blocks of 32 floats quantized in input order (xq: 32-byte aligned), their scales
-   and scale * sum (the feature lanes' activations) */
-static inline void quantize_blocks(const float *x, int64_t blocks, int8_t *xq, float *xd, float *xs, int nt) {
+/* x's first `blocks` blocks (float32, or bfloat16 with `bf16`) quantized in input order (xq:
+   32-byte aligned), their scales and scale * sum (the feature lanes' activations) */
+static inline void quantize_blocks(const void *x, int bf16, int64_t blocks, int8_t *xq, float *xd, float *xs,
+                                   int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static) if (blocks >= QUANTIZE_SPLIT_FROM)
     for (int64_t i = 0; i < blocks; i++)
-        _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x + i * 32, xd + i, xs + i));
+        _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x, i, bf16, xd + i, xs + i));
 }
 
 /* x [m, k] as the kernel sees it (its 8-bit blocks, back in float32, input order), for a
@@ -129,7 +133,7 @@ void q4_requantize(const float *x, int64_t m, int64_t k, float *out, int nt) {
     for (int64_t b = 0; b < blocks; b++) {
         float d, s;
         int8_t q[32];
-        _mm256_storeu_si256((__m256i *)q, quantize_block(x + b * 32, &d, &s));
+        _mm256_storeu_si256((__m256i *)q, quantize_block(x, b, 0, &d, &s));
         for (int j = 0; j < 32; j++) out[b * 32 + j] = d * (float)q[j];
     }
 }
@@ -722,14 +726,6 @@ WHOLE(whole_16, 16)
 #endif
 #undef WHOLE
 
-/* x's `count` values as float32: x itself, or with `bf16` its bfloat16s widened into out (exact:
-   their bits shifted up, a vectorized loop) */
-static const float *as_float32(const void *x, int bf16, int64_t count, uint32_t *out) {
-    if (!bf16) return x;
-    for (int64_t i = 0; i < count; i++) out[i] = (uint32_t)((const uint16_t *)x)[i] << 16;
-    return (const float *)out;
-}
-
 #if defined(__AVX512BW__) && defined(__AVX512VL__)
 /* out[i..i + count) = the first count of v, as store() writes each: float32, or bfloat16
    rounded to nearest even with a NaN as 0x7fc0 */
@@ -806,10 +802,7 @@ static inline void quantize_rows16(const void *x, int64_t stride, int bf16, int 
     __m512 v[2][16];   /* inputs 0-15, then 16-31, of each row; transposed: of each input */
     for (int r = 0; r < 16; r++)
         for (int h = 0; h < 2; h++)
-            v[h][r] = r >= R ? _mm512_setzero_ps()
-                      : bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                   (const __m256i *)((const uint16_t *)x + r * stride + 16 * h))), 16))
-                             : _mm512_loadu_ps((const float *)x + r * stride + 16 * h);
+            v[h][r] = r >= R ? _mm512_setzero_ps() : load16(x, r * stride + 16 * h, bf16);
     transpose16(v[0]);
     transpose16(v[1]);
     __m512 amax = _mm512_setzero_ps();
@@ -1148,10 +1141,10 @@ static const lanes_fn LANES_TILES[2][LANE_ROWS] = {{lanes_1x1, lanes_2x1, lanes_
    int8s (vpmovsdb: in order, and |q| <= 127 needs no saturation). quantize_block does a block's
    horizontal steps and its two divisions alone (SmolLM2's 512-token prefill: 4% in it; with
    quantize16 2.6%). */
-static inline void quantize16(const float *x, const int64_t at[16], int8_t *xq, float *xds) {
+static inline void quantize16(const void *x, int64_t i, int bf16, const int64_t at[16], int8_t *xq, float *xds) {
     __m512 mx[16], q[16][2];
     for (int b = 0; b < 16; b++)
-        mx[b] = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + 32 * b)), _mm512_abs_ps(_mm512_loadu_ps(x + 32 * b + 16)));
+        mx[b] = _mm512_max_ps(_mm512_abs_ps(load16(x, i + 32 * b, bf16)), _mm512_abs_ps(load16(x, i + 32 * b + 16, bf16)));
     transpose16(mx);
     __m512 amax = mx[0];
     for (int i = 1; i < 16; i++) amax = _mm512_max_ps(amax, mx[i]);
@@ -1163,7 +1156,7 @@ static inline void quantize16(const float *x, const int64_t at[16], int8_t *xq, 
     for (int b = 0; b < 16; b++) {
         __m512 ib = _mm512_set1_ps(invs[b]);
         for (int h = 0; h < 2; h++) {
-            __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 32 * b + 16 * h), ib),
+            __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16(x, i + 32 * b + 16 * h, bf16), ib),
                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             _mm_store_si128((__m128i *)(xq + 32 * at[b] + 16 * h), _mm512_cvtsepi32_epi8(v));
             q[b][h] = _mm512_castsi512_ps(v);
@@ -1186,7 +1179,7 @@ static inline void quantize16(const float *x, const int64_t at[16], int8_t *xq, 
    rows' blocks side by side, block b of row r at index ((r / T) * nb + b) * T + r % T of xq (32
    bytes each) and xds (the scale and scale * sum, 2 floats each). For a few rows (lanes_tile's)
    quantize_block alone took less time: 1.07x a lone row's products (twenty-fifth session) */
-static void quantize_tiled(const float *x, int64_t m, int64_t nb, int8_t *xq, float *xds, int nt) {
+static void quantize_tiled(const void *x, int bf16, int64_t m, int64_t nb, int8_t *xq, float *xds, int nt) {
     int64_t total = m * nb;
     #pragma omp parallel for num_threads(nt) schedule(static) if (total >= QUANTIZE_SPLIT_FROM)
     for (int64_t i0 = 0; i0 < total; i0 += 16) {
@@ -1199,11 +1192,11 @@ static void quantize_tiled(const float *x, int64_t m, int64_t nb, int8_t *xq, fl
             }
         }
         if (count == 16)
-            quantize16(x + i0 * 32, at, xq, xds);
+            quantize16(x, i0 * 32, bf16, at, xq, xds);
         else
             for (int64_t b = 0; b < count; b++)
                 _mm256_store_si256((__m256i *)(xq + 32 * at[b]),
-                                   quantize_block(x + (i0 + b) * 32, xds + 2 * at[b], xds + 2 * at[b] + 1));
+                                   quantize_block(x, i0 + b, bf16, xds + 2 * at[b], xds + 2 * at[b] + 1));
     }
 }
 
@@ -1347,15 +1340,13 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     int64_t padded = (m + WIDE_TILE_ROWS - 1) / WIDE_TILE_ROWS * WIDE_TILE_ROWS;
     int8_t *xq = aligned_alloc(64, (size_t)((padded * k + 63) / 64 * 64));
     float *xd = malloc(sizeof(float) * (size_t)(2 * padded * nb)), *xs = xd + m * nb;
-    uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
-    int failed = !xq || !xd || (bf16 && !xf);
+    int failed = !xq || !xd;
     if (!failed) {
-        const float *x = as_float32(x_in, bf16, m * k, xf);
         if (m >= WIDE_ROWS) {
-            quantize_tiled(x, m, nb, xq, xd, nt);
+            quantize_tiled(x_in, bf16, m, nb, xq, xd, nt);
             failed = wide_product(m, nb, (const uint8_t *)qs, d, mn, n, xq, xd, out, bf16, nt);
         } else {
-            quantize_blocks(x, m * nb, xq, xd, xs, nt);
+            quantize_blocks(x_in, bf16, m * nb, xq, xd, xs, nt);
             /* chunks of about LANES_CHUNK packs, as many as a multiple of the threads, each a run of
                pack pairs (the last pack alone where they are odd) and their sizes within a pair of
                each other: with chunks of 4 packs, SmolLM2's 36-pack products gave one thread 20 and
@@ -1378,7 +1369,6 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     }
     free(xq);
     free(xd);
-    free(xf);
     return failed ? -1 : 0;
 }
 #elif !defined(__AMX_INT8__)
@@ -1521,10 +1511,9 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     int64_t nb = k / 32, packs = n / LANES;
     int8_t *xq = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
     float *xd = malloc(sizeof(float) * (size_t)(2 * m * nb)), *xs = xd + m * nb;
-    uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
-    int failed = !xq || !xd || (bf16 && !xf);
+    int failed = !xq || !xd;
     if (!failed) {
-        quantize_blocks(as_float32(x_in, bf16, m * k, xf), m * nb, xq, xd, xs, nt);
+        quantize_blocks(x_in, bf16, m * nb, xq, xd, xs, nt);
         if (m >= LANES_DYNAMIC_ROWS) {
             #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
             for (int64_t p = 0; p < packs; p += DYNAMIC_PACKS)
@@ -1541,7 +1530,6 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     }
     free(xq);
     free(xd);
-    free(xf);
     return failed ? -1 : 0;
 }
 #else
@@ -1572,14 +1560,12 @@ int q_linear(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const v
     int8_t *xq = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
     float *xd = malloc(sizeof(float) * (size_t)(m * nb)), *xs = malloc(sizeof(float) * (size_t)(m * nb));
     float *xv = aligned_alloc(64, sizeof(float) * (size_t)((m * vectors * 8 + 15) / 16 * 16));
-    uint32_t *xf = bf16 ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
     int failed = 0;
-    if (!xq || !xd || !xs || !xv || (bf16 && !xf)) {
+    if (!xq || !xd || !xs || !xv) {
         failed = -1;
         goto done;
     }
-    const float *x = as_float32(x_in, bf16, m * k, xf);
-    quantize_rows(x, m, k, bits == 4, xq, xd, xs, nt);
+    quantize_rows(x_in, bf16, m, k, bits == 4, xq, xd, xs, nt);
     if (bits == 4) activation_scales(xd, xs, m, nb, xv);
     else unit_scales(xd, m, nb, xv);
     /* chunks of at most CHUNK features, as many as a multiple of the threads (chunk_start) */
@@ -1626,7 +1612,6 @@ done:
     free(xd);
     free(xs);
     free(xv);
-    free(xf);
     return failed;
 }
 
