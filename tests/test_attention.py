@@ -109,16 +109,19 @@ def test_each_row_of_a_prompt_has_the_bits_it_has_alone(lib, dtype, padding, hea
             assert torch.equal(alone[0, 0], whole[b, i]), (b, i)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 64), (4, 4, 32), (8, 1, 128), (4, 2, 48)])
 @pytest.mark.parametrize("length,keys", [(16, 16), (17, 40), (31, 600), (33, 1100)])
-def test_a_prompts_rows_in_blocks_keep_each_rows_bits(lib, heads, kv_heads, dim, length, keys):
+def test_a_prompts_rows_in_blocks_keep_each_rows_bits(lib, dtype, heads, kv_heads, dim, length, keys):
     """Rows of 16 or more are computed 16 at a time (a row a lane on
     AVX-512): at a block's edges (16, 17, 31, 33 rows), with keys in up to
     three spans, in a mask with holes, for each shape of heads the kernel has
-    a path for, every row has the bits it has computed alone."""
+    a path for, in float32 and in bfloat16 (whose scores are pairs of
+    products where the CPU has AVX512-BF16), every row has the bits it has
+    computed alone."""
     torch.manual_seed(length + keys + dim)
-    q = torch.randn(2, length, heads, dim).transpose(1, 2)
-    k, v = torch.randn(2, kv_heads, keys, dim), torch.randn(2, kv_heads, keys, dim)
+    q = torch.randn(2, length, heads, dim).to(dtype).transpose(1, 2)
+    k, v = torch.randn(2, kv_heads, keys, dim).to(dtype), torch.randn(2, kv_heads, keys, dim).to(dtype)
     mask = (torch.rand(2, keys) > 0.2).long()
     mask[:, -length:] = 1   # the prompt's own tokens
     whole = attention.attend(q, k, v, mask, dim ** -0.5, lib)

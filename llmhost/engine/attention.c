@@ -230,7 +230,8 @@ static inline void join(const float *res, const int32_t *count, int64_t spans, i
 }
 
 /* whether the row path scores a bfloat16 row by vdpbf16ps (AVX512-BF16: the keys' pairs straight
-   into float32 lanes, other sums than the widened keys'): the block path does not repeat it */
+   into float32 lanes, other sums than the widened keys'): the block path's block_pair_scores
+   repeats it */
 static inline int pair_scores(int bf16, int64_t dim) {
 #ifdef __AVX512BF16__
     return bf16 && dim % 32 == 0;
@@ -432,8 +433,10 @@ static inline int64_t unit_keys(const int32_t *pos, const int32_t *upto, int64_t
  * multiply-adds, so each loop keeps ~0.3-0.4 loads per multiply-add: a first version that
  * broadcast a key dim per multiply-add ran no faster than the row path.
  * A 512-token prompt's attention ran 1.5-2.0x as fast as on the row path (SmolLM2's shape,
- * float32, Ice Lake; 1.35-1.8x at 128 tokens; docs/performance.md), its prefill ~1.1x. Not where
- * the CPU scores bfloat16 pairs (AVX512-BF16: other sums) or has AMX tiles for them.
+ * float32, Ice Lake; 1.35-1.8x at 128 tokens; docs/performance.md), its prefill ~1.1x. Where the
+ * CPU scores bfloat16 pairs (AVX512-BF16: other sums) block_pair_scores gives a block's rows
+ * those sums (an AMD EPYC, Zen 5: a 512-token prompt's attention 1.12-1.18x the row path's, which
+ * ran as fast as the float32 blocks there; twenty-ninth session). Not where the CPU has AMX tiles.
  * With AVX2's 8 lanes (twenty-sixth session) the row path read a row's keys and values from L2
  * for every row, and at 1,024 tokens (two spans a row) a layer's attention took 4.6x the
  * AVX-512 blocks' time; a block of 8 rows reads each key once. */
@@ -537,6 +540,52 @@ static inline __attribute__((always_inline)) void block_scores(
         }
 }
 
+#ifdef __AVX512BF16__
+/* block_scores where the row path scores bfloat16 pairs (pair_scores): lane l of the row path's
+   vector for a key is the chain vdpbf16ps(vdpbf16ps(0, the query's dword l, the key's dword l),
+   dword 16 + l, ...), 16 lanes then added in sum16's tree (halves, quarters, then within them),
+   sum4's (a key of the row's whole fours after its whole sixteens) or vhsum's (the last keys).
+   Here those chains run with the block's rows in the lanes (qp: the queries' dwords transposed,
+   [h][c][16][BLOCK], each key dword broadcast), chains l and l + 8 added at once (the first step
+   of every one of the trees), and sum16's tree is vhsum's: st, f4, b as block_scores', f16 lane j
+   the end of row j's whole sixteens; the key pairs read from the cache as stored. G and np
+   constants where inlined. */
+static inline __attribute__((always_inline)) void block_pair_scores(
+        const float *qp, const char *kb, int64_t kstride, const int32_t *index, int64_t nk, int64_t t0,
+        int64_t G, int64_t np, float scale, ivec f16, ivec f4, float *st, float *b) {
+    for (int l = 0; l < 8; l++) {
+        __m512bh lo[3][MAXC / 2], hi[3][MAXC / 2];
+        for (int64_t h = 0; h < G; h++)
+            for (int64_t c = 0; c < np; c++) {
+                lo[h][c] = (__m512bh)vloadu(qp + ((h * np + c) * 16 + l) * BLOCK);
+                hi[h][c] = (__m512bh)vloadu(qp + ((h * np + c) * 16 + l + 8) * BLOCK);
+            }
+        for (int64_t x = 0; x < nk; x++) {
+            const int32_t *kr = (const int32_t *)(kb + 2 * index[t0 + x] * kstride);
+            vec a[3], e[3];
+            for (int64_t h = 0; h < G; h++) {
+                a[h] = e[h] = vzero();
+            }
+            for (int64_t c = 0; c < np; c++) {
+                __m512bh kl = (__m512bh)_mm512_set1_epi32(kr[16 * c + l]), kh = (__m512bh)_mm512_set1_epi32(kr[16 * c + l + 8]);
+                for (int64_t h = 0; h < G; h++) {
+                    a[h] = _mm512_dpbf16_ps(a[h], lo[h][c], kl);
+                    e[h] = _mm512_dpbf16_ps(e[h], hi[h][c], kh);
+                }
+            }
+            for (int64_t h = 0; h < G; h++) vstoreu(b + ((h * 8 + l) * SCORE_KEYS + x) * BLOCK, vadd(a[h], e[h]));
+        }
+    }
+    for (int64_t h = 0; h < G; h++)
+        for (int64_t x = 0; x < nk; x++) {
+            ivec t = iset1((int)(t0 + x));
+            lanes fours = lanes_and(lanes_le(f16, t), lanes_gt(f4, t));   /* sum4's tree there, else vhsum's */
+            vstoreu(st + h * SPAN * BLOCK + (t0 + x) * BLOCK,
+                    vmul(tree(b + (h * 8 * SCORE_KEYS + x) * BLOCK, (lanes)~fours), vset1(scale)));
+        }
+}
+#endif
+
 /* each row's n[j] scores (st[t * BLOCK + j], t < n[j]; the longest: len) -> their weights
    e^(s - the row's max) in place; top, sum: lane j the row's max and weights' sum */
 static inline void block_softmax(float *st, int64_t len, ivec n, vec *top, vec *sum) {
@@ -610,6 +659,83 @@ static inline __attribute__((always_inline)) void block_values(
             for (int64_t c = 0; c < nc; c++) vstoreu(res[r] + h * rh + 2 + LANES * c, acc[r][h][c]);
 }
 
+/* a unit's scores (block_scores): its rows' queries transposed into qt, [h][dim][BLOCK], then
+   SCORE_KEYS keys a pass (copied into kf as float32), up to 3 heads at a time; sc, b as
+   block_units' */
+static void block_floats(int bf16, const void *q, const int64_t *qst, int64_t bb, int64_t g, int64_t group,
+                         int64_t i0, int64_t rows, int64_t dim, const char *kb, int64_t kstride,
+                         const int32_t *index, int64_t n, float scale, ivec nv, float *sc, float *qt, float *kf,
+                         float *b) {
+    const int64_t size = bf16 ? 2 : 4, nc = dim / LANES;
+    ivec f4 = iandnot(iset1(3), nv);
+    for (int64_t h = 0; h < group; h++)   /* the queries, [dim][row] per head (rows past `rows` 0) */
+        for (int64_t c = 0; c < nc; c++) {
+            vec col[BLOCK];
+            for (int64_t j = 0; j < BLOCK; j++)
+                col[j] = j < rows ? vload((const char *)q + size * (bb * qst[0] + (g * group + h) * qst[1]
+                                                                  + (i0 + j) * qst[2] + LANES * c), bf16)
+                                  : vzero();
+            transpose_block(col);
+            for (int x = 0; x < LANES; x++) vstoreu(qt + (h * dim + LANES * c + x) * BLOCK, col[x]);
+        }
+    for (int64_t t0 = 0; t0 < n; t0 += SCORE_KEYS) {
+        int64_t nk = n - t0 < SCORE_KEYS ? n - t0 : SCORE_KEYS;
+        for (int64_t x = 0; x < nk; x++)
+            for (int64_t c = 0; c < nc; c++)
+                vstoreu(kf + x * dim + LANES * c, vload(kb + size * (index[t0 + x] * kstride + LANES * c), bf16));
+        for (int64_t h = 0; h < group; h += 3) {
+            int64_t G = group - h < 3 ? group - h : 3;
+#define SC(G_, C_) block_scores(qt + h * dim * BLOCK, kf, nk, t0, G_, C_, scale, f4, sc + h * SPAN * BLOCK, b)
+            if (nc == 4 && G == 3) SC(3, 4);
+            else if (nc == 4 && G == 2) SC(2, 4);
+            else if (nc == 4) SC(1, 4);
+            else if (nc == 8 && LANES == 8 && G == 3) SC(3, 8);   /* AVX2's 64 dims */
+            else if (nc == 8 && LANES == 8 && G == 2) SC(2, 8);
+            else if (nc == 8 && LANES == 8) SC(1, 8);
+            else for (int64_t x = 0; x < G; x++) block_scores(qt + (h + x) * dim * BLOCK, kf, nk, t0, 1, nc, scale, f4,
+                                                              sc + (h + x) * SPAN * BLOCK, b);
+#undef SC
+        }
+    }
+}
+
+#ifdef __AVX512BF16__
+/* a unit's scores with pair_scores (block_pair_scores): as block_floats, the queries' dwords
+   (bfloat16 pairs) transposed into qp, [h][dim / 32][16][BLOCK], the keys read where they are */
+static void block_pairs(const void *q, const int64_t *qst, int64_t bb, int64_t g, int64_t group, int64_t i0,
+                        int64_t rows, int64_t dim, const char *kb, int64_t kstride, const int32_t *index,
+                        int64_t n, float scale, ivec nv, float *sc, float *qp, float *b) {
+    const int64_t np = dim / 32;
+    ivec f16 = iandnot(iset1(15), nv), f4 = iandnot(iset1(3), nv);
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t c = 0; c < np; c++) {
+            vec col[BLOCK];
+            for (int64_t j = 0; j < BLOCK; j++)
+                col[j] = j < rows ? vloadu((const float *)((const uint16_t *)q + bb * qst[0] + (g * group + h) * qst[1]
+                                                           + (i0 + j) * qst[2] + 32 * c))
+                                  : vzero();
+            transpose_block(col);
+            for (int x = 0; x < 16; x++) vstoreu(qp + ((h * np + c) * 16 + x) * BLOCK, col[x]);
+        }
+    for (int64_t t0 = 0; t0 < n; t0 += SCORE_KEYS) {
+        int64_t nk = n - t0 < SCORE_KEYS ? n - t0 : SCORE_KEYS;
+        for (int64_t h = 0; h < group; h += 3) {
+            int64_t G = group - h < 3 ? group - h : 3;
+#define PS(G_, P_) block_pair_scores(qp + h * np * 16 * BLOCK, kb, kstride, index, nk, t0, G_, P_, scale, f16, f4, \
+                                     sc + h * SPAN * BLOCK, b)
+            if (np == 2 && G == 3) PS(3, 2);
+            else if (np == 2 && G == 2) PS(2, 2);
+            else if (np == 2) PS(1, 2);
+            else if (np == 4 && G == 3) PS(3, 4);
+            else for (int64_t x = 0; x < G; x++)
+                block_pair_scores(qp + (h + x) * np * 16 * BLOCK, kb, kstride, index, nk, t0, 1, np, scale, f16, f4,
+                                  sc + (h + x) * SPAN * BLOCK, b);
+#undef PS
+        }
+    }
+}
+#endif
+
 /* the units of attend() for a prompt's rows in blocks of BLOCK (see block_scores): partial and
    count per (row, span) as attend's loop writes them, and out for a row whose keys are one span.
    Returns -1 when a thread's scratch memory could not be allocated. */
@@ -647,36 +773,13 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
 #define RES(j) (partial + ((bg * length + i0 + (j)) * spans + span) * part)
             if (!n)
                 continue;
-            ivec nv = iload(n_of), f4 = iandnot(iset1(3), nv);
-            for (int64_t h = 0; h < group; h++)   /* the queries, [dim][row] per head (rows past `rows` 0) */
-                for (int64_t c = 0; c < nc; c++) {
-                    vec col[BLOCK];
-                    for (int64_t j = 0; j < BLOCK; j++)
-                        col[j] = j < rows ? vload((const char *)q + size * (bb * qst[0] + (g * group + h) * qst[1]
-                                                                          + (i0 + j) * qst[2] + LANES * c), bf16)
-                                          : vzero();
-                    transpose_block(col);
-                    for (int x = 0; x < LANES; x++) vstoreu(qt + (h * dim + LANES * c + x) * BLOCK, col[x]);
-                }
-            for (int64_t t0 = 0; t0 < n; t0 += SCORE_KEYS) {   /* the scores, SCORE_KEYS keys a pass */
-                int64_t nk = n - t0 < SCORE_KEYS ? n - t0 : SCORE_KEYS;
-                for (int64_t x = 0; x < nk; x++)
-                    for (int64_t c = 0; c < nc; c++)
-                        vstoreu(kf + x * dim + LANES * c, vload(kb + size * (index[t0 + x] * kst[2] + LANES * c), bf16));
-                for (int64_t h = 0; h < group; h += 3) {   /* up to 3 heads a pass */
-                    int64_t G = group - h < 3 ? group - h : 3;
-#define SC(G_, C_) block_scores(qt + h * dim * BLOCK, kf, nk, t0, G_, C_, scale, f4, sc + h * SPAN * BLOCK, b)
-                    if (nc == 4 && G == 3) SC(3, 4);
-                    else if (nc == 4 && G == 2) SC(2, 4);
-                    else if (nc == 4) SC(1, 4);
-                    else if (nc == 8 && LANES == 8 && G == 3) SC(3, 8);   /* AVX2's 64 dims */
-                    else if (nc == 8 && LANES == 8 && G == 2) SC(2, 8);
-                    else if (nc == 8 && LANES == 8) SC(1, 8);
-                    else for (int64_t x = 0; x < G; x++) block_scores(qt + (h + x) * dim * BLOCK, kf, nk, t0, 1, nc,
-                                                                      scale, f4, sc + (h + x) * SPAN * BLOCK, b);
-#undef SC
-                }
-            }
+            ivec nv = iload(n_of);
+#ifdef __AVX512BF16__
+            if (pair_scores(bf16, dim))
+                block_pairs(q, qst, bb, g, group, i0, rows, dim, kb, kst[2], index, n, scale, nv, sc, qt, b);
+            else
+#endif
+                block_floats(bf16, q, qst, bb, g, group, i0, rows, dim, kb, kst[2], index, n, scale, nv, sc, qt, kf, b);
             for (int64_t h = 0; h < group; h++) {
                 vec top, sum;
                 block_softmax(sc + h * SPAN * BLOCK, n, nv, &top, &sum);
@@ -980,7 +1083,7 @@ int attend(int bf16, const void *q, const void *k, const void *v, const int64_t 
                   partial, count, out, nt);
     } else
 #endif
-    if (length >= BLOCK && !pair_scores(bf16, dim)) {
+    if (length >= BLOCK) {
         if (block_units(bf16, q, k, v, st, batch, kv_heads, group, length, keys, dim, pos, upto, ranked, scale,
                         spans, partial, count, out, nt)) {
             free(partial);
