@@ -456,6 +456,7 @@ typedef __mmask16 lanes;
 #define lanes_le(a, b) _mm512_cmple_epi32_mask(a, b)
 #define lanes_and(a, b) ((a) & (b))
 #define lanes_any(m) (m)
+#define lanes_all(m) ((m) == 0xffff)
 #define mask_mov(a, m, b) _mm512_mask_mov_ps(a, m, b)
 #define mask_max(a, m, x) _mm512_mask_max_ps(a, m, x, a)
 #define mask_add(a, m, x) _mm512_mask_add_ps(a, m, a, x)
@@ -470,6 +471,7 @@ typedef __m256 lanes;
 #define lanes_le(a, b) _mm256_castsi256_ps(_mm256_xor_si256(_mm256_cmpgt_epi32(a, b), _mm256_set1_epi32(-1)))
 #define lanes_and _mm256_and_ps
 #define lanes_any(m) _mm256_movemask_ps(m)
+#define lanes_all(m) (_mm256_movemask_ps(m) == 0xff)
 #define mask_mov(a, m, b) _mm256_blendv_ps(a, b, m)
 #define mask_max(a, m, x) _mm256_blendv_ps(a, _mm256_max_ps(x, a), m)
 #define mask_add(a, m, x) _mm256_blendv_ps(a, _mm256_add_ps(a, x), m)
@@ -485,6 +487,8 @@ static inline vec vhsum_lanes(const vec b[8]) {
 static inline vec tree(const float *at, lanes tail) {
     vec b[8];
     for (int l = 0; l < 8; l++) b[l] = vloadu(at + l * SCORE_KEYS * BLOCK);
+    if (lanes_all(tail))
+        return vhsum_lanes(b);
     vec s = vadd(vadd(vadd(b[0], b[1]), vadd(b[2], b[3])), vadd(vadd(b[4], b[5]), vadd(b[6], b[7])));
     return lanes_any(tail) ? mask_mov(s, tail, vhsum_lanes(b)) : s;
 }
