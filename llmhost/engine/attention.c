@@ -566,12 +566,11 @@ static inline __attribute__((always_inline)) void block_pair_scores(
             }
         for (int64_t x = 0; x < nk; x++) {
             const int32_t *kr = (const int32_t *)(kb + 2 * index[t0 + x] * kstride);
-            vec a[3], e[3];
-            for (int64_t h = 0; h < G; h++) {
-                a[h] = e[h] = vzero();
-            }
+            vec a[3], e[3];   /* chains l and l + 8 */
+            for (int64_t h = 0; h < G; h++) a[h] = e[h] = vzero();
             for (int64_t c = 0; c < np; c++) {
-                __m512bh kl = (__m512bh)_mm512_set1_epi32(kr[16 * c + l]), kh = (__m512bh)_mm512_set1_epi32(kr[16 * c + l + 8]);
+                __m512bh kl = (__m512bh)_mm512_set1_epi32(kr[16 * c + l]);
+                __m512bh kh = (__m512bh)_mm512_set1_epi32(kr[16 * c + l + 8]);
                 for (int64_t h = 0; h < G; h++) {
                     a[h] = _mm512_dpbf16_ps(a[h], lo[h][c], kl);
                     e[h] = _mm512_dpbf16_ps(e[h], hi[h][c], kh);

@@ -85,8 +85,8 @@ static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
    prefill (twentieth session); a decode step's few rows stay on one */
 #define QUANTIZE_SPLIT_FROM 256
 
-/* x [m, k] (float32, or bfloat16 with `bf16`) -> xq int8 [m, k], xd (scale) and xs (scale * sum of the block's q) float
-   [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
+/* x [m, k] (float32, or bfloat16 with `bf16`) -> xq int8 [m, k], xd (scale) and xs (scale * sum
+   of the block's q) float [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
    i of 32 bytes, lane l: inputs 4i..4i+3 of block GROUP_LANES[l]) and the blocks after the last
    whole group in pair order; without it (Q8_0) pair order throughout. */
 static void quantize_rows(const void *x, int bf16, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
@@ -1133,7 +1133,7 @@ static const lanes_fn LANES_TILES[2][LANE_ROWS] = {{lanes_1x1, lanes_2x1, lanes_
 #define WIDE_PACKS 3
 #define SLICE_BLOCKS 18
 
-/* quantize_block on 16 consecutive blocks (x: the first's 32 floats; block b's int8s to
+/* quantize_block on 16 consecutive blocks (x's from value `first` on; block b's int8s to
    xq + 32 at[b], its scale and scale * sum to xds[2 at[b]] and the next float), the same
    bits: each block's absolute maximum and its integer sum are the same exact values whatever the
    order of their maxima and adds (here 16 blocks' partial ones transposed, a block a lane), the
@@ -1141,10 +1141,11 @@ static const lanes_fn LANES_TILES[2][LANE_ROWS] = {{lanes_1x1, lanes_2x1, lanes_
    int8s (vpmovsdb: in order, and |q| <= 127 needs no saturation). quantize_block does a block's
    horizontal steps and its two divisions alone (SmolLM2's 512-token prefill: 4% in it; with
    quantize16 2.6%). */
-static inline void quantize16(const void *x, int64_t i, int bf16, const int64_t at[16], int8_t *xq, float *xds) {
+static inline void quantize16(const void *x, int64_t first, int bf16, const int64_t at[16], int8_t *xq, float *xds) {
     __m512 mx[16], q[16][2];
     for (int b = 0; b < 16; b++)
-        mx[b] = _mm512_max_ps(_mm512_abs_ps(load16(x, i + 32 * b, bf16)), _mm512_abs_ps(load16(x, i + 32 * b + 16, bf16)));
+        mx[b] = _mm512_max_ps(_mm512_abs_ps(load16(x, first + 32 * b, bf16)),
+                              _mm512_abs_ps(load16(x, first + 32 * b + 16, bf16)));
     transpose16(mx);
     __m512 amax = mx[0];
     for (int i = 1; i < 16; i++) amax = _mm512_max_ps(amax, mx[i]);
@@ -1156,7 +1157,7 @@ static inline void quantize16(const void *x, int64_t i, int bf16, const int64_t 
     for (int b = 0; b < 16; b++) {
         __m512 ib = _mm512_set1_ps(invs[b]);
         for (int h = 0; h < 2; h++) {
-            __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16(x, i + 32 * b + 16 * h, bf16), ib),
+            __m512i v = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16(x, first + 32 * b + 16 * h, bf16), ib),
                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             _mm_store_si128((__m128i *)(xq + 32 * at[b] + 16 * h), _mm512_cvtsepi32_epi8(v));
             q[b][h] = _mm512_castsi512_ps(v);
