@@ -77,8 +77,6 @@ static inline __m256i quantize_block(const void *x, int64_t b, int bf16, float *
 /* Lane order's blocks: lane l of a group's vectors holds block GROUP_LANES[l] of the group's 8
    (the order the weights' transpose, group_weights, leaves them in) */
 static const int GROUP_LANES[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-/* lane of block j of a group (GROUP_LANES inverted) */
-static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
 /* blocks from which quantize_rows splits its rows between the threads: a 40-token prompt's
    quantizing (2,048 blocks was the bound) ran on one thread while the other spun, 3% of its
@@ -888,6 +886,9 @@ static inline void amx_group_sums(int64_t g, int count, int64_t nb, const uint8_
         if (j + 1 < count) _tile_stored(1, out[j + 1], 64);
     }
 }
+
+/* lane of block j of a group (GROUP_LANES inverted) */
+static const int BLOCK_LANE[8] = {0, 4, 1, 5, 2, 6, 3, 7};
 
 /* feature f's lanes a[8] (16 rows each) through a group's `count` blocks (sums [block][f][r];
    its d, m: d[j], m[j]; the rows' scales dx[j], sx[j]) as q4_group adds a group: lane
