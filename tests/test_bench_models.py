@@ -170,7 +170,7 @@ def test_a_q4_0_model_runs_its_layers_in_one_native_call(built):
 @pytest.mark.slow  # two servers, each an int4 load
 def test_bench_load_a_restarted_server_builds_nothing(built, tmp_path, monkeypatch, capsys):
     """`bench load`: a new server with an empty LLMHOST_CACHE_DIR builds the int4
-    load's three kernels; the restarted one, given that folder, builds none (the
+    load's three kernels and engine/omp.c; the restarted one, given that folder, builds none (the
     compiler, through a wrapper that logs each call, is asked only its version)."""
     import shutil
 
@@ -188,7 +188,7 @@ def test_bench_load_a_restarted_server_builds_nothing(built, tmp_path, monkeypat
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| llama-tiny")]
     assert len(row) == 1 and row[0].count(" s |") == 2, row
     sources = sorted(line.split()[-3] for line in log.read_text().splitlines() if "-o" in line.split())
-    assert [os.path.basename(s) for s in sources] == ["attention.c", "llamastep.c", "q4kernel.c"]
+    assert [os.path.basename(s) for s in sources] == ["attention.c", "llamastep.c", "omp.c", "q4kernel.c"]
 
 
 @pytest.mark.slow  # two servers

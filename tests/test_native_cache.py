@@ -145,9 +145,9 @@ def test_a_folder_others_can_write_to_keeps_nothing(built, tmp_path, monkeypatch
 
 
 def test_a_load_prebuilds_the_kernels_its_model_runs(tiny_models, smollm2_gguf, tmp_path, monkeypatch):
-    """A CPU load starts the builds its steps will ask for: a Llama's attention
-    (engine/llamastep.py runs Llama only), not another architecture's; an int4
-    load q4kernel too. The architecture comes from config.json, or from a GGUF
+    """A CPU load starts the builds its steps will ask for: engine/omp.c (every
+    step spreads its threads), a Llama's attention (engine/llamastep.py runs
+    Llama only), not another architecture's; an int4 load q4kernel too. The architecture comes from config.json, or from a GGUF
     file's first metadata entries (gguf.architecture), without its header's child."""
     from llmhost.config import TestConfig
     from llmhost.models import gguf
@@ -158,7 +158,7 @@ def test_a_load_prebuilds_the_kernels_its_model_runs(tiny_models, smollm2_gguf, 
         sorted(b.__module__.rsplit(".", 1)[1] for b in builds)))
     for name in ("gpt2", "llama"):
         load(LoadSpec(model=tiny_models[name], device="cpu"), TestConfig())
-    assert asked == [[], ["attention"]]
+    assert asked == [["omp"], ["attention", "omp"]]
     assert gguf.architecture(smollm2_gguf) == "llama"
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16) + (2**40).to_bytes(8, "little"))

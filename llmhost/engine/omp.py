@@ -18,13 +18,31 @@ pool); the next parallel region of that thread makes a new one (tens of
 microseconds). Called by each model worker thread when it goes idle, by the
 registry after a load, and after every HTTP request (create_app's teardown). Where torch
 has no libgomp (macOS, other OpenMP runtimes) it does nothing.
+
+``spread(n)``, before each step of a model thread (the scheduler's
+``_threads``), pins its team of n threads to CPUs of their own until the
+thread goes idle (``release`` unpins it): a pool made anew after a release, or
+a worker woken after it slept, often starts on the CPU of the thread that made
+or woke it, and the two then share one core until the kernel moves one, 4-10
+ms later (omp.c). On the 2-core EPYC that was a lone user's time to first token
+after a pause: SmolLM2 int4, a 42-token prompt, 0.5 s between requests
+(docs/performance.md, thirtieth session).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
+import os
+import threading
 
 import torch  # noqa: F401  (loads torch's libgomp before _pause looks for it)
+
+from .native import compile_library, once
+
+log = logging.getLogger(__name__)
+SOURCE = os.path.join(os.path.dirname(__file__), "omp.c")
+_pins = threading.local()   # .on: spread() pinned this thread
 
 OMP_PAUSE_SOFT = 1
 
@@ -51,6 +69,39 @@ def _pause():
 def release() -> None:
     """Free the calling thread's OpenMP worker threads, if it has any (a no-op
     costing ~1 us otherwise). Not inside a parallel region."""
+    if getattr(_pins, "on", False):   # spread() pinned this thread: its own CPUs back
+        _library().omp_unpin()
+        _pins.on = False
     pause = _pause()
     if pause is not None:
         pause(OMP_PAUSE_SOFT)
+
+
+@once
+def _library():
+    """omp.c built and loaded (its omp_spread), or None where it cannot be
+    (no compiler, no libgomp: spread() then does nothing)."""
+    if _pause() is None:
+        return None
+    lib, why = compile_library(SOURCE, ("-O2", "-fopenmp", "-shared", "-fPIC"))
+    if lib is None:
+        log.info("OpenMP teams are left where the kernel puts them: omp.c is unavailable (%s)", why)
+        return None
+    lib.omp_spread.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    lib.omp_spread.restype = ctypes.c_int
+    lib.omp_unpin.argtypes, lib.omp_unpin.restype = [], None
+    return lib
+
+
+def spread(threads: int) -> list[int]:
+    """Run a parallel region of `threads` threads on the calling thread's pool
+    and pin each to a CPU of its own where one is free (omp.c), until
+    ``release()``; the CPU each thread is on after it ([] where it cannot run).
+    Not inside a parallel region."""
+    lib = _library()
+    if lib is None or threads < 2:
+        return []
+    cpus = (ctypes.c_int * threads)()
+    lib.omp_spread(threads, cpus)
+    _pins.on = True
+    return list(cpus)

@@ -414,13 +414,14 @@ def load(spec: LoadSpec, config, in_use: int = 0) -> Loaded:
     if source.gguf_file:   # its header (a child process, 4 s for SmolLM2) meanwhile
         gguf.prefetch(os.path.join(source.folder, source.gguf_file))
     if device == "cpu" and task == "generate":   # and the kernels its steps will ask for
-        from ..engine import attention, llamastep, native
+        from ..engine import attention, llamastep, native, omp
         from . import q4kernel
 
         # engine/llamastep.py's step (its attention and layers) runs Llama models only; any
-        # int4 model runs q4kernel. An architecture not known yet (None) is built for.
+        # int4 model runs q4kernel. An architecture not known yet (None) is built for. Every
+        # step spreads its threads (engine/omp.c).
         llama = _architecture(source) in ("llama", None)
-        builds = [attention._library] if llama else []
+        builds = [omp._library] + ([attention._library] if llama else [])
         if spec.quantization == "int4" and config.INT4_KERNEL == "auto":
             builds += [q4kernel._build] + ([llamastep._library] if llama else [])
         native.prebuild(*builds)
