@@ -11,9 +11,10 @@ from . import omp
 from .errors import ModelClosed, QueueFull, QueueTimeout
 
 
-# When a model worker last woke up to work, and which: one keeping its OpenMP threads while idle
-# (keep_pool_s) hands them back within POOL_POLL_S of another's waking.
-_woke: tuple = (0.0, None)
+# When a model worker last woke up to work, and which (its id(): no reference, an unloaded
+# model's worker must go): one keeping its OpenMP threads while idle (keep_pool_s) hands them
+# back within POOL_POLL_S of another's waking.
+_woke: tuple[float, int] = (0.0, 0)
 POOL_POLL_S = 0.05
 
 
@@ -58,14 +59,14 @@ class ModelWorker:
             self._pool_warm = False
             self._kept_since = now if self.keep_pool_s else None
         kept = self._kept_since
-        if kept is not None and now - kept < self.keep_pool_s and not (_woke[0] > kept and _woke[1] is not self):
+        if kept is not None and now - kept < self.keep_pool_s and not (_woke[0] > kept and _woke[1] != id(self)):
             woken = self._cond.wait(min(self.keep_pool_s - (now - kept), POOL_POLL_S))
         else:
             self._kept_since = None
             omp.release()
             woken = self._cond.wait()
         if woken:
-            _woke = (time.monotonic(), self)
+            _woke = (time.monotonic(), id(self))
 
     def _enqueue(self, item) -> None:
         """Queue `item` for the thread: ModelClosed once the model is closing,
