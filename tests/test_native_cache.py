@@ -147,8 +147,9 @@ def test_a_folder_others_can_write_to_keeps_nothing(built, tmp_path, monkeypatch
 def test_a_load_prebuilds_the_kernels_its_model_runs(tiny_models, smollm2_gguf, tmp_path, monkeypatch):
     """A CPU load starts the builds its steps will ask for: engine/omp.c (every
     step spreads its threads), a Llama's attention (engine/llamastep.py runs
-    Llama only), not another architecture's; an int4 load q4kernel too. The architecture comes from config.json, or from a GGUF
-    file's first metadata entries (gguf.architecture), without its header's child."""
+    Llama only), not another architecture's; an int4 load q4kernel too. The
+    architecture comes from config.json, or from a GGUF file's first metadata
+    entries (gguf.architecture), without its header's child."""
     from llmhost.config import TestConfig
     from llmhost.models import gguf
     from llmhost.models.loading import LoadSpec, load

@@ -151,6 +151,8 @@ def test_spread_pins_a_team_to_cpus_of_their_own_until_release():
     """omp.spread(2) after a release (a pool made anew, whose worker often
     starts on its maker's CPU): the two threads on two CPUs, the calling
     thread pinned to its own until omp.release() gives its mask back."""
+    if omp._library() is None:
+        pytest.skip("engine/omp.c does not build here")
     seen = []
 
     def work():

@@ -59,7 +59,8 @@ class ModelWorker:
             self._pool_warm = False
             self._kept_since = now if self.keep_pool_s else None
         kept = self._kept_since
-        if kept is not None and now - kept < self.keep_pool_s and not (_woke[0] > kept and _woke[1] != id(self)):
+        other_woke = kept is not None and _woke[0] > kept and _woke[1] != id(self)
+        if kept is not None and now - kept < self.keep_pool_s and not other_woke:
             woken = self._cond.wait(min(self.keep_pool_s - (now - kept), POOL_POLL_S))
         else:
             self._kept_since = None
