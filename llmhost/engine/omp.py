@@ -15,9 +15,11 @@ lived), and an idle embedding worker would do the same to a chat model.
 ``release()`` hands the calling thread's pool back (OpenMP 5.0's
 ``omp_pause_resource_all(omp_pause_soft)``; libgomp frees only the caller's
 pool); the next parallel region of that thread makes a new one (tens of
-microseconds). Called by each model worker thread when it goes idle, by the
-registry after a load, and after every HTTP request (create_app's teardown). Where torch
-has no libgomp (macOS, other OpenMP runtimes) it does nothing.
+microseconds, and often a few milliseconds more: below). Called by each model
+worker thread when it goes idle (the generation scheduler up to 30 s later,
+Scheduler.keep_pool_s: queueing.py), by the registry after a load, and after
+every HTTP request (create_app's teardown). Where torch has no libgomp (macOS,
+other OpenMP runtimes) it does nothing.
 
 ``spread(n)``, before each step of a model thread (the scheduler's
 ``_threads``), pins its team of n threads to CPUs of their own until the
