@@ -662,6 +662,25 @@ static inline __attribute__((always_inline)) void block_values(
             for (int64_t c = 0; c < nc; c++) vstoreu(res[r] + h * rh + 2 + LANES * c, acc[r][h][c]);
 }
 
+/* A unit's queries, transposed for the blocks: per head h, its dims in chunks of LANES values
+   (with `pairs`, bfloat16 pairs: 2 * LANES values as LANES dwords, as stored), vector x of chunk c
+   at qt + ((h * chunks + c) * LANES + x) * BLOCK, lane j row j's (rows past `rows` 0) */
+static void transpose_queries(int bf16, int pairs, const void *q, const int64_t *qst, int64_t bb, int64_t g,
+                              int64_t group, int64_t i0, int64_t rows, int64_t dim, float *qt) {
+    const int64_t size = bf16 ? 2 : 4, per = pairs ? 2 * LANES : LANES, chunks = dim / per;
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t c = 0; c < chunks; c++) {
+            vec col[BLOCK];
+            for (int64_t j = 0; j < BLOCK; j++) {
+                const char *at = (const char *)q + size * (bb * qst[0] + (g * group + h) * qst[1]
+                                                           + (i0 + j) * qst[2] + per * c);
+                col[j] = j >= rows ? vzero() : pairs ? vloadu((const float *)at) : vload(at, bf16);
+            }
+            transpose_block(col);
+            for (int x = 0; x < LANES; x++) vstoreu(qt + ((h * chunks + c) * LANES + x) * BLOCK, col[x]);
+        }
+}
+
 /* a unit's scores (block_scores): its rows' queries transposed into qt, [h][dim][BLOCK], then
    SCORE_KEYS keys a pass (copied into kf as float32), up to 3 heads at a time; sc, b as
    block_units' */
@@ -671,16 +690,7 @@ static void block_floats(int bf16, const void *q, const int64_t *qst, int64_t bb
                          float *b) {
     const int64_t size = bf16 ? 2 : 4, nc = dim / LANES;
     ivec f4 = iandnot(iset1(3), nv);
-    for (int64_t h = 0; h < group; h++)   /* the queries, [dim][row] per head (rows past `rows` 0) */
-        for (int64_t c = 0; c < nc; c++) {
-            vec col[BLOCK];
-            for (int64_t j = 0; j < BLOCK; j++)
-                col[j] = j < rows ? vload((const char *)q + size * (bb * qst[0] + (g * group + h) * qst[1]
-                                                                  + (i0 + j) * qst[2] + LANES * c), bf16)
-                                  : vzero();
-            transpose_block(col);
-            for (int x = 0; x < LANES; x++) vstoreu(qt + (h * dim + LANES * c + x) * BLOCK, col[x]);
-        }
+    transpose_queries(bf16, 0, q, qst, bb, g, group, i0, rows, dim, qt);
     for (int64_t t0 = 0; t0 < n; t0 += SCORE_KEYS) {
         int64_t nk = n - t0 < SCORE_KEYS ? n - t0 : SCORE_KEYS;
         for (int64_t x = 0; x < nk; x++)
@@ -710,16 +720,7 @@ static void block_pairs(const void *q, const int64_t *qst, int64_t bb, int64_t g
                         int64_t n, float scale, ivec nv, float *sc, float *qp, float *b) {
     const int64_t np = dim / 32;
     ivec f16 = iandnot(iset1(15), nv), f4 = iandnot(iset1(3), nv);
-    for (int64_t h = 0; h < group; h++)
-        for (int64_t c = 0; c < np; c++) {
-            vec col[BLOCK];
-            for (int64_t j = 0; j < BLOCK; j++)
-                col[j] = j < rows ? vloadu((const float *)((const uint16_t *)q + bb * qst[0] + (g * group + h) * qst[1]
-                                                           + (i0 + j) * qst[2] + 32 * c))
-                                  : vzero();
-            transpose_block(col);
-            for (int x = 0; x < 16; x++) vstoreu(qp + ((h * np + c) * 16 + x) * BLOCK, col[x]);
-        }
+    transpose_queries(1, 1, q, qst, bb, g, group, i0, rows, dim, qp);
     for (int64_t t0 = 0; t0 < n; t0 += SCORE_KEYS) {
         int64_t nk = n - t0 < SCORE_KEYS ? n - t0 : SCORE_KEYS;
         for (int64_t h = 0; h < group; h += 3) {
