@@ -84,9 +84,10 @@ static const int GROUP_LANES[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 #define QUANTIZE_SPLIT_FROM 256
 
 /* x [m, k] (float32, or bfloat16 with `bf16`) -> xq int8 [m, k], xd (scale) and xs (scale * sum
-   of the block's q) float [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8 blocks in lane order (vector
-   i of 32 bytes, lane l: inputs 4i..4i+3 of block GROUP_LANES[l]) and the blocks after the last
-   whole group in pair order; without it (Q8_0) pair order throughout. */
+   of the block's q) float [m, k / 32]. xq's order: with `grouped` (Q4) each whole group of 8
+   blocks in lane order (vector i of 32 bytes, lane l: inputs 4i..4i+3 of block GROUP_LANES[l])
+   and the blocks after the last whole group in pair order; without it (Q8_0) pair order
+   throughout. */
 static void quantize_rows(const void *x, int bf16, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
                           float *xs, int nt) {
     int64_t nb = k / 32, groups = grouped ? nb / 8 : 0, first = 8 * groups, pairs = (nb - first) / 2;
