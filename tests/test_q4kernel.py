@@ -154,8 +154,9 @@ def test_packed_products_give_each_row_its_bits_alone(which):
     ones), 48 and 80 (a pack pair and a lone pack); bfloat16 in and out as torch rounds the
     float32 result; within 8-bit rounding of the float64 product; the packing undone gives the
     file's layout back. AVX-512: from 16 rows the wide tiles run (unpacked slices: k of 1, 3 and
-    9 slices; each thread's packs in threes, a last one or two), below them lanes_tile; AVX2:
-    tiles of 8, 4, 2 and 1 rows (1 to 4 packs): the same bits."""
+    9 slices; each thread's packs in threes, a last one or two), below them lanes_tile (a pack
+    at a time up to 4 rows, two beyond); AVX2: tiles of 8, 4, 2 and 1 rows, a pack at a time:
+    the same bits."""
     lib, pack = _lanes_build(which)
     generator = torch.Generator().manual_seed(6)
     threads = torch.get_num_threads()

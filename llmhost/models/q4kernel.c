@@ -1332,8 +1332,12 @@ static int wide_product(int64_t m, int64_t nb, const uint8_t *qs, const uint16_t
 
 /* q_linear for a packed Q4 weight (bits 4; qs, d, mn: the packs, n a multiple of LANES):
    the rows quantized per block (quantize_block, input order), then the threads split the packs
-   in chunks, and a chunk's rows go LANE_ROWS at a time through its packs two at a time.
-   Returns 0, or -1 when the scratch memory could not be allocated. */
+   in chunks, and a chunk's rows go LANE_ROWS at a time through its packs two at a time, or one
+   at a time where all the rows are one tile: a thread's weights are then one stream read in
+   order (the next pack's first blocks are what the prefetches ahead of a pack's last fetch).
+   Two at a time, SmolLM2's decode step's layers took 1.11-1.17x as long, 1.09-1.14x at 2 rows,
+   1.01-1.11x at 4, a 1B model's 1.00-1.08x (8 rows keep two: one at a time ran 0.96-0.98x;
+   thirty-first session). Returns 0, or -1 when the scratch memory could not be allocated. */
 int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const void *qs,
                    const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
     (void)bits;
@@ -1362,10 +1366,12 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
                 end = end < packs ? end : packs;
                 for (int64_t r = 0; r < m; r += LANE_ROWS) {
                     int R = m - r < LANE_ROWS ? (int)(m - r) : LANE_ROWS;
-                    for (int64_t p = start; p < end; p += 2)
-                        LANES_TILES[end - p > 1][R - 1]((const uint8_t *)qs + p * nb * 256, d + p * nb * 16,
-                                                        mn ? mn + p * nb * 16 : NULL, nb, xq + r * k, xd + r * nb,
-                                                        xs + r * nb, (char *)out + (r * n + p * 16) * width, n, bf16);
+                    for (int64_t p = start, two; p < end; p += 1 + two) {
+                        two = m > LANE_ROWS && end - p > 1;
+                        LANES_TILES[two][R - 1]((const uint8_t *)qs + p * nb * 256, d + p * nb * 16,
+                                                mn ? mn + p * nb * 16 : NULL, nb, xq + r * k, xd + r * nb,
+                                                xs + r * nb, (char *)out + (r * n + p * 16) * width, n, bf16);
+                    }
                 }
             }
         }
@@ -1391,11 +1397,14 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
 
 int q4_lanes(void) { return LANES; }
 
-/* a prompt's tiles: 8 rows x a pack (8 integer sums, 4 weight vectors and their temporaries
-   in the 16 registers, the accumulators in L1); fewer rows take more packs, so that a lone row
-   has 4 accumulators in flight */
+/* a tile: up to 8 rows x one pack (8 integer sums, 4 weight vectors and their temporaries in
+   the 16 registers, the accumulators in L1). One pack at a time for any rows: a thread's weights
+   are then one stream, read in order (a chunk's packs end to end), and the prefetches ahead of a
+   pack's last blocks fetch the next pack's first. With tiles of a lone row x 4 packs and 2 rows
+   x 2 packs (4 accumulators in flight, but 4 streams) a decode step's layers took 1.14x as long
+   (a 1B model) and 1.14-1.23x (SmolLM2), 1.11-1.16x at 2 rows; with AVX-VNNI 1.14x and 1.22x
+   (the 1B model; the same bits; thirty-first session, docs/performance.md) */
 #define LANE_ROWS 8
-#define LANE_PACKS 4
 #define LANES_AHEAD 1024
 
 /* a row's block added to its accumulator (the AVX-512 lanes' add_block at 8 lanes) */
@@ -1428,50 +1437,48 @@ static inline __m256i lane_sums(__m256i sum) {
 }
 
 /* R rows (xq: the first's activations, input order; xd, xs: its blocks' scales and scale *
-   sum) x P packs (wq, wd, wm: the first's, the next nb blocks further) into out [.., n]; R and
-   P constants where inlined. A pack's block is read a weight vector at a time for all R rows
-   (q4_group's order, and its empty asm: one chain of 16-bit sums per row in a register). */
+   sum) x a pack (wq, wd, wm) into out [.., n]; R constant where inlined. A pack's block is read
+   a weight vector at a time for all R rows (q4_group's order, and its empty asm: one chain of
+   16-bit sums per row in a register). */
 static inline __attribute__((always_inline)) void lanes_tile(
-        int R, int P, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
+        int R, const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t nb,
         const int8_t *xq, const float *xd, const float *xs, void *out, int64_t n, int bf16) {
     int64_t k = nb * 32;
-    __m256 acc[LANE_ROWS][LANE_PACKS];
-    for (int r = 0; r < R; r++)
-        for (int p = 0; p < P; p++) acc[r][p] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++)
-        for (int p = 0; p < P; p++) {
-            const uint8_t *at = wq + (p * nb + b) * 128;
-            _mm_prefetch((const char *)(at + LANES_AHEAD), _MM_HINT_T0);
-            _mm_prefetch((const char *)(at + LANES_AHEAD + 64), _MM_HINT_T0);
-            __m256i raw[4], sum[LANE_ROWS] = {0};   /* (lane_step's i = 0 reads none of them) */
-            for (int j = 0; j < 4; j++) raw[j] = _mm256_loadu_si256((const __m256i *)(at + 32 * j));
-            __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + (p * nb + b) * 8)));
-            __m256 mw = wm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + (p * nb + b) * 8)))
-                           : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+    /* a cache line each (acc[r][0]): two to a line took 1.03x as long at 40 rows */
+    __m256 acc[LANE_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *at = wq + b * 128;
+        _mm_prefetch((const char *)(at + LANES_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(at + LANES_AHEAD + 64), _MM_HINT_T0);
+        __m256i raw[4], sum[LANE_ROWS] = {0};   /* (lane_step's i = 0 reads none of them) */
+        for (int j = 0; j < 4; j++) raw[j] = _mm256_loadu_si256((const __m256i *)(at + 32 * j));
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 8)));
+        __m256 mw = wm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 8)))
+                       : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
 #pragma GCC unroll 8
-            for (int i = 0; i < 8; i++) {
-                __m256i u = group_nibbles(raw, i);
-                for (int r = 0; r < R; r++)
-                    sum[r] = lane_step(sum[r], u, _mm256_set1_epi32(*(const int32_t *)(xq + r * k + b * 32 + 4 * i)), i);
-            }
+        for (int i = 0; i < 8; i++) {
+            __m256i u = group_nibbles(raw, i);
             for (int r = 0; r < R; r++)
-                acc[r][p] = add_block(acc[r][p], lane_sums(sum[r]), dw, mw, xd[r * nb + b], xs[r * nb + b]);
+                sum[r] = lane_step(sum[r], u, _mm256_set1_epi32(*(const int32_t *)(xq + r * k + b * 32 + 4 * i)), i);
         }
-    for (int r = 0; r < R; r++)
-        for (int p = 0; p < P; p++) store8(out, r * n + 8 * p, acc[r][p], bf16);
+        for (int r = 0; r < R; r++)
+            acc[r][0] = add_block(acc[r][0], lane_sums(sum[r]), dw, mw, xd[r * nb + b], xs[r * nb + b]);
+    }
+    for (int r = 0; r < R; r++) store8(out, r * n, acc[r][0], bf16);
 }
 
-/* lanes_tile for each shape, a function of its own */
-#define LANES_TILE(R, P) \
-    static __attribute__((noinline)) void lanes_##R##x##P(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, \
-                                                          int64_t nb, const int8_t *xq, const float *xd, \
-                                                          const float *xs, void *out, int64_t n, int bf16) { \
-        lanes_tile(R, P, wq, wd, wm, nb, xq, xd, xs, out, n, bf16); \
+/* lanes_tile for each row count, a function of its own */
+#define LANES_TILE(R) \
+    static __attribute__((noinline)) void lanes_##R(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, \
+                                                    int64_t nb, const int8_t *xq, const float *xd, \
+                                                    const float *xs, void *out, int64_t n, int bf16) { \
+        lanes_tile(R, wq, wd, wm, nb, xq, xd, xs, out, n, bf16); \
     }
-LANES_TILE(8, 1) LANES_TILE(4, 1) LANES_TILE(2, 2) LANES_TILE(2, 1) LANES_TILE(1, 4) LANES_TILE(1, 1)
+LANES_TILE(8) LANES_TILE(4) LANES_TILE(2) LANES_TILE(1)
 #undef LANES_TILE
 
-/* a chunk's packs (start..end) for all m rows: 8, 4, 2 or 1 at a time through 1 to 4 packs */
+/* a chunk's packs (start..end) for all m rows: 8, 4, 2 or 1 at a time, a pack at a time */
 static void lanes_chunk(int64_t start, int64_t end, int64_t m, int64_t nb, const uint8_t *qs, const uint16_t *d,
                         const uint16_t *mn, const int8_t *xq, const float *xd, const float *xs, void *out,
                         int64_t n, int bf16) {
@@ -1479,17 +1486,13 @@ static void lanes_chunk(int64_t start, int64_t end, int64_t m, int64_t nb, const
     int width = bf16 ? 2 : 4;
     for (int64_t r = 0, R; r < m; r += R) {
         R = m - r >= 8 ? 8 : m - r >= 4 ? 4 : m - r >= 2 ? 2 : 1;
-        for (int64_t p = start, P; p < end; p += P) {
-            P = R == 1 && end - p >= 4 ? 4 : R == 2 && end - p >= 2 ? 2 : 1;
+        for (int64_t p = start; p < end; p++) {
             const uint8_t *wq = qs + p * nb * 128;
             const uint16_t *wd = d + p * nb * 8, *wm = mn ? mn + p * nb * 8 : NULL;
             void *at = (char *)out + (r * n + p * LANES) * width;
             const int8_t *x = xq + r * k;
             const float *dx = xd + r * nb, *sx = xs + r * nb;
-            if (R == 8) lanes_8x1(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
-            else if (R == 4) lanes_4x1(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
-            else if (R == 2) (P == 2 ? lanes_2x2 : lanes_2x1)(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
-            else (P == 4 ? lanes_1x4 : lanes_1x1)(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
+            (R == 8 ? lanes_8 : R == 4 ? lanes_4 : R == 2 ? lanes_2 : lanes_1)(wq, wd, wm, nb, x, dx, sx, at, n, bf16);
         }
     }
 }
