@@ -53,3 +53,33 @@ def test_growing_cache_only_for_plain_dynamic_layers():
     sliding = MistralConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
                             intermediate_size=32, vocab_size=64, sliding_window=4)
     assert not any(isinstance(layer, GrowingLayer) for layer in growing_cache(sliding).layers)
+
+
+def test_views_are_made_when_read_and_a_replaced_one_leaves_the_other():
+    """advance makes no views (a decode step on llamastep.c's path reads none); a read makes
+    them; replacing keys alone keeps values the view they were; reset empties the layer."""
+    plain, growing = DynamicLayer(), GrowingLayer(room=8)
+    for layer in (plain, growing):
+        layer.update(*_states(1, 4, 0))
+    k, v = _states(1, 1, 1)
+    length = growing.reserve(k, v)
+    growing._keys_buf[:, :, length:length + 1].copy_(k)
+    growing._values_buf[:, :, length:length + 1].copy_(v)
+    growing.advance(1)
+    assert growing._views == [None, None] and growing.get_seq_length() == 5
+    pk, pv = plain.update(k, v)
+    assert torch.equal(growing.keys, pk) and torch.equal(growing.values, pv)
+    for layer in (plain, growing):
+        layer.keys = layer.keys[:, :, 1:]
+    assert growing.values.shape[-2] == 5 and torch.equal(growing.values, pv)
+    for layer in (plain, growing):
+        layer.values = layer.values[:, :, 1:]
+    assert growing.get_seq_length() == plain.get_seq_length() == 4
+    k, v = _states(1, 1, 2)
+    pk, pv = plain.update(k, v)
+    gk, gv = growing.update(k, v)
+    assert torch.equal(pk, gk) and torch.equal(pv, gv)
+    growing.reset()
+    assert growing.keys is None and growing.values is None and growing.get_seq_length() == 0
+    k, v = _states(1, 3, 3)
+    assert torch.equal(growing.update(k, v)[0], k)

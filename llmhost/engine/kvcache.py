@@ -33,11 +33,29 @@ class GrowingLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys``/``values`` are views of larger buffers."""
 
     def __init__(self, room: int = ROOM, **kwargs) -> None:
+        self._length: int | None = None   # positions filled where keys/values are the buffers' views
+        self._views: list = [None, None]  # those views, made when read
         super().__init__(**kwargs)
         self.room = room
         self._keys_buf: torch.Tensor | None = None
         self._values_buf: torch.Tensor | None = None
-        self._made: tuple | None = None    # (keys, values, length) as the last advance left them
+
+    # keys and values: views of the buffers' filled part after an advance, made when they are
+    # read (a decode step advances every layer, and on llamastep.c's path reads none of them:
+    # two views a layer took ~1.7 us, 50 us of a SmolLM2 decode step), or what was set
+    def _view(self, i: int) -> torch.Tensor | None:
+        if self._views[i] is None and self._length is not None:
+            self._views[i] = (self._keys_buf, self._values_buf)[i].narrow(2, 0, self._length)
+        return self._views[i]
+
+    def _set(self, i: int, value: torch.Tensor | None) -> None:
+        if self._length is not None:   # the other one stays the view it is
+            self._view(1 - i)
+            self._length = None
+        self._views[i] = value
+
+    keys = property(lambda self: self._view(0), lambda self, value: self._set(0, value))
+    values = property(lambda self: self._view(1), lambda self, value: self._set(1, value))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +63,8 @@ class GrowingLayer(DynamicLayer):
         new = key_states.shape[-2]
         self._keys_buf[:, :, length:length + new].copy_(key_states)
         self._values_buf[:, :, length:length + new].copy_(value_states)
-        return self.advance(new)
+        self.advance(new)
+        return self.keys, self.values
 
     def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
         """Room in the buffers for `key_states`' positions (their shape and dtype:
@@ -53,9 +72,8 @@ class GrowingLayer(DynamicLayer):
         caller writes them there (``update``, or engine/llamastep.c) and calls
         ``advance``."""
         new = key_states.shape[-2]
-        if self._made is not None and self.keys is self._made[0] and self.values is self._made[1] \
-                and self._made[2] + new <= self._keys_buf.shape[-2]:
-            return self._made[2]   # the views the last advance made, with room: a decode step's case
+        if self._length is not None and self._length + new <= self._keys_buf.shape[-2]:
+            return self._length   # the views the last advance made, with room: a decode step's case
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if not (_in_room(self.keys, self._keys_buf, key_states, new)
@@ -64,16 +82,17 @@ class GrowingLayer(DynamicLayer):
             self._values_buf = _rebuffer(self.values, value_states, new + self.room)
         return self.get_seq_length()
 
-    def advance(self, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def advance(self, new: int) -> None:
         """The `new` positions written after ``reserve`` join the keys and values."""
-        length = self.get_seq_length() + new
-        self.keys = self._keys_buf[:, :, :length]
-        self.values = self._values_buf[:, :, :length]
-        self._made = (self.keys, self.values, length)
-        return self.keys, self.values
+        length = (self._length if self._length is not None else self.get_seq_length()) + new
+        self._length, self._views = length, [None, None]
+
+    def get_seq_length(self) -> int:
+        return self._length if self._length is not None else super().get_seq_length()
 
     def reset(self) -> None:
-        self._keys_buf = self._values_buf = self._made = None
+        self._length, self._views = None, [None, None]
+        self._keys_buf = self._values_buf = None
         super().reset()
 
 
