@@ -1338,9 +1338,13 @@ static int wide_product(int64_t m, int64_t nb, const uint8_t *qs, const uint16_t
    Two at a time, SmolLM2's decode step's layers took 1.11-1.17x as long, 1.09-1.14x at 2 rows,
    1.01-1.11x at 4, a 1B model's 1.00-1.08x (8 rows keep two: one at a time ran 0.96-0.98x;
    thirty-first session). Returns 0, or -1 when the scratch memory could not be allocated. */
+static int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, const uint8_t *qs,
+                            const uint16_t *d, int64_t n, void *out, int nt);
+
 int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const void *qs,
                    const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
-    (void)bits;
+    if (bits == 8)
+        return q8_lanes_product(x_in, bf16, m, k, (const uint8_t *)qs, d, n, out, nt);
     int64_t nb = k / 32, packs = n / LANES;
     /* the activations' scales: two planes, xd and xs, or (the wide tiles) their pairs side by side in
        quantize_tiled's order, which pads the last tile to WIDE_TILE_ROWS rows */
@@ -1380,6 +1384,116 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     free(xd);
     return failed ? -1 : 0;
 }
+
+/* Q8_0 on the lanes (a tied output head: q4kernel.to_lanes8 packs it, Q8Embedding reads its rows
+   from there). A pack's block: 8 vectors of 64 bytes, vector j the 16 features' inputs 4j..4j+3,
+   each weight stored plus 128 (unsigned, vpdpbusd's first operand, as Q4's nibbles are), so a
+   row's block is 8 vpdpbusd of its signed 8-bit activations (one dword broadcast each) into an
+   integer sum started at -128 * the sum of those activations: exactly the block's sum(w * x).
+   Then one multiply-add by d * dx. The tiles of q8_tile (a feature at a time, 256-bit, each
+   activation vector's sign applied per feature) took a row's sums across lanes at the end and
+   gained little from more rows: SmolLM2's head (49,152 x 576) ran 0.43, 0.59, 0.85 and 1.73 ms
+   at 1, 2, 4 and 8 rows (thirty-first session). Up to 8 rows a tile (8 weight vectors, 8
+   accumulators and 8 sums in the 32 registers), a pack at a time: each thread's packs one stream. */
+#define Q8_ROWS 8
+
+int q8_lanes(void) { return LANES; }
+
+static inline __attribute__((always_inline)) void q8_lanes_tile(
+        int R, const uint8_t *wq, const uint16_t *wd, int64_t nb, const int8_t *xq, const float *xd,
+        const int32_t *xs128, void *out, int64_t n, int bf16) {
+    int64_t k = nb * 32;
+    __m512 acc[Q8_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *at = wq + b * 512;
+        for (int j = 0; j < 8; j++) _mm_prefetch((const char *)(at + 2 * LANES_AHEAD + 64 * j), _MM_HINT_T0);
+        __m512i w[8];
+        for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(at + 64 * j);
+        __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + b * 16)));
+        for (int r = 0; r < R; r++) {
+            const int32_t *y = (const int32_t *)(xq + r * k + b * 32);
+            __m512i sum = _mm512_set1_epi32(-xs128[r * nb + b]);
+            for (int j = 0; j < 8; j++) sum = _mm512_dpbusd_epi32(sum, w[j], _mm512_set1_epi32(y[j]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) store16(out, r * n, acc[r], 16, bf16);
+}
+
+typedef void (*q8_lanes_fn)(const uint8_t *, const uint16_t *, int64_t, const int8_t *, const float *,
+                            const int32_t *, void *, int64_t, int);
+#define Q8_LANES_TILE(R) \
+    static __attribute__((noinline)) void q8_lanes_##R(const uint8_t *wq, const uint16_t *wd, int64_t nb, \
+                                                       const int8_t *xq, const float *xd, const int32_t *xs128, \
+                                                       void *out, int64_t n, int bf16) { \
+        q8_lanes_tile(R, wq, wd, nb, xq, xd, xs128, out, n, bf16); \
+    }
+Q8_LANES_TILE(1) Q8_LANES_TILE(2) Q8_LANES_TILE(3) Q8_LANES_TILE(4)
+Q8_LANES_TILE(5) Q8_LANES_TILE(6) Q8_LANES_TILE(7) Q8_LANES_TILE(8)
+#undef Q8_LANES_TILE
+static const q8_lanes_fn Q8_LANES_TILES[Q8_ROWS] = {q8_lanes_1, q8_lanes_2, q8_lanes_3, q8_lanes_4,
+                                                    q8_lanes_5, q8_lanes_6, q8_lanes_7, q8_lanes_8};
+
+/* rows ids[0..count) of a to_lanes8 weight [n, k] (nb = k / 32 blocks) dequantized into out
+   [count, k] float32: q * d, exact (Q8Embedding's lookups). Returns 0, or -1 (nothing written)
+   where an id is outside 0..n - 1. */
+int q8_lanes_rows(const uint8_t *qs, const uint16_t *d, int64_t n, const int64_t *ids, int64_t count,
+                  int64_t k, float *out) {
+    int64_t nb = k / 32;
+    for (int64_t i = 0; i < count; i++)
+        if (ids[i] < 0 || ids[i] >= n)
+            return -1;
+    for (int64_t i = 0; i < count; i++) {
+        int64_t p = ids[i] / LANES, lane = ids[i] % LANES;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *at = qs + (p * nb + b) * 512 + 4 * lane;
+            __m512 scale = _mm512_set1_ps(_cvtsh_ss(d[(p * nb + b) * LANES + lane]));
+            __m128i q[2];
+            for (int h = 0; h < 2; h++)   /* vectors 4h..4h+3: inputs 16h..16h+15 */
+                q[h] = _mm_xor_si128(_mm_setr_epi32(*(const int32_t *)(at + 256 * h), *(const int32_t *)(at + 256 * h + 64),
+                                                    *(const int32_t *)(at + 256 * h + 128), *(const int32_t *)(at + 256 * h + 192)),
+                                     _mm_set1_epi8((char)0x80));
+            for (int h = 0; h < 2; h++)
+                _mm512_storeu_ps(out + i * k + b * 32 + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q[h])), scale));
+        }
+    }
+    return 0;
+}
+
+/* q_linear_lanes for a packed Q8_0 weight (qs: to_lanes8's bytes, d: its scales, n a multiple of
+   LANES): the rows quantized per block as for Q4, each block's 128 * sum of its 8-bit values
+   (xs128), then the threads take even runs of packs, Q8_ROWS rows at a time through each. */
+static int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, const uint8_t *qs,
+                            const uint16_t *d, int64_t n, void *out, int nt) {
+    int64_t nb = k / 32, packs = n / LANES;
+    int8_t *xq = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
+    float *xd = malloc(sizeof(float) * (size_t)(2 * m * nb)), *xs = xd + m * nb;
+    int32_t *xs128 = malloc(sizeof(int32_t) * (size_t)(m * nb));
+    int failed = !xq || !xd || !xs128;
+    if (!failed) {
+        quantize_blocks(x_in, bf16, m * nb, xq, xd, xs, nt);
+        for (int64_t i = 0; i < m * nb; i++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 32; j++) sum += xq[i * 32 + j];
+            xs128[i] = 128 * sum;
+        }
+        int64_t chunks = thread_chunks(packs, LANES_CHUNK, nt);
+        int width = bf16 ? 2 : 4;
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t c = 0; c < chunks; c++)
+            for (int64_t r = 0; r < m; r += Q8_ROWS) {
+                int R = m - r < Q8_ROWS ? (int)(m - r) : Q8_ROWS;
+                for (int64_t p = c * packs / chunks; p < (c + 1) * packs / chunks; p++)
+                    Q8_LANES_TILES[R - 1](qs + p * nb * 512, d + p * nb * 16, nb, xq + r * k, xd + r * nb,
+                                          xs128 + r * nb, (char *)out + (r * n + p * LANES) * width, n, bf16);
+            }
+    }
+    free(xq);
+    free(xd);
+    free(xs128);
+    return failed ? -1 : 0;
+}
 #elif !defined(__AMX_INT8__)
 /* Feature lanes on AVX2, without VNNI or with AVX-VNNI (no AVX-512): the packs above at 8
    features (a 256-bit lane each; a pack's block: vector j, 32 bytes, holds the 4 bytes j of each
@@ -1396,6 +1510,7 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
 #define LANES 8
 
 int q4_lanes(void) { return LANES; }
+int q8_lanes(void) { return 0; }   /* (its vpmaddubsw pairs of unsigned bytes would saturate) */
 
 /* a tile: up to 8 rows x one pack (8 integer sums, 4 weight vectors and their temporaries in
    the 16 registers, the accumulators in L1). One pack at a time for any rows: a thread's weights
@@ -1540,6 +1655,7 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
 }
 #else
 int q4_lanes(void) { return 0; }
+int q8_lanes(void) { return 0; }
 #endif
 
 /* out [m, n] = x [m, k] (quantized here) times w^T, w [n, k]: a Q4 weight (bits 4: qs uint8

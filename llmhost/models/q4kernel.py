@@ -75,6 +75,8 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
     for fn in [lib.q_linear] + ([lib.q_linear_lanes] if lib.q4_lanes() else []):   # lanes: where built
         fn.argtypes = [ctypes.c_int, _P, ctypes.c_int, _N, _N, _P, _P, _P, _N, _P, ctypes.c_int]
         fn.restype = ctypes.c_int
+    if lib.q8_lanes():
+        lib.q8_lanes_rows.argtypes = [_P, _P, _N, _P, _N, _N, _P]
     for fn in (lib.q4_requantize, lib.q4_dequantize):
         fn.restype = None
     # the tiles, where the build has them and Linux grants this process their state
@@ -104,6 +106,36 @@ def lanes() -> int:
     return lib.q4_lanes() if lib is not None else 0
 
 
+def q8_lanes() -> int:
+    """Features per pack where this process's build computes packed Q8_0
+    weights (q4kernel.c's Q8_0 lanes: 16 with AVX-512 VNNI without AMX), else 0."""
+    lib, _ = _build()
+    return lib.q8_lanes() if lib is not None else 0
+
+
+def to_lanes8(qs: torch.Tensor, dm: torch.Tensor, pack: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 weight (qs int8 [N, K], dm float16 [1, N, K / 32]; N a multiple of
+    the pack) packed for the Q8_0 lanes: per `pack` features and block, dword j
+    (inputs 4j..4j+3) of each feature side by side (j = 0..7), each weight plus
+    128 (its byte's top bit flipped: q4kernel.c reads them unsigned); the same
+    shapes and dtypes."""
+    n, k = qs.shape
+    qs = (qs.view(torch.uint8) ^ 0x80).view(n // pack, pack, k // 32, 8, 4).permute(0, 2, 3, 1, 4)
+    return qs.contiguous().view(torch.int8).view(n, k), _pack_planes(dm, n, pack)
+
+
+def lanes8_rows(qs: torch.Tensor, dm: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` (any shape) of a to_lanes8 weight, dequantized: float32
+    [*ids, K], q * d (exact; q4kernel.c's q8_lanes_rows)."""
+    lib = _build()[0]
+    n, k = qs.shape
+    ids = ids.to(torch.int64).contiguous()
+    out = torch.empty(*ids.shape, k)
+    if lib.q8_lanes_rows(qs.data_ptr(), dm.data_ptr(), n, ids.data_ptr(), ids.numel(), k, out.data_ptr()):
+        raise IndexError(f"index out of range in self: token ids must be in 0..{n - 1}")
+    return out
+
+
 def to_lanes(qs: torch.Tensor, dm: torch.Tensor, pack: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A Q4 weight (matmul's qs, dm; N a multiple of the pack) packed for the
     feature lanes, the same shapes: per `pack` features (default: lanes()) and
@@ -113,8 +145,12 @@ def to_lanes(qs: torch.Tensor, dm: torch.Tensor, pack: int = 0) -> tuple[torch.T
     n, half = qs.shape
     nb = half // 16
     qs = qs.view(n // pack, pack, nb, 4, 4).permute(0, 2, 3, 1, 4).contiguous().view(n, half)
-    dm = dm.view(dm.shape[0], n // pack, pack, nb).transpose(2, 3).contiguous().view(dm.shape)
-    return qs, dm
+    return qs, _pack_planes(dm, n, pack)
+
+
+def _pack_planes(dm: torch.Tensor, n: int, pack: int) -> torch.Tensor:
+    """Each plane of dm [planes, N, blocks]: per `pack` features, a block's values side by side."""
+    return dm.view(dm.shape[0], n // pack, pack, -1).transpose(2, 3).contiguous().view(dm.shape)
 
 
 def from_lanes(qs: torch.Tensor, dm: torch.Tensor, pack: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
