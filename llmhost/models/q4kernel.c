@@ -1510,7 +1510,7 @@ static int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, co
 #define LANES 8
 
 int q4_lanes(void) { return LANES; }
-int q8_lanes(void) { return 0; }   /* (its vpmaddubsw pairs of unsigned bytes would saturate) */
+int q8_lanes(void) { return 0; }   /* (bytes plus 128 would saturate vpmaddubsw's 16-bit pairs) */
 
 /* a tile: up to 8 rows x one pack (8 integer sums, 4 weight vectors and their temporaries in
    the 16 registers, the accumulators in L1). One pack at a time for any rows: a thread's weights

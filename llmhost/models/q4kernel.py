@@ -171,7 +171,8 @@ def matmul(x: torch.Tensor, qs: torch.Tensor, dm: torch.Tensor, lib=None, lanes:
     ``.bfloat16()``, without two tensor conversions a call), else float32. One
     call into the library (it quantizes x too): ~5 us of Python per layer.
     `lib`: another build of the library (tests), instead of this process's;
-    `lanes`: a Q4 weight packed by to_lanes (lanes() > 0)."""
+    `lanes`: a Q4 weight packed by to_lanes (lanes() > 0), or a Q8_0 one by
+    to_lanes8 (q8_lanes() > 0)."""
     lib = lib or _build()[0]
     bf16 = x.dtype == torch.bfloat16
     x = x.contiguous() if bf16 else x.float().contiguous()
