@@ -245,45 +245,58 @@ def test_q4_layers_are_packed_where_their_features_fill_packs():
     assert group_q4(attention) == 0 and not hasattr(attention, "q4_group")
 
 
-def test_q8_lanes_read_the_files_blocks_and_give_each_row_its_bits_alone():
-    """A tied Q8_0 embedding and head packed for the Q8_0 lanes (to_lanes8: AVX-512 VNNI without
-    AMX): looked-up rows are the file's dequantized ones (float32 exactly, bfloat16 as torch
-    rounds them; an id outside the vocabulary raises IndexError); the head's product is within
-    8-bit rounding of the float64 one and every row has the same bits alone as in calls of 2 to
-    40 rows (1 to 8 a tile, a last short tile) on 1 and 2 threads; bfloat16 in and out as torch
-    rounds the float32 result."""
+@pytest.mark.parametrize("which", ["native", "avx-vnni"])
+def test_q8_lanes_read_the_files_blocks_and_give_each_row_its_bits_alone(which):
+    """A tied Q8_0 embedding and head packed for the Q8_0 lanes (to_lanes8: 16 features a pack
+    with AVX-512 VNNI without AMX, 8 with AVX-VNNI): looked-up rows are the file's dequantized
+    ones (float32 exactly, bfloat16 as torch rounds them; an id outside the vocabulary raises
+    IndexError); the head's product is within 8-bit rounding of the float64 one and every row
+    has the same bits alone as in calls of 2 to 40 rows (1 to 8 a tile, a last short tile) on 1
+    and 2 threads, and the same bits in both builds; bfloat16 in and out as torch rounds the
+    float32 result."""
     import numpy as np
     from gguf import GGMLQuantizationType, dequantize, quantize
 
     from llmhost.models.quantize import Q8Head, q8_embedding
 
-    if not q4kernel.q8_lanes():
-        pytest.skip("this build has no Q8_0 lanes (AVX-512 VNNI without AMX)")
+    lib = q4kernel._build()[0] if which == "native" else _avx_vnni_build()
+    pack = lib.q8_lanes() if lib is not None else 0
+    if not pack:
+        pytest.skip("this build has no Q8_0 lanes (AVX-512 VNNI without AMX, or AVX-VNNI)")
     rng = np.random.default_rng(4)
     threads = torch.get_num_threads()
     try:
         for v, k in ((48, 96), (64, 576), (32, 1568)):
             blocks = quantize((rng.standard_normal((v, k)) * 2).astype(np.float32), GGMLQuantizationType.Q8_0)
             weight = torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q8_0).copy())
-            embedding = q8_embedding(blocks, torch.float32)
-            assert embedding.lanes and not torch.equal(embedding.qs, torch.from_numpy(
-                blocks.reshape(v, -1, 34)[..., 2:].copy().view(np.int8).reshape(v, k)))
+            file_qs = torch.from_numpy(blocks.reshape(v, -1, 34)[..., 2:].copy().view(np.int8).reshape(v, k))
+            file_dm = torch.from_numpy(blocks.reshape(v, -1, 34)[..., :2].copy().view(np.float16)[..., 0])[None]
+            qs, dm = q4kernel.to_lanes8(file_qs, file_dm, pack)
+            assert not torch.equal(qs, file_qs)
             ids = torch.tensor([[3, 0, v - 1], [1, 17, 2]])
-            assert torch.equal(embedding(ids), weight[ids])
-            assert torch.equal(q8_embedding(blocks, torch.bfloat16)(ids), weight[ids].bfloat16())
+            assert torch.equal(q4kernel.lanes8_rows(qs, dm, ids, pack), weight[ids])
             for bad in (v, -1):
                 with pytest.raises(IndexError):
-                    embedding(torch.tensor([[0, bad]]))
-            head = Q8Head(embedding)
+                    q4kernel.lanes8_rows(qs, dm, torch.tensor([[0, bad]]), pack)
             x = torch.randn(40, k, generator=torch.Generator().manual_seed(k)) * 3
             exact = q4kernel.requantized(x).double() @ weight.double().T
             for nt in (1, 2):
                 torch.set_num_threads(nt)
-                alone = torch.cat([head(x[i:i + 1]) for i in range(40)])
+                alone = torch.cat([q4kernel.matmul(x[i:i + 1], qs, dm, lib=lib, lanes=True) for i in range(40)])
                 torch.testing.assert_close(alone.double(), exact, rtol=1e-5, atol=1e-4)
                 for m in (2, 7, 8, 9, 17, 40):
-                    assert torch.equal(head(x[:m]), alone[:m]), (v, k, nt, m)
+                    assert torch.equal(q4kernel.matmul(x[:m], qs, dm, lib=lib, lanes=True), alone[:m]), (v, k, nt, m)
             half = x[:9].bfloat16()
-            assert torch.equal(head(half), head(half.float()).bfloat16())
+            assert torch.equal(q4kernel.matmul(half, qs, dm, lib=lib, lanes=True),
+                               q4kernel.matmul(half.float(), qs, dm, lib=lib, lanes=True).bfloat16())
+            if which == "native":   # the modules on this build's packing
+                embedding = q8_embedding(blocks, torch.float32)
+                assert embedding.lanes and torch.equal(embedding.qs, qs)
+                assert torch.equal(embedding(ids), weight[ids])
+                assert torch.equal(q8_embedding(blocks, torch.bfloat16)(ids), weight[ids].bfloat16())
+                assert torch.equal(Q8Head(embedding)(x), alone)
+            elif q4kernel.q8_lanes() and q4kernel.q8_lanes() != pack:   # the other build's bits
+                assert torch.equal(q4kernel.matmul(x, *q4kernel.to_lanes8(file_qs, file_dm, q4kernel.q8_lanes()),
+                                                   lanes=True), alone)
     finally:
         torch.set_num_threads(threads)

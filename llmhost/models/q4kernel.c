@@ -117,6 +117,10 @@ static void quantize_rows(const void *x, int bf16, int64_t m, int64_t k, int gro
 
 /* x's first `blocks` blocks (float32, or bfloat16 with `bf16`) quantized in input order (xq:
    32-byte aligned), their scales and scale * sum (the feature lanes' activations) */
+/* a packed Q8_0 weight's product (below, where the build has Q8_0 lanes) */
+int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, const uint8_t *qs,
+                     const uint16_t *d, int64_t n, void *out, int nt);
+
 static inline void quantize_blocks(const void *x, int bf16, int64_t blocks, int8_t *xq, float *xd, float *xs,
                                    int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static) if (blocks >= QUANTIZE_SPLIT_FROM)
@@ -1338,9 +1342,6 @@ static int wide_product(int64_t m, int64_t nb, const uint8_t *qs, const uint16_t
    Two at a time, SmolLM2's decode step's layers took 1.11-1.17x as long, 1.09-1.14x at 2 rows,
    1.01-1.11x at 4, a 1B model's 1.00-1.08x (8 rows keep two: one at a time ran 0.96-0.98x;
    thirty-first session). Returns 0, or -1 when the scratch memory could not be allocated. */
-static int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, const uint8_t *qs,
-                            const uint16_t *d, int64_t n, void *out, int nt);
-
 int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const void *qs,
                    const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
     if (bits == 8)
@@ -1421,79 +1422,6 @@ static inline __attribute__((always_inline)) void q8_lanes_tile(
     for (int r = 0; r < R; r++) store16(out, r * n, acc[r], 16, bf16);
 }
 
-typedef void (*q8_lanes_fn)(const uint8_t *, const uint16_t *, int64_t, const int8_t *, const float *,
-                            const int32_t *, void *, int64_t, int);
-#define Q8_LANES_TILE(R) \
-    static __attribute__((noinline)) void q8_lanes_##R(const uint8_t *wq, const uint16_t *wd, int64_t nb, \
-                                                       const int8_t *xq, const float *xd, const int32_t *xs128, \
-                                                       void *out, int64_t n, int bf16) { \
-        q8_lanes_tile(R, wq, wd, nb, xq, xd, xs128, out, n, bf16); \
-    }
-Q8_LANES_TILE(1) Q8_LANES_TILE(2) Q8_LANES_TILE(3) Q8_LANES_TILE(4)
-Q8_LANES_TILE(5) Q8_LANES_TILE(6) Q8_LANES_TILE(7) Q8_LANES_TILE(8)
-#undef Q8_LANES_TILE
-static const q8_lanes_fn Q8_LANES_TILES[Q8_ROWS] = {q8_lanes_1, q8_lanes_2, q8_lanes_3, q8_lanes_4,
-                                                    q8_lanes_5, q8_lanes_6, q8_lanes_7, q8_lanes_8};
-
-/* rows ids[0..count) of a to_lanes8 weight [n, k] (nb = k / 32 blocks) dequantized into out
-   [count, k] float32: q * d, exact (Q8Embedding's lookups). Returns 0, or -1 (nothing written)
-   where an id is outside 0..n - 1. */
-int q8_lanes_rows(const uint8_t *qs, const uint16_t *d, int64_t n, const int64_t *ids, int64_t count,
-                  int64_t k, float *out) {
-    int64_t nb = k / 32;
-    for (int64_t i = 0; i < count; i++)
-        if (ids[i] < 0 || ids[i] >= n)
-            return -1;
-    for (int64_t i = 0; i < count; i++) {
-        int64_t p = ids[i] / LANES, lane = ids[i] % LANES;
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *at = qs + (p * nb + b) * 512 + 4 * lane;
-            __m512 scale = _mm512_set1_ps(_cvtsh_ss(d[(p * nb + b) * LANES + lane]));
-            __m128i q[2];
-            for (int h = 0; h < 2; h++)   /* vectors 4h..4h+3: inputs 16h..16h+15 */
-                q[h] = _mm_xor_si128(_mm_setr_epi32(*(const int32_t *)(at + 256 * h), *(const int32_t *)(at + 256 * h + 64),
-                                                    *(const int32_t *)(at + 256 * h + 128), *(const int32_t *)(at + 256 * h + 192)),
-                                     _mm_set1_epi8((char)0x80));
-            for (int h = 0; h < 2; h++)
-                _mm512_storeu_ps(out + i * k + b * 32 + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q[h])), scale));
-        }
-    }
-    return 0;
-}
-
-/* q_linear_lanes for a packed Q8_0 weight (qs: to_lanes8's bytes, d: its scales, n a multiple of
-   LANES): the rows quantized per block as for Q4, each block's 128 * sum of its 8-bit values
-   (xs128), then the threads take even runs of packs, Q8_ROWS rows at a time through each. */
-static int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, const uint8_t *qs,
-                            const uint16_t *d, int64_t n, void *out, int nt) {
-    int64_t nb = k / 32, packs = n / LANES;
-    int8_t *xq = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
-    float *xd = malloc(sizeof(float) * (size_t)(2 * m * nb)), *xs = xd + m * nb;
-    int32_t *xs128 = malloc(sizeof(int32_t) * (size_t)(m * nb));
-    int failed = !xq || !xd || !xs128;
-    if (!failed) {
-        quantize_blocks(x_in, bf16, m * nb, xq, xd, xs, nt);
-        for (int64_t i = 0; i < m * nb; i++) {
-            int32_t sum = 0;
-            for (int j = 0; j < 32; j++) sum += xq[i * 32 + j];
-            xs128[i] = 128 * sum;
-        }
-        int64_t chunks = thread_chunks(packs, LANES_CHUNK, nt);
-        int width = bf16 ? 2 : 4;
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t c = 0; c < chunks; c++)
-            for (int64_t r = 0; r < m; r += Q8_ROWS) {
-                int R = m - r < Q8_ROWS ? (int)(m - r) : Q8_ROWS;
-                for (int64_t p = c * packs / chunks; p < (c + 1) * packs / chunks; p++)
-                    Q8_LANES_TILES[R - 1](qs + p * nb * 512, d + p * nb * 16, nb, xq + r * k, xd + r * nb,
-                                          xs128 + r * nb, (char *)out + (r * n + p * LANES) * width, n, bf16);
-            }
-    }
-    free(xq);
-    free(xd);
-    free(xs128);
-    return failed ? -1 : 0;
-}
 #elif !defined(__AMX_INT8__)
 /* Feature lanes on AVX2, without VNNI or with AVX-VNNI (no AVX-512): the packs above at 8
    features (a 256-bit lane each; a pack's block: vector j, 32 bytes, holds the 4 bytes j of each
@@ -1510,7 +1438,6 @@ static int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, co
 #define LANES 8
 
 int q4_lanes(void) { return LANES; }
-int q8_lanes(void) { return 0; }   /* (bytes plus 128 would saturate vpmaddubsw's 16-bit pairs) */
 
 /* a tile: up to 8 rows x one pack (8 integer sums, 4 weight vectors and their temporaries in
    the 16 registers, the accumulators in L1). One pack at a time for any rows: a thread's weights
@@ -1612,6 +1539,43 @@ static void lanes_chunk(int64_t start, int64_t end, int64_t m, int64_t nb, const
     }
 }
 
+#ifdef DPBUSD
+/* Q8_0 on the 8-feature lanes with AVX-VNNI: the AVX-512 lanes' Q8_0 (to_lanes8's packs at 8
+   features: a pack's block 8 vectors of 32 bytes), a weight vector at a time for all the tile's
+   rows (their integer sums in registers, the accumulators in L1, a cache line each); the same
+   integers and the same multiply-add per (row, feature, block): the same bits. (Without VNNI,
+   none: bytes plus 128 would saturate vpmaddubsw's 16-bit pairs.) */
+#define Q8_ROWS 8
+
+int q8_lanes(void) { return LANES; }
+
+static inline __attribute__((always_inline)) void q8_lanes_tile(
+        int R, const uint8_t *wq, const uint16_t *wd, int64_t nb, const int8_t *xq, const float *xd,
+        const int32_t *xs128, void *out, int64_t n, int bf16) {
+    int64_t k = nb * 32;
+    __m256 acc[Q8_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *at = wq + b * 256;
+        for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(at + 2 * LANES_AHEAD + 64 * j), _MM_HINT_T0);
+        __m256i sum[Q8_ROWS];
+        for (int r = 0; r < R; r++) sum[r] = _mm256_set1_epi32(-xs128[r * nb + b]);
+        for (int j = 0; j < 8; j++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(at + 32 * j));
+            for (int r = 0; r < R; r++)
+                sum[r] = DPBUSD(sum[r], w, _mm256_set1_epi32(*(const int32_t *)(xq + r * k + b * 32 + 4 * j)));
+        }
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 8)));
+        for (int r = 0; r < R; r++)
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_mul_ps(dw, _mm256_set1_ps(xd[r * nb + b])),
+                                        acc[r][0]);
+    }
+    for (int r = 0; r < R; r++) store8(out, r * n, acc[r][0], bf16);
+}
+#else
+int q8_lanes(void) { return 0; }
+#endif
+
 /* rows from which a product's chunks go to whichever thread is free (4 packs a chunk), not in
    even shares of about CHUNK features: on this project's noisy 2-core VM a thread often ran
    its share slower than the other, which then waited (OpenMP's waits were 14% of a 40-token
@@ -1628,6 +1592,10 @@ static void lanes_chunk(int64_t start, int64_t end, int64_t m, int64_t nb, const
    scratch memory could not be allocated. */
 int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, const void *qs,
                    const uint16_t *d, const uint16_t *mn, int64_t n, void *out, int nt) {
+#ifdef Q8_ROWS
+    if (bits == 8)
+        return q8_lanes_product(x_in, bf16, m, k, (const uint8_t *)qs, d, n, out, nt);
+#endif
     (void)bits;
     int64_t nb = k / 32, packs = n / LANES;
     int8_t *xq = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
@@ -1657,6 +1625,79 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
 int q4_lanes(void) { return 0; }
 int q8_lanes(void) { return 0; }
 #endif
+
+#ifdef Q8_ROWS
+typedef void (*q8_lanes_fn)(const uint8_t *, const uint16_t *, int64_t, const int8_t *, const float *,
+                            const int32_t *, void *, int64_t, int);
+#define Q8_LANES_TILE(R) \
+    static __attribute__((noinline)) void q8_lanes_##R(const uint8_t *wq, const uint16_t *wd, int64_t nb, \
+                                                       const int8_t *xq, const float *xd, const int32_t *xs128, \
+                                                       void *out, int64_t n, int bf16) { \
+        q8_lanes_tile(R, wq, wd, nb, xq, xd, xs128, out, n, bf16); \
+    }
+Q8_LANES_TILE(1) Q8_LANES_TILE(2) Q8_LANES_TILE(3) Q8_LANES_TILE(4)
+Q8_LANES_TILE(5) Q8_LANES_TILE(6) Q8_LANES_TILE(7) Q8_LANES_TILE(8)
+#undef Q8_LANES_TILE
+static const q8_lanes_fn Q8_LANES_TILES[Q8_ROWS] = {q8_lanes_1, q8_lanes_2, q8_lanes_3, q8_lanes_4,
+                                                    q8_lanes_5, q8_lanes_6, q8_lanes_7, q8_lanes_8};
+
+/* q_linear_lanes for a packed Q8_0 weight (qs: to_lanes8's bytes, d: its scales, n a multiple of
+   LANES), in the builds with Q8_0 lanes (AVX-512 VNNI, AVX-VNNI): the rows quantized per block as for Q4, each block's 128 * sum of its 8-bit values
+   (xs128), then the threads take even runs of packs, Q8_ROWS rows at a time through each. */
+int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, const uint8_t *qs,
+                     const uint16_t *d, int64_t n, void *out, int nt) {
+    int64_t nb = k / 32, packs = n / LANES;
+    int8_t *xq = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
+    float *xd = malloc(sizeof(float) * (size_t)(2 * m * nb)), *xs = xd + m * nb;
+    int32_t *xs128 = malloc(sizeof(int32_t) * (size_t)(m * nb));
+    int failed = !xq || !xd || !xs128;
+    if (!failed) {
+        quantize_blocks(x_in, bf16, m * nb, xq, xd, xs, nt);
+        for (int64_t i = 0; i < m * nb; i++) {
+            int32_t sum = 0;
+            for (int j = 0; j < 32; j++) sum += xq[i * 32 + j];
+            xs128[i] = 128 * sum;
+        }
+        int64_t chunks = thread_chunks(packs, 4, nt);   /* about 4 packs a chunk, even runs a thread */
+        int width = bf16 ? 2 : 4;
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t c = 0; c < chunks; c++)
+            for (int64_t r = 0; r < m; r += Q8_ROWS) {
+                int R = m - r < Q8_ROWS ? (int)(m - r) : Q8_ROWS;
+                for (int64_t p = c * packs / chunks; p < (c + 1) * packs / chunks; p++)
+                    Q8_LANES_TILES[R - 1](qs + p * nb * 32 * LANES, d + p * nb * LANES, nb, xq + r * k, xd + r * nb,
+                                          xs128 + r * nb, (char *)out + (r * n + p * LANES) * width, n, bf16);
+            }
+    }
+    free(xq);
+    free(xd);
+    free(xs128);
+    return failed ? -1 : 0;
+}
+#endif
+
+/* rows ids[0..count) of a to_lanes8 weight [n, k] in packs of `pack` features (nb = k / 32
+   blocks; a pack's block: 8 vectors of 4 * pack bytes, vector j the features' inputs 4j..4j+3)
+   dequantized into out [count, k] float32: q * d, exact (Q8Embedding's lookups). Returns 0, or
+   -1 (nothing written) where an id is outside 0..n - 1. */
+int q8_lanes_rows(const uint8_t *qs, const uint16_t *d, int64_t n, const int64_t *ids, int64_t count,
+                  int64_t k, int64_t pack, float *out) {
+    int64_t nb = k / 32;
+    for (int64_t i = 0; i < count; i++)
+        if (ids[i] < 0 || ids[i] >= n)
+            return -1;
+    for (int64_t i = 0; i < count; i++) {
+        int64_t p = ids[i] / pack, lane = ids[i] % pack;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *at = qs + ((p * nb + b) * 8 * pack + lane) * 4;
+            float scale = _cvtsh_ss(d[(p * nb + b) * pack + lane]);
+            for (int j = 0; j < 8; j++)
+                for (int c = 0; c < 4; c++)
+                    out[i * k + b * 32 + 4 * j + c] = (float)(int8_t)(at[4 * pack * j + c] ^ 0x80) * scale;
+        }
+    }
+    return 0;
+}
 
 /* out [m, n] = x [m, k] (quantized here) times w^T, w [n, k]: a Q4 weight (bits 4: qs uint8
    [n, k / 2], d and mn float16 [n, k / 32]; mn NULL for Q4_0, m = -8 d) or a Q8_0 one (bits 8:

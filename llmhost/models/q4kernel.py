@@ -75,8 +75,7 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
     for fn in [lib.q_linear] + ([lib.q_linear_lanes] if lib.q4_lanes() else []):   # lanes: where built
         fn.argtypes = [ctypes.c_int, _P, ctypes.c_int, _N, _N, _P, _P, _P, _N, _P, ctypes.c_int]
         fn.restype = ctypes.c_int
-    if lib.q8_lanes():
-        lib.q8_lanes_rows.argtypes = [_P, _P, _N, _P, _N, _N, _P]
+    lib.q8_lanes_rows.argtypes = [_P, _P, _N, _P, _N, _N, _N, _P]
     for fn in (lib.q4_requantize, lib.q4_dequantize):
         fn.restype = None
     # the tiles, where the build has them and Linux grants this process their state
@@ -108,7 +107,8 @@ def lanes() -> int:
 
 def q8_lanes() -> int:
     """Features per pack where this process's build computes packed Q8_0
-    weights (q4kernel.c's Q8_0 lanes: 16 with AVX-512 VNNI without AMX), else 0."""
+    weights (q4kernel.c's Q8_0 lanes: 16 with AVX-512 VNNI without AMX, 8 with
+    AVX-VNNI), else 0."""
     lib, _ = _build()
     return lib.q8_lanes() if lib is not None else 0
 
@@ -124,14 +124,16 @@ def to_lanes8(qs: torch.Tensor, dm: torch.Tensor, pack: int = 16) -> tuple[torch
     return qs.contiguous().view(torch.int8).view(n, k), _pack_planes(dm, n, pack)
 
 
-def lanes8_rows(qs: torch.Tensor, dm: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` (any shape) of a to_lanes8 weight, dequantized: float32
-    [*ids, K], q * d (exact; q4kernel.c's q8_lanes_rows)."""
+def lanes8_rows(qs: torch.Tensor, dm: torch.Tensor, ids: torch.Tensor, pack: int = 0) -> torch.Tensor:
+    """Rows `ids` (any shape) of a to_lanes8 weight (packs of `pack` features;
+    default: q8_lanes()), dequantized: float32 [*ids, K], q * d (exact;
+    q4kernel.c's q8_lanes_rows)."""
     lib = _build()[0]
     n, k = qs.shape
     ids = ids.to(torch.int64).contiguous()
     out = torch.empty(*ids.shape, k)
-    if lib.q8_lanes_rows(qs.data_ptr(), dm.data_ptr(), n, ids.data_ptr(), ids.numel(), k, out.data_ptr()):
+    if lib.q8_lanes_rows(qs.data_ptr(), dm.data_ptr(), n, ids.data_ptr(), ids.numel(), k, pack or q8_lanes(),
+                         out.data_ptr()):
         raise IndexError(f"index out of range in self: token ids must be in 0..{n - 1}")
     return out
 
