@@ -1131,15 +1131,16 @@ int attend(int bf16, const void *q, const void *k, const void *v, const int64_t 
             join(res + h * (dim + 2), count + u, 1, part, dim, bf16,
                  (char *)out + size * (((b * length + i) * heads + g * group + h) * dim));
     }
-    #pragma omp parallel for num_threads(nt) schedule(static) if (rows * group > 8)
-    for (int64_t x = 0; x < rows * group; x++) {   /* join a row's spans, per head */
+    /* join a row's spans, per head (a row of one span with keys was joined by its unit: then
+       only rows without keys are left, on this thread) */
+    FOR_SPLIT(spans > 1 && rows * group > 8, x, rows * group,
         int64_t r = x / group, h = x % group;
         int64_t b = r / (kv_heads * length), g = r / length % kv_heads, i = r % length;
         if (spans == 1 && count[r])   /* joined by its unit */
             continue;
         join(partial + r * spans * part + h * (dim + 2), count + r * spans, spans, part, dim, bf16,
              (char *)out + size * (((b * length + i) * heads + g * group + h) * dim));
-    }
+    );
     free(partial);
     free(count);
     free(pos);

@@ -157,18 +157,20 @@ static void rms_row(const void *h, const void *w, double eps, int64_t n, void *o
     }
 }
 
+/* h [i, i + n) = (h + o).to(dtype), in place: a row's residual addition */
+static void add_row(void *h, const void *o, int64_t i, int64_t n, int bf16) {
+    int64_t end = i + n;
+#ifdef __AVX512F__
+    for (; i + 16 <= end; i += 16)
+        store16(h, i, _mm512_add_ps(load16(h, i, bf16), load16(o, i, bf16)), bf16);
+#endif
+    for (; i < end; i += 8)
+        store8(h, i, _mm256_add_ps(load8(h, i, bf16), load8(o, i, bf16)), bf16);
+}
+
 /* h [rows, n] = (h + o).to(dtype), in place: a residual addition */
 static void add_rows(void *h, const void *o, int64_t rows, int64_t n, int bf16, int nt) {
-    #pragma omp parallel for num_threads(nt) schedule(static) if (rows * n > 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        int64_t i = r * n, end = i + n;
-#ifdef __AVX512F__
-        for (; i + 16 <= end; i += 16)
-            store16(h, i, _mm512_add_ps(load16(h, i, bf16), load16(o, i, bf16)), bf16);
-#endif
-        for (; i < end; i += 8)
-            store8(h, i, _mm256_add_ps(load8(h, i, bf16), load8(o, i, bf16)), bf16);
-    }
+    FOR_SPLIT(rows * n > 65536, r, rows, add_row(h, o, r * n, n, bf16););
 }
 
 /* transformers' apply_rotary_pos_emb on one head of `dim` in place:
@@ -209,6 +211,23 @@ static int linear(linear_fn f, const struct proj *p, const void *x, int bf16, in
     return f((int)p->bits, x, bf16, rows, k, p->qs, p->d, p->m, p->n, out, nt);
 }
 
+/* row r of big [rows, q | k | v heads] (position past + r % length of sequence r / length):
+   its query and key heads rotated, its keys and values written into the layer's cache */
+static void rope_row(const struct layer *L, char *big, const void *cos, const void *sin, int64_t r, int64_t length,
+                     int64_t past, int64_t heads, int64_t kv_heads, int64_t dim, int bf16) {
+    const int64_t size = bf16 ? 2 : 4, nq = heads * dim, nk = kv_heads * dim;
+    int64_t b = r / length, i = r % length;
+    char *row = big + r * (nq + 2 * nk) * size;
+    const char *c = (const char *)cos + r * dim * size, *s = (const char *)sin + r * dim * size;
+    for (int64_t t = 0; t < heads + kv_heads; t++) rope_head(row + t * dim * size, c, s, dim, bf16);
+    for (int64_t g = 0; g < kv_heads; g++) {
+        memcpy((char *)L->keys + size * (b * L->kst[0] + g * L->kst[1] + (past + i) * L->kst[2]),
+               row + (nq + g * dim) * size, (size_t)(dim * size));
+        memcpy((char *)L->values + size * (b * L->vst[0] + g * L->vst[1] + (past + i) * L->vst[2]),
+               row + (nq + nk + g * dim) * size, (size_t)(dim * size));
+    }
+}
+
 /* A layer from its attention's output on: rows rows of h [rows, hidden] (in place) and of att_out
    [rows, hidden]; x [rows, hidden], big [rows, max(hidden, 2 * inter)] and act [rows, inter]
    scratch. 0, or -1 when out of memory. */
@@ -218,16 +237,13 @@ static int after_attention(const struct layer *L, int bf16, int64_t rows, int64_
     if (linear(lin, &L->o, att_out, bf16, rows, hidden, big, nt))
         return -1;
     add_rows(h, big, rows, hidden, bf16, nt);
-    #pragma omp parallel for num_threads(nt) schedule(static) if (rows * hidden > 65536)
-    for (int64_t r = 0; r < rows; r++)
-        rms_row((char *)h + r * hidden * size, L->norm2, L->eps2, hidden, x + r * hidden * size, bf16);
+    FOR_SPLIT(rows * hidden > 65536, r, rows,
+              rms_row((char *)h + r * hidden * size, L->norm2, L->eps2, hidden, x + r * hidden * size, bf16););
     if (linear(lin, &L->gate_up, x, bf16, rows, hidden, big, nt))
         return -1;
     /* an exp per element: both threads from 8,192 (a 40-token prompt's, 61,440 a layer, ran
        on one thread while the other spun: 2.5% of its prefill; twentieth session) */
-    #pragma omp parallel for num_threads(nt) schedule(static) if (rows * inter > 8192)
-    for (int64_t r = 0; r < rows; r++)
-        silu_mul_row(big + r * 2 * inter * size, inter, act + r * inter * size, bf16);
+    FOR_SPLIT(rows * inter > 8192, r, rows, silu_mul_row(big + r * 2 * inter * size, inter, act + r * inter * size, bf16););
     if (linear(lin, &L->down, act, bf16, rows, inter, big, nt))
         return -1;
     add_rows(h, big, rows, hidden, bf16, nt);
@@ -256,23 +272,10 @@ int llama_layers(int bf16, int64_t count, const struct layer *layers, int64_t ba
     for (int64_t l = 0; l < count && !failed; l++) {
         const struct layer *L = layers + l;
         const int cut = l == count - 1 && length > 1;
-        #pragma omp parallel for num_threads(nt) schedule(static) if (rows * hidden > 65536)
-        for (int64_t r = 0; r < rows; r++)
-            rms_row((char *)h + r * hidden * size, L->norm1, L->eps1, hidden, x + r * hidden * size, bf16);
+        FOR_SPLIT(rows * hidden > 65536, r, rows,
+                  rms_row((char *)h + r * hidden * size, L->norm1, L->eps1, hidden, x + r * hidden * size, bf16););
         if ((failed |= linear(lin, &L->qkv, x, bf16, rows, hidden, big, nt))) break;
-        #pragma omp parallel for num_threads(nt) schedule(static) if (rows * nqkv > 65536)
-        for (int64_t r = 0; r < rows; r++) {
-            int64_t b = r / length, i = r % length;
-            char *row = big + r * nqkv * size;
-            const char *c = (const char *)cos + r * dim * size, *s = (const char *)sin + r * dim * size;
-            for (int64_t t = 0; t < heads + kv_heads; t++) rope_head(row + t * dim * size, c, s, dim, bf16);
-            for (int64_t g = 0; g < kv_heads; g++) {
-                memcpy((char *)L->keys + size * (b * L->kst[0] + g * L->kst[1] + (past + i) * L->kst[2]),
-                       row + (nq + g * dim) * size, (size_t)(dim * size));
-                memcpy((char *)L->values + size * (b * L->vst[0] + g * L->vst[1] + (past + i) * L->vst[2]),
-                       row + (nq + nk + g * dim) * size, (size_t)(dim * size));
-            }
-        }
+        FOR_SPLIT(rows * nqkv > 65536, r, rows, rope_row(L, big, cos, sin, r, length, past, heads, kv_heads, dim, bf16););
         const int64_t st[9] = {qst[0], qst[1], qst[2], L->kst[0], L->kst[1], L->kst[2],
                                L->vst[0], L->vst[1], L->vst[2]};
         if (!cut) {

@@ -91,23 +91,21 @@ static const int GROUP_LANES[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 static void quantize_rows(const void *x, int bf16, int64_t m, int64_t k, int grouped, int8_t *xq, float *xd,
                           float *xs, int nt) {
     int64_t nb = k / 32, groups = grouped ? nb / 8 : 0, first = 8 * groups, pairs = (nb - first) / 2;
-    #pragma omp parallel for num_threads(nt) schedule(static) if (m * groups * 8 >= QUANTIZE_SPLIT_FROM)
-    for (int64_t i = 0; i < m * groups; i++) {
+    FOR_SPLIT(m * groups * 8 >= QUANTIZE_SPLIT_FROM, i, m * groups,
         int64_t b = i / groups * nb + 8 * (i % groups);
         int32_t q[8][8], *out = (int32_t *)(xq + b * 32);   /* q[block][4 inputs] */
         for (int j = 0; j < 8; j++)
             _mm256_storeu_si256((__m256i *)q[j], quantize_block(x, b + j, bf16, xd + b + j, xs + b + j));
         for (int v = 0; v < 8; v++)
             for (int l = 0; l < 8; l++) out[8 * v + l] = q[GROUP_LANES[l]][v];
-    }
-    #pragma omp parallel for num_threads(nt) schedule(static) if (m * pairs * 2 >= QUANTIZE_SPLIT_FROM)
-    for (int64_t i = 0; i < m * pairs; i++) {
+    );
+    FOR_SPLIT(m * pairs * 2 >= QUANTIZE_SPLIT_FROM, i, m * pairs,
         int64_t b = i / pairs * nb + first + 2 * (i % pairs);
         __m256i a = quantize_block(x, b, bf16, xd + b, xs + b);
         __m256i c = quantize_block(x, b + 1, bf16, xd + b + 1, xs + b + 1);
         _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permute2x128_si256(a, c, 0x20));
         _mm256_storeu_si256((__m256i *)(xq + b * 32 + 32), _mm256_permute2x128_si256(a, c, 0x31));
-    }
+    );
     if ((nb - first) % 2)
         for (int64_t row = 0; row < m; row++) {
             int64_t b = row * nb + nb - 1;
@@ -123,9 +121,8 @@ int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, const uin
 
 static inline void quantize_blocks(const void *x, int bf16, int64_t blocks, int8_t *xq, float *xd, float *xs,
                                    int nt) {
-    #pragma omp parallel for num_threads(nt) schedule(static) if (blocks >= QUANTIZE_SPLIT_FROM)
-    for (int64_t i = 0; i < blocks; i++)
-        _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x, i, bf16, xd + i, xs + i));
+    FOR_SPLIT(blocks >= QUANTIZE_SPLIT_FROM, i, blocks,
+              _mm256_store_si256((__m256i *)(xq + i * 32), quantize_block(x, i, bf16, xd + i, xs + i)););
 }
 
 /* x [m, k] as the kernel sees it (its 8-bit blocks, back in float32, input order), for a
