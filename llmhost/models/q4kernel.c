@@ -113,12 +113,12 @@ static void quantize_rows(const void *x, int bf16, int64_t m, int64_t k, int gro
         }
 }
 
-/* x's first `blocks` blocks (float32, or bfloat16 with `bf16`) quantized in input order (xq:
-   32-byte aligned), their scales and scale * sum (the feature lanes' activations) */
 /* a packed Q8_0 weight's product (below, where the build has Q8_0 lanes) */
 int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, const uint8_t *qs,
                      const uint16_t *d, int64_t n, void *out, int nt);
 
+/* x's first `blocks` blocks (float32, or bfloat16 with `bf16`) quantized in input order (xq:
+   32-byte aligned), their scales and scale * sum (the feature lanes' activations) */
 static inline void quantize_blocks(const void *x, int bf16, int64_t blocks, int8_t *xq, float *xd, float *xs,
                                    int nt) {
     FOR_SPLIT(blocks >= QUANTIZE_SPLIT_FROM, i, blocks,
@@ -1395,8 +1395,6 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
    accumulators and 8 sums in the 32 registers), a pack at a time: each thread's packs one stream. */
 #define Q8_ROWS 8
 
-int q8_lanes(void) { return LANES; }
-
 static inline __attribute__((always_inline)) void q8_lanes_tile(
         int R, const uint8_t *wq, const uint16_t *wd, int64_t nb, const int8_t *xq, const float *xd,
         const int32_t *xs128, void *out, int64_t n, int bf16) {
@@ -1544,8 +1542,6 @@ static void lanes_chunk(int64_t start, int64_t end, int64_t m, int64_t nb, const
    none: bytes plus 128 would saturate vpmaddubsw's 16-bit pairs.) */
 #define Q8_ROWS 8
 
-int q8_lanes(void) { return LANES; }
-
 static inline __attribute__((always_inline)) void q8_lanes_tile(
         int R, const uint8_t *wq, const uint16_t *wd, int64_t nb, const int8_t *xq, const float *xd,
         const int32_t *xs128, void *out, int64_t n, int bf16) {
@@ -1569,8 +1565,6 @@ static inline __attribute__((always_inline)) void q8_lanes_tile(
     }
     for (int r = 0; r < R; r++) store8(out, r * n, acc[r][0], bf16);
 }
-#else
-int q8_lanes(void) { return 0; }
 #endif
 
 /* rows from which a product's chunks go to whichever thread is free (4 packs a chunk), not in
@@ -1620,6 +1614,12 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
 }
 #else
 int q4_lanes(void) { return 0; }
+#endif
+
+/* features per pack of the Q8_0 lanes (q4kernel.to_lanes8), 0 in the builds without them */
+#ifdef Q8_ROWS
+int q8_lanes(void) { return LANES; }
+#else
 int q8_lanes(void) { return 0; }
 #endif
 
@@ -1639,8 +1639,9 @@ static const q8_lanes_fn Q8_LANES_TILES[Q8_ROWS] = {q8_lanes_1, q8_lanes_2, q8_l
                                                     q8_lanes_5, q8_lanes_6, q8_lanes_7, q8_lanes_8};
 
 /* q_linear_lanes for a packed Q8_0 weight (qs: to_lanes8's bytes, d: its scales, n a multiple of
-   LANES), in the builds with Q8_0 lanes (AVX-512 VNNI, AVX-VNNI): the rows quantized per block as for Q4, each block's 128 * sum of its 8-bit values
-   (xs128), then the threads take even runs of packs, Q8_ROWS rows at a time through each. */
+   LANES), in the builds with Q8_0 lanes (AVX-512 VNNI, AVX-VNNI): the rows quantized per block
+   as for Q4, each block's 128 * sum of its 8-bit values (xs128), then the threads take even
+   runs of packs, Q8_ROWS rows at a time through each. */
 int q8_lanes_product(const void *x_in, int bf16, int64_t m, int64_t k, const uint8_t *qs,
                      const uint16_t *d, int64_t n, void *out, int nt) {
     int64_t nb = k / 32, packs = n / LANES;

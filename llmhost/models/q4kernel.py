@@ -113,12 +113,14 @@ def q8_lanes() -> int:
     return lib.q8_lanes() if lib is not None else 0
 
 
-def to_lanes8(qs: torch.Tensor, dm: torch.Tensor, pack: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def to_lanes8(qs: torch.Tensor, dm: torch.Tensor, pack: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A Q8_0 weight (qs int8 [N, K], dm float16 [1, N, K / 32]; N a multiple of
-    the pack) packed for the Q8_0 lanes: per `pack` features and block, dword j
+    the pack) packed for the Q8_0 lanes: per `pack` features (default:
+    q8_lanes()) and block, dword j
     (inputs 4j..4j+3) of each feature side by side (j = 0..7), each weight plus
     128 (its byte's top bit flipped: q4kernel.c reads them unsigned); the same
     shapes and dtypes."""
+    pack = pack or q8_lanes()
     n, k = qs.shape
     qs = (qs.view(torch.uint8) ^ 0x80).view(n // pack, pack, k // 32, 8, 4).permute(0, 2, 3, 1, 4)
     return qs.contiguous().view(torch.int8).view(n, k), _pack_planes(dm, n, pack)
