@@ -33,12 +33,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _complete(url: str, model: str, prompt_ids: list[int], max_tokens: int, stream: bool,
-              session, extra: dict | None = None) -> tuple[int, float, float]:
+              session, extra: dict | None = None, sampling: dict | None = None
+              ) -> tuple[int, float, float]:
     """One /v1/completions request: (completion tokens, latency s, time to first token s)."""
     import json
 
     body = {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
-            "stream": stream, **(extra or {})}
+            "stream": stream, **(extra or {}), **(sampling or {})}
     if stream:
         body["stream_options"] = {"include_usage": True}
     started = time.perf_counter()
@@ -61,14 +62,14 @@ def _complete(url: str, model: str, prompt_ids: list[int], max_tokens: int, stre
 
 
 def _chat(url: str, model: str, prompt: str, max_tokens: int, stream: bool, session,
-          logit_bias: dict | None = None) -> tuple[int, float, float]:
+          logit_bias: dict | None = None, sampling: dict | None = None) -> tuple[int, float, float]:
     """One streaming /v1/chat/completions request, the workload both servers of
     --compare-url get: (completion tokens, latency s, time to first token s).
     Tokens come from the usage chunk where the server sends one, else one per
     content chunk (llama-cpp-python streams one token per chunk)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(sampling or {})}
     if logit_bias:
         body["logit_bias"] = logit_bias
     started = time.perf_counter()
@@ -106,12 +107,18 @@ def _chat_chunks(url: str, body: dict, session):
                 yield json.loads(line[6:])
 
 
+def _sampling_text(sampling: dict) -> str:
+    """How the requests sample, for the figures' header."""
+    return ", ".join(f"{k} {v}" for k, v in sampling.items()) if sampling else "temperature 0"
+
+
 def _load_level(url: str, model: str, prompt_ids, clients: int, requests_each: int,
                 max_tokens: int, stream: bool, logit_bias: dict | None = None,
-                extra: dict | None = None) -> dict:
+                extra: dict | None = None, sampling: dict | None = None) -> dict:
     """`clients` threads, each sending `requests_each` requests back to back
     (closed loop): /v1/completions with token ids (`extra`: more body fields),
-    or /v1/chat/completions when `prompt_ids` is a string."""
+    or /v1/chat/completions when `prompt_ids` is a string; `sampling`: fields
+    instead of temperature 0 (greedy)."""
     import requests
 
     results: list[tuple[int, float, float]] = []
@@ -123,10 +130,11 @@ def _load_level(url: str, model: str, prompt_ids, clients: int, requests_each: i
             for _ in range(requests_each):
                 try:
                     if isinstance(prompt_ids, str):
-                        res = _chat(url, model, prompt_ids, max_tokens, stream, session, logit_bias)
+                        res = _chat(url, model, prompt_ids, max_tokens, stream, session, logit_bias,
+                                    sampling)
                     else:
                         res = _complete(url, model, prompt_ids, max_tokens, stream, session,
-                                        extra)
+                                        extra, sampling)
                 except Exception as exc:  # reported, not fatal: the figures say how many failed
                     with lock:
                         errors.append(str(exc))
@@ -211,19 +219,21 @@ def bench_generate(args) -> int:
         print(machine(), flush=True)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         prompt_ids = tokenizer(args.prompt)["input_ids"]
+        sampling = json.loads(args.sampling or "{}")
         print(f"model {args.model}: prompt {len(prompt_ids)} tokens, max_tokens {args.max_tokens}, "
-              f"temperature 0, {'streaming' if stream else 'non-streaming'}, "
+              f"{_sampling_text(sampling)}, {'streaming' if stream else 'non-streaming'}, "
               f"{args.requests} requests per client, medians of {args.rounds} rounds")
-        _load_level(url, args.model, prompt_ids, 1, 1, 8, stream)  # warm-up
+        _load_level(url, args.model, prompt_ids, 1, 1, 8, stream, sampling=sampling)  # warm-up
         for clients in args.concurrency:
             runs, refs, schema_runs = [], [], []
             for _ in range(args.rounds):
                 runs.append(_load_level(url, args.model, prompt_ids, clients, args.requests,
-                                        args.max_tokens, stream))
+                                        args.max_tokens, stream, sampling=sampling))
                 if response_format:
                     schema_runs.append(_load_level(url, args.model, prompt_ids, clients,
                                                    args.requests, args.max_tokens, stream,
-                                                   extra={"response_format": response_format}))
+                                                   extra={"response_format": response_format},
+                                                   sampling=sampling))
                 if ref is not None:
                     refs.append(ref.tok_s(prompt_ids, clients, args.max_tokens))
             res = {key: _median([r[key] for r in runs])
@@ -424,19 +434,22 @@ def bench_compare(args) -> int:
         prompt, extra = args.prompt, None
         if args.compare_api == "completions":  # token ids: models without a chat template
             prompt, extra = _tokenizer(args)(args.prompt)["input_ids"], {"logit_bias": bias}
-        print(f"{args.compare_api}, streaming, max_tokens {args.max_tokens}, temperature 0, EOS banned "
+        sampling = json.loads(args.sampling or "{}")
+        print(f"{args.compare_api}, streaming, max_tokens {args.max_tokens}, "
+              f"{_sampling_text(sampling)}, EOS banned "
               f"(logit_bias {bias}), {args.requests} requests per client, medians of "
               f"{args.rounds} alternating rounds; load options {args.load_options or '{}'}")
         for target, model in ((url, args.model), (args.compare_url, other_model)):  # warm-up
-            _load_level(target, model, prompt, 1, 1, 8, True, bias, extra)
+            _load_level(target, model, prompt, 1, 1, 8, True, bias, extra, sampling)
         rounds: dict[int, tuple[list[dict], list[dict]]] = {}
         for clients in args.concurrency:
             ours, theirs = [], []
             for _ in range(args.rounds):
                 ours.append(_load_level(url, args.model, prompt, clients, args.requests,
-                                        args.max_tokens, True, bias, extra))
+                                        args.max_tokens, True, bias, extra, sampling))
                 theirs.append(_load_level(args.compare_url, other_model, prompt, clients,
-                                          args.requests, args.max_tokens, True, bias, extra))
+                                          args.requests, args.max_tokens, True, bias, extra,
+                                          sampling))
             rounds[clients] = (ours, theirs)
             for name, runs in (("llmhost", ours), ("compare", theirs)):
                 res = {key: _median([r[key] for r in runs]) for key in ("tok_s", "p50", "ttft_p50")}
@@ -1474,6 +1487,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default="the quick brown fox jumps over the lazy dog and the "
                                          "model server answers")
     gen.add_argument("--no-stream", action="store_true")
+    gen.add_argument("--sampling", metavar="JSON",
+                     help='sampling fields every request sends instead of temperature 0 (greedy), '
+                          'e.g. \'{"temperature": 0.7, "top_p": 0.9}\' (the server\'s defaults)')
     gen.add_argument("--compare-inprocess", metavar="FOLDER",
                      help="also run transformers generate in-process on FOLDER and print ratios")
     gen.add_argument("--compare-url", metavar="URL",
