@@ -83,6 +83,21 @@ def test_greedy_equals_generate_alone_and_in_a_busy_batch(llama, make_scheduler)
     assert [results[i] for i in range(len(prompts))] == refs
 
 
+def test_a_warm_up_forward_runs_before_the_first_request_and_leaves_nothing(llama, make_scheduler):
+    """The scheduler thread runs a prompt's forward and a decode step when it
+    starts (the first request's one-time costs): nothing of it stays (no row,
+    no prefix cache entry) and the first request's tokens are generate's."""
+    sched = make_scheduler()
+    deadline = time.monotonic() + 60
+    while sched.warm_ms is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sched.warm_ms is not None and sched.warm_ms > 0
+    stats = sched.stats()
+    assert stats["running"] == stats["queued"] == stats.get("prefix_cache_entries", 0) == 0, stats
+    ids = prompt(llama, "hello world")
+    assert run(sched, ids, max_tokens=8)[0] == reference(llama, ids, max_tokens=8)
+
+
 def test_seed_reproducible_and_choices_differ(llama, make_scheduler):
     sched = make_scheduler()
     ids = prompt(llama, "tell me a story")

@@ -53,6 +53,9 @@ def test_streamed_load_events(client, tiny_models, caplog):
         messages = [rec.getMessage() for rec in caplog.records]
         assert any(m.startswith("loading streamed from ") for m in messages)
         assert any(m.startswith("loaded streamed in ") and "MiB" in m for m in messages)
+        # the first chat's one-time work done by the load (api/loads.warm): the prompt
+        # check's longest token known
+        assert registry.find("streamed").tokenizer._llmhost_longest_token > 0
         # Already loaded: no progress, just the Model.
         again = _events(client.post("/v1/models", json={"model": tiny_models["llama"], "id": "streamed",
                                                         "stream": True}))

@@ -93,8 +93,16 @@ def _scheduler(tiny_models, name: str, keep: float):
     loaded = load(LoadSpec(model=tiny_models["llama"]), TestConfig())
     omp.release()                      # the load's, on this thread
     scheduler = Scheduler(name, loaded, TestConfig())
-    scheduler.keep_pool_s = keep
-    return loaded, scheduler.start()
+    scheduler.keep_pool_s = 0.0        # the warm-up's workers (Scheduler._warm) handed back at once
+    scheduler.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with scheduler._cond:          # held: the thread is not between its warm-up and its wait
+            if scheduler.warm_ms is not None and not scheduler._pool_warm:
+                scheduler.keep_pool_s = keep
+                return loaded, scheduler
+        threading.Event().wait(0.01)
+    raise AssertionError("the scheduler's warm-up did not end")
 
 
 def _answer(loaded, scheduler, work: bool = True) -> None:

@@ -109,7 +109,7 @@ def check_fits_queue(prompts: int, config) -> None:
                       param="prompt", code="too_many_prompts")
 
 
-def _longest_token_chars(tokenizer) -> int:
+def longest_token_chars(tokenizer) -> int:
     """The most characters one token of this tokenizer spells (its vocabulary
     strings: byte-level BPE writes each byte as one character, so a token's
     text is never longer). Computed once per tokenizer."""
@@ -144,7 +144,7 @@ def check_prompt_chars(entry, value, prompt_param: str, config,
     budget = entry.loaded.max_context
     if config.MAX_PROMPT_TOKENS:
         budget = min(budget, config.MAX_PROMPT_TOKENS)
-    longest = _longest_token_chars(entry.tokenizer)
+    longest = longest_token_chars(entry.tokenizer)
     items = value if prompt_param == "prompt" and isinstance(value, list) else [value]
     # chat_template_kwargs strings (a `bos_token`) are rendered into the prompt too
     kwargs = list((template_kwargs or {}).values())
@@ -167,7 +167,7 @@ def embedding_inputs(entry, inputs: list, truncate: bool) -> list:
     max_len = getattr(entry.engine, "max_len", None)
     if not max_len:
         return inputs
-    bound = max_len * _longest_token_chars(entry.tokenizer)
+    bound = max_len * longest_token_chars(entry.tokenizer)
     left = getattr(entry.tokenizer, "truncation_side", "right") == "left"
     out = []
     for i, text in enumerate(inputs):

@@ -16,6 +16,7 @@ import threading
 from flask import Flask
 from marshmallow import ValidationError
 
+from ..api.loads import warm
 from ..engine.errors import Refused
 from ..http.errors import from_validation
 from ..models import journal
@@ -83,7 +84,9 @@ class Preload:
                 if not isinstance(item, dict):
                     raise ValueError("each entry must be a string or an object of load options")
                 args = LoadModelSchema().load(item)
-                entry, _ = registry.load(LoadSpec(**args), config)
+                entry, created = registry.load(LoadSpec(**args), config)
+                if created:
+                    warm(entry)
                 log.info("preloaded %s", entry.id)
             except Refused as exc:
                 self._fail(label, exc.message)
