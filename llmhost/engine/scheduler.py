@@ -300,11 +300,10 @@ class Scheduler(ModelWorker):
     def _warm(self) -> None:
         """A prompt's forward (WARM_TOKENS) and a decode step, thrown away, before
         the first request: the one-time work of a model's first forwards (buffers
-        touched, state built when first used, a prompt's paths through the
-        kernels) is not that request's wait (SmolLM2 int4: its first 30-token
-        prompt's forward took 16.8 ms against 5.8 for the next ones). llama.cpp's
-        server warms up too. A model it fails on still serves: the request that
-        comes then sees the error, if any."""
+        touched, state built when first used, the OpenMP team spread: 5.5-8.2 ms)
+        is not that request's wait (SmolLM2 int4, in process: the first answer
+        after a load 34-43 -> 23-29 ms). llama.cpp's server warms up too. A model
+        it fails on still serves: the request that comes then sees the error."""
         if not self.batchable:
             return
         started = time.perf_counter()
