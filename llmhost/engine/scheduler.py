@@ -35,7 +35,6 @@ _END = object()
 
 # The adapter name of a row that runs on the base weights alone (PEFT's own).
 BASE_ADAPTER = "__base__"
-WARM_TOKENS = 32   # the warm-up prompt's (Scheduler._warm): past the kernels' few-row paths
 
 
 @dataclass
@@ -296,28 +295,15 @@ class Scheduler(ModelWorker):
                 done.set_exception(exc)
 
     # -- scheduler thread ---------------------------------------------------------------
-    @torch.inference_mode()
     def _warm(self) -> None:
-        """A prompt's forward (WARM_TOKENS) and a decode step, thrown away, before
-        the first request: the one-time work of a model's first forwards (buffers
-        touched, state built when first used, the OpenMP team spread: 5.5-8.2 ms)
-        is not that request's wait (SmolLM2 int4, in process: the first answer
-        after a load 34-43 -> 23-29 ms). llama.cpp's server warms up too. A model
-        it fails on still serves: the request that comes then sees the error."""
-        if not self.batchable:
-            return
+        """The first request's OpenMP team made and spread before it comes (5.5-8.2
+        ms of its first step, SmolLM2 int4), then kept keep_pool_s as after work.
+        Not a warm-up forward as llama.cpp's server runs: measured, a 32-token
+        forward and a decode step left the worker 17 MiB larger right after the
+        load (what the first request adds anyway) for a few ms more."""
         started = time.perf_counter()
-        try:
-            n = WARM_TOKENS
-            ids, mask = torch.arange(100, 100 + n)[None], torch.ones((1, n + 1), dtype=torch.long)
-            cache = growing_cache(self.model.config)
-            self._threads(0)
-            self._forward(ids, mask[:, :n], torch.arange(n)[None], cache, [BASE_ADAPTER])
-            self._threads(1)
-            self._forward(ids[:, :1], mask, torch.tensor([[n]]), cache, [BASE_ADAPTER], decode=True)
-            self.warm_ms = (time.perf_counter() - started) * 1000
-        except Exception:   # pragma: no cover - a model whose forward needs more inputs
-            log.debug("no warm-up forward for %s", self.model_id, exc_info=True)
+        self._threads(0)
+        self.warm_ms = (time.perf_counter() - started) * 1000
 
     def _run(self) -> None:
         self._warm()
