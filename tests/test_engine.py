@@ -98,6 +98,24 @@ def test_the_team_is_spread_before_the_first_request_and_nothing_else_runs(llama
     assert run(sched, ids, max_tokens=8)[0] == reference(llama, ids, max_tokens=8)
 
 
+def test_the_first_token_goes_out_before_the_batch_copies(llama, make_scheduler):
+    """A prefilled request's first token is handed out before its rows are
+    copied into the prefix cache and the running batch (joining long running
+    rows, those copies held its first token back); its tokens stay generate's."""
+    sched = make_scheduler()
+    seen = []
+    merge = sched._merge
+
+    def recording(rows, cache, mask):
+        seen.append([row.gen.first_token_at is not None for row in rows])
+        return merge(rows, cache, mask)
+
+    sched._merge = recording
+    ids = prompt(llama, "hello world")
+    assert run(sched, ids, n=2, max_tokens=6)[0] == reference(llama, ids, max_tokens=6)
+    assert seen and all(all(rows) for rows in seen), seen
+
+
 def test_seed_reproducible_and_choices_differ(llama, make_scheduler):
     sched = make_scheduler()
     ids = prompt(llama, "tell me a story")
