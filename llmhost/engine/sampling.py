@@ -156,12 +156,12 @@ class RowSampler:
         return float(logp[token_id]), top
 
 
-def _kept(ranked: torch.Tensor, top_p: float) -> int:
-    """How many of `ranked` (probabilities, most probable first) top_p keeps: a
-    token whose more probable tokens add up to at most top_p (the first always)."""
-    cum = torch.cumsum(ranked, 0)
+def _kept(cum: torch.Tensor, top_p: float) -> int:
+    """How many tokens top_p keeps of those whose probabilities (most probable
+    first) add up to `cum`: a token whose more probable tokens add up to at most
+    top_p (the first always)."""
     above = int(torch.searchsorted(cum, cum.new_tensor([top_p]), right=True))
-    return 1 + min(above, len(ranked) - 1)
+    return 1 + min(above, len(cum) - 1)
 
 
 def _nucleus(probs: torch.Tensor, ids: torch.Tensor | None, top_p: float
@@ -171,15 +171,17 @@ def _nucleus(probs: torch.Tensor, ids: torch.Tensor | None, top_p: float
     others' probabilities gone or set to 0."""
     if ids is None and probs.shape[-1] > NUCLEUS_FIRST and float(probs.max()) * NUCLEUS_FIRST > top_p:
         values, top = torch.topk(probs, NUCLEUS_FIRST)
-        if float(values.sum()) > top_p:   # the nucleus ends among them
-            probs, ids = values, top
+        cum = torch.cumsum(values, 0)
+        if float(cum[-1]) > top_p:   # the nucleus ends among them
+            count = _kept(cum, top_p)
+            return values[:count], top[:count]
     if ids is not None:
-        count = _kept(probs, top_p)
+        count = _kept(torch.cumsum(probs, 0), top_p)
         return probs[:count], ids[:count]
     # a flat distribution: the probabilities sorted (numpy's sort: torch.sort is 30x
     # slower here) give the smallest one kept; the tokens above it and enough of its ties
     ranked = torch.from_numpy(np.sort(probs.numpy())).flip(0)
-    count = _kept(ranked, top_p)
+    count = _kept(torch.cumsum(ranked, 0), top_p)
     edge = ranked[count - 1]
     keep = probs > edge
     keep[(probs == edge).nonzero().flatten()[:count - int(keep.sum())]] = True
