@@ -197,7 +197,8 @@ from llmhost.models.loading import LoadSpec, load
 seen = lambda: sorted(m for m in ("torchao", "scipy", "triton", "xgrammar", "sentence_transformers",
                                   "peft", "boto3", "fastapi", "torch._dynamo", "sympy", "kernels",
                                   "jsonschema", "sqlalchemy.dialects.postgresql",
-                                  "torch.distributed.tensor", "torch.distributed.fsdp")
+                                  "torch.distributed.tensor", "torch.distributed.fsdp", "starlette",
+                                  "huggingface_hub.utils._cache_manager")
                       if m in sys.modules)
 steps = {{}}
 create_app(TestConfig())

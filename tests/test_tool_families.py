@@ -252,6 +252,20 @@ def _parse_templates() -> dict:
             "gemma4": (by_type["gemma4"], "<|turn>model\n")}
 
 
+def test_transformers_fallback_templates_are_read_as_its_table():
+    """parsing reads transformers serve's fallback table from its file as a
+    literal (without running the module): the same table, every family found."""
+    from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
+
+    from llmhost.generation import parsing
+
+    assert parsing._fallback_templates() == _RESPONSE_TEMPLATE_FALLBACKS
+    for model_type in ("qwen2", "qwen3", "qwen3_5", "gemma4"):
+        assert parsing._transformers_family(model_type) == next(
+            v for types, v in _RESPONSE_TEMPLATE_FALLBACKS.items() if model_type in types)
+    assert parsing._transformers_family("llama") is None
+
+
 @pytest.fixture(scope="module")
 def grammar_tokenizer():
     """A byte-level tokenizer where the families' markers are special tokens."""

@@ -38,15 +38,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
 import logging
 import os
 import re
-import sys
 import uuid
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 try:  # transformers >= 5 (response templates); older versions parse nothing
     from transformers.utils.chat_parsing.response_parser import ResponseParser
@@ -134,43 +131,36 @@ MISTRAL_ARGS = {
 
 
 @functools.lru_cache(maxsize=1)
-def _serving_utils():
-    """transformers' ``cli/serving/utils.py`` (its parse templates), read once
-    and without its package: ``transformers/cli/serving/__init__.py`` imports
-    the FastAPI server of ``transformers serve``, and with it fastapi, pydantic
-    and opentelemetry, about 14 MiB of worker memory for a table of templates
-    (docs/performance.md, "Memory"). The module imports only absolute names."""
-    name = "transformers.cli.serving.utils"
-    if name in sys.modules:
-        return sys.modules[name]
-    import transformers.cli
+def _fallback_templates() -> dict:
+    """transformers serve's fallback response templates by model type: the
+    ``_RESPONSE_TEMPLATE_FALLBACKS`` table of ``transformers/cli/serving/utils.py``,
+    read from the file as a literal (``ast.literal_eval``, 0.6 ms) instead of
+    running the module. Running it imported its package first (``cli/serving/__init__.py``:
+    the FastAPI server of ``transformers serve``, 14 MiB), and itself imports
+    starlette, python-multipart, tqdm and huggingface_hub's cache scanner: 10-17
+    ms of a model's first chat (thirty-third session, docs/performance.md). Empty,
+    and logged, where that table is gone or no longer a literal (every family it
+    knows, Qwen among them, would then fall back to the Hermes format: the
+    suite's test_parsing checks it is read)."""
+    import ast
 
-    path = os.path.join(os.path.dirname(transformers.cli.__file__), "serving", "utils.py")
-    spec = importlib.util.spec_from_file_location("llmhost._transformers_serving_utils", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import transformers
+
+    path = os.path.join(os.path.dirname(transformers.__file__), "cli", "serving", "utils.py")
+    try:
+        with open(path, encoding="utf-8") as fh:   # the assignment, to its closing brace at column 0
+            found = re.search(r"^_RESPONSE_TEMPLATE_FALLBACKS = (\{.*?^\})$", fh.read(), re.M | re.S)
+        return ast.literal_eval(found[1])
+    except (OSError, TypeError, SyntaxError, ValueError) as exc:   # TypeError: not found (None[1])
+        log.warning("transformers serve's fallback response templates could not be read from %s: %r",
+                    path, exc)
+        return {}
 
 
-@functools.lru_cache(maxsize=None)
 def _transformers_family(model_type: str) -> dict | None:
-    """transformers serve's fallback template of a model type, looked up by the
-    model type alone. Its lookup's second argument was the model (read as
-    ``model.config.model_type``) and is the config itself in newer transformers
-    (5.25: ``config.model_type``): the stand-in answers both. Once per model
-    type (logged if the lookup breaks again: every family it knows, Gemma 4
-    and Qwen among them, would silently fall back to the Hermes format)."""
-    try:
-        get_response_template = _serving_utils().get_response_template
-    except (ImportError, OSError, AttributeError):  # pragma: no cover - transformers without them
-        return None
-    config = SimpleNamespace(model_type=model_type)
-    config.config = config
-    try:
-        return get_response_template(None, config)
-    except Exception as exc:  # pragma: no cover - a newer transformers changed it again
-        log.warning("transformers' response template lookup failed for %r: %r", model_type, exc)
-        return None
+    """transformers serve's fallback template of a model type (as its
+    ``get_response_template`` picks it for a tokenizer without its own), or None."""
+    return next((v for types, v in _fallback_templates().items() if model_type in types), None)
 
 
 def family_template(source: str) -> dict | None:
