@@ -72,6 +72,35 @@ def test_a_longer_sequence_supersedes_its_prefix_and_lru_eviction_keeps_the_budg
     assert len(store) == 0 and store.bytes == 0 and store.stats()["prefix_cache_bytes"] == 0
 
 
+def test_the_sorted_index_finds_what_comparing_every_sequence_finds():
+    """lookup, match and holds read only the two sequences beside a prompt in
+    sorted order; against comparing every stored sequence (the store's old
+    scan), on random prompts over a few tokens (shared prefixes, prefixes of
+    each other, partitions, evictions), tokens past 255 and 65,535 included."""
+    rng = np.random.default_rng(7)
+    store = PrefixStore("m", 60 * BYTES_PER_TOKEN)
+    alphabet = [0, 1, 2, 300, 70000]
+    for step in range(3000):
+        partition = "ab"[int(rng.integers(2))]
+        tokens = [alphabet[i] for i in rng.integers(len(alphabet), size=int(rng.integers(1, 9)))]
+        entries = [e for e in store._entries.values() if e.partition == partition]
+        lengths = [common_prefix(e.tokens, np.array(tokens[:-1])) for e in entries]
+        block = int(rng.integers(1, 4))
+        best = max(lengths, default=0) // block * block
+        hit = store.lookup(partition, tokens, block)
+        assert (hit.length if hit else 0) == best, (step, tokens, block)
+        assert hit is None or common_prefix(hit.entry.tokens, np.array(tokens[:-1])) >= best
+        assert store.match(partition, tokens) == max(lengths, default=0)
+        assert store.holds(partition, tokens) == any(
+            common_prefix(e.tokens, np.array(tokens)) == len(tokens) for e in entries)
+        if rng.random() < 0.5:
+            store.insert(partition, tokens, _kv(len(tokens)))
+            stored = [e.tokens.tolist() for e in store._entries.values() if e.partition == partition]
+            assert tokens in [t[:len(tokens)] for t in stored]
+            assert not any(a != b and b[:len(a)] == a for a in stored for b in stored), stored
+    assert store.evictions > 0 and store.bytes <= store.budget
+
+
 # -- the scheduler: same greedy tokens with and without the cache ------------------------
 
 
