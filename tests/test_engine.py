@@ -98,22 +98,30 @@ def test_the_team_is_spread_before_the_first_request_and_nothing_else_runs(llama
     assert run(sched, ids, max_tokens=8)[0] == reference(llama, ids, max_tokens=8)
 
 
-def test_the_first_token_goes_out_before_the_batch_copies(llama, make_scheduler):
+@pytest.mark.parametrize("chunk", [0, 4], ids=["one-forward", "chunked"])
+def test_the_first_token_goes_out_before_the_batch_copies(llama, make_scheduler, chunk):
     """A prefilled request's first token is handed out before its rows are
     copied into the prefix cache and the running batch (joining long running
-    rows, those copies held its first token back); its tokens stay generate's."""
-    sched = make_scheduler()
-    seen = []
-    merge = sched._merge
+    rows, those copies held its first token back), whether its prompt was read
+    in one forward or in chunks; its tokens stay generate's."""
+    sched = make_scheduler(PREFIX_CACHE_MB=16, **({"PREFILL_CHUNK": chunk} if chunk else {}))
+    seen, kept = [], []
+    merge, keep = sched._merge, sched._keep
 
     def recording(rows, cache, mask):
         seen.append([row.gen.first_token_at is not None for row in rows])
         return merge(rows, cache, mask)
 
-    sched._merge = recording
-    ids = prompt(llama, "hello world")
+    def keeping(gen, *args, **kwargs):
+        kept.append(gen.first_token_at is not None)
+        return keep(gen, *args, **kwargs)
+
+    sched._merge, sched._keep = recording, keeping
+    ids = prompt(llama, "hello world, what a fine day it is")
     assert run(sched, ids, n=2, max_tokens=6)[0] == reference(llama, ids, max_tokens=6)
     assert seen and all(all(rows) for rows in seen), seen
+    # the chunked prompt's whole chunks, or (where rows are computed alone) the whole prompt
+    assert bool(kept) == bool(chunk or sched.exact_rows) and all(kept), kept
 
 
 def test_seed_reproducible_and_choices_differ(llama, make_scheduler):

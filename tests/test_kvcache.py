@@ -55,6 +55,29 @@ def test_growing_cache_only_for_plain_dynamic_layers():
     assert not any(isinstance(layer, GrowingLayer) for layer in growing_cache(sliding).layers)
 
 
+def test_growing_cache_is_transformers_cache_for_the_config_read_once(monkeypatch):
+    """growing_cache reads a config's layers once (DynamicCache(config=...)
+    is slow): its caches are what transformers makes for the config, every
+    attribute but the layers, which are GrowingLayers, as many."""
+    from transformers import DynamicCache, LlamaConfig
+
+    from llmhost.engine import kvcache
+
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2,
+                         intermediate_size=32, vocab_size=64)
+    theirs = DynamicCache(config=config)
+    made = []
+    monkeypatch.setattr(kvcache, "DynamicCache", lambda *a, **k: made.append(k) or DynamicCache(*a, **k))
+    caches = [growing_cache(config, room=8) for _ in range(3)]
+    assert [bool(k.get("config")) for k in made] == [True, False, False, False], made
+    for cache in caches:
+        assert type(cache) is DynamicCache and len(cache.layers) == 3
+        assert all(type(layer) is GrowingLayer and layer.room == 8 for layer in cache.layers)
+        assert {k: v for k, v in vars(cache).items() if k != "layers"} == \
+            {k: v for k, v in vars(theirs).items() if k != "layers"}
+    assert caches[0].layers[0] is not caches[1].layers[0]
+
+
 def test_views_are_made_when_read_and_a_replaced_one_leaves_the_other():
     """advance makes no views (a decode step on llamastep.c's path reads none); a read makes
     them; replacing keys alone keeps values the view they were; reset empties the layer."""

@@ -466,7 +466,8 @@ class Scheduler(ModelWorker):
         together = [g for g in gens if not self._chunks(g)]
         self._filling.extend(_Filling(g, samplers[id(g)]) for g in gens if self._chunks(g))
         if together:
-            self._join(together, *self._prefill_together(together), samplers, keep=self.exact_rows)
+            self._join(together, *self._prefill_together(together), samplers,
+                       [len(g.request.prompt_ids) for g in together] if self.exact_rows else None)
 
     def _chunks(self, gen: Generation) -> bool:
         """Whether `gen`'s prompt is prefilled alone, in chunks: longer than one
@@ -555,10 +556,8 @@ class Scheduler(ModelWorker):
         set_room(cache)
         # whole chunks only, unless any prefix is reused (exact_rows)
         whole = len(prompt) if self.exact_rows else len(prompt) // self.chunk * self.chunk
-        if whole > gen.cached_tokens:
-            self._keep(gen, prompt[:whole], cache, 0, whole)
         self._join([gen], cache, torch.ones((1, len(prompt)), dtype=torch.long), logits,
-                   {id(gen): fill.samplers})
+                   {id(gen): fill.samplers}, [whole if whole > gen.cached_tokens else 0])
 
     def _keep(self, gen: Generation, tokens: list[int], cache: DynamicCache, row: int,
               end: int | None = None) -> None:
@@ -574,10 +573,11 @@ class Scheduler(ModelWorker):
              layer.values[row, :, end - len(tokens):end].clone()) for layer in cache.layers])
 
     def _join(self, gens: list[Generation], cache: DynamicCache, mask: torch.Tensor,
-              logits: torch.Tensor, samplers: dict[int, list[RowSampler]], keep: bool = False) -> None:
-        """The prefilled `gens` get their first tokens, then (with `keep`) the
-        prefix cache their prompts (left padding: a prompt is its row's last
-        positions), then they join the batch (n choices of a request share its
+              logits: torch.Tensor, samplers: dict[int, list[RowSampler]],
+              keep: list[int] | None = None) -> None:
+        """The prefilled `gens` get their first tokens, then the prefix cache
+        the first keep[i] tokens of prompt i (0 or no `keep`: none), then they
+        join the batch (n choices of a request share its
         prompt: its cache rows are repeated). The first tokens go out before the
         copies those make, the prefix cache's and, joining running rows, the
         batch's whole cache (SmolLM2 int4, a 20-token prompt joining 4 rows of
@@ -592,8 +592,11 @@ class Scheduler(ModelWorker):
                 new_rows.append(row)
         self._sample(new_rows, logits if select is None else logits[select])
         if keep:
-            for i, gen in enumerate(gens):
-                self._keep(gen, gen.request.prompt_ids, cache, i)
+            length = cache.layers[0].keys.shape[2]
+            for i, (gen, count) in enumerate(zip(gens, keep)):
+                prompt = gen.request.prompt_ids   # row i's last positions (left padding)
+                if count:
+                    self._keep(gen, prompt[:count], cache, i, length - len(prompt) + count)
         if select is not None:
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[select], layer.values[select]
