@@ -160,6 +160,8 @@ def test_packed_products_give_each_row_its_bits_alone(which):
     lib, pack = _lanes_build(which)
     generator = torch.Generator().manual_seed(6)
     threads = torch.get_num_threads()
+    measured = lib.q4_wide_rows(0)   # where this CPU starts them (tune_wide_rows): here from 16
+    lib.q4_wide_rows(16)
     try:
         for k, n in ((96, 48), (576, 80), (1568, 16), (4640, 48)):
             for planes in (1, 2):
@@ -187,6 +189,7 @@ def test_packed_products_give_each_row_its_bits_alone(which):
                 assert torch.equal(got, q4kernel.matmul(half.float(), *packed, lib=lib, lanes=True).bfloat16()), (k, n)
     finally:
         torch.set_num_threads(threads)
+        lib.q4_wide_rows(measured)
 
 
 @pytest.mark.parametrize("which", ["native", "avx-vnni"])
@@ -202,13 +205,34 @@ def test_lanes_give_the_plain_avx2_lanes_bits(which):
     assert which == "native" or pack == 8   # AVX-VNNI: packed too (it ran the tiles before)
     plain, eight = _lanes_build("avx2")
     generator = torch.Generator().manual_seed(9)
-    for k, n, planes in ((576, 64, 2), (1568, 48, 1)):
-        qs, dm = _q4_weight(n, k, planes, generator)
-        x = torch.randn(40, k, generator=generator)
-        for rows in (x[:1], x[:7], x, x.bfloat16()):
-            wide = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, pack), lib=lib, lanes=True)
-            narrow = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, eight), lib=plain, lanes=True)
-            assert torch.equal(wide, narrow), (k, rows.shape, rows.dtype)
+    measured = lib.q4_wide_rows(0)
+    lib.q4_wide_rows(16)   # 40 rows on the wide tiles wherever this CPU starts them
+    try:
+        for k, n, planes in ((576, 64, 2), (1568, 48, 1)):
+            qs, dm = _q4_weight(n, k, planes, generator)
+            x = torch.randn(40, k, generator=generator)
+            for rows in (x[:1], x[:7], x, x.bfloat16()):
+                wide = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, pack), lib=lib, lanes=True)
+                narrow = q4kernel.matmul(rows, *q4kernel.to_lanes(qs, dm, eight), lib=plain, lanes=True)
+                assert torch.equal(wide, narrow), (k, rows.shape, rows.dtype)
+    finally:
+        lib.q4_wide_rows(measured)
+
+
+def test_the_wide_tiles_start_where_they_were_measured_to_pay():
+    """Where the build has the wide tiles (AVX-512 VNNI), the process measured
+    at its first build from how many rows they compute a product faster than
+    lanes_tile (tune_wide_rows: a candidate count, or never); builds without
+    them answer 0. Measured again, the library keeps the new count."""
+    plain, _ = _lanes_build("avx2")
+    assert plain.q4_wide_rows(0) == 0 and plain.q4_wide_rows(16) == 0
+    _lanes_or_skip()
+    lib = q4kernel._build()[0]
+    if not lib.q4_wide_rows(0):
+        pytest.skip("this process's build has no wide tiles (AVX2 lanes)")
+    assert lib.q4_wide_rows(0) in q4kernel.WIDE_CANDIDATES + (q4kernel.NEVER,)
+    measured = q4kernel.tune_wide_rows(lib)
+    assert measured in q4kernel.WIDE_CANDIDATES + (q4kernel.NEVER,) and lib.q4_wide_rows(0) == measured
 
 
 def test_q4_layers_are_packed_where_their_features_fill_packs():

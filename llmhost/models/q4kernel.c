@@ -1130,9 +1130,23 @@ static const lanes_fn LANES_TILES[2][LANE_ROWS] = {{lanes_1x1, lanes_2x1, lanes_
    Each (row, feature) runs lanes_tile's operations in lanes_tile's order (its block's integer sum,
    then the same two multiply-adds, block after block; between slices its accumulator waits in
    `keep`, unchanged): a row has the bits it has alone, where lanes_tile runs it (twenty-fifth
-   session, docs/performance.md). */
+   session, docs/performance.md). Where they start to pay depends on the CPU: from 16 rows on the
+   Ice Lake Xeon, where lanes_tile ran 0.89x as fast at 8 rows; on a Zen 5 EPYC lanes_tile is
+   faster up to ~96 rows (SmolLM2's layers 1.25-1.38x at 16 rows, 1.09x at 48, 1.0 at 96; a 1B
+   model's 1.4-1.5x at 16, 1.0 at 128; the wide tiles 1.04-1.07x from 192 on: thirty-third
+   session), so q4kernel.py measures it once per process (q4_wide_rows). */
 #define WIDE_ROWS 16
 #define WIDE_TILE_ROWS 4   /* a wide tile's rows */
+
+/* rows from which q_linear_lanes runs the wide tiles */
+static int64_t wide_rows = WIDE_ROWS;
+
+/* that count, set to `rows` first where it is > 0 (0 where the build has no wide tiles) */
+int64_t q4_wide_rows(int64_t rows) {
+    if (rows > 0)
+        wide_rows = rows;
+    return wide_rows;
+}
 #define WIDE_PACKS 3
 #define SLICE_BLOCKS 18
 
@@ -1351,7 +1365,7 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
     float *xd = malloc(sizeof(float) * (size_t)(2 * padded * nb)), *xs = xd + m * nb;
     int failed = !xq || !xd;
     if (!failed) {
-        if (m >= WIDE_ROWS) {
+        if (m >= wide_rows) {
             quantize_tiled(x_in, bf16, m, nb, xq, xd, nt);
             failed = wide_product(m, nb, (const uint8_t *)qs, d, mn, n, xq, xd, out, bf16, nt);
         } else {
@@ -1614,6 +1628,12 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
 }
 #else
 int q4_lanes(void) { return 0; }
+#endif
+#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(__AMX_INT8__))
+int64_t q4_wide_rows(int64_t rows) {   /* no wide tiles in this build */
+    (void)rows;
+    return 0;
+}
 #endif
 
 /* features per pack of the Q8_0 lanes (q4kernel.to_lanes8), 0 in the builds without them */

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 
 import torch
 
@@ -62,7 +63,51 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     missing = missing_flags()
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
-    return build(compile_flags(cpu_flags()))
+    lib, why = build(compile_flags(cpu_flags()))
+    if lib is not None and lib.q4_wide_rows(0):
+        log.info("int4 products of %d prompt rows or more run on the wide tiles (measured: q4kernel.c)",
+                 tune_wide_rows(lib))
+    return lib, why
+
+
+# prompt rows at which tune_wide_rows times the wide tiles against lanes_tile
+WIDE_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+NEVER = 1 << 40
+
+
+def tune_wide_rows(lib) -> int:
+    """The rows from which this CPU computes a packed product faster on the
+    wide tiles than on lanes_tile (the same bits either way, q4kernel.c): both
+    timed on a random 1,536 x 1,024 Q4_1 weight at each candidate count, in
+    turn, the best of 5; the count from which the wide tiles save the most
+    time summed over the candidates from there on (each candidate's time
+    relative to lanes_tile's: one noisy figure does not move it), NEVER where
+    they save none. Set in the library and returned. ~50 ms, once per process
+    (the first int4 load). Measured because it differs between CPUs: 16 rows
+    on an Ice Lake Xeon, ~96-128 on a Zen 5 EPYC (thirty-third session)."""
+    generator = torch.Generator().manual_seed(0)
+    k, n = 1024, 1536
+    qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
+    dm = (torch.rand(2, n, k // 32, generator=generator) * 0.02).half()
+    qs, dm = to_lanes(qs, dm, lib.q4_lanes())
+    x = torch.randn(WIDE_CANDIDATES[-1], k, generator=generator)
+    for start in (1, NEVER, 1, NEVER):   # untimed: the threads' pool, the pages, the clock ramp up
+        lib.q4_wide_rows(start)
+        matmul(x, qs, dm, lib, lanes=True)
+    saved = []   # per candidate: 1 - the wide tiles' time / lanes_tile's
+    for m in WIDE_CANDIDATES:
+        best: dict[int, float] = {}
+        for _ in range(5):
+            for start in (m, NEVER):   # the wide tiles for these m rows, then lanes_tile
+                lib.q4_wide_rows(start)
+                began = time.perf_counter()
+                matmul(x[:m], qs, dm, lib, lanes=True)
+                best[start] = min(best.get(start, 1e9), time.perf_counter() - began)
+        saved.append(1 - best[m] / best[NEVER])
+    gains = [sum(saved[i:]) for i in range(len(saved))]
+    start = WIDE_CANDIDATES[gains.index(max(gains))] if max(gains) > 0 else NEVER
+    lib.q4_wide_rows(start)
+    return start
 
 
 def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
@@ -76,6 +121,7 @@ def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
         fn.argtypes = [ctypes.c_int, _P, ctypes.c_int, _N, _N, _P, _P, _P, _N, _P, ctypes.c_int]
         fn.restype = ctypes.c_int
     lib.q8_lanes_rows.argtypes = [_P, _P, _N, _P, _N, _N, _N, _P]
+    lib.q4_wide_rows.argtypes, lib.q4_wide_rows.restype = [_N], _N
     for fn in (lib.q4_requantize, lib.q4_dequantize):
         fn.restype = None
     # the tiles, where the build has them and Linux grants this process their state
