@@ -140,8 +140,8 @@ def _fallback_templates() -> dict:
     starlette, python-multipart, tqdm and huggingface_hub's cache scanner: 10-17
     ms of a model's first chat (thirty-third session, docs/performance.md). Empty,
     and logged, where that table is gone or no longer a literal (every family it
-    knows, Qwen among them, would then fall back to the Hermes format: the
-    suite's test_parsing checks it is read)."""
+    knows, Qwen among them, would then fall back to the Hermes format:
+    tests/test_tool_families.py checks the table read is transformers' own)."""
     import ast
 
     import transformers
