@@ -70,7 +70,10 @@ def common_prefix(stored: np.ndarray, tokens: np.ndarray) -> int:
 
 def _key(tokens: np.ndarray) -> bytes:
     """`tokens` as bytes that sort as the token sequences do (each token 4
-    bytes, big-endian): lexicographic order, a prefix before what extends it."""
+    bytes, big-endian): lexicographic order, a prefix before what extends it.
+    Token ids are a vocabulary's (the request checks a prompt's, the sampler
+    draws the rest), far below 2 ** 32; a lookup's lengths are counted on the
+    tokens themselves (common_prefix), the keys only choose whom to compare."""
     return tokens.astype(">u4").tobytes()
 
 
