@@ -240,6 +240,13 @@ def test_bench_prefill_against_another_checkout_alternates_and_prints_ratios(bui
     assert [row[0] for row in rows] == ["8", "24"], out
     assert all(float(low) <= float(median) <= float(high) for _, low, high, median in rows), out
     assert f"other: {here}" in out and "flags" in out, out
+    from llmhost.models import q4kernel
+
+    if q4kernel.available()[0] and q4kernel._build()[0].q4_wide_rows(0):   # each process's measured start
+        starts = re.findall(r"^(this checkout|other)'s wide int4 tiles from \(rows, each round's process\): "
+                            r"\[(\d+)\]$", out, re.M)
+        assert [name for name, _ in starts] == ["this checkout", "other"], out
+        assert all(int(rows) in q4kernel.WIDE_CANDIDATES + (q4kernel.NEVER,) for _, rows in starts), out
     with pytest.raises(SystemExit, match=r"other \(.*nowhere\) failed"):
         bench.main(["prefill-against", str(tmp_path / "nowhere"), "--model", built[1], "--tokens", "8",
                     "--rounds", "1"])

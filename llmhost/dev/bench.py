@@ -1240,6 +1240,11 @@ for n in map(int, sys.argv[5:]):
         with torch.inference_mode():
             step(ids, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None], cache)
         best[n] = min(best.get(n, 1e9), time.perf_counter() - started)
+try:   # where this process's int4 kernel starts its wide tiles (measured at the load), if it has them
+    from llmhost.models import q4kernel
+    best["wide"] = q4kernel._build()[0].q4_wide_rows(0)
+except (ImportError, AttributeError, TypeError):
+    pass
 print(json.dumps(best))
 """
 
@@ -1259,16 +1264,21 @@ def bench_prefill_against(args) -> int:
     if not os.path.isfile(os.path.join(checkouts["other"], "llmhost", "__init__.py")):
         raise SystemExit(f"other ({checkouts['other']}) failed: no llmhost package in it")
     times: dict = {(c, n): [] for c in checkouts for n in args.tokens}
+    wide: dict = {c: [] for c in checkouts}
     for _ in range(args.rounds):
         for name, path in checkouts.items():
             done = subprocess.run([sys.executable, "-c", _FORWARD, path, args.model, args.load_options,
                                    str(args.repeat), *map(str, args.tokens)], capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"{name} ({path}) failed:\n{done.stderr[-2000:]}")
-            for n, took in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            best = json.loads(done.stdout.strip().splitlines()[-1])
+            wide[name].append(best.pop("wide", None))
+            for n, took in best.items():
                 times[(name, int(n))].append(took * 1000)
     print(f"{machine()}\nload options {args.load_options}; best of {args.repeat} forwards, "
           f"{args.rounds} alternated rounds; other: {checkouts['other']}\n"
+          + "".join(f"{name}'s wide int4 tiles from (rows, each round's process): {rows}\n"
+                    for name, rows in wide.items() if any(rows)) +
           f"| prompt tokens | this checkout | other | other / this | median |\n| --- | --- | --- | --- | --- |")
     for n in args.tokens:
         this, other = times[("this checkout", n)], times[("other", n)]
