@@ -65,8 +65,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the CPU lacks {', '.join(missing)}"
     lib, why = build(compile_flags(cpu_flags()))
     if lib is not None and lib.q4_wide_rows(0):
-        log.info("int4 products of %d prompt rows or more run on the wide tiles (measured: q4kernel.c)",
-                 tune_wide_rows(lib))
+        start = tune_wide_rows(lib)
+        log.info("int4 products of %d prompt rows or more run on the wide tiles (measured: q4kernel.c)", start)
     return lib, why
 
 
