@@ -235,6 +235,26 @@ def test_the_wide_tiles_start_where_they_were_measured_to_pay():
     assert measured in q4kernel.WIDE_CANDIDATES + (q4kernel.NEVER,) and lib.q4_wide_rows(0) == measured
 
 
+def test_the_wide_tiles_are_never_chosen_on_one_measurement(monkeypatch):
+    """tune_wide_rows measures again where a measurement says the wide tiles never pay (a
+    spell of the host's can say so), up to `tries` times, and keeps the first count that
+    pays; NEVER only when every try says so. The library holds what it returns."""
+    _lanes_or_skip()
+    lib = q4kernel._build()[0]
+    if not lib.q4_wide_rows(0):
+        pytest.skip("this process's build has no wide tiles (AVX2 lanes)")
+    before = lib.q4_wide_rows(0)
+    try:
+        for said, expected, tries in (([96], 96, 1), ([q4kernel.NEVER, 128, 64], 128, 2),
+                                      ([q4kernel.NEVER] * 3, q4kernel.NEVER, 3)):
+            asked = []
+            monkeypatch.setattr(q4kernel, "_wide_start", lambda lib: asked.append(1) or said[len(asked) - 1])
+            assert q4kernel.tune_wide_rows(lib) == expected and lib.q4_wide_rows(0) == expected
+            assert len(asked) == tries, (said, asked)
+    finally:
+        lib.q4_wide_rows(before)
+
+
 def test_q4_layers_are_packed_where_their_features_fill_packs():
     """quantize.Q4Linear packs its weight where the features are a multiple of the pack (16
     features, or 8 on an AVX2-only CPU) and keeps the file's layout otherwise, computing the

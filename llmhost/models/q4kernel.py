@@ -25,6 +25,7 @@ import time
 import torch
 
 from ..engine.native import COMPILE, CPU_FLAGS, compile_library, cpu_flags, missing_flags, once
+from .reclaim import trim
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib, why = build(compile_flags(cpu_flags()))
     if lib is not None and lib.q4_wide_rows(0):
         start = tune_wide_rows(lib)
+        trim()   # its ~10 MB of tensors and scratch, which glibc kept: 15 MiB of a worker's RSS
         log.info("int4 products of %d prompt rows or more run on the wide tiles (measured: q4kernel.c)", start)
     return lib, why
 
@@ -75,16 +77,33 @@ WIDE_CANDIDATES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 NEVER = 1 << 40
 
 
-def tune_wide_rows(lib) -> int:
+def tune_wide_rows(lib, tries: int = 3) -> int:
     """The rows from which this CPU computes a packed product faster on the
-    wide tiles than on lanes_tile (the same bits either way, q4kernel.c): both
-    timed on a random 1,536 x 1,024 Q4_1 weight at each candidate count, in
-    turn, the best of 5; the count from which the wide tiles save the most
-    time summed over the candidates from there on (each candidate's time
-    relative to lanes_tile's: one noisy figure does not move it), NEVER where
-    they save none. Set in the library and returned. ~50 ms, once per process
-    (the first int4 load). Measured because it differs between CPUs: 16 rows
-    on an Ice Lake Xeon, ~96-128 on a Zen 5 EPYC (thirty-third session)."""
+    wide tiles than on lanes_tile (the same bits either way, q4kernel.c),
+    measured (_wide_start), set in the library and returned. ~50 ms, once per
+    process (the first int4 load). Measured because it differs between CPUs:
+    16 rows on an Ice Lake Xeon, ~96-128 on a Zen 5 EPYC (thirty-third
+    session). NEVER only when `tries` measurements in a row say so: on the
+    shared Zen 5 machine 4 of ~60 measurements had the wide tiles slower at
+    every count (1.8-2.0x lanes_tile's time at 16 rows, 1.13-1.17x at 512;
+    1.3x at 512 and 1,024 rows in other processes of the same minutes), a spell
+    of the host's that later processes did not see, while NEVER would cost a
+    long prompt's prefill ~7-15% for the rest of the server's life (the wide
+    tiles' share of it times their gain; thirty-fourth session)."""
+    for _ in range(tries):
+        start = _wide_start(lib)
+        if start != NEVER:
+            break
+    lib.q4_wide_rows(start)
+    return start
+
+
+def _wide_start(lib) -> int:
+    """One measurement for tune_wide_rows: both paths timed on a random
+    1,536 x 1,024 Q4_1 weight at each candidate count, in turn, the best of 5;
+    the count from which the wide tiles save the most time summed over the
+    candidates from there on (each candidate's time relative to lanes_tile's:
+    one noisy figure does not move it), NEVER where they save none."""
     generator = torch.Generator().manual_seed(0)
     k, n = 1024, 1536
     qs = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator)
@@ -105,9 +124,7 @@ def tune_wide_rows(lib) -> int:
                 best[start] = min(best.get(start, 1e9), time.perf_counter() - began)
         saved.append(1 - best[m] / best[NEVER])
     gains = [sum(saved[i:]) for i in range(len(saved))]
-    start = WIDE_CANDIDATES[gains.index(max(gains))] if max(gains) > 0 else NEVER
-    lib.q4_wide_rows(start)
-    return start
+    return WIDE_CANDIDATES[gains.index(max(gains))] if max(gains) > 0 else NEVER
 
 
 def build(flags: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
