@@ -142,6 +142,14 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
+/* rows x numbers from which an element-wise step runs on both threads: SiLU's since the
+   twentieth session (a 40-token prompt's, 61,440 a layer, ran on one thread while the other
+   spun: 2.5% of its prefill), the norms, residual additions and rotation too since the
+   thirty-fourth (one thread up to 65,536 before: with them on both and each residual addition
+   joined with the norm after it, SmolLM2's 16- and 40-token prefills ran 1.06x and 1.03-1.04x
+   as fast, 128 tokens 1.0x, the same logits; in-process A/B, docs/performance.md) */
+#define SPLIT_FROM 8192
+
 /* out = LlamaRMSNorm(h) for one row of n: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) */
 static void rms_row(const void *h, const void *w, double eps, int64_t n, void *out, int bf16) {
     __m256 acc = _mm256_setzero_ps();
@@ -168,9 +176,15 @@ static void add_row(void *h, const void *o, int64_t i, int64_t n, int bf16) {
         store8(h, i, _mm256_add_ps(load8(h, i, bf16), load8(o, i, bf16)), bf16);
 }
 
-/* h [rows, n] = (h + o).to(dtype), in place: a residual addition */
-static void add_rows(void *h, const void *o, int64_t rows, int64_t n, int bf16, int nt) {
-    FOR_SPLIT(rows * n > 65536, r, rows, add_row(h, o, r * n, n, bf16););
+/* h [rows, n] = (h + o).to(dtype), in place (a residual addition), then where `norm` is given
+   x [rows, n] = the norm of h's row (rms_row): each row's two steps together, on both threads
+   from SPLIT_FROM numbers */
+static void add_rows(void *h, const void *o, int64_t rows, int64_t n, int bf16, const void *norm, double eps,
+                     void *x, int nt) {
+    const int64_t size = bf16 ? 2 : 4;
+    FOR_SPLIT(rows * n >= SPLIT_FROM, r, rows,
+              add_row(h, o, r * n, n, bf16);
+              if (norm) rms_row((char *)h + r * n * size, norm, eps, n, (char *)x + r * n * size, bf16););
 }
 
 /* transformers' apply_rotary_pos_emb on one head of `dim` in place:
@@ -230,23 +244,20 @@ static void rope_row(const struct layer *L, char *big, const void *cos, const vo
 
 /* A layer from its attention's output on: rows rows of h [rows, hidden] (in place) and of att_out
    [rows, hidden]; x [rows, hidden], big [rows, max(hidden, 2 * inter)] and act [rows, inter]
-   scratch. 0, or -1 when out of memory. */
-static int after_attention(const struct layer *L, int bf16, int64_t rows, int64_t hidden, int64_t inter, void *h,
-                           const void *att_out, char *x, char *big, char *act, linear_fn lin, int nt) {
+   scratch. With a `next` layer, x is then its first norm of h. 0, or -1 when out of memory. */
+static int after_attention(const struct layer *L, const struct layer *next, int bf16, int64_t rows, int64_t hidden,
+                           int64_t inter, void *h, const void *att_out, char *x, char *big, char *act, linear_fn lin,
+                           int nt) {
     const int64_t size = bf16 ? 2 : 4;
     if (linear(lin, &L->o, att_out, bf16, rows, hidden, big, nt))
         return -1;
-    add_rows(h, big, rows, hidden, bf16, nt);
-    FOR_SPLIT(rows * hidden > 65536, r, rows,
-              rms_row((char *)h + r * hidden * size, L->norm2, L->eps2, hidden, x + r * hidden * size, bf16););
+    add_rows(h, big, rows, hidden, bf16, L->norm2, L->eps2, x, nt);
     if (linear(lin, &L->gate_up, x, bf16, rows, hidden, big, nt))
         return -1;
-    /* an exp per element: both threads from 8,192 (a 40-token prompt's, 61,440 a layer, ran
-       on one thread while the other spun: 2.5% of its prefill; twentieth session) */
-    FOR_SPLIT(rows * inter > 8192, r, rows, silu_mul_row(big + r * 2 * inter * size, inter, act + r * inter * size, bf16););
+    FOR_SPLIT(rows * inter >= SPLIT_FROM, r, rows, silu_mul_row(big + r * 2 * inter * size, inter, act + r * inter * size, bf16););
     if (linear(lin, &L->down, act, bf16, rows, inter, big, nt))
         return -1;
-    add_rows(h, big, rows, hidden, bf16, nt);
+    add_rows(h, big, rows, hidden, bf16, next ? next->norm1 : NULL, next ? next->eps1 : 0, x, nt);
     return 0;
 }
 
@@ -272,16 +283,18 @@ int llama_layers(int bf16, int64_t count, const struct layer *layers, int64_t ba
     for (int64_t l = 0; l < count && !failed; l++) {
         const struct layer *L = layers + l;
         const int cut = l == count - 1 && length > 1;
-        FOR_SPLIT(rows * hidden > 65536, r, rows,
-                  rms_row((char *)h + r * hidden * size, L->norm1, L->eps1, hidden, x + r * hidden * size, bf16););
+        if (l == 0)   /* the later layers' first norm: the layer before's last step */
+            FOR_SPLIT(rows * hidden >= SPLIT_FROM, r, rows,
+                      rms_row((char *)h + r * hidden * size, L->norm1, L->eps1, hidden, x + r * hidden * size, bf16););
         if ((failed |= linear(lin, &L->qkv, x, bf16, rows, hidden, big, nt))) break;
-        FOR_SPLIT(rows * nqkv > 65536, r, rows, rope_row(L, big, cos, sin, r, length, past, heads, kv_heads, dim, bf16););
+        FOR_SPLIT(rows * nqkv >= SPLIT_FROM, r, rows, rope_row(L, big, cos, sin, r, length, past, heads, kv_heads, dim, bf16););
         const int64_t st[9] = {qst[0], qst[1], qst[2], L->kst[0], L->kst[1], L->kst[2],
                                L->vst[0], L->vst[1], L->vst[2]};
         if (!cut) {
             failed |= att(bf16, big, L->keys, L->values, st, batch, heads, kv_heads, length, past + length,
                           dim, mask, (float)scale, att_out, nt);
-            if (!failed) failed = after_attention(L, bf16, rows, hidden, inter, h, att_out, x, big, act, lin, nt);
+            if (!failed) failed = after_attention(L, l + 1 < count ? L + 1 : NULL, bf16, rows, hidden, inter, h, att_out, x,
+                                                  big, act, lin, nt);
             continue;
         }
         /* the last rows' queries (row length - 1 of each sequence) against all their keys */
@@ -289,7 +302,7 @@ int llama_layers(int bf16, int64_t count, const struct layer *layers, int64_t ba
                       past + length, dim, mask, (float)scale, att_out, nt);
         for (int64_t b = 0; b < batch; b++)
             memcpy(last + b * hidden * size, (char *)h + ((b + 1) * length - 1) * hidden * size, (size_t)(hidden * size));
-        if (!failed) failed = after_attention(L, bf16, batch, hidden, inter, last, att_out, x, big, act, lin, nt);
+        if (!failed) failed = after_attention(L, NULL, bf16, batch, hidden, inter, last, att_out, x, big, act, lin, nt);
         for (int64_t b = 0; b < batch; b++)
             memcpy((char *)h + ((b + 1) * length - 1) * hidden * size, last + b * hidden * size, (size_t)(hidden * size));
     }
