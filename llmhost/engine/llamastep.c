@@ -193,6 +193,17 @@ static void add_rows(void *h, const void *o, int64_t rows, int64_t n, int bf16, 
 static void rope_head(void *t, const void *c, const void *s, int64_t dim, int bf16) {
     float keep[256];
     int64_t half = dim / 2;
+#ifdef __AVX512F__
+    if (half % 16 == 0) {   /* 16 lanes: the same operations on each */
+        for (int64_t j = 0; j < dim; j += 16) _mm512_storeu_ps(keep + j, load16(t, j, bf16));
+        for (int64_t j = 0; j < dim; j += 16) {
+            __m512 a = held16(_mm512_mul_ps(_mm512_loadu_ps(keep + j), load16(c, j, bf16)), bf16);
+            __m512 b = held16(_mm512_mul_ps(_mm512_loadu_ps(keep + (j + half) % dim), load16(s, j, bf16)), bf16);
+            store16(t, j, _mm512_add_ps(a, b), bf16);
+        }
+        return;
+    }
+#endif
     for (int64_t j = 0; j < dim; j += 8) _mm256_storeu_ps(keep + j, load8(t, j, bf16));
     for (int64_t j = 0; j < dim; j += 8) {
         __m256 a = held(_mm256_mul_ps(_mm256_loadu_ps(keep + j), load8(c, j, bf16)), bf16);
