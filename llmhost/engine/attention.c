@@ -427,8 +427,12 @@ static inline int64_t unit_keys(const int32_t *pos, const int32_t *upto, int64_t
  *   softmax()'s order (LANES running sums by key mod LANES over the row's whole LANES-key runs,
  *   vhsum's tree, then its last ones one at a time);
  * - the weighted values (block_values): as weighted() adds them, a dim a lane, two rows and up
- *   to 3 heads at a time (with 8 lanes a row, up to 3 heads and 32 dims; each value read once
- *   for them), VALUE_KEYS keys a pass.
+ *   to 3 heads at a time (with 8 lanes 16 dims at a time: two rows' 12 sums in the 16
+ *   registers; each value read once for them), VALUE_KEYS keys a pass. With 8 lanes a row at a
+ *   time (32 dims: each value read and widened for every row) the values took 4.8 of a layer's
+ *   8.9 ms at 1,024 tokens, ~46% of what the two multiply-add pipes issue; two rows at a time
+ *   the attention ran 1.36x, 1.26x and 1.13x as fast at 1,024, 128 and 40 tokens (the same
+ *   bits; thirty-fourth session).
  * The Ice Lake cores measured here load ~1.1-1.2 vectors a cycle from L1 where they issue two
  * multiply-adds, so each loop keeps ~0.3-0.4 loads per multiply-add: a first version that
  * broadcast a key dim per multiply-add ran no faster than the row path.
@@ -805,18 +809,19 @@ static int block_units(int bf16, const void *q, const void *k, const void *v, co
                         float *at[2] = {RES(j) + h * (dim + 2), R > 1 ? RES(j + 1) + h * (dim + 2) : NULL};
 #define PV(R_, G_, C_) block_values(vb, vst[2], index, t0, to, !t0, own, sc + h * SPAN * BLOCK + j, bf16, size, \
                                     R_, G_, C_, at, dim + 2)
-                        if (LANES == 8 && nc % 4 == 0)   /* AVX2: a row, up to 3 heads and 32 dims at a time */
-                            for (int64_t r = 0; r < R; r++)
-                                for (int64_t d0 = 0; d0 < dim; d0 += 32) {
-                                    float *one[2] = {at[r] + d0, NULL};
-                                    int64_t only[2] = {own[r], 0};
-#define STRETCH(G_) block_values(vb + size * d0, vst[2], index, t0, to, !t0, only, sc + h * SPAN * BLOCK + j + r, \
-                                 bf16, size, 1, G_, 4, one, dim + 2)
-                                    if (G == 3) STRETCH(3);
-                                    else if (G == 2) STRETCH(2);
-                                    else STRETCH(1);
+                        if (LANES == 8 && nc % 2 == 0)   /* AVX2: the two rows, up to 3 heads and 16 dims at a time */
+                            for (int64_t d0 = 0; d0 < dim; d0 += 16) {
+                                float *part[2] = {at[0] + d0, R > 1 ? at[1] + d0 : NULL};
+#define STRETCH(R_, G_) block_values(vb + size * d0, vst[2], index, t0, to, !t0, own, sc + h * SPAN * BLOCK + j, \
+                                     bf16, size, R_, G_, 2, part, dim + 2)
+                                if (R == 2 && G == 3) STRETCH(2, 3);
+                                else if (R == 2 && G == 2) STRETCH(2, 2);
+                                else if (R == 2) STRETCH(2, 1);
+                                else if (G == 3) STRETCH(1, 3);
+                                else if (G == 2) STRETCH(1, 2);
+                                else STRETCH(1, 1);
 #undef STRETCH
-                                }
+                            }
                         else if (nc == 4 && R == 2 && G == 3) PV(2, 3, 4);
                         else if (nc == 4 && R == 2 && G == 2) PV(2, 2, 4);
                         else if (nc == 4 && R == 2) PV(2, 1, 4);
