@@ -29,6 +29,30 @@ def test_same_states_as_dynamic_layer_and_no_copy_within_room():
     assert growing.get_seq_length() == plain.get_seq_length() == 24
 
 
+def test_a_fresh_layers_first_reserve_makes_its_buffers_directly(monkeypatch):
+    """A fresh layer's first reserve makes its buffers with room (not through
+    DynamicLayer.lazy_initialization's two empty tensors, replaced right after:
+    half of a fresh cache's reserve); its keys and values are their empty views
+    until the caller writes and advances, then what was written, and the next
+    positions go into the same buffers."""
+    def made_elsewhere(*args):
+        raise AssertionError("lazy_initialization ran")
+
+    monkeypatch.setattr(DynamicLayer, "lazy_initialization", made_elsewhere)
+    layer = GrowingLayer(room=8)
+    k, v = _states(3, 5, 0)
+    assert layer.reserve(k, v) == 0 and layer.is_initialized and layer.get_seq_length() == 0
+    assert layer.keys.shape == (3, 2, 0, 4) and layer._keys_buf.shape == (3, 2, 13, 4)
+    layer._keys_buf[:, :, :5].copy_(k)
+    layer._values_buf[:, :, :5].copy_(v)
+    layer.advance(5)
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v) and layer.get_seq_length() == 5
+    k2, v2 = _states(3, 1, 1)
+    keys, values = layer.update(k2, v2)
+    assert torch.equal(keys, torch.cat((k, k2), 2)) and torch.equal(values, torch.cat((v, v2), 2))
+    assert keys.data_ptr() == layer._keys_buf.data_ptr()   # within the room: no new buffer
+
+
 def test_rows_replaced_from_outside_are_copied_into_a_new_buffer():
     """The scheduler drops rows and trims padding by assigning keys/values."""
     plain, growing = DynamicLayer(), GrowingLayer(room=8)
