@@ -82,9 +82,8 @@ class GrowingLayer(DynamicLayer):
             # and _rebuffer: a fresh cache's reserve 218 -> 80 us on SmolLM2's 30 layers, in
             # every request's first forward (thirty-fourth session)
             self.device, self.is_initialized = key_states.device, True
-            batch, heads, _, dim = key_states.shape
-            self._keys_buf = key_states.new_empty((batch, heads, new + self.room, dim))
-            self._values_buf = value_states.new_empty((batch, heads, new + self.room, value_states.shape[-1]))
+            self._keys_buf = _rebuffer(None, key_states, new + self.room)
+            self._values_buf = _rebuffer(None, value_states, new + self.room)
             self._length, self._views = 0, [None, None]
             return 0
         if not (_in_room(self.keys, self._keys_buf, key_states, new)
@@ -118,10 +117,10 @@ def _in_room(current: torch.Tensor, buf: torch.Tensor | None, states: torch.Tens
             and current.shape[-2] + new <= buf.shape[-2])
 
 
-def _rebuffer(current: torch.Tensor, states: torch.Tensor, extra: int) -> torch.Tensor:
-    """A buffer holding `current` (empty before the first update) with `extra`
-    positions free after it."""
-    length = current.shape[-2] if current.numel() else 0
+def _rebuffer(current: torch.Tensor | None, states: torch.Tensor, extra: int) -> torch.Tensor:
+    """A buffer holding `current` (empty or None before the first update) with
+    `extra` positions free after it."""
+    length = current.shape[-2] if current is not None and current.numel() else 0
     batch, heads, _, dim = states.shape
     buf = states.new_empty((batch, heads, length + extra, dim))
     if length:

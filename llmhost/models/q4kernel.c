@@ -1629,7 +1629,7 @@ int q_linear_lanes(int bits, const void *x_in, int bf16, int64_t m, int64_t k, c
 #else
 int q4_lanes(void) { return 0; }
 #endif
-#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(__AMX_INT8__))
+#ifndef WIDE_ROWS
 int64_t q4_wide_rows(int64_t rows) {   /* no wide tiles in this build */
     (void)rows;
     return 0;
