@@ -57,6 +57,7 @@ def _ready(url: str, model: str | None = None) -> bool:
 def cluster(postgres, tiny_models, tmp_path_factory):
     from sqlalchemy import create_engine
 
+    from llmhost.dev.tinymodels import build_llama
     from llmhost.store.responses import upgrade
 
     envoy = _envoy_binary()
@@ -64,15 +65,23 @@ def cluster(postgres, tiny_models, tmp_path_factory):
     engine = create_engine(database)
     upgrade(engine)                                   # what `llmhost db upgrade` does
     engine.dispose()
+    # `shared` is wider and longer than the session's tiny llama, whose greedy chat ends
+    # (EOS after 319 tokens) in ~0.3 s, before the kill test's stream has its first delta
+    # (CI saw A hold none of eight in three tries): 1,500 tokens of this one take seconds.
+    shared = build_llama(str(tmp_path_factory.mktemp("shared") / "llama"), layers=4, width=256,
+                         positions=2048)
+    with open(os.path.join(shared, "config.json")) as fh:
+        eos = json.load(fh)["eos_token_id"]
     state = tmp_path_factory.mktemp("state")          # one state folder for both
     logs = tmp_path_factory.mktemp("logs")
     common = {"LLMHOST_DATABASE_URL": database, "LLMHOST_STATE_DIR": str(state),
               "LLMHOST_RESPONSES_LEASE": "3",
-              "LLMHOST_MODELS": json.dumps([{"model": tiny_models["llama"], "id": "shared"}])}
+              "LLMHOST_MODELS": json.dumps([{"model": shared, "id": "shared"}])}
     a, b = (Server(env={"PYTHONPATH": ROOT, "LLMHOST_THREADS": "16", **common}, bind_flag=True,
                    log_path=str(logs / f"replica-{name}.log")) for name in "ab")
     try:
-        yield from _run(a, b, envoy, logs, state, tiny_models)
+        for running in _run(a, b, envoy, logs, state, tiny_models):
+            yield {**running, "shared_eos": eos}
     finally:
         a.stop()
         b.stop()
@@ -97,14 +106,23 @@ def _run(a: Server, b: Server, envoy: str, logs, state, tiny_models):
                                                       "id": "only-a"}, timeout=300)
         assert r.status_code in (200, 201), r.text
         front = f"http://127.0.0.1:{ports['ENVOY_PORT']}"
-        # Envoy's health checks (every second) see only-a on A, shared on both.
-        wait_for(lambda: _chat(front, "only-a", 1).status_code == 200, timeout=60)
+        # Envoy's health checks (every second) see only-a on A, shared on both: until then
+        # it sends every `shared` request to the replica it saw ready first.
+        admin = f"http://127.0.0.1:{ports['ENVOY_ADMIN_PORT']}"
+        wait_for(lambda: _all_healthy(admin), timeout=60)
         yield {"a": a, "b": b, "front": front, "state": str(state), "logs": str(logs),
-               "admin": f"http://127.0.0.1:{ports['ENVOY_ADMIN_PORT']}"}
+               "admin": admin}
     finally:
         os.killpg(proxy.pid, signal.SIGTERM)
         proxy.wait(30)
         envoy_log.close()
+
+
+def _all_healthy(admin: str) -> bool:
+    """Whether Envoy's health checks pass for every replica of every cluster (its admin /clusters)."""
+    flags = [line.rsplit("::", 1)[1] for line in requests.get(admin + "/clusters", timeout=10).text
+             .splitlines() if "::health_flags::" in line]
+    return len(flags) == 5 and set(flags) == {"healthy"}
 
 
 def _active(url: str, model: str) -> int:
@@ -221,8 +239,10 @@ def test_kill_9_of_a_worker(cluster):
             statuses.append(_chat(front, "only-a", 1, timeout=KILL_BOUND).status_code)
             time.sleep(0.2)
 
-    def timed_chat():   # long enough to be in flight at the kill (the tiny model's 512 positions)
-        answer = _chat(front, "shared", 400, timeout=KILL_BOUND)
+    never_end = {str(cluster["shared_eos"]): -100}
+
+    def timed_chat():   # in flight at the kill: 1,500 tokens, never stopped early by EOS
+        answer = _chat(front, "shared", 1500, timeout=KILL_BOUND, logit_bias=never_end)
         return answer, time.monotonic()
 
     with ThreadPoolExecutor(10) as pool:
