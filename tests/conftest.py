@@ -137,14 +137,17 @@ def hf_home() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, hf_home) -> dict:
-    """{'gpt2': folder, 'llama': folder, 'cached': hub id}: built once per session."""
+    """{'gpt2': folder, 'llama': folder, 'long': folder, 'cached': hub id}: built once per
+    session. 'long' is the llama with 4,096 positions: the tiny llama decodes its 512 in ~0.3 s,
+    too short a window for a test that acts on requests in flight (unloads, queues)."""
     from llmhost.dev.tinymodels import build_gpt2, build_llama, write_hub_cache
 
     root = tmp_path_factory.mktemp("models")
     gpt2 = build_gpt2(str(root / "tiny-gpt2"))
     llama = build_llama(str(root / "tiny-llama"))
+    long = build_llama(str(root / "tiny-llama-long"), positions=4096)
     write_hub_cache(llama, hf_home, CACHED_REPO)
-    return {"gpt2": gpt2, "llama": llama, "cached": CACHED_REPO, "root": str(root)}
+    return {"gpt2": gpt2, "llama": llama, "long": long, "cached": CACHED_REPO, "root": str(root)}
 
 
 @pytest.fixture(scope="session")

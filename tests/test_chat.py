@@ -255,9 +255,9 @@ def test_error_after_stream_started_is_an_event_then_done(server, tiny_models):
     event, then [DONE], inside the 200 it already has."""
     import requests
 
-    server.load(tiny_models["llama"], id="tiny-llama-unload")
+    server.load(tiny_models["long"], id="tiny-llama-unload")
     r = requests.post(server.url + "/v1/chat/completions", stream=True, timeout=60, json={
-        "model": "tiny-llama-unload", "stream": True, "n": 8, "max_tokens": 480,
+        "model": "tiny-llama-unload", "stream": True, "n": 8, "max_tokens": 4000,
         "logit_bias": {"2": -100},  # no EOS (<|im_end|>): every choice runs until the unload
         "messages": [{"role": "user", "content": "go"}]})
     lines = r.iter_lines(decode_unicode=True)

@@ -63,7 +63,7 @@ def test_client_that_leaves_stops_costing_cpu(server, smollm2):
 @pytest.fixture(scope="module")
 def small_queue_server(tiny_models):
     srv = Server(env={"LLMHOST_MAX_QUEUE": "2", "LLMHOST_MAX_BATCH": "1"}).start()
-    srv.load(tiny_models["llama"], id="a")
+    srv.load(tiny_models["long"], id="a")
     srv.load(tiny_models["gpt2"], id="b")
     yield srv
     srv.stop()
@@ -93,15 +93,22 @@ def test_queue_on_one_model_does_not_delay_another(small_queue_server):
     finished: list[float] = []
 
     def long_request():
-        r = requests.post(url, json={"model": "a", "prompt": "hi", "max_tokens": 450,
+        r = requests.post(url, json={"model": "a", "prompt": "hi", "max_tokens": 1000,
                                      "temperature": 0, "logit_bias": {"2": -100}}, timeout=120)
         assert r.status_code == 200, r.text
         finished.append(time.monotonic())
 
+    def running_and_waiting():
+        metrics = scrape(small_queue_server)
+        return (sample(metrics, "llmhost_running_batch_size", model="a"),
+                sample(metrics, "llmhost_queue_depth", model="a"))
+
     threads = [threading.Thread(target=long_request) for _ in range(3)]  # 1 running + 2 queued
-    for t in threads:
+    for waiting, t in enumerate(threads):
         t.start()
-        time.sleep(0.05)
+        # each in its place before the next (a third arriving before the first ran would find
+        # two waiting: 429)
+        wait_for(lambda: running_and_waiting() == (1, waiting), interval=0.02)
     started = time.monotonic()
     r = requests.post(url, json={"model": "b", "prompt": "hi", "max_tokens": 4, "temperature": 0})
     answered = time.monotonic()
@@ -184,8 +191,8 @@ def test_soak_mixed_traffic(server, tiny_models):
 
 
 def test_unload_during_requests_ends_them_with_a_clear_error(server, tiny_models):
-    server.load(tiny_models["llama"], id="unload-me")
-    body = {"model": "unload-me", "prompt": "hi", "max_tokens": 450, "temperature": 0,
+    server.load(tiny_models["long"], id="unload-me")
+    body = {"model": "unload-me", "prompt": "hi", "max_tokens": 4000, "temperature": 0,
             "logit_bias": {"2": -100}}  # no EOS: both run until the unload
     result = {}
     plain = threading.Thread(target=lambda: result.update(r=requests.post(
