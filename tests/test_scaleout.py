@@ -106,7 +106,8 @@ def _run(a: Server, b: Server, envoy: str, logs, state, tiny_models):
         # Envoy's health checks (every second) see only-a on A, shared on both: until then
         # it sends every `shared` request to the replica it saw ready first.
         admin = f"http://127.0.0.1:{ports['ENVOY_ADMIN_PORT']}"
-        wait_for(lambda: _all_healthy(admin), timeout=60)
+        endpoints = config.count("- endpoint:")   # its (cluster, replica) pairs
+        wait_for(lambda: _all_healthy(admin, endpoints), timeout=60)
         yield {"a": a, "b": b, "front": front, "state": str(state), "logs": str(logs),
                "admin": admin}
     finally:
@@ -115,11 +116,12 @@ def _run(a: Server, b: Server, envoy: str, logs, state, tiny_models):
         envoy_log.close()
 
 
-def _all_healthy(admin: str) -> bool:
-    """Whether Envoy's health checks pass for every replica of every cluster (its admin /clusters)."""
+def _all_healthy(admin: str, endpoints: int) -> bool:
+    """Whether Envoy's health checks pass for all `endpoints` (cluster, replica) pairs (its
+    admin /clusters)."""
     flags = [line.rsplit("::", 1)[1] for line in requests.get(admin + "/clusters", timeout=10).text
              .splitlines() if "::health_flags::" in line]
-    return len(flags) == 5 and set(flags) == {"healthy"}
+    return len(flags) == endpoints and set(flags) == {"healthy"}
 
 
 def _active(url: str, model: str) -> int:
